@@ -1,0 +1,3 @@
+from lowmem_ft.cli import main
+
+main()

@@ -1,0 +1,232 @@
+"""The command line: parse, call, print. Nothing here decides how training works.
+
+lowmem-ft run tiny examples/python-qa.jsonl
+lowmem-ft jobs
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+import lowmem_ft
+from lowmem_ft.errors import UserError
+
+RUN_EPILOG = """\
+Examples:
+
+  lowmem-ft run tiny examples/python-qa.jsonl                      # the embedded model, on CPU
+
+  lowmem-ft run tiny examples/python-qa.jsonl --max-steps 20 --lr 1e-3 --out runs/try
+
+  lowmem-ft run ./my-llama-dir data.jsonl --eval-data dev.jsonl --seq-len 1024
+
+  lowmem-ft run llama-2-7b chat.jsonl --format chat --batch-size 32 --micro-batch-size 2 \
+      --gradient-checkpointing
+"""
+
+app = typer.Typer(
+    name="lowmem-ft",
+    help="Fine-tune 7B-class language models on one GPU that cannot hold them the usual way.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lowmem-ft {lowmem_ft.__version__}")
+        raise typer.Exit()
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    ctx: typer.Context,
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Fine-tune 7B-class language models on one GPU that cannot hold them the usual way."""
+    if ctx.invoked_subcommand is None:  # bare `lowmem-ft`: show the help, which is not an error
+        typer.echo(ctx.get_help())
+
+
+@app.command(epilog=RUN_EPILOG)
+def run(
+    model: str = typer.Argument(
+        ..., help="Model alias (tiny, llama-2-7b, ...), local Hugging Face directory, or cached hub id."
+    ),
+    data: Path = typer.Argument(
+        ..., help="Training data: a JSONL file (text, prompt-completion, alpaca or chat records)."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Job directory to create. [default: runs/<model>-<method>-<time>]"
+    ),
+    method: str = typer.Option("full", help="Fine-tuning method. full = every parameter, every step."),
+    format: str = typer.Option(
+        "auto", "--format", help="Data format: auto, text, prompt-completion, alpaca, chat."
+    ),
+    seq_len: int = typer.Option(
+        512, help="Maximum tokens per example; longer examples are truncated (and counted)."
+    ),
+    pack: bool = typer.Option(
+        False, "--pack", help="Concatenate examples into rows of --seq-len tokens (less padding)."
+    ),
+    eval_data: Path | None = typer.Option(
+        None, help="Evaluation JSONL file. Without it, --eval-fraction of the data is held out."
+    ),
+    eval_fraction: float = typer.Option(
+        0.1, help="Fraction of the data held out for evaluation (seeded by --seed); 0 = none."
+    ),
+    eval_every: int = typer.Option(
+        50, help="Evaluate every N optimizer steps (and always at the start and end); 0 = start and end."
+    ),
+    skip_bad_lines: bool = typer.Option(
+        False,
+        "--skip-bad-lines",
+        help="Skip malformed JSONL lines (and report how many) instead of stopping.",
+    ),
+    lr: float = typer.Option(2e-5, help="Peak learning rate."),
+    schedule: str = typer.Option(
+        "cosine", help="Learning-rate decay after warmup: cosine, linear or constant."
+    ),
+    warmup_ratio: float = typer.Option(
+        0.03, help="Fraction of the optimizer steps spent warming up linearly."
+    ),
+    min_lr_ratio: float = typer.Option(0.1, help="Final learning rate as a fraction of --lr."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay (not applied to norms and biases)."),
+    grad_clip: float = typer.Option(1.0, help="Clip the gradient norm to this value; 0 disables clipping."),
+    batch_size: int = typer.Option(16, help="Examples per optimizer step."),
+    micro_batch_size: int = typer.Option(
+        4, help="Examples per forward/backward; gradients accumulate up to --batch-size."
+    ),
+    epochs: float = typer.Option(
+        1.0, help="Passes over the training data (ignored when --max-steps is given)."
+    ),
+    max_steps: int | None = typer.Option(None, help="Number of optimizer steps; overrides --epochs."),
+    dtype: str = typer.Option(
+        "auto", help="Compute precision: auto (fp32 on CPU, bf16 on GPU), fp32, bf16, fp16."
+    ),
+    device: str = typer.Option("auto", help="Where to train: auto, cpu or cuda."),
+    gradient_checkpointing: bool = typer.Option(
+        False,
+        "--gradient-checkpointing",
+        help="Recompute activations in backward: much less memory, ~30% more compute.",
+    ),
+    save_dtype: str = typer.Option(
+        "auto", help="Precision of the saved model: auto (the base model's), fp32, bf16, fp16."
+    ),
+    seed: int = typer.Option(0, help="Seed for data order, evaluation split and initialisation."),
+    allow_download: bool = typer.Option(
+        False,
+        "--allow-download",
+        help="Download missing weights from the Hugging Face hub (safetensors only).",
+    ),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="Allow models that run their own Python code from the hub. Off unless you ask.",
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Fine-tune MODEL on DATA and write a job directory with metrics and the fine-tuned model."""
+    from lowmem_ft.config import RunConfig
+    from lowmem_ft.train import run as run_training
+
+    config = RunConfig(
+        model=model, data=data, out=out, method=method, format=format, seq_len=seq_len, pack=pack,
+        eval_data=eval_data, eval_fraction=eval_fraction, eval_every=eval_every,
+        skip_bad_lines=skip_bad_lines,
+        lr=lr, schedule=schedule, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio,
+        weight_decay=weight_decay, grad_clip=grad_clip, batch_size=batch_size,
+        micro_batch_size=micro_batch_size, epochs=epochs, max_steps=max_steps, dtype=dtype, device=device,
+        gradient_checkpointing=gradient_checkpointing, save_dtype=save_dtype, seed=seed,
+        allow_download=allow_download, trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+    try:
+        run_training(config, show_progress=not quiet)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: the job is marked 'interrupted'", err=True)
+        raise typer.Exit(130) from None
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+@app.command()
+def jobs(
+    root: Path = typer.Argument(
+        Path("runs"), help="Directory holding job directories (or one job directory)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
+) -> None:
+    """List the jobs under ROOT with their status, progress and losses."""
+    from lowmem_ft.jobs import list_jobs
+
+    found = list_jobs(root)
+    if as_json:
+        typer.echo(json.dumps([j.to_json() for j in found], indent=2))
+        return
+    if not found:
+        typer.echo(f"no jobs under {root}")
+        return
+
+    def num(x: float | None) -> str:
+        return "-" if x is None else f"{x:.4f}"
+
+    rows = [("JOB", "STATUS", "STEP", "LOSS", "EVAL LOSS", "METHOD", "MODEL", "UPDATED")]
+    for j in found:
+        step = f"{j.step}/{j.max_steps}" if j.max_steps else str(j.step)
+        rows.append(
+            (
+                str(j.path),
+                j.status,
+                step,
+                num(j.loss),
+                num(j.eval_loss),
+                j.method,
+                j.model,
+                _age(time.time() - j.updated),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    for j in found:
+        if j.status == "failed" and j.error:
+            typer.echo(f"{j.path}: failed: {j.error}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: every error the user can fix is one line on stderr and a non-zero exit code."""
+    # SIGTERM (kill, a scheduler stopping us) is treated like Ctrl-C: the job records 'interrupted'.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        # Without standalone mode, typer returns (not raises) the code of `typer.Exit`.
+        code = app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except typer.TyperException as exc:  # usage errors: unknown option, bad value, missing argument
+        ctx = getattr(exc, "ctx", None)
+        hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+        typer.echo(f"error: {exc.format_message().rstrip('.')}{hint}", err=True)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except Exception as exc:  # a bug or a failure during training: one line, details in error.log
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        typer.echo("the job directory's error.log has the traceback, if a job was created", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,146 @@
+"""The resolved configuration of a run: what the user asked for, validated, with defaults filled in.
+
+It is saved verbatim into ``job.json`` so that a job directory says exactly how it was made. Every
+check names the flag it is about, so an error tells the user what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lowmem_ft.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class RunConfig:
+    model: str
+    data: Path
+    out: Path | None = None
+    method: str = "full"
+    # data
+    format: str = "auto"
+    seq_len: int = 512
+    pack: bool = False
+    eval_data: Path | None = None
+    eval_fraction: float = 0.1
+    eval_every: int = 50
+    skip_bad_lines: bool = False
+    # optimisation
+    lr: float = 2e-5
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 16
+    micro_batch_size: int = 4
+    epochs: float = 1.0
+    max_steps: int | None = None
+    # precision and device
+    dtype: str = "auto"
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    save_dtype: str = "auto"
+    seed: int = 0
+    # model access
+    allow_download: bool = False
+    trust_remote_code: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from lowmem_ft.data import FORMAT_NAMES
+        from lowmem_ft.methods import METHODS
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise UserError(message)
+
+        need(
+            self.method in METHODS,
+            f"--method {self.method!r} is not known; choose one of: {', '.join(METHODS)}",
+        )
+        need(
+            self.format == "auto" or self.format in FORMAT_NAMES,
+            f"--format {self.format!r} is not known; choose auto or one of: {', '.join(FORMAT_NAMES)}",
+        )
+        need(self.seq_len >= 8, f"--seq-len must be at least 8 tokens, got {self.seq_len}")
+        need(0.0 <= self.eval_fraction < 1.0, f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        need(
+            self.eval_every >= 0,
+            f"--eval-every must be >= 0 (0 = only at start and end), got {self.eval_every}",
+        )
+        need(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        need(
+            self.schedule in SCHEDULES,
+            f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}",
+        )
+        need(0.0 <= self.warmup_ratio < 1.0, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        need(0.0 <= self.min_lr_ratio <= 1.0, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(self.grad_clip >= 0, f"--grad-clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        need(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        need(
+            self.micro_batch_size >= 1, f"--micro-batch-size must be at least 1, got {self.micro_batch_size}"
+        )
+        need(
+            self.micro_batch_size <= self.batch_size,
+            f"--micro-batch-size ({self.micro_batch_size}) cannot exceed --batch-size ({self.batch_size})",
+        )
+        need(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
+        need(
+            self.max_steps is None or self.max_steps >= 1,
+            f"--max-steps must be at least 1, got {self.max_steps}",
+        )
+        need(self.dtype in ("auto", *DTYPES), f"--dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
+        need(
+            self.save_dtype in ("auto", *DTYPES),
+            f"--save-dtype must be auto, fp32, bf16 or fp16, got {self.save_dtype!r}",
+        )
+        need(
+            self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}"
+        )
+        if self.device == "cuda":
+            need(
+                torch.cuda.is_available(),
+                "--device cuda was asked for but no CUDA device is visible; use --device cpu",
+            )
+        need(
+            self.data.is_file() or not self.data.exists(),
+            f"{self.data}: is a directory; expected a JSONL file",
+        )
+        if self.eval_data is not None:
+            need(self.eval_data.exists(), f"{self.eval_data}: no such file (given as --eval-data)")
+        if self.out is not None and self.out.exists():
+            need(
+                self.out.is_dir() and not any(self.out.iterdir()),
+                f"--out {self.out} already exists and is not empty; choose a new directory or remove it",
+            )
+
+    # -- derived values -------------------------------------------------------------------------
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def compute_dtype(self) -> torch.dtype:
+        """The precision the forward and backward run in.
+
+        On CPU the default is fp32 (bf16 autocast on CPU is slower than fp32 on most machines); on
+        CUDA it is bf16 where the GPU supports it, because fp16 needs loss scaling and overflows.
+        """
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        device = self.resolved_device()
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+
+    def to_json(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}

@@ -1,0 +1,21 @@
+"""Writing results in formats other tools load: Hugging Face model directories (safetensors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def save_hf_model(model: torch.nn.Module, tokenizer, out_dir: Path, save_dtype: torch.dtype) -> Path:
+    """Save ``model`` and ``tokenizer`` so ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads them.
+
+    Tensors are cast one at a time into the state dict that is written, so the peak extra memory
+    is one copy of the model in ``save_dtype``, not a second model object.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().to("cpu", save_dtype) for name, t in model.state_dict().items()}
+    model.config.dtype = save_dtype
+    model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,13 @@
+"""The registry of fine-tuning methods: one module per method, one entry here."""
+
+from lowmem_ft.methods.base import Method
+from lowmem_ft.methods.full import FullFineTuning
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FullFineTuning,)}
+
+
+def build_method(name: str) -> Method:
+    return METHODS[name]()
+
+
+__all__ = ["METHODS", "Method", "build_method"]

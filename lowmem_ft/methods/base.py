@@ -1,0 +1,72 @@
+"""The interface every fine-tuning method implements.
+
+A method is a *policy over the model's parameters*: it decides which parameters train (and, for
+methods like HiFT, which train at *this* step), owns the optimizer that updates them, carries any
+state of its own for checkpoints, and writes the result. The recipe in ``lowmem_ft/train.py``
+calls these hooks in a fixed order and never branches on the method's name:
+
+    method.setup(model, config)            once, before training
+    for step in range(max_steps):
+        method.begin_step(step)            e.g. HiFT picks the active group, prefetches its state
+        ... forward / backward over micro-batches ...
+        clip(method.trainable_parameters())
+        method.optimizer.step(); method.optimizer.zero_grad()
+        method.end_step(step)              e.g. HiFT writes the group's optimizer state back
+    method.export(model, tokenizer, out_dir)
+
+Moving tensors between devices (streaming, offloaded optimizer state) belongs to the engine, not
+to the method; a method asks the engine, it does not copy tensors itself.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from lowmem_ft.config import RunConfig
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for `--help` and the run header
+
+    optimizer: torch.optim.Optimizer
+
+    def weight_dtype(self, config: RunConfig) -> torch.dtype:
+        """The dtype the model's weights are loaded in for this method."""
+        return torch.float32
+
+    @abstractmethod
+    def setup(self, model: torch.nn.Module, config: RunConfig) -> None:
+        """Mark trainable parameters (``requires_grad``) and build ``self.optimizer``."""
+
+    def begin_step(self, step: int) -> None:  # noqa: B027 (optional hook)
+        """Called before the first micro-batch of optimizer step ``step``."""
+
+    def end_step(self, step: int) -> None:  # noqa: B027 (optional hook)
+        """Called after the optimizer update of step ``step``."""
+
+    @abstractmethod
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters that receive gradients in the current step (used for clipping and counts)."""
+
+    def trainable_count(self) -> int:
+        """Number of values the method can change over the whole run."""
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def state_dict(self) -> dict:
+        """Method state for checkpoints (optimizer state included)."""
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def export(self, model: torch.nn.Module, tokenizer, out_dir: Path, save_dtype: torch.dtype) -> Path:
+        """Write the fine-tuned result; the default is a full Hugging Face model directory."""
+        from lowmem_ft.export import save_hf_model
+
+        return save_hf_model(model, tokenizer, out_dir, save_dtype)

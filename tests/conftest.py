@@ -1,0 +1,41 @@
+"""Shared fixtures. Tests never download anything: they use the tiny model shipped in the package
+or models built in-process from a config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_DIR = Path(__file__).resolve().parents[1] / "lowmem_ft" / "models" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    return TINY_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TINY_DIR)
+
+
+@pytest.fixture()
+def small_model():
+    """A 2-layer Llama with random weights, small enough for numeric tests to run in milliseconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config)

@@ -1,0 +1,202 @@
+"""End-to-end: the CLI as a user runs it, on the embedded tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowmem_ft.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "python-qa.jsonl"
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write_records(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture()
+def small_data(tmp_path) -> Path:
+    records = [
+        {"instruction": f"Say the number {i} in words.", "input": "", "output": f"The number is {i}."}
+        for i in range(40)
+    ]
+    return write_records(tmp_path / "numbers.jsonl", records)
+
+
+FAST = [
+    "--max-steps",
+    "4",
+    "--batch-size",
+    "8",
+    "--micro-batch-size",
+    "4",
+    "--seq-len",
+    "96",
+    "--lr",
+    "1e-3",
+    "-q",
+]
+
+
+def test_run_writes_a_complete_job_directory(tmp_path, capsys, small_data):
+    out = tmp_path / "job"
+    code, stdout, err = cli(capsys, "run", "tiny", small_data, "--out", out, "--eval-every", "2", *FAST)
+    assert code == 0, err
+    assert f"job        {out}" in stdout and "eval loss" in stdout
+
+    job = json.loads((out / "job.json").read_text())
+    assert job["status"] == "done" and job["step"] == 4 and job["max_steps"] == 4
+    assert job["config"]["model"] == "tiny" and job["config"]["lr"] == 1e-3
+    assert job["data"]["format"] == "alpaca" and job["data"]["train_examples"] == 36
+    assert set(job["versions"]) >= {"lowmem_ft", "torch", "transformers"}
+
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in train_lines] == [1, 2, 3, 4]
+    for m in train_lines:
+        assert {"loss", "lr", "tokens_per_s", "peak_mem_bytes"} <= set(m)
+        assert m["tokens_per_s"] > 0 and m["peak_mem_bytes"] > 0 and m["loss"] > 0
+    assert [m["step"] for m in lines if "eval_loss" in m] == [0, 2, 4]
+
+
+def test_exported_model_loads_with_transformers_and_generates(tmp_path, capsys, small_data, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "job"
+    code, _, err = cli(capsys, "run", "tiny", small_data, "--out", out, "--save-dtype", "fp32", *FAST)
+    assert code == 0, err
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    base = AutoModelForCausalLM.from_pretrained(REPO / "lowmem_ft" / "models" / "tiny", dtype=torch.float32)
+    # Training changed the weights, and what was saved is what was trained (fp32 export).
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    prompt = tiny_tokenizer("def add(a, b):", return_tensors="pt")
+    generated = model.generate(
+        **prompt, max_new_tokens=8, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id
+    )
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    assert isinstance(tiny_tokenizer.decode(generated[0]), str)
+
+
+def test_jobs_lists_finished_job_as_done(tmp_path, capsys, small_data):
+    root = tmp_path / "runs"
+    assert cli(capsys, "run", "tiny", small_data, "--out", root / "a", *FAST)[0] == 0
+    code, stdout, _ = cli(capsys, "jobs", root)
+    assert code == 0
+    header, row = stdout.splitlines()[:2]
+    assert header.split()[:3] == ["JOB", "STATUS", "STEP"]
+    assert row.split()[1:3] == ["done", "4/4"]
+    code, stdout, _ = cli(capsys, "jobs", root, "--json")
+    assert json.loads(stdout)[0]["status"] == "done"
+
+
+def test_default_job_directory_is_under_runs(tmp_path, capsys, small_data, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli(capsys, "run", "tiny", small_data, *FAST)[0] == 0
+    (job,) = (tmp_path / "runs").iterdir()
+    assert job.name.startswith("tiny-full-")
+
+
+BAD_FILES = {
+    "invalid-json": (b'{"text": "ok"}\n{"text": "broken\n', 2),
+    "not-an-object": (b'{"text": "ok"}\n["a list"]\n', 2),
+    "not-utf8": (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', 2),
+    "unknown-fields": (b'{"question": "a", "answer": "b"}\n', 1),
+    "number-for-text": (b'{"text": 42}\n', 1),
+    "empty-text": (b'{"text": "ok"}\n{"text": "   "}\n', 2),
+    "alpaca-no-output": (b'{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', 2),
+    "mixed-formats": (b'{"text": "ok"}\n{"prompt": "a", "completion": "b"}\n', 2),
+    "chat-no-assistant": (b'{"messages": [{"role": "user", "content": "hi"}]}\n', 1),
+    "chat-bad-role": (b'{"messages": [{"role": "robot", "content": "hi"}]}\n', 1),
+    "empty-file": (b"", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_data_is_one_line_exit_2_and_no_job_directory(case, tmp_path, capsys, monkeypatch):
+    content, line = BAD_FILES[case]
+    data = tmp_path / f"{case}.jsonl"
+    data.write_bytes(content)
+    monkeypatch.chdir(tmp_path)  # so a default runs/ directory would show up here
+    code, stdout, err = cli(capsys, "run", "tiny", data, "--out", tmp_path / "job", "-q")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    location = f"{data}:{line}:" if line else f"{data}:"
+    assert err.startswith(f"error: {location}"), err
+    assert "Traceback" not in err + stdout
+    assert not (tmp_path / "job").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "tiny", "missing.jsonl"], "missing.jsonl: no such file"),
+        (["run", "no-such-model", "DATA"], "unknown model 'no-such-model'"),
+        (["run", "tiny", "DATA", "--lr", "-1"], "--lr must be positive"),
+        (["run", "tiny", "DATA", "--micro-batch-size", "32"], "cannot exceed --batch-size"),
+        (["run", "tiny", "DATA", "--method", "magic"], "--method 'magic' is not known"),
+        (["run", "tiny", "DATA", "--format", "csv"], "--format 'csv' is not known"),
+        (["run", "tiny", "DATA", "--no-such-flag"], "No such option"),
+        (["run", "tiny", "DATA", "--max-steps", "many"], "Invalid value for '--max-steps'"),
+        (["run"], "Missing argument 'model'"),
+    ],
+)
+def test_bad_invocations_are_one_clear_line(args, message, tmp_path, capsys, monkeypatch, small_data):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(capsys, *[small_data if a == "DATA" else a for a in args])
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_out_directory_that_is_not_empty_is_refused(tmp_path, capsys, small_data):
+    out = tmp_path / "job"
+    out.mkdir()
+    (out / "something").write_text("x")
+    code, _, err = cli(capsys, "run", "tiny", small_data, "--out", out)
+    assert code == 2 and "already exists and is not empty" in err
+    assert sorted(p.name for p in out.iterdir()) == ["something"]
+
+
+def test_version_and_help(capsys):
+    import lowmem_ft
+
+    assert cli(capsys, "--version")[:2] == (0, f"lowmem-ft {lowmem_ft.__version__}\n")
+    code, stdout, _ = cli(capsys, "run", "--help")
+    assert code == 0 and "Examples:" in stdout and "--micro-batch-size" in stdout
+
+
+@pytest.mark.slow
+def test_quick_start_as_a_subprocess_learns(tmp_path):
+    """The README's first command, as a separate process: it finishes and the eval loss drops >= 10%."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lowmem_ft", "run", "tiny", str(EXAMPLE), "--out", str(tmp_path / "job")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    job = json.loads((tmp_path / "job" / "job.json").read_text())
+    assert job["status"] == "done"
+    assert job["eval_loss"] <= 0.9 * job["eval_loss_start"], (job["eval_loss_start"], job["eval_loss"])
+    assert "training" in result.stderr  # the progress bar was shown

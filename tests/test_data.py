@@ -1,0 +1,431 @@
+"""Tests for lowmem_ft.data: reading, formats, labels, packing, splitting and batching."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowmem_ft.data import (
+    Batcher,
+    Example,
+    Record,
+    collate,
+    detect_format,
+    eval_batches,
+    pack_examples,
+    read_jsonl,
+    render,
+    split_eval,
+    tokenize_records,
+)
+from lowmem_ft.data.formats import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT
+from lowmem_ft.errors import DataError
+
+# A small ChatML-like template: every turn ends with "</s>", the generation prompt is the assistant header.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Say hello."},
+    {"role": "assistant", "content": "Hello there!"},
+    {"role": "user", "content": "Now say bye."},
+    {"role": "assistant", "content": "Bye."},
+]
+
+
+def write_jsonl(tmp_path: Path, rows: list[dict], name: str = "data.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def trained_text(tokenizer, example: Example) -> str:
+    """The decoded tokens that carry loss, in order."""
+    return tokenizer.decode([label for label in example.labels if label != -100])
+
+
+def untrained_text(tokenizer, example: Example) -> str:
+    return tokenizer.decode(
+        [t for t, label in zip(example.input_ids, example.labels, strict=True) if label == -100]
+    )
+
+
+def tokenize_one(tokenizer, data: dict, fmt: str, seq_len: int = 512) -> Example:
+    examples, stats = tokenize_records(
+        [Record(line=1, data=data, path="data.jsonl")], fmt, tokenizer, seq_len
+    )
+    assert stats.examples == 1
+    return examples[0]
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+# --- formats -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        ({"text": "hi"}, "text"),
+        ({"prompt": "a", "completion": "b"}, "prompt-completion"),
+        ({"instruction": "a", "input": "", "output": "b"}, "alpaca"),
+        ({"instruction": "a", "output": "b", "id": 7}, "alpaca"),
+        ({"messages": [], "source": "x"}, "chat"),
+        ({"text": "hi", "id": 3, "source": "web"}, "text"),
+        ({"prompt": "a"}, None),
+        ({"question": "a", "answer": "b"}, None),
+    ],
+)
+def test_detect_format(record, expected):
+    assert detect_format(record) == expected
+
+
+def test_text_trains_everything_and_eos(tiny_tokenizer):
+    example = tokenize_one(tiny_tokenizer, {"text": "The cat sat on the mat."}, "text")
+    assert example.input_ids[0] == tiny_tokenizer.bos_token_id
+    assert example.labels[0] == -100
+    assert example.input_ids[-1] == tiny_tokenizer.eos_token_id
+    assert trained_text(tiny_tokenizer, example) == "The cat sat on the mat.</s>"
+    assert len(example.input_ids) == len(example.labels)
+
+
+def test_bos_not_doubled_when_text_starts_with_it(tiny_tokenizer):
+    example = tokenize_one(tiny_tokenizer, {"text": "<s>Hello world"}, "text")
+    assert example.input_ids.count(tiny_tokenizer.bos_token_id) == 1
+
+
+def test_prompt_completion_trains_only_completion(tiny_tokenizer):
+    record = {"prompt": "Question: what is 2+2?\nAnswer:", "completion": " four"}
+    rendered = render(record, "prompt-completion", tiny_tokenizer)
+    assert rendered.text == "Question: what is 2+2?\nAnswer: four"
+    example = tokenize_one(tiny_tokenizer, record, "prompt-completion")
+    assert trained_text(tiny_tokenizer, example) == " four</s>"
+    assert untrained_text(tiny_tokenizer, example) == "<s>Question: what is 2+2?\nAnswer:"
+
+
+@pytest.mark.parametrize("with_input", [True, False])
+def test_alpaca_prompt_and_labels(tiny_tokenizer, with_input):
+    record = {"instruction": "Name the capital.", "input": "France" if with_input else "", "output": "Paris."}
+    rendered = render(record, "alpaca", tiny_tokenizer)
+    if with_input:
+        expected_prompt = ALPACA_PROMPT_WITH_INPUT.format(instruction="Name the capital.", input="France")
+        assert "### Input:\nFrance\n\n" in rendered.text
+    else:
+        expected_prompt = ALPACA_PROMPT_NO_INPUT.format(instruction="Name the capital.")
+        assert "### Input:" not in rendered.text
+    assert rendered.text == expected_prompt + "Paris."
+    assert rendered.text.startswith("Below is an instruction that describes a task")
+    assert rendered.train_spans == ((len(expected_prompt), len(rendered.text)),)
+    example = tokenize_one(tiny_tokenizer, record, "alpaca")
+    assert trained_text(tiny_tokenizer, example) == "Paris.</s>"
+
+
+def test_default_chat_template_trains_assistant_turns(tiny_tokenizer):
+    rendered = render({"messages": CONVERSATION}, "chat", tiny_tokenizer)
+    assert rendered.text == (
+        "### System:\nBe brief.\n\n### User:\nSay hello.\n\n### Assistant:\nHello there!\n\n"
+        "### User:\nNow say bye.\n\n### Assistant:\nBye."
+    )
+    assert [rendered.text[a:b] for a, b in rendered.train_spans] == ["Hello there!", "Bye."]
+    example = tokenize_one(tiny_tokenizer, {"messages": CONVERSATION}, "chat")
+    assert trained_text(tiny_tokenizer, example) == "Hello there!Bye.</s>"
+
+
+def test_chat_ending_with_user_turn_does_not_train_eos(tiny_tokenizer):
+    example = tokenize_one(tiny_tokenizer, {"messages": CONVERSATION[:4]}, "chat")
+    assert trained_text(tiny_tokenizer, example) == "Hello there!"
+    assert example.labels[-1] == -100
+
+
+def test_model_chat_template_trains_only_assistant_turns(chat_tokenizer):
+    rendered = render({"messages": CONVERSATION}, "chat", chat_tokenizer)
+    assert rendered.text == chat_tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    # Each span is the reply plus the template's end-of-turn marker.
+    assert [rendered.text[a:b] for a, b in rendered.train_spans] == ["Hello there!</s>", "Bye.</s>"]
+    example = tokenize_one(chat_tokenizer, {"messages": CONVERSATION}, "chat")
+    assert trained_text(chat_tokenizer, example) == "Hello there!</s>Bye.</s>"
+    untrained = untrained_text(chat_tokenizer, example)
+    assert "Say hello." in untrained and "Now say bye." in untrained and "<|assistant|>" in untrained
+    # The text already ends with EOS, so none is appended.
+    assert example.input_ids.count(chat_tokenizer.eos_token_id) == 5
+
+
+def test_chat_template_fallback_finds_reply_text(tiny_tokenizer):
+    # The generation prompt differs from how assistant turns are rendered, so the prefix property fails.
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE.replace(
+        "{% if add_generation_prompt %}<|assistant|>", "{% if add_generation_prompt %}<|reply|>"
+    )
+    example = tokenize_one(tokenizer, {"messages": CONVERSATION}, "chat")
+    assert trained_text(tokenizer, example) == "Hello there!Bye."
+
+
+def test_chat_template_error_names_file_and_line(tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
+    record = Record(line=4, data={"messages": CONVERSATION}, path="data.jsonl")
+    with pytest.raises(DataError) as excinfo:
+        tokenize_records([record], "chat", tokenizer, 64)
+    assert str(excinfo.value).startswith("data.jsonl:4: ")
+    assert "roles must alternate" in str(excinfo.value)
+
+
+# --- truncation, packing, splitting ----------------------------------------------------------------------
+
+
+def test_truncation_and_dropping_counts(tiny_tokenizer):
+    long_prompt = "word " * 40
+    records = [
+        Record(1, {"prompt": "Q:", "completion": " short answer"}),
+        Record(2, {"prompt": "Q:", "completion": " " + "long answer " * 20}),  # truncated, still trained
+        Record(3, {"prompt": long_prompt, "completion": " lost"}),  # response cut away entirely: dropped
+    ]
+    examples, stats = tokenize_records(records, "prompt-completion", tiny_tokenizer, seq_len=16)
+    assert (stats.examples, stats.truncated, stats.dropped_no_target) == (2, 1, 1)
+    assert len(examples[1].input_ids) == 16
+    assert examples[0].input_ids[-1] == tiny_tokenizer.eos_token_id  # the short one keeps its EOS
+    assert tiny_tokenizer.eos_token_id not in examples[1].input_ids
+    assert stats.tokens == sum(len(e.input_ids) for e in examples)
+    assert stats.target_tokens == sum(label != -100 for e in examples for label in e.labels)
+
+
+def test_pack_examples_keeps_tokens_and_labels():
+    examples = [
+        Example(list(range(i * 10, i * 10 + n)), [-100] * 2 + [7] * (n - 2))
+        for i, n in enumerate([5, 9, 3, 7])
+    ]
+    rows = pack_examples(examples, seq_len=8)
+    assert [len(row.input_ids) for row in rows] == [8, 8, 8]
+    assert [len(row.labels) for row in rows] == [8, 8, 8]
+    assert [t for row in rows for t in row.input_ids] == [t for e in examples for t in e.input_ids]
+    assert [x for row in rows for x in row.labels] == [x for e in examples for x in e.labels]
+    assert [len(row.input_ids) for row in pack_examples(examples[:2], seq_len=8)] == [8, 6]
+
+
+def test_split_eval_is_seeded_disjoint_and_ordered():
+    examples = [Example([i], [i]) for i in range(20)]
+    train, evaluation = split_eval(examples, 0.2, seed=1)
+    assert (len(train), len(evaluation)) == (16, 4)
+    ids = [e.input_ids[0] for e in train], [e.input_ids[0] for e in evaluation]
+    assert set(ids[0]).isdisjoint(ids[1]) and set(ids[0]) | set(ids[1]) == set(range(20))
+    assert ids[0] == sorted(ids[0]) and ids[1] == sorted(ids[1])
+    again = split_eval(examples, 0.2, seed=1)[1]
+    assert [e.input_ids[0] for e in again] == ids[1]
+    other = split_eval(examples, 0.2, seed=2)[1]
+    assert [e.input_ids[0] for e in other] != ids[1]
+
+
+def test_split_eval_sizes():
+    examples = [Example([i], [i]) for i in range(5)]
+    assert [len(part) for part in split_eval(examples, 0.0, seed=0)] == [5, 0]
+    assert [len(part) for part in split_eval(examples, 0.01, seed=0)] == [4, 1]  # at least one
+    assert [len(part) for part in split_eval(examples[:2], 0.9, seed=0)] == [1, 1]  # at least one trains
+    assert [len(part) for part in split_eval(examples[:1], 0.5, seed=0)] == [1, 0]
+
+
+# --- batching --------------------------------------------------------------------------------------------
+
+
+def test_collate_pads_right_with_masked_labels():
+    batch = collate([Example([5, 6, 7], [-100, 6, 7]), Example([8], [8])], pad_id=2)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert all(t.dtype == torch.long for t in batch.values())
+
+
+def numbered_examples(n: int) -> list[Example]:
+    """Example i has length 1 + i % 3 and first token i, so batches can be traced back to examples."""
+    return [Example([i] + [100] * (i % 3), [i] + [100] * (i % 3)) for i in range(n)]
+
+
+def step_ids(step: list[dict[str, torch.Tensor]]) -> list[int]:
+    return [i for micro in step for i in micro["input_ids"][:, 0].tolist()]
+
+
+def test_batcher_micro_batches_and_epoch_wraparound():
+    batcher = Batcher(numbered_examples(7), batch_size=5, micro_batch_size=2, pad_id=0, seed=3)
+    assert batcher.steps_per_epoch == 2
+    epoch0 = torch.randperm(7, generator=torch.Generator().manual_seed(3)).tolist()
+    epoch1 = torch.randperm(7, generator=torch.Generator().manual_seed(4)).tolist()
+    first = batcher.next_step()
+    assert [micro["input_ids"].shape[0] for micro in first] == [2, 2, 1]
+    assert step_ids(first) == epoch0[:5]
+    assert step_ids(batcher.next_step()) == epoch0[5:] + epoch1[:3]  # the slice continues into epoch 1
+    assert batcher.state_dict() == {"epoch": 1, "position": 3}
+    assert batcher.examples_seen == 10
+    json.dumps(batcher.state_dict())  # must be JSON-serialisable
+
+
+def test_batcher_is_deterministic_and_resumes(tmp_path):
+    examples = numbered_examples(9)
+
+    def make() -> Batcher:
+        return Batcher(examples, batch_size=4, micro_batch_size=3, pad_id=0, seed=11)
+
+    reference = make()
+    expected = [reference.next_step() for _ in range(7)]
+    other = make()
+    assert [step_ids(other.next_step()) for _ in range(7)] == [step_ids(step) for step in expected]
+
+    interrupted = make()
+    for _ in range(3):
+        interrupted.next_step()
+    state = json.loads(json.dumps(interrupted.state_dict()))
+    resumed = make()
+    resumed.load_state_dict(state)
+    for step in expected[3:]:
+        got = resumed.next_step()
+        assert len(got) == len(step)
+        for got_micro, want_micro in zip(got, step, strict=True):
+            for key in ("input_ids", "attention_mask", "labels"):
+                assert torch.equal(got_micro[key], want_micro[key])
+
+
+def test_eval_batches_in_order():
+    batches = list(eval_batches(numbered_examples(5), micro_batch_size=2, pad_id=0))
+    assert [b["input_ids"][:, 0].tolist() for b in batches] == [[0, 1], [2, 3], [4]]
+
+
+# --- reading files ---------------------------------------------------------------------------------------
+
+
+def test_read_jsonl_happy_path(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(
+        b'\xef\xbb\xbf{"prompt": "a", "completion": "b", "id": 1}\r\n\n   \n'
+        b'{"prompt": "c", "completion": "d", "source": "x"}\n'
+    )
+    records, fmt, skipped = read_jsonl(path)
+    assert fmt == "prompt-completion"
+    assert skipped == 0
+    assert [r.line for r in records] == [1, 4]
+    assert records[1].data["completion"] == "d"
+
+
+def test_forced_format_is_used(tmp_path):
+    path = write_jsonl(tmp_path, [{"text": "a"}, {"text": "b"}])
+    assert read_jsonl(path, fmt="text")[1] == "text"
+
+
+C = {"role": "user", "content": "hi"}
+A = {"role": "assistant", "content": "hello"}
+
+
+def _line(obj) -> bytes:
+    return json.dumps(obj).encode() + b"\n"
+
+
+# (content of the file, None for no file; forced format; line of the error or None if file-level; reason)
+MALFORMED = {
+    "invalid json": (
+        _line({"text": "a"}) + b'{"text": "b" "c"}\n',
+        "auto",
+        2,
+        "invalid JSON (Expecting ',' delimiter",
+    ),
+    "json list": (b'["a", "b"]\n', "auto", 1, "JSON is a list, not an object"),
+    "json string": (b'"just text"\n', "auto", 1, "JSON is a string, not an object"),
+    "not utf-8": (_line({"text": "a"}) + b'{"text": "caf\xe9"}\n', "auto", 2, "not valid UTF-8"),
+    "unknown fields": (
+        _line({"question": "q", "answer": "a"}),
+        "auto",
+        1,
+        'no known format for fields "answer", "question"',
+    ),
+    "number for text": (_line({"text": 5}), "auto", 1, '"text" is a number; it must be a string'),
+    "null completion": (_line({"prompt": "p", "completion": None}), "auto", 1, '"completion" is null'),
+    "empty text": (_line({"text": "  \t"}), "auto", 1, '"text" is empty'),
+    "alpaca without output": (_line({"instruction": "i", "input": ""}), "auto", 1, 'alpaca needs "output"'),
+    "alpaca empty output": (_line({"instruction": "i", "output": ""}), "auto", 1, '"output" is empty'),
+    "mixed formats": (
+        _line({"prompt": "p", "completion": "c"}) + b"\n" + _line({"instruction": "i", "output": "o"}),
+        "auto",
+        3,
+        "line is alpaca format but the file is prompt-completion (detected from line 1)",
+    ),
+    "chat without assistant": (_line({"messages": [C]}), "auto", 1, "no assistant message"),
+    "chat bad role": (
+        _line({"messages": [C, {"role": "bot", "content": "x"}]}),
+        "auto",
+        1,
+        'messages[1] has role "bot"',
+    ),
+    "chat messages not a list": (_line({"messages": "hi"}), "auto", 1, '"messages" is a string'),
+    "chat empty messages": (_line({"messages": []}), "auto", 1, '"messages" is an empty list'),
+    "chat message not object": (_line({"messages": ["hi", A]}), "auto", 1, "messages[0] is a string"),
+    "chat content number": (
+        _line({"messages": [C, {"role": "assistant", "content": 3}]}),
+        "auto",
+        1,
+        "messages[1].content is a number",
+    ),
+    "forced format mismatch": (
+        _line({"text": "a"}) + _line({"prompt": "p", "completion": "c"}),
+        "text",
+        2,
+        "line is prompt-completion format but --format text was given",
+    ),
+    "empty file": (b"", "auto", None, "file is empty"),
+    "blank lines only": (b"\n  \n\t\n", "auto", None, "file has only blank lines"),
+    "missing file": (None, "auto", None, "no such file"),
+    "unknown format name": (_line({"text": "a"}), "csv", None, "unknown format 'csv'; use one of auto, text"),
+}
+
+
+@pytest.mark.parametrize(("content", "fmt", "line", "reason"), MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_files_raise_located_errors(tmp_path, content, fmt, line, reason):
+    path = tmp_path / "data.jsonl"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError) as excinfo:
+        read_jsonl(path, fmt=fmt)
+    message = str(excinfo.value)
+    assert message.startswith(f"{path}:{line}: " if line else f"{path}: ")
+    assert reason in message
+    assert "\n" not in message
+    assert "; " in message  # "what is wrong; what would work"
+    assert excinfo.value.exit_code == 2
+
+
+def test_directory_is_rejected(tmp_path):
+    with pytest.raises(DataError, match="is a directory"):
+        read_jsonl(tmp_path)
+
+
+def test_skip_bad_lines_counts_and_decides_format_from_first_valid_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(
+        b"not json\n"
+        + _line({"text": ""})  # detected as text but invalid: must not fix the format
+        + _line({"prompt": "p", "completion": "c"})
+        + _line({"text": "other format"})
+        + b"\xff\xfe\n"
+        + _line({"prompt": "p2", "completion": "c2"})
+    )
+    records, fmt, skipped = read_jsonl(path, skip_bad_lines=True)
+    assert fmt == "prompt-completion"
+    assert skipped == 4
+    assert [r.line for r in records] == [3, 6]
+    with pytest.raises(DataError, match=r":1: invalid JSON"):
+        read_jsonl(path)
+
+
+def test_skip_bad_lines_with_nothing_valid(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"[1]\n{}\n")
+    with pytest.raises(DataError) as excinfo:
+        read_jsonl(path, skip_bad_lines=True)
+    assert str(excinfo.value).startswith(f"{path}: no valid records (2 bad lines skipped); ")

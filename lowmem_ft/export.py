@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from lowmem_ft.models.loading import quiet_transformers
+
 
 def save_hf_model(model: torch.nn.Module, tokenizer, out_dir: Path, save_dtype: torch.dtype) -> Path:
     """Save ``model`` and ``tokenizer`` so ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads them.
@@ -16,6 +18,7 @@ def save_hf_model(model: torch.nn.Module, tokenizer, out_dir: Path, save_dtype: 
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().to("cpu", save_dtype) for name, t in model.state_dict().items()}
     model.config.dtype = save_dtype
-    model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    with quiet_transformers():  # no per-shard progress bar in the middle of our output
+        model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir

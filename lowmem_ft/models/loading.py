@@ -257,7 +257,7 @@ def _load_config(location: Path, label: str, trust_remote_code: bool) -> Pretrai
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Hide transformers' per-tensor progress bar and info logging while loading, then restore them."""
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
     from transformers.utils import logging as hf_logging
@@ -288,7 +288,7 @@ def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     weights_dir = _require_weights_dir(resolved)
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             tokenizer = AutoTokenizer.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
@@ -308,7 +308,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     weights_dir = _require_weights_dir(resolved)
-    with _quiet_transformers():
+    with quiet_transformers():
         model, info = AutoModelForCausalLM.from_pretrained(
             weights_dir,
             dtype=dtype,

@@ -156,6 +156,77 @@ def run(
         raise typer.Exit(130) from None
 
 
+PLAN_EPILOG = """\
+Examples:
+
+  lowmem-ft plan llama-2-7b --method full --gpu-mem 24GiB             # does it fit a 24 GB card?
+
+  lowmem-ft plan llama-2-7b --method hift --gpu-mem 8GiB --cpu-mem 64GiB
+
+  lowmem-ft plan qwen2.5-7b --method sift --gpu-mem 16GiB --seq-len 2048 --json
+
+Exit code 0 when the plan fits, 3 when it does not.
+"""
+
+
+@app.command(epilog=PLAN_EPILOG)
+def plan(
+    model: str = typer.Argument(
+        ..., help="Model alias, local Hugging Face directory, or cached hub id (no weights needed)."
+    ),
+    method: str = typer.Option("full", help="Method to plan for: full, hift or sift."),
+    gpu_mem: str | None = typer.Option(
+        None, help="GPU memory to plan for, e.g. 24GiB. [default: the detected GPU's free memory]"
+    ),
+    cpu_mem: str | None = typer.Option(
+        None, help="Host RAM to plan for, e.g. 64GiB. [default: available RAM]"
+    ),
+    gpu: str | None = typer.Option(None, help="'none' plans a CPU-only run even where a GPU is present."),
+    seq_len: int = typer.Option(512, help="Tokens per example."),
+    batch_size: int = typer.Option(16, help="Examples per optimizer step."),
+    micro_batch_size: int | None = typer.Option(
+        None, help="Fix the micro-batch instead of letting the planner choose."
+    ),
+    gradient_checkpointing: bool | None = typer.Option(
+        None,
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Fix activation checkpointing on or off. [default: planner chooses]",
+    ),
+    dtype: str = typer.Option(
+        "auto", help="Compute precision: auto (bf16 on a GPU, fp32 on CPU), fp32, bf16, fp16."
+    ),
+    units_per_group: int | None = typer.Option(
+        None, help="HiFT: decoder layers (units) trained together per step."
+    ),
+    state_policy: str | None = typer.Option(
+        None, help="HiFT: optimizer states of waiting groups: keep, keep-8bit or drop."
+    ),
+    sparsity: float | None = typer.Option(
+        None, help="SIFT: fraction of each weight's entries that train, e.g. 0.05."
+    ),
+    base_quant: str | None = typer.Option(
+        None, help="SIFT: frozen base weights as none (bf16), int8 or nf4."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the plan as JSON (documented in docs/planner.md)."
+    ),
+) -> None:
+    """Plan a fine-tune for this machine (or one you describe) without loading any weights."""
+    from lowmem_ft.planner import build_plan, render_plan
+
+    result = build_plan(
+        model, method=method, gpu_mem=gpu_mem, cpu_mem=cpu_mem, gpu=gpu, seq_len=seq_len,
+        batch_size=batch_size, micro_batch_size=micro_batch_size,
+        gradient_checkpointing=gradient_checkpointing, dtype=dtype,
+        units_per_group=units_per_group, state_policy=state_policy, sparsity=sparsity, base_quant=base_quant,
+    )  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps({"model": result.model_name, **result.plan.to_json()}, indent=2))
+    else:
+        typer.echo(render_plan(result.plan, result.model_name, result.budget.describe()))
+    raise typer.Exit(0 if result.plan.fits else 3)
+
+
 def _age(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:

@@ -8,11 +8,14 @@ import shutil
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
-import torch
 
 from lowmem_ft.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where it is used, so `lowmem-ft plan` starts fast
+    import torch
 
 
 class PeakMemory:
@@ -28,10 +31,14 @@ class PeakMemory:
         self._process = psutil.Process()
         self._cpu_peak = 0
         if device.type == "cuda":
+            import torch
+
             torch.cuda.reset_peak_memory_stats(device)
 
     def sample(self) -> int:
         if self.device.type == "cuda":
+            import torch
+
             return torch.cuda.max_memory_allocated(self.device)
         self._cpu_peak = max(self._cpu_peak, self._process.memory_info().rss)
         return self._cpu_peak

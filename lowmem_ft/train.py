@@ -107,9 +107,7 @@ def setup(config: RunConfig) -> Setup:
     model = load_model(resolved, method.weight_dtype(config), trust_remote_code=config.trust_remote_code)
     model.to(device)
     if config.gradient_checkpointing:
-        # Recompute each layer's activations in backward instead of storing them: activation
-        # memory drops from every intermediate of every layer to one hidden state per layer.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
     method.setup(model, config)
 
@@ -118,6 +116,16 @@ def setup(config: RunConfig) -> Setup:
     )
     max_steps = config.max_steps or max(1, math.ceil(config.epochs * batcher.steps_per_epoch))
     return Setup(config, resolved, tokenizer, data, model, method, device, compute_dtype, batcher, max_steps)
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward instead of storing them: activation
+    memory drops from every intermediate of every layer to one hidden state per layer."""
+    kwargs = {"use_reentrant": False}  # the reentrant variant breaks when inputs need no grad
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 # -- pieces of the loop ---------------------------------------------------------------------------
@@ -142,8 +150,13 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def loss_sum(model, batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over the tokens that carry loss, and their count.
+def target_count(batch: dict) -> int:
+    """Tokens that carry loss in a batch (after the shift), counted on the CPU labels: no device sync."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def loss_sum(model, batch: dict, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the tokens that carry loss.
 
     Summing (not averaging) per micro-batch lets the step divide by the number of target tokens of
     the whole optimizer step, so gradient accumulation gives the same gradient as one big batch.
@@ -152,10 +165,9 @@ def loss_sum(model, batch: dict, device: torch.device, dtype: torch.dtype) -> tu
     with autocast(device, dtype):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
-    )
-    return loss, int((targets != IGNORE).sum())
+    # fp32 for the softmax: in 16 bits the log-probabilities of a 32k-150k vocabulary lose precision.
+    logits = logits[:, :-1].flatten(0, 1).float()
+    return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 @torch.no_grad()
@@ -166,8 +178,8 @@ def evaluate(s: Setup) -> float | None:
     s.model.eval()
     total, count = 0.0, 0
     for batch in eval_batches(s.data.eval, s.config.micro_batch_size, s.tokenizer.pad_token_id):
-        loss, n = loss_sum(s.model, batch, s.device, s.compute_dtype)
-        total, count = total + loss.item(), count + n
+        total += loss_sum(s.model, batch, s.device, s.compute_dtype).item()
+        count += target_count(batch)
     s.model.train()
     return total / max(count, 1)
 
@@ -254,10 +266,10 @@ def train(s: Setup, job: Job, show_progress: bool) -> None:
 
         micro_batches = s.batcher.next_step()
         # Normalise by the target tokens of the whole step (see loss_sum), counted before backward.
-        n_targets = max(1, sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches))
+        n_targets = max(1, sum(target_count(mb) for mb in micro_batches))
         step_loss, step_tokens = 0.0, 0
         for mb in micro_batches:
-            total, _ = loss_sum(model, mb, s.device, s.compute_dtype)
+            total = loss_sum(model, mb, s.device, s.compute_dtype)
             scaler.scale(total / n_targets).backward()
             step_loss += total.item()  # a CPU-GPU sync per micro-batch; cheap next to the step
             step_tokens += int(mb["attention_mask"].sum())

@@ -11,7 +11,7 @@ import torch
 from lowmem_ft.config import RunConfig
 from lowmem_ft.data import Example, collate
 from lowmem_ft.methods import METHODS, build_method
-from lowmem_ft.train import loss_sum, lr_at
+from lowmem_ft.train import loss_sum, lr_at, target_count
 
 
 def make_examples(n: int, vocab: int, seed: int = 0) -> list[Example]:
@@ -29,7 +29,7 @@ def make_examples(n: int, vocab: int, seed: int = 0) -> list[Example]:
 def grads_after(model, micro_batches, n_targets) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     for mb in micro_batches:
-        total, _ = loss_sum(model, mb, torch.device("cpu"), torch.float32)
+        total = loss_sum(model, mb, torch.device("cpu"), torch.float32)
         (total / n_targets).backward()
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -49,7 +49,8 @@ def test_loss_sum_matches_transformers_mean_loss(small_model):
     """Our summed, shifted loss divided by the count equals the model's own mean loss."""
     examples = make_examples(3, small_model.config.vocab_size)
     batch = collate(examples, pad_id=0)
-    total, count = loss_sum(small_model, batch, torch.device("cpu"), torch.float32)
+    total = loss_sum(small_model, batch, torch.device("cpu"), torch.float32)
+    count = target_count(batch)
     reference = small_model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
     ).loss
@@ -99,7 +100,8 @@ def test_method_step_matches_plain_adamw_on_its_parameters(name, small_model):
     batch = collate(examples, pad_id=0)
     method.begin_step(0)
     for m, opt in ((model, method.optimizer), (reference, ref_opt)):
-        total, count = loss_sum(m, batch, torch.device("cpu"), torch.float32)
+        total = loss_sum(m, batch, torch.device("cpu"), torch.float32)
+        count = target_count(batch)
         (total / count).backward()
         opt.step()
         opt.zero_grad()

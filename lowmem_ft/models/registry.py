@@ -29,6 +29,7 @@ _ALIASES = [
     ModelAlias("llama-7b", "huggyllama/llama-7b", "LLaMA 1 7B base (community upload)", gated=False),
     ModelAlias("llama-2-7b", "meta-llama/Llama-2-7b-hf", "Llama 2 7B base" + _GATED, gated=True),
     ModelAlias("llama-2-13b", "meta-llama/Llama-2-13b-hf", "Llama 2 13B base" + _GATED, gated=True),
+    ModelAlias("llama-2-70b", "meta-llama/Llama-2-70b-hf", "Llama 2 70B base" + _GATED, gated=True),
     ModelAlias("llama-3-8b", "meta-llama/Meta-Llama-3-8B", "Llama 3 8B base" + _GATED, gated=True),
     ModelAlias("mistral-7b", "mistralai/Mistral-7B-v0.1", "Mistral 7B v0.1 base", gated=False),
     ModelAlias("qwen2.5-7b", "Qwen/Qwen2.5-7B", "Qwen2.5 7B base", gated=False),

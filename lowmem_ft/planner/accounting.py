@@ -1,0 +1,108 @@
+"""Byte accounting: what each component of a training step costs, from the model's shape alone.
+
+The activation formulas are derived for Hugging Face Llama-style blocks (RMSNorm that upcasts to
+fp32, rotary attention through SDPA, SwiGLU MLP) and checked against traces of the recipe's real
+training step on fake tensors (tests/test_planner.py). Per decoder layer and per token, with
+``e`` the compute element size (2 for bf16/fp16, 4 for fp32):
+
+    weights in the compute dtype:   2·(4h + e·h) + 6·e·h + 4·e·i + 4·heads + e·s + 8
+        (each RMSNorm keeps its fp32 input and its normalised output; q, rotate-half(q), k, v and
+         the attention output; gate, SiLU(gate), up and their product; the attention's fp32
+         log-sum-exp; a copy of the causal mask row)
+    fp32 weights under autocast:   34h + 8·i + 4·heads + 2·s + 8, plus a 16-bit copy of every
+        matmul weight, which autocast keeps alive from the forward to the backward
+    activation checkpointing:      only the layer input (the residual stream) is kept,
+        4h in fp32 or e·h; one layer's full activations are rebuilt at a time in the backward
+
+The GPT formula s·b·h·(34 + 5·a·s/h) assumes a 4h GELU MLP, LayerNorm and materialised attention
+scores; it does not describe these models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lowmem_ft.planner.shapes import ModelShape
+
+GiB = 1024**3
+# Bytes per trainable SIFT entry: fp32 value, int32 index, fp32 Adam m and v, fp32 gradient.
+SIFT_BYTES_PER_ENTRY = 4 + 4 + 8 + 4
+# Bytes per weight of a bitsandbytes-quantised base: int8 (+ per-row scale), NF4 (+ fp32 absmax per 64).
+QUANT_BYTES = {"none": 2.0, "int8": 1.0 + 1 / 1024, "nf4": 0.5 + 4 / 64}
+# Optimizer-state bytes per parameter by state policy: fp32 m and v, or bitsandbytes 8-bit m and v.
+STATE_BYTES = {"keep": 8, "drop": 8, "keep-8bit": 2}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a method holds weights and computes."""
+
+    weight_bytes: int  # bytes per weight element as stored for training
+    compute_bytes: int  # e: element size of activations (2 for bf16/fp16, 4 for fp32)
+
+    @property
+    def autocast(self) -> bool:
+        """fp32 weights computed in 16 bits: autocast makes (and keeps) 16-bit weight copies."""
+        return self.weight_bytes == 4 and self.compute_bytes == 2
+
+
+def layer_activation_bytes(shape: ModelShape, seq_len: int, tokens: int, p: Precision) -> int:
+    """Saved activations of one decoder layer for ``tokens`` = micro-batch × seq_len tokens."""
+    h, i, a, e = shape.hidden, shape.intermediate, shape.heads, p.compute_bytes
+    if p.autocast:
+        per_token = 34 * h + 8 * i + 4 * a + 2 * seq_len + 8
+    else:
+        per_token = 2 * (4 * h + e * h) + 6 * e * h + 4 * e * i + 4 * a + e * seq_len + 8
+    return per_token * tokens
+
+
+def checkpoint_bytes(shape: ModelShape, tokens: int, p: Precision) -> int:
+    """What a checkpointed layer keeps: its input, the residual stream (fp32 when weights are)."""
+    return (4 if p.weight_bytes == 4 else p.compute_bytes) * shape.hidden * tokens
+
+
+def outside_layers_activation_bytes(shape: ModelShape, seq_len: int, tokens: int, p: Precision) -> int:
+    """Embedding output, final norm, and the fp32 log-probabilities the loss keeps for backward."""
+    residual = 10 if p.autocast else 12
+    shifted = tokens * (seq_len - 1) // seq_len  # the last position predicts nothing
+    return (
+        residual * shape.hidden * tokens + 4 * shape.vocab * shifted + (2 * seq_len + 4) * (tokens // seq_len)
+    )
+
+
+def loss_transient_bytes(shape: ModelShape, tokens: int, p: Precision) -> int:
+    """While the loss runs: the logits in the compute dtype and their fp32 copy, beside what is kept."""
+    return (p.compute_bytes + 4) * shape.vocab * tokens
+
+
+def autocast_copy_bytes(shape: ModelShape, p: Precision, layers: int | None = None) -> int:
+    """16-bit copies of matmul weights made by autocast and kept until the backward has used them."""
+    if not p.autocast:
+        return 0
+    n_layers = shape.layers if layers is None else layers
+    per_layer = shape.layer_units[0].linear_params if shape.layer_units else 0
+    return 2 * (per_layer * n_layers + shape.vocab * shape.hidden)
+
+
+def activation_bytes(
+    shape: ModelShape, seq_len: int, micro_batch: int, p: Precision, checkpointing: bool
+) -> int:
+    """All activations alive at the end of the forward pass (incl. autocast copies), whole model."""
+    tokens = seq_len * micro_batch
+    per_layer = (
+        checkpoint_bytes(shape, tokens, p)
+        if checkpointing
+        else layer_activation_bytes(shape, seq_len, tokens, p)
+    )
+    copies = autocast_copy_bytes(shape, p, layers=0 if checkpointing else None)
+    return shape.layers * per_layer + outside_layers_activation_bytes(shape, seq_len, tokens, p) + copies
+
+
+def recompute_bytes(shape: ModelShape, seq_len: int, micro_batch: int, p: Precision) -> int:
+    """With checkpointing, the backward rebuilds one layer at a time: its activations and copies."""
+    tokens = seq_len * micro_batch
+    return (
+        layer_activation_bytes(shape, seq_len, tokens, p)
+        + autocast_copy_bytes(shape, p, layers=1)
+        - (2 * shape.vocab * shape.hidden if p.autocast else 0)
+    )

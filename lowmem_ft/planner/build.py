@@ -1,0 +1,113 @@
+"""From command-line options to a plan: validate, read the model's shape, detect the machine, plan.
+
+Both `lowmem-ft plan` and `lowmem-ft run` come through here, so the dry run and the real run
+always agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lowmem_ft.errors import UserError
+from lowmem_ft.planner.plan import (
+    BASE_QUANTS,
+    PLANNABLE_METHODS,
+    STATE_POLICIES,
+    Plan,
+    PlanRequest,
+    make_plan,
+)
+from lowmem_ft.planner.shapes import ModelShape, read_config, shape_from_config
+
+COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass
+class PlanResult:
+    model_name: str
+    shape: ModelShape
+    budget: object  # lowmem_ft.hardware.Budget
+    plan: Plan
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def build_plan(
+    model: str | None = None,
+    *,
+    config: dict | None = None,
+    method: str = "full",
+    gpu_mem: str | None = None,
+    cpu_mem: str | None = None,
+    gpu: str | None = None,
+    seq_len: int = 512,
+    batch_size: int = 16,
+    micro_batch_size: int | None = None,
+    gradient_checkpointing: bool | None = None,
+    dtype: str = "auto",
+    units_per_group: int | None = None,
+    state_policy: str | None = None,
+    sparsity: float | None = None,
+    base_quant: str | None = None,
+) -> PlanResult:
+    """Plan MODEL (or an already-read ``config``) for this machine or the one the flags describe."""
+    from lowmem_ft.hardware import detect_budget
+
+    _check(
+        method in PLANNABLE_METHODS,
+        f"--method {method!r} cannot be planned; choose one of: {', '.join(PLANNABLE_METHODS)}",
+    )
+    _check(seq_len >= 8, f"--seq-len must be at least 8 tokens, got {seq_len}")
+    _check(batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}")
+    _check(
+        micro_batch_size is None or 1 <= micro_batch_size <= batch_size,
+        f"--micro-batch-size must be between 1 and --batch-size ({batch_size}), got {micro_batch_size}",
+    )
+    _check(dtype in ("auto", *COMPUTE_BYTES), f"--dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
+    _check(
+        units_per_group is None or units_per_group >= 1,
+        f"--units-per-group must be at least 1, got {units_per_group}",
+    )
+    _check(
+        state_policy is None or state_policy in STATE_POLICIES,
+        f"--state-policy must be one of {', '.join(STATE_POLICIES)}, got {state_policy!r}",
+    )
+    _check(
+        sparsity is None or 0 < sparsity <= 1,
+        f"--sparsity must be in (0, 1], e.g. 0.05 for 5%, got {sparsity}",
+    )
+    _check(
+        base_quant is None or base_quant in BASE_QUANTS,
+        f"--base-quant must be one of {', '.join(BASE_QUANTS)}, got {base_quant!r}",
+    )
+
+    if config is None:
+        config, name = read_config(model)
+    else:
+        name = model or config.get("_name_or_path", "model")
+    shape = shape_from_config(config)
+    if units_per_group is not None:
+        _check(
+            units_per_group <= len(shape.units),
+            f"--units-per-group {units_per_group} is more than the model's {len(shape.units)} units",
+        )
+    budget = detect_budget(gpu_mem=gpu_mem, cpu_mem=cpu_mem, gpu=gpu)
+    on_gpu = budget.gpu_bytes > 0
+    compute = COMPUTE_BYTES[dtype] if dtype != "auto" else (2 if on_gpu else 4)
+    request = PlanRequest(
+        method=method,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        compute_bytes=compute,
+        micro_batch_size=micro_batch_size,
+        gradient_checkpointing=gradient_checkpointing,
+        units_per_group=units_per_group,
+        state_policy=state_policy,
+        sparsity=sparsity,
+        base_quant=base_quant,
+    )
+    plan = make_plan(shape, request, budget.gpu_bytes, budget.host_bytes, budget.link_bytes_per_s)
+    return PlanResult(name, shape, budget, plan)

@@ -1,0 +1,506 @@
+"""Fit a fine-tuning method into a machine: choose settings, account every byte, say what is short.
+
+``make_plan(shape, request, budget)`` is the whole planner. It is pure arithmetic over the model's
+shape (no weights, no torch), so `lowmem-ft plan` answers in well under a second and `run` uses
+exactly the same numbers to set itself up.
+
+Peak memory is not the sum of all components: gradients appear while activations are freed. The
+planner evaluates three moments of a step and takes the largest:
+
+    end of forward      persistent + activations + the loss's transient logits
+    start of backward   persistent + activations + gradient of the logits + first gradients
+    end of backward     persistent + gradients (+ autocast copies, + one rebuilt layer)
+
+where *persistent* is weights + optimizer state (+ method buffers). On a GPU, a CUDA context and
+an allocator margin come on top.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+
+from lowmem_ft.planner.accounting import (
+    QUANT_BYTES,
+    SIFT_BYTES_PER_ENTRY,
+    STATE_BYTES,
+    GiB,
+    Precision,
+    activation_bytes,
+    autocast_copy_bytes,
+    loss_transient_bytes,
+    recompute_bytes,
+)
+from lowmem_ft.planner.shapes import ModelShape
+
+PLANNABLE_METHODS = ("full", "hift", "sift")
+STATE_POLICIES = ("keep", "keep-8bit", "drop")
+BASE_QUANTS = ("none", "int8", "nf4")
+SPARSITY_GRID = (0.10, 0.08, 0.05, 0.04, 0.03, 0.02, 0.01, 0.005, 0.002, 0.001)
+CUDA_CONTEXT_BYTES = GiB // 2  # CUDA context + cuBLAS workspaces: outside the allocator, seen by NVML
+ALLOCATOR_MARGIN = 0.05  # fragmentation of the caching allocator, as a fraction of the tensor peak
+HOST_RUNTIME_BYTES = {True: 3 * GiB, False: 1 * GiB}  # Python + torch (+ CUDA libraries when on a GPU)
+ASSUMED_LINK_BYTES_PER_S = 25e9  # PCIe Gen4 x16 in practice, when NVML cannot tell
+
+
+@dataclass
+class PlanRequest:
+    """What the user asked for; ``None`` means "the planner chooses"."""
+
+    method: str = "full"
+    seq_len: int = 512
+    batch_size: int = 16
+    compute_bytes: int = 2
+    micro_batch_size: int | None = None
+    gradient_checkpointing: bool | None = None
+    units_per_group: int | None = None  # hift
+    state_policy: str | None = None  # hift: keep | keep-8bit | drop
+    sparsity: float | None = None  # sift
+    base_quant: str | None = None  # sift: none | int8 | nf4
+
+
+@dataclass
+class Component:
+    name: str
+    gpu_bytes: int = 0
+    host_bytes: int = 0
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    fits: bool
+    method: str
+    device: str  # "cuda" or "cpu"
+    settings: dict
+    components: list[Component]
+    gpu_budget_bytes: int
+    gpu_peak_bytes: int
+    host_budget_bytes: int
+    host_peak_bytes: int
+    trainable_params: int
+    total_params: int
+    traffic_bytes_per_step: int
+    link_bytes_per_s: float
+    shortfall: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["gpu"] = {"budget_bytes": self.gpu_budget_bytes, "peak_bytes": self.gpu_peak_bytes}
+        data["host"] = {"budget_bytes": self.host_budget_bytes, "peak_bytes": self.host_peak_bytes}
+        for key in ("gpu_budget_bytes", "gpu_peak_bytes", "host_budget_bytes", "host_peak_bytes"):
+            del data[key]
+        return data
+
+
+# -- accounting per method ------------------------------------------------------------------------
+@dataclass
+class Estimate:
+    components: list[Component]
+    persistent: int  # on the compute device for the whole step
+    activations: int
+    loss_transient: int
+    logits_grad: int
+    grads: int
+    backward_extra: int  # autocast copies and a rebuilt layer at the end of backward
+    traffic: int = 0
+    trainable: int = 0
+
+    def device_peak(self) -> int:
+        forward_end = self.persistent + self.activations + self.loss_transient
+        backward_start = self.persistent + self.activations + self.logits_grad
+        backward_end = self.persistent + self.grads + self.backward_extra
+        return max(forward_end, backward_start, backward_end)
+
+
+def _activation_parts(shape, request, p, micro_batch, checkpointing):
+    tokens = request.seq_len * micro_batch
+    acts = activation_bytes(shape, request.seq_len, micro_batch, p, checkpointing)
+    loss = loss_transient_bytes(shape, tokens, p)
+    logits_grad = (4 + p.compute_bytes) * shape.vocab * tokens
+    extra = autocast_copy_bytes(shape, p) if p.autocast and not checkpointing else 0
+    if checkpointing:
+        extra += recompute_bytes(shape, request.seq_len, micro_batch, p)
+    components = [
+        Component(
+            "activations" + (" (checkpointed)" if checkpointing else ""),
+            acts - autocast_copy_bytes(shape, p, layers=0 if checkpointing else None),
+            note=f"micro-batch {micro_batch} × {request.seq_len} tokens",
+        ),
+        Component("loss logits (transient)", loss, note="logits and their fp32 copy while the loss runs"),
+    ]
+    if p.autocast:
+        components.append(
+            Component(
+                "16-bit weight copies (autocast)", autocast_copy_bytes(shape, p, 0 if checkpointing else None)
+            )
+        )
+    return components, acts, loss, logits_grad, extra
+
+
+def estimate_full(shape: ModelShape, request: PlanRequest, micro_batch: int, checkpointing: bool) -> Estimate:
+    p = Precision(weight_bytes=4, compute_bytes=request.compute_bytes)
+    n = shape.params
+    parts, acts, loss, logits_grad, extra = _activation_parts(shape, request, p, micro_batch, checkpointing)
+    components = [
+        Component("weights (fp32 master)", 4 * n),
+        Component("gradients (fp32)", 4 * n),
+        Component("optimizer states (AdamW fp32 m, v)", 8 * n),
+        *parts,
+    ]
+    return Estimate(components, 12 * n, acts, loss, logits_grad, 4 * n, extra, trainable=n)
+
+
+def _groups(shape: ModelShape, units_per_group: int) -> list[int]:
+    """Parameter count of each HiFT group: consecutive units, ``units_per_group`` at a time."""
+    sizes = [u.params for u in shape.units]
+    return [sum(sizes[k : k + units_per_group]) for k in range(0, len(sizes), units_per_group)]
+
+
+def estimate_hift(
+    shape: ModelShape,
+    request: PlanRequest,
+    micro_batch: int,
+    checkpointing: bool,
+    units_per_group: int,
+    state_policy: str,
+    streamed_units: int,
+) -> Estimate:
+    p = Precision(weight_bytes=2, compute_bytes=request.compute_bytes)
+    group = max(_groups(shape, units_per_group))  # the largest group sets the peak
+    unit_bytes = [2 * u.params for u in shape.units]
+    # Stream the largest units first: they free the most GPU memory per unit streamed.
+    streamed = sorted(unit_bytes, reverse=True)[:streamed_units]
+    resident = sum(unit_bytes) - sum(streamed)
+    buffers = 2 * max(unit_bytes) if streamed_units else 0  # double buffer: one computing, one arriving
+    state = STATE_BYTES[state_policy] * group
+    prefetch = 0 if state_policy == "drop" else state  # the next group's state arrives during this step
+    parts, acts, loss, logits_grad, extra = _activation_parts(shape, request, p, micro_batch, checkpointing)
+    host_states = 0 if state_policy == "drop" else STATE_BYTES[state_policy] * shape.params
+    components = [
+        Component("weights (bf16, resident)", resident),
+        Component(
+            "weights (bf16, streamed)", 0, sum(streamed), note=f"{streamed_units} units in pinned host memory"
+        ),
+        Component("stream buffers", buffers),
+        Component("active group: fp32 master copy", 4 * group),
+        Component("active group: gradients (bf16)", 2 * group),
+        Component(f"active group: optimizer states ({state_policy})", state),
+        Component("next group: optimizer states (prefetch)", prefetch),
+        Component(
+            f"optimizer states of all groups ({state_policy})", 0, host_states, note="pinned host memory"
+        ),
+        *parts,
+    ]
+    persistent = resident + buffers + 4 * group + state + prefetch
+    state_traffic = 0 if state_policy == "drop" else 2 * STATE_BYTES[state_policy] * group
+    passes = 2 if checkpointing else 1  # a streamed unit crosses for the forward and for the recompute
+    n_micro = math.ceil(request.batch_size / micro_batch)
+    traffic = state_traffic + n_micro * passes * sum(streamed)
+    return Estimate(
+        components, persistent, acts, loss, logits_grad, 2 * group, extra, traffic, trainable=shape.params
+    )
+
+
+def sift_targets(shape: ModelShape) -> list[int]:
+    """Sizes of SIFT's target tensors: every linear weight of every decoder layer."""
+    return [rows * cols for u in shape.layer_units for _, rows, cols in u.linears]
+
+
+def estimate_sift(
+    shape: ModelShape,
+    request: PlanRequest,
+    micro_batch: int,
+    checkpointing: bool,
+    sparsity: float,
+    base_quant: str,
+) -> Estimate:
+    p = Precision(weight_bytes=2, compute_bytes=request.compute_bytes)
+    targets = sift_targets(shape)
+    target_params = sum(targets)
+    other = shape.params - target_params
+    entries = sum(math.ceil(sparsity * n) for n in targets)
+    base = int(QUANT_BYTES[base_quant] * target_params) + 2 * other
+    dense_grad = p.compute_bytes * max(targets)  # one dense gradient at a time, gathered and freed
+    dequant = 2 * max(targets) if base_quant != "none" else 0
+    parts, acts, loss, logits_grad, extra = _activation_parts(shape, request, p, micro_batch, checkpointing)
+    components = [
+        Component(f"base weights ({'bf16' if base_quant == 'none' else base_quant}, frozen)", base),
+        Component(
+            "sparse increment: values, indices, Adam m, v, gradients",
+            SIFT_BYTES_PER_ENTRY * entries,
+            note=f"{entries:,} entries ({sparsity:.2%} of {target_params:,})",
+        ),
+        Component("largest dense gradient (transient)", dense_grad),
+        *([Component("dequantised weight (transient)", dequant)] if dequant else []),
+        *parts,
+    ]
+    persistent = base + SIFT_BYTES_PER_ENTRY * entries + dequant
+    return Estimate(
+        components, persistent, acts, loss, logits_grad, dense_grad, extra + dense_grad, trainable=entries
+    )
+
+
+# -- fitting ---------------------------------------------------------------------------------------
+def _micro_batch_candidates(request: PlanRequest) -> list[int]:
+    if request.micro_batch_size:
+        return [request.micro_batch_size]
+    sizes = {request.batch_size} | {2**k for k in range(12) if 2**k < request.batch_size}
+    return sorted(sizes, reverse=True)
+
+
+def _checkpointing_candidates(request: PlanRequest, forced: bool = False) -> list[bool]:
+    if request.gradient_checkpointing is not None:
+        return [request.gradient_checkpointing]
+    return [True] if forced else [False, True]
+
+
+class Fitter:
+    """Turns an Estimate into totals against the budget."""
+
+    def __init__(self, shape: ModelShape, request: PlanRequest, gpu_budget: int, host_budget: int):
+        self.shape, self.request = shape, request
+        self.gpu_budget, self.host_budget = gpu_budget, host_budget
+        self.on_gpu = gpu_budget > 0
+
+    def totals(self, est: Estimate, load_bytes: int) -> tuple[int, int, list[Component]]:
+        components = list(est.components)
+        tensor_peak = est.device_peak()
+        host_fixed = sum(c.host_bytes for c in components)
+        runtime = HOST_RUNTIME_BYTES[self.on_gpu]
+        if self.on_gpu:
+            margin = int(ALLOCATOR_MARGIN * tensor_peak)
+            components += [
+                Component("CUDA context and allocator margin", CUDA_CONTEXT_BYTES + margin),
+                Component(
+                    "model loading (host copy before moving to the GPU)", 0, load_bytes, note="transient"
+                ),
+            ]
+            gpu_peak = tensor_peak + CUDA_CONTEXT_BYTES + margin
+            # Loading holds a host copy of the weights before they move to the GPU; the pinned stores
+            # (optimizer states, streamed units) are filled after that copy is gone.
+            host_peak = runtime + max(load_bytes, host_fixed)
+        else:  # training on the CPU: what would sit on the GPU sits in host memory
+            components = [Component(c.name, 0, c.gpu_bytes + c.host_bytes, c.note) for c in components]
+            gpu_peak = 0
+            host_peak = runtime + host_fixed + tensor_peak
+        components.append(
+            Component("Python, torch" + (", CUDA libraries" if self.on_gpu else ""), 0, runtime)
+        )
+        return gpu_peak, host_peak, components
+
+    def fits(self, gpu_peak: int, host_peak: int) -> bool:
+        return (not self.on_gpu or gpu_peak <= self.gpu_budget) and host_peak <= self.host_budget
+
+
+def make_plan(
+    shape: ModelShape, request: PlanRequest, gpu_budget: int, host_budget: int, link: float | None
+) -> Plan:
+    fitter = Fitter(shape, request, gpu_budget, host_budget)
+    search = {"full": _search_full, "hift": _search_hift, "sift": _search_sift}[request.method]
+    best, settings, load_bytes, notes = search(shape, request, fitter)
+    gpu_peak, host_peak, components = fitter.totals(best, load_bytes)
+    fits = fitter.fits(gpu_peak, host_peak)
+    plan = Plan(
+        fits=fits,
+        method=request.method,
+        device="cuda" if fitter.on_gpu else "cpu",
+        settings=settings,
+        components=components,
+        gpu_budget_bytes=gpu_budget,
+        gpu_peak_bytes=gpu_peak,
+        host_budget_bytes=host_budget,
+        host_peak_bytes=host_peak,
+        trainable_params=best.trainable,
+        total_params=shape.params,
+        traffic_bytes_per_step=best.traffic,
+        link_bytes_per_s=link or ASSUMED_LINK_BYTES_PER_S,
+        notes=notes,
+    )
+    if not fits:
+        plan.shortfall = _shortfall(plan, shape, request, gpu_budget, host_budget, link)
+    return plan
+
+
+def _first_fit(
+    fitter: Fitter, request: PlanRequest, build, load_bytes: int, forced_checkpointing: bool = False
+):
+    """Largest micro-batch without checkpointing if it is at least 4 sequences (or the whole batch);
+    otherwise checkpointing with the largest micro-batch that fits. Returns (estimate, mb, ckpt) or None."""
+    fallback = None
+    for checkpointing in _checkpointing_candidates(request, forced_checkpointing):
+        for micro_batch in _micro_batch_candidates(request):
+            est = build(micro_batch, checkpointing)
+            if fitter.fits(*fitter.totals(est, load_bytes)[:2]):
+                good_enough = checkpointing or micro_batch >= min(4, request.batch_size)
+                if good_enough:
+                    return est, micro_batch, checkpointing
+                fallback = fallback or (est, micro_batch, checkpointing)
+                break
+    return fallback
+
+
+def _smallest(request: PlanRequest, build):
+    """The cheapest configuration, to report how far from fitting it is."""
+    mb = request.micro_batch_size or 1
+    ckpt = True if request.gradient_checkpointing is None else request.gradient_checkpointing
+    return build(mb, ckpt), mb, ckpt
+
+
+def _search_full(shape, request, fitter):
+    build = partial(estimate_full, shape, request)
+    load = 4 * shape.params
+    found = _first_fit(fitter, request, build, load) or _smallest(request, build)
+    est, mb, ckpt = found
+    return (
+        est,
+        {"micro_batch_size": mb, "gradient_checkpointing": ckpt, **_accumulation(request, mb)},
+        load,
+        [],
+    )
+
+
+def _accumulation(request: PlanRequest, micro_batch: int) -> dict:
+    return {
+        "gradient_accumulation": math.ceil(request.batch_size / micro_batch),
+        "batch_size": request.batch_size,
+    }
+
+
+def _search_hift(shape, request, fitter):
+    n_units = len(shape.units)
+    load = 2 * shape.params
+    policies = [request.state_policy] if request.state_policy else list(STATE_POLICIES)
+    max_m = max(1, n_units // 8)
+    group_sizes = [request.units_per_group] if request.units_per_group else list(range(max_m, 0, -1))
+
+    def settings(m, policy, streamed, mb, ckpt):
+        return {
+            "units_per_group": m,
+            "groups": math.ceil(n_units / m),
+            "state_policy": policy,
+            "resident_units": n_units - streamed,
+            "streamed_units": streamed,
+            "micro_batch_size": mb,
+            "gradient_checkpointing": ckpt,
+            **_accumulation(request, mb),
+        }
+
+    # Prefer, in order: nothing streamed, then the richest state policy the host can hold, then
+    # bigger groups. Streaming needs checkpointing (a streamed unit is rebuilt in the backward).
+    for policy in policies:
+        for m in group_sizes:
+            build = partial(
+                estimate_hift, shape, request, units_per_group=m, state_policy=policy, streamed_units=0
+            )
+            found = _first_fit(fitter, request, build, load)
+            if found:
+                est, mb, ckpt = found
+                return est, settings(m, policy, 0, mb, ckpt), load, []
+    # Streaming: every micro-batch moves each streamed unit in twice, so a bigger micro-batch can be
+    # worth more streamed units. Among the plans that fit, take the least host<->GPU traffic per step.
+    m = request.units_per_group or 1
+    for policy in policies:
+        candidates = []
+        for streamed in range(1, n_units + 1):
+            build = partial(
+                estimate_hift, shape, request, units_per_group=m, state_policy=policy, streamed_units=streamed
+            )
+            found = _first_fit(fitter, request, build, load, forced_checkpointing=True)
+            if found:
+                candidates.append((found[0].traffic, streamed, found))
+        if candidates:
+            _, streamed, (est, mb, _) = min(candidates, key=lambda c: (c[0], c[1]))
+            return est, settings(m, policy, streamed, mb, True), load, [STREAMING_NOTE]
+    policy = policies[-1]
+    build = partial(
+        estimate_hift, shape, request, units_per_group=m, state_policy=policy, streamed_units=n_units
+    )
+    est, mb, _ = _smallest(request, build)
+    return est, settings(m, policy, n_units, mb, True), load, []
+
+
+STREAMING_NOTE = "streamed units are copied in before their forward and again before their backward recompute"
+
+
+SIFT_DEFAULT_MAX_RATE = 0.05  # the SIFT paper's rate for 7B; more only on an unquantised base
+
+
+def _search_sift(shape, request, fitter):
+    """The rate rises with the budget: the largest rate up to 5% that any base precision allows,
+    on the least-quantised base that reaches it; with room to spare, an unquantised base goes on
+    up to 10%. The user's --sparsity or --base-quant pins that choice."""
+    quants = [request.base_quant] if request.base_quant else list(BASE_QUANTS)
+    rates = [request.sparsity] if request.sparsity else list(SPARSITY_GRID)
+    load = 2 * shape.params  # weights arrive in bf16 and are quantised on the GPU
+
+    def best_for(quant: str, allowed: list[float]):
+        for rate in allowed:
+            build = partial(estimate_sift, shape, request, sparsity=rate, base_quant=quant)
+            found = _first_fit(fitter, request, build, load)
+            if found:
+                return rate, found
+        return None
+
+    capped = [r for r in rates if r <= SIFT_DEFAULT_MAX_RATE] or rates
+    results = {quant: best_for(quant, capped) for quant in quants}
+    fitting = [(result[0], -quants.index(quant), quant) for quant, result in results.items() if result]
+    if not fitting:
+        quant, rate = quants[-1], rates[-1]
+        est, mb, ckpt = _smallest(
+            request, partial(estimate_sift, shape, request, sparsity=rate, base_quant=quant)
+        )
+    else:
+        rate, _, quant = max(fitting)  # highest rate; on a tie, the least quantisation
+        rate, (est, mb, ckpt) = results[quant]
+        above = [r for r in rates if r > rate]
+        if quant == "none" and above:  # room to spare on an unquantised base: go above 5%
+            rate, (est, mb, ckpt) = best_for(quant, above) or (rate, (est, mb, ckpt))
+    settings = {"sparsity": rate, "base_quant": quant, "micro_batch_size": mb, "gradient_checkpointing": ckpt}
+    return est, {**settings, **_accumulation(request, mb)}, load, []
+
+
+def _shortfall(plan: Plan, shape, request, gpu_budget, host_budget, link) -> str:
+    """What is short, by how much, and what would fit instead."""
+    from lowmem_ft.hardware import format_bytes
+
+    parts = []
+    if plan.device == "cuda" and plan.gpu_peak_bytes > gpu_budget:
+        parts.append(f"needs {format_bytes(plan.gpu_peak_bytes - gpu_budget)} more GPU memory")
+    if plan.host_peak_bytes > host_budget:
+        parts.append(f"needs {format_bytes(plan.host_peak_bytes - host_budget)} more host RAM")
+    message = " and ".join(parts) or "does not fit"
+    alternatives = []
+    if request.method == "hift" and request.state_policy not in (None, "drop"):
+        for policy in ("keep-8bit", "drop"):
+            if policy != request.state_policy:
+                trial = make_plan(shape, replace(request, state_policy=policy), gpu_budget, host_budget, link)
+                if trial.fits:
+                    alternatives.append(f"--state-policy {policy} would fit")
+                    break
+    # Options the user pinned: would the planner's own choice fit? One at a time, then all together.
+    pinned = {
+        option: flag
+        for option, flag in (
+            ("micro_batch_size", "--micro-batch-size"),
+            ("gradient_checkpointing", "--gradient-checkpointing"),
+        )
+        if getattr(request, option) is not None
+    }
+    trials = [[option] for option in pinned] + ([list(pinned)] if len(pinned) > 1 else [])
+    for options in trials:
+        freed = replace(request, **dict.fromkeys(options))
+        if make_plan(shape, freed, gpu_budget, host_budget, link).fits:
+            alternatives.append(
+                f"leaving {' and '.join(pinned[o] for o in options)} to the planner would fit"
+            )
+            break
+    if not alternatives and request.method == "full":
+        for method in ("hift", "sift"):
+            other = PlanRequest(method, request.seq_len, request.batch_size, request.compute_bytes)
+            trial = make_plan(shape, other, gpu_budget, host_budget, link)
+            if trial.fits:
+                alternatives.append(f"--method {method} would fit")
+    return message + ("; " + "; ".join(alternatives) if alternatives else "")

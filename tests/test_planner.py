@@ -1,0 +1,164 @@
+"""The planner: its byte counts against traces of the real training step, and its decisions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from memtrace import trace_step
+from test_cli import cli
+from test_models import PUBLISHED_PARAMS
+
+from lowmem_ft.errors import UserError
+from lowmem_ft.models.registry import ALIASES
+from lowmem_ft.planner import PlanRequest, build_plan, make_plan, read_config, shape_from_config
+from lowmem_ft.planner.plan import estimate_full
+
+GiB = 1024**3
+
+
+@pytest.mark.parametrize("alias", sorted(ALIASES))
+def test_shape_from_config_counts_every_parameter(alias):
+    shape = shape_from_config(read_config(alias)[0])
+    expected = (
+        PUBLISHED_PARAMS.get(alias)
+        or json.loads((Path(__file__).parents[1] / "lowmem_ft/models/tiny/PROVENANCE.json").read_text())[
+            "parameters"
+        ]
+    )
+    assert shape.params == expected
+    assert len(shape.units) == shape.layers + 2  # embedding, each decoder layer, final norm (+ head)
+
+
+TRACE_CASES = [
+    # (alias, compute dtype, checkpointing, seq_len, micro-batch)
+    ("llama-2-7b", torch.float32, False, 512, 1),
+    ("llama-2-7b", torch.bfloat16, False, 512, 1),
+    ("llama-2-7b", torch.bfloat16, True, 1024, 2),
+    ("llama-3-8b", torch.bfloat16, False, 256, 2),  # grouped KV heads, 128k vocabulary
+    ("qwen2.5-0.5b", torch.float32, True, 512, 2),  # q/k/v biases, tied embedding
+]
+
+
+@pytest.mark.parametrize(("alias", "dtype", "checkpointing", "seq_len", "micro_batch"), TRACE_CASES)
+def test_full_method_bytes_match_a_traced_step_within_5_percent(
+    alias, dtype, checkpointing, seq_len, micro_batch
+):
+    """A 2-layer slice at the model's full width, traced on fake tensors through the recipe's own
+    step, against the planner's parameter, gradient, optimizer-state and activation bytes."""
+    config = {**read_config(alias)[0], "num_hidden_layers": 2}
+    trace = trace_step(config, "full", 2, seq_len, micro_batch, dtype, checkpointing)
+    request = PlanRequest(method="full", seq_len=seq_len, compute_bytes=2 if dtype == torch.bfloat16 else 4)
+    est = estimate_full(shape_from_config(config), request, micro_batch, checkpointing)
+    planned = {c.name: c.gpu_bytes for c in est.components}
+    assert planned["weights (fp32 master)"] == pytest.approx(trace.params, rel=0.05)
+    assert planned["gradients (fp32)"] == pytest.approx(trace.grads, rel=0.05)
+    assert planned["optimizer states (AdamW fp32 m, v)"] == pytest.approx(trace.optimizer_states, rel=0.05)
+    assert est.activations == pytest.approx(trace.activations, rel=0.05)
+
+
+def plan(method: str, gpu_gib: float, host_gib: float = 64, model: str = "llama-2-7b", **options):
+    shape = shape_from_config(read_config(model)[0])
+    request = PlanRequest(method=method, **options)
+    return make_plan(shape, request, int(gpu_gib * GiB), int(host_gib * GiB), None)
+
+
+def test_full_7b_does_not_fit_24gib_and_says_by_how_much_and_what_would():
+    result = plan("full", 24)
+    assert not result.fits
+    assert result.gpu_peak_bytes > 100 * GiB  # 16 bytes per parameter before any activation
+    assert "more GPU memory" in result.shortfall and "--method hift would fit" in result.shortfall
+
+
+@pytest.mark.parametrize("gpu_gib", [24, 16, 12, 8])
+def test_hift_7b_fits_24_16_12_and_8_gib_streaming_when_needed(gpu_gib):
+    result = plan("hift", gpu_gib)
+    assert result.fits and result.gpu_peak_bytes <= gpu_gib * GiB and result.host_peak_bytes <= 64 * GiB
+    streamed = result.settings["streamed_units"]
+    assert (streamed > 0) == (gpu_gib <= 12)  # 13.5 GB of bf16 weights cannot all stay on a 12 GiB card
+    if streamed:
+        assert result.settings["gradient_checkpointing"] is True
+        assert result.traffic_bytes_per_step > 0
+
+
+def test_hift_state_policy_follows_host_ram():
+    assert plan("hift", 24, host_gib=128).settings["state_policy"] == "keep"  # 54 GB of fp32 states
+    assert plan("hift", 24, host_gib=32).settings["state_policy"] == "keep-8bit"  # 13.5 GB
+    assert plan("hift", 24, host_gib=12).settings["state_policy"] == "drop"
+
+
+def test_sift_sparsity_rises_with_the_budget():
+    rates = [plan("sift", gib).settings["sparsity"] for gib in (6, 8, 12, 16, 24, 48)]
+    assert all(plan("sift", gib).fits for gib in (6, 8, 12, 16, 24, 48))
+    assert rates == sorted(rates) and rates[0] < rates[-1]
+    assert plan("sift", 80).settings == plan("sift", 80).settings  # deterministic
+    assert plan("sift", 80).settings["base_quant"] == "none"
+
+
+def test_explicit_options_win_and_the_plan_says_whether_they_fit():
+    forced = plan(
+        "full", 0, host_gib=200, model="qwen2.5-0.5b", micro_batch_size=16, gradient_checkpointing=False
+    )
+    assert forced.settings["micro_batch_size"] == 16 and forced.settings["gradient_checkpointing"] is False
+    too_big = plan("sift", 16, micro_batch_size=16, gradient_checkpointing=False, seq_len=4096)
+    assert not too_big.fits
+    assert (
+        "leaving --micro-batch-size and --gradient-checkpointing to the planner would fit"
+        in too_big.shortfall
+    )
+    one_pinned = plan("sift", 16, micro_batch_size=16, seq_len=4096)
+    assert "leaving --micro-batch-size to the planner would fit" in one_pinned.shortfall
+
+
+def test_cpu_plan_puts_everything_in_host_memory():
+    result = plan("full", 0, host_gib=16, model="tiny")
+    assert result.device == "cpu" and result.fits
+    assert all(c.gpu_bytes == 0 for c in result.components)
+    assert result.host_peak_bytes > 16 * 5_401_856  # weights + grads + AdamW in fp32 at least
+
+
+def test_plan_cli_table_and_exit_codes(capsys):
+    code, out, _ = cli(
+        capsys, "plan", "llama-2-7b", "--method", "full", "--gpu-mem", "24GiB", "--cpu-mem", "64GiB"
+    )
+    assert code == 3 and "fits       NO: needs" in out and "weights (fp32 master)" in out
+    code, out, _ = cli(
+        capsys, "plan", "llama-2-7b", "--method", "hift", "--gpu-mem", "8GiB", "--cpu-mem", "64GiB"
+    )
+    assert code == 0 and "fits       yes" in out and "streamed_units=" in out and "traffic" in out
+
+
+def test_plan_cli_json_has_the_documented_fields(capsys):
+    args = ["plan", "llama-2-7b", "--method", "sift", "--gpu-mem", "16GiB", "--cpu-mem", "64GiB", "--json"]
+    code, out, _ = cli(capsys, *args)
+    data = json.loads(out)
+    assert code == 0 and data["fits"] is True and data["method"] == "sift"
+    assert 0.001 <= data["settings"]["sparsity"] <= 0.1
+    assert data["gpu"]["budget_bytes"] == 16 * GiB and 0 < data["gpu"]["peak_bytes"] <= 16 * GiB
+    assert data["host"]["budget_bytes"] == 64 * GiB and data["host"]["peak_bytes"] > 0
+    assert {"name", "gpu_bytes", "host_bytes"} <= set(data["components"][0])
+    assert sum(c["gpu_bytes"] for c in data["components"]) >= data["gpu"]["peak_bytes"] * 0.5
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "lora"], "--method 'lora' cannot be planned"),
+        (["--sparsity", "5"], "--sparsity must be in (0, 1]"),
+        (["--state-policy", "sometimes"], "--state-policy must be one of"),
+        (["--gpu-mem", "lots"], "--gpu-mem 'lots' is not a memory size"),
+        (["--units-per-group", "99"], "more than the model's 34 units"),
+    ],
+)
+def test_plan_cli_bad_options_are_one_line(args, message, capsys):
+    code, _, err = cli(capsys, "plan", "llama-2-7b", *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_plan_needs_no_weights():
+    with pytest.raises(UserError, match="unknown model"):
+        build_plan("no-such-model")
+    result = build_plan("llama-2-70b", method="hift", gpu_mem="24GiB", cpu_mem="256GiB")
+    assert result.shape.params == 68_976_648_192 and result.plan.fits

@@ -103,8 +103,9 @@ def run(
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay (not applied to norms and biases)."),
     grad_clip: float = typer.Option(1.0, help="Clip the gradient norm to this value; 0 disables clipping."),
     batch_size: int = typer.Option(16, help="Examples per optimizer step."),
-    micro_batch_size: int = typer.Option(
-        4, help="Examples per forward/backward; gradients accumulate up to --batch-size."
+    micro_batch_size: int | None = typer.Option(
+        None,
+        help="Examples per forward/backward; gradients accumulate to --batch-size. [default: the planner's]",
     ),
     epochs: float = typer.Option(
         1.0, help="Passes over the training data (ignored when --max-steps is given)."
@@ -114,10 +115,16 @@ def run(
         "auto", help="Compute precision: auto (fp32 on CPU, bf16 on GPU), fp32, bf16, fp16."
     ),
     device: str = typer.Option("auto", help="Where to train: auto, cpu or cuda."),
-    gradient_checkpointing: bool = typer.Option(
-        False,
-        "--gradient-checkpointing",
-        help="Recompute activations in backward: much less memory, ~30% more compute.",
+    gradient_checkpointing: bool | None = typer.Option(
+        None,
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute activations in backward: far less memory, ~30% more compute. [default: planner's]",
+    ),
+    gpu_mem: str | None = typer.Option(
+        None, help="Use at most this much GPU memory, e.g. 20GiB. [default: all free]"
+    ),
+    cpu_mem: str | None = typer.Option(
+        None, help="Use at most this much host RAM, e.g. 48GiB. [default: available]"
     ),
     save_dtype: str = typer.Option(
         "auto", help="Precision of the saved model: auto (the base model's), fp32, bf16, fp16."
@@ -146,7 +153,8 @@ def run(
         lr=lr, schedule=schedule, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio,
         weight_decay=weight_decay, grad_clip=grad_clip, batch_size=batch_size,
         micro_batch_size=micro_batch_size, epochs=epochs, max_steps=max_steps, dtype=dtype, device=device,
-        gradient_checkpointing=gradient_checkpointing, save_dtype=save_dtype, seed=seed,
+        gradient_checkpointing=gradient_checkpointing, gpu_mem=gpu_mem, cpu_mem=cpu_mem,
+        save_dtype=save_dtype, seed=seed,
         allow_download=allow_download, trust_remote_code=trust_remote_code,
     )  # fmt: skip
     try:

@@ -40,13 +40,15 @@ class RunConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     batch_size: int = 16
-    micro_batch_size: int = 4
+    micro_batch_size: int | None = None  # None: the planner chooses
     epochs: float = 1.0
     max_steps: int | None = None
     # precision and device
     dtype: str = "auto"
     device: str = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None  # None: the planner chooses
+    gpu_mem: str | None = None
+    cpu_mem: str | None = None
     save_dtype: str = "auto"
     seed: int = 0
     # model access
@@ -86,11 +88,13 @@ class RunConfig:
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         need(self.grad_clip >= 0, f"--grad-clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
         need(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.micro_batch_size is not None:  # None: the planner chooses
+            need(
+                self.micro_batch_size >= 1,
+                f"--micro-batch-size must be at least 1, got {self.micro_batch_size}",
+            )
         need(
-            self.micro_batch_size >= 1, f"--micro-batch-size must be at least 1, got {self.micro_batch_size}"
-        )
-        need(
-            self.micro_batch_size <= self.batch_size,
+            self.micro_batch_size is None or self.micro_batch_size <= self.batch_size,
             f"--micro-batch-size ({self.micro_batch_size}) cannot exceed --batch-size ({self.batch_size})",
         )
         need(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")

@@ -34,9 +34,11 @@ from lowmem_ft.data import (
 )
 from lowmem_ft.errors import UserError
 from lowmem_ft.hardware import PeakMemory, format_bytes
-from lowmem_ft.jobs import Job
+from lowmem_ft.jobs import Job, write_json_atomic
 from lowmem_ft.methods import Method, build_method
 from lowmem_ft.models import ResolvedModel, load_model, load_tokenizer, resolve_model
+from lowmem_ft.planner import Plan, build_plan
+from lowmem_ft.planner.shapes import UnsupportedModel
 
 IGNORE = -100
 
@@ -62,6 +64,7 @@ class Data:
 @dataclass
 class Setup:
     config: RunConfig
+    plan: Plan | None
     resolved: ResolvedModel
     tokenizer: object
     data: Data
@@ -93,11 +96,50 @@ def load_data(config: RunConfig, tokenizer) -> Data:
     return Data(train_examples, eval_examples, fmt, stats, skipped)
 
 
+def plan_run(config: RunConfig, resolved: ResolvedModel) -> Plan | None:
+    """Plan this run with the same planner as `lowmem-ft plan`, and adopt what the user left open.
+
+    Options the user gave win; the plan says whether they fit. A plan that does not fit stops the
+    run here, before anything is loaded or written.
+    """
+    device = config.resolved_device()
+    dtype_name = {v: k for k, v in DTYPES.items()}[config.compute_dtype()]
+    try:
+        result = build_plan(
+            resolved.name,
+            config=resolved.config.to_dict(),
+            method=config.method,
+            gpu_mem=config.gpu_mem if device.type == "cuda" else None,
+            cpu_mem=config.cpu_mem,
+            gpu=None if device.type == "cuda" else "none",
+            seq_len=config.seq_len,
+            batch_size=config.batch_size,
+            micro_batch_size=config.micro_batch_size,
+            gradient_checkpointing=config.gradient_checkpointing,
+            dtype=dtype_name,
+        )
+    except UnsupportedModel as exc:
+        print(f"plan       none: {exc}; micro-batch and checkpointing default to 4 and off")
+        config.micro_batch_size = config.micro_batch_size or min(4, config.batch_size)
+        config.gradient_checkpointing = bool(config.gradient_checkpointing)
+        return None
+    plan = result.plan
+    if not plan.fits:
+        raise UserError(
+            f"{resolved.name} with --method {config.method} does not fit this machine: {plan.shortfall} "
+            f"(`lowmem-ft plan {config.model} --method {config.method}` shows the breakdown)"
+        )
+    config.micro_batch_size = plan.settings["micro_batch_size"]
+    config.gradient_checkpointing = plan.settings["gradient_checkpointing"]
+    return plan
+
+
 def setup(config: RunConfig) -> Setup:
     config.validate()
     resolved = resolve_model(
         config.model, allow_download=config.allow_download, trust_remote_code=config.trust_remote_code
     )
+    plan = plan_run(config, resolved)
     tokenizer = load_tokenizer(resolved, trust_remote_code=config.trust_remote_code)
     data = load_data(config, tokenizer)
 
@@ -115,7 +157,9 @@ def setup(config: RunConfig) -> Setup:
         data.train, config.batch_size, config.micro_batch_size, tokenizer.pad_token_id, config.seed
     )
     max_steps = config.max_steps or max(1, math.ceil(config.epochs * batcher.steps_per_epoch))
-    return Setup(config, resolved, tokenizer, data, model, method, device, compute_dtype, batcher, max_steps)
+    return Setup(
+        config, plan, resolved, tokenizer, data, model, method, device, compute_dtype, batcher, max_steps
+    )
 
 
 def enable_checkpointing(model) -> None:
@@ -209,11 +253,16 @@ def print_header(s: Setup, job: Job) -> None:
     accumulation = math.ceil(s.config.batch_size / s.config.micro_batch_size)
     print(
         f"training   {s.max_steps} steps of {s.config.batch_size} examples "
-        f"({accumulation} micro-batches of {s.config.micro_batch_size}), "
+        f"({accumulation} × micro-batch {s.config.micro_batch_size}), "
         f"lr {s.config.lr:g} {s.config.schedule}, "
         f"{s.device.type} {str(s.compute_dtype).removeprefix('torch.')}"
         + (", activation checkpointing" if s.config.gradient_checkpointing else "")
     )
+    if s.plan is not None:
+        where = "GPU" if s.plan.device == "cuda" else "host"
+        peak = s.plan.gpu_peak_bytes if s.plan.device == "cuda" else s.plan.host_peak_bytes
+        budget = s.plan.gpu_budget_bytes if s.plan.device == "cuda" else s.plan.host_budget_bytes
+        print(f"plan       peak ≈ {format_bytes(peak)} of {format_bytes(budget)} {where} (plan.json)")
     print(f"job        {job.dir}")
 
 
@@ -230,6 +279,8 @@ def run(config: RunConfig, show_progress: bool = True) -> Job:
         data=s.data.summary(),
         trainable_parameters=s.method.trainable_count(),
     )
+    if s.plan is not None:
+        write_json_atomic(job.dir / "plan.json", s.plan.to_json())
     print_header(s, job)
     try:
         train(s, job, show_progress)

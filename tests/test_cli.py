@@ -76,6 +76,27 @@ def test_run_writes_a_complete_job_directory(tmp_path, capsys, small_data):
         assert m["tokens_per_s"] > 0 and m["peak_mem_bytes"] > 0 and m["loss"] > 0
     assert [m["step"] for m in lines if "eval_loss" in m] == [0, 2, 4]
 
+    plan = json.loads((out / "plan.json").read_text())  # the plan the run followed, on the CPU here
+    assert plan["fits"] and plan["device"] == "cpu" and plan["settings"]["micro_batch_size"] == 4
+    assert "plan       peak" in stdout
+
+
+def test_run_follows_the_planner_when_the_micro_batch_is_left_open(tmp_path, capsys, small_data):
+    out = tmp_path / "job"
+    args = ["--max-steps", "1", "--batch-size", "8", "--seq-len", "64", "-q", "--eval-fraction", "0"]
+    assert cli(capsys, "run", "tiny", small_data, "--out", out, *args)[0] == 0
+    job, plan = (json.loads((out / name).read_text()) for name in ("job.json", "plan.json"))
+    assert job["config"]["micro_batch_size"] == plan["settings"]["micro_batch_size"] == 8  # whole batch fits
+    assert job["config"]["gradient_checkpointing"] is False
+
+
+def test_run_that_cannot_fit_the_memory_budget_is_refused_before_writing(tmp_path, capsys, small_data):
+    out = tmp_path / "job"
+    code, _, err = cli(capsys, "run", "tiny", small_data, "--out", out, "--cpu-mem", "200MiB")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "does not fit this machine: needs" in err and "more host RAM" in err
+    assert not out.exists()
+
 
 def test_exported_model_loads_with_transformers_and_generates(tmp_path, capsys, small_data, tiny_tokenizer):
     from transformers import AutoModelForCausalLM

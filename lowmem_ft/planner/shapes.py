@@ -18,6 +18,10 @@ from lowmem_ft.errors import UserError
 LLAMA_FAMILY = {"llama", "mistral", "qwen2", "qwen3"}
 
 
+class UnsupportedModel(UserError):
+    """The planner has no shape model for this architecture."""
+
+
 @dataclass(frozen=True)
 class Unit:
     """A piece of the model that HiFT trains as one and the engine streams as one."""
@@ -66,7 +70,7 @@ class ModelShape:
 def shape_from_config(config: dict) -> ModelShape:
     model_type = config.get("model_type", "?")
     if model_type not in LLAMA_FAMILY:
-        raise UserError(
+        raise UnsupportedModel(
             f"the planner knows Llama-style decoders ({', '.join(sorted(LLAMA_FAMILY))}); "
             f"this model is {model_type!r}"
         )

@@ -57,10 +57,36 @@ def lowmem(*args: str, cwd: Path = REPO) -> tuple[float, subprocess.CompletedPro
     return time.perf_counter() - started, result
 
 
+def readme_setup_command() -> str:
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.startswith("pip install") and "lowmem-ft run" in line:
+            return line
+    raise SystemExit("README.md has no set-up command that runs lowmem-ft")
+
+
+def time_fresh_venv() -> float:
+    """The README's first command, install included, in a new virtualenv on a clean copy of the repo."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["git", "clone", "-q", str(REPO), f"{tmp}/repo"], check=True)
+        subprocess.run([sys.executable, "-m", "venv", f"{tmp}/venv"], check=True)
+        script = f". {tmp}/venv/bin/activate && cd {tmp}/repo && {readme_setup_command()} -q"
+        started = time.perf_counter()
+        result = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        if result.returncode != 0:
+            raise SystemExit(f"fresh-venv quick start failed:\n{result.stderr[-2000:]}")
+        return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--write", type=Path, help="Markdown file to record the results in")
     parser.add_argument("--plan-repeats", type=int, default=5)
+    parser.add_argument(
+        "--fresh-venv",
+        action="store_true",
+        help="also time the README's whole first command in a new virtualenv",
+    )
     args = parser.parse_args()
 
     run_args = readme_run_args()
@@ -94,6 +120,10 @@ def main() -> None:
             f"over {len(plan_times)} runs",
         ),
     ]
+    if args.fresh_venv:
+        rows.insert(
+            0, ("README's first command in a new virtualenv, install included", f"{time_fresh_venv():.0f} s")
+        )
     table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     print(table)
     if args.write:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -249,6 +250,17 @@ class Budget:
         return "; ".join(parts)
 
 
+def visible_gpu_index() -> int:
+    """NVML's index of the GPU torch calls ``cuda:0``.
+
+    NVML numbers every GPU in the machine and ignores CUDA_VISIBLE_DEVICES; torch's ``cuda:0`` is
+    the first GPU that variable lists. Numeric entries map directly; a UUID entry (``GPU-...``)
+    or anything unexpected falls back to 0.
+    """
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    return int(first) if first.isdigit() else 0
+
+
 def detect_budget(
     gpu_mem: str | None = None,
     cpu_mem: str | None = None,
@@ -273,7 +285,7 @@ def detect_budget(
     described_host_bytes = parse_size(cpu_mem, "--cpu-mem") if cpu_mem is not None else None
 
     sources: dict[str, str] = {}
-    info = None if no_gpu else detect_gpu()
+    info = None if no_gpu else detect_gpu(visible_gpu_index())
     if no_gpu:
         gpu_bytes = 0
         sources["gpu"] = "--gpu none"

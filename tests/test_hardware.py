@@ -440,3 +440,14 @@ def test_peak_memory_cpu_grows_with_rss():
     first = peak.sample()
     assert first > 0
     assert peak.sample() >= first
+
+
+@pytest.mark.parametrize(("value", "index"), [(None, 0), ("2", 2), ("3,1", 3), ("GPU-5e1b", 0), ("", 0)])
+def test_nvml_index_follows_cuda_visible_devices(value, index, monkeypatch):
+    from lowmem_ft.hardware import visible_gpu_index
+
+    if value is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+    assert visible_gpu_index() == index

@@ -32,9 +32,10 @@ class FullFineTuning(Method):
     def setup(self, model, config) -> None:
         model.requires_grad_(True)
         self._params = [p for p in model.parameters() if p.requires_grad]
-        # fused/foreach kernels are chosen by torch per device; betas and eps are the LLM defaults.
+        # fused=True: one kernel per step and no temporaries; the default foreach kernels allocate
+        # full-size scratch copies of the moments during step(), which the planner does not budget.
         self.optimizer = torch.optim.AdamW(
-            decay_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95), eps=1e-8
+            decay_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95), eps=1e-8, fused=True
         )
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -68,7 +68,26 @@ def run(
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Job directory to create. [default: runs/<model>-<method>-<time>]"
     ),
-    method: str = typer.Option("full", help="Fine-tuning method. full = every parameter, every step."),
+    method: str = typer.Option(
+        "full",
+        help="full = every parameter every step; hift = one group of layers per step (all parameters).",
+    ),
+    optimizer: str = typer.Option(
+        "adamw", help="adamw, sgd (momentum 0.9), adagrad, or adamw8bit (bitsandbytes)."
+    ),
+    units_per_group: int | None = typer.Option(
+        None, help="HiFT: units (embedding, each layer, head) trained together. [default: planner's]"
+    ),
+    groups: int | None = typer.Option(None, help="HiFT: number of groups (instead of --units-per-group)."),
+    order: str = typer.Option(
+        "bottom-up", help="HiFT: order of the groups: bottom-up, top-down or random (seeded)."
+    ),
+    switch_every: int = typer.Option(
+        1, help="HiFT: optimizer steps per group before switching (BAdam uses 50)."
+    ),
+    state_policy: str | None = typer.Option(
+        None, help="HiFT: optimizer state of waiting groups: keep, keep-8bit or drop. [default: planner's]"
+    ),
     format: str = typer.Option(
         "auto", "--format", help="Data format: auto, text, prompt-completion, alpaca, chat."
     ),
@@ -147,7 +166,9 @@ def run(
     from lowmem_ft.train import run as run_training
 
     config = RunConfig(
-        model=model, data=data, out=out, method=method, format=format, seq_len=seq_len, pack=pack,
+        model=model, data=data, out=out, method=method, optimizer=optimizer, units_per_group=units_per_group,
+        groups=groups, order=order, switch_every=switch_every, state_policy=state_policy, format=format,
+        seq_len=seq_len, pack=pack,
         eval_data=eval_data, eval_fraction=eval_fraction, eval_every=eval_every,
         skip_bad_lines=skip_bad_lines,
         lr=lr, schedule=schedule, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio,

@@ -43,6 +43,13 @@ class RunConfig:
     micro_batch_size: int | None = None  # None: the planner chooses
     epochs: float = 1.0
     max_steps: int | None = None
+    optimizer: str = "adamw"
+    # hift
+    units_per_group: int | None = None  # None: the planner chooses
+    groups: int | None = None  # alternative to units_per_group
+    order: str = "bottom-up"
+    switch_every: int = 1
+    state_policy: str | None = None  # None: the planner chooses
     # precision and device
     dtype: str = "auto"
     device: str = "auto"
@@ -96,6 +103,28 @@ class RunConfig:
         need(
             self.micro_batch_size is None or self.micro_batch_size <= self.batch_size,
             f"--micro-batch-size ({self.micro_batch_size}) cannot exceed --batch-size ({self.batch_size})",
+        )
+        from lowmem_ft.engine.state_store import POLICIES
+        from lowmem_ft.methods.hift import ORDERS
+        from lowmem_ft.methods.optimizers import OPTIMIZERS
+
+        need(
+            self.optimizer in OPTIMIZERS,
+            f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
+        )
+        need(self.order in ORDERS, f"--order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        need(self.switch_every >= 1, f"--switch-every must be at least 1 step, got {self.switch_every}")
+        need(
+            self.state_policy is None or self.state_policy in POLICIES,
+            f"--state-policy must be one of {', '.join(POLICIES)}, got {self.state_policy!r}",
+        )
+        need(
+            self.units_per_group is None or self.units_per_group >= 1, "--units-per-group must be at least 1"
+        )
+        need(self.groups is None or self.groups >= 1, "--groups must be at least 1")
+        need(
+            self.units_per_group is None or self.groups is None,
+            "--units-per-group and --groups say the same thing; give one of them",
         )
         need(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
         need(

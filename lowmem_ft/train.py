@@ -117,9 +117,14 @@ def plan_run(config: RunConfig, resolved: ResolvedModel) -> Plan | None:
             micro_batch_size=config.micro_batch_size,
             gradient_checkpointing=config.gradient_checkpointing,
             dtype=dtype_name,
+            units_per_group=config.units_per_group,
+            state_policy=config.state_policy,
+            groups=config.groups,
         )
     except UnsupportedModel as exc:
         print(f"plan       none: {exc}; micro-batch and checkpointing default to 4 and off")
+        if config.groups:
+            config.units_per_group = -(-(resolved.config.num_hidden_layers + 2) // config.groups)
         config.micro_batch_size = config.micro_batch_size or min(4, config.batch_size)
         config.gradient_checkpointing = bool(config.gradient_checkpointing)
         return None
@@ -129,8 +134,17 @@ def plan_run(config: RunConfig, resolved: ResolvedModel) -> Plan | None:
             f"{resolved.name} with --method {config.method} does not fit this machine: {plan.shortfall} "
             f"(`lowmem-ft plan {config.model} --method {config.method}` shows the breakdown)"
         )
+    if plan.settings.get("streamed_units"):
+        raise UserError(
+            f"{resolved.name} with --method {config.method} fits this machine only by streaming "
+            f"{plan.settings['streamed_units']} units from host memory, which lowmem-ft cannot do yet; "
+            "use a GPU with more memory, a shorter --seq-len, or --gpu-mem to plan for another card"
+        )
     config.micro_batch_size = plan.settings["micro_batch_size"]
     config.gradient_checkpointing = plan.settings["gradient_checkpointing"]
+    for option in ("units_per_group", "state_policy"):  # HiFT's choices, when the user left them open
+        if option in plan.settings:
+            setattr(config, option, plan.settings[option])
     return plan
 
 
@@ -325,6 +339,7 @@ def train(s: Setup, job: Job, show_progress: bool) -> None:
             step_loss += total.item()  # a CPU-GPU sync per micro-batch; cheap next to the step
             step_tokens += int(mb["attention_mask"].sum())
 
+        method.reduce_gradients()
         scaler.unscale_(method.optimizer)
         grad_norm = None
         if config.grad_clip > 0:
@@ -346,9 +361,8 @@ def train(s: Setup, job: Job, show_progress: bool) -> None:
             tokens_per_s=tokens_per_s,
             peak_mem_bytes=peak,
         )
-        bar.set_postfix(
-            loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", peak=format_bytes(peak), refresh=False
-        )
+        postfix = {"loss": f"{loss:.3f}", "tok_s": f"{tokens_per_s:,.0f}", "peak": format_bytes(peak)}
+        bar.set_postfix({**postfix, **method.progress()}, refresh=False)
         bar.update(1)
 
         is_last = step + 1 == s.max_steps

@@ -2,8 +2,9 @@
 
 from lowmem_ft.methods.base import Method
 from lowmem_ft.methods.full import FullFineTuning
+from lowmem_ft.methods.hift import HiFT
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FullFineTuning,)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FullFineTuning, HiFT)}
 
 
 def build_method(name: str) -> Method:

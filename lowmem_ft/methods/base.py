@@ -9,6 +9,7 @@ calls these hooks in a fixed order and never branches on the method's name:
     for step in range(max_steps):
         method.begin_step(step)            e.g. HiFT picks the active group, prefetches its state
         ... forward / backward over micro-batches ...
+        method.reduce_gradients()          e.g. HiFT moves 16-bit gradients to fp32 masters
         clip(method.trainable_parameters())
         method.optimizer.step(); method.optimizer.zero_grad()
         method.end_step(step)              e.g. HiFT writes the group's optimizer state back
@@ -46,6 +47,13 @@ class Method(ABC):
 
     def begin_step(self, step: int) -> None:  # noqa: B027 (optional hook)
         """Called before the first micro-batch of optimizer step ``step``."""
+
+    def reduce_gradients(self) -> None:  # noqa: B027 (optional hook)
+        """Called after the backward of the last micro-batch, before clipping and the update."""
+
+    def progress(self) -> dict[str, str]:
+        """Extra fields for the progress bar (e.g. HiFT's active group)."""
+        return {}
 
     def end_step(self, step: int) -> None:  # noqa: B027 (optional hook)
         """Called after the optimizer update of step ``step``."""

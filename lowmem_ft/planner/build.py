@@ -52,6 +52,7 @@ def build_plan(
     state_policy: str | None = None,
     sparsity: float | None = None,
     base_quant: str | None = None,
+    groups: int | None = None,
 ) -> PlanResult:
     """Plan MODEL (or an already-read ``config``) for this machine or the one the flags describe."""
     from lowmem_ft.hardware import detect_budget
@@ -94,6 +95,12 @@ def build_plan(
             units_per_group <= len(shape.units),
             f"--units-per-group {units_per_group} is more than the model's {len(shape.units)} units",
         )
+    if groups is not None:  # HiFT: k groups of about equal size
+        _check(
+            1 <= groups <= len(shape.units),
+            f"--groups must be between 1 and {len(shape.units)}, got {groups}",
+        )
+        units_per_group = -(-len(shape.units) // groups)
     budget = detect_budget(gpu_mem=gpu_mem, cpu_mem=cpu_mem, gpu=gpu)
     on_gpu = budget.gpu_bytes > 0
     compute = COMPUTE_BYTES[dtype] if dtype != "auto" else (2 if on_gpu else 4)

@@ -35,6 +35,7 @@ from lowmem_ft.planner.accounting import (
 from lowmem_ft.planner.shapes import ModelShape
 
 PLANNABLE_METHODS = ("full", "hift", "sift")
+DTYPE_NAMES = {2: "bf16", 4: "fp32"}
 STATE_POLICIES = ("keep", "keep-8bit", "drop")
 BASE_QUANTS = ("none", "int8", "nf4")
 SPARSITY_GRID = (0.10, 0.08, 0.05, 0.04, 0.03, 0.02, 0.01, 0.005, 0.002, 0.001)
@@ -168,9 +169,11 @@ def estimate_hift(
     state_policy: str,
     streamed_units: int,
 ) -> Estimate:
-    p = Precision(weight_bytes=2, compute_bytes=request.compute_bytes)
+    # 16-bit weights with fp32 masters for the active group, or fp32 weights when computing in fp32.
+    w = request.compute_bytes
+    p = Precision(weight_bytes=w, compute_bytes=request.compute_bytes)
     group = max(_groups(shape, units_per_group))  # the largest group sets the peak
-    unit_bytes = [2 * u.params for u in shape.units]
+    unit_bytes = [w * u.params for u in shape.units]
     # Stream the largest units first: they free the most GPU memory per unit streamed.
     streamed = sorted(unit_bytes, reverse=True)[:streamed_units]
     resident = sum(unit_bytes) - sum(streamed)
@@ -185,8 +188,8 @@ def estimate_hift(
             "weights (bf16, streamed)", 0, sum(streamed), note=f"{streamed_units} units in pinned host memory"
         ),
         Component("stream buffers", buffers),
-        Component("active group: fp32 master copy", 4 * group),
-        Component("active group: gradients (bf16)", 2 * group),
+        Component("active group: fp32 master copy", 4 * group if w == 2 else 0),
+        Component(f"active group: gradients ({DTYPE_NAMES[w]})", w * group),
         Component(f"active group: optimizer states ({state_policy})", state),
         Component("next group: optimizer states (prefetch)", prefetch),
         Component(
@@ -194,7 +197,7 @@ def estimate_hift(
         ),
         *parts,
     ]
-    persistent = resident + buffers + 4 * group + state + prefetch
+    persistent = resident + buffers + (4 * group if w == 2 else 0) + state + prefetch
     state_traffic = 0 if state_policy == "drop" else 2 * STATE_BYTES[state_policy] * group
     passes = 2 if checkpointing else 1  # a streamed unit crosses for the forward and for the recompute
     n_micro = math.ceil(request.batch_size / micro_batch)
@@ -371,9 +374,9 @@ def _accumulation(request: PlanRequest, micro_batch: int) -> dict:
 
 def _search_hift(shape, request, fitter):
     n_units = len(shape.units)
-    load = 2 * shape.params
+    load = request.compute_bytes * shape.params
     policies = [request.state_policy] if request.state_policy else list(STATE_POLICIES)
-    max_m = max(1, n_units // 8)
+    max_m = max(1, n_units // 4)  # at least 4 groups: each step still trains a real slice of the model
     group_sizes = [request.units_per_group] if request.units_per_group else list(range(max_m, 0, -1))
 
     def settings(m, policy, streamed, mb, ckpt):

@@ -1,0 +1,169 @@
+"""Optimizer state of the groups that are not training, kept in host memory.
+
+HiFT trains one group of units per step and keeps every group's optimizer state across visits.
+Only the active group's state has to be on the GPU; the others wait here:
+
+    keep        fp32 state in pinned host memory, byte for byte
+    keep-8bit   float state compressed blockwise to 8 bits (bitsandbytes), ~4× smaller on the host
+    drop        nothing kept: a group starts with fresh state on every visit (BAdam)
+
+The next group is always known in advance, so its state is copied in on a side CUDA stream while
+the current step computes (`prefetch`), and a finished group's state is copied out the same way
+(`save`). Pinned buffers are allocated once per group, at its first save, and reused after that.
+On a CPU-only machine the same code runs with host-to-host copies, so the tests exercise it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+POLICIES = ("keep", "keep-8bit", "drop")
+# Tensors smaller than one quantisation block are kept exactly (step counters, norms' moments).
+MIN_QUANTIZED_NUMEL = 4096
+
+
+@dataclass
+class _Stored:
+    """One state tensor on the host: exact (``data``) or 8-bit (``data`` + bitsandbytes quant state)."""
+
+    data: torch.Tensor
+    quant_state: object = None
+    dtype: torch.dtype | None = None  # original dtype of a quantised tensor
+
+
+class OptimizerStateStore:
+    def __init__(self, policy: str, device: torch.device):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown state policy {policy!r}")
+        self.policy = policy
+        self.device = device
+        self.on_cuda = device.type == "cuda"
+        self._host: dict[int, list[dict[str, _Stored]]] = {}  # group -> per-parameter state
+        self._prefetched: dict[int, tuple[list[dict[str, torch.Tensor]], object]] = {}
+        self._stream = torch.cuda.Stream(device) if self.on_cuda else None
+        self._saved_events: dict[int, object] = {}
+
+    # -- out: device -> host ----------------------------------------------------------------------
+    def save(self, group: int, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+        """Move the optimizer's state for ``params`` to the host and free it on the device."""
+        if self.policy == "drop":
+            optimizer.state.clear()
+            return
+        states = [optimizer.state.get(p, {}) for p in params]
+        buffers = self._host.get(group)
+        stream = self._stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))  # the step's writes come first
+        with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+            stored = [
+                {
+                    key: self._store(value, (buffers[i].get(key) if buffers else None))
+                    for key, value in state.items()
+                }
+                for i, state in enumerate(states)
+            ]
+        if stream is not None:
+            event = torch.cuda.Event()
+            event.record(stream)
+            self._saved_events[group] = event
+            for state in states:  # the device tensors must live until the copy has read them
+                for value in state.values():
+                    if isinstance(value, torch.Tensor) and value.is_cuda:
+                        value.record_stream(stream)
+        self._host[group] = stored
+        optimizer.state.clear()
+
+    def _store(self, value, buffer: _Stored | None) -> _Stored:
+        if not isinstance(value, torch.Tensor):
+            return _Stored(value)
+        if self.policy == "keep-8bit" and value.is_floating_point() and value.numel() >= MIN_QUANTIZED_NUMEL:
+            import bitsandbytes.functional as bnbf
+
+            # Quantise where the tensor is (on the GPU: 4× less to copy), then move the bytes.
+            codes, quant_state = bnbf.quantize_blockwise(value.float())
+            host = _pinned_like(codes, buffer.data if buffer else None, self.on_cuda)
+            host.copy_(codes, non_blocking=self.on_cuda)
+            quant_state.absmax = quant_state.absmax.to("cpu")
+            quant_state.code = quant_state.code.to("cpu")
+            return _Stored(host, quant_state, value.dtype)
+        host = _pinned_like(value, buffer.data if buffer else None, self.on_cuda)
+        host.copy_(value, non_blocking=self.on_cuda)
+        return _Stored(host)
+
+    # -- in: host -> device -----------------------------------------------------------------------
+    def prefetch(self, group: int) -> None:
+        """Start copying ``group``'s state to the device (asynchronous on CUDA)."""
+        if self.policy == "drop" or group not in self._host or group in self._prefetched:
+            return
+        stream = self._stream
+        if stream is not None and group in self._saved_events:
+            stream.wait_event(self._saved_events.pop(group))  # its last write-back must be complete
+        with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+            loaded = [{key: self._load(item) for key, item in state.items()} for state in self._host[group]]
+        event = None
+        if stream is not None:
+            event = torch.cuda.Event()
+            event.record(stream)
+        self._prefetched[group] = (loaded, event)
+
+    def _load(self, item: _Stored):
+        if not isinstance(item.data, torch.Tensor):
+            return item.data
+        data = item.data.to(self.device, non_blocking=self.on_cuda)
+        if item.quant_state is not None:
+            import bitsandbytes.functional as bnbf
+
+            qs = item.quant_state
+            qs.absmax, qs.code = qs.absmax.to(self.device), qs.code.to(self.device)
+            data = bnbf.dequantize_blockwise(data, qs).to(item.dtype)
+            qs.absmax, qs.code = qs.absmax.to("cpu"), qs.code.to("cpu")
+        elif data is item.data:  # CPU: the optimizer must not write into the stored copy
+            data = data.clone()
+        return data
+
+    def load(self, group: int, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+        """Give ``optimizer`` the stored state of ``group`` (fresh state if there is none)."""
+        optimizer.state.clear()
+        if self.policy == "drop" or group not in self._host:
+            return
+        self.prefetch(group)  # no-op if already in flight
+        loaded, event = self._prefetched.pop(group)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        for param, state in zip(params, loaded, strict=True):
+            if state:
+                optimizer.state[param] = state
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def host_bytes(self) -> int:
+        return sum(
+            item.data.numel() * item.data.element_size()
+            for states in self._host.values()
+            for state in states
+            for item in state.values()
+            if isinstance(item.data, torch.Tensor)
+        )
+
+    def group_state(self, group: int) -> list[dict[str, torch.Tensor]]:
+        """The stored state of ``group`` as plain tensors (dequantised), for checkpoints and tests."""
+        if group not in self._host:
+            return []
+        on_cpu = OptimizerStateStore(self.policy, torch.device("cpu"))
+        return [{key: on_cpu._load(item) for key, item in state.items()} for state in self._host[group]]
+
+
+def _pinned_like(value: torch.Tensor, buffer: torch.Tensor | None, pin: bool) -> torch.Tensor:
+    """The host buffer for ``value``: the one allocated at the first save, or a new (pinned) one."""
+    if buffer is not None and buffer.shape == value.shape and buffer.dtype == value.dtype:
+        return buffer
+    return torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=pin)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

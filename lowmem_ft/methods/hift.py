@@ -1,0 +1,142 @@
+"""HiFT: full-parameter fine-tuning one group of units at a time (Liu et al., arXiv 2401.15207).
+
+The model's units (embedding, each decoder layer, final norm + head; see models/units.py) form
+groups of ``units_per_group`` consecutive units. One group trains per optimizer step (or per
+``switch_every`` steps, as in BAdam) and the groups take turns in a fixed order: bottom-up,
+top-down, or a seeded random permutation fixed for the run.
+
+Why it is cheap:
+- gradients and optimizer state exist only for the active group; the other groups' optimizer
+  state waits in host memory (engine/state_store.py) and is copied in when their turn comes;
+- only the active group's parameters require grad, so the units *below* it see inputs that need
+  no gradient and autograd records nothing for them: no stored activations, and the backward
+  stops at the lowest active unit. Units above it stay on the gradient path with frozen weights.
+
+Each group has its own optimizer, so its step counter advances only when it trains (HiFT keeps
+state across visits; ``drop`` restarts it on each visit, as BAdam does). The learning-rate schedule
+belongs to the recipe and counts optimizer steps of the whole run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowmem_ft.engine.master_weights import MasterWeights
+from lowmem_ft.engine.state_store import OptimizerStateStore
+from lowmem_ft.methods.base import Method
+from lowmem_ft.methods.optimizers import make_optimizer
+from lowmem_ft.models.units import model_units
+
+ORDERS = ("bottom-up", "top-down", "random")
+
+
+def visit_order(n_groups: int, order: str, seed: int) -> list[int]:
+    if order == "bottom-up":
+        return list(range(n_groups))
+    if order == "top-down":
+        return list(reversed(range(n_groups)))
+    return torch.randperm(n_groups, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+class HiFT(Method):
+    name = "hift"
+    summary = "all parameters, one group of layers per step, optimizer state of the others in host memory"
+
+    def weight_dtype(self, config) -> torch.dtype:
+        # bf16 weights on a GPU that computes in bf16 (fp32 masters for the active group only);
+        # fp32 everywhere else, with fp16 compute under autocast like `full`.
+        return torch.bfloat16 if config.compute_dtype() == torch.bfloat16 else torch.float32
+
+    def setup(self, model, config) -> None:
+        self.config = config
+        units = model_units(model)
+        m = config.units_per_group or 1
+        self.groups = [[p for unit in units[k : k + m] for p in unit.params] for k in range(0, len(units), m)]
+        self.group_names = [
+            f"{units[k].name}..{units[min(k + m, len(units)) - 1].name}" if m > 1 else units[k].name
+            for k in range(0, len(units), m)
+        ]
+        self.order = visit_order(len(self.groups), config.order, config.seed)
+        self.switch_every = config.switch_every
+        device = next(model.parameters()).device
+        self.store = OptimizerStateStore(config.state_policy or "keep", device)
+        self.generator = torch.Generator(device).manual_seed(config.seed) if device.type == "cuda" else None
+        self.active: int | None = None
+        self.masters: MasterWeights | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._all_params = [p for group in self.groups for p in group]
+        model.requires_grad_(False)
+
+    # -- which group trains when ------------------------------------------------------------------
+    def group_at(self, step: int) -> int:
+        return self.order[(step // self.switch_every) % len(self.order)]
+
+    def begin_step(self, step: int) -> None:
+        group = self.group_at(step)
+        if group != self.active:
+            if self.active is not None:
+                self._deactivate()
+            self._activate(group)
+        if self.group_at(step + 1) != group:
+            self.store.prefetch(self.group_at(step + 1))  # copies in while this step computes
+
+    def _activate(self, group: int) -> None:
+        params = self.groups[group]
+        for p in params:
+            p.requires_grad_(True)
+        low_precision = any(p.dtype in (torch.bfloat16, torch.float16) for p in params)
+        self.masters = MasterWeights(params, self.generator) if low_precision else None
+        trained = self.masters.masters if self.masters else params
+        self._optimizer = make_optimizer(
+            self.config.optimizer, trained, self.config.lr, self.config.weight_decay
+        )
+        self.store.load(group, self._optimizer, trained)
+        self.active = group
+
+    def _deactivate(self) -> None:
+        trained = self.trainable_parameters()
+        self.store.save(self.active, self._optimizer, trained)
+        for p in self.groups[self.active]:
+            p.requires_grad_(False)
+            p.grad = None
+        self._optimizer, self.masters, self.active = None, None, None
+
+    # -- the update -------------------------------------------------------------------------------
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._optimizer
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        if self.active is None:
+            return []
+        return self.masters.masters if self.masters else self.groups[self.active]
+
+    def reduce_gradients(self) -> None:
+        if self.masters:
+            self.masters.grads_to_masters()
+
+    def end_step(self, step: int) -> None:
+        if self.masters:
+            self.masters.masters_to_params()
+
+    def trainable_count(self) -> int:
+        return sum(p.numel() for p in self._all_params)
+
+    def progress(self) -> dict[str, str]:
+        if self.active is None:
+            return {}
+        return {
+            "group": f"{self.order.index(self.active) + 1}/{len(self.groups)} {self.group_names[self.active]}"
+        }
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "order": self.order,
+            "active": self.active,
+            "active_optimizer": self._optimizer.state_dict() if self._optimizer else None,
+            "stored": {g: self.store.group_state(g) for g in range(len(self.groups))},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError("restoring HiFT state comes with resumable jobs (checkpoints)")

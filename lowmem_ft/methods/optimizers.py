@@ -1,0 +1,33 @@
+"""The optimizers a method can use (`--optimizer`). HiFT is optimizer-independent."""
+
+from __future__ import annotations
+
+import torch
+
+OPTIMIZERS = ("adamw", "sgd", "adagrad", "adamw8bit")
+
+
+def decay_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """Parameter groups: no weight decay on norms and biases (1-D tensors), as is usual."""
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
+    groups = [g for g in decay_groups(params, weight_decay) if g["params"]]
+    if name == "adamw":
+        # fused=True: one kernel per step and no temporaries; the default foreach kernels allocate
+        # full-size scratch copies of the moments during step(), which the planner does not budget.
+        fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    if name == "adagrad":
+        return torch.optim.Adagrad(groups, lr=lr)
+    if name == "adamw8bit":
+        import bitsandbytes as bnb  # imported only here: an optional, heavy dependency
+
+        return bnb.optim.AdamW8bit(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    raise ValueError(f"unknown optimizer {name!r}")

@@ -30,7 +30,8 @@ SIFT_BYTES_PER_ENTRY = 4 + 4 + 8 + 4
 # Bytes per weight of a bitsandbytes-quantised base: int8 (+ per-row scale), NF4 (+ fp32 absmax per 64).
 QUANT_BYTES = {"none": 2.0, "int8": 1.0 + 1 / 1024, "nf4": 0.5 + 4 / 64}
 # Optimizer-state bytes per parameter by state policy: fp32 m and v, or bitsandbytes 8-bit m and v.
-STATE_BYTES = {"keep": 8, "drop": 8, "keep-8bit": 2}
+# 8-bit: one byte per value plus an fp32 scale per block of 256 (engine/state_store.py).
+STATE_BYTES = {"keep": 8, "drop": 8, "keep-8bit": 2 * (1 + 4 / 256)}
 
 
 @dataclass(frozen=True)

@@ -178,10 +178,10 @@ def estimate_hift(
     streamed = sorted(unit_bytes, reverse=True)[:streamed_units]
     resident = sum(unit_bytes) - sum(streamed)
     buffers = 2 * max(unit_bytes) if streamed_units else 0  # double buffer: one computing, one arriving
-    state = STATE_BYTES[state_policy] * group
+    state = int(STATE_BYTES[state_policy] * group)
     prefetch = 0 if state_policy == "drop" else state  # the next group's state arrives during this step
     parts, acts, loss, logits_grad, extra = _activation_parts(shape, request, p, micro_batch, checkpointing)
-    host_states = 0 if state_policy == "drop" else STATE_BYTES[state_policy] * shape.params
+    host_states = 0 if state_policy == "drop" else int(STATE_BYTES[state_policy] * shape.params)
     components = [
         Component("weights (bf16, resident)", resident),
         Component(
@@ -198,7 +198,7 @@ def estimate_hift(
         *parts,
     ]
     persistent = resident + buffers + (4 * group if w == 2 else 0) + state + prefetch
-    state_traffic = 0 if state_policy == "drop" else 2 * STATE_BYTES[state_policy] * group
+    state_traffic = 0 if state_policy == "drop" else 2 * state
     passes = 2 if checkpointing else 1  # a streamed unit crosses for the forward and for the recompute
     n_micro = math.ceil(request.batch_size / micro_batch)
     traffic = state_traffic + n_micro * passes * sum(streamed)

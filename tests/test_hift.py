@@ -1,0 +1,245 @@
+"""HiFT against references: plain AdamW per group, a full backward, exact state round trips."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import make_examples
+
+from lowmem_ft.config import RunConfig
+from lowmem_ft.data import collate
+from lowmem_ft.engine.master_weights import round_to_bf16_stochastically_
+from lowmem_ft.engine.state_store import OptimizerStateStore
+from lowmem_ft.methods import build_method
+from lowmem_ft.methods.hift import visit_order
+from lowmem_ft.methods.optimizers import make_optimizer
+from lowmem_ft.models.units import model_units
+from lowmem_ft.train import enable_checkpointing, loss_sum, target_count
+
+CPU = torch.device("cpu")
+
+
+def config(**overrides) -> RunConfig:
+    return RunConfig(
+        **{
+            "model": "t",
+            "data": Path("x.jsonl"),
+            "method": "hift",
+            "lr": 1e-2,
+            "weight_decay": 0.1,
+            **overrides,
+        }
+    )
+
+
+def batches(model, n: int) -> list[dict]:
+    vocab = model.config.vocab_size
+    return [collate(make_examples(2, vocab, seed=i), pad_id=0) for i in range(n)]
+
+
+def loss_of(model, batch, dtype=torch.float32) -> torch.Tensor:
+    return loss_sum(model, batch, CPU, dtype) / target_count(batch)
+
+
+def run_method(model, cfg, data: list[dict], dtype=torch.float32):
+    """The recipe's step, as train.py runs it, for each batch; returns the method and the losses."""
+    method = build_method(cfg.method)
+    method.setup(model, cfg)
+    losses = []
+    for step, batch in enumerate(data):
+        method.begin_step(step)
+        loss = loss_of(model, batch, dtype)
+        loss.backward()
+        method.reduce_gradients()
+        method.optimizer.step()
+        method.optimizer.zero_grad(set_to_none=True)
+        method.end_step(step)
+        losses.append(loss.item())
+    return method, losses
+
+
+def test_one_group_of_all_units_is_full_fine_tuning(small_model):
+    data = batches(small_model, 4)
+    full_model, hift_model = small_model, copy.deepcopy(small_model)
+    n_units = len(model_units(hift_model))
+    _, full_losses = run_method(full_model, config(method="full"), data)
+    _, hift_losses = run_method(hift_model, config(units_per_group=n_units), data)
+    assert hift_losses == pytest.approx(full_losses, rel=1e-6)
+    for (name, a), (_, b) in zip(full_model.named_parameters(), hift_model.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("policy", ["keep", "drop", "keep-8bit"])
+def test_each_group_steps_like_its_own_adamw(policy, small_model):
+    """k groups: a group's update is AdamW on that group alone, with a step counter that advances
+    only on its visits (keep), fresh state on every visit (drop), or keep within 8-bit error."""
+    data = batches(small_model, 8)  # two cycles over 4 groups
+    reference, start = copy.deepcopy(small_model), copy.deepcopy(small_model)
+    method, _ = run_method(small_model, config(units_per_group=1, state_policy=policy), data)
+
+    groups = [unit.params for unit in model_units(reference)]
+    optimizers = [make_optimizer("adamw", g, 1e-2, 0.1) for g in groups]
+    for step, batch in enumerate(data):
+        g = method.group_at(step)
+        if policy == "drop":  # BAdam: every visit starts from zero moments
+            optimizers[g] = make_optimizer("adamw", groups[g], 1e-2, 0.1)
+        loss_of(reference, batch).backward()  # a full backward; only group g is stepped
+        optimizers[g].step()
+        reference.zero_grad(set_to_none=True)
+
+    params = zip(small_model.named_parameters(), reference.parameters(), start.parameters(), strict=True)
+    for (name, a), b, a0 in params:
+        if policy == "keep-8bit":  # the change each parameter made, within 5% of the exact change
+            assert (a - b).norm() <= 0.05 * (b - a0).norm(), name
+        else:
+            torch.testing.assert_close(a, b, msg=name)
+    if policy == "keep":  # the step counter of each group counts its own visits only
+        assert float(method.store.group_state(0)[0]["step"]) == 2.0
+
+
+def test_truncated_backward_gives_the_full_backward_gradients(small_model):
+    batch = batches(small_model, 1)[0]
+    reference = copy.deepcopy(small_model)
+    method = build_method("hift")
+    method.setup(small_model, config(units_per_group=1))
+    middle = 2  # layer.1 of embed, layer.0, layer.1, head
+    while method.active != middle:
+        method.begin_step(method.order.index(middle))
+    loss_of(small_model, batch).backward()
+    loss_of(reference, batch).backward()
+    ref = dict(reference.named_parameters())
+    for name, p in small_model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, ref[name].grad, msg=name)
+        else:
+            assert p.grad is None, f"{name} is frozen this step but got a gradient"
+
+
+def saved_bytes(model, batch) -> int:
+    """Bytes autograd saves for the backward during one forward pass."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if not isinstance(t, torch.nn.Parameter):
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_of(model, batch)
+    return total
+
+
+def test_units_below_the_active_group_store_no_activations(small_model):
+    batch = batches(small_model, 1)[0]
+    method = build_method("hift")
+    method.setup(small_model, config(units_per_group=1))
+    by_group = {}
+    for step in range(len(method.groups)):
+        method.begin_step(step)
+        by_group[method.active] = saved_bytes(small_model, batch)
+    embed, layer0, layer1, head = (by_group[g] for g in range(4))
+    assert layer0 > layer1 > head  # the higher the active group, the less is kept
+    small_model.requires_grad_(True)
+    everything = saved_bytes(small_model, batch)
+    assert max(by_group.values()) < everything  # frozen layers on the path keep less than trained ones
+
+
+def test_visit_orders_and_switching():
+    assert visit_order(4, "bottom-up", 0) == [0, 1, 2, 3]
+    assert visit_order(4, "top-down", 0) == [3, 2, 1, 0]
+    random_order = visit_order(6, "random", seed=7)
+    assert sorted(random_order) == list(range(6)) and random_order == visit_order(6, "random", seed=7)
+    assert random_order != visit_order(6, "random", seed=8) or random_order != list(range(6))
+
+
+def test_switch_every_keeps_a_group_for_k_steps(small_model):
+    method = build_method("hift")
+    method.setup(small_model, config(units_per_group=1, switch_every=3))
+    assert [method.group_at(s) for s in range(13)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 0]
+
+
+@pytest.mark.parametrize("policy", ["keep", "keep-8bit", "drop"])
+def test_state_store_round_trip(policy):
+    param = torch.nn.Parameter(torch.randn(64, 128))
+    optimizer = make_optimizer("adamw", [param], 1e-3, 0.0)
+    param.grad = torch.randn_like(param)
+    optimizer.step()
+    original = {k: v.clone() for k, v in optimizer.state[param].items()}
+    store = OptimizerStateStore(policy, CPU)
+    store.save(0, optimizer, [param])
+    assert not optimizer.state  # nothing of the group is left with the optimizer
+    store.load(0, optimizer, [param])
+    if policy == "drop":
+        assert not optimizer.state
+        return
+    restored = optimizer.state[param]
+    for key, value in original.items():
+        if policy == "keep" or value.numel() < 4096:
+            assert torch.equal(restored[key], value), key
+        else:  # blockwise 8-bit: error within a small fraction of the largest value
+            assert (restored[key] - value).abs().max() <= 0.02 * value.abs().max(), key
+            assert (restored[key] >= 0).all() or key != "exp_avg_sq"  # the second moment stays >= 0
+    if policy == "keep":
+        assert store.host_bytes() == sum(v.numel() * v.element_size() for v in original.values())
+        first = store._host[0][0]["exp_avg"].data.data_ptr()
+        store.save(0, optimizer, [param])  # the host buffer of a group is allocated once
+        assert store._host[0][0]["exp_avg"].data.data_ptr() == first
+
+
+def test_hift_with_activation_checkpointing(small_model):
+    enable_checkpointing(small_model)
+    small_model.train()
+    before = copy.deepcopy(small_model)
+    method, losses = run_method(small_model, config(units_per_group=1), batches(small_model, 3))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    moved = {
+        n for n, p in small_model.named_parameters() if not torch.equal(p, dict(before.named_parameters())[n])
+    }
+    expected = {
+        n
+        for n, p in small_model.named_parameters()
+        if any(p is q for g in (0, 1, 2) for q in method.groups[g])
+    }
+    assert moved == expected  # the three visited groups moved; the head did not
+
+
+def test_stochastic_rounding_to_bf16_is_unbiased():
+    lower = torch.tensor(1.0, dtype=torch.bfloat16).float()
+    spacing = 2.0**-7  # bf16 spacing between 1 and 2
+    x = torch.full((200_000,), float(lower) + 0.3 * spacing)
+    out = torch.empty_like(x, dtype=torch.bfloat16)
+    round_to_bf16_stochastically_(out, x, torch.Generator().manual_seed(0))
+    values = set(out.float().unique().tolist())
+    assert values == {float(lower), float(lower) + spacing}  # only the two neighbours
+    assert out.float().mean().item() == pytest.approx(float(x[0]), abs=0.01 * spacing)
+    assert x.to(torch.bfloat16).float().mean().item() == float(lower)  # nearest rounding loses it all
+
+
+def test_bf16_weights_train_through_fp32_masters(small_model):
+    model = small_model.to(torch.bfloat16)
+    cfg = config(units_per_group=2, dtype="bf16")
+    assert build_method("hift").weight_dtype(cfg) == torch.bfloat16
+    before = copy.deepcopy(model)
+    method, losses = run_method(model, cfg, batches(model, 2), dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(m.dtype == torch.float32 for m in method.trainable_parameters())
+    first_group = {id(p) for p in method.groups[method.order[0]]}
+    changed = [not torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters(), strict=True)]
+    assert any(c for c, p in zip(changed, model.parameters(), strict=True) if id(p) in first_group)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adamw8bit"])
+def test_other_optimizers_train_a_group(optimizer, small_model):
+    before = copy.deepcopy(small_model)
+    method, losses = run_method(
+        small_model, config(units_per_group=2, optimizer=optimizer), batches(small_model, 2)
+    )
+    assert all(torch.isfinite(torch.tensor(losses)))
+    group = {id(p) for p in method.groups[0]}
+    for p, q in zip(small_model.parameters(), before.parameters(), strict=True):
+        if id(p) in group and p.ndim >= 2:
+            assert not torch.equal(p, q)

@@ -90,6 +90,19 @@ def test_run_follows_the_planner_when_the_micro_batch_is_left_open(tmp_path, cap
     assert job["config"]["gradient_checkpointing"] is False
 
 
+def test_hift_run_follows_the_plan_and_shows_the_active_group(tmp_path, capsys, small_data):
+    out = tmp_path / "job"
+    args = ["--method", "hift", "--max-steps", "3", "--batch-size", "8", "--seq-len", "64", "--lr", "1e-3"]
+    code, stdout, err = cli(capsys, "run", "tiny", small_data, "--out", out, *args)
+    assert code == 0, err
+    job, plan = (json.loads((out / name).read_text()) for name in ("job.json", "plan.json"))
+    assert plan["method"] == "hift" and plan["settings"]["streamed_units"] == 0
+    assert job["config"]["units_per_group"] == plan["settings"]["units_per_group"] == 2  # tiny has 8 units
+    assert job["config"]["state_policy"] == plan["settings"]["state_policy"] == "keep"
+    assert "group=1/4 embed..layer.0" in err  # the progress bar names the active group
+    assert (out / "model" / "model.safetensors").exists()
+
+
 def test_run_that_cannot_fit_the_memory_budget_is_refused_before_writing(tmp_path, capsys, small_data):
     out = tmp_path / "job"
     code, _, err = cli(capsys, "run", "tiny", small_data, "--out", out, "--cpu-mem", "200MiB")

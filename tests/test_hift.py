@@ -243,3 +243,30 @@ def test_other_optimizers_train_a_group(optimizer, small_model):
     for p, q in zip(small_model.parameters(), before.parameters(), strict=True):
         if id(p) in group and p.ndim >= 2:
             assert not torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    ("policy", "switch_every"), [("keep", 1), ("keep-8bit", 1), ("drop", 2), ("keep", 3)]
+)
+def test_resumed_run_equals_the_uninterrupted_one(policy, switch_every, small_model):
+    """state_dict after step k, into a fresh method on a copy of the model: steps k.. match exactly."""
+    data = batches(small_model, 7)
+    cfg = config(units_per_group=1, state_policy=policy, switch_every=switch_every)
+    uninterrupted = copy.deepcopy(small_model)
+    run_method(uninterrupted, cfg, data)
+
+    first, _ = run_method(small_model, cfg, data[:4])
+    saved = first.state_dict()
+    resumed_model = copy.deepcopy(small_model)
+    method = build_method("hift")
+    method.setup(resumed_model, cfg)
+    method.load_state_dict(saved)
+    for step in range(4, 7):
+        method.begin_step(step)
+        loss_of(resumed_model, data[step]).backward()
+        method.reduce_gradients()
+        method.optimizer.step()
+        method.optimizer.zero_grad(set_to_none=True)
+        method.end_step(step)
+    for (name, a), b in zip(resumed_model.named_parameters(), uninterrupted.parameters(), strict=True):
+        assert torch.equal(a, b), name

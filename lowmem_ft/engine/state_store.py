@@ -144,6 +144,36 @@ class OptimizerStateStore:
                 optimizer.state[param] = state
 
     # -- checkpoints ------------------------------------------------------------------------------
+    def export(self, group: int) -> list[dict]:
+        """``group``'s state as stored, for a checkpoint: exact tensors, and for 8-bit state the codes
+        and block scales themselves (dequantising and quantising again would not give them back)."""
+
+        def item(stored: _Stored):
+            if stored.quant_state is None:
+                return stored.data
+            qs = stored.quant_state
+            return {"codes": stored.data, "absmax": qs.absmax, "code": qs.code, "dtype": str(stored.dtype)}
+
+        return [{key: item(stored) for key, stored in state.items()} for state in self._host.get(group, [])]
+
+    def put(self, group: int, states: list[dict]) -> None:
+        """Store ``group``'s state from ``export`` (a checkpoint being restored)."""
+        if self.policy == "drop" or not states:
+            return
+        import bitsandbytes.functional as bnbf
+
+        def stored(value) -> _Stored:
+            if isinstance(value, dict):  # 8-bit, exactly as it was
+                qs = bnbf.QuantState(absmax=value["absmax"], code=value["code"], blocksize=BLOCKSIZE,
+                                     shape=value["codes"].shape, dtype=torch.float32)  # fmt: skip
+                data = _pinned_like(value["codes"], None, self.on_cuda).copy_(value["codes"])
+                return _Stored(data, qs, getattr(torch, value["dtype"].removeprefix("torch.")))
+            if isinstance(value, torch.Tensor):
+                return _Stored(_pinned_like(value, None, self.on_cuda).copy_(value))
+            return _Stored(value)
+
+        self._host[group] = [{key: stored(value) for key, value in state.items()} for state in states]
+
     def host_bytes(self) -> int:
         return sum(
             item.data.numel() * item.data.element_size()

@@ -91,6 +91,7 @@ class HiFT(Method):
             self.config.optimizer, trained, self.config.lr, self.config.weight_decay
         )
         self.store.load(group, self._optimizer, trained)
+        self._restore_active(group, trained)
         self.active = group
 
     def _deactivate(self) -> None:
@@ -131,12 +132,45 @@ class HiFT(Method):
 
     # -- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything needed to continue exactly: the order, which group is active, every group's
+        optimizer state (the active one from its optimizer, the others from the host store), and
+        the active group's fp32 masters (they carry precision the bf16 weights do not)."""
+        trained = self.trainable_parameters()
+        states = {g: self.store.export(g) for g in range(len(self.groups)) if g != self.active}
+        if self.active is not None:
+            states[self.active] = [dict(self._optimizer.state.get(p, {})) for p in trained]
         return {
-            "order": self.order,
+            "order": list(self.order),
             "active": self.active,
-            "active_optimizer": self._optimizer.state_dict() if self._optimizer else None,
-            "stored": {g: self.store.group_state(g) for g in range(len(self.groups))},
+            "group_states": {g: st for g, st in states.items() if st},  # groups not visited yet have none
+            "masters": [m.detach().clone() for m in self.masters.masters] if self.masters else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError("restoring HiFT state comes with resumable jobs (checkpoints)")
+        if self.active is not None:
+            self._deactivate()
+        self.order = list(state["order"])
+        active = state["active"]
+        for group, states in state["group_states"].items():
+            if group != active:
+                self.store.put(group, states)
+        # The active group's state goes straight back to its optimizer at its next activation, as
+        # it was: through the store it would be dropped (drop) or rounded (keep-8bit) mid-visit.
+        self._resume = (
+            (active, state["group_states"].get(active, []), state["masters"]) if active is not None else None
+        )
+
+    def _restore_active(self, group: int, trained: list[torch.nn.Parameter]) -> None:
+        resume, self._resume = getattr(self, "_resume", None), None
+        if resume is None or resume[0] != group:
+            return
+        _, states, masters = resume
+        for p, st in zip(trained, states, strict=True):
+            if st:
+                self._optimizer.state[p] = {
+                    k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in st.items()
+                }
+        if masters is not None and self.masters is not None:
+            with torch.no_grad():
+                for m, saved in zip(self.masters.masters, masters, strict=True):
+                    m.copy_(saved)

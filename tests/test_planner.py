@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from memtrace import trace_step
+from memtrace import trace_hift_step, trace_step
 from test_cli import cli
 from test_models import PUBLISHED_PARAMS
 
 from lowmem_ft.errors import UserError
 from lowmem_ft.models.registry import ALIASES
 from lowmem_ft.planner import PlanRequest, build_plan, make_plan, read_config, shape_from_config
-from lowmem_ft.planner.plan import estimate_full
+from lowmem_ft.planner.plan import estimate_full, estimate_hift
 
 GiB = 1024**3
 
@@ -57,6 +57,32 @@ def test_full_method_bytes_match_a_traced_step_within_5_percent(
     assert planned["gradients (fp32)"] == pytest.approx(trace.grads, rel=0.05)
     assert planned["optimizer states (AdamW fp32 m, v)"] == pytest.approx(trace.optimizer_states, rel=0.05)
     assert est.activations == pytest.approx(trace.activations, rel=0.05)
+
+
+HIFT_TRACE_CASES = [
+    ("llama-2-7b", torch.float32, 512),
+    ("llama-2-7b", torch.bfloat16, 512),
+    ("qwen2.5-0.5b", torch.bfloat16, 1024),  # tied embedding: the head unit is only the final norm
+]
+
+
+@pytest.mark.parametrize(("alias", "dtype", "seq_len"), HIFT_TRACE_CASES)
+def test_hift_bytes_match_traced_steps_within_5_percent(alias, dtype, seq_len):
+    """Every group of a 2-layer slice traced through HiFT's real step; the planner's weights,
+    active-group gradients and optimizer state, and worst-group activations against the traces."""
+    config = {**read_config(alias)[0], "num_hidden_layers": 2}
+    shape = shape_from_config(config)
+    traces = [trace_hift_step(config, group, 2, seq_len, 1, dtype) for group in range(len(shape.units))]
+    request = PlanRequest(method="hift", seq_len=seq_len, compute_bytes=2 if dtype == torch.bfloat16 else 4)
+    est = estimate_hift(shape, request, 1, False, units_per_group=1, state_policy="keep", streamed_units=0)
+    planned = {c.name.split(" (")[0]: c.gpu_bytes for c in est.components if "streamed" not in c.name}
+    largest = max(range(len(shape.units)), key=lambda g: shape.units[g].params)
+    assert planned["weights"] == pytest.approx(traces[0].params, rel=0.05)
+    assert planned["active group: gradients"] == pytest.approx(traces[largest].grads, rel=0.05)
+    assert planned["active group: optimizer states"] == pytest.approx(
+        traces[largest].optimizer_states, rel=0.05
+    )
+    assert planned["activations"] == pytest.approx(max(t.activations for t in traces), rel=0.05)
 
 
 def plan(method: str, gpu_gib: float, host_gib: float = 64, model: str = "llama-2-7b", **options):

@@ -57,6 +57,49 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, tokens: int, p: Prec
     return per_token * tokens
 
 
+def frozen_layer_activation_bytes(shape: ModelShape, seq_len: int, tokens: int, p: Precision) -> int:
+    """A layer on the gradient path whose weights are frozen (HiFT, above the active group): it
+    keeps only what the gradient of its *input* needs — the norms' fp32 inputs, what the attention
+    kernel saves, the MLP's gate/SiLU/up — not the inputs of its linear layers:
+
+        8h + 4·e·h + 3·e·i + 4·heads + e·s + 8     bytes per token (measured exactly, fp32 and bf16)
+    """
+    h, i, a, e = shape.hidden, shape.intermediate, shape.heads, p.compute_bytes
+    return (8 * h + 4 * e * h + 3 * e * i + 4 * a + e * seq_len + 8) * tokens
+
+
+def hift_activation_bytes(
+    shape: ModelShape, seq_len: int, micro_batch: int, p: Precision, checkpointing: bool, units_per_group: int
+) -> int:
+    """Activations of the most expensive HiFT group: nothing below the active group is kept, its
+    own layers keep everything, the frozen layers above keep what their input gradient needs."""
+    tokens = seq_len * micro_batch
+    trained = layer_activation_bytes(shape, seq_len, tokens, p)
+    frozen = frozen_layer_activation_bytes(shape, seq_len, tokens, p)
+    kept = checkpoint_bytes(shape, tokens, p)
+    n_units = shape.layers + 2  # embedding, layers, head
+    worst = 0
+    for first in range(0, n_units, units_per_group):
+        units = range(first, min(first + units_per_group, n_units))
+        layers_in_group = sum(1 for u in units if 1 <= u <= shape.layers)
+        lowest_layer = max(first - 1, 0)  # unit u >= 1 is layer u-1
+        layers_above = shape.layers - lowest_layer - layers_in_group
+        if checkpointing:
+            stored = (layers_in_group + layers_above) * kept + (trained if layers_in_group else frozen)
+        else:
+            stored = layers_in_group * trained + layers_above * frozen
+        head_trains = n_units - 1 in units
+        worst = max(worst, stored + hift_outside_layers_bytes(shape, seq_len, tokens, head_trains))
+    return worst
+
+
+def hift_outside_layers_bytes(shape: ModelShape, seq_len: int, tokens: int, head_trains: bool) -> int:
+    """Final norm (its fp32 input; its output too when it trains) and the loss's log-probabilities."""
+    shifted = tokens * (seq_len - 1) // seq_len
+    norm = 8 if head_trains else 4
+    return norm * shape.hidden * tokens + 4 * shape.vocab * shifted + (2 * seq_len + 4) * (tokens // seq_len)
+
+
 def checkpoint_bytes(shape: ModelShape, tokens: int, p: Precision) -> int:
     """What a checkpointed layer keeps: its input, the residual stream (fp32 when weights are)."""
     return (4 if p.weight_bytes == 4 else p.compute_bytes) * shape.hidden * tokens

@@ -29,6 +29,7 @@ from lowmem_ft.planner.accounting import (
     Precision,
     activation_bytes,
     autocast_copy_bytes,
+    hift_activation_bytes,
     loss_transient_bytes,
     recompute_bytes,
 )
@@ -180,7 +181,10 @@ def estimate_hift(
     buffers = 2 * max(unit_bytes) if streamed_units else 0  # double buffer: one computing, one arriving
     state = int(STATE_BYTES[state_policy] * group)
     prefetch = 0 if state_policy == "drop" else state  # the next group's state arrives during this step
-    parts, acts, loss, logits_grad, extra = _activation_parts(shape, request, p, micro_batch, checkpointing)
+    parts, _, loss, logits_grad, extra = _activation_parts(shape, request, p, micro_batch, checkpointing)
+    # Nothing below the active group is kept and frozen layers above keep less: the worst group counts.
+    acts = hift_activation_bytes(shape, request.seq_len, micro_batch, p, checkpointing, units_per_group)
+    parts[0] = Component(parts[0].name, acts, note=f"{parts[0].note}; the most expensive group")
     host_states = 0 if state_policy == "drop" else int(STATE_BYTES[state_policy] * shape.params)
     components = [
         Component("weights (bf16, resident)", resident),
@@ -189,7 +193,8 @@ def estimate_hift(
         ),
         Component("stream buffers", buffers),
         Component("active group: fp32 master copy", 4 * group if w == 2 else 0),
-        Component(f"active group: gradients ({DTYPE_NAMES[w]})", w * group),
+        # fp32 either way: 16-bit gradients move onto the fp32 masters, tensor by tensor.
+        Component("active group: gradients (fp32)", 4 * group),
         Component(f"active group: optimizer states ({state_policy})", state),
         Component("next group: optimizer states (prefetch)", prefetch),
         Component(
@@ -203,7 +208,7 @@ def estimate_hift(
     n_micro = math.ceil(request.batch_size / micro_batch)
     traffic = state_traffic + n_micro * passes * sum(streamed)
     return Estimate(
-        components, persistent, acts, loss, logits_grad, 2 * group, extra, traffic, trainable=shape.params
+        components, persistent, acts, loss, logits_grad, 4 * group, extra, traffic, trainable=shape.params
     )
 
 

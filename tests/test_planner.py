@@ -103,7 +103,9 @@ def test_hift_7b_fits_24_16_12_and_8_gib_streaming_when_needed(gpu_gib):
     result = plan("hift", gpu_gib)
     assert result.fits and result.gpu_peak_bytes <= gpu_gib * GiB and result.host_peak_bytes <= 64 * GiB
     streamed = result.settings["streamed_units"]
-    assert (streamed > 0) == (gpu_gib <= 12)  # 13.5 GB of bf16 weights cannot all stay on a 12 GiB card
+    # 13.5 GB of bf16 weights plus one layer's fp32 master, gradients and two Adam states (≈ 4.8 GB)
+    # do not fit 16 GiB: from there down, units are streamed.
+    assert (streamed > 0) == (gpu_gib <= 16)
     if streamed:
         assert result.settings["gradient_checkpointing"] is True
         assert result.traffic_bytes_per_step > 0

@@ -163,6 +163,7 @@ def run(
 ) -> None:
     """Fine-tune MODEL on DATA and write a job directory with metrics and the fine-tuned model."""
     from lowmem_ft.config import RunConfig
+    from lowmem_ft.train import RunInterrupted
     from lowmem_ft.train import run as run_training
 
     config = RunConfig(
@@ -180,8 +181,11 @@ def run(
     )  # fmt: skip
     try:
         run_training(config, show_progress=not quiet)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: the job is marked 'interrupted'", err=True)
+    except RunInterrupted as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(130) from None
+    except KeyboardInterrupt:  # still setting up: no job directory was created
+        typer.echo("interrupted before training started; nothing was written", err=True)
         raise typer.Exit(130) from None
 
 

@@ -43,6 +43,16 @@ from lowmem_ft.planner.shapes import UnsupportedModel
 IGNORE = -100
 
 
+class RunInterrupted(Exception):
+    """Ctrl-C or SIGTERM during training: the job directory has been marked 'interrupted'."""
+
+    def __init__(self, job: Job):
+        super().__init__(
+            f"interrupted at step {job.record.get('step', 0)}: {job.dir} is marked 'interrupted'"
+        )
+        self.job = job
+
+
 @dataclass
 class Data:
     train: list[Example]
@@ -300,7 +310,7 @@ def run(config: RunConfig, show_progress: bool = True) -> Job:
         train(s, job, show_progress)
     except KeyboardInterrupt:
         job.update(status="interrupted")
-        raise
+        raise RunInterrupted(job) from None
     except Exception as exc:
         (job.dir / "error.log").write_text(traceback.format_exc())
         job.update(status="failed", error=f"{type(exc).__name__}: {exc}")

@@ -244,3 +244,28 @@ def test_readme_quick_start_as_a_subprocess_learns(tmp_path):
     assert job["eval_loss"] <= 0.9 * job["eval_loss_start"], (job["eval_loss_start"], job["eval_loss"])
     assert "training: 100%" in result.stderr  # the progress bar was shown
     assert "eval loss" in result.stdout and "Writing model shards" not in result.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_marks_the_job_interrupted_and_exits_130(tmp_path, small_data):
+    """SIGTERM (a scheduler, `kill`) during training: the job says 'interrupted', exit code 130."""
+    import signal
+    import time
+
+    out = tmp_path / "job"
+    args = ["run", "tiny", str(small_data), "--out", str(out), "--max-steps", "2000", "--seq-len", "64", "-q"]
+    process = subprocess.Popen([sys.executable, "-m", "lowmem_ft", *args], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until training has taken a step
+        try:
+            if json.loads((out / "job.json").read_text()).get("step", 0) >= 1:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    job = json.loads((out / "job.json").read_text())
+    assert job["status"] == "interrupted" and job["step"] >= 1
+    assert f"{out} is marked 'interrupted'" in err and "Traceback" not in err

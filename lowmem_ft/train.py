@@ -148,7 +148,8 @@ def plan_run(config: RunConfig, resolved: ResolvedModel) -> Plan | None:
         raise UserError(
             f"{resolved.name} with --method {config.method} fits this machine only by streaming "
             f"{plan.settings['streamed_units']} units from host memory, which lowmem-ft cannot do yet; "
-            "use a GPU with more memory, a shorter --seq-len, or --gpu-mem to plan for another card"
+            "use a GPU with more free memory or a shorter --seq-len "
+            f"(`lowmem-ft plan {config.model} --method {config.method}` shows the breakdown)"
         )
     config.micro_batch_size = plan.settings["micro_batch_size"]
     config.gradient_checkpointing = plan.settings["gradient_checkpointing"]
@@ -286,7 +287,14 @@ def print_header(s: Setup, job: Job) -> None:
         where = "GPU" if s.plan.device == "cuda" else "host"
         peak = s.plan.gpu_peak_bytes if s.plan.device == "cuda" else s.plan.host_peak_bytes
         budget = s.plan.gpu_budget_bytes if s.plan.device == "cuda" else s.plan.host_budget_bytes
-        print(f"plan       peak ≈ {format_bytes(peak)} of {format_bytes(budget)} {where} (plan.json)")
+        shown_elsewhere = {
+            "micro_batch_size",
+            "gradient_checkpointing",
+            "gradient_accumulation",
+            "batch_size",
+        }
+        chosen = "".join(f", {k}={v}" for k, v in s.plan.settings.items() if k not in shown_elsewhere)
+        print(f"plan       peak ≈ {format_bytes(peak)} of {format_bytes(budget)} {where}{chosen} (plan.json)")
     print(f"job        {job.dir}")
 
 

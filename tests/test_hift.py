@@ -246,16 +246,26 @@ def test_other_optimizers_train_a_group(optimizer, small_model):
 
 
 @pytest.mark.parametrize(
-    ("policy", "switch_every"), [("keep", 1), ("keep-8bit", 1), ("drop", 2), ("keep", 3)]
+    ("policy", "switch_every", "dtype"),
+    [
+        ("keep", 1, "fp32"),
+        ("keep-8bit", 1, "fp32"),
+        ("drop", 2, "fp32"),
+        ("keep", 3, "fp32"),
+        ("keep", 3, "bf16"),
+    ],
 )
-def test_resumed_run_equals_the_uninterrupted_one(policy, switch_every, small_model):
-    """state_dict after step k, into a fresh method on a copy of the model: steps k.. match exactly."""
+def test_resumed_run_equals_the_uninterrupted_one(policy, switch_every, dtype, small_model):
+    """state_dict after step k, into a fresh method on a copy of the model: steps k.. match exactly
+    (bf16: the active group's fp32 masters and the stochastic-rounding generator are restored too)."""
+    compute = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    small_model.to(compute)
     data = batches(small_model, 7)
-    cfg = config(units_per_group=1, state_policy=policy, switch_every=switch_every)
+    cfg = config(units_per_group=1, state_policy=policy, switch_every=switch_every, dtype=dtype)
     uninterrupted = copy.deepcopy(small_model)
-    run_method(uninterrupted, cfg, data)
+    run_method(uninterrupted, cfg, data, compute)
 
-    first, _ = run_method(small_model, cfg, data[:4])
+    first, _ = run_method(small_model, cfg, data[:4], compute)
     saved = first.state_dict()
     resumed_model = copy.deepcopy(small_model)
     method = build_method("hift")
@@ -263,7 +273,7 @@ def test_resumed_run_equals_the_uninterrupted_one(policy, switch_every, small_mo
     method.load_state_dict(saved)
     for step in range(4, 7):
         method.begin_step(step)
-        loss_of(resumed_model, data[step]).backward()
+        loss_of(resumed_model, data[step], compute).backward()
         method.reduce_gradients()
         method.optimizer.step()
         method.optimizer.zero_grad(set_to_none=True)

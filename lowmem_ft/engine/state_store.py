@@ -138,7 +138,14 @@ class OptimizerStateStore:
         self.prefetch(group)  # no-op if already in flight
         loaded, event = self._prefetched.pop(group)
         if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(event)
+            # Allocated on the side stream, used on the main one from now on: tell the caching
+            # allocator, or it could hand the memory out again while the main stream still reads it.
+            for state in loaded:
+                for value in state.values():
+                    if isinstance(value, torch.Tensor) and value.is_cuda:
+                        value.record_stream(main)
         for param, state in zip(params, loaded, strict=True):
             if state:
                 optimizer.state[param] = state

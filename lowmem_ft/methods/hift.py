@@ -60,7 +60,9 @@ class HiFT(Method):
         self.switch_every = config.switch_every
         device = next(model.parameters()).device
         self.store = OptimizerStateStore(config.state_policy or "keep", device)
-        self.generator = torch.Generator(device).manual_seed(config.seed) if device.type == "cuda" else None
+        # Its own generator for stochastic rounding: reproducible, saved in checkpoints, and it
+        # leaves the global RNG to everything else.
+        self.generator = torch.Generator(device).manual_seed(config.seed)
         self.active: int | None = None
         self.masters: MasterWeights | None = None
         self._optimizer: torch.optim.Optimizer | None = None
@@ -144,12 +146,14 @@ class HiFT(Method):
             "active": self.active,
             "group_states": {g: st for g, st in states.items() if st},  # groups not visited yet have none
             "masters": [m.detach().clone() for m in self.masters.masters] if self.masters else None,
+            "rounding_rng": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         if self.active is not None:
             self._deactivate()
         self.order = list(state["order"])
+        self.generator.set_state(state["rounding_rng"])
         active = state["active"]
         for group, states in state["group_states"].items():
             if group != active:

@@ -1,0 +1,79 @@
+"""GPU tier: the CUDA paths (pinned buffers, side-stream prefetch and write-back, bf16 weights with
+fp32 masters) against the CPU reference. Marked `gpu`; skipped where there is no CUDA device."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_hift import batches, config
+
+from lowmem_ft.engine.state_store import OptimizerStateStore
+from lowmem_ft.methods import build_method
+from lowmem_ft.methods.optimizers import make_optimizer
+from lowmem_ft.train import loss_sum, target_count
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
+
+
+def run_hift(model, cfg, data, device, dtype=torch.float32) -> list[float]:
+    method = build_method("hift")
+    method.setup(model, cfg)
+    losses = []
+    for step, batch in enumerate(data):
+        method.begin_step(step)
+        loss = loss_sum(model, batch, device, dtype) / target_count(batch)
+        loss.backward()
+        method.reduce_gradients()
+        method.optimizer.step()
+        method.optimizer.zero_grad(set_to_none=True)
+        method.end_step(step)
+        losses.append(loss.item())
+    torch.cuda.synchronize()
+    return losses
+
+
+@pytest.mark.parametrize("policy", ["keep", "keep-8bit"])
+def test_state_store_round_trip_through_pinned_memory(policy):
+    param = torch.nn.Parameter(torch.randn(256, 512, device=CUDA))
+    optimizer = make_optimizer("adamw", [param], 1e-3, 0.0)
+    param.grad = torch.randn_like(param)
+    optimizer.step()
+    original = {k: v.clone() for k, v in optimizer.state[param].items()}
+    store = OptimizerStateStore(policy, CUDA)
+    store.save(0, optimizer, [param])
+    assert all(item.data.is_pinned() for item in store._host[0][0].values())
+    store.prefetch(0)
+    store.load(0, optimizer, [param])
+    for key, value in original.items():
+        restored = optimizer.state[param][key]
+        assert restored.is_cuda
+        if policy == "keep" or value.numel() < 256:
+            assert torch.equal(restored, value), key
+        else:
+            assert (restored - value).abs().max() <= 0.02 * value.abs().max(), key
+
+
+@pytest.mark.parametrize("policy", ["keep", "drop"])
+def test_hift_on_cuda_matches_the_cpu_run(policy, small_model):
+    data = batches(small_model, 8)
+    cfg = config(units_per_group=1, state_policy=policy, dtype="fp32")
+    on_cpu, on_gpu = small_model, copy.deepcopy(small_model).to(CUDA)
+    cpu_losses = run_hift(on_cpu, cfg, data, torch.device("cpu"))
+    gpu_losses = run_hift(on_gpu, cfg, data, CUDA)
+    assert gpu_losses == pytest.approx(cpu_losses, rel=1e-4)
+    for (name, a), b in zip(on_cpu.named_parameters(), on_gpu.parameters(), strict=True):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_hift_bf16_weights_with_fp32_masters_on_cuda(small_model):
+    model = small_model.to(CUDA, torch.bfloat16)
+    cfg = config(units_per_group=2, dtype="bf16", device="cuda", lr=1e-3)
+    assert build_method("hift").weight_dtype(cfg) == torch.bfloat16
+    data = batches(model, 12)
+    losses = run_hift(model, cfg, data * 2, CUDA, torch.bfloat16)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-4:]) < sum(losses[:4])  # it learns the repeated batches
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())

@@ -15,6 +15,7 @@ On a CPU-only machine the same code runs with host-to-host copies, so the tests 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +62,7 @@ class OptimizerStateStore:
         stream = self._stream
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(self.device))  # the step's writes come first
-        with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             stored = [
                 {
                     key: self._store(value, (buffers[i].get(key) if buffers else None))
@@ -107,7 +108,7 @@ class OptimizerStateStore:
         stream = self._stream
         if stream is not None and group in self._saved_events:
             stream.wait_event(self._saved_events.pop(group))  # its last write-back must be complete
-        with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             loaded = [{key: self._load(item) for key, item in state.items()} for state in self._host[group]]
         event = None
         if stream is not None:
@@ -203,11 +204,3 @@ def _pinned_like(value: torch.Tensor, buffer: torch.Tensor | None, pin: bool) ->
     if buffer is not None and buffer.shape == value.shape and buffer.dtype == value.dtype:
         return buffer
     return torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=pin)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

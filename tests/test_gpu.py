@@ -7,30 +7,18 @@ import copy
 
 import pytest
 import torch
-from test_hift import batches, config
+from test_hift import batches, config, run_method
 
 from lowmem_ft.engine.state_store import OptimizerStateStore
 from lowmem_ft.methods import build_method
 from lowmem_ft.methods.optimizers import make_optimizer
-from lowmem_ft.train import loss_sum, target_count
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 
 
 def run_hift(model, cfg, data, device, dtype=torch.float32) -> list[float]:
-    method = build_method("hift")
-    method.setup(model, cfg)
-    losses = []
-    for step, batch in enumerate(data):
-        method.begin_step(step)
-        loss = loss_sum(model, batch, device, dtype) / target_count(batch)
-        loss.backward()
-        method.reduce_gradients()
-        method.optimizer.step()
-        method.optimizer.zero_grad(set_to_none=True)
-        method.end_step(step)
-        losses.append(loss.item())
+    _, losses = run_method(model, cfg, data, dtype, device)
     torch.cuda.synchronize()
     return losses
 

@@ -40,18 +40,18 @@ def batches(model, n: int) -> list[dict]:
     return [collate(make_examples(2, vocab, seed=i), pad_id=0) for i in range(n)]
 
 
-def loss_of(model, batch, dtype=torch.float32) -> torch.Tensor:
-    return loss_sum(model, batch, CPU, dtype) / target_count(batch)
+def loss_of(model, batch, dtype=torch.float32, device=CPU) -> torch.Tensor:
+    return loss_sum(model, batch, device, dtype) / target_count(batch)
 
 
-def run_method(model, cfg, data: list[dict], dtype=torch.float32):
+def run_method(model, cfg, data: list[dict], dtype=torch.float32, device=CPU):
     """The recipe's step, as train.py runs it, for each batch; returns the method and the losses."""
     method = build_method(cfg.method)
     method.setup(model, cfg)
     losses = []
     for step, batch in enumerate(data):
         method.begin_step(step)
-        loss = loss_of(model, batch, dtype)
+        loss = loss_of(model, batch, dtype, device)
         loss.backward()
         method.reduce_gradients()
         method.optimizer.step()

@@ -28,6 +28,8 @@ Examples:
 
   lowmem-ft run llama-2-7b chat.jsonl --format chat --batch-size 32 --micro-batch-size 2 \
       --gradient-checkpointing
+
+  lowmem-ft run tiny examples/python-qa.jsonl --method sift --sparsity 0.01 --lr 1e-3
 """
 
 app = typer.Typer(
@@ -70,7 +72,8 @@ def run(
     ),
     method: str = typer.Option(
         "full",
-        help="full = every parameter every step; hift = one group of layers per step (all parameters).",
+        help="full = every parameter every step; hift = one group of layers per step (all parameters); "
+        "sift = the top entries of each weight by gradient; random / magnitude = sparse baselines.",
     ),
     optimizer: str = typer.Option(
         "adamw", help="adamw, sgd (momentum 0.9), adagrad, or adamw8bit (bitsandbytes)."
@@ -87,6 +90,31 @@ def run(
     ),
     state_policy: str | None = typer.Option(
         None, help="HiFT: optimizer state of waiting groups: keep, keep-8bit or drop. [default: planner's]"
+    ),
+    sparsity: float | None = typer.Option(
+        None,
+        help="SIFT/random/magnitude: fraction of each target weight that trains, e.g. 0.01. "
+        "[default: the planner's]",
+    ),
+    targets: str = typer.Option(
+        "all-linear",
+        help="Sparse methods: all-linear, attention, mlp, or module names/patterns such as q_proj,v_proj.",
+    ),
+    base_quant: str | None = typer.Option(
+        None,
+        help="Sparse methods: frozen base weights as none, int8 or nf4 (bitsandbytes). "
+        "[default: the planner's]",
+    ),
+    selection_batches: int = typer.Option(
+        1, help="SIFT: micro-batches whose gradients choose the entries (not trained on)."
+    ),
+    selection_score: str = typer.Option(
+        "grad", help="SIFT: grad = |sum of gradients|, grad2 = sum of squared gradients."
+    ),
+    selection_passes: int | None = typer.Option(
+        None,
+        help="SIFT: passes over the selection window (scores kept for a slice of the weights "
+        "per pass). [default: the planner's]",
     ),
     format: str = typer.Option(
         "auto", "--format", help="Data format: auto, text, prompt-completion, alpaca, chat."
@@ -168,7 +196,9 @@ def run(
 
     config = RunConfig(
         model=model, data=data, out=out, method=method, optimizer=optimizer, units_per_group=units_per_group,
-        groups=groups, order=order, switch_every=switch_every, state_policy=state_policy, format=format,
+        groups=groups, order=order, switch_every=switch_every, state_policy=state_policy,
+        sparsity=sparsity, targets=targets, base_quant=base_quant, selection_batches=selection_batches,
+        selection_score=selection_score, selection_passes=selection_passes, format=format,
         seq_len=seq_len, pack=pack,
         eval_data=eval_data, eval_fraction=eval_fraction, eval_every=eval_every,
         skip_bad_lines=skip_bad_lines,
@@ -207,7 +237,9 @@ def plan(
     model: str = typer.Argument(
         ..., help="Model alias, local Hugging Face directory, or cached hub id (no weights needed)."
     ),
-    method: str = typer.Option("full", help="Method to plan for: full, hift or sift."),
+    method: str = typer.Option(
+        "full", help="Method to plan for: full, hift, sift (or random / magnitude, planned like sift)."
+    ),
     gpu_mem: str | None = typer.Option(
         None, help="GPU memory to plan for, e.g. 24GiB. [default: the detected GPU's free memory]"
     ),
@@ -240,6 +272,10 @@ def plan(
     base_quant: str | None = typer.Option(
         None, help="SIFT: frozen base weights as none (bf16), int8 or nf4."
     ),
+    targets: str = typer.Option(
+        "all-linear", help="SIFT: all-linear, attention, mlp, or module names/patterns (q_proj,v_proj)."
+    ),
+    selection_batches: int = typer.Option(1, help="SIFT: micro-batches in the selection window."),
     as_json: bool = typer.Option(
         False, "--json", help="Print the plan as JSON (documented in docs/planner.md)."
     ),
@@ -252,12 +288,72 @@ def plan(
         batch_size=batch_size, micro_batch_size=micro_batch_size,
         gradient_checkpointing=gradient_checkpointing, dtype=dtype,
         units_per_group=units_per_group, state_policy=state_policy, sparsity=sparsity, base_quant=base_quant,
+        targets=targets, selection_batches=selection_batches,
     )  # fmt: skip
     if as_json:
         typer.echo(json.dumps({"model": result.model_name, **result.plan.to_json()}, indent=2))
     else:
         typer.echo(render_plan(result.plan, result.model_name, result.budget.describe()))
     raise typer.Exit(0 if result.plan.fits else 3)
+
+
+EXPORT_EPILOG = """\
+Examples:
+
+  lowmem-ft export runs/tiny-sift-20261122-101500                          # what the delta holds
+
+  lowmem-ft export runs/tiny-sift-20261122-101500 --merge --out merged/    # a full HF model
+
+  lowmem-ft export runs/llama-sift-... --merge --out merged/ --base /data/llama-2-7b --save-dtype bf16
+"""
+
+
+@app.command(epilog=EXPORT_EPILOG)
+def export(
+    job_dir: Path = typer.Argument(..., help="Job directory of a sparse run (or its delta.safetensors)."),
+    merge: bool = typer.Option(False, "--merge", help="Write base + increment as a full Hugging Face model."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Directory for the merged model (with --merge)."
+    ),
+    base: str | None = typer.Option(
+        None, help="The base model, if not where the job found it (its weights must hash the same)."
+    ),
+    save_dtype: str = typer.Option(
+        "auto", help="Precision of the merged weights: auto (the base's own), fp32, bf16, fp16."
+    ),
+) -> None:
+    """Show a sparse job's delta, or merge it into its base model (--merge --out DIR)."""
+    from lowmem_ft.delta import read_delta
+    from lowmem_ft.export import find_delta, merge_delta
+    from lowmem_ft.hardware import format_bytes
+
+    if not merge:
+        if out is not None:
+            raise UserError("--out is where --merge writes; add --merge")
+        path = find_delta(job_dir)
+        delta = read_delta(path)
+        meta = delta.meta
+        typer.echo(f"delta      {path} ({format_bytes(path.stat().st_size)})")
+        typer.echo(
+            f"entries    {delta.count:,} in {len(delta.entries)} weights "
+            f"(--method {meta.get('method')}, sparsity {meta.get('sparsity')}, targets {meta.get('targets')})"
+        )
+        typer.echo(
+            f"base       {meta.get('base_model')} ({meta.get('base_quant')} during training), "
+            f"weights sha256 {str(meta.get('base_weights_sha256'))[:16]}…"
+        )
+        typer.echo(f"merge      lowmem-ft export {job_dir} --merge --out DIR")
+        return
+    if out is None:
+        raise UserError("--merge needs --out DIR, the directory to write the merged model to")
+    started = time.perf_counter()
+    written, meta = merge_delta(job_dir, out, base, save_dtype)
+    if meta.get("base_quant", "none") != "none":
+        typer.echo(
+            f"note       the increment was trained on a {meta['base_quant']} base; it is merged into the "
+            "original weights, as QLoRA adapters are"
+        )
+    typer.echo(f"merged     {written} ({time.perf_counter() - started:.1f}s); loads with transformers")
 
 
 def _age(seconds: float) -> str:

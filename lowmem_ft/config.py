@@ -16,6 +16,7 @@ from lowmem_ft.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCHEDULES = ("cosine", "linear", "constant")
+SPARSE_METHODS = ("sift", "random", "magnitude")  # the sparse-increment engine's methods
 
 
 @dataclass
@@ -50,6 +51,13 @@ class RunConfig:
     order: str = "bottom-up"
     switch_every: int = 1
     state_policy: str | None = None  # None: the planner chooses
+    # sparse methods (sift, random, magnitude)
+    sparsity: float | None = None  # fraction of each target weight that trains; None: the planner chooses
+    targets: str = "all-linear"
+    base_quant: str | None = None  # none | int8 | nf4; None: the planner chooses
+    selection_batches: int = 1  # sift
+    selection_score: str = "grad"  # sift: grad | grad2
+    selection_passes: int | None = None  # sift; None: the planner chooses
     # precision and device
     dtype: str = "auto"
     device: str = "auto"
@@ -126,6 +134,7 @@ class RunConfig:
             self.units_per_group is None or self.groups is None,
             "--units-per-group and --groups say the same thing; give one of them",
         )
+        self._validate_sparse(need)
         need(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
         need(
             self.max_steps is None or self.max_steps >= 1,
@@ -155,6 +164,56 @@ class RunConfig:
                 self.out.is_dir() and not any(self.out.iterdir()),
                 f"--out {self.out} already exists and is not empty; choose a new directory or remove it",
             )
+
+    def _validate_sparse(self, need) -> None:
+        from lowmem_ft.engine.sparse_delta import QUANTS
+        from lowmem_ft.methods.sift import SELECTION_SCORES
+        from lowmem_ft.targets import parse_targets
+
+        sparse, sift = self.method in SPARSE_METHODS, self.method == "sift"
+        given = {
+            "--sparsity": (self.sparsity is not None, sparse),
+            "--targets": (self.targets != "all-linear", sparse),
+            "--base-quant": (self.base_quant is not None, sparse),
+            "--selection-batches": (self.selection_batches != 1, sift),
+            "--selection-score": (self.selection_score != "grad", sift),
+            "--selection-passes": (self.selection_passes is not None, sift),
+        }
+        for flag, (is_given, applies) in given.items():
+            need(
+                not is_given or applies,
+                f"{flag} applies to --method "
+                + (
+                    " / ".join(SPARSE_METHODS)
+                    if flag in ("--sparsity", "--targets", "--base-quant")
+                    else "sift"
+                )
+                + f", not {self.method}",
+            )
+        if self.sparsity is not None:
+            need(
+                0 < self.sparsity <= 1,
+                f"--sparsity is the fraction of each weight that trains, in (0, 1], e.g. 0.01; "
+                f"got {self.sparsity}",
+            )
+        need(
+            self.base_quant is None or self.base_quant in QUANTS,
+            f"--base-quant must be one of {', '.join(QUANTS)}, got {self.base_quant!r}",
+        )
+        need(
+            self.selection_batches >= 1,
+            f"--selection-batches must be at least 1, got {self.selection_batches}",
+        )
+        need(
+            self.selection_score in SELECTION_SCORES,
+            f"--selection-score must be grad (|sum of gradients|) or grad2 (sum of squares), "
+            f"got {self.selection_score!r}",
+        )
+        need(
+            self.selection_passes is None or self.selection_passes >= 1,
+            f"--selection-passes must be at least 1, got {self.selection_passes}",
+        )
+        parse_targets(self.targets)
 
     # -- derived values -------------------------------------------------------------------------
     def resolved_device(self) -> torch.device:

@@ -79,6 +79,7 @@ class Setup:
     tokenizer: object
     data: Data
     model: torch.nn.Module
+    model_params: int  # as loaded, before a method re-stores any weights (a quantised base)
     method: Method
     device: torch.device
     compute_dtype: torch.dtype
@@ -130,6 +131,10 @@ def plan_run(config: RunConfig, resolved: ResolvedModel) -> Plan | None:
             units_per_group=config.units_per_group,
             state_policy=config.state_policy,
             groups=config.groups,
+            sparsity=config.sparsity,
+            base_quant=config.base_quant,
+            targets=config.targets,
+            selection_batches=config.selection_batches if config.method == "sift" else 1,
         )
     except UnsupportedModel as exc:
         print(f"plan       none: {exc}; micro-batch and checkpointing default to 4 and off")
@@ -153,8 +158,9 @@ def plan_run(config: RunConfig, resolved: ResolvedModel) -> Plan | None:
         )
     config.micro_batch_size = plan.settings["micro_batch_size"]
     config.gradient_checkpointing = plan.settings["gradient_checkpointing"]
-    for option in ("units_per_group", "state_policy"):  # HiFT's choices, when the user left them open
-        if option in plan.settings:
+    # HiFT's and the sparse methods' choices, when the user left them open
+    for option in ("units_per_group", "state_policy", "sparsity", "base_quant", "selection_passes"):
+        if option in plan.settings and getattr(config, option) is None:
             setattr(config, option, plan.settings[option])
     return plan
 
@@ -172,7 +178,8 @@ def setup(config: RunConfig) -> Setup:
     device, compute_dtype = config.resolved_device(), config.compute_dtype()
     method = build_method(config.method)
     model = load_model(resolved, method.weight_dtype(config), trust_remote_code=config.trust_remote_code)
-    model.to(device)
+    model_params = sum(p.numel() for p in model.parameters())
+    method.place(model, config, device)
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
@@ -183,8 +190,9 @@ def setup(config: RunConfig) -> Setup:
     )
     max_steps = config.max_steps or max(1, math.ceil(config.epochs * batcher.steps_per_epoch))
     return Setup(
-        config, plan, resolved, tokenizer, data, model, method, device, compute_dtype, batcher, max_steps
-    )
+        config, plan, resolved, tokenizer, data, model, model_params, method, device, compute_dtype, batcher,
+        max_steps,
+    )  # fmt: skip
 
 
 def enable_checkpointing(model) -> None:
@@ -264,10 +272,9 @@ def default_out_dir(config: RunConfig, model_name: str) -> Path:
 
 
 def print_header(s: Setup, job: Job) -> None:
-    params = sum(p.numel() for p in s.model.parameters())
     d = s.data
-    print(f"model      {s.resolved.name} ({s.resolved.source}), {params:,} parameters")
-    print(f"method     {s.method.name}: {s.method.summary}; {s.method.trainable_count():,} trainable")
+    print(f"model      {s.resolved.name} ({s.resolved.source}), {s.model_params:,} parameters")
+    print(f"method     {s.method.name}: {s.method.summary}; {s.method.describe_trainable()}")
     print(
         f"data       {s.config.data} ({d.format}): {len(d.train)} train / {len(d.eval)} eval examples, "
         f"{d.stats.target_tokens:,} target tokens"
@@ -338,6 +345,7 @@ def train(s: Setup, job: Job, show_progress: bool) -> None:
         job.update(eval_loss_start=first_eval, eval_loss=first_eval)
 
     model.train()
+    select_entries(s)
     bar = tqdm(total=s.max_steps, desc="training", unit="step", disable=not show_progress, dynamic_ncols=True)
     loss = float("nan")
     for step in range(s.max_steps):
@@ -397,7 +405,7 @@ def train(s: Setup, job: Job, show_progress: bool) -> None:
     if final_eval is not None:
         job.log(step=s.max_steps, eval_loss=final_eval)
     save_dtype = DTYPES.get(config.save_dtype) or model_dtype_on_disk(s.resolved)
-    out = method.export(model, s.tokenizer, job.dir / "model", save_dtype)
+    out = method.export(model, s.tokenizer, job.dir, save_dtype, s.resolved)
     job.update(
         status="done", eval_loss=final_eval, last_loss=loss, output=str(out), peak_mem_bytes=memory.sample()
     )
@@ -405,7 +413,33 @@ def train(s: Setup, job: Job, show_progress: bool) -> None:
     if final_eval is not None and first_eval is not None:
         change = 100 * (final_eval - first_eval) / first_eval
         print(f"eval loss  {first_eval:.4f} → {final_eval:.4f} ({change:+.1f}%)")
-    print(f"saved      {out}")
+    if out.is_file():  # a delta: small, and merged into a full model on request
+        print(f"saved      {out} ({format_bytes(out.stat().st_size)})")
+        print(f"           a full model: lowmem-ft export {job.dir} --merge --out DIR")
+    else:
+        print(f"saved      {out}")
+
+
+def select_entries(s: Setup) -> None:
+    """Let a method that chooses its trainable entries from data (SIFT) look at its selection
+    window: micro-batches drawn with their own seed, so the training order is the same as any
+    other method's. Their gradients choose; they are never applied."""
+    n = s.method.selection_batches(s.config)
+    if not n:
+        return
+    started = time.perf_counter()
+    micro = s.config.micro_batch_size
+    draw = Batcher(s.data.train, micro, micro, s.tokenizer.pad_token_id, s.config.seed + 1)
+    window = [draw.next_step()[0] for _ in range(n)]
+    n_targets = max(1, sum(target_count(mb) for mb in window))
+    scaler = torch.amp.GradScaler(s.device.type, enabled=s.compute_dtype == torch.float16)
+
+    def backward(batch: dict) -> None:
+        # Scaled like a training step; fp16 needs loss scaling so small gradients do not vanish.
+        scaler.scale(loss_sum(s.model, batch, s.device, s.compute_dtype) / n_targets).backward()
+
+    summary = s.method.select(window, backward)
+    print(f"selection  {summary} ({time.perf_counter() - started:.1f}s)")
 
 
 def model_dtype_on_disk(resolved: ResolvedModel) -> torch.dtype:

@@ -3,8 +3,12 @@
 from lowmem_ft.methods.base import Method
 from lowmem_ft.methods.full import FullFineTuning
 from lowmem_ft.methods.hift import HiFT
+from lowmem_ft.methods.masks import MagnitudeMask, RandomMask
+from lowmem_ft.methods.sift import SIFT
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FullFineTuning, HiFT)}
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (FullFineTuning, HiFT, SIFT, RandomMask, MagnitudeMask)
+}
 
 
 def build_method(name: str) -> Method:

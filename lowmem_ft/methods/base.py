@@ -5,7 +5,9 @@ methods like HiFT, which train at *this* step), owns the optimizer that updates 
 state of its own for checkpoints, and writes the result. The recipe in ``lowmem_ft/train.py``
 calls these hooks in a fixed order and never branches on the method's name:
 
+    method.place(model, config, device)    once: put the weights on the compute device
     method.setup(model, config)            once, before training
+    method.select(window, backward)        once, if method.selection_batches(config) > 0
     for step in range(max_steps):
         method.begin_step(step)            e.g. HiFT picks the active group, prefetches its state
         ... forward / backward over micro-batches ...
@@ -13,7 +15,7 @@ calls these hooks in a fixed order and never branches on the method's name:
         clip(method.trainable_parameters())
         method.optimizer.step(); method.optimizer.zero_grad()
         method.end_step(step)              e.g. HiFT writes the group's optimizer state back
-    method.export(model, tokenizer, out_dir)
+    method.export(model, tokenizer, job_dir, save_dtype, base)
 
 Moving tensors between devices (streaming, offloaded optimizer state) belongs to the engine, not
 to the method; a method asks the engine, it does not copy tensors itself.
@@ -22,6 +24,7 @@ to the method; a method asks the engine, it does not copy tensors itself.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -29,6 +32,7 @@ import torch
 
 if TYPE_CHECKING:
     from lowmem_ft.config import RunConfig
+    from lowmem_ft.models import ResolvedModel
 
 
 class Method(ABC):
@@ -41,9 +45,25 @@ class Method(ABC):
         """The dtype the model's weights are loaded in for this method."""
         return torch.float32
 
+    def place(self, model: torch.nn.Module, config: RunConfig, device: torch.device) -> None:
+        """Move the model to the compute device. Methods that store weights differently (SIFT's
+        quantised base) convert them here one tensor at a time, so the full-precision model never
+        has to fit on the device."""
+        model.to(device)
+
     @abstractmethod
     def setup(self, model: torch.nn.Module, config: RunConfig) -> None:
-        """Mark trainable parameters (``requires_grad``) and build ``self.optimizer``."""
+        """Mark trainable parameters (``requires_grad``) and build ``self.optimizer`` (or, for a
+        method that chooses its entries from data, build it in ``select``)."""
+
+    def selection_batches(self, config: RunConfig) -> int:
+        """Micro-batches the method needs to see before training starts (0: none)."""
+        return 0
+
+    def select(self, window: list[dict], backward: Callable[[dict], None]) -> str:
+        """Choose what trains from ``window``; ``backward(batch)`` runs the loss's backward for one
+        micro-batch and must not be followed by an update. Returns a line for the run's output."""
+        return ""
 
     def begin_step(self, step: int) -> None:  # noqa: B027 (optional hook)
         """Called before the first micro-batch of optimizer step ``step``."""
@@ -66,6 +86,10 @@ class Method(ABC):
         """Number of values the method can change over the whole run."""
         return sum(p.numel() for p in self.trainable_parameters())
 
+    def describe_trainable(self) -> str:
+        """What trains, for the run header."""
+        return f"{self.trainable_count():,} trainable"
+
     def state_dict(self) -> dict:
         """Method state for checkpoints (optimizer state included)."""
         return {"optimizer": self.optimizer.state_dict()}
@@ -73,8 +97,11 @@ class Method(ABC):
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def export(self, model: torch.nn.Module, tokenizer, out_dir: Path, save_dtype: torch.dtype) -> Path:
-        """Write the fine-tuned result; the default is a full Hugging Face model directory."""
+    def export(
+        self, model: torch.nn.Module, tokenizer, job_dir: Path, save_dtype: torch.dtype, base: ResolvedModel
+    ) -> Path:
+        """Write the fine-tuned result into the job directory; the default is a full Hugging Face
+        model directory ``job_dir/model``. ``base`` is the model the run started from."""
         from lowmem_ft.export import save_hf_model
 
-        return save_hf_model(model, tokenizer, out_dir, save_dtype)
+        return save_hf_model(model, tokenizer, job_dir / "model", save_dtype)

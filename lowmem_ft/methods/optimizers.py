@@ -7,16 +7,23 @@ import torch
 OPTIMIZERS = ("adamw", "sgd", "adagrad", "adamw8bit")
 
 
-def decay_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
-    """Parameter groups: no weight decay on norms and biases (1-D tensors), as is usual."""
+def decay_groups(params: list[torch.nn.Parameter], weight_decay: float, decay_1d: bool = False) -> list[dict]:
+    """Parameter groups: no weight decay on norms and biases (1-D tensors), as is usual.
+
+    ``decay_1d`` decays every tensor: a sparse increment is stored as 1-D values but belongs to
+    weight matrices, and its decay must pull it back towards the base."""
+    if decay_1d:
+        return [{"params": list(params), "weight_decay": weight_decay}]
     return [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
 
 
-def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
-    groups = [g for g in decay_groups(params, weight_decay) if g["params"]]
+def make_optimizer(
+    name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float, decay_1d: bool = False
+):
+    groups = [g for g in decay_groups(params, weight_decay, decay_1d) if g["params"]]
     if name == "adamw":
         # fused=True: one kernel per step and no temporaries; the default foreach kernels allocate
         # full-size scratch copies of the moments during step(), which the planner does not budget.

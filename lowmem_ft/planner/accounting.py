@@ -20,6 +20,7 @@ scores; it does not describe these models.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lowmem_ft.planner.shapes import ModelShape
@@ -27,11 +28,17 @@ from lowmem_ft.planner.shapes import ModelShape
 GiB = 1024**3
 # Bytes per trainable SIFT entry: fp32 value, int32 index, fp32 Adam m and v, fp32 gradient.
 SIFT_BYTES_PER_ENTRY = 4 + 4 + 8 + 4
-# Bytes per weight of a bitsandbytes-quantised base: int8 (+ per-row scale), NF4 (+ fp32 absmax per 64).
-QUANT_BYTES = {"none": 2.0, "int8": 1.0 + 1 / 1024, "nf4": 0.5 + 4 / 64}
+# Bytes per weight of a bitsandbytes-quantised base (engine/sparse_delta.py): blockwise int8 with an
+# fp32 absmax per 256 weights, NF4 with an fp32 absmax per 64. "none" is the compute dtype's size.
+QUANT_BYTES = {"int8": 1.0 + 4 / 256, "nf4": 0.5 + 4 / 64}
 # Optimizer-state bytes per parameter by state policy: fp32 m and v, or bitsandbytes 8-bit m and v.
 # 8-bit: one byte per value plus an fp32 scale per block of 256 (engine/state_store.py).
 STATE_BYTES = {"keep": 8, "drop": 8, "keep-8bit": 2 * (1 + 4 / 256)}
+
+
+def sparse_entries(numel: int, rate: float) -> int:
+    """Trainable entries of one weight tensor at ``rate`` (the planner and the sparse methods agree)."""
+    return min(numel, max(1, math.ceil(rate * numel)))
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,8 @@ def build_plan(
     sparsity: float | None = None,
     base_quant: str | None = None,
     groups: int | None = None,
+    targets: str = "all-linear",
+    selection_batches: int = 1,
 ) -> PlanResult:
     """Plan MODEL (or an already-read ``config``) for this machine or the one the flags describe."""
     from lowmem_ft.hardware import detect_budget
@@ -85,6 +87,7 @@ def build_plan(
         f"--base-quant must be one of {', '.join(BASE_QUANTS)}, got {base_quant!r}",
     )
 
+    _check(selection_batches >= 1, f"--selection-batches must be at least 1, got {selection_batches}")
     if config is None:
         config, name = read_config(model)
     else:
@@ -115,6 +118,8 @@ def build_plan(
         state_policy=state_policy,
         sparsity=sparsity,
         base_quant=base_quant,
+        targets=targets,
+        selection_batches=selection_batches,
     )
     plan = make_plan(shape, request, budget.gpu_bytes, budget.host_bytes, budget.link_bytes_per_s)
     return PlanResult(name, shape, budget, plan)

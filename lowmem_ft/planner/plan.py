@@ -32,10 +32,12 @@ from lowmem_ft.planner.accounting import (
     hift_activation_bytes,
     loss_transient_bytes,
     recompute_bytes,
+    sparse_entries,
 )
 from lowmem_ft.planner.shapes import ModelShape
 
-PLANNABLE_METHODS = ("full", "hift", "sift")
+PLANNABLE_METHODS = ("full", "hift", "sift", "random", "magnitude")
+SPARSE_METHODS = ("sift", "random", "magnitude")  # one engine, one accounting; they differ in the mask
 DTYPE_NAMES = {2: "bf16", 4: "fp32"}
 STATE_POLICIES = ("keep", "keep-8bit", "drop")
 BASE_QUANTS = ("none", "int8", "nf4")
@@ -58,8 +60,10 @@ class PlanRequest:
     gradient_checkpointing: bool | None = None
     units_per_group: int | None = None  # hift
     state_policy: str | None = None  # hift: keep | keep-8bit | drop
-    sparsity: float | None = None  # sift
-    base_quant: str | None = None  # sift: none | int8 | nf4
+    sparsity: float | None = None  # sparse methods
+    base_quant: str | None = None  # sparse methods: none | int8 | nf4
+    targets: str = "all-linear"  # sparse methods (lowmem_ft/targets.py)
+    selection_batches: int = 1  # sift: micro-batches whose gradients choose the entries
 
 
 @dataclass
@@ -212,9 +216,20 @@ def estimate_hift(
     )
 
 
-def sift_targets(shape: ModelShape) -> list[int]:
-    """Sizes of SIFT's target tensors: every linear weight of every decoder layer."""
-    return [rows * cols for u in shape.layer_units for _, rows, cols in u.linears]
+def sift_targets(shape: ModelShape, targets: str = "all-linear") -> list[int]:
+    """Sizes of the target weights ``--targets`` selects, by the module names the model would have."""
+    from lowmem_ft.targets import match_targets
+
+    sizes = {
+        f"model.layers.{n}.{name}": rows * cols
+        for n, unit in enumerate(shape.layer_units)
+        for name, rows, cols in unit.linears
+    }
+    sizes |= {
+        name: rows * cols for unit in shape.units if unit.name == "head" for name, rows, cols in unit.linears
+    }
+    others = ["model.embed_tokens"] + (["lm_head"] if shape.tied_embeddings else [])
+    return [sizes[name] for name in match_targets(list(sizes), targets, others)]
 
 
 def estimate_sift(
@@ -225,30 +240,49 @@ def estimate_sift(
     sparsity: float,
     base_quant: str,
 ) -> Estimate:
-    p = Precision(weight_bytes=2, compute_bytes=request.compute_bytes)
-    targets = sift_targets(shape)
+    # The frozen base is stored in the compute precision (fp32 on a CPU) or quantised.
+    w = request.compute_bytes
+    p = Precision(weight_bytes=w, compute_bytes=request.compute_bytes)
+    targets = sift_targets(shape, request.targets)
     target_params = sum(targets)
     other = shape.params - target_params
-    entries = sum(math.ceil(sparsity * n) for n in targets)
-    base = int(QUANT_BYTES[base_quant] * target_params) + 2 * other
-    dense_grad = p.compute_bytes * max(targets)  # one dense gradient at a time, gathered and freed
-    dequant = 2 * max(targets) if base_quant != "none" else 0
+    entries = sum(sparse_entries(n, sparsity) for n in targets)
+    target_bytes = int(QUANT_BYTES[base_quant] * target_params) if base_quant != "none" else w * target_params
+    base = target_bytes + w * other
+    # W + Δ in the forward, then in the backward W + Δ again and the dense weight gradient, one
+    # after the other: one dense weight-sized tensor at a time (engine/sparse_delta.py).
+    dense = p.compute_bytes * max(targets)
+    increment = SIFT_BYTES_PER_ENTRY * entries
     parts, acts, loss, logits_grad, extra = _activation_parts(shape, request, p, micro_batch, checkpointing)
+    base_name = DTYPE_NAMES[w] if base_quant == "none" else base_quant
     components = [
-        Component(f"base weights ({'bf16' if base_quant == 'none' else base_quant}, frozen)", base),
+        Component(f"base weights ({base_name}, frozen)", base),
         Component(
-            "sparse increment: values, indices, Adam m, v, gradients",
-            SIFT_BYTES_PER_ENTRY * entries,
+            "sparse increment: values, indices, gradients, Adam m, v",
+            increment,
             note=f"{entries:,} entries ({sparsity:.2%} of {target_params:,})",
         ),
-        Component("largest dense gradient (transient)", dense_grad),
-        *([Component("dequantised weight (transient)", dequant)] if dequant else []),
+        Component("W + Δ or its dense gradient (transient)", dense, note="one weight at a time"),
         *parts,
     ]
-    persistent = base + SIFT_BYTES_PER_ENTRY * entries + dequant
     return Estimate(
-        components, persistent, acts, loss, logits_grad, dense_grad, extra + dense_grad, trainable=entries
-    )
+        components, base + increment, acts, max(loss, dense), max(logits_grad, dense), 0, extra + dense,
+        trainable=entries,
+    )  # fmt: skip
+
+
+def selection_passes(shape: ModelShape, request: PlanRequest, est: Estimate, spare: int) -> int:
+    """Passes over the selection window so that its fp32 running scores fit.
+
+    Scores exist only before training, when the increment's memory (values, states, gradients)
+    is not allocated yet; they may use that memory plus what the plan leaves spare, less an fp32
+    copy of the largest gradient. One micro-batch needs no running scores at all."""
+    if request.selection_batches <= 1:
+        return 1
+    targets = sift_targets(shape, request.targets)
+    increment = next(c.gpu_bytes for c in est.components if c.name.startswith("sparse increment"))
+    room = max(increment + spare - 4 * max(targets), 4 * max(targets))
+    return min(len(targets), math.ceil(4 * sum(targets) / room))
 
 
 # -- fitting ---------------------------------------------------------------------------------------
@@ -307,7 +341,11 @@ def make_plan(
     shape: ModelShape, request: PlanRequest, gpu_budget: int, host_budget: int, link: float | None
 ) -> Plan:
     fitter = Fitter(shape, request, gpu_budget, host_budget)
-    search = {"full": _search_full, "hift": _search_hift, "sift": _search_sift}[request.method]
+    search = (
+        _search_sift
+        if request.method in SPARSE_METHODS
+        else {"full": _search_full, "hift": _search_hift}[request.method]
+    )
     best, settings, load_bytes, notes = search(shape, request, fitter)
     gpu_peak, host_peak, components = fitter.totals(best, load_bytes)
     fits = fitter.fits(gpu_peak, host_peak)
@@ -442,7 +480,8 @@ def _search_sift(shape, request, fitter):
     up to 10%. The user's --sparsity or --base-quant pins that choice."""
     quants = [request.base_quant] if request.base_quant else list(BASE_QUANTS)
     rates = [request.sparsity] if request.sparsity else list(SPARSITY_GRID)
-    load = 2 * shape.params  # weights arrive in bf16 and are quantised on the GPU
+    # Weights are loaded on the host in the compute precision, then moved (and quantised) one at a time.
+    load = request.compute_bytes * shape.params
 
     def best_for(quant: str, allowed: list[float]):
         for rate in allowed:
@@ -467,6 +506,10 @@ def _search_sift(shape, request, fitter):
         if quant == "none" and above:  # room to spare on an unquantised base: go above 5%
             rate, (est, mb, ckpt) = best_for(quant, above) or (rate, (est, mb, ckpt))
     settings = {"sparsity": rate, "base_quant": quant, "micro_batch_size": mb, "gradient_checkpointing": ckpt}
+    if request.method == "sift":
+        gpu_peak, host_peak, _ = fitter.totals(est, load)
+        spare = fitter.gpu_budget - gpu_peak if fitter.on_gpu else fitter.host_budget - host_peak
+        settings["selection_passes"] = selection_passes(shape, request, est, max(0, spare))
     return est, {**settings, **_accumulation(request, mb)}, load, []
 
 

@@ -46,11 +46,15 @@ def parse_targets(spec: str) -> list[str]:
     return items
 
 
-def match_targets(linear_names: list[str], spec: str, other_names: list[str] = ()) -> list[str]:
+def match_targets(
+    linear_names: list[str], spec: str, other_names: list[str] = (), tied_names: list[str] = ()
+) -> list[str]:
     """The linear layers ``spec`` selects, in model order.
 
     Every item must select something: a typo would otherwise silently train less than asked.
-    ``other_names`` are the model's non-linear modules, to explain a pattern that names one.
+    ``other_names`` are the model's non-linear modules, to explain a pattern that names one;
+    ``tied_names`` linear layers whose weight is the input embedding's (a tied LM head), which
+    cannot take an increment of their own.
     """
     chosen: set[str] = set()
     for item in parse_targets(spec):
@@ -58,6 +62,12 @@ def match_targets(linear_names: list[str], spec: str, other_names: list[str] = (
             found = {n for n in linear_names if _keyword_matches(item, n)}
         else:
             found = {n for n in linear_names if _pattern_matches(item, n)}
+        tied = [n for n in tied_names if _pattern_matches(item, n)]
+        if tied:
+            raise UserError(
+                f"--targets {item!r} names {tied[0]}, which shares its weight with the input embedding "
+                "in this model (tie_word_embeddings); leave it out"
+            )
         if not found:
             others = [n for n in other_names if _pattern_matches(item, n)]
             if others:

@@ -189,3 +189,55 @@ def backward_extra_bytes(model, forward) -> int:
     with _LiveBytes() as tracker:
         loss.backward()
     return tracker.peak
+
+
+def trace_sift_step(config: dict, sparsity: float, layers: int = 2, seq_len: int = 512, micro_batch: int = 1,
+                    compute_dtype: torch.dtype = torch.float32,
+                    checkpointing: bool = False) -> dict[str, int]:  # fmt: skip
+    """Selection on one micro-batch, then one SIFT step, on fake tensors: bytes by component."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowmem_ft.config import RunConfig
+    from lowmem_ft.methods import build_method
+    from lowmem_ft.train import enable_checkpointing, loss_sum
+
+    cfg = AutoConfig.for_model(**{**config, "num_hidden_layers": layers, "use_cache": False})
+    cfg._attn_implementation = "sdpa"
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[compute_dtype]
+    run_config = RunConfig(model="trace", data=Path("t.jsonl"), method="sift", sparsity=sparsity, lr=1e-5,
+                           dtype=dtype_name, device="cpu")  # fmt: skip
+    method = build_method("sift")
+    cpu = torch.device("cpu")
+    with FakeTensorMode():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=method.weight_dtype(run_config))
+        if checkpointing:
+            enable_checkpointing(model)
+        model.train()
+        method.setup(model, run_config)
+        ids = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        method.select([batch], lambda b: loss_sum(model, b, cpu, compute_dtype).backward())
+        losses = []
+        activations = saved_activation_bytes(
+            model, lambda: losses.append(loss_sum(model, batch, cpu, compute_dtype))
+        )
+        losses[0].backward()
+        values = method.trainable_parameters()
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in values)
+        method.optimizer.step()
+        states = sum(
+            v.numel() * v.element_size()
+            for state in method.optimizer.state.values()
+            for v in state.values()
+            if isinstance(v, torch.Tensor) and v.ndim > 0
+        )
+        layers_ = method.layers.values()
+        increment = grads + states + sum(p.numel() * p.element_size() for p in values)
+        increment += sum(layer.indices.numel() * layer.indices.element_size() for layer in layers_)
+        base = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    return {
+        "base": base,
+        "increment": increment,
+        "activations": activations,
+        "entries": method.trainable_count(),
+    }

@@ -190,6 +190,11 @@ def test_bad_data_is_one_line_exit_2_and_no_job_directory(case, tmp_path, capsys
         (["run", "tiny", "DATA", "--no-such-flag"], "No such option"),
         (["run", "tiny", "DATA", "--max-steps", "many"], "Invalid value for '--max-steps'"),
         (["run"], "Missing argument 'model'"),
+        (["run", "tiny", "DATA", "--sparsity", "0.01"], "--sparsity applies to --method sift"),
+        (["run", "tiny", "DATA", "--method", "sift", "--targets", "qproj"], "matches no linear layer"),
+        (["run", "tiny", "DATA", "--method", "sift", "--targets", "lm_head"], "shares its weight"),
+        (["run", "tiny", "DATA", "--method", "sift", "--base-quant", "fp8"], "--base-quant must be one of"),
+        (["run", "tiny", "DATA", "--method", "sift", "--sparsity", "0"], "--sparsity is the fraction"),
     ],
 )
 def test_bad_invocations_are_one_clear_line(args, message, tmp_path, capsys, monkeypatch, small_data):

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
-from memtrace import trace_hift_step, trace_step
+from memtrace import trace_hift_step, trace_sift_step, trace_step
 from test_cli import cli
 from test_models import PUBLISHED_PARAMS
 
 from lowmem_ft.errors import UserError
 from lowmem_ft.models.registry import ALIASES
 from lowmem_ft.planner import PlanRequest, build_plan, make_plan, read_config, shape_from_config
-from lowmem_ft.planner.plan import estimate_full, estimate_hift
+from lowmem_ft.planner.plan import estimate_full, estimate_hift, estimate_sift
 
 GiB = 1024**3
 
@@ -125,6 +126,29 @@ def test_sift_sparsity_rises_with_the_budget():
     assert plan("sift", 80).settings["base_quant"] == "none"
 
 
+def test_sift_selection_window_is_scored_in_passes_that_fit():
+    """Running scores are fp32 and dense: one micro-batch needs none, a window of several is scored
+    a slice of the weights at a time, in more passes the smaller the budget."""
+    assert plan("sift", 12).settings["selection_passes"] == 1
+    passes = [plan("sift", gib, selection_batches=4).settings["selection_passes"] for gib in (8, 12, 24)]
+    assert passes == sorted(passes, reverse=True) and passes[0] > passes[-1] >= 1
+    assert any("passes over them" in note for note in plan("sift", 8, selection_batches=4).notes)
+
+
+def test_sift_targets_change_what_is_counted():
+    everything, attention = (
+        plan("sift", 48, sparsity=0.01),
+        plan("sift", 48, sparsity=0.01, targets="attention"),
+    )
+    per_layer_attention = 4 * 4096 * 4096
+    assert attention.trainable_params == 32 * math.ceil(0.01 * 4096 * 4096) * 4
+    assert (
+        everything.trainable_params > attention.trainable_params * (6.5e9 / (32 * per_layer_attention)) * 0.9
+    )
+    with pytest.raises(UserError, match="matches no linear layer"):
+        plan("sift", 48, targets="qproj")
+
+
 def test_explicit_options_win_and_the_plan_says_whether_they_fit():
     forced = plan(
         "full", 0, host_gib=200, model="qwen2.5-0.5b", micro_batch_size=16, gradient_checkpointing=False
@@ -190,3 +214,27 @@ def test_plan_needs_no_weights():
         build_plan("no-such-model")
     result = build_plan("llama-2-70b", method="hift", gpu_mem="24GiB", cpu_mem="256GiB")
     assert result.shape.params == 68_976_648_192 and result.plan.fits
+
+
+SIFT_TRACE_CASES = [
+    ("llama-2-7b", torch.float32, 512, 0.01, False),
+    ("llama-2-7b", torch.bfloat16, 512, 0.05, False),
+    ("llama-2-7b", torch.bfloat16, 1024, 0.01, True),
+    ("qwen2.5-0.5b", torch.bfloat16, 1024, 0.01, False),  # q/k/v biases, tied embedding
+]
+
+
+@pytest.mark.parametrize(("alias", "dtype", "seq_len", "sparsity", "checkpointing"), SIFT_TRACE_CASES)
+def test_sift_bytes_match_a_traced_step_within_5_percent(alias, dtype, seq_len, sparsity, checkpointing):
+    """Selection and one step of SIFT on a 2-layer slice at full width: the planner's frozen base,
+    increment (values, indices, gradients, AdamW state) and activations against the trace."""
+    config = {**read_config(alias)[0], "num_hidden_layers": 2}
+    trace = trace_sift_step(config, sparsity, 2, seq_len, 1, dtype, checkpointing)
+    request = PlanRequest(method="sift", seq_len=seq_len, compute_bytes=2 if dtype == torch.bfloat16 else 4)
+    shape = shape_from_config(config)
+    est = estimate_sift(shape, request, 1, checkpointing, sparsity=sparsity, base_quant="none")
+    planned = {c.name.split(" (")[0].split(":")[0]: c.gpu_bytes for c in est.components}
+    assert est.trainable == trace["entries"]
+    assert planned["base weights"] == pytest.approx(trace["base"], rel=0.05)
+    assert planned["sparse increment"] == pytest.approx(trace["increment"], rel=0.05)
+    assert est.activations == pytest.approx(trace["activations"], rel=0.05)

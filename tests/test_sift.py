@@ -323,3 +323,74 @@ def test_flags_of_sparse_methods_are_checked():
     ]:
         with pytest.raises(UserError, match=message):
             RunConfig(model="t", data=Path("x.jsonl"), **{"method": "sift", **overrides}).validate()
+
+
+# -- as a user runs it ---------------------------------------------------------------------------------
+def test_sift_job_exports_a_small_delta_that_merges_into_the_trained_model(tmp_path, capsys, tiny_dir):
+    """Train through the recipe, then `lowmem-ft export --merge`: transformers loads the merged
+    model and its logits are the in-training model's; a base with other weights is refused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from test_cli import cli, small_data
+    from transformers import AutoModelForCausalLM
+
+    from lowmem_ft import train as recipe
+    from lowmem_ft.jobs import Job
+
+    data = small_data.__wrapped__(tmp_path)
+    cfg = RunConfig(model="tiny", data=data, out=tmp_path / "job", method="sift", sparsity=0.01, max_steps=3,
+                    batch_size=8, micro_batch_size=4, seq_len=96, lr=1e-2)  # fmt: skip
+    s = recipe.setup(cfg)
+    job = Job.create(cfg.out, cfg.to_json(), max_steps=s.max_steps)
+    recipe.train(s, job, show_progress=False)
+    stdout = capsys.readouterr().out
+    assert "selection  top 1.00% of each weight" in stdout and "delta.safetensors" in stdout
+
+    delta = job.dir / "delta.safetensors"
+    assert delta.stat().st_size < 0.05 * (tiny_dir / "model.safetensors").stat().st_size
+    code, shown, err = cli(capsys, "export", job.dir)
+    assert code == 0 and f"in {len(s.method.layers)} weights" in shown, err
+
+    merged = tmp_path / "merged"
+    code, _, err = cli(capsys, "export", job.dir, "--merge", "--out", merged, "--save-dtype", "fp32")
+    assert code == 0, err
+    reloaded = AutoModelForCausalLM.from_pretrained(merged)
+    batch = next(iter(s.batcher.next_step()))
+    s.model.eval()
+    with torch.no_grad():
+        expected = s.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    for name, layer in s.method.layers.items():  # the merge is base + Δ exactly (fp32)
+        torch.testing.assert_close(
+            reloaded.get_submodule(name).weight, layer.effective_weight(torch.float32), rtol=0, atol=0
+        )
+
+    other_base = tmp_path / "other-base"
+    shutil.copytree(tiny_dir, other_base)
+    tensors = load_file(other_base / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.01
+    save_file(tensors, other_base / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()  # transformers' loading bar above is not the command's output
+    code, _, err = cli(capsys, "export", job.dir, "--merge", "--out", tmp_path / "m2", "--base", other_base)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "is not the base this delta" in err
+    assert not (tmp_path / "m2").exists()
+
+
+def test_export_explains_what_it_cannot_do(tmp_path, capsys):
+    code, _, err = cli_run(capsys, "export", tmp_path / "nowhere")
+    assert code == 2 and "no such job directory" in err
+    job = tmp_path / "full-job"
+    (job / "model").mkdir(parents=True)
+    (job / "job.json").write_text('{"status": "done", "config": {"method": "full"}}')
+    code, _, err = cli_run(capsys, "export", job, "--merge", "--out", tmp_path / "m")
+    assert code == 2 and "its full model is already in" in err
+    code, _, err = cli_run(capsys, "export", job, "--merge")
+    assert code == 2 and "--merge needs --out" in err
+
+
+def cli_run(capsys, *args):
+    from test_cli import cli
+
+    return cli(capsys, *args)

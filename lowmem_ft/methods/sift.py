@@ -26,7 +26,6 @@ from functools import partial
 import torch
 
 from lowmem_ft.engine.sparse_delta import SparseDeltaLinear, wrap_linears
-from lowmem_ft.errors import UserError
 from lowmem_ft.methods.base import Method
 from lowmem_ft.methods.optimizers import make_optimizer
 from lowmem_ft.planner.accounting import SIFT_BYTES_PER_ENTRY, sparse_entries
@@ -64,21 +63,15 @@ class SparseIncrement(Method):
             self._fix_entries({name: self.choose(name, layer) for name, layer in self.layers.items()})
 
     def _wrap(self, model, config, device) -> None:
-        linear_names, other_names = [], []
+        embed = model.get_input_embeddings()
+        linear_names, other_names, tied_names = [], [], []
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear):
-                linear_names.append(name)
+                # A head tied to the embedding: an increment on it would change the embedding too.
+                (tied_names if module.weight is embed.weight else linear_names).append(name)
             elif name and next(module.parameters(recurse=False), None) is not None:
                 other_names.append(name)
-        names = match_targets(linear_names, config.targets, other_names)
-        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-        if head is not None and embed is not None and head.weight is embed.weight:
-            tied = [n for n in names if model.get_submodule(n) is head]
-            if tied:
-                raise UserError(
-                    f"--targets includes {tied[0]}, which shares its weight with the input embedding "
-                    "in this model (tie_word_embeddings); leave it out"
-                )
+        names = match_targets(linear_names, config.targets, other_names, tied_names)
         self.layers: dict[str, SparseDeltaLinear] = wrap_linears(
             model, names, config.base_quant or "none", device
         )

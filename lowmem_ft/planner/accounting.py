@@ -100,6 +100,26 @@ def hift_activation_bytes(
     return worst
 
 
+def sift_activation_bytes(
+    shape: ModelShape, seq_len: int, micro_batch: int, p: Precision, checkpointing: bool
+) -> int:
+    """Activations of a sparse-increment run: every weight is frozen, so a layer keeps what its
+    input gradient needs (as a frozen HiFT layer) plus the inputs of its linear layers, which the
+    sparse weight gradients need — the attention and MLP inputs and the MLP's inner product:
+
+        frozen layer + e·(2h + i)     bytes per token (measured exactly, fp32 and bf16)
+
+    Nothing below the first layer trains, so its input norm keeps nothing (4h less), unless the
+    layers are checkpointed and keep only their inputs anyway."""
+    tokens = seq_len * micro_batch
+    outside = hift_outside_layers_bytes(shape, seq_len, tokens, head_trains=False)
+    if checkpointing:
+        return shape.layers * checkpoint_bytes(shape, tokens, p) + outside
+    extra_inputs = p.compute_bytes * (2 * shape.hidden + shape.intermediate) * tokens
+    layer = frozen_layer_activation_bytes(shape, seq_len, tokens, p) + extra_inputs
+    return shape.layers * layer + outside - 4 * shape.hidden * tokens
+
+
 def hift_outside_layers_bytes(shape: ModelShape, seq_len: int, tokens: int, head_trains: bool) -> int:
     """Final norm (its fp32 input; its output too when it trains) and the loss's log-probabilities."""
     shifted = tokens * (seq_len - 1) // seq_len

@@ -32,6 +32,7 @@ from lowmem_ft.planner.accounting import (
     hift_activation_bytes,
     loss_transient_bytes,
     recompute_bytes,
+    sift_activation_bytes,
     sparse_entries,
 )
 from lowmem_ft.planner.shapes import ModelShape
@@ -228,8 +229,8 @@ def sift_targets(shape: ModelShape, targets: str = "all-linear") -> list[int]:
     sizes |= {
         name: rows * cols for unit in shape.units if unit.name == "head" for name, rows, cols in unit.linears
     }
-    others = ["model.embed_tokens"] + (["lm_head"] if shape.tied_embeddings else [])
-    return [sizes[name] for name in match_targets(list(sizes), targets, others)]
+    tied = ["lm_head"] if shape.tied_embeddings else []
+    return [sizes[name] for name in match_targets(list(sizes), targets, ["model.embed_tokens"], tied)]
 
 
 def estimate_sift(
@@ -253,7 +254,9 @@ def estimate_sift(
     # after the other: one dense weight-sized tensor at a time (engine/sparse_delta.py).
     dense = p.compute_bytes * max(targets)
     increment = SIFT_BYTES_PER_ENTRY * entries
-    parts, acts, loss, logits_grad, extra = _activation_parts(shape, request, p, micro_batch, checkpointing)
+    parts, _, loss, logits_grad, extra = _activation_parts(shape, request, p, micro_batch, checkpointing)
+    acts = sift_activation_bytes(shape, request.seq_len, micro_batch, p, checkpointing)
+    parts[0] = Component(parts[0].name, acts, note=parts[0].note)
     base_name = DTYPE_NAMES[w] if base_quant == "none" else base_quant
     components = [
         Component(f"base weights ({base_name}, frozen)", base),
@@ -491,6 +494,7 @@ def _search_sift(shape, request, fitter):
                 return rate, found
         return None
 
+    notes = []
     capped = [r for r in rates if r <= SIFT_DEFAULT_MAX_RATE] or rates
     results = {quant: best_for(quant, capped) for quant in quants}
     fitting = [(result[0], -quants.index(quant), quant) for quant, result in results.items() if result]
@@ -509,8 +513,13 @@ def _search_sift(shape, request, fitter):
     if request.method == "sift":
         gpu_peak, host_peak, _ = fitter.totals(est, load)
         spare = fitter.gpu_budget - gpu_peak if fitter.on_gpu else fitter.host_budget - host_peak
-        settings["selection_passes"] = selection_passes(shape, request, est, max(0, spare))
-    return est, {**settings, **_accumulation(request, mb)}, load, []
+        passes = settings["selection_passes"] = selection_passes(shape, request, est, max(0, spare))
+        if passes > 1:
+            notes.append(
+                f"selection scores of {request.selection_batches} micro-batches do not fit at once: "
+                f"{passes} passes over them, each scoring a slice of the weights"
+            )
+    return est, {**settings, **_accumulation(request, mb)}, load, notes
 
 
 def _shortfall(plan: Plan, shape, request, gpu_budget, host_budget, link) -> str:

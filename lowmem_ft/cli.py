@@ -328,8 +328,10 @@ def export(
     from lowmem_ft.hardware import format_bytes
 
     if not merge:
-        if out is not None:
-            raise UserError("--out is where --merge writes; add --merge")
+        given = [flag for flag, value in (("--out", out), ("--base", base)) if value is not None]
+        given += ["--save-dtype"] if save_dtype != "auto" else []
+        if given:
+            raise UserError(f"{', '.join(given)} only apply to --merge; add --merge")
         path = find_delta(job_dir)
         delta = read_delta(path)
         meta = delta.meta

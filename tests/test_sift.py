@@ -153,6 +153,26 @@ def test_the_step_after_an_update_uses_the_updated_weights(small_model):
     torch.testing.assert_close(loss_of(small_model, data[2]), loss_of(plain, data[2]))
 
 
+def test_activation_checkpointing_gives_the_same_steps(small_model):
+    """The recompute in the backward runs the sparse layer's forward again: same losses, same Δ."""
+    from lowmem_ft.train import enable_checkpointing
+
+    data = batches(small_model, 4)
+    checkpointed = copy.deepcopy(small_model)
+    enable_checkpointing(checkpointed)
+    checkpointed.train()
+    plain = setup_sift(small_model, data[:1])
+    recomputed = setup_sift(checkpointed, data[:1])
+    steps = [data[1:3], data[3:4]]
+    calls = []
+    next(iter(recomputed.layers.values())).register_forward_hook(lambda *_: calls.append(1))
+    assert sift_steps(checkpointed, recomputed, steps) == pytest.approx(sift_steps(small_model, plain, steps))
+    assert len(calls) == 2 * 3, "each micro-batch's forward runs again in the backward"
+    for name, layer in plain.layers.items():
+        assert torch.equal(layer.indices, recomputed.layers[name].indices)
+        torch.testing.assert_close(layer.values, recomputed.layers[name].values, msg=name)
+
+
 def test_forward_rounds_base_plus_increment_once_in_bf16():
     linear = torch.nn.Linear(16, 8).to(torch.bfloat16)
     layer = SparseDeltaLinear(linear)

@@ -38,6 +38,32 @@ def _total(snapshot: dict) -> int:
     return sum(v for k, v in per_device.items() if "TOTAL" not in str(k).upper())
 
 
+def _fake_model_and_batch(cfg, method, run_config, checkpointing: bool, micro_batch: int, seq_len: int):
+    """Inside FakeTensorMode: the model built from ``cfg``, set up by ``method``, and one batch."""
+    from transformers import AutoModelForCausalLM
+
+    from lowmem_ft.train import enable_checkpointing
+
+    # The dtype must be explicit: from_config would otherwise follow the config's torch_dtype.
+    model = AutoModelForCausalLM.from_config(cfg, dtype=method.weight_dtype(run_config))
+    if checkpointing:
+        enable_checkpointing(model)
+    model.train()
+    method.setup(model, run_config)
+    ids = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len))
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def _state_bytes(optimizer) -> int:
+    """Bytes of the optimizer's state tensors (not the step counters)."""
+    return sum(
+        v.numel() * v.element_size()
+        for state in optimizer.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor) and v.ndim > 0
+    )
+
+
 def trace_step(
     config: dict,
     method_name: str,
@@ -47,11 +73,11 @@ def trace_step(
     compute_dtype: torch.dtype = torch.bfloat16,
     checkpointing: bool = False,
 ) -> Trace:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from lowmem_ft.config import RunConfig
     from lowmem_ft.methods import build_method
-    from lowmem_ft.train import enable_checkpointing, loss_sum
+    from lowmem_ft.train import loss_sum
 
     cfg = AutoConfig.for_model(**{**config, "num_hidden_layers": layers, "use_cache": False})
     cfg._attn_implementation = "sdpa"
@@ -59,14 +85,7 @@ def trace_step(
     method = build_method(method_name)
     device = torch.device("cpu")
     with FakeTensorMode():
-        # The dtype must be explicit: from_config would otherwise follow the config's torch_dtype.
-        model = AutoModelForCausalLM.from_config(cfg, dtype=method.weight_dtype(run_config))
-        if checkpointing:
-            enable_checkpointing(model)
-        model.train()
-        method.setup(model, run_config)
-        ids = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len))
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        model, batch = _fake_model_and_batch(cfg, method, run_config, checkpointing, micro_batch, seq_len)
         tracker = MemTracker()
         tracker.track_external(model, method.optimizer)
         with tracker:
@@ -144,12 +163,7 @@ def trace_hift_step(config: dict, group: int, layers: int = 2, seq_len: int = 51
         method.reduce_gradients()
         grads = sum(p.grad.numel() * p.grad.element_size() for p in method.trainable_parameters())
         method.optimizer.step()
-        states = sum(
-            v.numel() * v.element_size()
-            for state in method.optimizer.state.values()
-            for v in state.values()
-            if isinstance(v, torch.Tensor) and v.ndim > 0  # not the step counters
-        )
+        states = _state_bytes(method.optimizer)
         params = sum(p.numel() * p.element_size() for p in model.parameters())
     return Trace(params=params, grads=grads, optimizer_states=states, activations=activations, peak=0)
 
@@ -195,11 +209,11 @@ def trace_sift_step(config: dict, sparsity: float, layers: int = 2, seq_len: int
                     compute_dtype: torch.dtype = torch.float32,
                     checkpointing: bool = False) -> dict[str, int]:  # fmt: skip
     """Selection on one micro-batch, then one SIFT step, on fake tensors: bytes by component."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from lowmem_ft.config import RunConfig
     from lowmem_ft.methods import build_method
-    from lowmem_ft.train import enable_checkpointing, loss_sum
+    from lowmem_ft.train import loss_sum
 
     cfg = AutoConfig.for_model(**{**config, "num_hidden_layers": layers, "use_cache": False})
     cfg._attn_implementation = "sdpa"
@@ -209,13 +223,7 @@ def trace_sift_step(config: dict, sparsity: float, layers: int = 2, seq_len: int
     method = build_method("sift")
     cpu = torch.device("cpu")
     with FakeTensorMode():
-        model = AutoModelForCausalLM.from_config(cfg, dtype=method.weight_dtype(run_config))
-        if checkpointing:
-            enable_checkpointing(model)
-        model.train()
-        method.setup(model, run_config)
-        ids = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len))
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        model, batch = _fake_model_and_batch(cfg, method, run_config, checkpointing, micro_batch, seq_len)
         method.select([batch], lambda b: loss_sum(model, b, cpu, compute_dtype).backward())
         losses = []
         activations = saved_activation_bytes(
@@ -225,12 +233,7 @@ def trace_sift_step(config: dict, sparsity: float, layers: int = 2, seq_len: int
         values = method.trainable_parameters()
         grads = sum(p.grad.numel() * p.grad.element_size() for p in values)
         method.optimizer.step()
-        states = sum(
-            v.numel() * v.element_size()
-            for state in method.optimizer.state.values()
-            for v in state.values()
-            if isinstance(v, torch.Tensor) and v.ndim > 0
-        )
+        states = _state_bytes(method.optimizer)
         layers_ = method.layers.values()
         increment = grads + states + sum(p.numel() * p.element_size() for p in values)
         increment += sum(layer.indices.numel() * layer.indices.element_size() for layer in layers_)

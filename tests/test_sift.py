@@ -45,17 +45,23 @@ def _targets(batch) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
+def accumulate(model, micro_batches: list[dict]) -> float:
+    """Backward over a step's micro-batches, each weighted by its share of the step's targets."""
+    n = sum(_targets(b) for b in micro_batches)
+    total = 0.0
+    for b in micro_batches:
+        loss = loss_of(model, b) * _targets(b) / n
+        loss.backward()
+        total += loss.item()
+    return total
+
+
 def sift_steps(model, method, steps: list[list[dict]]) -> list[float]:
     """The recipe's step with gradient accumulation over each step's micro-batches."""
     losses = []
     for step, micro_batches in enumerate(steps):
         method.begin_step(step)
-        n = sum(_targets(b) for b in micro_batches)
-        total = 0.0
-        for b in micro_batches:
-            loss = loss_of(model, b) * _targets(b) / n
-            loss.backward()
-            total += loss.item()
+        total = accumulate(model, micro_batches)
         method.reduce_gradients()
         method.optimizer.step()
         method.optimizer.zero_grad(set_to_none=True)
@@ -91,12 +97,7 @@ def masked_adamw_reference(model, masks: dict[str, torch.Tensor], steps, lr=1e-2
     optimizer = make_optimizer("adamw", list(deltas.values()), lr, wd, decay_1d=True)
     losses = []
     for micro_batches in steps:
-        n = sum(_targets(b) for b in micro_batches)
-        total = 0.0
-        for b in micro_batches:
-            loss = loss_of(model, b) * _targets(b) / n
-            loss.backward()
-            total += loss.item()
+        total = accumulate(model, micro_batches)
         for name, delta in deltas.items():
             delta.grad.mul_(masks[name])
         optimizer.step()

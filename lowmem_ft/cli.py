@@ -300,11 +300,11 @@ def plan(
 EXPORT_EPILOG = """\
 Examples:
 
-  lowmem-ft export runs/tiny-sift-20261122-101500                          # what the delta holds
+  lowmem-ft export runs/sift                              # what the delta holds
 
-  lowmem-ft export runs/tiny-sift-20261122-101500 --merge --out merged/    # a full HF model
+  lowmem-ft export runs/sift --merge --out merged/        # a full Hugging Face model
 
-  lowmem-ft export runs/llama-sift-... --merge --out merged/ --base /data/llama-2-7b --save-dtype bf16
+  lowmem-ft export runs/sift --merge --out merged/ --base /data/llama-2-7b --save-dtype bf16
 """
 
 
@@ -331,7 +331,8 @@ def export(
         given = [flag for flag, value in (("--out", out), ("--base", base)) if value is not None]
         given += ["--save-dtype"] if save_dtype != "auto" else []
         if given:
-            raise UserError(f"{', '.join(given)} only apply to --merge; add --merge")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise UserError(f"{', '.join(given)} only {verb} to --merge; add --merge")
         path = find_delta(job_dir)
         delta = read_delta(path)
         meta = delta.meta

@@ -32,6 +32,16 @@ Examples:
   lowmem-ft run tiny examples/python-qa.jsonl --method sift --sparsity 0.01 --lr 1e-3
 """
 
+# Options that change nothing in the result, so `resume` accepts them too.
+SAVE_EVERY = typer.Option(0, help="Save a checkpoint every N optimizer steps; 0 = by time only.")
+SAVE_EVERY_MINUTES = typer.Option(
+    30.0, help="Save a checkpoint every M minutes; 0 = by steps only. (Also at the end and on Ctrl-C.)"
+)
+KEEP_CHECKPOINTS = typer.Option(2, help="Checkpoints kept in JOB/checkpoints; older ones are deleted.")
+MAX_BAD_STEPS = typer.Option(
+    5, help="Stop after this many steps in a row with a NaN/Inf loss (each one is skipped)."
+)
+
 app = typer.Typer(
     name="lowmem-ft",
     help="Fine-tune 7B-class language models on one GPU that cannot hold them the usual way.",
@@ -177,6 +187,10 @@ def run(
         "auto", help="Precision of the saved model: auto (the base model's), fp32, bf16, fp16."
     ),
     seed: int = typer.Option(0, help="Seed for data order, evaluation split and initialisation."),
+    save_every: int = SAVE_EVERY,
+    save_every_minutes: float = SAVE_EVERY_MINUTES,
+    keep_checkpoints: int = KEEP_CHECKPOINTS,
+    max_bad_steps: int = MAX_BAD_STEPS,
     allow_download: bool = typer.Option(
         False,
         "--allow-download",
@@ -189,9 +203,8 @@ def run(
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Fine-tune MODEL on DATA and write a job directory with metrics and the fine-tuned model."""
+    """Fine-tune MODEL on DATA and write a job directory with metrics, checkpoints and the result."""
     from lowmem_ft.config import RunConfig
-    from lowmem_ft.train import RunInterrupted
     from lowmem_ft.train import run as run_training
 
     config = RunConfig(
@@ -206,17 +219,102 @@ def run(
         weight_decay=weight_decay, grad_clip=grad_clip, batch_size=batch_size,
         micro_batch_size=micro_batch_size, epochs=epochs, max_steps=max_steps, dtype=dtype, device=device,
         gradient_checkpointing=gradient_checkpointing, gpu_mem=gpu_mem, cpu_mem=cpu_mem,
-        save_dtype=save_dtype, seed=seed,
+        save_dtype=save_dtype, seed=seed, save_every=save_every, save_every_minutes=save_every_minutes,
+        keep_checkpoints=keep_checkpoints, max_bad_steps=max_bad_steps,
         allow_download=allow_download, trust_remote_code=trust_remote_code,
     )  # fmt: skip
+    if out is not None and (out / "job.json").exists():
+        _offer_resume(out, config, quiet)
+        return
+    _training(lambda: run_training(config, show_progress=not quiet))
+
+
+def _training(start) -> None:
+    """Run a training entry point; Ctrl-C and SIGTERM end it with exit code 130."""
+    from lowmem_ft.train import RunInterrupted
+
     try:
-        run_training(config, show_progress=not quiet)
+        start()
     except RunInterrupted as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(130) from None
-    except KeyboardInterrupt:  # still setting up: no job directory was created
-        typer.echo("interrupted before training started; nothing was written", err=True)
+    except KeyboardInterrupt:  # still setting up: no training state was written
+        typer.echo("interrupted before training started; nothing was lost", err=True)
         raise typer.Exit(130) from None
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _offer_resume(out: Path, config, quiet: bool) -> None:
+    """`run --out DIR` where DIR already holds a job: offer to resume it, never overwrite it."""
+    from lowmem_ft.config import RunConfig
+    from lowmem_ft.jobs import read_job
+    from lowmem_ft.train import resume as resume_training
+
+    info = read_job(out)
+    if info is None or info.status == "done":
+        raise UserError(f"--out {out} holds a finished job; choose a new --out")
+    where = f"{info.status} at step {info.step}/{info.max_steps}"
+    if not _interactive():
+        raise UserError(
+            f"--out {out} holds an unfinished job ({where}); continue it with `lowmem-ft resume {out}`, "
+            "or choose a new --out"
+        )
+    if not typer.confirm(f"{out} holds an unfinished job ({where}). Resume it?", default=True):
+        raise UserError(f"--out {out} holds a job; choose a new --out")
+    saved = RunConfig.from_json(json.loads((out / "job.json").read_text()).get("requested", {}))
+    differ = [
+        "--" + key.replace("_", "-")
+        for key in ("model", "data", "method", "lr", "batch_size", "max_steps", "epochs", "seed")
+        if getattr(saved, key) != getattr(config, key)
+        and not (key == "data" and Path(saved.data).resolve() == Path(config.data).resolve())
+    ]
+    if differ:
+        typer.echo(f"note       the job keeps its own settings; this command's differ in {', '.join(differ)}")
+    _training(lambda: resume_training(out, show_progress=not quiet))
+
+
+RESUME_EPILOG = """\
+Examples:
+
+  lowmem-ft resume runs/tiny-hift-20261122-101500
+
+  lowmem-ft resume runs/big --gpu-mem 20GiB --micro-batch-size 2     # on a smaller GPU
+
+The job continues from its newest checkpoint that verifies (or from step 0 if it has none), with
+its own settings, planned again for this machine.
+"""
+
+
+@app.command(epilog=RESUME_EPILOG)
+def resume(
+    job_dir: Path = typer.Argument(..., help="The job directory to continue."),
+    gpu_mem: str | None = typer.Option(None, help="Use at most this much GPU memory, e.g. 20GiB."),
+    cpu_mem: str | None = typer.Option(None, help="Use at most this much host RAM, e.g. 48GiB."),
+    micro_batch_size: int | None = typer.Option(
+        None, help="Examples per forward/backward (same examples per step). [default: the planner's]"
+    ),
+    save_every: int | None = typer.Option(None, help="Checkpoint every N steps. [default: the job's]"),
+    save_every_minutes: float | None = typer.Option(
+        None, help="Checkpoint every M minutes. [default: the job's]"
+    ),
+    keep_checkpoints: int | None = typer.Option(None, help="Checkpoints kept. [default: the job's]"),
+    max_bad_steps: int | None = typer.Option(
+        None, help="NaN/Inf steps in a row before stopping. [default: the job's]"
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Continue an interrupted or failed job from its last valid checkpoint."""
+    from lowmem_ft.train import resume as resume_training
+
+    overrides = {
+        "gpu_mem": gpu_mem, "cpu_mem": cpu_mem, "micro_batch_size": micro_batch_size,
+        "save_every": save_every, "save_every_minutes": save_every_minutes,
+        "keep_checkpoints": keep_checkpoints, "max_bad_steps": max_bad_steps,
+    }  # fmt: skip
+    _training(lambda: resume_training(job_dir, overrides, show_progress=not quiet))
 
 
 PLAN_EPILOG = """\
@@ -387,7 +485,7 @@ def jobs(
     def num(x: float | None) -> str:
         return "-" if x is None else f"{x:.4f}"
 
-    rows = [("JOB", "STATUS", "STEP", "LOSS", "EVAL LOSS", "METHOD", "MODEL", "UPDATED")]
+    rows = [("JOB", "STATUS", "STEP", "CHECKPOINT", "LOSS", "EVAL LOSS", "METHOD", "MODEL", "UPDATED")]
     for j in found:
         step = f"{j.step}/{j.max_steps}" if j.max_steps else str(j.step)
         rows.append(
@@ -395,6 +493,7 @@ def jobs(
                 str(j.path),
                 j.status,
                 step,
+                "-" if j.checkpoint_step is None else f"step {j.checkpoint_step}",
                 num(j.loss),
                 num(j.eval_loss),
                 j.method,
@@ -408,6 +507,8 @@ def jobs(
     for j in found:
         if j.status == "failed" and j.error:
             typer.echo(f"{j.path}: failed: {j.error}")
+        elif j.status == "interrupted":
+            typer.echo(f"{j.path}: interrupted; continue with `lowmem-ft resume {j.path}`")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,6 +66,11 @@ class RunConfig:
     cpu_mem: str | None = None
     save_dtype: str = "auto"
     seed: int = 0
+    # checkpoints and faults (they change nothing in the result, so a resume may change them)
+    save_every: int = 0  # optimizer steps between checkpoints; 0: by time only
+    save_every_minutes: float = 30.0  # 0: by steps only
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 5  # NaN/Inf losses in a row before the job stops
     # model access
     allow_download: bool = False
     trust_remote_code: bool = False
@@ -159,11 +164,18 @@ class RunConfig:
         )
         if self.eval_data is not None:
             need(self.eval_data.exists(), f"{self.eval_data}: no such file (given as --eval-data)")
-        if self.out is not None and self.out.exists():
-            need(
-                self.out.is_dir() and not any(self.out.iterdir()),
-                f"--out {self.out} already exists and is not empty; choose a new directory or remove it",
-            )
+        need(
+            self.save_every >= 0, f"--save-every must be >= 0 steps (0 = by time only), got {self.save_every}"
+        )
+        need(
+            self.save_every_minutes >= 0,
+            f"--save-every-minutes must be >= 0 (0 = by steps only), got {self.save_every_minutes}",
+        )
+        need(
+            self.keep_checkpoints >= 1,
+            f"--keep-checkpoints must be at least 1 (the newest is always kept), got {self.keep_checkpoints}",
+        )
+        need(self.max_bad_steps >= 1, f"--max-bad-steps must be at least 1, got {self.max_bad_steps}")
 
     def _validate_sparse(self, need) -> None:
         from lowmem_ft.engine.sparse_delta import QUANTS
@@ -236,3 +248,13 @@ class RunConfig:
 
     def to_json(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, saved: dict) -> RunConfig:
+        """The configuration a job directory recorded (options added since then take defaults)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in saved.items() if k in known}
+        for key in ("data", "eval_data", "out"):
+            if values.get(key) is not None:
+                values[key] = Path(values[key])
+        return cls(**values)

@@ -10,10 +10,17 @@ branches on the method's name: methods plug in through the hooks of `lowmem_ft.m
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
+import os
+import random
+import signal
+import sys
+import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -21,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lowmem_ft.checkpoint import Restored, latest_checkpoint, remove_partial, save_checkpoint
 from lowmem_ft.config import DTYPES, RunConfig
 from lowmem_ft.data import (
     Batcher,
@@ -47,8 +55,11 @@ class RunInterrupted(Exception):
     """Ctrl-C or SIGTERM during training: the job directory has been marked 'interrupted'."""
 
     def __init__(self, job: Job):
+        last = job.record.get("last_checkpoint")
+        saved = f"the last checkpoint is {last['dir']}" if last else "no checkpoint was saved yet"
         super().__init__(
-            f"interrupted at step {job.record.get('step', 0)}: {job.dir} is marked 'interrupted'"
+            f"interrupted at step {job.record.get('step', 0)}; {saved}; "
+            f"continue with `lowmem-ft resume {job.dir}`"
         )
         self.job = job
 
@@ -307,99 +318,344 @@ def print_header(s: Setup, job: Job) -> None:
 
 # -- the recipe -----------------------------------------------------------------------------------
 def run(config: RunConfig, show_progress: bool = True) -> Job:
+    """A new job: plan, load, train, checkpoint, export."""
+    check_out_dir(config.out)
+    requested = portable(config.to_json())  # before the planner fills in what the user left open
     s = setup(config)  # raises UserError on bad input, before anything is written
     out_dir = config.out or default_out_dir(config, s.resolved.name)
     job = Job.create(
         out_dir,
         config.to_json(),
+        requested=requested,
+        compute_dtype=dtype_name(s.compute_dtype),
+        device=s.device.type,
         max_steps=s.max_steps,
         model_source=s.resolved.source,
         hub_id=s.resolved.hub_id,
         data=s.data.summary(),
+        data_sha256=file_sha256(config.data),
         trainable_parameters=s.method.trainable_count(),
     )
     if s.plan is not None:
         write_json_atomic(job.dir / "plan.json", s.plan.to_json())
     print_header(s, job)
+    return execute(s, job, None, show_progress)
+
+
+def resume(job_dir: Path, overrides: dict | None = None, show_progress: bool = True) -> Job:
+    """Continue a job from its newest valid checkpoint (or from step 0 if it has none), planned
+    again for this machine. ``overrides``: options that do not change the result (memory budgets,
+    micro-batch, checkpoint policy)."""
+    job = Job.open(job_dir)
+    record = job.record
+    if record.get("status") == "done":
+        raise UserError(
+            f"{job_dir} is done (step {record.get('step')}/{record.get('max_steps')}); "
+            f"its result is {record.get('output')}; there is nothing to resume"
+        )
+    job.lock.acquire()  # refuses a job that a live process is running
     try:
-        train(s, job, show_progress)
-    except KeyboardInterrupt:
+        s, restored = _prepare_resume(job, overrides or {})
+    except BaseException:
+        job.lock.release()
+        raise
+    print_header(s, job)
+    if restored is None:
+        print("resume     no valid checkpoint: starting over from step 0 with the job's settings")
+    else:
+        print(f"resume     from {restored.path.name} (step {restored.step}/{s.max_steps})")
+    return execute(s, job, restored, show_progress)
+
+
+def _prepare_resume(job: Job, overrides: dict) -> tuple[Setup, Restored | None]:
+    record = job.record
+    if job.lock.stale_holder:
+        print(f"lock       taken over from process {job.lock.stale_holder.get('pid')}, which is gone")
+    config = RunConfig.from_json(record.get("requested") or record["config"])
+    config.out = job.dir
+    # The precision is part of the result (HiFT keeps bf16 weights on a GPU): keep the job's.
+    config.dtype = record.get("compute_dtype", config.dtype)
+    if config.micro_batch_size is None and record.get("micro_batch_size_after_oom"):
+        config.micro_batch_size = record["micro_batch_size_after_oom"]
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config, key, value)
+    if config.resolved_device().type != record.get("device", "cpu"):
+        print(f"device     the job ran on {record.get('device')}; it continues on {config.resolved_device()}")
+    s = setup(config)
+    if file_sha256(config.data) != record.get("data_sha256", file_sha256(config.data)):
+        raise UserError(
+            f"{config.data} changed since the job started; resuming needs the same data "
+            "(start a new job to train on the new file)"
+        )
+    if s.max_steps != record.get("max_steps"):
+        raise UserError(
+            f"this resume would train {s.max_steps} steps, the job was planned for "
+            f"{record.get('max_steps')}; "
+            "resume with the same data and settings"
+        )
+    _report_plan_change(job, s)
+
+    remove_partial(job.dir)
+    restored, skipped = latest_checkpoint(job.dir)
+    for name, problem in skipped:
+        print(f"checkpoint {name} is damaged ({problem}); skipped")
+    if restored is None:
+        job.truncate_metrics(0)
+    job.record["config"] = config.to_json()
+    job.update(status="running", pid=os.getpid(), error=None, resumes=record.get("resumes", 0) + 1)
+    return s, restored
+
+
+def _report_plan_change(job: Job, s: Setup) -> None:
+    """Re-planning on another machine may change how a step is cut into micro-batches or whether
+    activations are recomputed; neither changes what a step computes beyond summation order."""
+    if s.plan is None:
+        return
+    plan_path = job.dir / "plan.json"
+    try:
+        before = json.loads(plan_path.read_text()).get("settings", {})
+    except (OSError, ValueError):
+        before = {}
+    after = s.plan.settings
+    changed = [f"{k} {before[k]} → {after[k]}" for k in after if k in before and before[k] != after[k]]
+    if changed:
+        print(
+            f"plan       changed for this machine: {', '.join(changed)} (same examples per step; "
+            "losses may differ in the last bits from summation order)"
+        )
+    write_json_atomic(plan_path, s.plan.to_json())
+
+
+def check_out_dir(out: Path | None) -> None:
+    if out is None or not out.exists():
+        return
+    if (out / "job.json").exists():
+        raise UserError(
+            f"--out {out} holds a job; continue it with `lowmem-ft resume {out}`, or choose a new --out"
+        )
+    if not out.is_dir() or any(out.iterdir()):
+        raise UserError(f"--out {out} already exists and is not empty; choose a new directory or remove it")
+
+
+def portable(config_json: dict) -> dict:
+    """The configuration with paths made absolute, so `resume` works from any directory."""
+    out = dict(config_json)
+    for key in ("data", "eval_data", "out"):
+        if out.get(key):
+            out[key] = str(Path(out[key]).resolve())
+    if Path(out["model"]).exists():  # a local model directory, not an alias or hub id
+        out["model"] = str(Path(out["model"]).resolve())
+    return out
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def execute(s: Setup, job: Job, restored: Restored | None, show_progress: bool) -> Job:
+    """Train and record how it ended in job.json; the lock is released however it ends."""
+    try:
+        train(s, job, show_progress, restored)
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, the last checkpoint stays valid
         job.update(status="interrupted")
         raise RunInterrupted(job) from None
+    except UserError as exc:  # diverged, disk full, out of memory at micro-batch 1: one line
+        job.update(status="failed", error=str(exc))
+        raise
     except Exception as exc:
         (job.dir / "error.log").write_text(traceback.format_exc())
         job.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
+    finally:
+        job.lock.release()
     return job
 
 
-def train(s: Setup, job: Job, show_progress: bool) -> None:
+@dataclass
+class Progress:
+    """What the loop carries from one step to the next; every checkpoint saves it."""
+
+    step: int = 0  # optimizer steps done
+    bad_in_a_row: int = 0  # NaN/Inf steps since the last good one
+    skipped_steps: list[int] = field(default_factory=list)
+    last_loss: float | None = None
+    eval_loss_start: float | None = None
+    eval_loss: float | None = None
+
+
+class Checkpoints:
+    """When to save (every --save-every steps, every --save-every-minutes, at the end, on a stop
+    request) and what: everything `restore` needs to continue exactly."""
+
+    def __init__(self, s: Setup, job: Job, scaler: torch.amp.GradScaler):
+        self.s, self.job, self.scaler = s, job, scaler
+        self.last_time = time.monotonic()
+        self.saved_step: int | None = None
+
+    def due(self, step: int) -> bool:
+        c = self.s.config
+        by_steps = c.save_every > 0 and step % c.save_every == 0
+        by_time = c.save_every_minutes > 0 and time.monotonic() - self.last_time >= 60 * c.save_every_minutes
+        return by_steps or by_time
+
+    def save(self, progress: Progress) -> Path | None:
+        if self.saved_step == progress.step:
+            return None
+        path = save_checkpoint(
+            self.job.dir, progress.step, capture(self.s, progress, self.scaler, self.job),
+            self.s.config.keep_checkpoints,
+        )  # fmt: skip
+        self.job.update(
+            last_checkpoint={
+                "step": progress.step,
+                "dir": str(path.relative_to(self.job.dir)),
+                "time": time.time(),
+            }
+        )
+        self.last_time, self.saved_step = time.monotonic(), progress.step
+        return path
+
+
+def capture(s: Setup, progress: Progress, scaler: torch.amp.GradScaler, job: Job) -> dict:
+    """The whole training state at the end of optimizer step ``progress.step``."""
+    return {
+        "progress": asdict(progress),
+        "weights": s.method.changed_weights(s.model),
+        "method": s.method.state_dict(),
+        "data": s.batcher.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": {
+            "python": random.getstate(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        "metrics_bytes": job.metrics_bytes(),
+    }
+
+
+def restore(s: Setup, scaler: torch.amp.GradScaler, job: Job, state: dict) -> Progress:
+    """Put a captured state back into a freshly set-up run; the next step is as if never stopped."""
+    params = dict(s.model.named_parameters())
+    with torch.no_grad():
+        for name, saved in state["weights"].items():
+            params[name].copy_(saved)
+    s.method.load_state_dict(state["method"])
+    s.batcher.load_state_dict(state["data"])
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    job.truncate_metrics(state["metrics_bytes"])  # the steps after the checkpoint are logged again
+    return Progress(**state["progress"])
+
+
+class StopRequest:
+    """The first SIGINT/SIGTERM asks the loop to finish its step, save and stop; the second stops
+    at once (KeyboardInterrupt), leaving the last checkpoint as it was."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = {
+                sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)
+            }
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        print(
+            f"\n{self.signal}: finishing this step and saving a checkpoint (press Ctrl-C again to stop now)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = None) -> None:
     config, model, method = s.config, s.model, s.method
     # fp16 overflows without loss scaling; bf16 and fp32 need none (the scaler is then a no-op).
     scaler = torch.amp.GradScaler(s.device.type, enabled=s.compute_dtype == torch.float16)
     memory = PeakMemory(s.device)
+    checkpoints = Checkpoints(s, job, scaler)
 
-    first_eval = evaluate(s)
-    if first_eval is not None:
-        job.log(step=0, eval_loss=first_eval)
-        job.update(eval_loss_start=first_eval, eval_loss=first_eval)
+    with StopRequest() as stop:
+        if restored is not None:
+            progress = restore(s, scaler, job, restored.state)
+        else:
+            progress = Progress()
+            progress.eval_loss_start = progress.eval_loss = evaluate(s)
+            if progress.eval_loss is not None:
+                job.log(step=0, eval_loss=progress.eval_loss)
+                job.update(eval_loss_start=progress.eval_loss, eval_loss=progress.eval_loss)
+        model.train()
+        if select_entries(s):
+            checkpoints.save(progress)  # a long selection is not repeated after a stop
+        bar = tqdm(
+            total=s.max_steps, initial=progress.step, desc="training", unit="step", disable=not show_progress,
+            dynamic_ncols=True,
+        )  # fmt: skip
+        while progress.step < s.max_steps and stop.signal is None:
+            step = progress.step
+            started = time.perf_counter()
+            result = train_step(s, job, step, scaler, bar)
+            progress.step = step + 1
+            if not result.skipped:
+                progress.bad_in_a_row, progress.last_loss = 0, result.loss
+            elapsed = time.perf_counter() - started
+            peak = memory.sample()
+            tokens_per_s = result.tokens / elapsed
+            skipped = {"skipped": result.skipped} if result.skipped else {}
+            job.log(
+                step=step + 1, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
+                tokens_per_s=tokens_per_s, peak_mem_bytes=peak, **skipped,
+            )  # fmt: skip
+            postfix = {
+                "loss": f"{result.loss:.3f}",
+                "tok_s": f"{tokens_per_s:,.0f}",
+                "peak": format_bytes(peak),
+            }
+            bar.set_postfix({**postfix, **method.progress()}, refresh=False)
+            bar.update(1)
 
-    model.train()
-    select_entries(s)
-    bar = tqdm(total=s.max_steps, desc="training", unit="step", disable=not show_progress, dynamic_ncols=True)
-    loss = float("nan")
-    for step in range(s.max_steps):
-        started = time.perf_counter()
-        method.begin_step(step)
-        lr = lr_at(step, s.max_steps, config)
-        for group in method.optimizer.param_groups:
-            group["lr"] = lr
-
-        micro_batches = s.batcher.next_step()
-        # Normalise by the target tokens of the whole step (see loss_sum), counted before backward.
-        n_targets = max(1, sum(target_count(mb) for mb in micro_batches))
-        step_loss, step_tokens = 0.0, 0
-        for mb in micro_batches:
-            total = loss_sum(model, mb, s.device, s.compute_dtype)
-            scaler.scale(total / n_targets).backward()
-            step_loss += total.item()  # a CPU-GPU sync per micro-batch; cheap next to the step
-            step_tokens += int(mb["attention_mask"].sum())
-
-        method.reduce_gradients()
-        scaler.unscale_(method.optimizer)
-        grad_norm = None
-        if config.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), config.grad_clip))
-        scaler.step(method.optimizer)
-        scaler.update()
-        method.optimizer.zero_grad(set_to_none=True)  # free the gradients now, before the next forward
-        method.end_step(step)
-
-        loss = step_loss / n_targets
-        elapsed = time.perf_counter() - started
-        peak = memory.sample()
-        tokens_per_s = step_tokens / elapsed
-        job.log(
-            step=step + 1,
-            loss=loss,
-            lr=lr,
-            grad_norm=grad_norm,
-            tokens_per_s=tokens_per_s,
-            peak_mem_bytes=peak,
-        )
-        postfix = {"loss": f"{loss:.3f}", "tok_s": f"{tokens_per_s:,.0f}", "peak": format_bytes(peak)}
-        bar.set_postfix({**postfix, **method.progress()}, refresh=False)
-        bar.update(1)
-
-        is_last = step + 1 == s.max_steps
-        if config.eval_every and (step + 1) % config.eval_every == 0 and not is_last:
-            eval_loss = evaluate(s)
-            if eval_loss is not None:
-                job.log(step=step + 1, eval_loss=eval_loss)
-                bar.write(f"step {step + 1}: eval loss {eval_loss:.4f}")
-                job.update(eval_loss=eval_loss)
-        job.update(step=step + 1, last_loss=loss)
-    bar.close()
+            is_last = progress.step == s.max_steps
+            if config.eval_every and progress.step % config.eval_every == 0 and not is_last:
+                eval_loss = evaluate(s)
+                if eval_loss is not None:
+                    job.log(step=progress.step, eval_loss=eval_loss)
+                    bar.write(f"step {progress.step}: eval loss {eval_loss:.4f}")
+                    progress.eval_loss = eval_loss
+            job.update(step=progress.step, last_loss=progress.last_loss, eval_loss=progress.eval_loss)
+            if result.skipped:
+                _count_bad_step(s, job, progress, result, bar)  # raises after --max-bad-steps in a row
+            if is_last or checkpoints.due(progress.step):
+                checkpoints.save(progress)
+        bar.close()
+        if stop.signal is not None:
+            checkpoints.save(progress)
+            job.update(status="interrupted", stopped_by=stop.signal)
+            raise RunInterrupted(job)
 
     final_eval = evaluate(s)
     if final_eval is not None:
@@ -407,12 +663,16 @@ def train(s: Setup, job: Job, show_progress: bool) -> None:
     save_dtype = DTYPES.get(config.save_dtype) or model_dtype_on_disk(s.resolved)
     out = method.export(model, s.tokenizer, job.dir, save_dtype, s.resolved)
     job.update(
-        status="done", eval_loss=final_eval, last_loss=loss, output=str(out), peak_mem_bytes=memory.sample()
-    )
+        status="done", eval_loss=final_eval, last_loss=progress.last_loss, output=str(out),
+        peak_mem_bytes=memory.sample(), skipped_steps=progress.skipped_steps,
+    )  # fmt: skip
 
+    first_eval = progress.eval_loss_start
     if final_eval is not None and first_eval is not None:
         change = 100 * (final_eval - first_eval) / first_eval
         print(f"eval loss  {first_eval:.4f} → {final_eval:.4f} ({change:+.1f}%)")
+    if progress.skipped_steps:
+        print(f"skipped    {len(progress.skipped_steps)} steps with a NaN/Inf loss: {progress.skipped_steps}")
     if out.is_file():  # a delta: small, and merged into a full model on request
         print(f"saved      {out} ({format_bytes(out.stat().st_size)})")
         print(f"           a full model: lowmem-ft export {job.dir} --merge --out DIR")
@@ -420,13 +680,141 @@ def train(s: Setup, job: Job, show_progress: bool) -> None:
         print(f"saved      {out}")
 
 
-def select_entries(s: Setup) -> None:
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    grad_norm: float | None
+    tokens: int
+    skipped: str | None = None  # why the update was not applied
+
+
+def train_step(s: Setup, job: Job, step: int, scaler: torch.amp.GradScaler, bar) -> StepResult:
+    """One optimizer step: forward/backward over its micro-batches, then the update.
+
+    The update is skipped (and the gradients dropped) if the loss or the gradient norm is NaN/Inf;
+    the weights and optimizer state then stay as they were. With fp16 the scaler does this for
+    overflowing gradients itself, which is routine there and not counted.
+    """
+    config, method = s.config, s.method
+    method.begin_step(step)
+    lr = lr_at(step, s.max_steps, config)
+    for group in method.optimizer.param_groups:
+        group["lr"] = lr
+
+    step_loss, n_targets, tokens = accumulate_gradients(s, job, step, scaler, bar)
+    loss = step_loss / n_targets
+    if not math.isfinite(loss):
+        drop_gradients(s)
+        method.end_step(step)
+        return StepResult(loss, lr, None, tokens, skipped="loss")
+
+    method.reduce_gradients()
+    scaler.unscale_(method.optimizer)
+    params = method.trainable_parameters()
+    if config.grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+    else:
+        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    if not math.isfinite(grad_norm) and not scaler.is_enabled():
+        drop_gradients(s)
+        method.end_step(step)
+        return StepResult(loss, lr, grad_norm, tokens, skipped="gradient")
+    scaler.step(method.optimizer)
+    scaler.update()
+    method.optimizer.zero_grad(set_to_none=True)  # free the gradients now, before the next forward
+    method.end_step(step)
+    return StepResult(loss, lr, grad_norm if config.grad_clip > 0 else None, tokens)
+
+
+def accumulate_gradients(s: Setup, job: Job, step: int, scaler, bar) -> tuple[float, int, int]:
+    """Forward and backward over the step's micro-batches; returns the summed loss, the number of
+    target tokens it is summed over, and the tokens processed.
+
+    Out of GPU memory in the middle, the step starts again with half the micro-batch and twice the
+    accumulation, on the same examples: the gradient is the same, the memory smaller. The new
+    micro-batch is kept for the rest of the run, and recorded in the job and its plan.
+    """
+    data_position = s.batcher.state_dict()
+    while True:
+        micro_batches = s.batcher.next_step()
+        # Normalise by the target tokens of the whole step (see loss_sum), counted before backward.
+        n_targets = max(1, sum(target_count(mb) for mb in micro_batches))
+        step_loss, tokens = 0.0, 0
+        try:
+            for mb in micro_batches:
+                total = loss_sum(s.model, mb, s.device, s.compute_dtype)
+                scaler.scale(total / n_targets).backward()
+                step_loss += total.item()  # a CPU-GPU sync per micro-batch; cheap next to the step
+                tokens += int(mb["attention_mask"].sum())
+            return step_loss, n_targets, tokens
+        except torch.OutOfMemoryError:
+            pass  # handled outside the except block, so its traceback does not pin tensors in memory
+        total = None
+        drop_gradients(s)
+        if s.device.type == "cuda":
+            torch.cuda.empty_cache()
+        old = s.config.micro_batch_size
+        if old <= 1:
+            raise UserError(
+                f"out of GPU memory at step {step + 1} even with micro-batch 1; use "
+                "--gradient-checkpointing, a shorter --seq-len, or a GPU with more free memory"
+            )
+        new = old // 2
+        s.config.micro_batch_size = s.batcher.micro_batch_size = new
+        s.batcher.load_state_dict(data_position)
+        accumulation = math.ceil(s.config.batch_size / new)
+        bar.write(
+            f"step {step + 1}: out of GPU memory with micro-batch {old}; retrying with micro-batch {new} "
+            f"({accumulation} accumulation steps, the same {s.config.batch_size} examples per step)"
+        )
+        _record_micro_batch_change(s, job, step, old, new)
+
+
+def _record_micro_batch_change(s: Setup, job: Job, step: int, old: int, new: int) -> None:
+    changes = job.record.get("oom_retries", []) + [{"step": step + 1, "micro_batch_size": [old, new]}]
+    job.record["config"]["micro_batch_size"] = new
+    job.update(micro_batch_size_after_oom=new, oom_retries=changes)
+    plan_path = job.dir / "plan.json"
+    if plan_path.exists():
+        plan = json.loads(plan_path.read_text())
+        plan.setdefault("settings", {})["micro_batch_size"] = new
+        plan["settings"]["gradient_accumulation"] = math.ceil(s.config.batch_size / new)
+        plan["oom_retries"] = changes
+        write_json_atomic(plan_path, plan)
+
+
+def drop_gradients(s: Setup) -> None:
+    s.method.optimizer.zero_grad(set_to_none=True)
+    s.model.zero_grad(set_to_none=True)
+
+
+def _count_bad_step(s: Setup, job: Job, progress: Progress, result: StepResult, bar) -> None:
+    progress.bad_in_a_row += 1
+    progress.skipped_steps.append(progress.step)
+    what = f"loss {result.loss}" if result.skipped == "loss" else f"gradient norm {result.grad_norm}"
+    limit = s.config.max_bad_steps
+    bar.write(
+        f"step {progress.step}: {what}; update skipped ({progress.bad_in_a_row} in a row of {limit} allowed)"
+    )
+    if progress.bad_in_a_row >= limit:
+        last = job.record.get("last_checkpoint")
+        first = progress.step - progress.bad_in_a_row + 1
+        raise UserError(
+            f"the loss or gradient was NaN/Inf for {limit} steps in a row (steps {first}-{progress.step}); "
+            "stopped. "
+            + (f"The last good checkpoint is {last['dir']}. " if last else "")
+            + "Try a lower --lr or check the data, or allow more with --max-bad-steps"
+        )
+
+
+def select_entries(s: Setup) -> bool:
     """Let a method that chooses its trainable entries from data (SIFT) look at its selection
     window: micro-batches drawn with their own seed, so the training order is the same as any
-    other method's. Their gradients choose; they are never applied."""
+    other method's. Their gradients choose; they are never applied. Returns whether it selected."""
     n = s.method.selection_batches(s.config)
     if not n:
-        return
+        return False
     started = time.perf_counter()
     micro = s.config.micro_batch_size
     draw = Batcher(s.data.train, micro, micro, s.tokenizer.pad_token_id, s.config.seed + 1)
@@ -440,6 +828,7 @@ def select_entries(s: Setup) -> None:
 
     summary = s.method.select(window, backward)
     print(f"selection  {summary} ({time.perf_counter() - started:.1f}s)")
+    return True
 
 
 def model_dtype_on_disk(resolved: ResolvedModel) -> torch.dtype:

@@ -273,4 +273,5 @@ def test_sigterm_marks_the_job_interrupted_and_exits_130(tmp_path, small_data):
     assert process.returncode == 130
     job = json.loads((out / "job.json").read_text())
     assert job["status"] == "interrupted" and job["step"] >= 1
-    assert f"{out} is marked 'interrupted'" in err and "Traceback" not in err
+    assert job["last_checkpoint"]["step"] == job["step"]  # the step it was in, finished and saved
+    assert f"continue with `lowmem-ft resume {out}`" in err and "Traceback" not in err

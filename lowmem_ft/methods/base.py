@@ -90,6 +90,11 @@ class Method(ABC):
         """What trains, for the run header."""
         return f"{self.trainable_count():,} trainable"
 
+    def changed_weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The model's parameters that training may have changed, by name, for checkpoints (the
+        rest is reloaded from the base model on resume). Default: all of them."""
+        return dict(model.named_parameters())
+
     def state_dict(self) -> dict:
         """Method state for checkpoints (optimizer state included)."""
         return {"optimizer": self.optimizer.state_dict()}

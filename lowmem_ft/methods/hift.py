@@ -158,11 +158,12 @@ class HiFT(Method):
         for group, states in state["group_states"].items():
             if group != active:
                 self.store.put(group, states)
-        # The active group's state goes straight back to its optimizer at its next activation, as
-        # it was: through the store it would be dropped (drop) or rounded (keep-8bit) mid-visit.
-        self._resume = (
-            (active, state["group_states"].get(active, []), state["masters"]) if active is not None else None
-        )
+        # The active group is activated again now, its state going straight back to its optimizer
+        # as it was (through the store it would be dropped or rounded to 8 bits mid-visit). It then
+        # leaves through the store at the next switch, exactly as in a run that never stopped.
+        if active is not None:
+            self._resume = (active, state["group_states"].get(active, []), state["masters"])
+            self._activate(active)
 
     def _restore_active(self, group: int, trained: list[torch.nn.Parameter]) -> None:
         resume, self._resume = getattr(self, "_resume", None), None

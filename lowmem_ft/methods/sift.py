@@ -118,6 +118,9 @@ class SparseIncrement(Method):
         )
 
     # -- checkpoints and export -----------------------------------------------------------------------
+    def changed_weights(self, model) -> dict[str, torch.Tensor]:
+        return {}  # the base never changes; the increment is in state_dict
+
     def state_dict(self) -> dict:
         return {
             "selected": self.selected,

@@ -1,0 +1,377 @@
+"""Resumable jobs: a job killed at any moment and resumed ends exactly where an uninterrupted one does.
+
+The kill tests run the CLI in separate processes (tests/fault_runner.py) and SIGKILL them, at random
+moments and in the middle of checkpoint writes; the others run in-process with the fault injected
+through monkeypatch (SIGINT sent to ourselves, a full disk, NaN losses, out-of-memory errors).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowmem_ft import checkpoint as ckpt
+from lowmem_ft import train
+from lowmem_ft.cli import main
+from lowmem_ft.jobs import JobLock, read_job
+
+REPO = Path(__file__).resolve().parents[1]
+
+COMMON = [
+    "--max-steps", "16", "--batch-size", "4", "--micro-batch-size", "2", "--seq-len", "64",
+    "--eval-every", "5", "--save-every", "2", "--keep-checkpoints", "2", "--save-dtype", "fp32",
+    "--eval-fraction", "0.1", "-q",
+]  # fmt: skip
+METHODS = {
+    "full": ["--method", "full", "--lr", "1e-3", "--weight-decay", "0.01"],
+    # offloaded optimizer states: every group but the active one waits in the host store
+    "hift": ["--method", "hift", "--units-per-group", "1", "--state-policy", "keep", "--order", "random"],
+    "sift": ["--method", "sift", "--sparsity", "0.05", "--lr", "1e-2", "--selection-batches", "2"],
+}
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture()
+def data(tmp_path) -> Path:
+    path = tmp_path / "data.jsonl"
+    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(48)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_args(method: str, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["run", "tiny", str(data), "--out", str(out), *METHODS[method], *COMMON, *extra]
+
+
+def trajectory(job: Path) -> list[tuple]:
+    """Every logged step and evaluation, without the timings."""
+    rows = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+    return [
+        (r["step"], r.get("loss"), r.get("lr"), r.get("grad_norm"), r.get("skipped"), r.get("eval_loss"))
+        for r in rows
+    ]
+
+
+def result_tensors(job: Path) -> dict[str, torch.Tensor]:
+    path = job / "delta.safetensors"
+    if not path.exists():
+        path = job / "model" / "model.safetensors"
+    return load_file(path)
+
+
+def assert_same_result(job: Path, reference: Path, evaluations: bool = True) -> None:
+    mine, theirs = trajectory(job), trajectory(reference)
+    if not evaluations:
+        mine, theirs = ([row for row in rows if row[1] is not None] for rows in (mine, theirs))
+    assert mine == theirs
+    mine, theirs = result_tensors(job), result_tensors(reference)
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        assert torch.equal(mine[key], theirs[key]), key
+
+
+def record(job: Path) -> dict:
+    return json.loads((job / "job.json").read_text())
+
+
+def steps_logged(job: Path) -> int:
+    try:
+        lines = (job / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return sum(1 for line in lines if line.endswith("}") and '"loss"' in line)
+
+
+# -- kill at any moment ------------------------------------------------------------------------------
+KILLS = {
+    # (what, detail): "kill" = SIGKILL from outside after `detail` more steps and a random delay;
+    # "in-write"/"after-write" = the process kills itself at its detail-th checkpoint file write;
+    # "term" = SIGTERM, which must checkpoint the current step and exit 130.
+    "full": [("in-write", 1), ("kill", 1), ("term", 2), ("after-write", 4), ("kill", 3)],
+    "hift": [("kill", 3), ("in-write", 5), ("term", 1)],
+    "sift": [("in-write", 2), ("kill", 2), ("after-write", 3)],
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_killed_and_resumed_job_equals_an_uninterrupted_one(method, tmp_path, capsys, data):
+    reference = tmp_path / "reference"
+    assert cli(capsys, *run_args(method, data, reference))[0] == 0
+
+    job, rng, kills = tmp_path / "job", random.Random(method), 0
+    command = run_args(method, data, job)
+    for what, detail in KILLS[method]:
+        fault = f"kill-{what}:{detail}" if what.endswith("write") else "none"
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "fault_runner.py"), fault, "--", *command],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        if what in ("kill", "term"):
+            start = steps_logged(job)
+            while proc.poll() is None and steps_logged(job) < start + detail:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0, 0.15))
+            proc.send_signal(signal.SIGKILL if what == "kill" else signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+        if proc.returncode == 0:
+            break  # it finished before the fault; the rest of the test still holds
+        kills += 1
+        if what == "term":
+            assert proc.returncode == 130, err
+            rec = record(job)
+            assert rec["status"] == "interrupted" and rec["last_checkpoint"]["step"] == rec["step"], err
+        else:
+            assert proc.returncode == -signal.SIGKILL, err
+            assert read_job(job).status == "interrupted"  # "running", but no live process holds it
+        if what.endswith("write"):  # killed inside a checkpoint write: its directory is unfinished
+            assert list((job / "checkpoints").glob(".partial-step-*")), "the kill missed the write"
+        command = ["resume", str(job), "-q"]
+    assert kills >= 2, f"the job finished before it could be killed ({kills} kills)"
+
+    code, out, err = cli(capsys, *command)
+    assert code == 0, err
+    assert record(job)["status"] == "done"
+    assert not list((job / "checkpoints").glob(".partial-*"))
+    assert_same_result(job, reference)
+
+
+# -- in-process faults ------------------------------------------------------------------------------
+def signal_at_step(monkeypatch, step: int, count: int = 1, sig=signal.SIGINT) -> None:
+    """Send ``sig`` to this process ``count`` times while step ``step`` is being logged."""
+    original = train.Job.log
+
+    def log(self, **metrics):
+        original(self, **metrics)
+        if metrics.get("step") == step and "loss" in metrics:
+            for _ in range(count):
+                os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(train.Job, "log", log)
+
+
+VARIANTS = {
+    "hift-bf16-keep-8bit": [
+        "--method", "hift", "--units-per-group", "2", "--state-policy", "keep-8bit", "--dtype", "bf16",
+    ],
+    "hift-drop-switch-every-2": [
+        "--method", "hift", "--state-policy", "drop", "--switch-every", "2", "--order", "top-down",
+    ],
+    "sift-int8-grad2": [
+        "--method", "sift", "--sparsity", "0.02", "--base-quant", "int8", "--selection-score", "grad2",
+        "--lr", "1e-2",
+    ],
+    "full-adamw8bit": ["--method", "full", "--optimizer", "adamw8bit", "--lr", "1e-3"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sigint_checkpoints_the_current_step_and_resume_continues_exactly(
+    variant, tmp_path, capsys, monkeypatch, data
+):
+    args = [*VARIANTS[variant], *COMMON, "--max-steps", "7"]
+    reference, job = tmp_path / "reference", tmp_path / "job"
+    assert cli(capsys, "run", "tiny", data, "--out", reference, *args)[0] == 0
+
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, 3)
+        code, _, err = cli(capsys, "run", "tiny", data, "--out", job, *args)
+    assert code == 130 and f"lowmem-ft resume {job}" in err
+    rec = record(job)
+    assert rec["status"] == "interrupted" and rec["step"] == 3 and rec["stopped_by"] == "SIGINT"
+    assert (
+        rec["last_checkpoint"]["step"] == 3
+        and ckpt.verify_checkpoint(job / "checkpoints/step-000003") is None
+    )
+
+    code, out, err = cli(capsys, "resume", job, "-q")
+    assert code == 0, err
+    assert "resume     from step-000003 (step 3/7)" in out
+    assert_same_result(job, reference)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch, data):
+    job = tmp_path / "job"
+    signal_at_step(monkeypatch, 3, count=2)
+    code, _, err = cli(capsys, *run_args("full", data, job))
+    assert code == 130
+    rec = record(job)
+    assert rec["status"] == "interrupted" and rec["last_checkpoint"]["step"] == 2
+    assert [p.name for p in ckpt.list_checkpoints(job)] == ["step-000002"]
+    assert "the last checkpoint is checkpoints/step-000002" in err
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path, capsys, monkeypatch, data):
+    job = tmp_path / "job"
+    signal_at_step(monkeypatch, 5, sig=signal.SIGTERM)
+    assert cli(capsys, *run_args("sift", data, job))[0] == 130
+    rec = record(job)
+    assert rec["stopped_by"] == "SIGTERM" and rec["last_checkpoint"]["step"] == 5
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no-manifest"])
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(
+    damage, tmp_path, capsys, monkeypatch, data
+):
+    reference, job = tmp_path / "reference", tmp_path / "job"
+    assert cli(capsys, *run_args("hift", data, reference))[0] == 0
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, 6)
+        assert cli(capsys, *run_args("hift", data, job))[0] == 130
+    newest = job / "checkpoints" / "step-000006"
+    tensors = newest / "tensors-00000.safetensors"
+    if damage == "truncate":
+        tensors.write_bytes(tensors.read_bytes()[:-100])
+    elif damage == "flip":
+        raw = bytearray(tensors.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        tensors.write_bytes(bytes(raw))
+    else:
+        (newest / "manifest.json").unlink()
+    assert ckpt.verify_checkpoint(newest) is not None
+
+    code, out, err = cli(capsys, "resume", job, "-q")
+    assert code == 0, err
+    assert "checkpoint step-000006 is damaged" in out and "resume     from step-000004" in out
+    assert_same_result(job, reference)
+
+
+def test_disk_full_while_saving_fails_clearly_and_keeps_the_previous_checkpoint(
+    tmp_path, capsys, monkeypatch, data
+):
+    job = tmp_path / "job"
+    original, calls = ckpt._write_file, []
+
+    def write(path, data_bytes):
+        calls.append(path)
+        if "step-000004" in str(path):  # the second checkpoint
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(path, data_bytes)
+
+    monkeypatch.setattr(ckpt, "_write_file", write)
+    code, _, err = cli(capsys, *run_args("full", data, job))
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1, err
+    assert "the disk is full; the previous checkpoint step-000002 is intact" in err
+    rec = record(job)
+    assert rec["status"] == "failed" and "disk is full" in rec["error"]
+    assert [p.name for p in ckpt.list_checkpoints(job)] == ["step-000002"]
+    assert ckpt.verify_checkpoint(job / "checkpoints" / "step-000002") is None
+    assert not list((job / "checkpoints").glob(".partial-*"))
+
+    monkeypatch.setattr(ckpt, "_write_file", original)  # space freed: the job can go on
+    code, out, _ = cli(capsys, "resume", job, "-q")
+    assert code == 0 and "from step-000002" in out and record(job)["status"] == "done"
+
+
+def test_a_live_job_refuses_a_second_process_and_a_stale_lock_is_taken_over(
+    tmp_path, capsys, monkeypatch, data
+):
+    job = tmp_path / "job"
+    signal_at_step(monkeypatch, 2)
+    assert cli(capsys, *run_args("full", data, job))[0] == 130
+
+    holder = JobLock(job)
+    holder.acquire()  # as a live process running the job would
+    code, _, err = cli(capsys, "resume", job)
+    assert code == 2 and f"is being run by process {os.getpid()}" in err
+    holder.release()
+
+    # A process that held the lock and died: its pid is in the file, but no one holds the flock.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (job / "lock").write_text(json.dumps({"pid": dead.pid, "started": 1.0}))
+    rec = record(job)
+    rec["status"] = "running"  # killed without a chance to say so
+    (job / "job.json").write_text(json.dumps(rec))
+    assert read_job(job).status == "interrupted"
+    code, out, err = cli(capsys, "resume", job, "-q")
+    assert code == 0, err
+    assert f"taken over from process {dead.pid}" in out
+
+
+def inject_bad_losses(monkeypatch, micro_batches: set[int], value: float) -> None:
+    """Multiply the loss of the given training micro-batches (counted from 1) by ``value``."""
+    real_loss_sum, calls = train.loss_sum, {"n": 0}
+
+    def loss_sum(model, batch, device, dtype):
+        total = real_loss_sum(model, batch, device, dtype)
+        if not model.training:  # evaluation
+            return total
+        calls["n"] += 1
+        return total * value if calls["n"] in micro_batches else total
+
+    monkeypatch.setattr(train, "loss_sum", loss_sum)
+
+
+def test_nan_losses_are_skipped_and_too_many_in_a_row_stop_the_job(tmp_path, capsys, monkeypatch, data):
+    # two micro-batches per step: steps 3 and 6, 7, 8 get a NaN loss
+    inject_bad_losses(monkeypatch, {5, 11, 13, 15}, float("nan"))
+    job = tmp_path / "job"
+    code, _, err = cli(capsys, *run_args("full", data, job, "--max-bad-steps", "3"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "NaN/Inf for 3 steps in a row (steps 6-8)" in err and "checkpoints/step-000006" in err
+    rec = record(job)
+    assert rec["status"] == "failed" and "NaN/Inf" in rec["error"] and rec["step"] == 8
+    rows = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("skipped")] == [3, 6, 7, 8]
+
+
+def test_a_skipped_step_changes_nothing_and_the_run_goes_on(tmp_path, capsys, monkeypatch, data):
+    inject_bad_losses(monkeypatch, {6}, float("inf"))  # the second micro-batch of step 3
+    job = tmp_path / "job"
+    args = run_args("full", data, job, "--max-steps", "4", "--save-every", "1", "--keep-checkpoints", "9")
+    code, out, _ = cli(capsys, *args)
+    assert code == 0 and "skipped    1 steps with a NaN/Inf loss: [3]" in out
+    assert record(job)["skipped_steps"] == [3]
+    before, after = (ckpt.load_checkpoint(job / "checkpoints" / f"step-00000{i}") for i in (2, 3))
+    for name, weight in before["weights"].items():
+        assert torch.equal(weight, after["weights"][name]), name
+    optimizer_before, optimizer_after = before["method"]["optimizer"], after["method"]["optimizer"]
+    for i, state in optimizer_before["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, optimizer_after["state"][i][key]), (i, key)
+    assert after["data"] != before["data"]  # the bad batch is not retried: its data was consumed
+
+
+def test_out_of_memory_retries_the_step_with_a_smaller_micro_batch(tmp_path, capsys, monkeypatch, data):
+    reference, job = tmp_path / "reference", tmp_path / "job"
+    assert cli(capsys, *run_args("full", data, reference, "--micro-batch-size", "1"))[0] == 0
+    real_loss_sum = train.loss_sum
+
+    def loss_sum(model, batch, device, dtype):
+        if model.training and batch["input_ids"].shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_loss_sum(model, batch, device, dtype)
+
+    monkeypatch.setattr(train, "loss_sum", loss_sum)
+    code, out, err = cli(capsys, *run_args("full", data, job, "-q"))
+    assert code == 0, err
+    rec = record(job)
+    assert rec["micro_batch_size_after_oom"] == 1 and rec["oom_retries"] == [
+        {"step": 1, "micro_batch_size": [2, 1]}
+    ]
+    plan = json.loads((job / "plan.json").read_text())
+    assert plan["settings"]["micro_batch_size"] == 1 and plan["settings"]["gradient_accumulation"] == 4
+    # The same examples per step, cut smaller: the same training as a run planned with micro-batch 1.
+    # (The first evaluation ran before the retry, with micro-batches of 2: other padding, other bits.)
+    assert_same_result(job, reference, evaluations=False)

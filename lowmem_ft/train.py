@@ -314,6 +314,13 @@ def print_header(s: Setup, job: Job) -> None:
         chosen = "".join(f", {k}={v}" for k, v in s.plan.settings.items() if k not in shown_elsewhere)
         print(f"plan       peak ≈ {format_bytes(peak)} of {format_bytes(budget)} {where}{chosen} (plan.json)")
     print(f"job        {job.dir}")
+    c = s.config
+    every = [f"every {c.save_every} steps"] if c.save_every else []
+    every += [f"every {c.save_every_minutes:g} min"] if c.save_every_minutes else []
+    print(
+        f"checkpoint {', '.join(every + ['at the end and on Ctrl-C'])}; the newest {c.keep_checkpoints} "
+        f"kept in {job.dir / 'checkpoints'}"
+    )
 
 
 # -- the recipe -----------------------------------------------------------------------------------
@@ -546,10 +553,10 @@ def capture(s: Setup, progress: Progress, scaler: torch.amp.GradScaler, job: Job
 
 def restore(s: Setup, scaler: torch.amp.GradScaler, job: Job, state: dict) -> Progress:
     """Put a captured state back into a freshly set-up run; the next step is as if never stopped."""
-    params = dict(s.model.named_parameters())
+    params, weights = dict(s.model.named_parameters()), state["weights"]
     with torch.no_grad():
-        for name, saved in state["weights"].items():
-            params[name].copy_(saved)
+        for name in list(weights):
+            params[name].copy_(weights.pop(name))  # popped: the host copy goes as soon as it is used
     s.method.load_state_dict(state["method"])
     s.batcher.load_state_dict(state["data"])
     if state["scaler"]:

@@ -375,3 +375,100 @@ def test_out_of_memory_retries_the_step_with_a_smaller_micro_batch(tmp_path, cap
     # The same examples per step, cut smaller: the same training as a run planned with micro-batch 1.
     # (The first evaluation ran before the retry, with micro-batches of 2: other padding, other bits.)
     assert_same_result(job, reference, evaluations=False)
+
+
+# -- the commands around a job ----------------------------------------------------------------------
+def interrupted_job(tmp_path, capsys, monkeypatch, data, step: int = 2) -> Path:
+    job = tmp_path / "job"
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, step)
+        assert cli(capsys, *run_args("full", data, job))[0] == 130
+    return job
+
+
+def test_run_on_an_unfinished_job_offers_to_resume_it(tmp_path, capsys, monkeypatch, data):
+    job = interrupted_job(tmp_path, capsys, monkeypatch, data)
+    before = (job / "job.json").read_text()
+
+    # not interactive (a script, CI): one line saying how to continue; nothing changes
+    code, _, err = cli(capsys, *run_args("full", data, job))
+    assert (
+        code == 2
+        and f"holds an unfinished job (interrupted at step 2/16); continue it with `lowmem-ft resume {job}`"
+        in err
+    )
+    assert (job / "job.json").read_text() == before
+
+    # interactive: asked, and a yes resumes with the job's own settings
+    import lowmem_ft.cli as cli_module
+
+    monkeypatch.setattr(cli_module, "_interactive", lambda: True)
+    monkeypatch.setattr(cli_module.typer, "confirm", lambda *a, **k: True)
+    code, out, err = cli(capsys, *run_args("full", data, job, "--lr", "5e-3"))
+    assert code == 0, err
+    assert "this command's differ in --lr" in out and "resume     from step-000002" in out
+    assert record(job)["status"] == "done" and record(job)["config"]["lr"] == 1e-3
+
+
+def test_resume_refuses_what_it_cannot_resume(tmp_path, capsys, monkeypatch, data):
+    code, _, err = cli(capsys, "resume", tmp_path / "nothing")
+    assert code == 2 and "no such directory" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli(capsys, "resume", tmp_path / "empty")
+    assert code == 2 and "not a job directory" in err
+
+    job = interrupted_job(tmp_path, capsys, monkeypatch, data)
+    data.write_text(data.read_text() + json.dumps({"prompt": "new", "completion": " row"}) + "\n")
+    code, _, err = cli(capsys, "resume", job)
+    assert code == 2 and "changed since the job started" in err
+    assert record(job)["status"] == "interrupted"
+
+    done = tmp_path / "done"
+    assert cli(capsys, *run_args("full", data, done, "--max-steps", "1"))[0] == 0
+    code, _, err = cli(capsys, "resume", done)
+    assert code == 2 and "is done (step 1/1)" in err
+    code, _, err = cli(capsys, *run_args("full", data, done))
+    assert code == 2 and "holds a finished job" in err
+
+
+def test_jobs_lists_status_and_last_checkpoint(tmp_path, capsys, monkeypatch, data):
+    job = interrupted_job(tmp_path, capsys, monkeypatch, data, step=3)
+    code, out, _ = cli(capsys, "jobs", tmp_path)
+    header, row = out.splitlines()[:2]
+    assert "CHECKPOINT" in header
+    assert row.split()[:4] == [str(job), "interrupted", "3/16", "step"] and row.split()[4] == "3"
+    assert f"continue with `lowmem-ft resume {job}`" in out
+    listed = json.loads(cli(capsys, "jobs", tmp_path, "--json")[1])
+    assert listed[0]["checkpoint_step"] == 3 and listed[0]["status"] == "interrupted"
+
+
+def test_a_resume_that_is_interrupted_again_and_resumed_again_still_matches(
+    tmp_path, capsys, monkeypatch, data
+):
+    reference = tmp_path / "reference"
+    assert cli(capsys, *run_args("sift", data, reference))[0] == 0
+    job = tmp_path / "job"
+    for step, command in ((3, run_args("sift", data, job)), (9, ["resume", job, "-q"])):
+        with monkeypatch.context() as patch:
+            signal_at_step(patch, step)
+            assert cli(capsys, *command)[0] == 130
+    assert record(job)["resumes"] == 1
+    code, out, _ = cli(capsys, "resume", job, "-q")
+    assert code == 0 and "selection" not in out  # the entries chosen before the first stop are kept
+    assert_same_result(job, reference)
+
+
+def test_resume_replans_and_says_what_changed(tmp_path, capsys, monkeypatch, data):
+    reference = tmp_path / "reference"
+    assert cli(capsys, *run_args("full", data, reference))[0] == 0
+    job = interrupted_job(tmp_path, capsys, monkeypatch, data, step=4)
+    code, out, err = cli(capsys, "resume", job, "--micro-batch-size", "1", "-q")
+    assert code == 0, err
+    assert "plan       changed for this machine: micro_batch_size 2 → 1" in out
+    assert json.loads((job / "plan.json").read_text())["settings"]["micro_batch_size"] == 1
+    # The same examples per step in smaller pieces: equal up to the order of summation.
+    mine, theirs = trajectory(job), trajectory(reference)
+    assert mine[:5] == theirs[:5]  # evaluation at 0 and steps 1-4, from before the stop
+    for a, b in zip(mine, theirs, strict=True):
+        assert a[0] == b[0] and (a[1] is None) == (b[1] is None)
+        assert (a[1] or a[5]) == pytest.approx(b[1] or b[5], rel=1e-4)

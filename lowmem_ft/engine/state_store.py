@@ -176,8 +176,8 @@ class OptimizerStateStore:
                                      shape=value["codes"].shape, dtype=torch.float32)  # fmt: skip
                 data = _pinned_like(value["codes"], None, self.on_cuda).copy_(value["codes"])
                 return _Stored(data, qs, getattr(torch, value["dtype"].removeprefix("torch.")))
-            if isinstance(value, torch.Tensor):
-                return _Stored(_pinned_like(value, None, self.on_cuda).copy_(value))
+            if isinstance(value, torch.Tensor):  # adopted as it is, unless it must be pinned
+                return _Stored(_pinned_like(value, None, True).copy_(value) if self.on_cuda else value)
             return _Stored(value)
 
         self._host[group] = [{key: stored(value) for key, value in state.items()} for state in states]

@@ -155,14 +155,14 @@ class HiFT(Method):
         self.order = list(state["order"])
         self.generator.set_state(state["rounding_rng"])
         active = state["active"]
-        for group, states in state["group_states"].items():
-            if group != active:
-                self.store.put(group, states)
+        group_states = state["group_states"]
+        for group in [g for g in group_states if g != active]:
+            self.store.put(group, group_states.pop(group))  # popped: one copy of a state at a time
         # The active group is activated again now, its state going straight back to its optimizer
         # as it was (through the store it would be dropped or rounded to 8 bits mid-visit). It then
         # leaves through the store at the next switch, exactly as in a run that never stopped.
         if active is not None:
-            self._resume = (active, state["group_states"].get(active, []), state["masters"])
+            self._resume = (active, group_states.get(active, []), state["masters"])
             self._activate(active)
 
     def _restore_active(self, group: int, trained: list[torch.nn.Parameter]) -> None:

@@ -254,7 +254,9 @@ def _offer_resume(out: Path, config, quiet: bool) -> None:
     from lowmem_ft.train import resume as resume_training
 
     info = read_job(out)
-    if info is None or info.status == "done":
+    if info is None:
+        raise UserError(f"--out {out} holds a job.json that cannot be read; choose a new --out")
+    if info.status == "done":
         raise UserError(f"--out {out} holds a finished job; choose a new --out")
     where = f"{info.status} at step {info.step}/{info.max_steps}"
     if not _interactive():

@@ -380,10 +380,18 @@ def _prepare_resume(job: Job, overrides: dict) -> tuple[Setup, Restored | None]:
         print(f"lock       taken over from process {job.lock.stale_holder.get('pid')}, which is gone")
     config = RunConfig.from_json(record.get("requested") or record["config"])
     config.out = job.dir
-    # The precision is part of the result (HiFT keeps bf16 weights on a GPU): keep the job's.
+    # What the method trains and how is part of the result, so the job's choices are kept, even
+    # those the planner made for the first machine; so is the precision (HiFT keeps bf16 weights
+    # on a GPU). Only how a step is cut into micro-batches and whether activations are recomputed
+    # are planned again.
+    planned = record["config"]
+    for key in RESUME_KEEPS:
+        setattr(config, key, planned.get(key))
+    config.groups = None  # units_per_group, kept above, says it
     config.dtype = record.get("compute_dtype", config.dtype)
-    if config.micro_batch_size is None and record.get("micro_batch_size_after_oom"):
-        config.micro_batch_size = record["micro_batch_size_after_oom"]
+    if record.get("micro_batch_size_after_oom"):  # this job ran out of memory with a larger one
+        smaller = record["micro_batch_size_after_oom"]
+        config.micro_batch_size = min(config.micro_batch_size or smaller, smaller)
     for key, value in overrides.items():
         if value is not None:
             setattr(config, key, value)
@@ -414,6 +422,9 @@ def _prepare_resume(job: Job, overrides: dict) -> tuple[Setup, Restored | None]:
     return s, restored
 
 
+RESUME_KEEPS = ("units_per_group", "state_policy", "sparsity", "base_quant", "selection_passes")
+
+
 def _report_plan_change(job: Job, s: Setup) -> None:
     """Re-planning on another machine may change how a step is cut into micro-batches or whether
     activations are recomputed; neither changes what a step computes beyond summation order."""
@@ -421,17 +432,18 @@ def _report_plan_change(job: Job, s: Setup) -> None:
         return
     plan_path = job.dir / "plan.json"
     try:
-        before = json.loads(plan_path.read_text()).get("settings", {})
+        previous = json.loads(plan_path.read_text())
     except (OSError, ValueError):
-        before = {}
-    after = s.plan.settings
+        previous = {}
+    before, after = previous.get("settings", {}), s.plan.settings
     changed = [f"{k} {before[k]} → {after[k]}" for k in after if k in before and before[k] != after[k]]
     if changed:
         print(
             f"plan       changed for this machine: {', '.join(changed)} (same examples per step; "
             "losses may differ in the last bits from summation order)"
         )
-    write_json_atomic(plan_path, s.plan.to_json())
+    history = {k: previous[k] for k in ("oom_retries",) if k in previous}
+    write_json_atomic(plan_path, {**s.plan.to_json(), **history})
 
 
 def check_out_dir(out: Path | None) -> None:
@@ -610,6 +622,7 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
     with StopRequest() as stop:
         if restored is not None:
             progress = restore(s, scaler, job, restored.state)
+            restored.state.clear()  # what restore did not take over would otherwise stay in host memory
         else:
             progress = Progress()
             progress.eval_loss_start = progress.eval_loss = evaluate(s)
@@ -711,9 +724,10 @@ def train_step(s: Setup, job: Job, step: int, scaler: torch.amp.GradScaler, bar)
 
     step_loss, n_targets, tokens = accumulate_gradients(s, job, step, scaler, bar)
     loss = step_loss / n_targets
+    # A skipped step calls no end_step: there was no update to finish (HiFT would round its fp32
+    # masters to bf16 again, with fresh noise, and move weights that did not train).
     if not math.isfinite(loss):
         drop_gradients(s)
-        method.end_step(step)
         return StepResult(loss, lr, None, tokens, skipped="loss")
 
     method.reduce_gradients()
@@ -725,7 +739,6 @@ def train_step(s: Setup, job: Job, step: int, scaler: torch.amp.GradScaler, bar)
         grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
     if not math.isfinite(grad_norm) and not scaler.is_enabled():
         drop_gradients(s)
-        method.end_step(step)
         return StepResult(loss, lr, grad_norm, tokens, skipped="gradient")
     scaler.step(method.optimizer)
     scaler.update()

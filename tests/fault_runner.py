@@ -4,12 +4,12 @@
 
 FAULT is one of:
     none                    run normally
-    kill-in-write:N         SIGKILL this process halfway through writing a checkpoint file, at the
-                            N-th checkpoint file write of the process (half the bytes are on disk)
+    kill-in-write:N         SIGKILL this process while it writes its N-th checkpoint file (a torn
+                            write: the file is cut to half its bytes first)
     kill-after-write:N      SIGKILL right after the N-th checkpoint file write (between files)
 
-The faults live here, in the tests, not in the package: they replace the one function through
-which checkpoint files reach the disk.
+The faults live here, in the tests, not in the package: they wrap the two functions through which
+checkpoint files reach the disk.
 """
 
 from __future__ import annotations
@@ -32,23 +32,23 @@ def main() -> None:
 def install(kind: str, n: int) -> None:
     import lowmem_ft.checkpoint as checkpoint
 
-    original = checkpoint._write_file
     calls = 0
 
-    def faulty_write(path, data: bytes) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == n and kind == "kill-in-write":
-            with open(path, "wb") as f:
-                f.write(data[: len(data) // 2])
-                f.flush()
-                os.fsync(f.fileno())
-            os.kill(os.getpid(), signal.SIGKILL)
-        original(path, data)
-        if calls == n and kind == "kill-after-write":
+    def faulty(write):
+        def wrapped(path, contents) -> None:
+            nonlocal calls
+            calls += 1
+            write(path, contents)
+            if calls != n:
+                return
+            if kind == "kill-in-write":
+                os.truncate(path, os.path.getsize(path) // 2)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    checkpoint._write_file = faulty_write
+        return wrapped
+
+    checkpoint._write_file = faulty(checkpoint._write_file)
+    checkpoint._write_tensors = faulty(checkpoint._write_tensors)
 
 
 if __name__ == "__main__":

@@ -336,20 +336,36 @@ def test_nan_losses_are_skipped_and_too_many_in_a_row_stop_the_job(tmp_path, cap
     assert [r["step"] for r in rows if r.get("skipped")] == [3, 6, 7, 8]
 
 
-def test_a_skipped_step_changes_nothing_and_the_run_goes_on(tmp_path, capsys, monkeypatch, data):
+@pytest.mark.parametrize(
+    "method",
+    [["--method", "full"], ["--method", "hift", "--groups", "1", "--dtype", "bf16"]],
+    ids=["full", "hift-bf16"],
+)
+def test_a_skipped_step_changes_nothing_and_the_run_goes_on(method, tmp_path, capsys, monkeypatch, data):
     inject_bad_losses(monkeypatch, {6}, float("inf"))  # the second micro-batch of step 3
     job = tmp_path / "job"
-    args = run_args("full", data, job, "--max-steps", "4", "--save-every", "1", "--keep-checkpoints", "9")
+    args = [
+        "run", "tiny", data, "--out", job, *method, *COMMON, "--max-steps", "4", "--save-every", "1",
+        "--keep-checkpoints", "9",
+    ]  # fmt: skip
     code, out, _ = cli(capsys, *args)
     assert code == 0 and "skipped    1 steps with a NaN/Inf loss: [3]" in out
     assert record(job)["skipped_steps"] == [3]
     before, after = (ckpt.load_checkpoint(job / "checkpoints" / f"step-00000{i}") for i in (2, 3))
     for name, weight in before["weights"].items():
         assert torch.equal(weight, after["weights"][name]), name
-    optimizer_before, optimizer_after = before["method"]["optimizer"], after["method"]["optimizer"]
-    for i, state in optimizer_before["state"].items():
-        for key, value in state.items():
-            assert torch.equal(value, optimizer_after["state"][i][key]), (i, key)
+    if "optimizer" in before["method"]:
+        optimizer_before, optimizer_after = before["method"]["optimizer"], after["method"]["optimizer"]
+        for i, state in optimizer_before["state"].items():
+            for key, value in state.items():
+                assert torch.equal(value, optimizer_after["state"][i][key]), (i, key)
+    else:  # hift: the active group's optimizer state and fp32 masters
+        assert before["method"]["active"] == after["method"]["active"] == 0
+        for a, b in zip(before["method"]["masters"], after["method"]["masters"], strict=True):
+            assert torch.equal(a, b)
+        for a, b in zip(*(m["method"]["group_states"][0] for m in (before, after)), strict=True):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+        assert before["method"]["rounding_rng"].equal(after["method"]["rounding_rng"])  # no re-rounding
     assert after["data"] != before["data"]  # the bad batch is not retried: its data was consumed
 
 
@@ -454,7 +470,7 @@ def test_a_resume_that_is_interrupted_again_and_resumed_again_still_matches(
             assert cli(capsys, *command)[0] == 130
     assert record(job)["resumes"] == 1
     code, out, _ = cli(capsys, "resume", job, "-q")
-    assert code == 0 and "selection" not in out  # the entries chosen before the first stop are kept
+    assert code == 0 and "\nselection  " not in out  # the entries chosen before the first stop are kept
     assert_same_result(job, reference)
 
 
@@ -472,3 +488,32 @@ def test_resume_replans_and_says_what_changed(tmp_path, capsys, monkeypatch, dat
     for a, b in zip(mine, theirs, strict=True):
         assert a[0] == b[0] and (a[1] is None) == (b[1] is None)
         assert (a[1] or a[5]) == pytest.approx(b[1] or b[5], rel=1e-4)
+
+
+def test_resume_keeps_the_method_settings_the_planner_chose_for_the_first_machine(
+    tmp_path, capsys, monkeypatch, data
+):
+    """HiFT's group size (and a sparse method's sparsity) are part of the result: a machine on which
+    the planner would choose differently must not change them in the middle of a job."""
+    reference, job = tmp_path / "reference", tmp_path / "job"
+    args = ["--method", "hift", *COMMON]  # --units-per-group left to the planner
+    assert cli(capsys, "run", "tiny", data, "--out", reference, *args)[0] == 0
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, 3)
+        assert cli(capsys, "run", "tiny", data, "--out", job, *args)[0] == 130
+    chosen = record(job)["config"]["units_per_group"]
+    assert chosen is not None and record(job)["requested"]["units_per_group"] is None
+
+    real_build_plan = train.build_plan
+
+    def other_machine(*a, **k):  # a planner that, unasked, would pick another group size here
+        result = real_build_plan(*a, **k)
+        if k.get("units_per_group") is None:
+            result.plan.settings["units_per_group"] = chosen + 1
+        return result
+
+    monkeypatch.setattr(train, "build_plan", other_machine)
+    code, _, err = cli(capsys, "resume", job, "-q")
+    assert code == 0, err
+    assert record(job)["config"]["units_per_group"] == chosen
+    assert_same_result(job, reference)

@@ -17,6 +17,11 @@ calls these hooks in a fixed order and never branches on the method's name:
         method.end_step(step)              e.g. HiFT writes the group's optimizer state back
     method.export(model, tokenizer, job_dir, save_dtype, base)
 
+For checkpoints (train.py, checkpoint.py) a method gives ``changed_weights(model)`` (the parameters
+training may have changed; the rest is reloaded from the base) and ``state_dict()`` (its optimizer
+state and anything else it needs to continue exactly); ``load_state_dict`` puts them back after
+``setup``, and the next ``begin_step`` must then behave as in a run that never stopped.
+
 Moving tensors between devices (streaming, offloaded optimizer state) belongs to the engine, not
 to the method; a method asks the engine, it does not copy tensors itself.
 """
@@ -76,7 +81,8 @@ class Method(ABC):
         return {}
 
     def end_step(self, step: int) -> None:  # noqa: B027 (optional hook)
-        """Called after the optimizer update of step ``step``."""
+        """Called after the optimizer update of step ``step`` (not for a step whose update was
+        skipped because its loss or gradient was NaN/Inf)."""
 
     @abstractmethod
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -96,7 +102,8 @@ class Method(ABC):
         return dict(model.named_parameters())
 
     def state_dict(self) -> dict:
-        """Method state for checkpoints (optimizer state included)."""
+        """Method state for checkpoints (optimizer state included). Tensors may be references to
+        live state, as in torch's own state_dicts: copy them before training on."""
         return {"optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:

@@ -145,7 +145,9 @@ class HiFT(Method):
             "order": list(self.order),
             "active": self.active,
             "group_states": {g: st for g, st in states.items() if st},  # groups not visited yet have none
-            "masters": [m.detach().clone() for m in self.masters.masters] if self.masters else None,
+            # references, not copies: the checkpoint writer copies to the host one shard at a time,
+            # and a clone here would cost the active group's fp32 size again on the GPU
+            "masters": [m.detach() for m in self.masters.masters] if self.masters else None,
             "rounding_rng": self.generator.get_state(),
         }
 

@@ -125,7 +125,7 @@ class SparseIncrement(Method):
         return {
             "selected": self.selected,
             "entries": {
-                name: {"indices": layer.indices.clone(), "values": layer.values.detach().clone()}
+                name: {"indices": layer.indices, "values": layer.values.detach()}  # references; see base
                 for name, layer in self.layers.items()
             },
             "optimizer": self._optimizer.state_dict() if self._optimizer else None,

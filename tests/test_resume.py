@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_cli import cli  # the CLI in-process: (exit code, stdout, stderr)
 
 from lowmem_ft import checkpoint as ckpt
 from lowmem_ft import train
-from lowmem_ft.cli import main
 from lowmem_ft.jobs import JobLock, read_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,16 +39,6 @@ METHODS = {
     "hift": ["--method", "hift", "--units-per-group", "1", "--state-policy", "keep", "--order", "random"],
     "sift": ["--method", "sift", "--sparsity", "0.05", "--lr", "1e-2", "--selection-batches", "2"],
 }
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture()

@@ -251,7 +251,7 @@ def _offer_resume(out: Path, config, quiet: bool) -> None:
     """`run --out DIR` where DIR already holds a job: offer to resume it, never overwrite it."""
     from lowmem_ft.config import RunConfig
     from lowmem_ft.jobs import read_job
-    from lowmem_ft.train import resume as resume_training
+    from lowmem_ft.resume import resume as resume_training
 
     info = read_job(out)
     if info is None:
@@ -309,7 +309,7 @@ def resume(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Continue an interrupted or failed job from its last valid checkpoint."""
-    from lowmem_ft.train import resume as resume_training
+    from lowmem_ft.resume import resume as resume_training
 
     overrides = {
         "gpu_mem": gpu_mem, "cpu_mem": cpu_mem, "micro_batch_size": micro_batch_size,

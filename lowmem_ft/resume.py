@@ -1,0 +1,115 @@
+"""`lowmem-ft resume`: continue a job from its newest valid checkpoint, as if it had never stopped.
+
+The job's own settings are used, the method's included (even those the planner chose for the
+first machine: they are part of the result); only how a step is cut into micro-batches and
+whether activations are recomputed are planned again for this machine. What a checkpoint holds
+and how it is put back is train.capture / train.restore; the format is checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from lowmem_ft.checkpoint import Restored, latest_checkpoint, remove_partial
+from lowmem_ft.config import RunConfig
+from lowmem_ft.errors import UserError
+from lowmem_ft.jobs import Job, write_json_atomic
+from lowmem_ft.train import Setup, execute, file_sha256, print_header, setup
+
+
+def resume(job_dir: Path, overrides: dict | None = None, show_progress: bool = True) -> Job:
+    """Continue a job from its newest valid checkpoint (or from step 0 if it has none), planned
+    again for this machine. ``overrides``: options that do not change the result (memory budgets,
+    micro-batch, checkpoint policy)."""
+    job = Job.open(job_dir)
+    record = job.record
+    if record.get("status") == "done":
+        raise UserError(
+            f"{job_dir} is done (step {record.get('step')}/{record.get('max_steps')}); "
+            f"its result is {record.get('output')}; there is nothing to resume"
+        )
+    job.lock.acquire()  # refuses a job that a live process is running
+    try:
+        s, restored = _prepare_resume(job, overrides or {})
+    except BaseException:
+        job.lock.release()
+        raise
+    print_header(s, job)
+    if restored is None:
+        print("resume     no valid checkpoint: starting over from step 0 with the job's settings")
+    else:
+        print(f"resume     from {restored.path.name} (step {restored.step}/{s.max_steps})")
+    return execute(s, job, restored, show_progress)
+
+
+def _prepare_resume(job: Job, overrides: dict) -> tuple[Setup, Restored | None]:
+    record = job.record
+    if job.lock.stale_holder:
+        print(f"lock       taken over from process {job.lock.stale_holder.get('pid')}, which is gone")
+    config = RunConfig.from_json(record.get("requested") or record["config"])
+    config.out = job.dir
+    # What the method trains and how is part of the result, so the job's choices are kept, even
+    # those the planner made for the first machine; so is the precision (HiFT keeps bf16 weights
+    # on a GPU). Only how a step is cut into micro-batches and whether activations are recomputed
+    # are planned again.
+    planned = record["config"]
+    for key in RESUME_KEEPS:
+        setattr(config, key, planned.get(key))
+    config.groups = None  # units_per_group, kept above, says it
+    config.dtype = record.get("compute_dtype", config.dtype)
+    if record.get("micro_batch_size_after_oom"):  # this job ran out of memory with a larger one
+        smaller = record["micro_batch_size_after_oom"]
+        config.micro_batch_size = min(config.micro_batch_size or smaller, smaller)
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config, key, value)
+    if config.resolved_device().type != record.get("device", "cpu"):
+        print(f"device     the job ran on {record.get('device')}; it continues on {config.resolved_device()}")
+    if "data_sha256" in record and file_sha256(config.data) != record["data_sha256"]:
+        raise UserError(
+            f"{config.data} changed since the job started; resuming needs the same data "
+            "(start a new job to train on the new file)"
+        )
+    s = setup(config)
+    if s.max_steps != record.get("max_steps"):
+        raise UserError(
+            f"this resume would train {s.max_steps} steps, the job was planned for "
+            f"{record.get('max_steps')}; resume with the same data and settings"
+        )
+    _report_plan_change(job, s)
+
+    remove_partial(job.dir)
+    restored, skipped = latest_checkpoint(job.dir)
+    for name, problem in skipped:
+        print(f"checkpoint {name} is damaged ({problem}); skipped")
+    if restored is None:
+        job.truncate_metrics(0)
+    job.record["config"] = config.to_json()
+    job.update(status="running", pid=os.getpid(), error=None, resumes=record.get("resumes", 0) + 1)
+    return s, restored
+
+
+RESUME_KEEPS = ("units_per_group", "state_policy", "sparsity", "base_quant", "selection_passes")
+
+
+def _report_plan_change(job: Job, s: Setup) -> None:
+    """Re-planning on another machine may change how a step is cut into micro-batches or whether
+    activations are recomputed; neither changes what a step computes beyond summation order."""
+    if s.plan is None:
+        return
+    plan_path = job.dir / "plan.json"
+    try:
+        previous = json.loads(plan_path.read_text())
+    except (OSError, ValueError):
+        previous = {}
+    before, after = previous.get("settings", {}), s.plan.settings
+    changed = [f"{k} {before[k]} → {after[k]}" for k in after if k in before and before[k] != after[k]]
+    if changed:
+        print(
+            f"plan       changed for this machine: {', '.join(changed)} (same examples per step; "
+            "losses may differ in the last bits from summation order)"
+        )
+    history = {k: previous[k] for k in ("oom_retries",) if k in previous}
+    write_json_atomic(plan_path, {**s.plan.to_json(), **history})

@@ -126,6 +126,12 @@ def run(
         help="SIFT: passes over the selection window (scores kept for a slice of the weights "
         "per pass). [default: the planner's]",
     ),
+    stream: bool = typer.Option(
+        False,
+        "--stream",
+        help="HiFT/sparse methods: keep every decoder layer's frozen weights in host memory and stream "
+        "them in to compute (the smallest GPU footprint). [default: the planner streams what does not fit]",
+    ),
     format: str = typer.Option(
         "auto", "--format", help="Data format: auto, text, prompt-completion, alpaca, chat."
     ),
@@ -211,7 +217,7 @@ def run(
         model=model, data=data, out=out, method=method, optimizer=optimizer, units_per_group=units_per_group,
         groups=groups, order=order, switch_every=switch_every, state_policy=state_policy,
         sparsity=sparsity, targets=targets, base_quant=base_quant, selection_batches=selection_batches,
-        selection_score=selection_score, selection_passes=selection_passes, format=format,
+        selection_score=selection_score, selection_passes=selection_passes, stream=stream, format=format,
         seq_len=seq_len, pack=pack,
         eval_data=eval_data, eval_fraction=eval_fraction, eval_every=eval_every,
         skip_bad_lines=skip_bad_lines,

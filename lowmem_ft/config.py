@@ -58,6 +58,9 @@ class RunConfig:
     selection_batches: int = 1  # sift
     selection_score: str = "grad"  # sift: grad | grad2
     selection_passes: int | None = None  # sift; None: the planner chooses
+    # streaming (hift and the sparse methods): decoder layers whose frozen weights stay in host memory
+    stream: bool = False  # --stream: every layer (the plan's choice otherwise)
+    streamed_layers: int | None = None  # None: the planner chooses
     # precision and device
     dtype: str = "auto"
     device: str = "auto"
@@ -140,6 +143,16 @@ class RunConfig:
             "--units-per-group and --groups say the same thing; give one of them",
         )
         self._validate_sparse(need)
+        need(
+            not self.stream or self.method == "hift" or self.method in SPARSE_METHODS,
+            f"--stream applies to --method hift / {' / '.join(SPARSE_METHODS)} (their streamed weights are "
+            f"frozen); --method {self.method} trains every weight",
+        )
+        need(
+            not self.stream or self.gradient_checkpointing is not False,
+            "--stream needs activation checkpointing (a streamed layer is rebuilt in the backward); "
+            "drop --no-gradient-checkpointing",
+        )
         need(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
         need(
             self.max_steps is None or self.max_steps >= 1,

@@ -152,18 +152,12 @@ def plan_run(config: RunConfig, resolved: ResolvedModel) -> Plan | None:
             config.units_per_group = -(-(resolved.config.num_hidden_layers + 2) // config.groups)
         config.micro_batch_size = config.micro_batch_size or min(4, config.batch_size)
         config.gradient_checkpointing = bool(config.gradient_checkpointing)
+        adopt_streaming(config, resolved, 0)
         return None
     plan = result.plan
     if not plan.fits:
         raise UserError(
             f"{resolved.name} with --method {config.method} does not fit this machine: {plan.shortfall} "
-            f"(`lowmem-ft plan {config.model} --method {config.method}` shows the breakdown)"
-        )
-    if plan.settings.get("streamed_units"):
-        raise UserError(
-            f"{resolved.name} with --method {config.method} fits this machine only by streaming "
-            f"{plan.settings['streamed_units']} units from host memory, which lowmem-ft cannot do yet; "
-            "use a GPU with more free memory or a shorter --seq-len "
             f"(`lowmem-ft plan {config.model} --method {config.method}` shows the breakdown)"
         )
     config.micro_batch_size = plan.settings["micro_batch_size"]
@@ -172,7 +166,17 @@ def plan_run(config: RunConfig, resolved: ResolvedModel) -> Plan | None:
     for option in ("units_per_group", "state_policy", "sparsity", "base_quant", "selection_passes"):
         if option in plan.settings and getattr(config, option) is None:
             setattr(config, option, plan.settings[option])
+    adopt_streaming(config, resolved, plan.settings.get("streamed_units", 0))
     return plan
+
+
+def adopt_streaming(config: RunConfig, resolved: ResolvedModel, planned: int) -> None:
+    """How many decoder layers are streamed: all with --stream, else the plan's count (the planner
+    streams decoder layers only). Streamed layers are rebuilt in the backward: checkpointing is on."""
+    if config.streamed_layers is None:
+        config.streamed_layers = resolved.config.num_hidden_layers if config.stream else planned
+    if config.streamed_layers:
+        config.gradient_checkpointing = True
 
 
 def setup(config: RunConfig) -> Setup:
@@ -300,6 +304,14 @@ def print_header(s: Setup, job: Job) -> None:
         f"{s.device.type} {str(s.compute_dtype).removeprefix('torch.')}"
         + (", activation checkpointing" if s.config.gradient_checkpointing else "")
     )
+    streamer = getattr(s.method, "streamer", None)
+    if streamer is not None:
+        print(
+            f"streaming  {len(streamer.host)} of {s.resolved.config.num_hidden_layers} decoder layers from "
+            f"host memory ({format_bytes(streamer.host_bytes())}) through {len(streamer.buffers)} buffers "
+            f"of {format_bytes(streamer.device_bytes() / len(streamer.buffers))}"
+            + (" (--stream)" if s.config.stream else "")
+        )
     if s.plan is not None:
         where = "GPU" if s.plan.device == "cuda" else "host"
         peak = s.plan.gpu_peak_bytes if s.plan.device == "cuda" else s.plan.host_peak_bytes

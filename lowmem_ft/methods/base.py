@@ -50,11 +50,16 @@ class Method(ABC):
         """The dtype the model's weights are loaded in for this method."""
         return torch.float32
 
+    streamer = None  # engine.streaming.LayerStreamer, when decoder layers are streamed
+
     def place(self, model: torch.nn.Module, config: RunConfig, device: torch.device) -> None:
-        """Move the model to the compute device. Methods that store weights differently (SIFT's
-        quantised base) convert them here one tensor at a time, so the full-precision model never
-        has to fit on the device."""
-        model.to(device)
+        """Move the model to the compute device, except what the plan streams (the frozen weights
+        of ``config.streamed_layers`` decoder layers stay in host memory). Methods that store
+        weights differently (SIFT's quantised base) convert them here one tensor at a time, so the
+        full-precision model never has to fit on the device."""
+        from lowmem_ft.engine.streaming import place_model
+
+        self.streamer = place_model(model, device, config.streamed_layers or 0)
 
     @abstractmethod
     def setup(self, model: torch.nn.Module, config: RunConfig) -> None:

@@ -52,6 +52,12 @@ class HiFT(Method):
         units = model_units(model)
         m = config.units_per_group or 1
         self.groups = [[p for unit in units[k : k + m] for p in unit.params] for k in range(0, len(units), m)]
+        # Decoder layers of each group (unit k is layer k-1; units 0 and -1 are embedding and head):
+        # a streamed layer gets device memory of its own while its group trains.
+        self.group_layers = [
+            [k - 1 for k in range(start, min(start + m, len(units))) if 0 < k < len(units) - 1]
+            for start in range(0, len(units), m)
+        ]
         self.group_names = [
             f"{units[k].name}..{units[min(k + m, len(units)) - 1].name}" if m > 1 else units[k].name
             for k in range(0, len(units), m)
@@ -83,6 +89,9 @@ class HiFT(Method):
             self.store.prefetch(self.group_at(step + 1))  # copies in while this step computes
 
     def _activate(self, group: int) -> None:
+        if self.streamer is not None:
+            for layer in self.group_layers[group]:
+                self.streamer.pin(layer)
         params = self.groups[group]
         for p in params:
             p.requires_grad_(True)
@@ -102,6 +111,9 @@ class HiFT(Method):
         for p in self.groups[self.active]:
             p.requires_grad_(False)
             p.grad = None
+        if self.streamer is not None:  # its updated weights go back to their host copies
+            for layer in self.group_layers[self.active]:
+                self.streamer.unpin(layer)
         self._optimizer, self.masters, self.active = None, None, None
 
     # -- the update -------------------------------------------------------------------------------

@@ -46,8 +46,15 @@ class SparseIncrement(Method):
 
     # -- setting up -------------------------------------------------------------------------------
     def place(self, model, config, device) -> None:
-        self._wrap(model, config, device)
-        model.to(device)
+        from lowmem_ft.engine.streaming import place_model
+
+        # A quantised base is made on the device, a layer at a time; an unquantised base that is
+        # streamed must not visit the device in full, so it is wrapped where it is (the host).
+        streaming, quantised = bool(config.streamed_layers), (config.base_quant or "none") != "none"
+        self._wrap(model, config, device if quantised or not streaming else None)
+        # The increments train: they stay on the device however many layers are streamed.
+        resident = frozenset(id(layer.values) for layer in self.layers.values())
+        self.streamer = place_model(model, device, config.streamed_layers or 0, resident)
 
     def setup(self, model, config) -> None:
         self.config = config

@@ -47,3 +47,11 @@ def model_units(model: torch.nn.Module) -> list[ModelUnit]:
     if missing:
         raise UserError(f"{type(model).__name__}: parameters outside every unit: {', '.join(missing[:3])}")
     return units
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers, bottom to top (unit ``layer.i`` is ``decoder_layers(model)[i]``)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise UserError(f"{type(model).__name__}: lowmem-ft finds no decoder layers to stream")
+    return list(layers)

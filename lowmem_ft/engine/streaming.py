@@ -145,7 +145,10 @@ class LayerStreamer:
         streamed = self.streamed
         if forward:
             above = [j for j in streamed if j > i]
-            return min(above) if above else max((j for j in self._on_grad_path if j in streamed), default=None)
+            if above:
+                return min(above)
+            # the last layer of the forward: the backward starts at the top layer it rebuilds
+            return max((j for j in self._on_grad_path if j in streamed), default=None)
         below = [j for j in streamed if j < i and j in self._on_grad_path]
         return max(below) if below else None
 

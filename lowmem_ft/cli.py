@@ -382,6 +382,11 @@ def plan(
         "all-linear", help="SIFT: all-linear, attention, mlp, or module names/patterns (q_proj,v_proj)."
     ),
     selection_batches: int = typer.Option(1, help="SIFT: micro-batches in the selection window."),
+    stream: bool = typer.Option(
+        False,
+        "--stream",
+        help="HiFT/sparse methods: plan with every decoder layer streamed from host memory.",
+    ),
     as_json: bool = typer.Option(
         False, "--json", help="Print the plan as JSON (documented in docs/planner.md)."
     ),
@@ -394,7 +399,7 @@ def plan(
         batch_size=batch_size, micro_batch_size=micro_batch_size,
         gradient_checkpointing=gradient_checkpointing, dtype=dtype,
         units_per_group=units_per_group, state_policy=state_policy, sparsity=sparsity, base_quant=base_quant,
-        targets=targets, selection_batches=selection_batches,
+        targets=targets, selection_batches=selection_batches, stream=stream,
     )  # fmt: skip
     if as_json:
         typer.echo(json.dumps({"model": result.model_name, **result.plan.to_json()}, indent=2))

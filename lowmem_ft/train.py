@@ -145,6 +145,7 @@ def plan_run(config: RunConfig, resolved: ResolvedModel) -> Plan | None:
             base_quant=config.base_quant,
             targets=config.targets,
             selection_batches=config.selection_batches if config.method == "sift" else 1,
+            stream=config.stream,
         )
     except UnsupportedModel as exc:
         print(f"plan       none: {exc}; micro-batch and checkpointing default to 4 and off")
@@ -217,6 +218,11 @@ def enable_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers also makes the embedding's output require grad, which only the reentrant variant
+    # needs. With it, every layer below HiFT's active group would be rebuilt and back-propagated
+    # through in the backward, for input gradients nobody uses (and streamed in a second time).
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
 
 
 # -- pieces of the loop ---------------------------------------------------------------------------

@@ -55,6 +55,7 @@ def build_plan(
     groups: int | None = None,
     targets: str = "all-linear",
     selection_batches: int = 1,
+    stream: bool = False,
 ) -> PlanResult:
     """Plan MODEL (or an already-read ``config``) for this machine or the one the flags describe."""
     from lowmem_ft.hardware import detect_budget
@@ -88,6 +89,10 @@ def build_plan(
     )
 
     _check(selection_batches >= 1, f"--selection-batches must be at least 1, got {selection_batches}")
+    _check(
+        not stream or method != "full",
+        "--stream applies to --method hift / sift / random / magnitude (their streamed weights are frozen)",
+    )
     if config is None:
         config, name = read_config(model)
     else:
@@ -120,6 +125,7 @@ def build_plan(
         base_quant=base_quant,
         targets=targets,
         selection_batches=selection_batches,
+        stream=stream,
     )
     plan = make_plan(shape, request, budget.gpu_bytes, budget.host_bytes, budget.link_bytes_per_s)
     return PlanResult(name, shape, budget, plan)

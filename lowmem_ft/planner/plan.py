@@ -47,6 +47,13 @@ CUDA_CONTEXT_BYTES = GiB // 2  # CUDA context + cuBLAS workspaces: outside the a
 ALLOCATOR_MARGIN = 0.05  # fragmentation of the caching allocator, as a fraction of the tensor peak
 HOST_RUNTIME_BYTES = {True: 3 * GiB, False: 1 * GiB}  # Python + torch (+ CUDA libraries when on a GPU)
 ASSUMED_LINK_BYTES_PER_S = 25e9  # PCIe Gen4 x16 in practice, when NVML cannot tell
+# Sustained bf16 training throughput assumed to compare streaming with compute: well below the
+# peak of a current data-centre GPU, above a consumer card's. An assumption, and said to be one.
+ASSUMED_FLOPS = 100e12
+# FLOPs per parameter and token of a step's compute, averaged over a HiFT cycle: forward 2, the
+# recompute and input gradients of the layers above the active group (half the model on average)
+# 2 + 2 halved. SIFT rebuilds, back-propagates and forms a dense weight gradient in every layer.
+FLOPS_PER_PARAM_TOKEN = {"hift": 4, "sparse": 8}
 
 
 @dataclass
@@ -65,6 +72,7 @@ class PlanRequest:
     base_quant: str | None = None  # sparse methods: none | int8 | nf4
     targets: str = "all-linear"  # sparse methods (lowmem_ft/targets.py)
     selection_batches: int = 1  # sift: micro-batches whose gradients choose the entries
+    stream: bool = False  # hift / sparse methods: stream every decoder layer (--stream)
 
 
 @dataclass
@@ -90,6 +98,8 @@ class Plan:
     total_params: int
     traffic_bytes_per_step: int
     link_bytes_per_s: float
+    stream_seconds_per_micro_batch: float | None = None  # copying the streamed layers in
+    compute_seconds_per_micro_batch: float | None = None  # at ASSUMED_FLOPS
     shortfall: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -114,6 +124,7 @@ class Estimate:
     backward_extra: int  # autocast copies and a rebuilt layer at the end of backward
     traffic: int = 0
     trainable: int = 0
+    streamed_per_micro_batch: int = 0  # bytes of streamed weights copied in per micro-batch
 
     def device_peak(self) -> int:
         forward_end = self.persistent + self.activations + self.loss_transient
@@ -180,10 +191,12 @@ def estimate_hift(
     p = Precision(weight_bytes=w, compute_bytes=request.compute_bytes)
     group = max(_groups(shape, units_per_group))  # the largest group sets the peak
     unit_bytes = [w * u.params for u in shape.units]
-    # Stream the largest units first: they free the most GPU memory per unit streamed.
-    streamed = sorted(unit_bytes, reverse=True)[:streamed_units]
+    # The engine streams decoder layers (the first ``streamed_units`` of them), never the embedding
+    # or the head: they run once per pass, outside the layers' ring.
+    layer_bytes = [w * u.params for u in shape.layer_units]
+    streamed = layer_bytes[:streamed_units]
     resident = sum(unit_bytes) - sum(streamed)
-    buffers = 2 * max(unit_bytes) if streamed_units else 0  # double buffer: one computing, one arriving
+    buffers = STREAM_BUFFERS * max(layer_bytes) if streamed_units else 0
     state = int(STATE_BYTES[state_policy] * group)
     prefetch = 0 if state_policy == "drop" else state  # the next group's state arrives during this step
     parts, _, loss, logits_grad, extra = _activation_parts(shape, request, p, micro_batch, checkpointing)
@@ -213,8 +226,9 @@ def estimate_hift(
     n_micro = math.ceil(request.batch_size / micro_batch)
     traffic = state_traffic + n_micro * passes * sum(streamed)
     return Estimate(
-        components, persistent, acts, loss, logits_grad, 4 * group, extra, traffic, trainable=shape.params
-    )
+        components, persistent, acts, loss, logits_grad, 4 * group, extra, traffic, trainable=shape.params,
+        streamed_per_micro_batch=passes * sum(streamed),
+    )  # fmt: skip
 
 
 def sift_targets(shape: ModelShape, targets: str = "all-linear") -> list[int]:
@@ -240,6 +254,7 @@ def estimate_sift(
     checkpointing: bool,
     sparsity: float,
     base_quant: str,
+    streamed_units: int = 0,
 ) -> Estimate:
     # The frozen base is stored in the compute precision (fp32 on a CPU) or quantised.
     w = request.compute_bytes
@@ -258,8 +273,26 @@ def estimate_sift(
     acts = sift_activation_bytes(shape, request.seq_len, micro_batch, p, checkpointing)
     parts[0] = Component(parts[0].name, acts, note=parts[0].note)
     base_name = DTYPE_NAMES[w] if base_quant == "none" else base_quant
+    # Streaming (an unquantised base only): the first layers' frozen weights wait in host memory.
+    layer_bytes = [w * u.params for u in shape.layer_units]
+    streamed = sum(layer_bytes[:streamed_units]) if base_quant == "none" else 0
+    buffers = STREAM_BUFFERS * max(layer_bytes) if streamed else 0
+    base -= streamed
     components = [
         Component(f"base weights ({base_name}, frozen)", base),
+        *(
+            [
+                Component(
+                    f"base weights ({base_name}, streamed)",
+                    0,
+                    streamed,
+                    note=f"{streamed_units} layers in pinned host memory",
+                ),
+                Component("stream buffers", buffers),
+            ]
+            if streamed
+            else []
+        ),
         Component(
             "sparse increment: values, indices, gradients, Adam m, v",
             increment,
@@ -268,9 +301,12 @@ def estimate_sift(
         Component("W + Δ or its dense gradient (transient)", dense, note="one weight at a time"),
         *parts,
     ]
+    passes = 2  # forward, and the recompute: streaming runs with activation checkpointing
+    n_micro = math.ceil(request.batch_size / micro_batch)
     return Estimate(
-        components, base + increment, acts, max(loss, dense), max(logits_grad, dense), 0, extra + dense,
-        trainable=entries,
+        components, base + buffers + increment, acts, max(loss, dense), max(logits_grad, dense), 0,
+        extra + dense, traffic=n_micro * passes * streamed, trainable=entries,
+        streamed_per_micro_batch=passes * streamed,
     )  # fmt: skip
 
 
@@ -368,9 +404,33 @@ def make_plan(
         link_bytes_per_s=link or ASSUMED_LINK_BYTES_PER_S,
         notes=notes,
     )
+    if best.streamed_per_micro_batch and fitter.on_gpu:
+        _compare_streaming_with_compute(plan, shape, request, best)
     if not fits:
         plan.shortfall = _shortfall(plan, shape, request, gpu_budget, host_budget, link)
     return plan
+
+
+def _compare_streaming_with_compute(
+    plan: Plan, shape: ModelShape, request: PlanRequest, est: Estimate
+) -> None:
+    """Streaming overlaps with compute; it bounds the step when copying a micro-batch's streamed
+    layers in takes longer than computing that micro-batch. The copy is the same for any
+    micro-batch, the compute grows with it, so a big enough micro-batch hides the copy."""
+    micro = plan.settings["micro_batch_size"]
+    kind = "hift" if request.method == "hift" else "sparse"
+    flops_per_example = FLOPS_PER_PARAM_TOKEN[kind] * shape.params * request.seq_len
+    compute = micro * flops_per_example / ASSUMED_FLOPS
+    transfer = est.streamed_per_micro_batch / plan.link_bytes_per_s
+    plan.stream_seconds_per_micro_batch, plan.compute_seconds_per_micro_batch = transfer, compute
+    if transfer > compute:
+        hides = math.ceil(transfer * ASSUMED_FLOPS / flops_per_example)
+        plan.notes.append(
+            f"streaming bounds throughput at micro-batch {micro}; {hides} × {request.seq_len} tokens per "
+            "micro-batch would hide it, if their activations fit (a larger --batch-size, or longer sequences)"
+        )
+    else:
+        plan.notes.append("streaming hides behind compute at this micro-batch")
 
 
 def _first_fit(
@@ -437,6 +497,19 @@ def _search_hift(shape, request, fitter):
             **_accumulation(request, mb),
         }
 
+    if request.stream:  # every decoder layer streamed, as asked
+        m = request.units_per_group or 1
+        n_layers = len(shape.layer_units)
+        for policy in policies:
+            build = partial(
+                estimate_hift, shape, request, units_per_group=m, state_policy=policy, streamed_units=n_layers
+            )
+            found = _first_fit(fitter, request, build, load, forced_checkpointing=True) or _smallest(
+                request, build
+            )
+            est, mb, _ = found
+            if fitter.fits(*fitter.totals(est, load)[:2]) or policy == policies[-1]:
+                return est, settings(m, policy, n_layers, mb, True), load, [STREAMING_NOTE]
     # Prefer, in order: nothing streamed, then the richest state policy the host can hold, then
     # bigger groups. Streaming needs checkpointing (a streamed unit is rebuilt in the backward).
     for policy in policies:
@@ -451,9 +524,10 @@ def _search_hift(shape, request, fitter):
     # Streaming: every micro-batch moves each streamed unit in twice, so a bigger micro-batch can be
     # worth more streamed units. Among the plans that fit, take the least host<->GPU traffic per step.
     m = request.units_per_group or 1
+    n_layers = len(shape.layer_units)
     for policy in policies:
         candidates = []
-        for streamed in range(1, n_units + 1):
+        for streamed in range(1, n_layers + 1):
             build = partial(
                 estimate_hift, shape, request, units_per_group=m, state_policy=policy, streamed_units=streamed
             )
@@ -465,13 +539,16 @@ def _search_hift(shape, request, fitter):
             return est, settings(m, policy, streamed, mb, True), load, [STREAMING_NOTE]
     policy = policies[-1]
     build = partial(
-        estimate_hift, shape, request, units_per_group=m, state_policy=policy, streamed_units=n_units
+        estimate_hift, shape, request, units_per_group=m, state_policy=policy, streamed_units=n_layers
     )
     est, mb, _ = _smallest(request, build)
-    return est, settings(m, policy, n_units, mb, True), load, []
+    return est, settings(m, policy, n_layers, mb, True), load, []
 
 
-STREAMING_NOTE = "streamed units are copied in before their forward and again before their backward recompute"
+STREAMING_NOTE = (
+    "streamed layers are copied in before their forward and again before their backward recompute"
+)
+STREAM_BUFFERS = 2  # engine/streaming.py: one buffer computing, one arriving
 
 
 SIFT_DEFAULT_MAX_RATE = 0.05  # the SIFT paper's rate for 7B; more only on an unquantised base
@@ -486,30 +563,48 @@ def _search_sift(shape, request, fitter):
     # Weights are loaded on the host in the compute precision, then moved (and quantised) one at a time.
     load = request.compute_bytes * shape.params
 
-    def best_for(quant: str, allowed: list[float]):
+    n_layers = len(shape.layer_units)
+    streamed = n_layers if request.stream else 0
+
+    def best_for(quant: str, allowed: list[float], streamed: int = streamed):
         for rate in allowed:
-            build = partial(estimate_sift, shape, request, sparsity=rate, base_quant=quant)
-            found = _first_fit(fitter, request, build, load)
+            build = partial(
+                estimate_sift, shape, request, sparsity=rate, base_quant=quant, streamed_units=streamed
+            )
+            found = _first_fit(fitter, request, build, load, forced_checkpointing=bool(streamed))
             if found:
                 return rate, found
         return None
 
-    notes = []
+    notes = [STREAMING_NOTE] if streamed else []
     capped = [r for r in rates if r <= SIFT_DEFAULT_MAX_RATE] or rates
+    if request.stream:
+        quants = ["none"] if request.base_quant in (None, "none") else quants
     results = {quant: best_for(quant, capped) for quant in quants}
+    if not any(results.values()) and not streamed and "none" in quants:
+        # Not even a quantised base fits: stream an unquantised one, as few layers as will do.
+        for n in range(1, n_layers + 1):
+            result = best_for("none", capped, n)
+            if result:
+                results, streamed = {"none": result}, n
+                notes.append(STREAMING_NOTE)
+                break
     fitting = [(result[0], -quants.index(quant), quant) for quant, result in results.items() if result]
     if not fitting:
         quant, rate = quants[-1], rates[-1]
         est, mb, ckpt = _smallest(
-            request, partial(estimate_sift, shape, request, sparsity=rate, base_quant=quant)
+            request,
+            partial(estimate_sift, shape, request, sparsity=rate, base_quant=quant, streamed_units=streamed),
         )
     else:
         rate, _, quant = max(fitting)  # highest rate; on a tie, the least quantisation
         rate, (est, mb, ckpt) = results[quant]
         above = [r for r in rates if r > rate]
         if quant == "none" and above:  # room to spare on an unquantised base: go above 5%
-            rate, (est, mb, ckpt) = best_for(quant, above) or (rate, (est, mb, ckpt))
+            rate, (est, mb, ckpt) = best_for(quant, above, streamed) or (rate, (est, mb, ckpt))
     settings = {"sparsity": rate, "base_quant": quant, "micro_batch_size": mb, "gradient_checkpointing": ckpt}
+    if streamed:
+        settings["streamed_units"] = streamed if quant == "none" else 0
     if request.method == "sift":
         gpu_peak, host_peak, _ = fitter.totals(est, load)
         spare = fitter.gpu_budget - gpu_peak if fitter.on_gpu else fitter.host_budget - host_peak

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lowmem_ft.hardware import format_bytes
-from lowmem_ft.planner.plan import Plan
+from lowmem_ft.planner.plan import ASSUMED_FLOPS, Plan
 
 
 def _cell(n: int) -> str:
@@ -36,6 +36,12 @@ def render_plan(plan: Plan, model_name: str, budget_line: str) -> str:
         lines.append(
             f"traffic    {format_bytes(plan.traffic_bytes_per_step)} host<->GPU per optimizer step "
             f"(≈ {seconds * 1000:,.0f} ms at {plan.link_bytes_per_s / 1e9:.1f} GB/s)"
+        )
+    if plan.stream_seconds_per_micro_batch is not None:
+        lines.append(
+            f"streaming  {plan.stream_seconds_per_micro_batch * 1000:,.0f} ms of copying per micro-batch, "
+            f"≈ {plan.compute_seconds_per_micro_batch * 1000:,.0f} ms of compute (at an assumed "
+            f"{ASSUMED_FLOPS / 1e12:.0f} TFLOPS; copies overlap with compute)"
         )
     for note in plan.notes:
         lines.append(f"note       {note}")

@@ -182,3 +182,17 @@ def test_sift_plans_streaming_when_asked_or_when_nothing_else_fits():
     assert rows["base weights (bf16, streamed)"].host_bytes == 32 * 2 * 202_383_360
     resident = build_plan("llama-2-7b", method="sift", gpu_mem="24GiB", cpu_mem="64GiB").plan
     assert not resident.settings.get("streamed_units")
+
+
+def test_stream_keeps_the_plan_s_other_choices(tmp_path, capsys, data):
+    """`--stream` changes where weights live, not what trains: with everything left to the planner,
+    HiFT gets the same groups and state policy, and the same losses, as without it."""
+    runs = {}
+    for name, extra in (("resident", []), ("streamed", ["--stream"])):
+        job = tmp_path / name
+        assert cli(capsys, "run", "tiny", data, "--out", job, "--method", "hift", *RUN, *extra)[0] == 0
+        runs[name] = (json.loads((job / "plan.json").read_text())["settings"], outcome(job)[0])
+    (settings_r, steps_r), (settings_s, steps_s) = runs["resident"], runs["streamed"]
+    for key in ("units_per_group", "state_policy"):
+        assert settings_s[key] == settings_r[key]
+    assert settings_s["streamed_units"] == 6 and steps_s == steps_r

@@ -497,19 +497,18 @@ def _search_hift(shape, request, fitter):
             **_accumulation(request, mb),
         }
 
-    if request.stream:  # every decoder layer streamed, as asked
-        m = request.units_per_group or 1
+    if request.stream:  # every decoder layer streamed, as asked; policy and group size as usual
         n_layers = len(shape.layer_units)
         for policy in policies:
-            build = partial(
-                estimate_hift, shape, request, units_per_group=m, state_policy=policy, streamed_units=n_layers
-            )
-            found = _first_fit(fitter, request, build, load, forced_checkpointing=True) or _smallest(
-                request, build
-            )
-            est, mb, _ = found
-            if fitter.fits(*fitter.totals(est, load)[:2]) or policy == policies[-1]:
-                return est, settings(m, policy, n_layers, mb, True), load, [STREAMING_NOTE]
+            for m in group_sizes:
+                build = partial(
+                    estimate_hift, shape, request, units_per_group=m, state_policy=policy,
+                    streamed_units=n_layers,
+                )  # fmt: skip
+                found = _first_fit(fitter, request, build, load, forced_checkpointing=True)
+                if found:
+                    est, mb, _ = found
+                    return est, settings(m, policy, n_layers, mb, True), load, [STREAMING_NOTE]
     # Prefer, in order: nothing streamed, then the richest state policy the host can hold, then
     # bigger groups. Streaming needs checkpointing (a streamed unit is rebuilt in the backward).
     for policy in policies:

@@ -62,7 +62,7 @@ class LayerStreamer:
                 p.data = host
                 pairs.append((p, host))
             self.host[i] = pairs
-        self.pinned: dict[int, list[torch.Tensor]] = {}  # layer -> its own device tensors, while pinned
+        self.pinned: set[int] = set()  # layers with device memory of their own (they train)
         sizes = {}
         for pairs in self.host.values():
             per_dtype = {}
@@ -96,16 +96,15 @@ class LayerStreamer:
         if i not in self.host or i in self.pinned:
             return
         self._release(i)
-        self.pinned[i] = []
+        self.pinned.add(i)
         for p, host in self.host[i]:
             p.data = host.to(self.device, copy=True)
-            self.pinned[i].append(p.data)
 
     def unpin(self, i: int) -> None:
         """Write layer ``i``'s weights back to its host copy and stream it again."""
         if i not in self.pinned:
             return
-        del self.pinned[i]
+        self.pinned.discard(i)
         for p, host in self.host[i]:
             host.copy_(p.data)  # synchronous: the device copy is freed right after
             p.data = host

@@ -470,6 +470,19 @@ def export(
     typer.echo(f"merged     {written} ({time.perf_counter() - started:.1f}s); loads with transformers")
 
 
+@app.command()
+def methods() -> None:
+    """List the fine-tuning methods, one line each, with their key options."""
+    from lowmem_ft.methods import METHODS
+
+    width = max(len(name) for name in METHODS)
+    for name, cls in METHODS.items():
+        typer.echo(f"{name.ljust(width)}  {cls.summary}")
+        if cls.options:
+            typer.echo(f"{''.ljust(width)}  options: {cls.options}")
+    typer.echo("\n`lowmem-ft run --help` lists every option; docs/hift.md and docs/sift.md explain them.")
+
+
 def _age(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:

@@ -275,3 +275,14 @@ def test_sigterm_marks_the_job_interrupted_and_exits_130(tmp_path, small_data):
     assert job["status"] == "interrupted" and job["step"] >= 1
     assert job["last_checkpoint"]["step"] == job["step"]  # the step it was in, finished and saved
     assert f"continue with `lowmem-ft resume {out}`" in err and "Traceback" not in err
+
+
+def test_methods_lists_every_method_with_its_options(capsys):
+    from lowmem_ft.methods import METHODS
+
+    code, out, _ = cli(capsys, "methods")
+    assert code == 0
+    lines = out.splitlines()
+    for name, cls in METHODS.items():
+        row = next(i for i, line in enumerate(lines) if line.startswith(f"{name} "))
+        assert cls.summary in lines[row] and lines[row + 1].strip().startswith("options: --")

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 class Method(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for `--help` and the run header
+    options: ClassVar[str] = ""  # its key options, for `lowmem-ft methods`
 
     optimizer: torch.optim.Optimizer
 

@@ -182,6 +182,10 @@ class SparseIncrement(Method):
 class SIFT(SparseIncrement):
     name = "sift"
     summary = "top-k entries of each weight by gradient, fixed after selection; fp32 increments"
+    options = (
+        "--sparsity, --targets, --base-quant, --selection-batches, --selection-score grad|grad2 "
+        "(grad2 over a window: Fu et al.'s SAM), --stream"
+    )
 
     def selection_batches(self, config) -> int:
         return 0 if getattr(self, "selected", False) else config.selection_batches

@@ -196,3 +196,16 @@ def test_stream_keeps_the_plan_s_other_choices(tmp_path, capsys, data):
     for key in ("units_per_group", "state_policy"):
         assert settings_s[key] == settings_r[key]
     assert settings_s["streamed_units"] == 6 and steps_s == steps_r
+
+
+def test_the_plan_counts_the_buffers_and_host_copies_the_engine_allocates(tmp_path, data):
+    """The planner's `stream buffers` and streamed host bytes are what the engine allocates."""
+    from lowmem_ft.config import RunConfig
+    from lowmem_ft.train import setup
+
+    config = RunConfig(model="tiny", data=data, method="hift", stream=True, max_steps=1, seq_len=64)
+    s = setup(config)
+    rows = {c.name: c for c in s.plan.components}  # on a CPU every component is in host memory
+    streamer = s.method.streamer
+    assert rows["stream buffers"].host_bytes == streamer.device_bytes()
+    assert rows["weights (fp32, streamed)"].host_bytes == streamer.host_bytes()

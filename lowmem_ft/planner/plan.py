@@ -205,10 +205,13 @@ def estimate_hift(
     parts[0] = Component(parts[0].name, acts, note=f"{parts[0].note}; the most expensive group")
     host_states = 0 if state_policy == "drop" else int(STATE_BYTES[state_policy] * shape.params)
     components = [
-        Component("weights (bf16, resident)", resident),
+        Component(f"weights ({DTYPE_NAMES[w]}, resident)", resident),
         Component(
-            "weights (bf16, streamed)", 0, sum(streamed), note=f"{streamed_units} units in pinned host memory"
-        ),
+            f"weights ({DTYPE_NAMES[w]}, streamed)",
+            0,
+            sum(streamed),
+            note=f"{streamed_units} layers in pinned host memory",
+        ),  # fmt: skip
         Component("stream buffers", buffers),
         Component("active group: fp32 master copy", 4 * group if w == 2 else 0),
         # fp32 either way: 16-bit gradients move onto the fp32 masters, tensor by tensor.

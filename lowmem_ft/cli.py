@@ -42,6 +42,27 @@ MAX_BAD_STEPS = typer.Option(
     5, help="Stop after this many steps in a row with a NaN/Inf loss (each one is skipped)."
 )
 
+# Options of the structured methods (lowmem_ft/selections.py), shared by `run` and `plan`.
+LORA_RANK = typer.Option(8, help="LoRA/SPAFIT: rank r of the adapters.")
+LORA_ALPHA = typer.Option(None, help="LoRA/SPAFIT: scale α (the update is α/r·BA). [default: 2 × rank]")
+CUTOFFS = typer.Option(
+    None,
+    help="SPAFIT: N1,N2: layers below N1 frozen, N1 to N2-1 bias/norm only, N2 up LoRA on attention. "
+    "[default: the paper's 4,9 of 24 layers, scaled to the model]",
+)
+VARIANT = typer.Option(
+    "I", help="SPAFIT: I = LoRA only in the top layers; II = LoRA and bias/norm terms there."
+)
+ADD_BIASES = typer.Option(
+    False,
+    "--add-biases",
+    help="BitFit/SPAFIT: add zero-initialised biases to the decoder's linear layers and train them "
+    "(Llama has none).",
+)
+FREEZE_LAYERS = typer.Option(
+    None, help="BitFit/LoRA: decoder layers that stay frozen, numbered from 0, e.g. 0-15 or 0-3,8."
+)
+
 app = typer.Typer(
     name="lowmem-ft",
     help="Fine-tune 7B-class language models on one GPU that cannot hold them the usual way.",
@@ -83,7 +104,8 @@ def run(
     method: str = typer.Option(
         "full",
         help="full = every parameter every step; hift = one group of layers per step (all parameters); "
-        "sift = the top entries of each weight by gradient; random / magnitude = sparse baselines.",
+        "sift = the top entries of each weight by gradient; random / magnitude = sparse baselines; "
+        "bitfit, lora, spafit = structured. `lowmem-ft methods` lists them.",
     ),
     optimizer: str = typer.Option(
         "adamw", help="adamw, sgd (momentum 0.9), adagrad, or adamw8bit (bitsandbytes)."
@@ -108,13 +130,21 @@ def run(
     ),
     targets: str = typer.Option(
         "all-linear",
-        help="Sparse methods: all-linear, attention, mlp, or module names/patterns such as q_proj,v_proj.",
+        help="Sparse methods and LoRA: all-linear, attention, mlp, or module names/patterns such as "
+        "q_proj,v_proj.",
     ),
     base_quant: str | None = typer.Option(
         None,
-        help="Sparse methods: frozen base weights as none, int8 or nf4 (bitsandbytes). "
-        "[default: the planner's]",
+        help="Sparse methods: frozen base weights as none, int8 or nf4 (bitsandbytes); LoRA: none or "
+        "nf4 (QLoRA). [default: the planner's]",
     ),
+    lora_rank: int = LORA_RANK,
+    lora_alpha: float | None = LORA_ALPHA,
+    lora_dropout: float = typer.Option(0.0, help="LoRA/SPAFIT: dropout on the adapters' input."),
+    cutoffs: str | None = CUTOFFS,
+    variant: str = VARIANT,
+    add_biases: bool = ADD_BIASES,
+    freeze_layers: str | None = FREEZE_LAYERS,
     selection_batches: int = typer.Option(
         1, help="SIFT: micro-batches whose gradients choose the entries (not trained on)."
     ),
@@ -218,6 +248,8 @@ def run(
         groups=groups, order=order, switch_every=switch_every, state_policy=state_policy,
         sparsity=sparsity, targets=targets, base_quant=base_quant, selection_batches=selection_batches,
         selection_score=selection_score, selection_passes=selection_passes, stream=stream, format=format,
+        lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, cutoffs=cutoffs,
+        variant=variant, add_biases=add_biases, freeze_layers=freeze_layers,
         seq_len=seq_len, pack=pack,
         eval_data=eval_data, eval_fraction=eval_fraction, eval_every=eval_every,
         skip_bad_lines=skip_bad_lines,
@@ -344,7 +376,7 @@ def plan(
         ..., help="Model alias, local Hugging Face directory, or cached hub id (no weights needed)."
     ),
     method: str = typer.Option(
-        "full", help="Method to plan for: full, hift, sift (or random / magnitude, planned like sift)."
+        "full", help="Method to plan for: full, hift, sift, random, magnitude, bitfit, lora, spafit."
     ),
     gpu_mem: str | None = typer.Option(
         None, help="GPU memory to plan for, e.g. 24GiB. [default: the detected GPU's free memory]"
@@ -376,12 +408,18 @@ def plan(
         None, help="SIFT: fraction of each weight's entries that train, e.g. 0.05."
     ),
     base_quant: str | None = typer.Option(
-        None, help="SIFT: frozen base weights as none (bf16), int8 or nf4."
+        None, help="Sparse methods: frozen base weights as none (bf16), int8 or nf4; LoRA: none or nf4."
     ),
     targets: str = typer.Option(
-        "all-linear", help="SIFT: all-linear, attention, mlp, or module names/patterns (q_proj,v_proj)."
+        "all-linear",
+        help="Sparse methods and LoRA: all-linear, attention, mlp, or module names/patterns (q_proj,v_proj).",
     ),
     selection_batches: int = typer.Option(1, help="SIFT: micro-batches in the selection window."),
+    lora_rank: int = LORA_RANK,
+    cutoffs: str | None = CUTOFFS,
+    variant: str = VARIANT,
+    add_biases: bool = ADD_BIASES,
+    freeze_layers: str | None = FREEZE_LAYERS,
     stream: bool = typer.Option(
         False,
         "--stream",
@@ -399,7 +437,8 @@ def plan(
         batch_size=batch_size, micro_batch_size=micro_batch_size,
         gradient_checkpointing=gradient_checkpointing, dtype=dtype,
         units_per_group=units_per_group, state_policy=state_policy, sparsity=sparsity, base_quant=base_quant,
-        targets=targets, selection_batches=selection_batches, stream=stream,
+        targets=targets, selection_batches=selection_batches, stream=stream, lora_rank=lora_rank,
+        cutoffs=cutoffs, variant=variant, add_biases=add_biases, freeze_layers=freeze_layers,
     )  # fmt: skip
     if as_json:
         typer.echo(json.dumps({"model": result.model_name, **result.plan.to_json()}, indent=2))
@@ -421,7 +460,9 @@ Examples:
 
 @app.command(epilog=EXPORT_EPILOG)
 def export(
-    job_dir: Path = typer.Argument(..., help="Job directory of a sparse run (or its delta.safetensors)."),
+    job_dir: Path = typer.Argument(
+        ..., help="Job directory of a sparse or LoRA run (or its delta.safetensors / adapter directory)."
+    ),
     merge: bool = typer.Option(False, "--merge", help="Write base + increment as a full Hugging Face model."),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Directory for the merged model (with --merge)."
@@ -433,10 +474,8 @@ def export(
         "auto", help="Precision of the merged weights: auto (the base's own), fp32, bf16, fp16."
     ),
 ) -> None:
-    """Show a sparse job's delta, or merge it into its base model (--merge --out DIR)."""
-    from lowmem_ft.delta import read_delta
-    from lowmem_ft.export import find_delta, merge_delta
-    from lowmem_ft.hardware import format_bytes
+    """Show a sparse or LoRA job's result, or merge it into its base model (--merge --out DIR)."""
+    from lowmem_ft.export import find_result, merge_result
 
     if not merge:
         given = [flag for flag, value in (("--out", out), ("--base", base)) if value is not None]
@@ -444,30 +483,56 @@ def export(
         if given:
             verb = "applies" if len(given) == 1 else "apply"
             raise UserError(f"{', '.join(given)} only {verb} to --merge; add --merge")
-        path = find_delta(job_dir)
-        delta = read_delta(path)
-        meta = delta.meta
-        typer.echo(f"delta      {path} ({format_bytes(path.stat().st_size)})")
-        typer.echo(
-            f"entries    {delta.count:,} in {len(delta.entries)} weights "
-            f"(--method {meta.get('method')}, sparsity {meta.get('sparsity')}, targets {meta.get('targets')})"
-        )
-        typer.echo(
-            f"base       {meta.get('base_model')} ({meta.get('base_quant')} during training), "
-            f"weights sha256 {str(meta.get('base_weights_sha256'))[:16]}…"
-        )
+        kind, path = find_result(job_dir)
+        (_show_delta if kind == "delta" else _show_adapter)(path)
         typer.echo(f"merge      lowmem-ft export {job_dir} --merge --out DIR")
         return
     if out is None:
         raise UserError("--merge needs --out DIR, the directory to write the merged model to")
     started = time.perf_counter()
-    written, meta = merge_delta(job_dir, out, base, save_dtype)
+    written, meta = merge_result(job_dir, out, base, save_dtype)
     if meta.get("base_quant", "none") != "none":
         typer.echo(
-            f"note       the increment was trained on a {meta['base_quant']} base; it is merged into the "
-            "original weights, as QLoRA adapters are"
+            f"note       trained on a {meta['base_quant']} base; merged into the original weights, "
+            "as QLoRA adapters are"
         )
     typer.echo(f"merged     {written} ({time.perf_counter() - started:.1f}s); loads with transformers")
+
+
+def _show_delta(path: Path) -> None:
+    from lowmem_ft.delta import read_delta
+    from lowmem_ft.hardware import format_bytes
+
+    delta = read_delta(path)
+    meta = delta.meta
+    typer.echo(f"delta      {path} ({format_bytes(path.stat().st_size)})")
+    typer.echo(
+        f"entries    {delta.count:,} in {len(delta.entries)} weights "
+        f"(--method {meta.get('method')}, sparsity {meta.get('sparsity')}, targets {meta.get('targets')})"
+    )
+    typer.echo(
+        f"base       {meta.get('base_model')} ({meta.get('base_quant')} during training), "
+        f"weights sha256 {str(meta.get('base_weights_sha256'))[:16]}…"
+    )
+
+
+def _show_adapter(path: Path) -> None:
+    from lowmem_ft.hardware import format_bytes
+    from lowmem_ft.methods.structured import ADAPTER_META
+
+    meta = json.loads((path / ADAPTER_META).read_text())
+    peft_config = json.loads((path / "adapter_config.json").read_text())
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    typer.echo(f"adapter    {path} ({format_bytes(size)}; peft format: PeftModel.from_pretrained(base, DIR))")
+    typer.echo(
+        f"lora       rank {peft_config.get('r')}, alpha {peft_config.get('lora_alpha')} on "
+        f"{meta.get('lora_targets')} linear layers (targets {meta.get('targets')}), "
+        f"{meta.get('trainable', 0):,} values"
+    )
+    typer.echo(
+        f"base       {meta.get('base_model')} ({meta.get('base_quant')} during training), "
+        f"weights sha256 {str(meta.get('base_weights_sha256'))[:16]}…"
+    )
 
 
 @app.command()
@@ -480,7 +545,9 @@ def methods() -> None:
         typer.echo(f"{name.ljust(width)}  {cls.summary}")
         if cls.options:
             typer.echo(f"{''.ljust(width)}  options: {cls.options}")
-    typer.echo("\n`lowmem-ft run --help` lists every option; docs/hift.md and docs/sift.md explain them.")
+    typer.echo(
+        "\n`lowmem-ft run --help` lists every option; docs/methods.md explains the methods side by side."
+    )
 
 
 def _age(seconds: float) -> str:

@@ -58,6 +58,14 @@ class RunConfig:
     selection_batches: int = 1  # sift
     selection_score: str = "grad"  # sift: grad | grad2
     selection_passes: int | None = None  # sift; None: the planner chooses
+    # structured methods (bitfit, lora, spafit): lowmem_ft/selections.py
+    lora_rank: int = 8  # lora, spafit
+    lora_alpha: float | None = None  # None: 2 × rank
+    lora_dropout: float = 0.0
+    cutoffs: str | None = None  # spafit "N1,N2"; None: the paper's 4 and 9 of 24 layers, scaled
+    variant: str = "I"  # spafit: I | II
+    add_biases: bool = False  # bitfit, spafit: zero-initialised biases on the decoder's linear layers
+    freeze_layers: str | None = None  # bitfit, lora: decoder layers left out, e.g. "0-15"
     # streaming (hift and the sparse methods): decoder layers whose frozen weights stay in host memory
     stream: bool = False  # --stream: every layer (the plan's choice otherwise)
     streamed_layers: int | None = None  # None: the planner chooses
@@ -143,6 +151,7 @@ class RunConfig:
             "--units-per-group and --groups say the same thing; give one of them",
         )
         self._validate_sparse(need)
+        self._validate_structured(need)
         need(
             not self.stream or self.method == "hift" or self.method in SPARSE_METHODS,
             f"--stream applies to --method hift / {' / '.join(SPARSE_METHODS)} (their streamed weights are "
@@ -195,26 +204,16 @@ class RunConfig:
         from lowmem_ft.methods.sift import SELECTION_SCORES
         from lowmem_ft.targets import parse_targets
 
-        sparse, sift = self.method in SPARSE_METHODS, self.method == "sift"
+        sift, with_lora = ("sift",), (*SPARSE_METHODS, "lora")
         given = {
-            "--sparsity": (self.sparsity is not None, sparse),
-            "--targets": (self.targets != "all-linear", sparse),
-            "--base-quant": (self.base_quant is not None, sparse),
+            "--sparsity": (self.sparsity is not None, SPARSE_METHODS),
+            "--targets": (self.targets != "all-linear", with_lora),
+            "--base-quant": (self.base_quant is not None, with_lora),
             "--selection-batches": (self.selection_batches != 1, sift),
             "--selection-score": (self.selection_score != "grad", sift),
             "--selection-passes": (self.selection_passes is not None, sift),
         }
-        for flag, (is_given, applies) in given.items():
-            need(
-                not is_given or applies,
-                f"{flag} applies to --method "
-                + (
-                    " / ".join(SPARSE_METHODS)
-                    if flag in ("--sparsity", "--targets", "--base-quant")
-                    else "sift"
-                )
-                + f", not {self.method}",
-            )
+        _check_applies(need, self.method, given)
         if self.sparsity is not None:
             need(
                 0 < self.sparsity <= 1,
@@ -239,6 +238,36 @@ class RunConfig:
             f"--selection-passes must be at least 1, got {self.selection_passes}",
         )
         parse_targets(self.targets)
+
+    def _validate_structured(self, need) -> None:
+        from lowmem_ft.selections import LORA_METHODS, VARIANTS
+
+        method = self.method
+        given = {
+            "--lora-rank": (self.lora_rank != 8, LORA_METHODS),
+            "--lora-alpha": (self.lora_alpha is not None, LORA_METHODS),
+            "--lora-dropout": (self.lora_dropout != 0.0, LORA_METHODS),
+            "--cutoffs": (self.cutoffs is not None, ("spafit",)),
+            "--variant": (self.variant != "I", ("spafit",)),
+            "--add-biases": (self.add_biases, ("bitfit", "spafit")),
+            "--freeze-layers": (self.freeze_layers is not None, ("bitfit", "lora")),
+        }
+        for flag, (is_given, methods) in given.items():
+            need(
+                not is_given or method in methods,
+                f"{flag} applies to --method {' / '.join(methods)}, not {method}",
+            )
+        need(self.lora_rank >= 1, f"--lora-rank must be at least 1, got {self.lora_rank}")
+        need(
+            self.lora_alpha is None or self.lora_alpha > 0,
+            f"--lora-alpha must be positive, got {self.lora_alpha}",
+        )
+        need(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        need(self.variant in VARIANTS, f"--variant must be I or II, got {self.variant!r}")
+        need(
+            method != "lora" or self.base_quant in (None, "none", "nf4"),
+            f"--base-quant for --method lora is none or nf4 (QLoRA), got {self.base_quant!r}",
+        )
 
     # -- derived values -------------------------------------------------------------------------
     def resolved_device(self) -> torch.device:
@@ -271,3 +300,12 @@ class RunConfig:
             if values.get(key) is not None:
                 values[key] = Path(values[key])
         return cls(**values)
+
+
+def _check_applies(need, method: str, given: dict[str, tuple[bool, tuple[str, ...]]]) -> None:
+    """A method-specific flag given to a method it does not apply to is an error, not ignored."""
+    for flag, (is_given, methods) in given.items():
+        need(
+            not is_given or method in methods,
+            f"{flag} applies to --method {' / '.join(methods)}, not {method}",
+        )

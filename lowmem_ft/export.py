@@ -25,19 +25,24 @@ def save_hf_model(model: torch.nn.Module, tokenizer, out_dir: Path, save_dtype: 
     return out_dir
 
 
-def find_delta(job_dir: Path) -> Path:
-    """The delta of a job directory (or a delta file given directly), with a clear error if none."""
+def find_result(job_dir: Path) -> tuple[str, Path]:
+    """The mergeable result of a job: ("delta", its delta file) or ("adapter", its LoRA adapter
+    directory); the job directory or the file/directory itself may be given."""
     import json
 
     from lowmem_ft.delta import DELTA_FILE
+    from lowmem_ft.methods.structured import ADAPTER_DIR, ADAPTER_META
 
     if job_dir.is_file():
-        return job_dir
+        return "delta", job_dir
+    if (job_dir / ADAPTER_META).is_file():
+        return "adapter", job_dir
     if not job_dir.is_dir():
         raise UserError(f"{job_dir}: no such job directory")
-    delta = job_dir / DELTA_FILE
-    if delta.is_file():
-        return delta
+    if (job_dir / DELTA_FILE).is_file():
+        return "delta", job_dir / DELTA_FILE
+    if (job_dir / ADAPTER_DIR / ADAPTER_META).is_file():
+        return "adapter", job_dir / ADAPTER_DIR
     job_file = job_dir / "job.json"
     if not job_file.is_file():
         raise UserError(f"{job_dir}: not a lowmem-ft job directory (no job.json)")
@@ -48,46 +53,93 @@ def find_delta(job_dir: Path) -> Path:
             f"{job_dir} was trained with --method {method}; its full model is already in {job_dir / 'model'}"
         )
     raise UserError(
-        f"{job_dir} has no delta yet (status: {record.get('status', '?')}); "
+        f"{job_dir} has no result yet (status: {record.get('status', '?')}); "
         "it is written when the job finishes"
     )
 
 
-def merge_delta(
-    job_dir: Path, out: Path, base: str | None = None, save_dtype: str = "auto"
-) -> tuple[Path, dict]:
-    """Merge a job's sparse increment into its base model: ``out`` is a Hugging Face model directory.
-
-    The base is the model the job was trained from (or ``base``), and must be byte-identical to
-    it: the delta records the sha256 of the base's weights and a mismatch is refused.
-    """
-    from lowmem_ft.config import DTYPES
-    from lowmem_ft.delta import merge_into_files, read_delta
+def _check_base(spec: str | None, expected: str | None, what: str):
+    """The base model to merge into, refused unless its weights hash as the ones trained on."""
     from lowmem_ft.models import resolve_model, weights_hash
 
-    delta = read_delta(find_delta(job_dir))
+    if not spec:
+        raise UserError(f"the {what} does not name its base model; give it with --base")
+    resolved = resolve_model(spec)
+    found = weights_hash(resolved.weights_dir)
+    if expected != found:
+        raise UserError(
+            f"{spec} ({resolved.weights_dir}) is not the base this {what} was trained from: its weights "
+            f"hash to {found[:12]}…, the {what} expects {str(expected)[:12]}…; pass the original with --base"
+        )
+    return resolved
+
+
+def _prepare_out(out: Path, save_dtype: str) -> Path:
+    """Check the options of a merge; returns the ``.partial`` directory to write into."""
+    from lowmem_ft.config import DTYPES
+
     if save_dtype != "auto" and save_dtype not in DTYPES:
         raise UserError(f"--save-dtype must be auto, fp32, bf16 or fp16, got {save_dtype!r}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty; choose a new directory or remove it")
-    spec = base or delta.meta.get("base_model")
-    if not spec:
-        raise UserError("the delta does not name its base model; give it with --base")
-    resolved = resolve_model(spec)
-    expected = delta.meta.get("base_weights_sha256")
-    found = weights_hash(resolved.weights_dir)
-    if expected != found:
-        raise UserError(
-            f"{spec} ({resolved.weights_dir}) is not the base this delta was trained from: its weights "
-            f"hash to {found[:12]}…, the delta expects {str(expected)[:12]}…; pass the original with --base"
-        )
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         import shutil
 
         shutil.rmtree(partial)
-    merge_into_files(delta, resolved.weights_dir, partial, DTYPES.get(save_dtype))
+    return partial
+
+
+def _finish(partial: Path, out: Path) -> Path:
     if out.exists():
-        out.rmdir()  # checked empty above
+        out.rmdir()  # checked empty before
     partial.rename(out)  # a half-merged directory never carries the final name
-    return out, delta.meta
+    return out
+
+
+def merge_result(
+    job_dir: Path, out: Path, base: str | None = None, save_dtype: str = "auto"
+) -> tuple[Path, dict]:
+    """Merge a job's sparse increment or LoRA adapter into its base model: ``out`` is a Hugging Face
+    model directory. The base is the model the job was trained from (or ``base``), and must be
+    byte-identical to it: the result records the sha256 of the base's weights."""
+    kind, path = find_result(job_dir)
+    return (merge_delta if kind == "delta" else merge_adapter)(path, out, base, save_dtype)
+
+
+def merge_delta(path: Path, out: Path, base: str | None, save_dtype: str) -> tuple[Path, dict]:
+    from lowmem_ft.config import DTYPES
+    from lowmem_ft.delta import merge_into_files, read_delta
+
+    delta = read_delta(path)
+    partial = _prepare_out(out, save_dtype)
+    resolved = _check_base(
+        base or delta.meta.get("base_model"), delta.meta.get("base_weights_sha256"), "delta"
+    )
+    merge_into_files(delta, resolved.weights_dir, partial, DTYPES.get(save_dtype))
+    return _finish(partial, out), delta.meta
+
+
+def merge_adapter(path: Path, out: Path, base: str | None, save_dtype: str) -> tuple[Path, dict]:
+    """peft's merge: the base loaded in the precision it is saved in, W += (α/r)·BA in fp32 and
+    rounded once. A QLoRA adapter is merged into the original weights, not the NF4 ones."""
+    import json
+    import warnings
+
+    from peft import PeftModel
+
+    from lowmem_ft.config import DTYPES
+    from lowmem_ft.methods.structured import ADAPTER_META
+    from lowmem_ft.models import load_model, load_tokenizer
+    from lowmem_ft.train import model_dtype_on_disk
+
+    meta = json.loads((path / ADAPTER_META).read_text())
+    partial = _prepare_out(out, save_dtype)
+    resolved = _check_base(base or meta.get("base_model"), meta.get("base_weights_sha256"), "adapter")
+    dtype = DTYPES.get(save_dtype) or model_dtype_on_disk(resolved)
+    model = load_model(resolved, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = PeftModel.from_pretrained(model, path).merge_and_unload()
+    save_hf_model(merged, load_tokenizer(resolved), partial, dtype)
+    return _finish(partial, out), meta

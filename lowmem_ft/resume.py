@@ -91,7 +91,9 @@ def _prepare_resume(job: Job, overrides: dict) -> tuple[Setup, Restored | None]:
     return s, restored
 
 
-RESUME_KEEPS = ("units_per_group", "state_policy", "sparsity", "base_quant", "selection_passes", "stream")
+RESUME_KEEPS = (
+    "units_per_group", "state_policy", "sparsity", "base_quant", "selection_passes", "stream", "cutoffs"
+)  # fmt: skip
 
 
 def _report_plan_change(job: Job, s: Setup) -> None:

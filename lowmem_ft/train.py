@@ -146,6 +146,11 @@ def plan_run(config: RunConfig, resolved: ResolvedModel) -> Plan | None:
             targets=config.targets,
             selection_batches=config.selection_batches if config.method == "sift" else 1,
             stream=config.stream,
+            lora_rank=config.lora_rank,
+            cutoffs=config.cutoffs,
+            variant=config.variant,
+            add_biases=config.add_biases,
+            freeze_layers=config.freeze_layers,
         )
     except UnsupportedModel as exc:
         print(f"plan       none: {exc}; micro-batch and checkpointing default to 4 and off")
@@ -164,7 +169,14 @@ def plan_run(config: RunConfig, resolved: ResolvedModel) -> Plan | None:
     config.micro_batch_size = plan.settings["micro_batch_size"]
     config.gradient_checkpointing = plan.settings["gradient_checkpointing"]
     # HiFT's and the sparse methods' choices, when the user left them open
-    for option in ("units_per_group", "state_policy", "sparsity", "base_quant", "selection_passes"):
+    for option in (
+        "units_per_group",
+        "state_policy",
+        "sparsity",
+        "base_quant",
+        "selection_passes",
+        "cutoffs",
+    ):
         if option in plan.settings and getattr(config, option) is None:
             setattr(config, option, plan.settings[option])
     adopt_streaming(config, resolved, plan.settings.get("streamed_units", 0))
@@ -613,8 +625,9 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
         print(f"eval loss  {first_eval:.4f} → {final_eval:.4f} ({change:+.1f}%)")
     if progress.skipped_steps:
         print(f"skipped    {len(progress.skipped_steps)} steps with a NaN/Inf loss: {progress.skipped_steps}")
-    if out.is_file():  # a delta: small, and merged into a full model on request
-        print(f"saved      {out} ({format_bytes(out.stat().st_size)})")
+    if not method.exports_full_model:  # a delta or an adapter: small, merged into a full model on request
+        size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.iterdir())
+        print(f"saved      {out} ({format_bytes(size)})")
         print(f"           a full model: lowmem-ft export {job.dir} --merge --out DIR")
     else:
         print(f"saved      {out}")

@@ -197,7 +197,9 @@ def test_plan_cli_json_has_the_documented_fields(capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--method", "lora"], "--method 'lora' cannot be planned"),
+        (["--method", "dora"], "--method 'dora' cannot be planned"),
+        (["--method", "lora", "--base-quant", "int8"], "--base-quant for --method lora is none or nf4"),
+        (["--method", "spafit", "--cutoffs", "9,3"], "--cutoffs '9,3': expected N1,N2"),
         (["--sparsity", "5"], "--sparsity must be in (0, 1]"),
         (["--state-policy", "sometimes"], "--state-policy must be one of"),
         (["--gpu-mem", "lots"], "--gpu-mem 'lots' is not a memory size"),

@@ -65,6 +65,8 @@ def trajectory(job: Path) -> list[tuple]:
 def result_tensors(job: Path) -> dict[str, torch.Tensor]:
     path = job / "delta.safetensors"
     if not path.exists():
+        path = job / "adapter" / "adapter_model.safetensors"
+    if not path.exists():
         path = job / "model" / "model.safetensors"
     return load_file(path)
 

@@ -5,9 +5,10 @@ from lowmem_ft.methods.full import FullFineTuning
 from lowmem_ft.methods.hift import HiFT
 from lowmem_ft.methods.masks import MagnitudeMask, RandomMask
 from lowmem_ft.methods.sift import SIFT
+from lowmem_ft.methods.structured import SPAFIT, BitFit, LoRA
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (FullFineTuning, HiFT, SIFT, RandomMask, MagnitudeMask)
+    cls.name: cls for cls in (FullFineTuning, HiFT, SIFT, RandomMask, MagnitudeMask, BitFit, LoRA, SPAFIT)
 }
 
 

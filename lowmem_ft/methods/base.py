@@ -44,6 +44,9 @@ class Method(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for `--help` and the run header
     options: ClassVar[str] = ""  # its key options, for `lowmem-ft methods`
+    # False: export writes something smaller (a sparse delta, an adapter) that `lowmem-ft export
+    # --merge` turns into a full model.
+    exports_full_model: ClassVar[bool] = True
 
     optimizer: torch.optim.Optimizer
 

@@ -38,6 +38,8 @@ DEFAULT_SPARSITY = 0.01  # without a plan (an architecture the planner does not 
 class SparseIncrement(Method):
     """A fixed sparse mask over the target weights, trained with an optimizer over its values."""
 
+    exports_full_model = False  # a delta of indices and values
+
     def weight_dtype(self, config) -> torch.dtype:
         # The base is frozen, so it is stored in the compute precision: bf16 (or fp16) on a GPU,
         # fp32 on a CPU. Only the increment needs fp32, and it has it.

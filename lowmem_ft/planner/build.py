@@ -12,6 +12,7 @@ from lowmem_ft.errors import UserError
 from lowmem_ft.planner.plan import (
     BASE_QUANTS,
     PLANNABLE_METHODS,
+    SPARSE_METHODS,
     STATE_POLICIES,
     Plan,
     PlanRequest,
@@ -56,6 +57,11 @@ def build_plan(
     targets: str = "all-linear",
     selection_batches: int = 1,
     stream: bool = False,
+    lora_rank: int = 8,
+    cutoffs: str | None = None,
+    variant: str = "I",
+    add_biases: bool = False,
+    freeze_layers: str | None = None,
 ) -> PlanResult:
     """Plan MODEL (or an already-read ``config``) for this machine or the one the flags describe."""
     from lowmem_ft.hardware import detect_budget
@@ -90,14 +96,25 @@ def build_plan(
 
     _check(selection_batches >= 1, f"--selection-batches must be at least 1, got {selection_batches}")
     _check(
-        not stream or method != "full",
+        not stream or method in ("hift", *SPARSE_METHODS),
         "--stream applies to --method hift / sift / random / magnitude (their streamed weights are frozen)",
+    )
+    _check(lora_rank >= 1, f"--lora-rank must be at least 1, got {lora_rank}")
+    _check(variant in ("I", "II"), f"--variant must be I or II, got {variant!r}")
+    _check(
+        method not in ("lora",) or base_quant in (None, "none", "nf4"),
+        f"--base-quant for --method lora is none or nf4 (QLoRA), got {base_quant!r}",
     )
     if config is None:
         config, name = read_config(model)
     else:
         name = model or config.get("_name_or_path", "model")
     shape = shape_from_config(config)
+    _check(
+        not add_biases or shape.model_type == "llama",
+        "--add-biases needs a model whose config can declare the added biases, so that the result loads "
+        f"(llama: attention_bias, mlp_bias); this model is {shape.model_type!r}",
+    )
     if units_per_group is not None:
         _check(
             units_per_group <= len(shape.units),
@@ -126,6 +143,11 @@ def build_plan(
         targets=targets,
         selection_batches=selection_batches,
         stream=stream,
+        lora_rank=lora_rank,
+        cutoffs=cutoffs,
+        variant=variant,
+        add_biases=add_biases,
+        freeze_layers=freeze_layers,
     )
     plan = make_plan(shape, request, budget.gpu_bytes, budget.host_bytes, budget.link_bytes_per_s)
     return PlanResult(name, shape, budget, plan)

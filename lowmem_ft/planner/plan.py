@@ -37,9 +37,10 @@ from lowmem_ft.planner.accounting import (
 )
 from lowmem_ft.planner.shapes import ModelShape
 
-PLANNABLE_METHODS = ("full", "hift", "sift", "random", "magnitude")
+PLANNABLE_METHODS = ("full", "hift", "sift", "random", "magnitude", "bitfit", "lora", "spafit")
 SPARSE_METHODS = ("sift", "random", "magnitude")  # one engine, one accounting; they differ in the mask
-DTYPE_NAMES = {2: "bf16", 4: "fp32"}
+STRUCTURED_METHODS = ("bitfit", "lora", "spafit")  # lowmem_ft/selections.py
+DTYPE_NAMES = DTYPES_BY_BYTES = {2: "bf16", 4: "fp32"}
 STATE_POLICIES = ("keep", "keep-8bit", "drop")
 BASE_QUANTS = ("none", "int8", "nf4")
 SPARSITY_GRID = (0.10, 0.08, 0.05, 0.04, 0.03, 0.02, 0.01, 0.005, 0.002, 0.001)
@@ -73,6 +74,11 @@ class PlanRequest:
     targets: str = "all-linear"  # sparse methods (lowmem_ft/targets.py)
     selection_batches: int = 1  # sift: micro-batches whose gradients choose the entries
     stream: bool = False  # hift / sparse methods: stream every decoder layer (--stream)
+    lora_rank: int = 8  # lora, spafit (lowmem_ft/selections.py)
+    cutoffs: str | None = None  # spafit
+    variant: str = "I"  # spafit
+    add_biases: bool = False  # bitfit, spafit
+    freeze_layers: str | None = None  # bitfit, lora
 
 
 @dataclass
@@ -313,6 +319,68 @@ def estimate_sift(
     )  # fmt: skip
 
 
+def structured_selection(shape: ModelShape, request: PlanRequest):
+    """What a structured method trains in this model: the same function the run uses."""
+    from lowmem_ft.selections import select
+
+    return select(
+        request.method, shape.named_terms(), shape.decoder_linears(), shape.layers, targets=request.targets,
+        freeze_layers=request.freeze_layers, cutoffs=request.cutoffs, variant=request.variant,
+        add_biases=request.add_biases,
+    )  # fmt: skip
+
+
+def estimate_structured(
+    shape: ModelShape, request: PlanRequest, micro_batch: int, checkpointing: bool, base_quant: str
+) -> Estimate:
+    """BitFit, LoRA, SPAFIT: a frozen base in the compute precision (QLoRA: NF4 where the adapters
+    are) and a few whole tensors in fp32 with gradients and AdamW state, 16 bytes per value."""
+    w = request.compute_bytes
+    p = Precision(weight_bytes=w, compute_bytes=request.compute_bytes)
+    selection = structured_selection(shape, request)
+    linears, rank = shape.decoder_linears(), request.lora_rank
+    trainable = selection.count(shape.named_terms(), linears, rank)
+    adapted = sum(rows * cols for rows, cols in (linears[n] for n in selection.lora_targets))
+    base = w * shape.params
+    if base_quant != "none":
+        base -= int((w - QUANT_BYTES[base_quant]) * adapted)
+    parts, _, loss, logits_grad, extra = _activation_parts(shape, request, p, micro_batch, checkpointing)
+    # Every layer above the lowest trained one is on the gradient path with frozen weights: a sparse
+    # run's activations are an upper bound (it also keeps the linear layers' inputs). LoRA adds, per
+    # token and adapter, the rank-r output of A and, computing in 16 bits, the adapter's own 16-bit
+    # copy of its input (peft computes the adapters from an fp32 cast of it).
+    acts = sift_activation_bytes(shape, request.seq_len, micro_batch, p, checkpointing)
+    tokens = request.seq_len * micro_batch
+    per_adapter = {
+        n: p.compute_bytes * (rank + (linears[n][1] if p.compute_bytes == 2 else 0))
+        for n in selection.lora_targets
+    }
+    lora_acts = tokens * sum(per_adapter.values())
+    if checkpointing:  # only the layer being rebuilt keeps them
+        from lowmem_ft.selections import layer_index
+
+        per_layer: dict[int, int] = {}
+        for name, size in per_adapter.items():
+            per_layer[layer_index(name)] = per_layer.get(layer_index(name), 0) + size
+        extra += tokens * max(per_layer.values(), default=0)
+    else:
+        acts += lora_acts
+    parts[0] = Component(parts[0].name, acts, note=parts[0].note)
+    base_name = DTYPES_BY_BYTES[w] + (f", {base_quant} where adapted" if base_quant != "none" else "")
+    components = [
+        Component(f"base weights ({base_name}, frozen)", base),
+        Component(
+            "trained tensors: fp32 values, gradients, AdamW m, v",
+            16 * trainable,
+            note=f"{trainable:,} values: {selection.summary}",
+        ),
+        *parts,
+    ]
+    return Estimate(
+        components, base + 12 * trainable, acts, loss, logits_grad, 4 * trainable, extra, trainable=trainable
+    )
+
+
 def selection_passes(shape: ModelShape, request: PlanRequest, est: Estimate, spare: int) -> int:
     """Passes over the selection window so that its fp32 running scores fit.
 
@@ -386,6 +454,8 @@ def make_plan(
     search = (
         _search_sift
         if request.method in SPARSE_METHODS
+        else _search_structured
+        if request.method in STRUCTURED_METHODS
         else {"full": _search_full, "hift": _search_hift}[request.method]
     )
     best, settings, load_bytes, notes = search(shape, request, fitter)
@@ -472,6 +542,30 @@ def _search_full(shape, request, fitter):
         load,
         [],
     )
+
+
+def _search_structured(shape, request, fitter):
+    """The micro-batch as for full fine-tuning; LoRA's base in NF4 (QLoRA) only when an unquantised
+    one does not fit, unless --base-quant says which."""
+    quants = (
+        [request.base_quant]
+        if request.base_quant
+        else (["none", "nf4"] if request.method == "lora" else ["none"])
+    )
+    load = request.compute_bytes * shape.params  # loaded in the compute precision, quantised layer by layer
+    for quant in quants:
+        build = partial(estimate_structured, shape, request, base_quant=quant)
+        found = _first_fit(fitter, request, build, load)
+        if found:
+            break
+    est, mb, ckpt = found or _smallest(request, build)
+    settings = {"base_quant": quant} if request.method == "lora" else {}
+    if request.method == "spafit":
+        from lowmem_ft.selections import spafit_cutoffs
+
+        settings["cutoffs"] = ",".join(map(str, spafit_cutoffs(request.cutoffs, shape.layers)))
+    settings |= {"micro_batch_size": mb, "gradient_checkpointing": ckpt, **_accumulation(request, mb)}
+    return est, settings, load, []
 
 
 def _accumulation(request: PlanRequest, micro_batch: int) -> dict:

@@ -29,7 +29,8 @@ def render_plan(plan: Plan, model_name: str, budget_line: str) -> str:
         f"{'budget'.ljust(width)}{_cell(plan.gpu_budget_bytes):>12}{_cell(plan.host_budget_bytes):>12}"
     )
     lines.append("")
-    share = f"{plan.trainable_params / plan.total_params:.2%}" if plan.total_params else "-"
+    fraction = plan.trainable_params / plan.total_params if plan.total_params else None
+    share = "-" if fraction is None else f"{fraction:.2%}" if fraction >= 1e-3 else f"{fraction:.4%}"
     lines.append(f"trainable  {plan.trainable_params:,} of {plan.total_params:,} parameters ({share})")
     if plan.traffic_bytes_per_step:
         seconds = plan.traffic_bytes_per_step / plan.link_bytes_per_s

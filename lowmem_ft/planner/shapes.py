@@ -30,10 +30,17 @@ class Unit:
     params: int
     # Linear weight matrices in this unit, as (name, rows, cols): SIFT's targets, LoRA's hosts.
     linears: tuple[tuple[str, int, int], ...] = ()
+    # Bias and norm weights, as (name, numel): BitFit's and SPAFIT's terms.
+    terms: tuple[tuple[str, int], ...] = ()
 
     @property
     def linear_params(self) -> int:
         return sum(rows * cols for _, rows, cols in self.linears)
+
+    @property
+    def prefix(self) -> str:
+        """Where the unit's modules sit in a Hugging Face model: ``model.layers.3.``, or ``model.``."""
+        return f"model.layers.{self.name.split('.')[1]}." if self.name.startswith("layer.") else "model."
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,14 @@ class ModelShape:
         """
         head = self.vocab * self.hidden
         return sum(u.linear_params for u in self.layer_units) + head
+
+    def named_terms(self) -> dict[str, int]:
+        """{parameter name: numel} of the bias and norm weights, as the model names them."""
+        return {u.prefix + name: numel for u in self.units for name, numel in u.terms}
+
+    def decoder_linears(self) -> dict[str, tuple[int, int]]:
+        """{module name: (out, in)} of the linear layers inside decoder layers."""
+        return {u.prefix + name: (rows, cols) for u in self.layer_units for name, rows, cols in u.linears}
 
 
 def shape_from_config(config: dict) -> ModelShape:
@@ -98,13 +113,18 @@ def shape_from_config(config: dict) -> ModelShape:
         ("mlp.up_proj", i, h),
         ("mlp.down_proj", h, i),
     )
-    layer_params = sum(r * c for _, r, c in linears) + 2 * h  # + input and post-attention RMSNorm
-    layer_params += (a * d + 2 * kv * d) * qkv_bias + h * o_bias + (2 * i + h) * mlp_bias + 2 * d * qk_norm
+    terms = [("input_layernorm.weight", h), ("post_attention_layernorm.weight", h)]
+    terms += [("self_attn.q_norm.weight", d), ("self_attn.k_norm.weight", d)] * qk_norm
+    biased = {"q_proj": qkv_bias, "k_proj": qkv_bias, "v_proj": qkv_bias, "o_proj": o_bias}
+    biased |= dict.fromkeys(("gate_proj", "up_proj", "down_proj"), mlp_bias)
+    terms += [(f"{name}.bias", rows) for name, rows, _ in linears if biased[name.rsplit(".", 1)[1]]]
+    layer_params = sum(r * c for _, r, c in linears) + sum(numel for _, numel in terms)
 
     units = [Unit("embed", vocab * h)]
-    units += [Unit(f"layer.{n}", layer_params, linears) for n in range(n_layers)]
+    units += [Unit(f"layer.{n}", layer_params, linears, tuple(terms)) for n in range(n_layers)]
     head_linear = () if tied else (("lm_head", vocab, h),)
-    units.append(Unit("head", h + (0 if tied else vocab * h), head_linear))  # final norm (+ untied LM head)
+    # final norm (+ untied LM head)
+    units.append(Unit("head", h + (0 if tied else vocab * h), head_linear, (("norm.weight", h),)))
     return ModelShape(model_type, h, i, n_layers, a, kv, d, vocab, tied, tuple(units))
 
 

@@ -1,0 +1,34 @@
+"""Frozen linear layers quantised to 4-bit NF4 by bitsandbytes, for LoRA on a quantised base (QLoRA).
+
+``bnb.nn.Linear4bit`` is what peft recognises as a 4-bit base layer. Each weight is moved to the
+compute device and quantised there before the next one is touched, so the full-precision model
+never has to fit on the device (as engine/sparse_delta.py does for the sparse methods).
+"""
+
+from __future__ import annotations
+
+import torch
+
+NF4_BLOCKSIZE = 64  # QLoRA's block size: 0.5 + 4/64 bytes per weight (planner: QUANT_BYTES["nf4"])
+
+
+def quantise_linears_4bit(
+    model: torch.nn.Module, names: tuple[str, ...], device: torch.device, compute_dtype: torch.dtype
+) -> None:
+    import bitsandbytes as bnb  # optional and heavy: only for a quantised base
+
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
+        quantised = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            compute_dtype=compute_dtype, quant_type="nf4", device="meta",
+        )  # fmt: skip
+        quantised.weight = bnb.nn.Params4bit(
+            linear.weight.data, requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCKSIZE
+        )
+        if linear.bias is not None:
+            quantised.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+        setattr(parent, child, quantised.to(device))  # quantised on its way to the device
+        del linear

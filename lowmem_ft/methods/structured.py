@@ -1,0 +1,215 @@
+"""Structured selections: whole tensors train, the rest of the model is a frozen base.
+
+    bitfit    bias and norm terms (+ optional added zero-initialised biases)
+    lora      LoRA adapters on the target linear layers, through the peft library; on a 4-bit
+              NF4 base with ``--base-quant nf4`` (QLoRA)
+    spafit    stratified by depth: frozen, then bias/norm terms, then LoRA on attention
+
+What trains is decided by lowmem_ft/selections.py, which the planner shares. Memory: the frozen
+base is stored in the compute precision (bf16 on a GPU, fp32 on a CPU), or in NF4 for QLoRA's
+targets; everything that trains is fp32 with fp32 AdamW state (16 bytes per value with its
+gradient), because 16-bit values would round small updates away. Norm and bias weights in fp32
+beside a 16-bit base are fine under autocast: the linear layers cast their inputs themselves.
+
+Results: ``lora`` writes a peft adapter (JOB/adapter, loads with ``PeftModel.from_pretrained``) and
+merges on request (`lowmem-ft export JOB --merge`); ``bitfit`` and ``spafit`` write a full model
+(JOB/model), SPAFIT's adapters merged into it.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import ClassVar
+
+import torch
+
+from lowmem_ft.errors import UserError
+from lowmem_ft.methods.base import Method
+from lowmem_ft.methods.optimizers import make_optimizer
+from lowmem_ft.selections import Selection, select
+
+ADAPTER_DIR = "adapter"
+ADAPTER_META = "lowmem_ft.json"  # beside peft's files: the base the adapter belongs to, and its hash
+DEFAULT_LORA_RANK = 8
+
+
+def model_terms(model: torch.nn.Module) -> dict[str, int]:
+    """{name: numel} of the model's bias and norm weights (BitFit's "bias terms")."""
+    terms = {}
+    for module_name, module in model.named_modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for name, param in module.named_parameters(recurse=False):
+            if name == "bias" or (is_norm and name == "weight"):
+                terms[f"{module_name}.{name}"] = param.numel()
+    return terms
+
+
+def model_linears(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """{module name: (out, in)} of the linear layers inside decoder layers."""
+    from lowmem_ft.selections import layer_index
+
+    return {
+        name: (module.out_features, module.in_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and layer_index(name) is not None
+    }
+
+
+class StructuredMethod(Method):
+    """A fixed set of whole tensors trains with AdamW; a peft LoRA adapter where the selection has one."""
+
+    exports_full_model: ClassVar[bool] = True
+
+    def weight_dtype(self, config) -> torch.dtype:
+        compute = config.compute_dtype()  # the base is frozen: the compute precision is enough
+        return compute if compute in (torch.bfloat16, torch.float16) else torch.float32
+
+    def _select(self, model, config) -> Selection:
+        if not getattr(self, "selection", None):
+            self.config = config
+            n_layers = model.config.num_hidden_layers
+            self.selection = select(
+                self.name, model_terms(model), model_linears(model), n_layers, targets=config.targets,
+                freeze_layers=config.freeze_layers, cutoffs=config.cutoffs, variant=config.variant,
+                add_biases=config.add_biases,
+            )  # fmt: skip
+            if self.selection.added_biases and model.config.model_type != "llama":
+                raise UserError(
+                    "--add-biases needs a model whose config can declare the added biases, so that the "
+                    "result loads (llama: attention_bias, mlp_bias); this model is "
+                    f"{model.config.model_type!r}"
+                )
+        return self.selection
+
+    def place(self, model, config, device) -> None:
+        selection = self._select(model, config)
+        if (config.base_quant or "none") != "none":  # QLoRA: the adapted linears' weights in NF4
+            from lowmem_ft.engine.quantised import quantise_linears_4bit
+
+            quantise_linears_4bit(model, selection.lora_targets, device, config.compute_dtype())
+        super().place(model, config, device)
+
+    def setup(self, model, config) -> None:
+        selection = self._select(model, config)
+        model.requires_grad_(False)
+        params = dict(model.named_parameters())
+        # Taken before peft wraps the adapted layers (their names gain ".base_layer").
+        trained = [params[name] for name in selection.terms]
+        for name in selection.added_biases:
+            linear = model.get_submodule(name)
+            linear.bias = torch.nn.Parameter(torch.zeros(linear.out_features, device=linear.weight.device))
+            trained.append(linear.bias)
+        self.peft_model = None
+        if selection.lora_targets:
+            self.peft_model = _add_lora(model, selection, config)
+        for param in trained:
+            param.data = param.data.float()  # fp32: see the module docstring
+            param.requires_grad_(True)
+        self._names = [name for name, p in model.named_parameters() if p.requires_grad]
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(config.optimizer, self._params, config.lr, config.weight_decay)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return self._params
+
+    def describe_trainable(self) -> str:
+        return f"{self.trainable_count():,} trainable: {self.selection.summary}"
+
+    def changed_weights(self, model) -> dict[str, torch.Tensor]:
+        return dict(zip(self._names, self._params, strict=True))  # the base never changes
+
+    def export(self, model, tokenizer, job_dir, save_dtype, base):
+        from lowmem_ft.export import save_hf_model
+
+        if self.peft_model is not None:
+            model = self.peft_model.merge_and_unload()  # W + (α/r)·BA, into the base's own weights
+        if self.selection.added_biases:
+            _declare_added_biases(model)
+        return save_hf_model(model, tokenizer, job_dir / "model", save_dtype)
+
+
+def _add_lora(model, selection: Selection, config):
+    """peft's LoRA on the selected linear layers: A random, B zero, so the model starts unchanged.
+    Adapter weights are fp32 whatever the base's dtype (peft's autocast_adapter_dtype)."""
+    from peft import LoraConfig, get_peft_model
+
+    rank = config.lora_rank
+    lora_config = LoraConfig(
+        r=rank,
+        lora_alpha=config.lora_alpha or 2 * rank,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(selection.lora_targets),  # full names: exactly these modules
+        bias="none",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation chatter from peft/transformers, nothing to act on
+        peft_model = get_peft_model(model, lora_config)  # modifies ``model`` in place
+    # peft makes the embedding's output require grad for checkpointing; like transformers' own
+    # (train.enable_checkpointing), that would back-propagate through the frozen layers below
+    # the lowest adapter for nothing.
+    if hasattr(model, "_require_grads_hook"):
+        model.disable_input_require_grads()
+    return peft_model
+
+
+def _declare_added_biases(model) -> None:
+    """Biases were added to some linear layers; transformers loads Llama biases all or none (by
+    attention_bias and mlp_bias), so the others get zero biases and the config declares them."""
+    from lowmem_ft.selections import layer_index
+
+    kinds = {"self_attn": False, "mlp": False}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module.bias is not None and layer_index(name) is not None:
+            kinds["self_attn" if ".self_attn." in name else "mlp"] = True
+    for name, module in model.named_modules():
+        kind = "self_attn" if ".self_attn." in name else "mlp"
+        in_layer = isinstance(module, torch.nn.Linear) and layer_index(name) is not None
+        if in_layer and kinds[kind] and module.bias is None:
+            module.bias = torch.nn.Parameter(
+                torch.zeros(module.out_features, device=module.weight.device), requires_grad=False
+            )
+    model.config.attention_bias = kinds["self_attn"]
+    model.config.mlp_bias = kinds["mlp"]
+
+
+class BitFit(StructuredMethod):
+    name = "bitfit"
+    summary = "bias and norm terms only (Llama has no biases: norm weights, optionally added biases)"
+    options = "--add-biases, --freeze-layers"
+
+
+class LoRA(StructuredMethod):
+    name = "lora"
+    summary = "low-rank adapters on the target linear layers (peft); QLoRA with --base-quant nf4"
+    options = "--lora-rank, --lora-alpha, --lora-dropout, --targets, --base-quant none|nf4, --freeze-layers"
+    exports_full_model = False
+
+    def export(self, model, tokenizer, job_dir, save_dtype, base):
+        from lowmem_ft.models import weights_hash
+
+        out = job_dir / ADAPTER_DIR
+        # Where AutoPeftModel finds the base: its hub id, or the local directory it was loaded from.
+        self.peft_model.peft_config["default"].base_model_name_or_path = base.hub_id or str(base.weights_dir)
+        # adapter_config.json + adapter_model.safetensors (fp32); the embeddings did not train, and
+        # peft would otherwise look the base up on the hub to find out.
+        self.peft_model.save_pretrained(out, save_embedding_layers=False)
+        meta = {
+            "method": self.name,
+            "base_model": base.spec,
+            "base_name": base.name,
+            "base_weights_dir": str(base.weights_dir),
+            "base_weights_sha256": weights_hash(base.weights_dir),
+            "base_quant": self.config.base_quant or "none",
+            "targets": self.config.targets,
+            "lora_targets": len(self.selection.lora_targets),
+            "trainable": self.trainable_count(),
+        }
+        (out / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
+        return out
+
+
+class SPAFIT(StructuredMethod):
+    name = "spafit"
+    summary = "by depth: lowest layers frozen, middle bias/norm terms, top LoRA on attention (+terms: II)"
+    options = "--cutoffs N1,N2, --variant I|II, --lora-rank, --lora-alpha, --add-biases"

@@ -1,6 +1,7 @@
 """Final eval loss of each method on the embedded model, on two tasks, same steps for all.
 
-    python bench/quality.py --write docs/benchmarks.md
+    python bench/quality.py --write docs/benchmarks.md                  # HiFT, sparse masks
+    python bench/quality.py --group family --jobs 2 --write docs/benchmarks.md   # LoRA, SPAFIT, BitFit
     python bench/quality.py --task word-order           # one task only (prints, does not write)
 
 Every row is one `lowmem-ft run tiny TASK.jsonl --lr LR ...` (25 optimizer steps, one epoch, the
@@ -36,10 +37,10 @@ FULL_LR, SPARSE_LR = ["--lr", "1e-3"], ["--lr", "1e-2"]
 # weights: rank 2 = 1.276%, rank 8 = 5.102%. The sparse masks below match those counts.
 MATCHED = {2: "0.01276", 8: "0.05102"}
 BOTH, QA = tuple(TASKS), ("python-qa",)
-RUNS = [
-    ("full", FULL_LR, BOTH),
+RUNS = [  # section "quality": HiFT and the sparse masks
+    ("full", FULL_LR, QA),
     ("full, lr 3e-3", ["--lr", "3e-3"], QA),
-    ("hift bottom-up (planner: 2 units per group)", [*FULL_LR, "--method", "hift"], BOTH),
+    ("hift bottom-up (planner: 2 units per group)", [*FULL_LR, "--method", "hift"], QA),
     ("hift top-down", [*FULL_LR, "--method", "hift", "--order", "top-down"], QA),
     ("hift random", [*FULL_LR, "--method", "hift", "--order", "random"], QA),
     ("hift 1 unit per group", [*FULL_LR, "--method", "hift", "--units-per-group", "1"], QA),
@@ -77,7 +78,12 @@ RUNS = [
         QA,
     ),  # fmt: skip
     ("sift 1%, NF4 base", [*SPARSE_LR, "--method", "sift", "--sparsity", "0.01", "--base-quant", "nf4"], QA),
-    # LoRA against sparse masks of the same trainable count.
+]
+# The parameter-efficient family side by side (section "quality-family"): LoRA against sparse
+# masks of the same trainable count, SPAFIT against the LoRA it contains and BitFit; full
+# fine-tuning is each task's reference.
+FAMILY = [
+    ("full", FULL_LR, BOTH),
     *[
         row
         for (rank, rate), tasks in zip(MATCHED.items(), (QA, BOTH), strict=True)
@@ -93,19 +99,26 @@ RUNS = [
             ],
         ]
     ],
-    ("lora r=8 at full's lr", [*FULL_LR, "--method", "lora", "--lora-rank", "8"], QA),
     ("qlora r=8 (NF4 base)", [*SPARSE_LR, "--method", "lora", "--lora-rank", "8", "--base-quant", "nf4"], QA),
     # SPAFIT (planner: cut-offs 1,2 of 6 layers) against the LoRA it contains, and BitFit.
     ("spafit I", [*SPARSE_LR, "--method", "spafit"], BOTH),
-    ("spafit II", [*SPARSE_LR, "--method", "spafit", "--variant", "II"], BOTH),
+    ("spafit II", [*SPARSE_LR, "--method", "spafit", "--variant", "II"], QA),
     (
         "lora r=8 on attention, layers 2-5 (spafit's LoRA alone)",
         [*SPARSE_LR, "--method", "lora", "--targets", "attention", "--freeze-layers", "0-1"],
-        BOTH,
+        QA,
     ),
     ("bitfit (norm weights)", [*SPARSE_LR, "--method", "bitfit"], BOTH),
     ("bitfit + added biases", [*SPARSE_LR, "--method", "bitfit", "--add-biases"], QA),
 ]
+
+
+GROUPS = {"main": RUNS, "family": FAMILY}
+SECTIONS = {"main": "quality", "family": "quality-family"}
+TITLES = {
+    "main": "## Quality on the embedded model (CPU)",
+    "family": "## Quality of the parameter-efficient family at matched budgets (CPU)",
+}
 
 
 def run_one(task: str, options: list[str], threads: int | None) -> dict:
@@ -141,6 +154,12 @@ def table(rows: list[tuple]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--write", type=Path)
+    parser.add_argument(
+        "--group",
+        choices=GROUPS,
+        default="main",
+        help="main: HiFT and sparse masks; family: LoRA, SPAFIT, BitFit",
+    )
     parser.add_argument("--task", choices=list(TASKS), help="run one task only (not with --write)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each with one thread if > 1)")
     args = parser.parse_args()
@@ -150,7 +169,9 @@ def main() -> None:
     threads = 1 if args.jobs > 1 else None
     with ThreadPoolExecutor(args.jobs) as pool:
         for task in [args.task] if args.task else TASKS:
-            runs = [(label, options) for label, options, tasks in RUNS if task in tasks]
+            runs = [(label, options) for label, options, tasks in GROUPS[args.group] if task in tasks]
+            if not runs:
+                continue
             jobs = pool.map(lambda run, task=task: run_one(task, run[1], threads), runs)
             rows = []
             for (label, options), job in zip(runs, jobs, strict=True):
@@ -161,18 +182,17 @@ def main() -> None:
     parallel = f" ({args.jobs} runs at a time, one thread each)" if args.jobs > 1 else ""
     if args.write:
         markdown = (
-            "## Quality on the embedded model (CPU)\n\n"
+            TITLES[args.group] + "\n\n"
             f"Machine: {machine()}. Measured {date.today().isoformat()} with `{command_line()}`{parallel}. "
             "Each row: `lowmem-ft run tiny TASK.jsonl OPTIONS` (25 steps of 16 examples, one epoch, seed "
             "0). Parameter-efficient methods (sparse masks, LoRA, SPAFIT, BitFit) use a 10× larger "
-            "learning rate than full fine-tuning; rows marked \"at full's lr\" show two of them at full's. "
-            '"trainable" is the number of values the method trains; "at lora r=N\'s count" rows train '
-            'as many as the LoRA row above them. "drop vs best full" compares each eval-loss drop with '
-            "full fine-tuning's on the same task. python-qa is text the tiny model was pretrained on "
-            "(format learning); word-order is a rule it never saw (sort, reverse or swap 3-6 words).\n\n"
-            + "\n".join(tables)
+            'learning rate than full fine-tuning (lr 1e-2 against 1e-3). "trainable" is the number of '
+            'values the method trains; "at lora r=N\'s count" rows train as many as the LoRA row above '
+            'them. "drop vs best full" compares each eval-loss drop with full fine-tuning\'s on the same '
+            "task. python-qa is text the tiny model was pretrained on (format learning); word-order is a "
+            "rule it never saw (sort, reverse or swap 3-6 words).\n\n" + "\n".join(tables)
         )
-        write_section(args.write, "quality", markdown)
+        write_section(args.write, SECTIONS[args.group], markdown)
         print(f"written to {args.write}")
     else:
         print("\n".join(tables))

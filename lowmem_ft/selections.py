@@ -24,6 +24,7 @@ from lowmem_ft.targets import match_targets
 
 STRUCTURED_METHODS = ("bitfit", "lora", "spafit")
 LORA_METHODS = ("lora", "spafit")
+ADD_BIASES_METHODS = ("bitfit", "spafit")
 VARIANTS = ("I", "II")
 # SPAFIT's cut-offs on BERT-large (24 layers) were 4 and 9; other depths keep the proportions.
 PAPER_CUTOFFS, PAPER_LAYERS = (4, 9), 24
@@ -96,9 +97,15 @@ def select(
     cutoffs: str | None = None,
     variant: str = "I",
     add_biases: bool = False,
+    model_type: str = "llama",
 ) -> Selection:
     """What ``method`` trains in a model with these ``terms`` ({name: numel} of its bias and norm
     weights) and ``linears`` ({module name: (out, in)} of the linear layers of its decoder layers)."""
+    if add_biases and method in ADD_BIASES_METHODS and model_type != "llama":
+        raise UserError(
+            "--add-biases needs a model whose config can declare the added biases, so that the result "
+            f"loads (llama: attention_bias, mlp_bias); this model is {model_type!r}"
+        )
     frozen = parse_layer_ranges(freeze_layers, n_layers) if freeze_layers else set()
     in_layers = lambda names, keep: [n for n in names if layer_index(n) is not None and keep(layer_index(n))]  # noqa: E731
     without_bias = [name for name in linears if f"{name}.bias" not in terms]

@@ -24,10 +24,9 @@ from typing import ClassVar
 
 import torch
 
-from lowmem_ft.errors import UserError
 from lowmem_ft.methods.base import Method
 from lowmem_ft.methods.optimizers import make_optimizer
-from lowmem_ft.selections import Selection, select
+from lowmem_ft.selections import Selection, layer_index, select
 
 ADAPTER_DIR = "adapter"
 ADAPTER_META = "lowmem_ft.json"  # beside peft's files: the base the adapter belongs to, and its hash
@@ -47,8 +46,6 @@ def model_terms(model: torch.nn.Module) -> dict[str, int]:
 
 def model_linears(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """{module name: (out, in)} of the linear layers inside decoder layers."""
-    from lowmem_ft.selections import layer_index
-
     return {
         name: (module.out_features, module.in_features)
         for name, module in model.named_modules()
@@ -72,14 +69,8 @@ class StructuredMethod(Method):
             self.selection = select(
                 self.name, model_terms(model), model_linears(model), n_layers, targets=config.targets,
                 freeze_layers=config.freeze_layers, cutoffs=config.cutoffs, variant=config.variant,
-                add_biases=config.add_biases,
+                add_biases=config.add_biases, model_type=model.config.model_type,
             )  # fmt: skip
-            if self.selection.added_biases and model.config.model_type != "llama":
-                raise UserError(
-                    "--add-biases needs a model whose config can declare the added biases, so that the "
-                    "result loads (llama: attention_bias, mlp_bias); this model is "
-                    f"{model.config.model_type!r}"
-                )
         return self.selection
 
     def place(self, model, config, device) -> None:
@@ -156,8 +147,6 @@ def _add_lora(model, selection: Selection, config):
 def _declare_added_biases(model) -> None:
     """Biases were added to some linear layers; transformers loads Llama biases all or none (by
     attention_bias and mlp_bias), so the others get zero biases and the config declares them."""
-    from lowmem_ft.selections import layer_index
-
     kinds = {"self_attn": False, "mlp": False}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and module.bias is not None and layer_index(name) is not None:

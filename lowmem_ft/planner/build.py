@@ -110,11 +110,6 @@ def build_plan(
     else:
         name = model or config.get("_name_or_path", "model")
     shape = shape_from_config(config)
-    _check(
-        not add_biases or shape.model_type == "llama",
-        "--add-biases needs a model whose config can declare the added biases, so that the result loads "
-        f"(llama: attention_bias, mlp_bias); this model is {shape.model_type!r}",
-    )
     if units_per_group is not None:
         _check(
             units_per_group <= len(shape.units),

@@ -36,11 +36,11 @@ from lowmem_ft.planner.accounting import (
     sparse_entries,
 )
 from lowmem_ft.planner.shapes import ModelShape
+from lowmem_ft.selections import STRUCTURED_METHODS
 
 PLANNABLE_METHODS = ("full", "hift", "sift", "random", "magnitude", "bitfit", "lora", "spafit")
 SPARSE_METHODS = ("sift", "random", "magnitude")  # one engine, one accounting; they differ in the mask
-STRUCTURED_METHODS = ("bitfit", "lora", "spafit")  # lowmem_ft/selections.py
-DTYPE_NAMES = DTYPES_BY_BYTES = {2: "bf16", 4: "fp32"}
+DTYPE_NAMES = {2: "bf16", 4: "fp32"}
 STATE_POLICIES = ("keep", "keep-8bit", "drop")
 BASE_QUANTS = ("none", "int8", "nf4")
 SPARSITY_GRID = (0.10, 0.08, 0.05, 0.04, 0.03, 0.02, 0.01, 0.005, 0.002, 0.001)
@@ -326,7 +326,7 @@ def structured_selection(shape: ModelShape, request: PlanRequest):
     return select(
         request.method, shape.named_terms(), shape.decoder_linears(), shape.layers, targets=request.targets,
         freeze_layers=request.freeze_layers, cutoffs=request.cutoffs, variant=request.variant,
-        add_biases=request.add_biases,
+        add_biases=request.add_biases, model_type=shape.model_type,
     )  # fmt: skip
 
 
@@ -366,7 +366,7 @@ def estimate_structured(
     else:
         acts += lora_acts
     parts[0] = Component(parts[0].name, acts, note=parts[0].note)
-    base_name = DTYPES_BY_BYTES[w] + (f", {base_quant} where adapted" if base_quant != "none" else "")
+    base_name = DTYPE_NAMES[w] + (f", {base_quant} where adapted" if base_quant != "none" else "")
     components = [
         Component(f"base weights ({base_name}, frozen)", base),
         Component(

@@ -25,6 +25,10 @@ def quantise_linears_4bit(
             linear.in_features, linear.out_features, bias=linear.bias is not None,
             compute_dtype=compute_dtype, quant_type="nf4", device="meta",
         )  # fmt: skip
+        # bitsandbytes 0.49+ repacks the weight for its AVX512-BF16 CPU kernel at the first forward
+        # in eval mode without grad (an evaluation) and keeps it so: later training forwards then
+        # go through gemv_4bit, which has no autograd (input gradients are lost). Never repack.
+        quantised.support_avx512bf16_for_cpu = False
         quantised.weight = bnb.nn.Params4bit(
             linear.weight.data, requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCKSIZE
         )

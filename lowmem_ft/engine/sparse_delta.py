@@ -49,8 +49,11 @@ class FrozenWeight(torch.nn.Module):
         if quant == "int8":
             codes, self.quant_state = bnbf.quantize_blockwise(weight.detach(), blocksize=INT8_BLOCKSIZE)
         else:
+            # Quantised flat (the same codes and block scales as the 2-D weight): bitsandbytes'
+            # native CPU NF4 dequantiser (0.49+) assumes rows are whole blocks, and gets any weight
+            # whose in_features is not a multiple of the block size wrong; one row always is.
             codes, self.quant_state = bnbf.quantize_4bit(
-                weight.detach(), blocksize=NF4_BLOCKSIZE, quant_type="nf4"
+                weight.detach().reshape(-1), blocksize=NF4_BLOCKSIZE, quant_type="nf4"
             )
         # The quantisation state (absmax per block, code table) lives beside the codes on their
         # device; the layer is quantised where it computes and is not moved afterwards.

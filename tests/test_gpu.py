@@ -32,7 +32,7 @@ def test_state_store_round_trip_through_pinned_memory(policy):
     original = {k: v.clone() for k, v in optimizer.state[param].items()}
     store = OptimizerStateStore(policy, CUDA)
     store.save(0, optimizer, [param])
-    assert all(item.data.is_pinned() for item in store._host[0][0].values())
+    assert all(buffer.is_pinned() for buffer in store._flat[0].values())  # registered, exactly sized
     store.prefetch(0)
     store.load(0, optimizer, [param])
     for key, value in original.items():

@@ -280,3 +280,62 @@ def test_resumed_run_equals_the_uninterrupted_one(policy, switch_every, dtype, s
         method.end_step(step)
     for (name, a), b in zip(resumed_model.named_parameters(), uninterrupted.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_bf16_micro_batch_gradients_accumulate_in_fp32(small_model):
+    """With bf16 weights, the active group's gradient over 8 micro-batches is the fp32 sum of the
+    micro-batches' bf16 gradients (an fp32 reference), not a sum rounded to bf16 at every step."""
+    model = small_model.to(torch.bfloat16)
+    data = batches(model, 8)
+    n_targets = sum(target_count(b) for b in data)
+    method = build_method("hift")
+    method.setup(model, config(units_per_group=2, dtype="bf16"))
+    method.begin_step(0)
+    group = method.groups[method.active]
+    # Reference: each micro-batch's bf16 gradient on its own, summed in fp32.
+    reference = [torch.zeros(p.shape, dtype=torch.float32) for p in group]
+    for batch in data:
+        grads = torch.autograd.grad(loss_sum(model, batch, CPU, torch.bfloat16) / n_targets, group)
+        for total, g in zip(reference, grads, strict=True):
+            total += g.float()
+    for batch in data:  # the recipe's accumulation
+        (loss_sum(model, batch, CPU, torch.bfloat16) / n_targets).backward()
+    method.reduce_gradients()
+    assert all(p.grad is None for p in group)  # no 16-bit gradient is left over
+    for master, expected in zip(method.trainable_parameters(), reference, strict=True):
+        assert master.grad.dtype == torch.float32
+        torch.testing.assert_close(master.grad, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_stochastic_rounding_in_chunks_is_exact_and_unbiased():
+    """Rounded through chunks of 1000 elements: every value lands on one of its two bf16 neighbours
+    (values that bf16 holds exactly stay as they are), and the mean is kept."""
+    spacing = 2.0**-7
+    x = torch.cat([torch.full((50_001,), 1.0 + 0.3 * spacing), torch.tensor([1.5, -2.0, 0.0])])
+    out = torch.empty_like(x, dtype=torch.bfloat16)
+    round_to_bf16_stochastically_(out, x, torch.Generator().manual_seed(0), chunk=1000)
+    assert set(out[:-3].float().unique().tolist()) == {1.0, 1.0 + spacing}
+    assert out[-3:].float().tolist() == [1.5, -2.0, 0.0]
+    assert out[:-3].float().mean().item() == pytest.approx(1.0 + 0.3 * spacing, abs=0.02 * spacing)
+
+
+def test_state_store_keeps_a_group_in_one_exactly_sized_host_buffer():
+    """One flat host buffer per group and dtype, of exactly the bytes of its state (pinned on a
+    GPU through engine/host_memory.py, which rounds nothing up); a save reuses it."""
+    from lowmem_ft.engine import host_memory
+
+    params = [torch.nn.Parameter(torch.randn(300, 7)), torch.nn.Parameter(torch.randn(13))]
+    optimizer = make_optimizer("adamw", params, 1e-3, 0.0)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    allocated = []
+    store = OptimizerStateStore("keep", CPU)
+    with host_memory.observe(allocated.append):
+        store.save(0, optimizer, params)
+    assert [(b.dtype, b.numel()) for b in allocated] == [(torch.float32, 2 * (300 * 7 + 13))]
+    assert store.host_bytes() == 4 * 2 * (300 * 7 + 13) + 2 * 4  # + the two step counts
+    store.load(0, optimizer, params)
+    with host_memory.observe(allocated.append):
+        store.save(0, optimizer, params)
+    assert len(allocated) == 1  # the group's buffer was reused

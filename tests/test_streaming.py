@@ -209,3 +209,21 @@ def test_the_plan_counts_the_buffers_and_host_copies_the_engine_allocates(tmp_pa
     streamer = s.method.streamer
     assert rows["stream buffers"].host_bytes == streamer.device_bytes()
     assert rows["weights (fp32, streamed)"].host_bytes == streamer.host_bytes()
+
+
+def test_each_streamed_layer_lives_in_one_exactly_sized_host_buffer(small_model):
+    """One flat host buffer per layer (pinned on a GPU without the allocator's power-of-two
+    rounding), its parameters views into it, and one copy per layer into the ring."""
+    from lowmem_ft.engine import host_memory
+
+    allocated = []
+    with host_memory.observe(allocated.append):
+        streamer = streamed_model(small_model, 2)
+    layers = small_model.model.layers
+    assert [b.numel() for b in allocated] == [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    assert streamer.host_bytes() == sum(b.numel() * b.element_size() for b in allocated)
+    for layer, buffer in zip(layers, allocated, strict=True):
+        lo, hi = buffer.data_ptr(), buffer.data_ptr() + buffer.numel() * buffer.element_size()
+        assert all(lo <= p.data_ptr() < hi for p in layer.parameters())
+    small_model(input_ids=torch.randint(0, 128, (1, 8)))
+    assert streamer.copies == 2  # one per layer, not one per parameter

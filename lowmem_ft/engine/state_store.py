@@ -9,7 +9,12 @@ Only the active group's state has to be on the GPU; the others wait here:
 
 The next group is always known in advance, so its state is copied in on a side CUDA stream while
 the current step computes (`prefetch`), and a finished group's state is copied out the same way
-(`save`). Pinned buffers are allocated once per group, at its first save, and reused after that.
+(`save`). Each group's state lives in one flat host buffer per dtype, exactly sized and pinned
+(engine/host_memory.py), allocated at its first save and reused after that: a group crosses to
+the device in one copy. Device memory for arriving state is allocated on the main stream before
+the side stream fills it, so it comes from the same pool of the caching allocator as everything
+else. On the device the state is always full precision (fp32, as the optimizer keeps it):
+``keep-8bit`` changes only what waits on the host.
 On a CPU-only machine the same code runs with host-to-host copies, so the tests exercise it.
 """
 
@@ -19,6 +24,8 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+
+from lowmem_ft.engine.host_memory import host_buffer, release
 
 POLICIES = ("keep", "keep-8bit", "drop")
 # Blockwise 8-bit as bitsandbytes' own 8-bit optimizers do it: blocks of 256 values, and an
@@ -32,11 +39,17 @@ MIN_QUANTIZED_NUMEL = BLOCKSIZE
 
 @dataclass
 class _Stored:
-    """One state tensor on the host: exact (``data``) or 8-bit (``data`` + bitsandbytes quant state)."""
+    """One state tensor on the host: exact (``data``) or 8-bit (``data`` + bitsandbytes quant state).
+    ``data`` is a view into its group's flat buffer, or a small tensor (a step count) of its own."""
 
     data: torch.Tensor
     quant_state: object = None
     dtype: torch.dtype | None = None  # original dtype of a quantised tensor
+
+
+def _in_flat_buffer(value) -> bool:
+    """Scalars (AdamW's step counts, on the CPU already) are not worth a slot in the flat buffer."""
+    return isinstance(value, torch.Tensor) and value.ndim > 0
 
 
 class OptimizerStateStore:
@@ -47,9 +60,18 @@ class OptimizerStateStore:
         self.device = device
         self.on_cuda = device.type == "cuda"
         self._host: dict[int, list[dict[str, _Stored]]] = {}  # group -> per-parameter state
+        self._flat: dict[int, dict[torch.dtype, torch.Tensor]] = {}  # group -> its flat host buffers
         self._prefetched: dict[int, tuple[list[dict[str, torch.Tensor]], object]] = {}
         self._stream = torch.cuda.Stream(device) if self.on_cuda else None
         self._saved_events: dict[int, object] = {}
+
+    def _quantised(self, value) -> bool:
+        return (
+            self.policy == "keep-8bit"
+            and isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and value.numel() >= MIN_QUANTIZED_NUMEL
+        )
 
     # -- out: device -> host ----------------------------------------------------------------------
     def save(self, group: int, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
@@ -57,48 +79,73 @@ class OptimizerStateStore:
         if self.policy == "drop":
             optimizer.state.clear()
             return
-        states = [optimizer.state.get(p, {}) for p in params]
-        buffers = self._host.get(group)
-        stream = self._stream
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(self.device))  # the step's writes come first
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            stored = [
-                {
-                    key: self._store(value, (buffers[i].get(key) if buffers else None))
-                    for key, value in state.items()
-                }
-                for i, state in enumerate(states)
-            ]
+        states = [dict(optimizer.state.get(p, {})) for p in params]
+        views = self._host_views(group, states)
+        stream, main = self._stream, torch.cuda.current_stream(self.device) if self.on_cuda else None
+        stored: list[dict[str, _Stored]] = []
+        for state, state_views in zip(states, views, strict=True):
+            stored.append({})
+            for key, value in state.items():
+                view = state_views.get(key)
+                if view is None:  # a scalar or a non-tensor: kept as it is, on the host
+                    kept = value.to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
+                    stored[-1][key] = _Stored(kept)
+                    continue
+                quant_state, payload = None, value
+                if self._quantised(value):
+                    # Quantised where the tensor is (on the GPU: 4x less to copy), on the main
+                    # stream, so the codes come from the main pool; the copy out is on the side.
+                    payload, quant_state = self._quantise(value)
+                if stream is not None:
+                    stream.wait_stream(main)  # the step's writes (and the quantisation) come first
+                    with torch.cuda.stream(stream):
+                        view.copy_(payload, non_blocking=True)
+                    payload.record_stream(stream)  # lives until the copy has read it
+                else:
+                    view.copy_(payload)
+                stored[-1][key] = _Stored(view, quant_state, value.dtype if quant_state else None)
         if stream is not None:
             event = torch.cuda.Event()
             event.record(stream)
             self._saved_events[group] = event
-            for state in states:  # the device tensors must live until the copy has read them
-                for value in state.values():
-                    if isinstance(value, torch.Tensor) and value.is_cuda:
-                        value.record_stream(stream)
         self._host[group] = stored
         optimizer.state.clear()
 
-    def _store(self, value, buffer: _Stored | None) -> _Stored:
-        if not isinstance(value, torch.Tensor):
-            return _Stored(value)
-        if self.policy == "keep-8bit" and value.is_floating_point() and value.numel() >= MIN_QUANTIZED_NUMEL:
-            import bitsandbytes.functional as bnbf
+    def _quantise(self, value: torch.Tensor):
+        import bitsandbytes.functional as bnbf
 
-            # Quantise where the tensor is (on the GPU: 4× less to copy), then move the bytes.
-            unsigned = bool(value.min() >= 0)  # one reduction per tensor and visit
-            code = bnbf.create_dynamic_map(signed=not unsigned).to(value.device)
-            codes, quant_state = bnbf.quantize_blockwise(value.float(), code=code, blocksize=BLOCKSIZE)
-            host = _pinned_like(codes, buffer.data if buffer else None, self.on_cuda)
-            host.copy_(codes, non_blocking=self.on_cuda)
-            quant_state.absmax = quant_state.absmax.to("cpu")
-            quant_state.code = quant_state.code.to("cpu")
-            return _Stored(host, quant_state, value.dtype)
-        host = _pinned_like(value, buffer.data if buffer else None, self.on_cuda)
-        host.copy_(value, non_blocking=self.on_cuda)
-        return _Stored(host)
+        unsigned = bool(value.min() >= 0)  # one reduction per tensor and visit
+        code = bnbf.create_dynamic_map(signed=not unsigned).to(value.device)
+        codes, quant_state = bnbf.quantize_blockwise(value.float(), code=code, blocksize=BLOCKSIZE)
+        quant_state.absmax = quant_state.absmax.to("cpu")
+        quant_state.code = quant_state.code.to("cpu")
+        return codes, quant_state
+
+    def _host_views(self, group: int, states: list[dict]) -> list[dict[str, torch.Tensor]]:
+        """Views into ``group``'s flat host buffers, one per state tensor: the buffers of its last
+        save when the layout is the same (it always is, after the first), new ones otherwise."""
+        layout: list[tuple[int, str, torch.dtype, torch.Size]] = []
+        for i, state in enumerate(states):
+            for key, value in state.items():
+                if _in_flat_buffer(value):
+                    dtype = torch.uint8 if self._quantised(value) else value.dtype
+                    layout.append((i, key, dtype, value.shape))
+        sizes: dict[torch.dtype, int] = {}
+        for _, _, dtype, shape in layout:
+            sizes[dtype] = sizes.get(dtype, 0) + shape.numel()
+        buffers = self._flat.get(group, {})
+        if {d: b.numel() for d, b in buffers.items()} != sizes:
+            for buffer in buffers.values():
+                release(buffer)
+            buffers = {d: host_buffer(n, d, pin=self.on_cuda) for d, n in sizes.items()}
+        self._flat[group] = buffers
+        views: list[dict[str, torch.Tensor]] = [{} for _ in states]
+        offsets = dict.fromkeys(sizes, 0)
+        for i, key, dtype, shape in layout:
+            start = offsets[dtype]
+            views[i][key] = buffers[dtype][start : start + shape.numel()].view(shape)
+            offsets[dtype] = start + shape.numel()
+        return views
 
     # -- in: host -> device -----------------------------------------------------------------------
     def prefetch(self, group: int) -> None:
@@ -106,30 +153,64 @@ class OptimizerStateStore:
         if self.policy == "drop" or group not in self._host or group in self._prefetched:
             return
         stream = self._stream
-        if stream is not None and group in self._saved_events:
-            stream.wait_event(self._saved_events.pop(group))  # its last write-back must be complete
+        main = torch.cuda.current_stream(self.device) if stream is not None else None
+        # Destinations are allocated now, on the main stream (one pool for the whole step); the side
+        # stream fills them. A quantised group arrives as codes and is expanded to fp32 on arrival.
+        arrived = {d: torch.empty_like(b, device=self.device) for d, b in self._flat[group].items()}
+        outs = [
+            {
+                key: torch.empty(item.data.shape, dtype=item.dtype, device=self.device)
+                for key, item in state.items()
+                if item.quant_state is not None
+            }
+            for state in self._host[group]
+        ]
+        if stream is not None:
+            if group in self._saved_events:
+                stream.wait_event(self._saved_events.pop(group))  # its last write-back must be complete
+            stream.wait_stream(main)  # the destinations exist before the side stream writes them
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            loaded = [{key: self._load(item) for key, item in state.items()} for state in self._host[group]]
+            for dtype, buffer in self._flat[group].items():  # the whole group in one copy per dtype
+                arrived[dtype].copy_(buffer, non_blocking=stream is not None)
+            loaded = self._unpack(group, arrived, outs)
         event = None
         if stream is not None:
             event = torch.cuda.Event()
             event.record(stream)
+            for tensor in [*arrived.values(), *(t for out in outs for t in out.values())]:
+                tensor.record_stream(stream)
         self._prefetched[group] = (loaded, event)
 
-    def _load(self, item: _Stored):
-        if not isinstance(item.data, torch.Tensor):
-            return item.data
-        data = item.data.to(self.device, non_blocking=self.on_cuda)
-        if item.quant_state is not None:
-            import bitsandbytes.functional as bnbf
+    def _unpack(self, group: int, arrived: dict, outs: list[dict]) -> list[dict]:
+        """Per-parameter state from the group's flat device copy: views, or fp32 tensors dequantised
+        from the 8-bit codes (the codes' copy is freed once every tensor has been expanded)."""
+        offsets = dict.fromkeys(arrived, 0)
+        loaded = []
+        for state, out in zip(self._host[group], outs, strict=True):
+            loaded.append({})
+            for key, item in state.items():
+                if not _in_flat_buffer(item.data):
+                    value = item.data
+                    loaded[-1][key] = value.clone() if isinstance(value, torch.Tensor) else value
+                    continue
+                dtype, n = item.data.dtype, item.data.numel()
+                view = arrived[dtype][offsets[dtype] : offsets[dtype] + n].view(item.data.shape)
+                offsets[dtype] += n
+                if item.quant_state is not None:
+                    view = self._dequantise(view, item.quant_state, out[key])
+                loaded[-1][key] = view
+        return loaded
 
-            qs = item.quant_state
-            qs.absmax, qs.code = qs.absmax.to(self.device), qs.code.to(self.device)
-            data = bnbf.dequantize_blockwise(data, qs).to(item.dtype)
-            qs.absmax, qs.code = qs.absmax.to("cpu"), qs.code.to("cpu")
-        elif data is item.data:  # CPU: the optimizer must not write into the stored copy
-            data = data.clone()
-        return data
+    def _dequantise(self, codes: torch.Tensor, qs, out: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes.functional as bnbf
+
+        qs.absmax, qs.code = qs.absmax.to(codes.device), qs.code.to(codes.device)
+        if out.is_cuda and out.dtype == torch.float32:  # straight into the main-pool tensor
+            bnbf.dequantize_blockwise(codes, qs, out=out)
+        else:
+            out.copy_(bnbf.dequantize_blockwise(codes, qs))
+        qs.absmax, qs.code = qs.absmax.to("cpu"), qs.code.to("cpu")
+        return out
 
     def load(self, group: int, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
         """Give ``optimizer`` the stored state of ``group`` (fresh state if there is none)."""
@@ -139,14 +220,7 @@ class OptimizerStateStore:
         self.prefetch(group)  # no-op if already in flight
         loaded, event = self._prefetched.pop(group)
         if event is not None:
-            main = torch.cuda.current_stream(self.device)
-            main.wait_event(event)
-            # Allocated on the side stream, used on the main one from now on: tell the caching
-            # allocator, or it could hand the memory out again while the main stream still reads it.
-            for state in loaded:
-                for value in state.values():
-                    if isinstance(value, torch.Tensor) and value.is_cuda:
-                        value.record_stream(main)
+            torch.cuda.current_stream(self.device).wait_event(event)  # the copies have landed
         for param, state in zip(params, loaded, strict=True):
             if state:
                 optimizer.state[param] = state
@@ -170,37 +244,64 @@ class OptimizerStateStore:
             return
         import bitsandbytes.functional as bnbf
 
-        def stored(value) -> _Stored:
-            if isinstance(value, dict):  # 8-bit, exactly as it was
-                qs = bnbf.QuantState(absmax=value["absmax"], code=value["code"], blocksize=BLOCKSIZE,
-                                     shape=value["codes"].shape, dtype=torch.float32)  # fmt: skip
-                data = _pinned_like(value["codes"], None, self.on_cuda).copy_(value["codes"])
-                return _Stored(data, qs, getattr(torch, value["dtype"].removeprefix("torch.")))
-            if isinstance(value, torch.Tensor):  # adopted as it is, unless it must be pinned
-                return _Stored(_pinned_like(value, None, True).copy_(value) if self.on_cuda else value)
-            return _Stored(value)
-
-        self._host[group] = [{key: stored(value) for key, value in state.items()} for state in states]
+        # Lay the group out as `save` does: 8-bit codes as uint8, exact tensors in their dtype.
+        plain = [
+            {key: value["codes"] if isinstance(value, dict) else value for key, value in state.items()}
+            for state in states
+        ]
+        sizes: dict[torch.dtype, int] = {}
+        for state in plain:
+            for value in state.values():
+                if _in_flat_buffer(value):
+                    sizes[value.dtype] = sizes.get(value.dtype, 0) + value.numel()
+        for buffer in self._flat.get(group, {}).values():
+            release(buffer)
+        buffers = self._flat[group] = {d: host_buffer(n, d, pin=self.on_cuda) for d, n in sizes.items()}
+        offsets = dict.fromkeys(sizes, 0)
+        stored = []
+        for state, flat_state in zip(states, plain, strict=True):
+            stored.append({})
+            for key, value in state.items():
+                tensor = flat_state[key]
+                if not _in_flat_buffer(tensor):
+                    stored[-1][key] = _Stored(tensor)
+                    continue
+                start, offsets[tensor.dtype] = offsets[tensor.dtype], offsets[tensor.dtype] + tensor.numel()
+                view = buffers[tensor.dtype][start : start + tensor.numel()].view(tensor.shape)
+                view.copy_(tensor)
+                if isinstance(value, dict):  # 8-bit, exactly as it was
+                    qs = bnbf.QuantState(absmax=value["absmax"], code=value["code"], blocksize=BLOCKSIZE,
+                                         shape=tensor.shape, dtype=torch.float32)  # fmt: skip
+                    stored[-1][key] = _Stored(view, qs, getattr(torch, value["dtype"].removeprefix("torch.")))
+                else:
+                    stored[-1][key] = _Stored(view)
+        self._host[group] = stored
 
     def host_bytes(self) -> int:
-        return sum(
+        """Host bytes of the stored state: the flat buffers and the few small tensors beside them."""
+        flat = sum(b.numel() * b.element_size() for buffers in self._flat.values() for b in buffers.values())
+        small = sum(
             item.data.numel() * item.data.element_size()
             for states in self._host.values()
             for state in states
             for item in state.values()
-            if isinstance(item.data, torch.Tensor)
+            if isinstance(item.data, torch.Tensor) and not _in_flat_buffer(item.data)
         )
+        return flat + small
 
     def group_state(self, group: int) -> list[dict[str, torch.Tensor]]:
         """The stored state of ``group`` as plain tensors (dequantised), for checkpoints and tests."""
         if group not in self._host:
             return []
-        on_cpu = OptimizerStateStore(self.policy, torch.device("cpu"))
-        return [{key: on_cpu._load(item) for key, item in state.items()} for state in self._host[group]]
-
-
-def _pinned_like(value: torch.Tensor, buffer: torch.Tensor | None, pin: bool) -> torch.Tensor:
-    """The host buffer for ``value``: the one allocated at the first save, or a new (pinned) one."""
-    if buffer is not None and buffer.shape == value.shape and buffer.dtype == value.dtype:
-        return buffer
-    return torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=pin)
+        result = []
+        for state in self._host[group]:
+            result.append({})
+            for key, item in state.items():
+                value = item.data
+                if item.quant_state is not None:
+                    out = torch.empty(value.shape, dtype=item.dtype)
+                    value = self._dequantise(value, item.quant_state, out)
+                elif isinstance(value, torch.Tensor):
+                    value = value.clone()
+                result[-1][key] = value
+        return result

@@ -5,8 +5,9 @@ layers per step and SIFT trains none of the base weights, so most weights are on
 step: by the forward, and by the backward's recompute (activation checkpointing rebuilds a layer's
 activations from its input, reading its weights a second time). Those layers can be *streamed*:
 
-- each streamed layer's frozen parameters are kept in host memory, pinned (allocated once, in
-  their training dtype); a parameter's ``.data`` points there while the layer is idle;
+- each streamed layer's frozen parameters are kept in one flat, pinned host buffer per layer
+  (allocated once, exactly sized, in their training dtype: engine/host_memory.py); a parameter's
+  ``.data`` is a view into it while the layer is idle, and the layer crosses in one copy;
 - a small ring of device buffers (two by default: one computing, one arriving) is allocated once,
   each the size of the largest streamed layer; before a layer computes, its weights are copied
   into a buffer and its parameters point into that buffer;
@@ -33,6 +34,8 @@ import contextlib
 
 import torch
 
+from lowmem_ft.engine.host_memory import flat_views, host_buffer
+
 N_BUFFERS = 2
 
 
@@ -52,24 +55,28 @@ class LayerStreamer:
         self._side = torch.cuda.Stream(device) if self.on_cuda else None
         # layer index -> its streamed parameters with their host copies
         self.host: dict[int, list[tuple[torch.nn.Parameter, torch.Tensor]]] = {}
+        # layer index -> {dtype: (its flat host buffer, the parameters laid out in it, in order)}:
+        # one buffer per layer (per dtype), so a layer crosses in one copy (engine/host_memory.py)
+        self.flat: dict[int, dict[torch.dtype, tuple[torch.Tensor, list[torch.nn.Parameter]]]] = {}
         for i in streamed:
-            pairs = []
+            by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
             for p in layers[i].parameters():
-                if id(p) in resident:
-                    continue  # trained: stays on the device
-                host = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=self.on_cuda)
-                host.copy_(p.detach())
-                p.data = host
-                pairs.append((p, host))
-            self.host[i] = pairs
+                if id(p) not in resident:  # trained ones stay on the device
+                    by_dtype.setdefault(p.dtype, []).append(p)
+            self.flat[i], self.host[i] = {}, []
+            for dtype, params in by_dtype.items():
+                buffer = host_buffer(sum(p.numel() for p in params), dtype, pin=self.on_cuda)
+                for p, view in zip(params, flat_views(buffer, [p.shape for p in params]), strict=True):
+                    view.copy_(p.detach())
+                    p.data = view
+                    self.host[i].append((p, view))
+                self.flat[i][dtype] = (buffer, params)
         self.pinned: set[int] = set()  # layers with device memory of their own (they train)
-        sizes = {}
-        for pairs in self.host.values():
-            per_dtype = {}
-            for p, _ in pairs:
-                per_dtype[p.dtype] = per_dtype.get(p.dtype, 0) + p.numel()
-            for dtype, n in per_dtype.items():
-                sizes[dtype] = max(sizes.get(dtype, 0), n)
+        self._own: dict[int, dict[torch.dtype, torch.Tensor]] = {}  # their device buffers
+        sizes: dict[torch.dtype, int] = {}
+        for flat in self.flat.values():
+            for dtype, (buffer, _) in flat.items():
+                sizes[dtype] = max(sizes.get(dtype, 0), buffer.numel())
         # The ring: allocated once, reused for every layer and every step.
         self.buffers = [
             {dtype: torch.empty(n, dtype=dtype, device=device) for dtype, n in sizes.items()}
@@ -92,21 +99,26 @@ class LayerStreamer:
         return [i for i in self.host if i not in self.pinned]
 
     def pin(self, i: int) -> None:
-        """Give layer ``i`` device memory of its own (it is about to train)."""
+        """Give layer ``i`` device memory of its own (it is about to train): one flat buffer per
+        dtype, the size of the layer, copied in at once (the planner counts it)."""
         if i not in self.host or i in self.pinned:
             return
         self._release(i)
         self.pinned.add(i)
-        for p, host in self.host[i]:
-            p.data = host.to(self.device, copy=True)
+        self._own[i] = {}
+        for dtype, (host, params) in self.flat[i].items():
+            own = self._own[i][dtype] = host.to(self.device, copy=True)
+            for p, view in zip(params, flat_views(own, [p.shape for p in params]), strict=True):
+                p.data = view
 
     def unpin(self, i: int) -> None:
         """Write layer ``i``'s weights back to its host copy and stream it again."""
         if i not in self.pinned:
             return
         self.pinned.discard(i)
+        for dtype, own in self._own.pop(i).items():
+            self.flat[i][dtype][0].copy_(own)  # synchronous: the device copy is freed right after
         for p, host in self.host[i]:
-            host.copy_(p.data)  # synchronous: the device copy is freed right after
             p.data = host
 
     # -- the ring ---------------------------------------------------------------------------------
@@ -168,12 +180,8 @@ class LayerStreamer:
             # included) comes before the copy that overwrites it.
             side.wait_stream(main)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            offsets = {}
-            for p, host in self.host[i]:
-                start = offsets.get(p.dtype, 0)
-                view = self.buffers[slot][p.dtype][start : start + p.numel()].view(p.shape)
-                view.copy_(host, non_blocking=self.on_cuda)
-                offsets[p.dtype] = start + p.numel()
+            for dtype, (host, _) in self.flat[i].items():  # the whole layer in one copy
+                self.buffers[slot][dtype][: host.numel()].copy_(host, non_blocking=self.on_cuda)
         if side is not None:
             event = torch.cuda.Event()
             event.record(side)
@@ -183,11 +191,10 @@ class LayerStreamer:
         return slot
 
     def _point(self, i: int, slot: int) -> None:
-        offsets = {}
-        for p, _ in self.host[i]:
-            start = offsets.get(p.dtype, 0)
-            p.data = self.buffers[slot][p.dtype][start : start + p.numel()].view(p.shape)
-            offsets[p.dtype] = start + p.numel()
+        for dtype, (_, params) in self.flat[i].items():
+            views = flat_views(self.buffers[slot][dtype], [p.shape for p in params])
+            for p, view in zip(params, views, strict=True):
+                p.data = view
 
     def _release(self, i: int) -> None:
         """Point layer ``i`` back at its host copy and free its buffer (its weights are unchanged)."""
@@ -209,7 +216,7 @@ class LayerStreamer:
         return sum(t.numel() * t.element_size() for b in self.buffers for t in b.values())
 
     def host_bytes(self) -> int:
-        return sum(h.numel() * h.element_size() for pairs in self.host.values() for _, h in pairs)
+        return sum(b.numel() * b.element_size() for flat in self.flat.values() for b, _ in flat.values())
 
 
 def place_model(

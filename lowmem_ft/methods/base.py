@@ -11,7 +11,7 @@ calls these hooks in a fixed order and never branches on the method's name:
     for step in range(max_steps):
         method.begin_step(step)            e.g. HiFT picks the active group, prefetches its state
         ... forward / backward over micro-batches ...
-        method.reduce_gradients()          e.g. HiFT moves 16-bit gradients to fp32 masters
+        method.reduce_gradients()          e.g. all-reduce across ranks (none on one GPU)
         clip(method.trainable_parameters())
         method.optimizer.step(); method.optimizer.zero_grad()
         method.end_step(step)              e.g. HiFT writes the group's optimizer state back

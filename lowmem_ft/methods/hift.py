@@ -109,6 +109,8 @@ class HiFT(Method):
     def _deactivate(self) -> None:
         trained = self.trainable_parameters()
         self.store.save(self.active, self._optimizer, trained)
+        if self.masters:
+            self.masters.remove_hooks()
         for p in self.groups[self.active]:
             p.requires_grad_(False)
             p.grad = None
@@ -126,10 +128,6 @@ class HiFT(Method):
         if self.active is None:
             return []
         return self.masters.masters if self.masters else self.groups[self.active]
-
-    def reduce_gradients(self) -> None:
-        if self.masters:
-            self.masters.grads_to_masters()
 
     def end_step(self, step: int) -> None:
         if self.masters:

@@ -44,8 +44,10 @@ from lowmem_ft.hardware import PeakMemory, format_bytes
 from lowmem_ft.jobs import Job, write_json_atomic
 from lowmem_ft.methods import Method, build_method
 from lowmem_ft.models import ResolvedModel, load_model, load_tokenizer, resolve_model
+from lowmem_ft.phases import ADVICE, OutOfMemoryIn, phase
 from lowmem_ft.planner import Plan, build_plan
 from lowmem_ft.planner.shapes import UnsupportedModel
+from lowmem_ft.preflight import check_plan_fits_device
 
 IGNORE = -100
 
@@ -211,6 +213,8 @@ def setup(config: RunConfig) -> Setup:
         enable_checkpointing(model)
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
     method.setup(model, config)
+    if plan is not None and device.type == "cuda":  # before step 1 and before the job is written
+        check_plan_fits_device(plan, device)
 
     batcher = Batcher(
         data.train, config.batch_size, config.micro_batch_size, tokenizer.pad_token_id, config.seed
@@ -286,9 +290,10 @@ def evaluate(s: Setup) -> float | None:
         return None
     s.model.eval()
     total, count = 0.0, 0
-    for batch in eval_batches(s.data.eval, s.config.micro_batch_size, s.tokenizer.pad_token_id):
-        total += loss_sum(s.model, batch, s.device, s.compute_dtype).item()
-        count += target_count(batch)
+    with phase("evaluation"):
+        for batch in eval_batches(s.data.eval, s.config.micro_batch_size, s.tokenizer.pad_token_id):
+            total += loss_sum(s.model, batch, s.device, s.compute_dtype).item()
+            count += target_count(batch)
     s.model.train()
     return total / max(count, 1)
 
@@ -424,6 +429,10 @@ def execute(s: Setup, job: Job, restored: Restored | None, show_progress: bool) 
     except UserError as exc:  # diverged, disk full, out of memory at micro-batch 1: one line
         job.update(status="failed", error=str(exc))
         raise
+    except OutOfMemoryIn as exc:  # the last checkpoint is intact: say where, and what would fit
+        message = out_of_memory_message(s, job, exc)
+        job.update(status="failed", error=message, out_of_memory_in=exc.phase)
+        raise UserError(message) from None
     except Exception as exc:
         (job.dir / "error.log").write_text(traceback.format_exc())
         job.update(status="failed", error=f"{type(exc).__name__}: {exc}")
@@ -431,6 +440,17 @@ def execute(s: Setup, job: Job, restored: Restored | None, show_progress: bool) 
     finally:
         job.lock.release()
     return job
+
+
+def out_of_memory_message(s: Setup, job: Job, exc: OutOfMemoryIn) -> str:
+    budget = s.plan.gpu_budget_bytes if s.plan is not None and s.plan.device == "cuda" else 0
+    smaller = format_bytes(0.9 * budget).replace(" ", "") if budget else "SIZE"
+    last = job.record.get("last_checkpoint")
+    where = f"from {last['dir']}" if last else "from the start (no checkpoint was saved yet)"
+    return (
+        f"out of GPU memory in {exc.phase} at step {job.record.get('step', 0) + 1}; the job can continue "
+        f"{where}: {ADVICE[exc.phase].format(job=job.dir, smaller=smaller)}"
+    )
 
 
 @dataclass
@@ -463,10 +483,11 @@ class Checkpoints:
     def save(self, progress: Progress) -> Path | None:
         if self.saved_step == progress.step:
             return None
-        path = save_checkpoint(
-            self.job.dir, progress.step, capture(self.s, progress, self.scaler, self.job),
-            self.s.config.keep_checkpoints,
-        )  # fmt: skip
+        with phase("checkpoint"):
+            path = save_checkpoint(
+                self.job.dir, progress.step, capture(self.s, progress, self.scaler, self.job),
+                self.s.config.keep_checkpoints,
+            )  # fmt: skip
         self.job.update(
             last_checkpoint={
                 "step": progress.step,
@@ -650,7 +671,8 @@ def train_step(s: Setup, job: Job, step: int, scaler: torch.amp.GradScaler, bar)
     overflowing gradients itself, which is routine there and not counted.
     """
     config, method = s.config, s.method
-    method.begin_step(step)
+    with phase("begin step"):
+        method.begin_step(step)
     lr = lr_at(step, s.max_steps, config)
     for group in method.optimizer.param_groups:
         group["lr"] = lr
@@ -663,20 +685,23 @@ def train_step(s: Setup, job: Job, step: int, scaler: torch.amp.GradScaler, bar)
         drop_gradients(s)
         return StepResult(loss, lr, None, tokens, skipped="loss")
 
-    method.reduce_gradients()
-    scaler.unscale_(method.optimizer)
-    params = method.trainable_parameters()
-    if config.grad_clip > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
-    else:
-        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    with phase("gradients"):
+        method.reduce_gradients()
+        scaler.unscale_(method.optimizer)
+        params = method.trainable_parameters()
+        if config.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+        else:
+            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
     if not math.isfinite(grad_norm) and not scaler.is_enabled():
         drop_gradients(s)
         return StepResult(loss, lr, grad_norm, tokens, skipped="gradient")
-    scaler.step(method.optimizer)
-    scaler.update()
-    method.optimizer.zero_grad(set_to_none=True)  # free the gradients now, before the next forward
-    method.end_step(step)
+    with phase("optimizer step"):
+        scaler.step(method.optimizer)
+        scaler.update()
+        method.optimizer.zero_grad(set_to_none=True)  # free the gradients now, before the next forward
+    with phase("end step"):
+        method.end_step(step)
     return StepResult(loss, lr, grad_norm if config.grad_clip > 0 else None, tokens)
 
 
@@ -695,11 +720,12 @@ def accumulate_gradients(s: Setup, job: Job, step: int, scaler, bar) -> tuple[fl
         n_targets = max(1, sum(target_count(mb) for mb in micro_batches))
         step_loss, tokens = 0.0, 0
         try:
-            for mb in micro_batches:
-                total = loss_sum(s.model, mb, s.device, s.compute_dtype)
-                scaler.scale(total / n_targets).backward()
-                step_loss += total.item()  # a CPU-GPU sync per micro-batch; cheap next to the step
-                tokens += int(mb["attention_mask"].sum())
+            with phase("forward/backward"):
+                for mb in micro_batches:
+                    total = loss_sum(s.model, mb, s.device, s.compute_dtype)
+                    scaler.scale(total / n_targets).backward()
+                    step_loss += total.item()  # a CPU-GPU sync per micro-batch; cheap next to the step
+                    tokens += int(mb["attention_mask"].sum())
             return step_loss, n_targets, tokens
         except torch.OutOfMemoryError:
             pass  # handled outside the except block, so its traceback does not pin tensors in memory
@@ -779,7 +805,8 @@ def select_entries(s: Setup) -> bool:
         # Scaled like a training step; fp16 needs loss scaling so small gradients do not vanish.
         scaler.scale(loss_sum(s.model, batch, s.device, s.compute_dtype) / n_targets).backward()
 
-    summary = s.method.select(window, backward)
+    with phase("selection"):
+        summary = s.method.select(window, backward)
     print(f"selection  {summary} ({time.perf_counter() - started:.1f}s)")
     return True
 

@@ -511,3 +511,57 @@ def test_resume_keeps_the_method_settings_the_planner_chose_for_the_first_machin
     assert code == 0, err
     assert record(job)["config"]["units_per_group"] == chosen
     assert_same_result(job, reference)
+
+
+# -- out of memory in every phase of the loop ---------------------------------------------------------
+def raise_oom_once(monkeypatch, owner, name: str, on_call: int) -> None:
+    """``owner.name`` raises a CUDA out-of-memory error the ``on_call``-th time it is called."""
+    real, calls = getattr(owner, name), [0]
+
+    def patched(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == on_call:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, patched)
+
+
+OOM_PHASES = {
+    # phase: (method, where the error is raised, on which call)
+    "begin step": ("hift", "lowmem_ft.methods.hift.HiFT.begin_step", 5),
+    "gradients": ("hift", "lowmem_ft.methods.base.Method.reduce_gradients", 5),
+    "optimizer step": ("hift", "torch.amp.GradScaler.step", 5),
+    "end step": ("hift", "lowmem_ft.methods.hift.HiFT.end_step", 5),
+    "evaluation": ("hift", "lowmem_ft.train.eval_batches", 2),  # the evaluation after step 5
+    "checkpoint": ("hift", "lowmem_ft.train.save_checkpoint", 2),
+    "selection": ("sift", "lowmem_ft.methods.sift.SIFT.select", 1),
+}
+
+
+@pytest.mark.parametrize("phase", list(OOM_PHASES))
+def test_out_of_memory_in_any_phase_names_it_and_the_job_resumes_exactly(
+    phase, tmp_path, capsys, monkeypatch, data
+):
+    import importlib
+
+    method, target, on_call = OOM_PHASES[phase]
+    reference, job = tmp_path / "reference", tmp_path / "job"
+    args = ["--max-steps", "8"]
+    assert cli(capsys, *run_args(method, data, reference, *args))[0] == 0
+    module_name, owner_name, name = target.rsplit(".", 2)
+    try:
+        owner = getattr(importlib.import_module(module_name), owner_name)
+    except (ImportError, AttributeError):  # a module-level function: module.function
+        module_name, name = target.rsplit(".", 1)
+        owner = importlib.import_module(module_name)
+    with monkeypatch.context() as patch:
+        raise_oom_once(patch, owner, name, on_call)
+        code, out, err = cli(capsys, *run_args(method, data, job, *args))
+    assert code == 2
+    (line,) = err.strip().splitlines()  # one line, no traceback
+    assert f"out of GPU memory in {phase}" in line and "lowmem-ft resume" in line, line
+    assert record(job)["status"] == "failed" and record(job)["out_of_memory_in"] == phase
+    code, out, err = cli(capsys, "resume", str(job), "-q")
+    assert code == 0, err
+    assert_same_result(job, reference)

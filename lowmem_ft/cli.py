@@ -207,7 +207,9 @@ def run(
     dtype: str = typer.Option(
         "auto", help="Compute precision: auto (fp32 on CPU, bf16 on GPU), fp32, bf16, fp16."
     ),
-    device: str = typer.Option("auto", help="Where to train: auto, cpu or cuda."),
+    device: str = typer.Option(
+        "auto", help="Where to train: auto, cpu, cuda or cuda:N (the Nth visible GPU, counted from 0)."
+    ),
     gradient_checkpointing: bool | None = typer.Option(
         None,
         "--gradient-checkpointing/--no-gradient-checkpointing",
@@ -606,6 +608,9 @@ def jobs(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every error the user can fix is one line on stderr and a non-zero exit code."""
+    from lowmem_ft.hardware import configure_cuda_allocator
+
+    configure_cuda_allocator()  # before anything initialises CUDA: the allocator reads it once
     # SIGTERM (kill, a scheduler stopping us) is treated like Ctrl-C: the job records 'interrupted'.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

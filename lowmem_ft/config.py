@@ -7,6 +7,7 @@ check names the flag it is about, so an error tells the user what to change.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,12 +174,22 @@ class RunConfig:
             f"--save-dtype must be auto, fp32, bf16 or fp16, got {self.save_dtype!r}",
         )
         need(
-            self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}"
+            re.fullmatch(r"auto|cpu|cuda(:(0|[1-9][0-9]*))?", self.device) is not None,
+            f"--device must be auto, cpu, cuda or cuda:N (N counts the visible GPUs from 0), "
+            f"got {self.device!r}",
         )
-        if self.device == "cuda":
+        if self.device.startswith("cuda"):
             need(
                 torch.cuda.is_available(),
-                "--device cuda was asked for but no CUDA device is visible; use --device cpu",
+                f"--device {self.device} was asked for but no CUDA device is visible; use --device cpu",
+            )
+            # N counts the devices CUDA shows (after CUDA_VISIBLE_DEVICES), as torch does.
+            count = torch.cuda.device_count()
+            shown = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            need(
+                (torch.device(self.device).index or 0) < count,
+                f"--device {self.device} is not visible: CUDA shows {count} device(s), {shown} "
+                "(CUDA_VISIBLE_DEVICES decides which)",
             )
         need(
             self.data.is_file() or not self.data.exists(),

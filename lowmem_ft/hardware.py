@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -110,7 +111,7 @@ PCIE_GBPS_PER_LANE = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}
 
 @dataclass
 class GPUInfo:
-    index: int
+    index: int  # NVML's index of the card (of a MIG slice's parent card)
     name: str
     total_bytes: int
     free_bytes: int
@@ -127,45 +128,220 @@ class GPUInfo:
         return PCIE_GBPS_PER_LANE[self.pcie_gen] * self.pcie_width * 1e9
 
 
-def detect_gpu(index: int = 0) -> GPUInfo | None:
-    """Ask NVML about GPU ``index``; None when there is no driver, no pynvml or no such device.
+def configure_cuda_allocator() -> None:
+    """Turn on the CUDA caching allocator's expandable segments, unless the user configured it.
 
-    Never raises: a machine without a GPU is a normal case, and a broken NVML should not stop a run
-    that the user can still describe with --gpu-mem.
+    HiFT alternates large tensors of different sizes: the embedding and head groups (525M parameters
+    each for Llama-3-8B) and decoder layers (218M). The caching allocator keeps freed blocks in
+    fixed segments, and blocks freed by one size rarely fit the next, so memory fragments until an
+    allocation fails with enough free in total. Expandable segments grow one mapping instead.
+    The allocator reads the variable once, when CUDA initialises: call this before that.
+    """
+    user_set = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")
+    if not any(name in os.environ for name in user_set):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
-    ``index`` is NVML's numbering (PCI bus order), which ignores CUDA_VISIBLE_DEVICES and can differ
-    from torch's ``cuda:N`` on machines with several different GPUs.
+
+@contextlib.contextmanager
+def _nvml():
+    """pynvml, initialised for the block and shut down after it; None when NVML cannot be asked.
+
+    A machine without a GPU is a normal case: no pynvml, or no driver (NVMLError_LibraryNotFound,
+    DriverNotLoaded and friends), gives None, not an error.
     """
     try:
         import pynvml
-    except Exception:  # not installed, or a broken install: both mean "cannot ask"
-        return None
-    try:
+
         pynvml.nvmlInit()
-    except Exception:  # no driver (NVMLError_LibraryNotFound / DriverNotLoaded) and friends
-        return None
+    except Exception:  # not installed, a broken install, no driver: all mean "cannot ask"
+        pynvml = None
+    if pynvml is None:
+        yield None
+        return
     try:
-        if not 0 <= index < pynvml.nvmlDeviceGetCount():
-            return None
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        name = pynvml.nvmlDeviceGetName(handle)
-        if isinstance(name, bytes):  # older nvidia-ml-py returns bytes, newer str
-            name = name.decode("utf-8", "replace")
-        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        gen, width = _pcie_link(pynvml, handle)
-        return GPUInfo(
-            index=index,
-            name=str(name),
-            total_bytes=int(memory.total),
-            free_bytes=int(memory.free),
-            pcie_gen=gen,
-            pcie_width=width,
-        )
-    except Exception:
-        return None
+        yield pynvml
     finally:
         with contextlib.suppress(Exception):  # a failed shutdown must not hide the answer
             pynvml.nvmlShutdown()
+
+
+def detect_gpu(index: int = 0) -> GPUInfo | None:
+    """Ask NVML about GPU ``index``; None when there is no driver, no pynvml or no such device.
+
+    Never raises: a broken NVML should not stop a run that the user can still describe with
+    --gpu-mem.
+
+    ``index`` is NVML's numbering (PCI bus order), which ignores CUDA_VISIBLE_DEVICES and can differ
+    from torch's ``cuda:N``: detect_cuda_gpu finds the card torch means.
+    """
+    with _nvml() as nvml:
+        if nvml is None:
+            return None
+        try:
+            if not 0 <= index < nvml.nvmlDeviceGetCount():
+                return None
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            return _gpu_info(nvml, index, handle, handle)
+        except Exception:
+            return None
+
+
+def _gpu_info(nvml, index: int, handle, parent) -> GPUInfo:
+    """``handle`` is the card or MIG slice whose name and memory count; ``parent`` the physical
+    card, whose PCIe link a slice shares (NVML has no link for a MIG handle)."""
+    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+    gen, width = _pcie_link(nvml, parent)
+    return GPUInfo(
+        index=index,
+        name=_text(nvml.nvmlDeviceGetName(handle)),
+        total_bytes=int(memory.total),
+        free_bytes=int(memory.free),
+        pcie_gen=gen,
+        pcie_width=width,
+    )
+
+
+def _text(value: str | bytes) -> str:
+    """Older nvidia-ml-py returns bytes, newer str."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+ORDER_ASSUMED = (
+    "CUDA_DEVICE_ORDER=FASTEST_FIRST with different GPUs: assumed PCI order; "
+    "set CUDA_DEVICE_ORDER=PCI_BUS_ID to be sure"
+)
+
+
+def detect_cuda_gpu(cuda_index: int = 0) -> tuple[GPUInfo | None, str | None]:
+    """The GPU torch calls ``cuda:<cuda_index>``, read through NVML, and a note for the plan.
+
+    NVML numbers every GPU of the machine in PCI bus order and ignores CUDA_VISIBLE_DEVICES; torch
+    numbers the devices that variable lists, in CUDA's order. The note is None when the card is
+    certain; otherwise it says why there is none, or what was assumed to pick it. Never raises.
+    """
+    with _nvml() as nvml:
+        if nvml is None:
+            return None, None
+        try:
+            return _find_cuda_gpu(nvml, cuda_index)
+        except Exception:
+            return None, None
+
+
+def _find_cuda_gpu(nvml, cuda_index: int) -> tuple[GPUInfo | None, str | None]:
+    gpus = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    entries = [str(i) for i in range(len(gpus))] if listed is None else [e.strip() for e in listed.split(",")]
+    visible: list[tuple[int, int | None]] = []  # (NVML index, MIG slot or None) of each CUDA device
+    for entry in entries:
+        device = _resolve_entry(nvml, gpus, entry)
+        if device is None:
+            break  # CUDA stops at the first invalid entry: "0,2,-1,1" shows devices 0 and 2
+        if device in visible:  # CUDA then shows no device at all
+            return None, f"CUDA_VISIBLE_DEVICES={listed!r} names a device twice"
+        visible.append(device)
+    if cuda_index >= len(visible):
+        shown = "NVML" if listed is None else f"CUDA_VISIBLE_DEVICES={listed!r}"
+        return None, f"no cuda:{cuda_index}: {shown} shows {len(visible)} device(s)"
+
+    index, slot = visible[cuda_index]
+    notes = []
+    if entries[cuda_index].isdigit() and not _cuda_order_is_pci(nvml, gpus):
+        found = _nvml_index_from_torch(nvml, gpus, cuda_index)
+        if found is None:
+            notes.append(ORDER_ASSUMED)
+        else:
+            index = found
+    gpu = gpus[index]
+    if slot is not None:
+        handle = nvml.nvmlDeviceGetMigDeviceHandleByIndex(gpu, slot)
+    else:
+        handle = gpu
+        if _mig_slices(nvml, gpu):
+            notes.append("the card is split into MIG slices: name one in CUDA_VISIBLE_DEVICES=MIG-<uuid>")
+    return _gpu_info(nvml, index, handle, gpu), "; ".join(notes) or None
+
+
+def _resolve_entry(nvml, gpus: list, entry: str) -> tuple[int, int | None] | None:
+    """(NVML index, MIG slot or None) of one CUDA_VISIBLE_DEVICES entry; None if CUDA would reject it.
+
+    Integers count in CUDA's order (taken here as NVML's; _find_cuda_gpu checks that). UUIDs may be
+    shortened to a unique prefix, as CUDA allows.
+    """
+    if entry.isdigit():
+        return (int(entry), None) if int(entry) < len(gpus) else None
+    if entry.startswith("MIG-GPU-"):  # the older form, MIG-GPU-<uuid>/<GPU instance>/<compute instance>
+        parent_uuid, _, instances = entry.removeprefix("MIG-").partition("/")
+        parent = _unique_prefix(parent_uuid, [_text(nvml.nvmlDeviceGetUUID(g)) for g in gpus])
+        if parent is None:
+            return None
+        for slot, mig in _mig_slices(nvml, gpus[parent]):
+            ids = nvml.nvmlDeviceGetGpuInstanceId(mig), nvml.nvmlDeviceGetComputeInstanceId(mig)
+            if instances == f"{ids[0]}/{ids[1]}":
+                return parent, slot
+        return None
+    if entry.startswith("MIG-"):
+        slices = [(i, slot, mig) for i, gpu in enumerate(gpus) for slot, mig in _mig_slices(nvml, gpu)]
+        found = _unique_prefix(entry, [_text(nvml.nvmlDeviceGetUUID(mig)) for *_, mig in slices])
+        return None if found is None else slices[found][:2]
+    if entry.startswith("GPU-"):
+        found = _unique_prefix(entry, [_text(nvml.nvmlDeviceGetUUID(g)) for g in gpus])
+        return None if found is None else (found, None)
+    return None
+
+
+def _unique_prefix(prefix: str, uuids: list[str]) -> int | None:
+    matches = [i for i, uuid in enumerate(uuids) if uuid.startswith(prefix)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _mig_slices(nvml, gpu) -> list[tuple[int, object]]:
+    """(slot, handle) of the MIG slices of a card; none on cards without MIG or with it off.
+
+    NVML reports the whole card's memory on the card's handle: a slice's own memory is only on the
+    slice's handle.
+    """
+    try:
+        slots = int(nvml.nvmlDeviceGetMaxMigDeviceCount(gpu))
+    except Exception:  # no MIG on this card, or a pynvml without MIG calls
+        return []
+    slices = []
+    for slot in range(slots):
+        try:
+            slices.append((slot, nvml.nvmlDeviceGetMigDeviceHandleByIndex(gpu, slot)))
+        except Exception:  # an empty slot (NVML_ERROR_NOT_FOUND), or MIG mode off
+            continue
+    return slices
+
+
+def _cuda_order_is_pci(nvml, gpus: list) -> bool:
+    """Whether CUDA numbers the GPUs as NVML does (PCI bus order).
+
+    CUDA_DEVICE_ORDER=PCI_BUS_ID says so. The default, FASTEST_FIRST, puts faster cards first and
+    breaks ties by PCI bus, so it is PCI order too when every card is the same model.
+    """
+    if os.environ.get("CUDA_DEVICE_ORDER", "FASTEST_FIRST") == "PCI_BUS_ID":
+        return True
+    return len({_text(nvml.nvmlDeviceGetName(gpu)) for gpu in gpus}) <= 1
+
+
+def _nvml_index_from_torch(nvml, gpus: list, cuda_index: int) -> int | None:
+    """NVML's index of torch's ``cuda:<cuda_index>``, matched by UUID; None if torch cannot say.
+
+    Only when torch is already imported (`lowmem-ft plan` does not import it, to start fast) and
+    sees CUDA: asking initialises CUDA, which `run` does anyway.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        if not torch.cuda.is_available():
+            return None
+        uuid = "GPU-" + str(torch.cuda.get_device_properties(cuda_index).uuid)  # str() has no "GPU-"
+    except Exception:
+        return None
+    uuids = [_text(nvml.nvmlDeviceGetUUID(gpu)) for gpu in gpus]
+    return uuids.index(uuid) if uuid in uuids else None
 
 
 def _pcie_link(pynvml, handle) -> tuple[int | None, int | None]:
@@ -250,27 +426,18 @@ class Budget:
         return "; ".join(parts)
 
 
-def visible_gpu_index() -> int:
-    """NVML's index of the GPU torch calls ``cuda:0``.
-
-    NVML numbers every GPU in the machine and ignores CUDA_VISIBLE_DEVICES; torch's ``cuda:0`` is
-    the first GPU that variable lists. Numeric entries map directly; a UUID entry (``GPU-...``)
-    or anything unexpected falls back to 0.
-    """
-    first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-    return int(first) if first.isdigit() else 0
-
-
 def detect_budget(
     gpu_mem: str | None = None,
     cpu_mem: str | None = None,
     gpu: str | None = None,
     disk_path: Path = Path("."),
+    cuda_index: int = 0,
 ) -> Budget:
     """Work out the memory, link and disk a plan may use, from the options and the machine.
 
     --gpu-mem and --cpu-mem describe a machine (perhaps not this one) and win over detection;
-    --gpu none plans for no GPU even when there is one.
+    --gpu none plans for no GPU even when there is one. The GPU is the one torch calls
+    ``cuda:<cuda_index>`` (``run --device cuda:N``), wherever NVML numbers it.
     """
     # Check the user's input before touching NVML, so that a typo fails fast and the same way
     # everywhere.
@@ -285,7 +452,8 @@ def detect_budget(
     described_host_bytes = parse_size(cpu_mem, "--cpu-mem") if cpu_mem is not None else None
 
     sources: dict[str, str] = {}
-    info = None if no_gpu else detect_gpu(visible_gpu_index())
+    info, note = (None, None) if no_gpu else detect_cuda_gpu(cuda_index)
+    detected = info is not None
     if no_gpu:
         gpu_bytes = 0
         sources["gpu"] = "--gpu none"
@@ -301,7 +469,7 @@ def detect_budget(
                 pcie_gen=None,
                 pcie_width=None,
             )
-            sources["gpu"] = "--gpu-mem; no GPU detected"
+            sources["gpu"] = "--gpu-mem; no GPU detected" + (f" ({note})" if note else "")
             sources["link"] = "not known for a card described by --gpu-mem"
         else:
             sources["gpu"] = (
@@ -314,7 +482,10 @@ def detect_budget(
         sources["gpu"] = f"NVML free memory of {format_bytes(info.total_bytes)} total"
     else:
         gpu_bytes = 0
-        sources["gpu"] = "none detected (NVML unavailable or no device); pass --gpu-mem to plan for a GPU"
+        reason = note or "NVML unavailable or no device"
+        sources["gpu"] = f"none detected ({reason}); pass --gpu-mem to plan for a GPU"
+    if detected and note is not None:  # what was assumed to find the card
+        sources["gpu"] += f"; {note}"
 
     link = info.link_bytes_per_s if info is not None else None
     if info is not None and "link" not in sources:

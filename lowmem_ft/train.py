@@ -119,13 +119,14 @@ def load_data(config: RunConfig, tokenizer) -> Data:
     return Data(train_examples, eval_examples, fmt, stats, skipped)
 
 
-def plan_run(config: RunConfig, resolved: ResolvedModel) -> Plan | None:
+def plan_run(config: RunConfig, resolved: ResolvedModel, device: torch.device | None = None) -> Plan | None:
     """Plan this run with the same planner as `lowmem-ft plan`, and adopt what the user left open.
 
     Options the user gave win; the plan says whether they fit. A plan that does not fit stops the
-    run here, before anything is loaded or written.
+    run here, before anything is loaded or written. ``device``: the one the run will use (the memory
+    trace plans for a GPU it does not have).
     """
-    device = config.resolved_device()
+    device = device or config.resolved_device()
     dtype_name = {v: k for k, v in DTYPES.items()}[config.compute_dtype()]
     try:
         result = build_plan(
@@ -153,6 +154,8 @@ def plan_run(config: RunConfig, resolved: ResolvedModel) -> Plan | None:
             variant=config.variant,
             add_biases=config.add_biases,
             freeze_layers=config.freeze_layers,
+            cuda_index=device.index or 0,
+            order=config.order,
         )
     except UnsupportedModel as exc:
         print(f"plan       none: {exc}; micro-batch and checkpointing default to 4 and off")
@@ -205,14 +208,12 @@ def setup(config: RunConfig) -> Setup:
 
     torch.manual_seed(config.seed)
     device, compute_dtype = config.resolved_device(), config.compute_dtype()
+    if device.type == "cuda":  # --device cuda:N: streams, pinning and the context all on that card
+        torch.cuda.set_device(device)
     method = build_method(config.method)
     model = load_model(resolved, method.weight_dtype(config), trust_remote_code=config.trust_remote_code)
     model_params = sum(p.numel() for p in model.parameters())
-    method.place(model, config, device)
-    if config.gradient_checkpointing:
-        enable_checkpointing(model)
-    model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
-    method.setup(model, config)
+    prepare_model(config, method, model, device)
     if plan is not None and device.type == "cuda":  # before step 1 and before the job is written
         check_plan_fits_device(plan, device)
 
@@ -224,6 +225,16 @@ def setup(config: RunConfig) -> Setup:
         config, plan, resolved, tokenizer, data, model, model_params, method, device, compute_dtype, batcher,
         max_steps,
     )  # fmt: skip
+
+
+def prepare_model(config: RunConfig, method: Method, model: torch.nn.Module, device: torch.device) -> None:
+    """Weights onto the device (streamed layers' frozen weights stay in host memory), activation
+    checkpointing as planned, then the method marks what trains and builds its optimizer."""
+    method.place(model, config, device)
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
+    model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+    method.setup(model, config)
 
 
 def enable_checkpointing(model) -> None:

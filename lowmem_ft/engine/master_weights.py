@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import torch
 
-# Stochastic rounding works through this many elements at a time: its temporaries (the random
-# integers, summed into in place) are 4 bytes x this, not 12 bytes x the largest tensor (5.9 GiB for
-# Llama-3's 525M-element embedding). The planner counts 4 x min(this, largest tensor).
-ROUNDING_CHUNK = 1 << 24
+from lowmem_ft.engine import ROUNDING_CHUNK
 
 
 def round_to_bf16_stochastically_(

@@ -64,6 +64,15 @@ class OptimizerStateStore:
         self._prefetched: dict[int, tuple[list[dict[str, torch.Tensor]], object]] = {}
         self._stream = torch.cuda.Stream(device) if self.on_cuda else None
         self._saved_events: dict[int, object] = {}
+        # Imported now, not at the first save: a broken bitsandbytes fails before training, and its
+        # import (which logs the kernels it cannot load, with their exceptions) never runs under a
+        # save whose frame holds a group's masters and state (a logging handler that keeps records
+        # would keep them alive, and their memory with them).
+        self._bnbf = None
+        if policy == "keep-8bit":
+            import bitsandbytes.functional
+
+            self._bnbf = bitsandbytes.functional
 
     def _quantised(self, value) -> bool:
         return (
@@ -112,8 +121,7 @@ class OptimizerStateStore:
         optimizer.state.clear()
 
     def _quantise(self, value: torch.Tensor):
-        import bitsandbytes.functional as bnbf
-
+        bnbf = self._bnbf
         unsigned = bool(value.min() >= 0)  # one reduction per tensor and visit
         code = bnbf.create_dynamic_map(signed=not unsigned).to(value.device)
         codes, quant_state = bnbf.quantize_blockwise(value.float(), code=code, blocksize=BLOCKSIZE)
@@ -202,8 +210,7 @@ class OptimizerStateStore:
         return loaded
 
     def _dequantise(self, codes: torch.Tensor, qs, out: torch.Tensor) -> torch.Tensor:
-        import bitsandbytes.functional as bnbf
-
+        bnbf = self._bnbf
         qs.absmax, qs.code = qs.absmax.to(codes.device), qs.code.to(codes.device)
         if out.is_cuda and out.dtype == torch.float32:  # straight into the main-pool tensor
             bnbf.dequantize_blockwise(codes, qs, out=out)
@@ -219,6 +226,9 @@ class OptimizerStateStore:
             return
         self.prefetch(group)  # no-op if already in flight
         loaded, event = self._prefetched.pop(group)
+        # Only the group that comes next is ever prefetched; one that did not come (the order was
+        # left, e.g. by a restore) would hold its device copy for nothing: bounded memory first.
+        self._prefetched.clear()
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)  # the copies have landed
         for param, state in zip(params, loaded, strict=True):
@@ -242,8 +252,7 @@ class OptimizerStateStore:
         """Store ``group``'s state from ``export`` (a checkpoint being restored)."""
         if self.policy == "drop" or not states:
             return
-        import bitsandbytes.functional as bnbf
-
+        bnbf = self._bnbf
         # Lay the group out as `save` does: 8-bit codes as uint8, exact tensors in their dtype.
         plain = [
             {key: value["codes"] if isinstance(value, dict) else value for key, value in state.items()}

@@ -226,7 +226,8 @@ def place_model(
     layers, which go to (pinned) host memory and are streamed. Nothing is ever moved to the device
     in full, so a model whose weights do not fit can be placed."""
     if not n_streamed:
-        model.to(device)
+        if any(t.device != device for t in (*model.parameters(), *model.buffers())):
+            model.to(device)  # (Module.to also runs the quantised parameters' own conversions)
         return None
     from lowmem_ft.models.units import decoder_layers
 

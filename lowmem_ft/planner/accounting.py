@@ -31,9 +31,12 @@ SIFT_BYTES_PER_ENTRY = 4 + 4 + 8 + 4
 # Bytes per weight of a bitsandbytes-quantised base (engine/sparse_delta.py): blockwise int8 with an
 # fp32 absmax per 256 weights, NF4 with an fp32 absmax per 64. "none" is the compute dtype's size.
 QUANT_BYTES = {"int8": 1.0 + 4 / 256, "nf4": 0.5 + 4 / 64}
-# Optimizer-state bytes per parameter by state policy: fp32 m and v, or bitsandbytes 8-bit m and v.
-# 8-bit: one byte per value plus an fp32 scale per block of 256 (engine/state_store.py).
-STATE_BYTES = {"keep": 8, "drop": 8, "keep-8bit": 2 * (1 + 4 / 256)}
+# Optimizer-state bytes per parameter on the device: AdamW's fp32 m and v, whatever the policy (the
+# optimizer runs in fp32; a group stored in 8 bits is expanded to fp32 on arrival).
+DEVICE_STATE_BYTES = 8
+# ... and waiting in host memory, by state policy: fp32 m and v, or bitsandbytes 8-bit m and v (one
+# byte per value plus an fp32 scale per block of 256, engine/state_store.py); nothing for drop.
+HOST_STATE_BYTES = {"keep": 8, "drop": 0, "keep-8bit": 2 * (1 + 4 / 256)}
 
 
 def sparse_entries(numel: int, rate: float) -> int:
@@ -75,29 +78,39 @@ def frozen_layer_activation_bytes(shape: ModelShape, seq_len: int, tokens: int, 
     return (8 * h + 4 * e * h + 3 * e * i + 4 * a + e * seq_len + 8) * tokens
 
 
-def hift_activation_bytes(
+def hift_group_activation_bytes(
     shape: ModelShape, seq_len: int, micro_batch: int, p: Precision, checkpointing: bool, units_per_group: int
-) -> int:
-    """Activations of the most expensive HiFT group: nothing below the active group is kept, its
+) -> list[int]:
+    """Activations of each HiFT group when it trains: nothing below the active group is kept, its
     own layers keep everything, the frozen layers above keep what their input gradient needs."""
     tokens = seq_len * micro_batch
     trained = layer_activation_bytes(shape, seq_len, tokens, p)
     frozen = frozen_layer_activation_bytes(shape, seq_len, tokens, p)
     kept = checkpoint_bytes(shape, tokens, p)
     n_units = shape.layers + 2  # embedding, layers, head
-    worst = 0
+    per_group = []
     for first in range(0, n_units, units_per_group):
         units = range(first, min(first + units_per_group, n_units))
         layers_in_group = sum(1 for u in units if 1 <= u <= shape.layers)
         lowest_layer = max(first - 1, 0)  # unit u >= 1 is layer u-1
         layers_above = shape.layers - lowest_layer - layers_in_group
         if checkpointing:
-            stored = (layers_in_group + layers_above) * kept + (trained if layers_in_group else frozen)
+            # each layer's input, and the last layer's output, which the final norm keeps (traced)
+            # (and one layer rebuilt in the backward: trained, or frozen on the path; none for the head)
+            rebuilt = trained if layers_in_group else frozen if layers_above else 0
+            stored = (layers_in_group + layers_above + 1) * kept + rebuilt
         else:
             stored = layers_in_group * trained + layers_above * frozen
         head_trains = n_units - 1 in units
-        worst = max(worst, stored + hift_outside_layers_bytes(shape, seq_len, tokens, head_trains))
-    return worst
+        per_group.append(stored + hift_outside_layers_bytes(shape, seq_len, tokens, head_trains))
+    return per_group
+
+
+def hift_activation_bytes(
+    shape: ModelShape, seq_len: int, micro_batch: int, p: Precision, checkpointing: bool, units_per_group: int
+) -> int:
+    """Activations of the most expensive HiFT group."""
+    return max(hift_group_activation_bytes(shape, seq_len, micro_batch, p, checkpointing, units_per_group))
 
 
 def sift_activation_bytes(
@@ -114,17 +127,27 @@ def sift_activation_bytes(
     tokens = seq_len * micro_batch
     outside = hift_outside_layers_bytes(shape, seq_len, tokens, head_trains=False)
     if checkpointing:
-        return shape.layers * checkpoint_bytes(shape, tokens, p) + outside
+        return (shape.layers + 1) * checkpoint_bytes(shape, tokens, p) + outside  # + the last output
     extra_inputs = p.compute_bytes * (2 * shape.hidden + shape.intermediate) * tokens
     layer = frozen_layer_activation_bytes(shape, seq_len, tokens, p) + extra_inputs
     return shape.layers * layer + outside - 4 * shape.hidden * tokens
 
 
 def hift_outside_layers_bytes(shape: ModelShape, seq_len: int, tokens: int, head_trains: bool) -> int:
-    """Final norm (its fp32 input; its output too when it trains) and the loss's log-probabilities."""
+    """Final norm (its fp32 input; its output too when it trains), the loss's log-probabilities, and
+    what the whole stack shares: the causal mask (one byte per position pair) and the rotary
+    cos/sin tables."""
     shifted = tokens * (seq_len - 1) // seq_len
     norm = 8 if head_trains else 4
-    return norm * shape.hidden * tokens + 4 * shape.vocab * shifted + (2 * seq_len + 4) * (tokens // seq_len)
+    micro_batch = tokens // seq_len
+    shared = shared_by_the_stack_bytes(shape, seq_len, micro_batch)
+    return norm * shape.hidden * tokens + 4 * shape.vocab * shifted + (2 * seq_len + 4) * micro_batch + shared
+
+
+def shared_by_the_stack_bytes(shape: ModelShape, seq_len: int, micro_batch: int) -> int:
+    """Alive for the whole forward and backward, though no single layer's saved tensors hold them
+    (traced on the whole loop): the causal mask, a byte per position pair, and the rotary cos/sin."""
+    return micro_batch * seq_len * seq_len + 2 * 4 * seq_len * (shape.hidden // shape.heads)
 
 
 def checkpoint_bytes(shape: ModelShape, tokens: int, p: Precision) -> int:

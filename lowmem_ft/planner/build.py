@@ -62,6 +62,8 @@ def build_plan(
     variant: str = "I",
     add_biases: bool = False,
     freeze_layers: str | None = None,
+    order: str = "bottom-up",
+    cuda_index: int = 0,  # the GPU torch calls cuda:N (`run --device cuda:N`): its memory is planned for
 ) -> PlanResult:
     """Plan MODEL (or an already-read ``config``) for this machine or the one the flags describe."""
     from lowmem_ft.hardware import detect_budget
@@ -121,7 +123,7 @@ def build_plan(
             f"--groups must be between 1 and {len(shape.units)}, got {groups}",
         )
         units_per_group = -(-len(shape.units) // groups)
-    budget = detect_budget(gpu_mem=gpu_mem, cpu_mem=cpu_mem, gpu=gpu)
+    budget = detect_budget(gpu_mem=gpu_mem, cpu_mem=cpu_mem, gpu=gpu, cuda_index=cuda_index)
     on_gpu = budget.gpu_bytes > 0
     compute = COMPUTE_BYTES[dtype] if dtype != "auto" else (2 if on_gpu else 4)
     request = PlanRequest(
@@ -143,6 +145,7 @@ def build_plan(
         variant=variant,
         add_biases=add_biases,
         freeze_layers=freeze_layers,
+        order=order,
     )
     plan = make_plan(shape, request, budget.gpu_bytes, budget.host_bytes, budget.link_bytes_per_s)
     return PlanResult(name, shape, budget, plan)

@@ -21,15 +21,17 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 
+from lowmem_ft.engine import ROUNDING_CHUNK
 from lowmem_ft.planner.accounting import (
+    DEVICE_STATE_BYTES,
+    HOST_STATE_BYTES,
     QUANT_BYTES,
     SIFT_BYTES_PER_ENTRY,
-    STATE_BYTES,
     GiB,
     Precision,
     activation_bytes,
     autocast_copy_bytes,
-    hift_activation_bytes,
+    hift_group_activation_bytes,
     loss_transient_bytes,
     recompute_bytes,
     sift_activation_bytes,
@@ -79,6 +81,7 @@ class PlanRequest:
     variant: str = "I"  # spafit
     add_biases: bool = False  # bitfit, spafit
     freeze_layers: str | None = None  # bitfit, lora
+    order: str = "bottom-up"  # hift: which group's state is prefetched next
 
 
 @dataclass
@@ -108,6 +111,7 @@ class Plan:
     compute_seconds_per_micro_batch: float | None = None  # at ASSUMED_FLOPS
     shortfall: str | None = None
     notes: list[str] = field(default_factory=list)
+    peak_phase: str = ""  # where in the step the GPU peak is, e.g. "end of forward, HiFT group embed"
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -131,19 +135,38 @@ class Estimate:
     traffic: int = 0
     trainable: int = 0
     streamed_per_micro_batch: int = 0  # bytes of streamed weights copied in per micro-batch
+    end_step_extra: int = 0  # temporaries of the end of the step (gradients are freed by then)
+    label: str = ""  # which configuration this is (HiFT: the group), for the peak's description
+    # Several micro-batches per step: from the second on, the gradients summed so far are alive
+    # through its forward and backward.
+    accumulating: bool = False
+
+    def moments(self) -> dict[str, int]:
+        """Device bytes at the moments of a step that can be its peak."""
+        summed = self.grads if self.accumulating else 0
+        return {
+            "end of forward": self.persistent + summed + self.activations + self.loss_transient,
+            "start of backward": self.persistent + summed + self.activations + self.logits_grad,
+            "end of backward": self.persistent + self.grads + self.backward_extra,
+            "end of step": self.persistent + self.end_step_extra,
+        }
 
     def device_peak(self) -> int:
-        forward_end = self.persistent + self.activations + self.loss_transient
-        backward_start = self.persistent + self.activations + self.logits_grad
-        backward_end = self.persistent + self.grads + self.backward_extra
-        return max(forward_end, backward_start, backward_end)
+        return max(self.moments().values())
+
+    def peak_phase(self) -> str:
+        moments = self.moments()
+        moment = max(moments, key=moments.get)
+        return f"{moment}, {self.label}" if self.label else moment
 
 
 def _activation_parts(shape, request, p, micro_batch, checkpointing):
     tokens = request.seq_len * micro_batch
     acts = activation_bytes(shape, request.seq_len, micro_batch, p, checkpointing)
     loss = loss_transient_bytes(shape, tokens, p)
-    logits_grad = (4 + p.compute_bytes) * shape.vocab * tokens
+    # The loss's backward starts with three fp32 vocab-sized tensors alive at once: the log-probabilities
+    # it kept (counted in the activations), their gradient and the gradient of the fp32 logits (traced).
+    logits_grad = 8 * shape.vocab * tokens
     extra = autocast_copy_bytes(shape, p) if p.autocast and not checkpointing else 0
     if checkpointing:
         extra += recompute_bytes(shape, request.seq_len, micro_batch, p)
@@ -174,7 +197,14 @@ def estimate_full(shape: ModelShape, request: PlanRequest, micro_batch: int, che
         Component("optimizer states (AdamW fp32 m, v)", 8 * n),
         *parts,
     ]
-    return Estimate(components, 12 * n, acts, loss, logits_grad, 4 * n, extra, trainable=n)
+    return Estimate(
+        components, 12 * n, acts, loss, logits_grad, 4 * n, extra, trainable=n,
+        accumulating=_accumulates(request, micro_batch),
+    )  # fmt: skip
+
+
+def _accumulates(request: PlanRequest, micro_batch: int) -> bool:
+    return math.ceil(request.batch_size / micro_batch) > 1
 
 
 def _groups(shape: ModelShape, units_per_group: int) -> list[int]:
@@ -192,10 +222,12 @@ def estimate_hift(
     state_policy: str,
     streamed_units: int,
 ) -> Estimate:
+    """Every group's step, evaluated on its own (its size, its streamed layers, its activations, the
+    state of the group that comes next), and the worst of them: the largest group is not the one
+    with the most activations (the embedding's keeps the whole stack above it)."""
     # 16-bit weights with fp32 masters for the active group, or fp32 weights when computing in fp32.
     w = request.compute_bytes
     p = Precision(weight_bytes=w, compute_bytes=request.compute_bytes)
-    group = max(_groups(shape, units_per_group))  # the largest group sets the peak
     unit_bytes = [w * u.params for u in shape.units]
     # The engine streams decoder layers (the first ``streamed_units`` of them), never the embedding
     # or the head: they run once per pass, outside the layers' ring.
@@ -203,14 +235,60 @@ def estimate_hift(
     streamed = layer_bytes[:streamed_units]
     resident = sum(unit_bytes) - sum(streamed)
     buffers = STREAM_BUFFERS * max(layer_bytes) if streamed_units else 0
-    state = int(STATE_BYTES[state_policy] * group)
-    prefetch = 0 if state_policy == "drop" else state  # the next group's state arrives during this step
+    starts = range(0, len(shape.units), units_per_group)
+    sizes = _groups(shape, units_per_group)
+    # A streamed layer whose group trains gets device memory of its own while it does (its ring
+    # slot stays allocated).
+    own = [
+        sum(
+            layer_bytes[u - 1]
+            for u in range(k, min(k + units_per_group, len(shape.units)))
+            if 1 <= u <= streamed_units
+        )
+        for k in starts
+    ]
+    last = [min(k + units_per_group, len(shape.units)) - 1 for k in starts]
+    names = [
+        shape.units[k].name + (f"..{shape.units[j].name}" if j > k else "")
+        for k, j in zip(starts, last, strict=True)
+    ]
+    group_acts = hift_group_activation_bytes(
+        shape, request.seq_len, micro_batch, p, checkpointing, units_per_group
+    )
     parts, _, loss, logits_grad, extra = _activation_parts(shape, request, p, micro_batch, checkpointing)
-    # Nothing below the active group is kept and frozen layers above keep less: the worst group counts.
-    acts = hift_activation_bytes(shape, request.seq_len, micro_batch, p, checkpointing, units_per_group)
-    parts[0] = Component(parts[0].name, acts, note=f"{parts[0].note}; the most expensive group")
-    host_states = 0 if state_policy == "drop" else int(STATE_BYTES[state_policy] * shape.params)
-    components = [
+    masters = 4 if w == 2 else 0  # fp32 masters of a 16-bit group
+    # Stochastic rounding at the end of the step works through a chunk of the largest tensor at a time.
+    rounding = 4 * min(ROUNDING_CHUNK, shape.vocab * shape.hidden) if w == 2 else 0
+
+    def step_of(g: int) -> Estimate:
+        # The next group's state arrives during this step: the one above in a bottom-up order (the
+        # embedding's after the head's: the cycle wraps), below in a top-down one, any in a random
+        # one. fp32 on the device whatever the policy.
+        n = len(sizes)
+        following = {
+            "bottom-up": [sizes[(g + 1) % n]],
+            "top-down": [sizes[(g - 1) % n]],
+        }.get(request.order, [sizes[j] for j in range(n) if j != g])
+        prefetch = 0 if state_policy == "drop" or n == 1 else DEVICE_STATE_BYTES * max(following)
+        size = sizes[g]
+        persistent = resident + buffers + own[g] + (masters + DEVICE_STATE_BYTES) * size + prefetch
+        return Estimate(
+            [], persistent, group_acts[g], loss, logits_grad, 4 * size, extra, end_step_extra=rounding,
+            trainable=shape.params, label=f"HiFT group {names[g]}",
+            accumulating=_accumulates(request, micro_batch),
+        )  # fmt: skip
+
+    worst_group = max(range(len(sizes)), key=lambda g: step_of(g).device_peak())
+    worst = step_of(worst_group)
+    size = sizes[worst_group]
+    prefetch = (
+        worst.persistent - resident - buffers - own[worst_group] - (masters + DEVICE_STATE_BYTES) * size
+    )
+    parts[0] = Component(
+        parts[0].name, worst.activations, note=f"{parts[0].note}; group {names[worst_group]}"
+    )
+    host_states = int(HOST_STATE_BYTES[state_policy] * shape.params)
+    worst.components = [
         Component(f"weights ({DTYPE_NAMES[w]}, resident)", resident),
         Component(
             f"weights ({DTYPE_NAMES[w]}, streamed)",
@@ -219,25 +297,24 @@ def estimate_hift(
             note=f"{streamed_units} layers in pinned host memory",
         ),  # fmt: skip
         Component("stream buffers", buffers),
-        Component("active group: fp32 master copy", 4 * group if w == 2 else 0),
-        # fp32 either way: 16-bit gradients move onto the fp32 masters, tensor by tensor.
-        Component("active group: gradients (fp32)", 4 * group),
-        Component(f"active group: optimizer states ({state_policy})", state),
+        Component("active group: its streamed layers' own device copy", own[worst_group]),
+        Component("active group: fp32 master copy", masters * size),
+        # fp32 either way: each micro-batch's 16-bit gradient is added to the fp32 master's at once.
+        Component("active group: gradients (fp32)", 4 * size),
+        Component("active group: optimizer states (AdamW fp32 m, v)", DEVICE_STATE_BYTES * size),
         Component("next group: optimizer states (prefetch)", prefetch),
         Component(
             f"optimizer states of all groups ({state_policy})", 0, host_states, note="pinned host memory"
         ),
         *parts,
+        Component("end of step: stochastic rounding (transient)", rounding, note="one chunk at a time"),
     ]
-    persistent = resident + buffers + (4 * group if w == 2 else 0) + state + prefetch
-    state_traffic = 0 if state_policy == "drop" else 2 * state
+    state_traffic = 2 * int(HOST_STATE_BYTES[state_policy] * max(sizes))  # in and out, as stored
     passes = 2 if checkpointing else 1  # a streamed unit crosses for the forward and for the recompute
     n_micro = math.ceil(request.batch_size / micro_batch)
-    traffic = state_traffic + n_micro * passes * sum(streamed)
-    return Estimate(
-        components, persistent, acts, loss, logits_grad, 4 * group, extra, traffic, trainable=shape.params,
-        streamed_per_micro_batch=passes * sum(streamed),
-    )  # fmt: skip
+    worst.traffic = state_traffic + n_micro * passes * sum(streamed)
+    worst.streamed_per_micro_batch = passes * sum(streamed)
+    return worst
 
 
 def sift_targets(shape: ModelShape, targets: str = "all-linear") -> list[int]:
@@ -377,8 +454,9 @@ def estimate_structured(
         *parts,
     ]
     return Estimate(
-        components, base + 12 * trainable, acts, loss, logits_grad, 4 * trainable, extra, trainable=trainable
-    )
+        components, base + 12 * trainable, acts, loss, logits_grad, 4 * trainable, extra, trainable=trainable,
+        accumulating=_accumulates(request, micro_batch),
+    )  # fmt: skip
 
 
 def selection_passes(shape: ModelShape, request: PlanRequest, est: Estimate, spare: int) -> int:
@@ -476,6 +554,7 @@ def make_plan(
         traffic_bytes_per_step=best.traffic,
         link_bytes_per_s=link or ASSUMED_LINK_BYTES_PER_S,
         notes=notes,
+        peak_phase=best.peak_phase(),
     )
     if best.streamed_per_micro_batch and fitter.on_gpu:
         _compare_streaming_with_compute(plan, shape, request, best)

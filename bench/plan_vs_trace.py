@@ -1,0 +1,156 @@
+"""Planned vs traced GPU memory of the whole training loop, at full 7B/8B size, without a GPU.
+
+    python bench/plan_vs_trace.py                              # the whole matrix (about an hour, 2 cores)
+    python bench/plan_vs_trace.py --write docs/planner.md         # and record the table there
+    python bench/plan_vs_trace.py --models llama-2-7b --methods hift --budgets 8 24
+
+For each model, method (with its variants: HiFT's state policies, the sparse methods' bases,
+streamed or resident) and GPU budget, it asks the planner for a plan exactly as `lowmem-ft run`
+would on such a card, and where the plan fits, traces the recipe's own loop for that plan on fake
+tensors (lowmem_ft/looptrace.py): several optimizer steps with gradient accumulation, HiFT's largest
+groups with the next group's state prefetched, SIFT's selection, evaluation and checkpoint capture.
+
+    planned   the plan's GPU peak less the planned CUDA context and allocator margin: its tensors
+    traced    the largest live bytes of the traced tensors, anywhere in the loop
+    ratio     planned / traced: never below 1 (the plan holds), at most 1.05 (it wastes nothing)
+
+The trace measures tensors, not the CUDA context or the allocator's fragmentation: those are the
+planner's constants (CUDA_CONTEXT_BYTES, ALLOCATOR_MARGIN), to be measured on a GPU
+(bench/plan_vs_measured.py). QLoRA is not traced: bitsandbytes' Params4bit cannot wrap a fake
+tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_report, whatever the working directory
+from _report import command_line, write_section  # noqa: E402
+
+from lowmem_ft.config import RunConfig
+from lowmem_ft.errors import UserError
+from lowmem_ft.hardware import format_bytes
+from lowmem_ft.looptrace import trace_run
+from lowmem_ft.planner.plan import ALLOCATOR_MARGIN, CUDA_CONTEXT_BYTES
+
+SECTION = "plan-vs-trace"
+MODELS = ("llama-2-7b", "llama-3-8b", "qwen2.5-7b", "mistral-7b")
+BUDGETS = (8, 12, 16, 24, 48)
+# name -> RunConfig options; the planner chooses everything else, as in `lowmem-ft run`.
+VARIANTS = {
+    "full": {"method": "full"},
+    "hift keep": {"method": "hift", "state_policy": "keep"},
+    "hift keep-8bit": {"method": "hift", "state_policy": "keep-8bit"},
+    "hift drop": {"method": "hift", "state_policy": "drop"},
+    "hift --stream": {"method": "hift", "stream": True},
+    "sift bf16": {"method": "sift", "base_quant": "none"},
+    "sift int8": {"method": "sift", "base_quant": "int8"},
+    "sift nf4": {"method": "sift", "base_quant": "nf4"},
+    "sift --stream": {"method": "sift", "stream": True},
+    "random bf16": {"method": "random", "base_quant": "none"},
+    "magnitude nf4": {"method": "magnitude", "base_quant": "nf4"},
+    "lora": {"method": "lora", "base_quant": "none"},
+    "bitfit": {"method": "bitfit"},
+    "spafit": {"method": "spafit"},
+}
+# Host RAM is not what this measures: a large one, so that the GPU alone decides the plan.
+HOST = "1TiB"
+
+
+def planned_tensor_bytes(plan) -> float:
+    return (plan.gpu_peak_bytes - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_MARGIN)
+
+
+def run_case(model: str, variant: str, budget: int) -> dict:
+    config = RunConfig(
+        model=model, data=Path("trace.jsonl"), dtype="bf16", device="cpu", gpu_mem=f"{budget}GiB",
+        cpu_mem=HOST, **VARIANTS[variant],
+    )  # fmt: skip
+    row = {"model": model, "method": variant, "budget": budget}
+    started = time.perf_counter()
+    try:
+        plan, trace = trace_run(replace(config))
+    except UserError as exc:
+        return {**row, "fits": False, "note": str(exc).split(": ", 1)[-1][:90]}
+    planned = planned_tensor_bytes(plan)
+    chosen = {k: v for k, v in plan.settings.items() if k not in ("batch_size", "gradient_accumulation")}
+    return {
+        **row, "fits": True, "planned": planned, "traced": trace.peak, "ratio": planned / trace.peak,
+        "plan_phase": plan.peak_phase, "trace_phase": trace.peak_phase, "host": trace.host_buffer_bytes,
+        "settings": chosen, "seconds": time.perf_counter() - started,
+    }  # fmt: skip
+
+
+def settings_text(settings: dict) -> str:
+    short = {
+        "units_per_group": "m", "state_policy": "", "streamed_units": "streamed", "micro_batch_size": "mb",
+        "sparsity": "rate", "base_quant": "", "gradient_checkpointing": None, "groups": None,
+        "resident_units": None, "selection_passes": None, "cutoffs": "cutoffs",
+    }  # fmt: skip
+    parts = []
+    for key, value in settings.items():
+        label = short.get(key, key)
+        if label is None or (key == "streamed_units" and not value):
+            continue
+        parts.append(f"{label} {value}" if label else str(value))
+    return ", ".join(parts)
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| model | method | GPU | plan | planned | traced | ratio | plan's peak | traced peak |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if not r["fits"]:
+            lines.append(f"| {r['model']} | {r['method']} | {r['budget']} GiB | does not fit | | | | | |")
+            continue
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['budget']} GiB | {settings_text(r['settings'])} "
+            f"| {format_bytes(r['planned'])} | {format_bytes(r['traced'])} | {r['ratio']:.3f} "
+            f"| {r['plan_phase']} | {r['trace_phase']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--methods", nargs="+", default=list(VARIANTS), help="variant names, or a method")
+    parser.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
+    parser.add_argument("--write", type=Path, help="put the table into this Markdown file")
+    args = parser.parse_args()
+    variants = [v for v in VARIANTS if v in args.methods or VARIANTS[v]["method"] in args.methods]
+    rows = []
+    for model in args.models:
+        for variant in variants:
+            for budget in args.budgets:
+                row = run_case(model, variant, budget)
+                rows.append(row)
+                shown = f"{row['ratio']:.3f} ({row['seconds']:.0f}s)" if row["fits"] else "does not fit"
+                print(f"{model:12} {variant:15} {budget:3} GiB  {shown}", flush=True)
+    fitted = [r for r in rows if r["fits"]]
+    summary = (
+        f"{len(fitted)} plans that fit, traced: planned/traced from {min(r['ratio'] for r in fitted):.3f} "
+        f"to {max(r['ratio'] for r in fitted):.3f}"
+        if fitted
+        else "no plan fits"
+    )
+    print(summary)
+    if args.write:
+        body = (
+            f"Generated by `{command_line()}` (CPU only: fake tensors, lowmem_ft/looptrace.py). "
+            f"*planned*: the plan's GPU peak less its CUDA context ({format_bytes(CUDA_CONTEXT_BYTES)}) "
+            f"and allocator margin ({ALLOCATOR_MARGIN:.0%}); *traced*: the largest live bytes of the "
+            f"loop's tensors. {summary}.\n\n{table(rows)}"
+        )
+        write_section(args.write, SECTION, body)
+        print(f"wrote {args.write}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""The device memory of the real training loop at full 7B/8B size, traced without a GPU.
+
+`lowmem-ft run` promises that a plan which says "fits" fits for the whole loop. This module checks
+the promise on a CPU: it runs **the recipe's own code** — ``plan_run``, ``prepare_model``,
+``select_entries``, ``train_step`` (begin step, micro-batches with gradient accumulation, gradient
+reduction and clipping, the optimizer step, end of step), ``evaluate`` and ``capture`` — on a model
+built from the alias's shipped config at its full depth and width, under ``FakeTensorMode``: every
+tensor has a shape, a dtype and a storage size, but no memory. A dispatch mode records the live
+bytes of every storage at every allocation, the peak, and the phase of the loop it happened in
+(lowmem_ft/phases.py), with HiFT's active group.
+
+What stands in for the GPU:
+- the tensors are fake *CPU* tensors: the CPU-only torch cannot index fake CUDA tensors (its
+  Python indexing needs a CUDA device guard, which a CPU build does not have). Everything the run
+  allocates counts as device memory, except the host buffers the engine allocates through
+  engine/host_memory.py (streamed layers, stored optimizer state), which the trace watches and
+  reports as pinned host bytes;
+- streams and events are the engine's CPU path (none): copies are immediate, so memory that a GPU
+  frees only once a side-stream copy has finished is freed at once here (the planner counts a
+  prefetched group's state for the whole step anyway);
+- ``.item()`` and friends return 1: values are not known, and no memory depends on them.
+
+HiFT visits groups 0, 1, 2 and the last, then group 0, 1 and the last again, so the steps that
+hold the largest groups (embedding, head) and a decoder layer, each with its own state and the
+next group's prefetched as in every cycle after the first, and the wrap of the cycle, are traced; other
+methods run three steps. Each step has two micro-batches (the second is where gradients accumulate;
+more repeat it), evaluation two, the selection window what the plan says.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from unittest import mock
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from lowmem_ft.config import RunConfig
+from lowmem_ft.engine import host_memory
+from lowmem_ft.phases import current_phase, phase
+from lowmem_ft.planner import Plan
+
+CUDA = torch.device("cuda")
+
+
+@dataclass
+class LoopTrace:
+    peak: int  # device bytes of live tensors at the peak
+    peak_phase: str  # e.g. "forward/backward, group 34/34 norm..head"
+    # the largest live bytes seen per phase (and HiFT group)
+    phase_peaks: dict[str, int] = field(default_factory=dict)
+    host_buffer_bytes: int = 0  # host buffers of the engine (pinned on a GPU)
+    # the engine's host bytes by owner: "streamed layers", and "state of group G" for HiFT
+    host_detail: dict[str, int] = field(default_factory=dict)
+    steps: list[int] = field(default_factory=list)  # the optimizer steps traced
+
+
+class DeviceBytes(TorchDispatchMode):
+    """Live bytes of the storages created under this mode (and of those adopted), less the engine's
+    host buffers; the peak, and where in the loop it happened."""
+
+    def __init__(self, where=current_phase):
+        super().__init__()
+        self.where = where
+        self.live = self.peak = 0
+        self.peak_phase = "setup"
+        self.phase_peaks: dict[str, int] = {}
+        self.host_bytes = 0
+        self._sizes: dict[int, int] = {}  # id(storage) -> bytes, for live device storages
+        self._host: set[int] = set()  # id(storage) of the engine's host buffers (they live all run)
+        self.setup_done = False
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+    def _add(self, storage) -> None:
+        key = id(storage)
+        if key in self._sizes or key in self._host or not storage.nbytes():
+            return
+        self._sizes[key] = storage.nbytes()
+        self.live += storage.nbytes()
+        weakref.finalize(storage, self._free, key)
+        if self.live > self.peak:
+            self.peak, self.peak_phase = self.live, self.where()
+            self.peak_op = str(getattr(self, "op", ""))
+        name = self.where()
+        self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), self.live)
+
+    def phase_name(self) -> str:
+        name = current_phase()
+        return "between phases" if name == "setup" and self.setup_done else name
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def adopt(self, tensors) -> None:
+        """Count tensors that existed before tracing started."""
+        for t in tensors:
+            self._add(t.untyped_storage())
+
+    def host_buffer(self, buffer: torch.Tensor) -> None:
+        """An engine host buffer (engine/host_memory.observe): host memory, not device memory."""
+        storage = buffer.untyped_storage()
+        self.host_bytes += storage.nbytes()
+        self._host.add(id(storage))
+        self.live -= self._sizes.pop(id(storage), 0)
+
+    def restart_peak(self) -> None:
+        """Setup is over: the loop's peaks are measured from what is on the device now."""
+        self.peak, self.peak_phase = self.live, "setup"
+        self.phase_peaks = {"setup": self.live}
+        self.setup_done = True
+
+    # -- the dispatch hook ---------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:  # .item(), float(), int(), bool()
+            (tensor,) = args
+            return True if tensor.dtype == torch.bool else 1 if not tensor.is_floating_point() else 1.0
+        out = func(*args, **(kwargs or {}))
+        self.op = func
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in inputs:
+                self._add(t.untyped_storage())
+        return out
+
+
+class _NoJob:
+    """The job the loop logs to: the trace writes nothing."""
+
+    record: dict = {}
+
+    def metrics_bytes(self) -> int:
+        return 0
+
+
+def trace_run(config: RunConfig) -> tuple[Plan, LoopTrace]:
+    """Plan ``config`` for a GPU of ``config.gpu_mem`` (raises UserError if it does not fit), then
+    trace the recipe's loop for that plan; returns both."""
+    from transformers import AutoModelForCausalLM
+
+    from lowmem_ft import train
+    from lowmem_ft.data import TokenStats
+    from lowmem_ft.data.batching import Batcher
+    from lowmem_ft.data.tokenize import Example
+    from lowmem_ft.methods import build_method
+    from lowmem_ft.models import resolve_model
+
+    resolved = resolve_model(config.model, require_weights=False)
+    plan = train.plan_run(config, resolved, CUDA)
+    # Two micro-batches a step: memory does not depend on how many more there are.
+    config.batch_size = 2 * config.micro_batch_size
+    method = build_method(config.method)
+    examples = [Example(list(range(config.seq_len)), list(range(config.seq_len))) for _ in range(4)]
+    tokenizer = type("Tokenizer", (), {"pad_token_id": 0})()
+    trace = DeviceBytes()
+
+    def where() -> str:
+        group = method.progress().get("group") if hasattr(method, "active") else None
+        return f"{trace.phase_name()}, group {group}" if group else trace.phase_name()
+
+    trace.where = where
+    resolved.config.use_cache = False
+    with FakeTensorMode(), mock.patch("torch.utils.swap_tensors", _swap_fake_parameters):
+        # Built on the host, as load_model does, and not counted: the run never holds the whole
+        # model on the device; placing it there (all of it, or all but the streamed layers) is.
+        model = AutoModelForCausalLM.from_config(resolved.config, dtype=method.weight_dtype(config))
+        model.train()
+        with trace, host_memory.observe(trace.host_buffer):
+            with phase("setup"):
+                train.prepare_model(config, method, model, torch.device("cpu"))
+            # On the fake CPU, resident weights did not move: count what is on the device now.
+            trace.adopt([*model.parameters(), *model.buffers()])
+            trace.restart_peak()
+            data = train.Data(examples[:2], examples[2:], "text", TokenStats(), 0)
+            batcher = Batcher(data.train, config.batch_size, config.micro_batch_size, 0, config.seed)
+            s = train.Setup(
+                config, plan, resolved, tokenizer, data, model, 0, method, torch.device("cpu"),
+                config.compute_dtype(), batcher, max_steps=10**6,
+            )  # fmt: skip
+            train.select_entries(s)
+            scaler = torch.amp.GradScaler("cpu", enabled=False)
+            steps = _steps_to_trace(method)
+            for step in steps:
+                train.train_step(s, _NoJob(), step, scaler, bar=None)
+            train.evaluate(s)
+            with phase("checkpoint"):
+                train.capture(s, train.Progress(step=steps[-1] + 1), scaler, _NoJob())
+    detail = {"streamed layers": method.streamer.host_bytes()} if method.streamer is not None else {}
+    for group, buffers in getattr(getattr(method, "store", None), "_flat", {}).items():
+        detail[f"state of group {group}"] = sum(b.numel() * b.element_size() for b in buffers.values())
+    traced = LoopTrace(
+        trace.peak, trace.peak_phase, dict(trace.phase_peaks), host_buffer_bytes=trace.host_bytes,
+        host_detail=detail, steps=steps,
+    )  # fmt: skip
+    return plan, traced
+
+
+def _swap_fake_parameters(t1: torch.Tensor, t2: torch.Tensor) -> None:
+    """``Module.to`` swaps fake parameters (torch.utils.swap_tensors), which refuses tensors that
+    FakeTensorMode's own memo holds weakly; a real run's ``.to`` sets ``.data``, as this does."""
+    try:
+        _real_swap(t1, t2)
+    except RuntimeError:
+        t1.data = t2.detach()
+
+
+_real_swap = torch.utils.swap_tensors
+
+
+def _steps_to_trace(method) -> list[int]:
+    groups = len(getattr(method, "groups", []))
+    if not groups:
+        return [0, 1, 2]
+    every = method.switch_every
+    # Groups 0, 1 and 2 (their state is then stored) and the head group; then, with state of their
+    # own as in every cycle after the first, the embedding (the cycle wraps; layer 0's state
+    # arrives), layer 0 (layer 1's arrives) and the head (the embedding's arrives).
+    visits = (
+        [0, 1, 2, groups - 1, groups, groups + 1, 2 * groups - 1] if groups > 3 else list(range(3 * groups))
+    )
+    return sorted({v * every for v in visits})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,7 +100,8 @@ def test_hift_run_follows_the_plan_and_shows_the_active_group(tmp_path, capsys, 
     assert plan["method"] == "hift" and plan["settings"]["streamed_units"] == 0
     assert job["config"]["units_per_group"] == plan["settings"]["units_per_group"] == 2  # tiny has 8 units
     assert job["config"]["state_policy"] == plan["settings"]["state_policy"] == "keep"
-    assert "group=1/4 embed..layer.0" in err  # the progress bar names the active group
+    # The progress bar names the active group (which step's postfix is drawn depends on timing).
+    assert re.search(r"group=[1-4]/4 (embed\.\.layer\.0|layer\.1\.\.layer\.2|layer\.3\.\.layer\.4)", err), err
     assert (out / "model" / "model.safetensors").exists()
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lowmem_ft.hardware import format_bytes
-from lowmem_ft.planner.plan import ASSUMED_FLOPS, Plan
+from lowmem_ft.planner.plan import ASSUMED_FLOPS, THIN_SPARE_BYTES, Plan
 
 
 def _cell(n: int) -> str:
@@ -28,6 +28,8 @@ def render_plan(plan: Plan, model_name: str, budget_line: str) -> str:
     lines.append(
         f"{'budget'.ljust(width)}{_cell(plan.gpu_budget_bytes):>12}{_cell(plan.host_budget_bytes):>12}"
     )
+    if plan.peak_phase:
+        lines.append(f"peak at    {plan.peak_phase}")
     lines.append("")
     fraction = plan.trainable_params / plan.total_params if plan.total_params else None
     share = "-" if fraction is None else f"{fraction:.2%}" if fraction >= 1e-3 else f"{fraction:.4%}"
@@ -51,6 +53,11 @@ def render_plan(plan: Plan, model_name: str, budget_line: str) -> str:
         if plan.device == "cuda":
             headroom.insert(0, f"{format_bytes(plan.gpu_budget_bytes - plan.gpu_peak_bytes)} GPU")
         lines.append(f"fits       yes, with {' and '.join(headroom)} to spare")
+        if plan.device == "cuda" and plan.gpu_budget_bytes - plan.gpu_peak_bytes < THIN_SPARE_BYTES:
+            lines.append(
+                f"note       under {format_bytes(THIN_SPARE_BYTES)} to spare on the GPU: a bet on the CUDA "
+                "context and the allocator's fragmentation (run checks the real context before step 1)"
+            )
     else:
         lines.append(f"fits       NO: {plan.shortfall}")
     return "\n".join(lines)

@@ -23,8 +23,10 @@ tensor.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -125,19 +127,29 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", help="variant names or methods [default: all for the first model, then CORE]"
     )
-    parser.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
+    parser.add_argument(
+        "--budgets", nargs="+", type=int, default=list(BUDGETS), help="GiB, for the first model"
+    )
+    parser.add_argument(
+        "--other-budgets", nargs="+", type=int, help="GiB, for the other models [default: --budgets]"
+    )
     parser.add_argument("--write", type=Path, help="put the table into this Markdown file")
+    parser.add_argument("--jobs", type=int, default=2, help="cases traced side by side")
     args = parser.parse_args()
-    rows = []
+    cases = []
     for n, model in enumerate(args.models):
         chosen = args.methods or (list(VARIANTS) if n == 0 else list(CORE))
         variants = [v for v in VARIANTS if v in chosen or VARIANTS[v]["method"] in chosen]
-        for variant in variants:
-            for budget in args.budgets:
-                row = run_case(model, variant, budget)
-                rows.append(row)
-                shown = f"{row['ratio']:.3f} ({row['seconds']:.0f}s)" if row["fits"] else "does not fit"
-                print(f"{model:12} {variant:15} {budget:3} GiB  {shown}", flush=True)
+        budgets = args.budgets if n == 0 else (args.other_budgets or args.budgets)
+        cases += [(model, variant, budget) for variant in variants for budget in budgets]
+    # Each case in a fresh process (a trace must not see what an earlier one left behind), two at a time.
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=spawn, max_tasks_per_child=1) as pool:
+        rows = []
+        for row in pool.map(run_case, *zip(*cases, strict=True)):
+            rows.append(row)
+            shown = f"{row['ratio']:.3f} ({row['seconds']:.0f}s)" if row["fits"] else "does not fit"
+            print(f"{row['model']:12} {row['method']:15} {row['budget']:3} GiB  {shown}", flush=True)
     fitted = [r for r in rows if r["fits"]]
     summary = (
         f"{len(fitted)} plans that fit, traced: planned/traced from {min(r['ratio'] for r in fitted):.3f} "

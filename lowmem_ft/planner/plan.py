@@ -140,6 +140,9 @@ class Estimate:
     trainable: int = 0
     streamed_per_micro_batch: int = 0  # bytes of streamed weights copied in per micro-batch
     end_step_extra: int = 0  # temporaries of the end of the step (gradients are freed by then)
+    # Created by the optimizer step itself, not there during forward and backward (HiFT with
+    # `drop`: a group's state is made fresh at its first update of each visit)
+    step_extra: int = 0
     label: str = ""  # which configuration this is (HiFT: the group), for the peak's description
     # Several micro-batches per step: from the second on, the gradients summed so far are alive
     # through its forward and backward.
@@ -152,7 +155,8 @@ class Estimate:
             "end of forward": self.persistent + summed + self.activations + self.loss_transient,
             "start of backward": self.persistent + summed + self.activations + self.logits_grad,
             "end of backward": self.persistent + self.grads + self.backward_extra,
-            "end of step": self.persistent + self.end_step_extra,
+            "optimizer step": self.persistent + self.grads + self.step_extra,
+            "end of step": self.persistent + self.step_extra + self.end_step_extra,
         }
 
     def device_peak(self) -> int:
@@ -275,9 +279,13 @@ def estimate_hift(
         }.get(request.order, [sizes[j] for j in range(n) if j != g])
         prefetch = 0 if state_policy == "drop" or n == 1 else DEVICE_STATE_BYTES * max(following)
         size = sizes[g]
-        persistent = resident + buffers + own[g] + (masters + DEVICE_STATE_BYTES) * size + prefetch
+        # Kept state arrives before the step; dropped state is made by the group's first update.
+        state = DEVICE_STATE_BYTES * size
+        kept = 0 if state_policy == "drop" else state
+        persistent = resident + buffers + own[g] + masters * size + kept + prefetch
         return Estimate(
             [], persistent, group_acts[g], loss, logits_grad, 4 * size, extra, end_step_extra=rounding,
+            step_extra=state - kept,
             trainable=shape.params, label=f"HiFT group {names[g]}",
             accumulating=_accumulates(request, micro_batch),
         )  # fmt: skip
@@ -285,9 +293,8 @@ def estimate_hift(
     worst_group = max(range(len(sizes)), key=lambda g: step_of(g).device_peak())
     worst = step_of(worst_group)
     size = sizes[worst_group]
-    prefetch = (
-        worst.persistent - resident - buffers - own[worst_group] - (masters + DEVICE_STATE_BYTES) * size
-    )
+    kept = 0 if state_policy == "drop" else DEVICE_STATE_BYTES * size
+    prefetch = worst.persistent - resident - buffers - own[worst_group] - masters * size - kept
     parts[0] = Component(
         parts[0].name, worst.activations, note=f"{parts[0].note}; group {names[worst_group]}"
     )

@@ -270,6 +270,16 @@ def estimate_hift(
     # Stochastic rounding at the end of the step works through a chunk of the largest tensor at a time.
     rounding = 4 * min(ROUNDING_CHUNK, shape.vocab * shape.hidden) if w == 2 else 0
 
+    # A 16-bit gradient lives until the post-accumulate hook has added it to its fp32 master's
+    # gradient: the group's largest tensor once, beside the fp32 gradients (engine/master_weights.py).
+    layer_tensor = max((rows * cols for u in shape.layer_units for _, rows, cols in u.linears), default=0)
+    ends = {0, len(shape.units) - 1}
+
+    def largest_tensor(g: int) -> int:
+        first = list(starts)[g]
+        units = range(first, min(first + units_per_group, len(shape.units)))
+        return shape.vocab * shape.hidden if ends & set(units) else layer_tensor
+
     def step_of(g: int) -> Estimate:
         # The next group's state arrives during this step: the one above in a bottom-up order (the
         # embedding's after the head's: the cycle wraps), below in a top-down one, any in a random
@@ -288,7 +298,8 @@ def estimate_hift(
         kept = state
         persistent = resident + buffers + own[g] + masters * size + kept + prefetch
         return Estimate(
-            [], persistent, group_acts[g], loss, logits_grad, 4 * size, extra, end_step_extra=rounding,
+            [], persistent, group_acts[g], loss, logits_grad, 4 * size,
+            extra + (2 * largest_tensor(g) if w == 2 else 0), end_step_extra=rounding,
             step_extra=state - kept,
             trainable=shape.params, label=f"HiFT group {names[g]}",
             accumulating=_accumulates(request, micro_batch),

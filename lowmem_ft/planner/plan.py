@@ -140,9 +140,6 @@ class Estimate:
     trainable: int = 0
     streamed_per_micro_batch: int = 0  # bytes of streamed weights copied in per micro-batch
     end_step_extra: int = 0  # temporaries of the end of the step (gradients are freed by then)
-    # Created by the optimizer step itself, not there during forward and backward (HiFT with
-    # `drop`: a group's state is made fresh at its first update of each visit)
-    step_extra: int = 0
     selection: int = 0  # SIFT: device bytes while the selection window is scored (0: no selection)
     label: str = ""  # which configuration this is (HiFT: the group), for the peak's description
     # Several micro-batches per step: from the second on, the gradients summed so far are alive
@@ -157,8 +154,8 @@ class Estimate:
             "start of backward": self.persistent + summed + self.activations + self.logits_grad,
             "end of backward": self.persistent + self.grads + self.backward_extra,
             # (fused AdamW, methods/optimizers.py: no scratch copies of the moments)
-            "optimizer step": self.persistent + self.grads + self.step_extra,
-            "end of step": self.persistent + self.step_extra + self.end_step_extra,
+            "optimizer step": self.persistent + self.grads,
+            "end of step": self.persistent + self.end_step_extra,
         } | ({"selection": self.selection} if self.selection else {})
 
     def device_peak(self) -> int:
@@ -294,13 +291,10 @@ def estimate_hift(
         # Kept state arrives before the step. Dropped state is made by the group's first update; it
         # is counted from the start of the step all the same: counted from the update only, a
         # traced drop plan came out 1.8% under the trace, a cause not yet found.
-        state = DEVICE_STATE_BYTES * size
-        kept = state
-        persistent = resident + buffers + own[g] + masters * size + kept + prefetch
+        persistent = resident + buffers + own[g] + (masters + DEVICE_STATE_BYTES) * size + prefetch
         return Estimate(
             [], persistent, group_acts[g], loss, logits_grad, 4 * size,
             extra + (2 * largest_tensor(g) if w == 2 else 0), end_step_extra=rounding,
-            step_extra=state - kept,
             trainable=shape.params, label=f"HiFT group {names[g]}",
             accumulating=_accumulates(request, micro_batch),
         )  # fmt: skip
@@ -308,8 +302,9 @@ def estimate_hift(
     worst_group = max(range(len(sizes)), key=lambda g: step_of(g).device_peak())
     worst = step_of(worst_group)
     size = sizes[worst_group]
-    kept = DEVICE_STATE_BYTES * size
-    prefetch = worst.persistent - resident - buffers - own[worst_group] - masters * size - kept
+    prefetch = (
+        worst.persistent - resident - buffers - own[worst_group] - (masters + DEVICE_STATE_BYTES) * size
+    )
     parts[0] = Component(
         parts[0].name, worst.activations, note=f"{parts[0].note}; group {names[worst_group]}"
     )

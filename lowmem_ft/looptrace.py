@@ -81,10 +81,9 @@ class DeviceBytes(TorchDispatchMode):
         self._sizes[key] = storage.nbytes()
         self.live += storage.nbytes()
         weakref.finalize(storage, self._free, key)
-        if self.live > self.peak:
-            self.peak, self.peak_phase = self.live, self.where()
-            self.peak_op = str(getattr(self, "op", ""))
         name = self.where()
+        if self.live > self.peak:
+            self.peak, self.peak_phase = self.live, name
         self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), self.live)
 
     def phase_name(self) -> str:
@@ -118,7 +117,6 @@ class DeviceBytes(TorchDispatchMode):
             (tensor,) = args
             return True if tensor.dtype == torch.bool else 1 if not tensor.is_floating_point() else 1.0
         out = func(*args, **(kwargs or {}))
-        self.op = func
         inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in inputs:

@@ -8,15 +8,12 @@ planner's numbers are checked against these.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 
 @dataclass
@@ -168,39 +165,12 @@ def trace_hift_step(config: dict, group: int, layers: int = 2, seq_len: int = 51
     return Trace(params=params, grads=grads, optimizer_states=states, activations=activations, peak=0)
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Bytes of the tensors created under this mode that are still alive, and their peak."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen: set[int] = set()
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self._seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
-        }
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
-                key, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
-                # Views and in-place results share their input's storage: nothing new was allocated.
-                if key not in self._seen and key not in inputs:
-                    self._seen.add(key)
-                    self.live += nbytes
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(t, self._free, key, nbytes)
-        return out
-
-
 def backward_extra_bytes(model, forward) -> int:
     """Peak bytes of the tensors the backward of ``forward()``'s loss creates, while it runs."""
     loss = forward()
-    with _LiveBytes() as tracker:
+    from lowmem_ft.looptrace import DeviceBytes
+
+    with DeviceBytes() as tracker:
         loss.backward()
     return tracker.peak
 

@@ -5,8 +5,9 @@ allocation to account for.
 
 Why not ``torch.empty(..., pin_memory=True)``: torch's pinned-memory allocator
 (CachingHostAllocator) rounds every allocation up to the next power of two so that freed blocks
-can be reused. For a 386 MiB Llama-2 layer that is 512 MiB; for one tensor per parameter it was
-about +30% over the model. Pinned memory cannot be swapped out, so a host sized to the plan would
+can be reused. A 386 MiB Llama-2-7B layer takes 512 MiB, whether as one buffer or as one tensor
+per parameter (its 32 MiB attention weights round to themselves, its 86 MiB MLP weights to 128).
+Pinned memory cannot be swapped out, so a host sized to the plan would
 meet the OOM killer. Instead the buffer is an ordinary host tensor of exactly the bytes needed,
 page-locked in place with ``cudaHostRegister`` (what torch's own distributed-checkpoint stager
 does); the driver then copies from it asynchronously, as from any pinned memory.

@@ -71,6 +71,7 @@ class DeviceBytes(TorchDispatchMode):
         self.host_bytes = 0
         self._sizes: dict[int, int] = {}  # id(storage) -> bytes, for live device storages
         self._host: set[int] = set()  # id(storage) of the engine's host buffers (they live all run)
+        self._last: tuple | None = None  # the latest allocation, and the peaks before it
         self.setup_done = False
 
     # -- bookkeeping ---------------------------------------------------------------------------------
@@ -79,9 +80,11 @@ class DeviceBytes(TorchDispatchMode):
         if key in self._sizes or key in self._host or not storage.nbytes():
             return
         self._sizes[key] = storage.nbytes()
+        # What this allocation may overwrite, in case it turns out to be a host buffer (below).
+        name = self.where()
+        self._last = (key, self.peak, self.peak_phase, name, self.phase_peaks.get(name))
         self.live += storage.nbytes()
         weakref.finalize(storage, self._free, key)
-        name = self.where()
         if self.live > self.peak:
             self.peak, self.peak_phase = self.live, name
         self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), self.live)
@@ -104,6 +107,15 @@ class DeviceBytes(TorchDispatchMode):
         self.host_bytes += storage.nbytes()
         self._host.add(id(storage))
         self.live -= self._sizes.pop(id(storage), 0)
+        # It was counted as device bytes when torch allocated it, an instant before this call: the
+        # peaks it raised then were never on the device.
+        if self._last is not None and self._last[0] == id(storage):
+            _, self.peak, self.peak_phase, name, phase_peak = self._last
+            if phase_peak is None:
+                self.phase_peaks.pop(name, None)
+            else:
+                self.phase_peaks[name] = phase_peak
+        self._last = None
 
     def restart_peak(self) -> None:
         """Setup is over: the loop's peaks are measured from what is on the device now."""
@@ -147,8 +159,10 @@ def trace_run(config: RunConfig) -> tuple[Plan, LoopTrace]:
 
     resolved = resolve_model(config.model, require_weights=False)
     plan = train.plan_run(config, resolved, CUDA)
-    # Two micro-batches a step: memory does not depend on how many more there are.
-    config.batch_size = 2 * config.micro_batch_size
+    # Two micro-batches a step where the plan has several (memory does not depend on how many more
+    # there are), else one: the sum of the gradients is alive only while accumulating.
+    several = config.batch_size > config.micro_batch_size
+    config.batch_size = (2 if several else 1) * config.micro_batch_size
     method = build_method(config.method)
     examples = [Example(list(range(config.seq_len)), list(range(config.seq_len))) for _ in range(4)]
     tokenizer = type("Tokenizer", (), {"pad_token_id": 0})()
@@ -212,10 +226,13 @@ def _steps_to_trace(method) -> list[int]:
     if not groups:
         return [0, 1, 2]
     every = method.switch_every
-    # Groups 0, 1 and 2 (their state is then stored) and the head group; then, with state of their
-    # own as in every cycle after the first, the embedding (the cycle wraps; layer 0's state
-    # arrives), layer 0 (layer 1's arrives) and the head (the embedding's arrives).
+    # In the order a real run takes them, so each group's state was prefetched by the step before,
+    # as in every cycle. First cycle (no state yet): the embedding, layers 0 and 1, the last layer
+    # and the head (the embedding's state arrives). Second cycle, each with state of its own: the
+    # embedding (layer 0's arrives), layer 0 (layer 1's), the last layer (the head's) and the head.
     visits = (
-        [0, 1, 2, groups - 1, groups, groups + 1, 2 * groups - 1] if groups > 3 else list(range(3 * groups))
+        [0, 1, 2, groups - 2, groups - 1, groups, groups + 1, 2 * groups - 2, 2 * groups - 1]
+        if groups > 4
+        else list(range(3 * groups))
     )
     return sorted({v * every for v in visits})

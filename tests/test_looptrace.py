@@ -70,3 +70,27 @@ def test_the_plan_holds_for_the_whole_traced_loop_and_wastes_at_most_5_percent(c
             # 8-bit: one byte per value in the pinned buffer (the block scales are kept beside it)
             rate = 2 if policy == "keep-8bit" else HOST_STATE_BYTES[policy]
             assert nbytes == rate * sizes[group], name
+
+
+@pytest.mark.parametrize("host_first", [False, True])
+def test_a_host_buffer_never_counts_as_device_memory_even_for_the_instant_torch_allocates_it(host_first):
+    """The engine's host buffers are plain tensors that the trace sees allocated an instant before
+    engine/host_memory tells it what they are: the peak they raised in that instant is not real
+    (it once put a traced 24 GiB HiFT plan 5.9 GiB over, in the save of a group's state)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lowmem_ft.engine import host_memory
+    from lowmem_ft.looptrace import DeviceBytes
+
+    with FakeTensorMode(), (trace := DeviceBytes()), host_memory.observe(trace.host_buffer):
+        if host_first:
+            host_memory.host_buffer(1 << 20, torch.float32, pin=False)
+        kept = torch.empty(1000, dtype=torch.uint8)
+        if not host_first:
+            host_memory.host_buffer(1 << 20, torch.float32, pin=False)
+        assert trace.live == 1000
+    assert trace.peak == 1000
+    assert max(trace.phase_peaks.values()) == 1000
+    assert trace.host_bytes == 4 << 20
+    del kept

@@ -63,6 +63,7 @@ def build_plan(
     add_biases: bool = False,
     freeze_layers: str | None = None,
     order: str = "bottom-up",
+    switch_every: int = 1,
     cuda_index: int = 0,  # the GPU torch calls cuda:N (`run --device cuda:N`): its memory is planned for
 ) -> PlanResult:
     """Plan MODEL (or an already-read ``config``) for this machine or the one the flags describe."""
@@ -146,6 +147,7 @@ def build_plan(
         add_biases=add_biases,
         freeze_layers=freeze_layers,
         order=order,
+        switch_every=switch_every,
     )
     plan = make_plan(shape, request, budget.gpu_bytes, budget.host_bytes, budget.link_bytes_per_s)
     return PlanResult(name, shape, budget, plan)

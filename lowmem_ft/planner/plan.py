@@ -86,6 +86,7 @@ class PlanRequest:
     add_biases: bool = False  # bitfit, spafit
     freeze_layers: str | None = None  # bitfit, lora
     order: str = "bottom-up"  # hift: which group's state is prefetched next
+    switch_every: int = 1  # hift: steps each group trains before the next one
 
 
 @dataclass
@@ -140,23 +141,35 @@ class Estimate:
     trainable: int = 0
     streamed_per_micro_batch: int = 0  # bytes of streamed weights copied in per micro-batch
     end_step_extra: int = 0  # temporaries of the end of the step (gradients are freed by then)
+    made_by_update: int = 0  # made by the optimizer step and alive to the end of it (HiFT drop)
     selection: int = 0  # SIFT: device bytes while the selection window is scored (0: no selection)
     label: str = ""  # which configuration this is (HiFT: the group), for the peak's description
     # Several micro-batches per step: from the second on, the gradients summed so far are alive
     # through its forward and backward.
     accumulating: bool = False
+    # HiFT, a group that trains the LM head: bytes beside the activations (and any summed gradients)
+    # when the head's weight gradient is made, at the very start of backward (0: no such moment).
+    head_gradient: int = 0
 
     def moments(self) -> dict[str, int]:
         """Device bytes at the moments of a step that can be its peak."""
         summed = self.grads if self.accumulating else 0
-        return {
-            "end of forward": self.persistent + summed + self.activations + self.loss_transient,
-            "start of backward": self.persistent + summed + self.activations + self.logits_grad,
-            "end of backward": self.persistent + self.grads + self.backward_extra,
-            # (fused AdamW, methods/optimizers.py: no scratch copies of the moments)
-            "optimizer step": self.persistent + self.grads,
-            "end of step": self.persistent + self.end_step_extra,
-        } | ({"selection": self.selection} if self.selection else {})
+        return (
+            {
+                "end of forward": self.persistent + summed + self.activations + self.loss_transient,
+                "start of backward": self.persistent + summed + self.activations + self.logits_grad,
+                "end of backward": self.persistent + self.grads + self.backward_extra,
+                # (fused AdamW, methods/optimizers.py: no scratch copies of the moments)
+                "optimizer step": self.persistent + self.grads + self.made_by_update,
+                "end of step": self.persistent + self.end_step_extra + self.made_by_update,
+            }
+            | ({"selection": self.selection} if self.selection else {})
+            | (
+                {"head's gradient": self.persistent + summed + self.activations + self.head_gradient}
+                if self.head_gradient
+                else {}
+            )
+        )
 
     def device_peak(self) -> int:
         return max(self.moments().values())
@@ -270,14 +283,32 @@ def estimate_hift(
     # A 16-bit gradient lives until the post-accumulate hook has added it to its fp32 master's
     # gradient: the group's largest tensor once, beside the fp32 gradients (engine/master_weights.py).
     layer_tensor = max((rows * cols for u in shape.layer_units for _, rows, cols in u.linears), default=0)
-    ends = {0, len(shape.units) - 1}
+
+    def units_of(g: int) -> set[int]:
+        first = list(starts)[g]
+        return set(range(first, min(first + units_per_group, len(shape.units))))
 
     def largest_tensor(g: int) -> int:
-        first = list(starts)[g]
-        units = range(first, min(first + units_per_group, len(shape.units)))
-        return shape.vocab * shape.hidden if ends & set(units) else layer_tensor
+        """The largest weight whose gradient is made late in backward (the head's comes first)."""
+        units = units_of(g)
+        if 0 in units:
+            return shape.vocab * shape.hidden
+        return layer_tensor if units - {len(shape.units) - 1} else 0
 
-    def step_of(g: int) -> Estimate:
+    tokens = request.seq_len * micro_batch
+    head_unit = 0 if shape.tied_embeddings else len(shape.units) - 1
+
+    def head_gradient(g: int) -> int:
+        """The head's weight gradient is made first in backward, while every activation is alive: the
+        logits' 16-bit gradient, the head's 16-bit gradient and, on the first micro-batch, the fp32
+        master gradient the hook adds it into (on later ones it is among the summed gradients)."""
+        if w != 2 or head_unit not in units_of(g):
+            return 0
+        head = shape.vocab * shape.hidden
+        first_micro_batch = 0 if _accumulates(request, micro_batch) else 4 * head
+        return p.compute_bytes * shape.vocab * tokens + 2 * head + first_micro_batch
+
+    def prefetch_of(g: int) -> int:
         # The next group's state arrives during this step: the one above in a bottom-up order (the
         # embedding's after the head's: the cycle wraps), below in a top-down one, any in a random
         # one. fp32 on the device whatever the policy.
@@ -286,25 +317,29 @@ def estimate_hift(
             "bottom-up": [sizes[(g + 1) % n]],
             "top-down": [sizes[(g - 1) % n]],
         }.get(request.order, [sizes[j] for j in range(n) if j != g])
-        prefetch = 0 if state_policy == "drop" or n == 1 else DEVICE_STATE_BYTES * max(following)
+        return 0 if state_policy == "drop" or n == 1 else DEVICE_STATE_BYTES * max(following)
+
+    def step_of(g: int) -> Estimate:
+        prefetch = prefetch_of(g)
         size = sizes[g]
-        # Kept state arrives before the step. Dropped state is made by the group's first update; it
-        # is counted from the start of the step all the same: counted from the update only, a
-        # traced drop plan came out 1.8% under the trace, a cause not yet found.
-        persistent = resident + buffers + own[g] + (masters + DEVICE_STATE_BYTES) * size + prefetch
+        # Kept state arrives before the step. Dropped state is made by the group's update and freed
+        # when the group hands over: it is alive through forward and backward only when the group
+        # trains for several steps in a row.
+        state = DEVICE_STATE_BYTES * size
+        made_by_update = state if state_policy == "drop" and request.switch_every == 1 else 0
+        persistent = resident + buffers + own[g] + masters * size + state - made_by_update + prefetch
         return Estimate(
             [], persistent, group_acts[g], loss, logits_grad, 4 * size,
             extra + (2 * largest_tensor(g) if w == 2 else 0), end_step_extra=rounding,
             trainable=shape.params, label=f"HiFT group {names[g]}",
-            accumulating=_accumulates(request, micro_batch),
+            accumulating=_accumulates(request, micro_batch), head_gradient=head_gradient(g),
+            made_by_update=made_by_update,
         )  # fmt: skip
 
     worst_group = max(range(len(sizes)), key=lambda g: step_of(g).device_peak())
     worst = step_of(worst_group)
     size = sizes[worst_group]
-    prefetch = (
-        worst.persistent - resident - buffers - own[worst_group] - (masters + DEVICE_STATE_BYTES) * size
-    )
+    prefetch = prefetch_of(worst_group)
     parts[0] = Component(
         parts[0].name, worst.activations, note=f"{parts[0].note}; group {names[worst_group]}"
     )

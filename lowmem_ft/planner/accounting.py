@@ -80,9 +80,12 @@ def frozen_layer_activation_bytes(shape: ModelShape, seq_len: int, tokens: int, 
 
 def hift_group_activation_bytes(
     shape: ModelShape, seq_len: int, micro_batch: int, p: Precision, checkpointing: bool, units_per_group: int
-) -> list[int]:
+) -> list[tuple[int, int]]:
     """Activations of each HiFT group when it trains: nothing below the active group is kept, its
-    own layers keep everything, the frozen layers above keep what their input gradient needs."""
+    own layers keep everything, the frozen layers above keep what their input gradient needs.
+    Per group: (bytes kept from the forward into the backward, bytes of the one layer rebuilt at a
+    time in the backward with checkpointing). The rebuilt layer comes after the loss's backward has
+    freed its vocab-sized tensors, so the two never meet (traced)."""
     tokens = seq_len * micro_batch
     trained = layer_activation_bytes(shape, seq_len, tokens, p)
     frozen = frozen_layer_activation_bytes(shape, seq_len, tokens, p)
@@ -94,23 +97,17 @@ def hift_group_activation_bytes(
         layers_in_group = sum(1 for u in units if 1 <= u <= shape.layers)
         lowest_layer = max(first - 1, 0)  # unit u >= 1 is layer u-1
         layers_above = shape.layers - lowest_layer - layers_in_group
+        rebuilt = 0
         if checkpointing:
-            # each layer's input, and the last layer's output, which the final norm keeps (traced)
-            # (and one layer rebuilt in the backward: trained, or frozen on the path; none for the head)
+            # each layer's input, and the last layer's output, which the final norm keeps (traced);
+            # one layer rebuilt in the backward: trained, or frozen on the path; none for the head
             rebuilt = trained if layers_in_group else frozen if layers_above else 0
-            stored = (layers_in_group + layers_above + 1) * kept + rebuilt
+            stored = (layers_in_group + layers_above + 1) * kept
         else:
             stored = layers_in_group * trained + layers_above * frozen
         head_trains = n_units - 1 in units
-        per_group.append(stored + hift_outside_layers_bytes(shape, seq_len, tokens, head_trains))
+        per_group.append((stored + hift_outside_layers_bytes(shape, seq_len, tokens, head_trains), rebuilt))
     return per_group
-
-
-def hift_activation_bytes(
-    shape: ModelShape, seq_len: int, micro_batch: int, p: Precision, checkpointing: bool, units_per_group: int
-) -> int:
-    """Activations of the most expensive HiFT group."""
-    return max(hift_group_activation_bytes(shape, seq_len, micro_batch, p, checkpointing, units_per_group))
 
 
 def sift_activation_bytes(

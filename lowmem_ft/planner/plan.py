@@ -328,8 +328,9 @@ def estimate_hift(
         state = DEVICE_STATE_BYTES * size
         made_by_update = state if state_policy == "drop" and request.switch_every == 1 else 0
         persistent = resident + buffers + own[g] + masters * size + state - made_by_update + prefetch
+        kept, rebuilt = group_acts[g]
         return Estimate(
-            [], persistent, group_acts[g], loss, logits_grad, 4 * size,
+            [], persistent, kept, loss, max(logits_grad, rebuilt), 4 * size,
             extra + (2 * largest_tensor(g) if w == 2 else 0), end_step_extra=rounding,
             trainable=shape.params, label=f"HiFT group {names[g]}",
             accumulating=_accumulates(request, micro_batch), head_gradient=head_gradient(g),
@@ -363,6 +364,11 @@ def estimate_hift(
             f"optimizer states of all groups ({state_policy})", 0, host_states, note="pinned host memory"
         ),
         *parts,
+        Component(
+            "one layer rebuilt in the backward (transient)",
+            group_acts[worst_group][1],
+            note="checkpointing; after the loss's backward",
+        ),
         Component("end of step: stochastic rounding (transient)", rounding, note="one chunk at a time"),
     ]
     state_traffic = 2 * int(HOST_STATE_BYTES[state_policy] * max(sizes))  # in and out, as stored
@@ -445,10 +451,14 @@ def estimate_sift(
     ]
     passes = 2  # forward, and the recompute: streaming runs with activation checkpointing
     n_micro = math.ceil(request.batch_size / micro_batch)
+    # The increment's fp32 gradient exists from the backward to the end of the step (and, while
+    # micro-batches accumulate, through the next ones): its values, indices and moments all along.
+    grads = 4 * entries
+    persistent = base + buffers + increment - grads
     return Estimate(
-        components, base + buffers + increment, acts, max(loss, dense), max(logits_grad, dense), 0,
+        components, persistent, acts, max(loss, dense), max(logits_grad, dense), grads,
         extra + dense, traffic=n_micro * passes * streamed, trainable=entries,
-        streamed_per_micro_batch=passes * streamed,
+        streamed_per_micro_batch=passes * streamed, accumulating=_accumulates(request, micro_batch),
         # scoring: no increment yet; a weight's fp32 score and the working copy its top-k needs
         selection=base + buffers + acts + max(logits_grad, dense) + 8 * max(targets),
     )  # fmt: skip

@@ -23,7 +23,6 @@ the checksum vouches for the bytes on disk.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -36,7 +35,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lowmem_ft.errors import UserError
+from lowmem_ft.errors import DiskError, disk_fault, free_bytes
+from lowmem_ft.hardware import format_bytes
 
 FORMAT = 1
 SHARD_BYTES = 1 << 30
@@ -47,10 +47,9 @@ _PARTIAL = ".partial-"
 _HASH_CHUNK = 16 << 20
 
 
-class CheckpointWriteError(UserError):
-    """Writing a checkpoint failed (disk full, permissions); the previous checkpoints are intact."""
-
-    exit_code = 1
+class CheckpointWriteError(DiskError):
+    """Writing a checkpoint failed (disk full, read-only, permissions); the previous checkpoints are
+    intact. Exit code 3, as every write the disk refused."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -159,6 +158,18 @@ def save_checkpoint(job_dir: Path, step: int, state: dict, keep: int) -> Path:
     partial = root / f"{_PARTIAL}{final.name}"
     if final.is_dir() and verify_checkpoint(final) is None:
         return final  # the same step's state, already safely on disk
+
+    def refused(reason: str) -> CheckpointWriteError:
+        previous = next((p.name for p in list_checkpoints(job_dir) if verify_checkpoint(p) is None), None)
+        return CheckpointWriteError(
+            f"could not write checkpoint {final.name} to {root}: {reason}; "
+            + (f"the previous checkpoint {previous} is intact" if previous else "there is no earlier one")
+            + f"; free space and run `lowmem-ft resume {job_dir}`"
+        )
+
+    needed, free = _state_bytes(state), free_bytes(root)
+    if free is not None and needed > free:  # refused before a byte is written
+        raise refused(f"it needs {format_bytes(needed)} and {format_bytes(free)} is free")
     try:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
@@ -171,21 +182,28 @@ def save_checkpoint(job_dir: Path, step: int, state: dict, keep: int) -> Path:
             shutil.rmtree(final)
         os.rename(partial, final)
         _fsync_dir(root)
-    except OSError as exc:
+    except Exception as exc:
         shutil.rmtree(partial, ignore_errors=True)
-        reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else str(exc)
-        previous = next((p.name for p in list_checkpoints(job_dir) if verify_checkpoint(p) is None), None)
-        raise CheckpointWriteError(
-            f"could not write checkpoint {final.name} to {root}: {reason}; "
-            + (
-                f"the previous checkpoint {previous} is intact"
-                if previous
-                else "there is no earlier checkpoint"
-            )
-            + f"; free space and run `lowmem-ft resume {job_dir}`"
-        ) from exc
+        # safetensors reports a full disk as its own SafetensorError, not as OSError
+        reason = disk_fault(exc) or (exc.strerror if isinstance(exc, OSError) else None)
+        if reason is None:
+            raise
+        if disk_fault(exc) == "the disk is full":
+            reason += f" (the checkpoint needs about {format_bytes(needed)})"
+        raise refused(reason) from exc
     _apply_retention(job_dir, keep, newest=final)
     return final
+
+
+def _state_bytes(state) -> int:
+    """Bytes the tensors of ``state`` take on disk (the JSON beside them is small)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(_state_bytes(v) for v in state)
+    return 0
 
 
 def _write_contents(directory: Path, state: dict) -> dict[str, dict]:

@@ -7,6 +7,7 @@ check names the flag it is about, so an error tells the user what to change.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,19 @@ class RunConfig:
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise UserError(message)
+
+        # inf and nan pass every range check below (nan compares false to everything, inf is > 0),
+        # and train a model into NaN that the job then marks done.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                need(False, f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+        # Sizes are read only on the device they apply to: check them wherever they are given.
+        from lowmem_ft.hardware import parse_size
+
+        for flag, size in (("--gpu-mem", self.gpu_mem), ("--cpu-mem", self.cpu_mem)):
+            if size is not None:
+                parse_size(size, flag)
 
         need(
             self.method in METHODS,
@@ -191,9 +205,10 @@ class RunConfig:
                 f"--device {self.device} is not visible: CUDA shows {count} device(s), {shown} "
                 "(CUDA_VISIBLE_DEVICES decides which)",
             )
+        need(not self.data.is_dir(), f"{self.data}: is a directory; expected a JSONL file")
         need(
             self.data.is_file() or not self.data.exists(),
-            f"{self.data}: is a directory; expected a JSONL file",
+            f"{self.data}: is not a regular file (a pipe or a device); save the data to a .jsonl file",
         )
         if self.eval_data is not None:
             need(self.eval_data.exists(), f"{self.eval_data}: no such file (given as --eval-data)")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from lowmem_ft.errors import UserError
+from lowmem_ft.errors import DiskError, UserError, disk_fault, free_bytes
+from lowmem_ft.hardware import format_bytes
 from lowmem_ft.models.loading import quiet_transformers
 
 
@@ -74,27 +80,75 @@ def _check_base(spec: str | None, expected: str | None, what: str):
     return resolved
 
 
-def _prepare_out(out: Path, save_dtype: str) -> Path:
-    """Check the options of a merge; returns the ``.partial`` directory to write into."""
+# Written into each merge's own temporary directory: only directories holding it are ever removed.
+_PARTIAL_MARK = ".lowmem-ft-partial"
+
+
+def _check_out(out: Path, save_dtype: str) -> None:
     from lowmem_ft.config import DTYPES
 
     if save_dtype != "auto" and save_dtype not in DTYPES:
         raise UserError(f"--save-dtype must be auto, fp32, bf16 or fp16, got {save_dtype!r}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty; choose a new directory or remove it")
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        import shutil
-
-        shutil.rmtree(partial)
-    return partial
 
 
-def _finish(partial: Path, out: Path) -> Path:
-    if out.exists():
-        out.rmdir()  # checked empty before
-    partial.rename(out)  # a half-merged directory never carries the final name
-    return out
+@contextlib.contextmanager
+def _writing_merged(out: Path, needed: int) -> Iterator[Path]:
+    """A temporary directory of this merge's own (a unique name beside ``out``, marked as ours) to
+    write into; renamed to ``out`` when the merge is complete, removed if it is not. A directory the
+    user has, even one named like ``out.partial``, is never touched."""
+    free = free_bytes(out.parent)
+    if free is not None and needed > free:
+        raise DiskError(
+            f"could not write the merged model to {out}: it needs about {format_bytes(needed)} and "
+            f"{format_bytes(free)} is free; nothing was written; free space or choose another --out"
+        )
+    _remove_abandoned_merges(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        (partial / _PARTIAL_MARK).write_text(str(os.getpid()))
+    except OSError as exc:
+        raise DiskError(f"could not write the merged model to {out}: {disk_fault(exc) or exc}") from None
+    try:
+        yield partial
+        (partial / _PARTIAL_MARK).unlink()
+        if out.exists():
+            out.rmdir()  # checked empty before
+        partial.rename(out)  # a half-merged directory never carries the final name
+    except BaseException as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        reason = disk_fault(exc)
+        if reason is None:
+            raise
+        raise DiskError(
+            f"could not write the merged model to {out}: {reason} (it needs about {format_bytes(needed)}); "
+            "nothing was written and the job's result is intact; free space and run the same command again"
+        ) from None
+
+
+def _remove_abandoned_merges(out: Path) -> None:
+    """Temporary directories that merges into ``out`` left when killed: ours (marked) and dead."""
+    import psutil
+
+    for path in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int((path / _PARTIAL_MARK).read_text())
+        except (OSError, ValueError):
+            continue  # not marked as ours: not ours to delete
+        if not psutil.pid_exists(pid) or pid == os.getpid():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _merged_bytes(resolved, save_dtype: torch.dtype | None) -> int:
+    """The merged model's size on disk: the base's weights, in the precision they are saved in."""
+    from lowmem_ft.train import model_dtype_on_disk
+
+    on_disk = sum(f.stat().st_size for f in resolved.weights_dir.glob("*.safetensors"))
+    if save_dtype is None:
+        return on_disk
+    return on_disk * save_dtype.itemsize // model_dtype_on_disk(resolved).itemsize
 
 
 def merge_result(
@@ -112,12 +166,13 @@ def merge_delta(path: Path, out: Path, base: str | None, save_dtype: str) -> tup
     from lowmem_ft.delta import merge_into_files, read_delta
 
     delta = read_delta(path)
-    partial = _prepare_out(out, save_dtype)
+    _check_out(out, save_dtype)
     resolved = _check_base(
         base or delta.meta.get("base_model"), delta.meta.get("base_weights_sha256"), "delta"
     )
-    merge_into_files(delta, resolved.weights_dir, partial, DTYPES.get(save_dtype))
-    return _finish(partial, out), delta.meta
+    with _writing_merged(out, _merged_bytes(resolved, DTYPES.get(save_dtype))) as partial:
+        merge_into_files(delta, resolved.weights_dir, partial, DTYPES.get(save_dtype))
+    return out, delta.meta
 
 
 def merge_adapter(path: Path, out: Path, base: str | None, save_dtype: str) -> tuple[Path, dict]:
@@ -134,12 +189,13 @@ def merge_adapter(path: Path, out: Path, base: str | None, save_dtype: str) -> t
     from lowmem_ft.train import model_dtype_on_disk
 
     meta = json.loads((path / ADAPTER_META).read_text())
-    partial = _prepare_out(out, save_dtype)
+    _check_out(out, save_dtype)
     resolved = _check_base(base or meta.get("base_model"), meta.get("base_weights_sha256"), "adapter")
     dtype = DTYPES.get(save_dtype) or model_dtype_on_disk(resolved)
     model = load_model(resolved, dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         merged = PeftModel.from_pretrained(model, path).merge_and_unload()
-    save_hf_model(merged, load_tokenizer(resolved), partial, dtype)
-    return _finish(partial, out), meta
+    with _writing_merged(out, _merged_bytes(resolved, DTYPES.get(save_dtype))) as partial:
+        save_hf_model(merged, load_tokenizer(resolved), partial, dtype)
+    return out, meta

@@ -15,6 +15,7 @@ no live process holds), ``failed`` (with ``error``), ``done``.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -23,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowmem_ft.errors import UserError
+from lowmem_ft.errors import UserError, disk_fault, read_json_object
 
 STATUSES = ("running", "interrupted", "failed", "done")
 
@@ -31,12 +32,16 @@ STATUSES = ("running", "interrupted", "failed", "done")
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write to a temporary file, fsync, then rename: a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # the file it replaces is whole; the half-written one goes
+        raise
 
 
 def software_versions() -> dict[str, str]:
@@ -67,9 +72,13 @@ class JobLock:
     def __init__(self, directory: Path):
         self.path = directory / "lock"
         self._fd: int | None = None
+        self.created_directory = False  # a new job's: whether claiming it made the directory
         self.stale_holder: dict | None = None  # the killed process whose lock was taken over
 
-    def acquire(self) -> None:
+    def acquire(self, new_job: bool = False) -> None:
+        """Take the lock, or say who holds it. ``new_job``: the directory must also hold nothing but
+        the lock once it is ours (checked under the lock, so two runs given the same ``--out`` cannot
+        both find it free)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -77,10 +86,27 @@ class JobLock:
             os.close(fd)
             holder = read_lock(self.path.parent) or {}
             pid = holder.get("pid", "?")
+            if new_job:
+                raise UserError(
+                    f"--out {self.path.parent} is taken by another run (process {pid}); choose a new --out"
+                ) from None
             raise UserError(
                 f"{self.path.parent} is being run by process {pid}; wait for it to finish, or stop it "
                 f"(kill {pid}) and run `lowmem-ft resume {self.path.parent}`"
             ) from None
+        if new_job:
+            try:
+                check_new_job_directory(self.path.parent)  # another run may have made it a job meanwhile
+                # A run that gave the directory up removed the lock file we locked: lock the new one.
+                if os.fstat(fd).st_ino != os.stat(self.path).st_ino:
+                    raise FileNotFoundError
+            except FileNotFoundError:
+                os.close(fd)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                return self.acquire(new_job=True)
+            except UserError:
+                os.close(fd)
+                raise
         self.stale_holder = read_lock(self.path.parent)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "started": _process_start(os.getpid())}).encode(), 0)
@@ -92,6 +118,51 @@ class JobLock:
             os.ftruncate(self._fd, 0)  # an empty lock file: nobody holds it, nobody was killed
             os.close(self._fd)  # closing releases the flock
             self._fd = None
+
+
+# What a new job writes before it starts training: all it may remove if it never starts.
+_NEW_JOB_FILES = ("job.json", "job.json.tmp", "plan.json", "plan.json.tmp", "lock")
+
+
+def check_new_job_directory(out: Path) -> None:
+    """``out`` can hold a new job: it does not exist, or holds nothing (a ``lock`` alone is what a
+    run killed while creating its job leaves; nobody holds it, or taking it would have failed)."""
+    if not out.exists():
+        return
+    if (out / "job.json").exists():
+        raise UserError(
+            f"--out {out} holds a job; continue it with `lowmem-ft resume {out}`, or choose a new --out"
+        )
+    if not out.is_dir() or any(p.name != "lock" for p in out.iterdir()):
+        raise UserError(f"--out {out} already exists and is not empty; choose a new directory or remove it")
+
+
+def claim_new_job(directory: Path) -> JobLock:
+    """Make ``directory`` this process's new job before anything slow happens (loading, tokenising),
+    so that of two runs given the same ``--out`` exactly one goes on; the other is told who holds it.
+    Undo with ``abandon_new_job`` if the job is never started."""
+    check_new_job_directory(directory)
+    created = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --out {directory}: {exc.strerror or exc}") from None
+    lock = JobLock(directory)
+    lock.created_directory = created
+    lock.acquire(new_job=True)  # refused: the directory is another run's now, left as it is
+    return lock
+
+
+def abandon_new_job(lock: JobLock) -> None:
+    """A new job that never started (bad input, Ctrl-C, a full disk during setup): remove what it
+    wrote, and the directory if it made it; nothing else is touched."""
+    lock.release()
+    directory = lock.path.parent
+    for name in _NEW_JOB_FILES:
+        (directory / name).unlink(missing_ok=True)
+    if lock.created_directory:
+        with contextlib.suppress(OSError):
+            directory.rmdir()  # only if empty: anything else in it is not ours to delete
 
 
 def read_lock(directory: Path) -> dict | None:
@@ -132,17 +203,20 @@ class Job:
     @classmethod
     def open(cls, directory: Path) -> Job:
         """An existing job directory, to resume."""
-        try:
-            record = json.loads((directory / "job.json").read_text())
-        except FileNotFoundError:
+        if not (directory / "job.json").is_file():
             what = "no such directory" if not directory.exists() else "no job.json, so not a job directory"
-            raise UserError(f"{directory}: {what}; `lowmem-ft jobs` lists the jobs under runs/") from None
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{directory}/job.json cannot be read ({exc})") from None
+            raise UserError(f"{directory}: {what}; `lowmem-ft jobs` lists the jobs under runs/")
+        record = read_json_object(directory / "job.json", "job record")
+        if not isinstance(record.get("config"), dict):
+            raise UserError(
+                f"{directory / 'job.json'}: has no job configuration, so it was not written by lowmem-ft "
+                "or has been damaged; start a new job with `lowmem-ft run`"
+            )
         return cls(directory, record)
 
     @classmethod
-    def create(cls, directory: Path, config: dict, **fields) -> Job:
+    def create(cls, directory: Path, config: dict, lock: JobLock | None = None, **fields) -> Job:
+        """A new job in ``directory``, under ``lock`` if it was claimed already (claim_new_job)."""
         directory.mkdir(parents=True, exist_ok=True)
         now = time.time()
         record = {
@@ -156,7 +230,10 @@ class Job:
             **fields,
         }
         job = cls(directory, record)
-        job.lock.acquire()
+        if lock is None:
+            job.lock.acquire()
+        else:
+            job.lock = lock
         job.save()
         return job
 
@@ -171,20 +248,50 @@ class Job:
     def save(self) -> None:
         write_json_atomic(self.dir / "job.json", self.record)
 
+    def update_if_possible(self, **fields) -> None:
+        """Record how the job ended, unless the disk refuses (full, read-only): the error that ended
+        it is what the user must see, and the job.json already there stays whole."""
+        try:
+            self.update(**fields)
+        except OSError as exc:
+            if disk_fault(exc) is None:
+                raise
+
     def log(self, **metrics) -> None:
         """Append one line to metrics.jsonl and flush it, so a killed run keeps what it logged."""
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        start = self.metrics_bytes()
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        except OSError:  # a full disk: no torn line is left for a resume to trip on
+            with contextlib.suppress(OSError):
+                os.truncate(self.metrics_path, start)
+            raise
 
     def metrics_bytes(self) -> int:
         """Size of metrics.jsonl: a checkpoint records it, and a resume cuts the file back to it."""
         return self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
 
-    def truncate_metrics(self, size: int) -> None:
-        """Forget the lines logged after a checkpoint; the resumed run logs those steps again."""
-        if self.metrics_path.exists():
-            with open(self.metrics_path, "r+b") as f:
+    def truncate_metrics(self, size: int) -> str | None:
+        """Forget the lines logged after a checkpoint (the resumed run logs those steps again): cut
+        the file back to ``size``, never extend it. A file shorter than that has lost lines (or was
+        edited): it is kept, cut back to its last whole line, and the warning is returned."""
+        if not self.metrics_path.exists():
+            if size == 0:
+                return None
+            return f"{self.metrics_path} is missing; the steps before the checkpoint are not in it"
+        with open(self.metrics_path, "r+b") as f:
+            found = f.seek(0, os.SEEK_END)
+            if found >= size:
                 f.truncate(size)
+                return None
+            f.seek(0)
+            whole = f.read().rfind(b"\n") + 1  # a torn last line would run into the next one
+            f.truncate(whole)
+        return (
+            f"{self.metrics_path} holds {found:,} bytes, fewer than the {size:,} its checkpoint recorded: "
+            "lines logged before the checkpoint are missing; new steps are appended after what is there"
+        )
 
 
 @dataclass
@@ -211,7 +318,9 @@ def read_job(directory: Path) -> JobInfo | None:
         record = json.loads((directory / "job.json").read_text())
     except (OSError, ValueError):
         return None
-    config = record.get("config", {})
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        return None  # not a job record (`resume` says so)
+    config = record["config"]
     status = record.get("status", "unknown")
     # A "running" job whose process is gone was killed without a chance to say so.
     if status == "running" and not lock_is_held(directory):

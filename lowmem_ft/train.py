@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -39,9 +40,9 @@ from lowmem_ft.data import (
     split_eval,
     tokenize_records,
 )
-from lowmem_ft.errors import UserError
+from lowmem_ft.errors import DiskError, UserError, disk_fault, free_bytes
 from lowmem_ft.hardware import PeakMemory, format_bytes
-from lowmem_ft.jobs import Job, write_json_atomic
+from lowmem_ft.jobs import Job, abandon_new_job, claim_new_job, write_json_atomic
 from lowmem_ft.methods import Method, build_method
 from lowmem_ft.models import ResolvedModel, load_model, load_tokenizer, resolve_model
 from lowmem_ft.phases import ADVICE, OutOfMemoryIn, phase
@@ -156,6 +157,7 @@ def plan_run(config: RunConfig, resolved: ResolvedModel, device: torch.device | 
             freeze_layers=config.freeze_layers,
             cuda_index=device.index or 0,
             order=config.order,
+            switch_every=config.switch_every,
         )
     except UnsupportedModel as exc:
         print(f"plan       none: {exc}; micro-batch and checkpointing default to 4 and off")
@@ -371,38 +373,41 @@ def print_header(s: Setup, job: Job) -> None:
 # -- the recipe -----------------------------------------------------------------------------------
 def run(config: RunConfig, show_progress: bool = True) -> Job:
     """A new job: plan, load, train, checkpoint, export."""
-    check_out_dir(config.out)
     requested = portable(config.to_json())  # before the planner fills in what the user left open
-    s = setup(config)  # raises UserError on bad input, before anything is written
-    out_dir = config.out or default_out_dir(config, s.resolved.name)
-    job = Job.create(
-        out_dir,
-        config.to_json(),
-        requested=requested,
-        compute_dtype=dtype_name(s.compute_dtype),
-        device=s.device.type,
-        max_steps=s.max_steps,
-        model_source=s.resolved.source,
-        hub_id=s.resolved.hub_id,
-        data=s.data.summary(),
-        data_sha256=file_sha256(config.data),
-        trainable_parameters=s.method.trainable_count(),
-    )
-    if s.plan is not None:
-        write_json_atomic(job.dir / "plan.json", s.plan.to_json())
+    # --out is claimed first: of two runs given the same one, exactly one goes on.
+    lock = claim_new_job(config.out) if config.out else None
+    try:
+        s = setup(config)  # raises UserError on bad input, before anything is written
+        out_dir = config.out or default_out_dir(config, s.resolved.name)
+        lock = lock or claim_new_job(out_dir)
+        job = Job.create(
+            out_dir,
+            config.to_json(),
+            lock=lock,
+            requested=requested,
+            compute_dtype=dtype_name(s.compute_dtype),
+            device=s.device.type,
+            max_steps=s.max_steps,
+            model_source=s.resolved.source,
+            hub_id=s.resolved.hub_id,
+            data=s.data.summary(),
+            data_sha256=file_sha256(config.data),
+            trainable_parameters=s.method.trainable_count(),
+        )
+        if s.plan is not None:
+            write_json_atomic(job.dir / "plan.json", s.plan.to_json())
+    except BaseException as exc:
+        if lock is not None:
+            abandon_new_job(lock)  # a job that never started leaves nothing behind
+        if (reason := disk_fault(exc)) is not None:
+            where = config.out or "runs/"
+            raise DiskError(
+                f"could not create the job in {where}: {reason}; nothing was left behind; free space "
+                "or choose another --out"
+            ) from None
+        raise
     print_header(s, job)
     return execute(s, job, None, show_progress)
-
-
-def check_out_dir(out: Path | None) -> None:
-    if out is None or not out.exists():
-        return
-    if (out / "job.json").exists():
-        raise UserError(
-            f"--out {out} holds a job; continue it with `lowmem-ft resume {out}`, or choose a new --out"
-        )
-    if not out.is_dir() or any(out.iterdir()):
-        raise UserError(f"--out {out} already exists and is not empty; choose a new directory or remove it")
 
 
 def portable(config_json: dict) -> dict:
@@ -435,18 +440,27 @@ def execute(s: Setup, job: Job, restored: Restored | None, show_progress: bool) 
     except RunInterrupted:
         raise
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, the last checkpoint stays valid
-        job.update(status="interrupted")
+        job.update_if_possible(status="interrupted")
         raise RunInterrupted(job) from None
     except UserError as exc:  # diverged, disk full, out of memory at micro-batch 1: one line
-        job.update(status="failed", error=str(exc))
+        job.update_if_possible(status="failed", error=str(exc))
         raise
     except OutOfMemoryIn as exc:  # the last checkpoint is intact: say where, and what would fit
         message = out_of_memory_message(s, job, exc)
-        job.update(status="failed", error=message, out_of_memory_in=exc.phase)
+        job.update_if_possible(status="failed", error=message, out_of_memory_in=exc.phase)
         raise UserError(message) from None
     except Exception as exc:
-        (job.dir / "error.log").write_text(traceback.format_exc())
-        job.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        reason = disk_fault(exc)
+        if reason is not None:  # a write this recipe does not wrap itself
+            message = (
+                f"could not write to {job.dir}: {reason}; its last checkpoint is intact; free space "
+                f"and run `lowmem-ft resume {job.dir}`"
+            )
+            job.update_if_possible(status="failed", error=message)
+            raise DiskError(message) from None
+        with contextlib.suppress(OSError):
+            (job.dir / "error.log").write_text(traceback.format_exc())
+        job.update_if_possible(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
         job.lock.release()
@@ -495,10 +509,20 @@ class Checkpoints:
         if self.saved_step == progress.step:
             return None
         with phase("checkpoint"):
-            path = save_checkpoint(
-                self.job.dir, progress.step, capture(self.s, progress, self.scaler, self.job),
-                self.s.config.keep_checkpoints,
-            )  # fmt: skip
+            state = capture(self.s, progress, self.scaler, self.job)
+            # Only finite weights and state make a good checkpoint: one holding NaN/Inf would be
+            # named as the place to go back to, and retention would delete the good ones.
+            bad = first_non_finite({"weights": state["weights"], "method": state["method"]})
+            if bad is not None:
+                last = self.job.record.get("last_checkpoint")
+                raise UserError(
+                    f"after step {progress.step} {bad} holds NaN/Inf values, so no checkpoint was written; "
+                    "stopped. "
+                    + (f"The last good checkpoint is {last['dir']}. " if last else "")
+                    + "Try a lower --lr or --grad-clip, or check the data"
+                )
+            path = save_checkpoint(self.job.dir, progress.step, state, self.s.config.keep_checkpoints)
+            del state
         self.job.update(
             last_checkpoint={
                 "step": progress.step,
@@ -508,6 +532,25 @@ class Checkpoints:
         )
         self.last_time, self.saved_step = time.monotonic(), progress.step
         return path
+
+
+def first_non_finite(tree, name: str = "") -> str | None:
+    """The name of the first floating-point tensor in ``tree`` with a NaN or Inf, else None. Checked
+    16M elements at a time: the check's own mask is then 16 MB, not the size of a 525M-entry head."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() and tree.numel():
+            for chunk in tree.detach().reshape(-1).split(1 << 24):
+                if not bool(torch.isfinite(chunk).all()):
+                    return name or "a tensor"
+        return None
+    if isinstance(tree, dict):
+        items = tree.items()
+    else:
+        items = enumerate(tree) if isinstance(tree, list | tuple) else ()
+    for key, value in items:
+        if (found := first_non_finite(value, f"{name}.{key}" if name else str(key))) is not None:
+            return found
+    return None
 
 
 def capture(s: Setup, progress: Progress, scaler: torch.amp.GradScaler, job: Job) -> dict:
@@ -542,7 +585,9 @@ def restore(s: Setup, scaler: torch.amp.GradScaler, job: Job, state: dict) -> Pr
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    job.truncate_metrics(state["metrics_bytes"])  # the steps after the checkpoint are logged again
+    # the steps after the checkpoint are logged again
+    if warning := job.truncate_metrics(state["metrics_bytes"]):
+        print(f"warning    {warning}")
     return Progress(**state["progress"])
 
 
@@ -645,7 +690,7 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
     if final_eval is not None:
         job.log(step=s.max_steps, eval_loss=final_eval)
     save_dtype = DTYPES.get(config.save_dtype) or model_dtype_on_disk(s.resolved)
-    out = method.export(model, s.tokenizer, job.dir, save_dtype, s.resolved)
+    out = export_result(s, job, save_dtype)
     job.update(
         status="done", eval_loss=final_eval, last_loss=progress.last_loss, output=str(out),
         peak_mem_bytes=memory.sample(), skipped_steps=progress.skipped_steps,
@@ -663,6 +708,35 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
         print(f"           a full model: lowmem-ft export {job.dir} --merge --out DIR")
     else:
         print(f"saved      {out}")
+
+
+def export_result(s: Setup, job: Job, save_dtype: torch.dtype) -> Path:
+    """The method's result in the job directory. On a disk that cannot take it: refused before
+    writing when it clearly will not fit, else what was written is removed; either way one line
+    saying what is intact and how to finish (`resume` exports again)."""
+    needed = s.model_params * save_dtype.itemsize if s.method.exports_full_model else 0
+    free = free_bytes(job.dir)
+    before = set(job.dir.iterdir())
+
+    def refused(reason: str) -> DiskError:
+        last = job.record.get("last_checkpoint")
+        intact = f"checkpoint {Path(last['dir']).name} is intact" if last else "no checkpoint was written"
+        return DiskError(
+            f"could not write the result to {job.dir}: {reason}; training is finished and its "
+            f"{intact}; free space and run `lowmem-ft resume {job.dir}` to write it"
+        )
+
+    if free is not None and needed > free:
+        raise refused(f"it needs {format_bytes(needed)} and {format_bytes(free)} is free")
+    try:
+        return s.method.export(s.model, s.tokenizer, job.dir, save_dtype, s.resolved)
+    except Exception as exc:
+        reason = disk_fault(exc)
+        if reason is None:
+            raise
+        for path in set(job.dir.iterdir()) - before:  # the half-written result, only ours
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        raise refused(reason) from None
 
 
 @dataclass

@@ -138,7 +138,32 @@ def test_a_failed_write_leaves_no_partial_directory_and_names_the_previous_check
 
     monkeypatch.setattr(ckpt, "_write_file", full_disk)
     with pytest.raises(
-        ckpt.CheckpointWriteError, match="the disk is full; the previous checkpoint step-000001"
+        ckpt.CheckpointWriteError, match=r"the disk is full \(.*\); the previous checkpoint step-000001"
     ):
         ckpt.save_checkpoint(tmp_path, 2, {"w": torch.ones(3)}, keep=2)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
+
+
+def test_a_full_disk_reported_by_safetensors_is_the_same_clean_failure(tmp_path, monkeypatch):
+    """safetensors raises its own SafetensorError (not OSError) when the disk fills up."""
+    from safetensors import SafetensorError
+
+    ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(3)}, keep=2)
+
+    def full_disk(path, tensors):
+        (path.parent / "half-written").write_bytes(b"x")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "_write_tensors", full_disk)
+    with pytest.raises(ckpt.CheckpointWriteError, match="the disk is full") as caught:
+        ckpt.save_checkpoint(tmp_path, 2, {"w": torch.ones(3)}, keep=2)
+    assert caught.value.exit_code == 3
+    assert "the previous checkpoint step-000001 is intact" in str(caught.value)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
+
+
+def test_a_checkpoint_the_disk_clearly_cannot_hold_is_refused_before_writing(tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt, "free_bytes", lambda path: 1000)
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"needs 3\.9 KiB and 1000 B is free"):
+        ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(1000)}, keep=2)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())

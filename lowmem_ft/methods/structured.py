@@ -168,6 +168,16 @@ class BitFit(StructuredMethod):
     options = "--add-biases, --freeze-layers"
 
 
+def _sort_lists(config_file) -> None:
+    """peft keeps target_modules (and a few others) as a set, which it writes in an order that
+    changes from process to process: sorted, the same training gives the same file."""
+    config = json.loads(config_file.read_text())
+    for key, value in config.items():
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            config[key] = sorted(value)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 class LoRA(StructuredMethod):
     name = "lora"
     summary = "low-rank adapters on the target linear layers (peft); QLoRA with --base-quant nf4"
@@ -183,6 +193,7 @@ class LoRA(StructuredMethod):
         # adapter_config.json + adapter_model.safetensors (fp32); the embeddings did not train, and
         # peft would otherwise look the base up on the hub to find out.
         self.peft_model.save_pretrained(out, save_embedding_layers=False)
+        _sort_lists(out / "adapter_config.json")
         meta = {
             "method": self.name,
             "base_model": base.spec,

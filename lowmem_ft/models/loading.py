@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lowmem_ft.errors import UserError
+from lowmem_ft.errors import UserError, read_json_object
 from lowmem_ft.models.registry import ALIASES, TINY_DIR, ModelAlias, alias_config_path
 
 if TYPE_CHECKING:
@@ -226,11 +225,13 @@ def _load_config(location: Path, label: str, trust_remote_code: bool) -> Pretrai
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     config_file = location / "config.json" if location.is_dir() else location
-    try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{label}: cannot read {config_file}: {exc}") from None
+    raw = read_json_object(config_file, "model config")
     model_type = raw.get("model_type")
+    if not model_type:
+        raise UserError(
+            f"{config_file}: no model_type, so not a Hugging Face model config; a model directory's "
+            'config.json names its architecture there (e.g. "model_type": "llama")'
+        )
     has_remote_code = "AutoModelForCausalLM" in raw.get("auto_map", {})
 
     # Checked before transformers sees the config: with custom code and no explicit choice it

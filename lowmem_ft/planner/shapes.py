@@ -8,11 +8,10 @@ LM head), how many parameters there are and which of them are linear weights. Fo
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowmem_ft.errors import UserError
+from lowmem_ft.errors import UserError, read_json_object
 
 # Llama-style decoders: RMSNorm, rotary attention with optional grouped KV heads, SwiGLU MLP.
 LLAMA_FAMILY = {"llama", "mistral", "qwen2", "qwen3"}
@@ -147,4 +146,10 @@ def read_config(spec: str) -> tuple[dict, str]:
 
         resolved = resolve_model(spec, require_weights=False)
         return resolved.config.to_dict(), resolved.name
-    return json.loads(config_file.read_text()), name
+    raw = read_json_object(config_file, "model config")
+    if not raw.get("model_type"):
+        raise UserError(
+            f"{config_file}: no model_type, so not a Hugging Face model config; a model directory's "
+            'config.json names its architecture there (e.g. "model_type": "llama")'
+        )
+    return raw, name

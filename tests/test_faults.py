@@ -1,0 +1,367 @@
+"""What a hostile user, a full disk and a race between two runs must not be able to do: lose data,
+leave something that blocks the next `run` or `resume`, or end in a traceback. Each test here failed
+before its fix (issue 15); docs/resume.md lists the faults and what the user sees."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import SafetensorError
+
+from lowmem_ft.cli import main
+from lowmem_ft.errors import UserError
+from lowmem_ft.jobs import Job, abandon_new_job, claim_new_job
+
+FAST = ["--max-steps", "3", "--batch-size", "4", "--micro-batch-size", "2", "--seq-len", "64", "-q"]
+FULL = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture()
+def data(tmp_path) -> Path:
+    path = tmp_path / "data.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"Count to {i}.", "completion": f" {i} done."}) + "\n" for i in range(24)
+        )
+    )
+    return path
+
+
+# -- 1. two runs, one --out ------------------------------------------------------------------------
+def test_a_run_whose_out_another_run_has_claimed_is_refused_and_names_that_process(tmp_path, capsys, data):
+    """The claim is taken before setup (minutes of loading and tokenising): a second run given the
+    same --out in that time is refused; before, both could finish and share one job directory."""
+    out = tmp_path / "job"
+    other = claim_new_job(out)  # another run, still in its setup
+    code, _, err = cli(capsys, "run", "tiny", data, "--out", out, *FAST)
+    assert code == 2
+    assert f"--out {out} is taken by another run (process {os.getpid()})" in one_line(err)
+    assert sorted(p.name for p in out.iterdir()) == ["lock"]  # nothing of the refused run
+    abandon_new_job(other)
+    assert not out.exists()  # the claim made the directory, and takes it away unused
+
+
+def test_a_run_that_finds_the_out_made_a_job_while_it_waited_for_the_lock_is_refused(tmp_path, monkeypatch):
+    """The race itself: the directory is free when looked at, another run makes it a job before
+    this one has the lock; the check under the lock refuses, and the other job is left whole."""
+    import lowmem_ft.jobs as jobs
+
+    out, real_check = tmp_path / "job", jobs.check_new_job_directory
+
+    def other_run_finishes_meanwhile(directory):
+        real_check(directory)
+        if not (directory / "job.json").exists():
+            directory.mkdir(exist_ok=True)
+            (directory / "job.json").write_text('{"config": {}}')
+
+    monkeypatch.setattr(jobs, "check_new_job_directory", other_run_finishes_meanwhile)
+    with pytest.raises(UserError, match="holds a job; continue it with `lowmem-ft resume"):
+        claim_new_job(out)
+    assert (out / "job.json").read_text() == '{"config": {}}'
+
+
+def test_an_out_left_holding_only_a_lock_by_a_killed_run_is_free_again(tmp_path, capsys, data):
+    out = tmp_path / "job"
+    out.mkdir()
+    (out / "lock").write_text(json.dumps({"pid": 999999999, "started": 0}))
+    code, _, err = cli(capsys, "run", "tiny", data, "--out", out, *FAST)
+    assert code == 0, err
+    assert Job.open(out).record["status"] == "done"
+
+
+def test_a_full_disk_when_the_job_is_created_leaves_nothing_behind(tmp_path, capsys, data, monkeypatch):
+    import lowmem_ft.jobs as jobs
+
+    def full(path, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(jobs, "write_json_atomic", full)
+    out = tmp_path / "job"
+    code, _, err = cli(capsys, "run", "tiny", data, "--out", out, *FAST)
+    assert code == 3
+    assert f"could not create the job in {out}: the disk is full; nothing was left behind" in one_line(err)
+    assert not out.exists()
+
+
+# -- 2. a merge never deletes what it did not make ---------------------------------------------------
+@pytest.fixture()
+def sparse_job(tmp_path, capsys, data) -> Path:
+    job = tmp_path / "sparse"
+    code, _, err = cli(
+        capsys, "run", "tiny", data, "--out", job, "--method", "sift", "--sparsity", "0.05", *FAST
+    )
+    assert code == 0, err
+    return job
+
+
+def test_export_merge_leaves_a_users_directory_named_like_its_temporary_one_alone(
+    tmp_path, capsys, sparse_job
+):
+    mine = tmp_path / "merged.partial"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    code, _, err = cli(capsys, "export", sparse_job, "--merge", "--out", tmp_path / "merged")
+    assert code == 0, err
+    assert (mine / "notes.txt").read_text() == "the user's"
+    assert (tmp_path / "merged" / "config.json").is_file()
+    assert not (tmp_path / "merged" / ".lowmem-ft-partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if "merged" in p.name) == ["merged", "merged.partial"]
+
+
+def test_export_merge_onto_a_full_disk_is_one_line_exit_3_and_leaves_nothing(
+    tmp_path, capsys, sparse_job, monkeypatch
+):
+    import lowmem_ft.delta as delta
+
+    def full(*args, **kwargs):
+        raise FULL
+
+    monkeypatch.setattr(delta, "save_file", full)
+    code, _, err = cli(capsys, "export", sparse_job, "--merge", "--out", tmp_path / "merged")
+    assert code == 3
+    assert "could not write the merged model to" in one_line(err) and "the disk is full" in err
+    assert not [p for p in tmp_path.iterdir() if "merged" in p.name]
+
+
+def test_export_merge_refuses_early_when_the_disk_clearly_cannot_hold_the_model(
+    tmp_path, capsys, sparse_job, monkeypatch
+):
+    import lowmem_ft.export as export
+
+    monkeypatch.setattr(export, "free_bytes", lambda path: 1000)
+    code, _, err = cli(capsys, "export", sparse_job, "--merge", "--out", tmp_path / "merged")
+    assert code == 3 and "and 1000 B is free; nothing was written" in one_line(err)
+    assert not [p for p in tmp_path.iterdir() if "merged" in p.name]
+
+
+# -- 3 and 8. values ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lr", "inf"], "--lr must be a finite number, got inf"),
+        (["--lr", "nan"], "--lr must be a finite number, got nan"),
+        (["--weight-decay", "inf"], "--weight-decay must be a finite number"),
+        (["--method", "lora", "--lora-alpha", "inf"], "--lora-alpha must be a finite number"),
+        (["--epochs", "inf"], "--epochs must be a finite number"),
+        (["--warmup-ratio", "nan"], "--warmup-ratio must be a finite number"),
+        (["--gpu-mem", "-1GiB"], "--gpu-mem '-1GiB' is not a memory size"),
+        (["--gpu-mem", "abc"], "--gpu-mem 'abc' is not a memory size"),
+        (["--gpu-mem", "0"], "--gpu-mem '0' is not a memory size"),
+        (["--gpu-mem", "nanGiB"], "--gpu-mem 'nanGiB' is not a memory size"),
+        (["--cpu-mem", "infGiB"], "--cpu-mem 'infGiB' is not a memory size"),
+    ],
+)
+def test_values_that_are_not_finite_or_not_sizes_are_refused_on_any_machine(
+    args, message, tmp_path, capsys, data, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(capsys, "run", "tiny", data, *args, *FAST)
+    assert code == 2 and message in one_line(err)
+    assert not (tmp_path / "runs").exists()
+
+
+# -- 4. a checkpoint is good only if it is finite ----------------------------------------------------
+def test_weights_gone_non_finite_are_never_checkpointed_and_the_stop_names_the_last_good_one(
+    tmp_path, capsys, data, monkeypatch
+):
+    import lowmem_ft.train as train
+
+    real_step = train.train_step
+
+    def step_then_poison(s, job, step, scaler, bar):
+        result = real_step(s, job, step, scaler, bar)
+        if step == 1:  # after the 2nd update, a finite loss but weights that hold Inf
+            with torch.no_grad():
+                next(s.model.parameters()).view(-1)[0] = float("inf")
+        return result
+
+    monkeypatch.setattr(train, "train_step", step_then_poison)
+    out = tmp_path / "job"
+    code, _, err = cli(capsys, "run", "tiny", data, "--out", out, "--save-every", "1", *FAST)
+    assert code == 2
+    line = one_line(err)
+    assert "after step 2" in line and "holds NaN/Inf values, so no checkpoint was written" in line
+    assert "The last good checkpoint is checkpoints/step-000001" in line
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001"]
+    assert Job.open(out).record["status"] == "failed"
+
+
+# -- 5. metrics.jsonl is cut back, never padded --------------------------------------------------------
+def test_a_resume_cuts_metrics_back_but_never_pads_a_shorter_file(tmp_path):
+    job = Job(tmp_path, {})
+    lines = [json.dumps({"step": i, "loss": 1.0}) + "\n" for i in range(1, 5)]
+    job.metrics_path.write_text("".join(lines))
+    size = job.metrics_bytes()
+
+    assert job.truncate_metrics(len("".join(lines[:2]))) is None  # longer: cut to the checkpoint's size
+    assert job.metrics_path.read_text() == "".join(lines[:2])
+
+    job.metrics_path.write_text("".join(lines[:3])[:-7])  # shorter, and torn mid-line
+    warning = job.truncate_metrics(size)
+    assert "fewer than the" in warning and "missing" in warning
+    content = job.metrics_path.read_bytes()
+    assert b"\0" not in content and content == "".join(lines[:2]).encode()
+
+
+def test_a_full_disk_while_logging_leaves_no_torn_line_and_is_one_line_exit_3(
+    tmp_path, capsys, data, monkeypatch
+):
+    import lowmem_ft.jobs as jobs
+
+    real_open, calls = open, {"n": 0}
+
+    class FullFile:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def write(self, text):
+            self.f.write(text[: len(text) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if str(path).endswith("metrics.jsonl") and mode == "a":
+            calls["n"] += 1
+            if calls["n"] == 3:
+                return FullFile(f)
+        return f
+
+    monkeypatch.setattr(jobs, "open", fake_open, raising=False)
+    out = tmp_path / "job"
+    code, _, err = cli(capsys, "run", "tiny", data, "--out", out, *FAST)
+    assert code == 3
+    assert f"could not write to {out}: the disk is full" in one_line(err)
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)
+
+
+# -- 6. the final export on a full disk --------------------------------------------------------------
+def test_a_full_disk_during_the_final_export_keeps_the_checkpoint_and_resume_writes_it(
+    tmp_path, capsys, data, monkeypatch
+):
+    import lowmem_ft.export as export
+
+    real = export.save_hf_model
+
+    def full(model, tokenizer, out_dir, dtype):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "model-00001.safetensors").write_bytes(b"half")
+        raise FULL
+
+    monkeypatch.setattr(export, "save_hf_model", full)
+    out = tmp_path / "job"
+    code, _, err = cli(capsys, "run", "tiny", data, "--out", out, *FAST)
+    assert code == 3
+    line = one_line(err)
+    assert "could not write the result to" in line and "the disk is full" in line
+    assert "checkpoint step-000003 is intact" in line and f"lowmem-ft resume {out}" in line
+    assert not (out / "model").exists()  # the half-written result is gone
+    monkeypatch.setattr(export, "save_hf_model", real)
+    code, _, err = cli(capsys, "resume", str(out), "-q")
+    assert code == 0, err
+    assert (out / "model" / "config.json").is_file() and Job.open(out).record["status"] == "done"
+
+
+# -- 7. data ---------------------------------------------------------------------------------------------
+HOSTILE_LINES = {
+    "deep nesting": ('{"text": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
+    "a 5000-digit number": ('{"text": "a", "n": ' + "9" * 5000 + "}", "more than 4,300 digits"),
+    "a lone surrogate": ('{"text": "ab\\ud800cd"}', "lone UTF-16 surrogate"),
+    "a duplicate key": ('{"text": "a", "text": "b"}', "key 'text' appears twice"),
+    "a 5 MiB line": (json.dumps({"text": "word " * (1 << 20)}), "more than the 4 MiB a record may be"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_LINES))
+def test_hostile_lines_are_refused_at_their_file_and_line(case, tmp_path, capsys):
+    line, message = HOSTILE_LINES[case]
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + "\n")
+    code, _, err = cli(capsys, "run", "tiny", path, "--out", tmp_path / "job", *FAST)
+    assert code == 2
+    assert one_line(err).startswith(f"error: {path}:2: ") and message in err
+    assert not (tmp_path / "job").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_pipe_or_device_given_as_data_is_named_as_such(kind, tmp_path, capsys):
+    path = Path("/dev/null") if kind == "device" else tmp_path / "pipe"
+    if kind == "fifo":
+        os.mkfifo(path)
+    code, _, err = cli(capsys, "run", "tiny", path, "--out", tmp_path / "job", *FAST)
+    assert code == 2 and "is not a regular file (a pipe or a device)" in one_line(err)
+
+
+# -- 9. model and job files that are not what they claim ----------------------------------------------
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"[1, 2]", "holds a JSON list, not the JSON object a model config is"),
+        (b'\xff\xfe{"model_type": "llama"}', "not UTF-8 text"),
+        (b'{"hidden_size": 64}', "no model_type, so not a Hugging Face model config"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_a_model_config_that_is_not_one_is_one_line_naming_it(
+    command, content, message, tmp_path, capsys, data
+):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_bytes(content)
+    args = [command, model] + ([data, "--out", tmp_path / "job", *FAST] if command == "run" else [])
+    code, _, err = cli(capsys, *args)
+    assert code == 2 and "config.json: " in one_line(err) and message in err
+    assert not (tmp_path / "job").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"), [("[1]", "holds a JSON list"), ("{}", "has no job configuration")]
+)
+def test_a_job_record_that_is_not_one_is_one_line_naming_it(content, message, tmp_path, capsys):
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "job.json").write_text(content)
+    code, _, err = cli(capsys, "resume", job)
+    assert code == 2 and f"{job / 'job.json'}: " in one_line(err) and message in err
+    code, out, err = cli(capsys, "jobs", tmp_path)
+    assert code == 0 and "Traceback" not in out + err
+
+
+# -- 10. exported files do not depend on the process ----------------------------------------------------
+def test_a_lora_adapter_config_lists_its_modules_in_a_fixed_order(tmp_path, capsys, data):
+    job = tmp_path / "lora"
+    code, _, err = cli(capsys, "run", "tiny", data, "--out", job, "--method", "lora", *FAST)
+    assert code == 0, err
+    config_text = (job / "adapter" / "adapter_config.json").read_text()
+    config = json.loads(config_text)
+    assert len(config["target_modules"]) > 1
+    assert config["target_modules"] == sorted(config["target_modules"])
+    assert list(config) == sorted(config)

@@ -16,7 +16,7 @@ groups with the next group's state prefetched, SIFT's selection, evaluation and 
 
 The trace measures tensors, not the CUDA context or the allocator's fragmentation: those are the
 planner's constants (CUDA_CONTEXT_BYTES, ALLOCATOR_MARGIN), to be measured on a GPU
-(bench/plan_vs_measured.py). QLoRA is not traced: bitsandbytes' Params4bit cannot wrap a fake
+(bench/gpu_check.py). QLoRA is not traced: bitsandbytes' Params4bit cannot wrap a fake
 tensor.
 """
 

@@ -35,7 +35,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lowmem_ft.errors import DiskError, disk_fault, free_bytes
+from lowmem_ft.errors import DiskError, disk_fault
+from lowmem_ft.files import free_bytes, sha256_of
 from lowmem_ft.hardware import format_bytes
 
 FORMAT = 1
@@ -44,7 +45,6 @@ CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 STATE = "state.json"
 _PARTIAL = ".partial-"
-_HASH_CHUNK = 16 << 20
 
 
 class CheckpointWriteError(DiskError):
@@ -224,7 +224,7 @@ def _write_contents(directory: Path, state: dict) -> dict[str, dict]:
         _write_tensors(directory / name, shard)
         del shard
         # Hashed from the file: what the checksum vouches for is what reached the disk.
-        files[name] = {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+        files[name] = {"bytes": (directory / name).stat().st_size, "sha256": sha256_of([directory / name])}
         where.update(dict.fromkeys(keys, name))
     data = (json.dumps({"state": tree, "tensors": where}) + "\n").encode()
     _write_file(directory / STATE, data)
@@ -259,14 +259,6 @@ def remove_partial(job_dir: Path) -> None:
 
 
 # -- reading ------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_checkpoint(path: Path) -> str | None:
     """None if every file matches the manifest, else what is wrong (one phrase)."""
     try:
@@ -284,7 +276,7 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != expected["bytes"]:
             return f"{name} has {file.stat().st_size} bytes, the manifest says {expected['bytes']}"
-        if _sha256(file) != expected["sha256"]:
+        if sha256_of([file]) != expected["sha256"]:
             return f"{name} does not match its checksum"
     return None
 

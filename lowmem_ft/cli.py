@@ -43,6 +43,58 @@ MAX_BAD_STEPS = typer.Option(
 )
 
 # Options of the structured methods (lowmem_ft/selections.py), shared by `run` and `plan`.
+# Options `run` and `plan` share: declared once.
+METHOD = typer.Option(
+    "full",
+    help="full = every parameter every step; hift = one group of layers per step (all parameters); "
+    "sift = the top entries of each weight by gradient; random / magnitude = sparse baselines; "
+    "bitfit, lora, spafit = structured. `lowmem-ft methods` lists them.",
+)
+UNITS_PER_GROUP = typer.Option(
+    None, help="HiFT: units (embedding, each layer, head) trained together. [default: planner's]"
+)
+STATE_POLICY = typer.Option(
+    None, help="HiFT: optimizer state of waiting groups: keep, keep-8bit or drop. [default: planner's]"
+)
+SPARSITY = typer.Option(
+    None,
+    help="SIFT/random/magnitude: fraction of each target weight that trains, e.g. 0.01. "
+    "[default: the planner's]",
+)
+TARGETS = typer.Option(
+    "all-linear",
+    help="Sparse methods and LoRA: all-linear, attention, mlp, or module names/patterns such as "
+    "q_proj,v_proj.",
+)
+BASE_QUANT = typer.Option(
+    None,
+    help="Sparse methods: frozen base weights as none, int8 or nf4 (bitsandbytes); LoRA: none or "
+    "nf4 (QLoRA). [default: the planner's]",
+)
+SELECTION_BATCHES = typer.Option(
+    1, help="SIFT: micro-batches whose gradients choose the entries (not trained on)."
+)
+STREAM = typer.Option(
+    False,
+    "--stream",
+    help="HiFT/sparse methods: keep every decoder layer's frozen weights in host memory and stream "
+    "them in to compute (the smallest GPU footprint). [default: the planner streams what does not fit]",
+)
+SEQ_LEN = typer.Option(512, help="Maximum tokens per example; longer examples are truncated (and counted).")
+BATCH_SIZE = typer.Option(16, help="Examples per optimizer step.")
+MICRO_BATCH_SIZE = typer.Option(
+    None,
+    help="Examples per forward/backward; gradients accumulate to --batch-size. [default: the planner's]",
+)
+DTYPE = typer.Option("auto", help="Compute precision: auto (fp32 on CPU, bf16 on GPU), fp32, bf16, fp16.")
+GRADIENT_CHECKPOINTING = typer.Option(
+    None,
+    "--gradient-checkpointing/--no-gradient-checkpointing",
+    help="Recompute activations in backward: far less memory, ~30% more compute. [default: planner's]",
+)
+GPU_MEM = typer.Option(None, help="GPU memory to plan for, e.g. 20GiB. [default: the GPU's free memory]")
+CPU_MEM = typer.Option(None, help="Host RAM to plan for, e.g. 48GiB. [default: available]")
+
 LORA_RANK = typer.Option(8, help="LoRA/SPAFIT: rank r of the adapters.")
 LORA_ALPHA = typer.Option(None, help="LoRA/SPAFIT: scale α (the update is α/r·BA). [default: 2 × rank]")
 CUTOFFS = typer.Option(
@@ -101,18 +153,11 @@ def run(
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Job directory to create. [default: runs/<model>-<method>-<time>]"
     ),
-    method: str = typer.Option(
-        "full",
-        help="full = every parameter every step; hift = one group of layers per step (all parameters); "
-        "sift = the top entries of each weight by gradient; random / magnitude = sparse baselines; "
-        "bitfit, lora, spafit = structured. `lowmem-ft methods` lists them.",
-    ),
+    method: str = METHOD,
     optimizer: str = typer.Option(
         "adamw", help="adamw, sgd (momentum 0.9), adagrad, or adamw8bit (bitsandbytes)."
     ),
-    units_per_group: int | None = typer.Option(
-        None, help="HiFT: units (embedding, each layer, head) trained together. [default: planner's]"
-    ),
+    units_per_group: int | None = UNITS_PER_GROUP,
     groups: int | None = typer.Option(None, help="HiFT: number of groups (instead of --units-per-group)."),
     order: str = typer.Option(
         "bottom-up", help="HiFT: order of the groups: bottom-up, top-down or random (seeded)."
@@ -120,24 +165,10 @@ def run(
     switch_every: int = typer.Option(
         1, help="HiFT: optimizer steps per group before switching (BAdam uses 50)."
     ),
-    state_policy: str | None = typer.Option(
-        None, help="HiFT: optimizer state of waiting groups: keep, keep-8bit or drop. [default: planner's]"
-    ),
-    sparsity: float | None = typer.Option(
-        None,
-        help="SIFT/random/magnitude: fraction of each target weight that trains, e.g. 0.01. "
-        "[default: the planner's]",
-    ),
-    targets: str = typer.Option(
-        "all-linear",
-        help="Sparse methods and LoRA: all-linear, attention, mlp, or module names/patterns such as "
-        "q_proj,v_proj.",
-    ),
-    base_quant: str | None = typer.Option(
-        None,
-        help="Sparse methods: frozen base weights as none, int8 or nf4 (bitsandbytes); LoRA: none or "
-        "nf4 (QLoRA). [default: the planner's]",
-    ),
+    state_policy: str | None = STATE_POLICY,
+    sparsity: float | None = SPARSITY,
+    targets: str = TARGETS,
+    base_quant: str | None = BASE_QUANT,
     lora_rank: int = LORA_RANK,
     lora_alpha: float | None = LORA_ALPHA,
     lora_dropout: float = typer.Option(0.0, help="LoRA/SPAFIT: dropout on the adapters' input."),
@@ -145,9 +176,7 @@ def run(
     variant: str = VARIANT,
     add_biases: bool = ADD_BIASES,
     freeze_layers: str | None = FREEZE_LAYERS,
-    selection_batches: int = typer.Option(
-        1, help="SIFT: micro-batches whose gradients choose the entries (not trained on)."
-    ),
+    selection_batches: int = SELECTION_BATCHES,
     selection_score: str = typer.Option(
         "grad", help="SIFT: grad = |sum of gradients|, grad2 = sum of squared gradients."
     ),
@@ -156,18 +185,11 @@ def run(
         help="SIFT: passes over the selection window (scores kept for a slice of the weights "
         "per pass). [default: the planner's]",
     ),
-    stream: bool = typer.Option(
-        False,
-        "--stream",
-        help="HiFT/sparse methods: keep every decoder layer's frozen weights in host memory and stream "
-        "them in to compute (the smallest GPU footprint). [default: the planner streams what does not fit]",
-    ),
+    stream: bool = STREAM,
     format: str = typer.Option(
         "auto", "--format", help="Data format: auto, text, prompt-completion, alpaca, chat."
     ),
-    seq_len: int = typer.Option(
-        512, help="Maximum tokens per example; longer examples are truncated (and counted)."
-    ),
+    seq_len: int = SEQ_LEN,
     pack: bool = typer.Option(
         False, "--pack", help="Concatenate examples into rows of --seq-len tokens (less padding)."
     ),
@@ -195,32 +217,19 @@ def run(
     min_lr_ratio: float = typer.Option(0.1, help="Final learning rate as a fraction of --lr."),
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay (not applied to norms and biases)."),
     grad_clip: float = typer.Option(1.0, help="Clip the gradient norm to this value; 0 disables clipping."),
-    batch_size: int = typer.Option(16, help="Examples per optimizer step."),
-    micro_batch_size: int | None = typer.Option(
-        None,
-        help="Examples per forward/backward; gradients accumulate to --batch-size. [default: the planner's]",
-    ),
+    batch_size: int = BATCH_SIZE,
+    micro_batch_size: int | None = MICRO_BATCH_SIZE,
     epochs: float = typer.Option(
         1.0, help="Passes over the training data (ignored when --max-steps is given)."
     ),
     max_steps: int | None = typer.Option(None, help="Number of optimizer steps; overrides --epochs."),
-    dtype: str = typer.Option(
-        "auto", help="Compute precision: auto (fp32 on CPU, bf16 on GPU), fp32, bf16, fp16."
-    ),
+    dtype: str = DTYPE,
     device: str = typer.Option(
         "auto", help="Where to train: auto, cpu, cuda or cuda:N (the Nth visible GPU, counted from 0)."
     ),
-    gradient_checkpointing: bool | None = typer.Option(
-        None,
-        "--gradient-checkpointing/--no-gradient-checkpointing",
-        help="Recompute activations in backward: far less memory, ~30% more compute. [default: planner's]",
-    ),
-    gpu_mem: str | None = typer.Option(
-        None, help="Use at most this much GPU memory, e.g. 20GiB. [default: all free]"
-    ),
-    cpu_mem: str | None = typer.Option(
-        None, help="Use at most this much host RAM, e.g. 48GiB. [default: available]"
-    ),
+    gradient_checkpointing: bool | None = GRADIENT_CHECKPOINTING,
+    gpu_mem: str | None = GPU_MEM,
+    cpu_mem: str | None = CPU_MEM,
     save_dtype: str = typer.Option(
         "auto", help="Precision of the saved model: auto (the base model's), fp32, bf16, fp16."
     ),
@@ -333,11 +342,9 @@ its own settings, planned again for this machine.
 @app.command(epilog=RESUME_EPILOG)
 def resume(
     job_dir: Path = typer.Argument(..., help="The job directory to continue."),
-    gpu_mem: str | None = typer.Option(None, help="Use at most this much GPU memory, e.g. 20GiB."),
-    cpu_mem: str | None = typer.Option(None, help="Use at most this much host RAM, e.g. 48GiB."),
-    micro_batch_size: int | None = typer.Option(
-        None, help="Examples per forward/backward (same examples per step). [default: the planner's]"
-    ),
+    gpu_mem: str | None = GPU_MEM,
+    cpu_mem: str | None = CPU_MEM,
+    micro_batch_size: int | None = MICRO_BATCH_SIZE,
     save_every: int | None = typer.Option(None, help="Checkpoint every N steps. [default: the job's]"),
     save_every_minutes: float | None = typer.Option(
         None, help="Checkpoint every M minutes. [default: the job's]"
@@ -377,63 +384,44 @@ def plan(
     model: str = typer.Argument(
         ..., help="Model alias, local Hugging Face directory, or cached hub id (no weights needed)."
     ),
-    method: str = typer.Option(
-        "full", help="Method to plan for: full, hift, sift, random, magnitude, bitfit, lora, spafit."
-    ),
-    gpu_mem: str | None = typer.Option(
-        None, help="GPU memory to plan for, e.g. 24GiB. [default: the detected GPU's free memory]"
-    ),
-    cpu_mem: str | None = typer.Option(
-        None, help="Host RAM to plan for, e.g. 64GiB. [default: available RAM]"
-    ),
+    method: str = METHOD,
+    gpu_mem: str | None = GPU_MEM,
+    cpu_mem: str | None = CPU_MEM,
     gpu: str | None = typer.Option(None, help="'none' plans a CPU-only run even where a GPU is present."),
-    seq_len: int = typer.Option(512, help="Tokens per example."),
-    batch_size: int = typer.Option(16, help="Examples per optimizer step."),
-    micro_batch_size: int | None = typer.Option(
-        None, help="Fix the micro-batch instead of letting the planner choose."
-    ),
-    gradient_checkpointing: bool | None = typer.Option(
-        None,
-        "--gradient-checkpointing/--no-gradient-checkpointing",
-        help="Fix activation checkpointing on or off. [default: planner chooses]",
-    ),
-    dtype: str = typer.Option(
-        "auto", help="Compute precision: auto (bf16 on a GPU, fp32 on CPU), fp32, bf16, fp16."
-    ),
-    units_per_group: int | None = typer.Option(
-        None, help="HiFT: decoder layers (units) trained together per step."
-    ),
-    state_policy: str | None = typer.Option(
-        None, help="HiFT: optimizer states of waiting groups: keep, keep-8bit or drop."
-    ),
-    sparsity: float | None = typer.Option(
-        None, help="SIFT: fraction of each weight's entries that train, e.g. 0.05."
-    ),
-    base_quant: str | None = typer.Option(
-        None, help="Sparse methods: frozen base weights as none (bf16), int8 or nf4; LoRA: none or nf4."
-    ),
-    targets: str = typer.Option(
-        "all-linear",
-        help="Sparse methods and LoRA: all-linear, attention, mlp, or module names/patterns (q_proj,v_proj).",
-    ),
-    selection_batches: int = typer.Option(1, help="SIFT: micro-batches in the selection window."),
+    seq_len: int = SEQ_LEN,
+    batch_size: int = BATCH_SIZE,
+    micro_batch_size: int | None = MICRO_BATCH_SIZE,
+    gradient_checkpointing: bool | None = GRADIENT_CHECKPOINTING,
+    dtype: str = DTYPE,
+    units_per_group: int | None = UNITS_PER_GROUP,
+    state_policy: str | None = STATE_POLICY,
+    sparsity: float | None = SPARSITY,
+    base_quant: str | None = BASE_QUANT,
+    targets: str = TARGETS,
+    selection_batches: int = SELECTION_BATCHES,
     lora_rank: int = LORA_RANK,
     cutoffs: str | None = CUTOFFS,
     variant: str = VARIANT,
     add_biases: bool = ADD_BIASES,
     freeze_layers: str | None = FREEZE_LAYERS,
-    stream: bool = typer.Option(
-        False,
-        "--stream",
-        help="HiFT/sparse methods: plan with every decoder layer streamed from host memory.",
-    ),
+    stream: bool = STREAM,
     as_json: bool = typer.Option(
         False, "--json", help="Print the plan as JSON (documented in docs/planner.md)."
     ),
 ) -> None:
     """Plan a fine-tune for this machine (or one you describe) without loading any weights."""
+    from lowmem_ft.config import RunConfig
     from lowmem_ft.planner import build_plan, render_plan
 
+    # The same options as `run`, checked by the same code: one message per mistake, either command.
+    RunConfig(
+        model=model, data=Path("plan"), method=method, gpu_mem=gpu_mem, cpu_mem=cpu_mem, seq_len=seq_len,
+        batch_size=batch_size, micro_batch_size=micro_batch_size,
+        gradient_checkpointing=gradient_checkpointing, dtype=dtype, units_per_group=units_per_group,
+        state_policy=state_policy, sparsity=sparsity, base_quant=base_quant, targets=targets,
+        selection_batches=selection_batches, stream=stream, lora_rank=lora_rank, cutoffs=cutoffs,
+        variant=variant, add_biases=add_biases, freeze_layers=freeze_layers,
+    ).validate(data_files=False)  # fmt: skip
     result = build_plan(
         model, method=method, gpu_mem=gpu_mem, cpu_mem=cpu_mem, gpu=gpu, seq_len=seq_len,
         batch_size=batch_size, micro_batch_size=micro_batch_size,
@@ -477,7 +465,8 @@ def export(
     ),
 ) -> None:
     """Show a sparse or LoRA job's result, or merge it into its base model (--merge --out DIR)."""
-    from lowmem_ft.export import find_result, merge_result
+    from lowmem_ft.export import merge_result
+    from lowmem_ft.results import find_result
 
     if not merge:
         given = [flag for flag, value in (("--out", out), ("--base", base)) if value is not None]
@@ -520,7 +509,7 @@ def _show_delta(path: Path) -> None:
 
 def _show_adapter(path: Path) -> None:
     from lowmem_ft.hardware import format_bytes
-    from lowmem_ft.methods.structured import ADAPTER_META
+    from lowmem_ft.results import ADAPTER_META
 
     meta = json.loads((path / ADAPTER_META).read_text())
     peft_config = json.loads((path / "adapter_config.json").read_text())
@@ -540,13 +529,13 @@ def _show_adapter(path: Path) -> None:
 @app.command()
 def methods() -> None:
     """List the fine-tuning methods, one line each, with their key options."""
-    from lowmem_ft.methods import METHODS
+    from lowmem_ft.registry import METHOD_SPECS
 
-    width = max(len(name) for name in METHODS)
-    for name, cls in METHODS.items():
-        typer.echo(f"{name.ljust(width)}  {cls.summary}")
-        if cls.options:
-            typer.echo(f"{''.ljust(width)}  options: {cls.options}")
+    width = max(len(name) for name in METHOD_SPECS)
+    for name, spec in METHOD_SPECS.items():
+        typer.echo(f"{name.ljust(width)}  {spec.summary}")
+        options = (spec.flags() or "none beyond the common ones") + (f" ({spec.note})" if spec.note else "")
+        typer.echo(f"{''.ljust(width)}  options: {options}")
     typer.echo(
         "\n`lowmem-ft run --help` lists every option; docs/methods.md explains the methods side by side."
     )

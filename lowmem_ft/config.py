@@ -9,16 +9,25 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lowmem_ft.choices import BASE_QUANTS as QUANTS
+from lowmem_ft.choices import (
+    METHOD_NAMES,
+    OPTIMIZERS,
+    ORDERS,
+    SCHEDULES,
+    SELECTION_SCORES,
+    SPAFIT_VARIANTS,
+    STATE_POLICIES,
+)
 from lowmem_ft.errors import UserError
+from lowmem_ft.registry import METHOD_OPTIONS, methods_taking
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SCHEDULES = ("cosine", "linear", "constant")
-SPARSE_METHODS = ("sift", "random", "magnitude")  # the sparse-increment engine's methods
 
 
 @dataclass
@@ -87,11 +96,11 @@ class RunConfig:
     # model access
     allow_download: bool = False
     trust_remote_code: bool = False
-    extra: dict = field(default_factory=dict)
 
-    def validate(self) -> None:
+    def validate(self, data_files: bool = True) -> None:
+        """Every option's check, in one place (``run``, ``plan`` and ``resume`` all come here);
+        ``data_files``: also that the data files can be read (``plan`` has none)."""
         from lowmem_ft.data import FORMAT_NAMES
-        from lowmem_ft.methods import METHODS
 
         def need(ok: bool, message: str) -> None:
             if not ok:
@@ -111,9 +120,20 @@ class RunConfig:
                 parse_size(size, flag)
 
         need(
-            self.method in METHODS,
-            f"--method {self.method!r} is not known; choose one of: {', '.join(METHODS)}",
+            self.method in METHOD_NAMES,
+            f"--method {self.method!r} is not known; choose one of: {', '.join(METHOD_NAMES)}",
         )
+        # A method-specific option given to a method that does not take it is an error, not ignored
+        # (lowmem_ft/registry.py says which method takes which).
+        for f in dataclasses.fields(self):
+            if f.name in METHOD_OPTIONS and getattr(self, f.name) != f.default:
+                takers = methods_taking(f.name)
+                flag = "--" + f.name.replace("_", "-")
+                need(
+                    self.method in takers,
+                    f"{flag} applies to --method {' / '.join(takers)}, not {self.method}"
+                    + (" (their streamed weights are frozen)" if f.name == "stream" else ""),
+                )
         need(
             self.format == "auto" or self.format in FORMAT_NAMES,
             f"--format {self.format!r} is not known; choose auto or one of: {', '.join(FORMAT_NAMES)}",
@@ -143,10 +163,6 @@ class RunConfig:
             self.micro_batch_size is None or self.micro_batch_size <= self.batch_size,
             f"--micro-batch-size ({self.micro_batch_size}) cannot exceed --batch-size ({self.batch_size})",
         )
-        from lowmem_ft.engine.state_store import POLICIES
-        from lowmem_ft.methods.hift import ORDERS
-        from lowmem_ft.methods.optimizers import OPTIMIZERS
-
         need(
             self.optimizer in OPTIMIZERS,
             f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
@@ -154,8 +170,8 @@ class RunConfig:
         need(self.order in ORDERS, f"--order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         need(self.switch_every >= 1, f"--switch-every must be at least 1 step, got {self.switch_every}")
         need(
-            self.state_policy is None or self.state_policy in POLICIES,
-            f"--state-policy must be one of {', '.join(POLICIES)}, got {self.state_policy!r}",
+            self.state_policy is None or self.state_policy in STATE_POLICIES,
+            f"--state-policy must be one of {', '.join(STATE_POLICIES)}, got {self.state_policy!r}",
         )
         need(
             self.units_per_group is None or self.units_per_group >= 1, "--units-per-group must be at least 1"
@@ -167,11 +183,6 @@ class RunConfig:
         )
         self._validate_sparse(need)
         self._validate_structured(need)
-        need(
-            not self.stream or self.method == "hift" or self.method in SPARSE_METHODS,
-            f"--stream applies to --method hift / {' / '.join(SPARSE_METHODS)} (their streamed weights are "
-            f"frozen); --method {self.method} trains every weight",
-        )
         need(
             not self.stream or self.gradient_checkpointing is not False,
             "--stream needs activation checkpointing (a streamed layer is rebuilt in the backward); "
@@ -205,13 +216,8 @@ class RunConfig:
                 f"--device {self.device} is not visible: CUDA shows {count} device(s), {shown} "
                 "(CUDA_VISIBLE_DEVICES decides which)",
             )
-        need(not self.data.is_dir(), f"{self.data}: is a directory; expected a JSONL file")
-        need(
-            self.data.is_file() or not self.data.exists(),
-            f"{self.data}: is not a regular file (a pipe or a device); save the data to a .jsonl file",
-        )
-        if self.eval_data is not None:
-            need(self.eval_data.exists(), f"{self.eval_data}: no such file (given as --eval-data)")
+        if data_files:
+            self._validate_data_files(need)
         need(
             self.save_every >= 0, f"--save-every must be >= 0 steps (0 = by time only), got {self.save_every}"
         )
@@ -225,21 +231,18 @@ class RunConfig:
         )
         need(self.max_bad_steps >= 1, f"--max-bad-steps must be at least 1, got {self.max_bad_steps}")
 
+    def _validate_data_files(self, need) -> None:
+        need(not self.data.is_dir(), f"{self.data}: is a directory; expected a JSONL file")
+        need(
+            self.data.is_file() or not self.data.exists(),
+            f"{self.data}: is not a regular file (a pipe or a device); save the data to a .jsonl file",
+        )
+        if self.eval_data is not None:
+            need(self.eval_data.exists(), f"{self.eval_data}: no such file (given as --eval-data)")
+
     def _validate_sparse(self, need) -> None:
-        from lowmem_ft.engine.sparse_delta import QUANTS
-        from lowmem_ft.methods.sift import SELECTION_SCORES
         from lowmem_ft.targets import parse_targets
 
-        sift, with_lora = ("sift",), (*SPARSE_METHODS, "lora")
-        given = {
-            "--sparsity": (self.sparsity is not None, SPARSE_METHODS),
-            "--targets": (self.targets != "all-linear", with_lora),
-            "--base-quant": (self.base_quant is not None, with_lora),
-            "--selection-batches": (self.selection_batches != 1, sift),
-            "--selection-score": (self.selection_score != "grad", sift),
-            "--selection-passes": (self.selection_passes is not None, sift),
-        }
-        _check_applies(need, self.method, given)
         if self.sparsity is not None:
             need(
                 0 < self.sparsity <= 1,
@@ -266,30 +269,15 @@ class RunConfig:
         parse_targets(self.targets)
 
     def _validate_structured(self, need) -> None:
-        from lowmem_ft.selections import LORA_METHODS, VARIANTS
 
         method = self.method
-        given = {
-            "--lora-rank": (self.lora_rank != 8, LORA_METHODS),
-            "--lora-alpha": (self.lora_alpha is not None, LORA_METHODS),
-            "--lora-dropout": (self.lora_dropout != 0.0, LORA_METHODS),
-            "--cutoffs": (self.cutoffs is not None, ("spafit",)),
-            "--variant": (self.variant != "I", ("spafit",)),
-            "--add-biases": (self.add_biases, ("bitfit", "spafit")),
-            "--freeze-layers": (self.freeze_layers is not None, ("bitfit", "lora")),
-        }
-        for flag, (is_given, methods) in given.items():
-            need(
-                not is_given or method in methods,
-                f"{flag} applies to --method {' / '.join(methods)}, not {method}",
-            )
         need(self.lora_rank >= 1, f"--lora-rank must be at least 1, got {self.lora_rank}")
         need(
             self.lora_alpha is None or self.lora_alpha > 0,
             f"--lora-alpha must be positive, got {self.lora_alpha}",
         )
         need(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        need(self.variant in VARIANTS, f"--variant must be I or II, got {self.variant!r}")
+        need(self.variant in SPAFIT_VARIANTS, f"--variant must be I or II, got {self.variant!r}")
         need(
             method != "lora" or self.base_quant in (None, "none", "nf4"),
             f"--base-quant for --method lora is none or nf4 (QLoRA), got {self.base_quant!r}",
@@ -326,12 +314,3 @@ class RunConfig:
             if values.get(key) is not None:
                 values[key] = Path(values[key])
         return cls(**values)
-
-
-def _check_applies(need, method: str, given: dict[str, tuple[bool, tuple[str, ...]]]) -> None:
-    """A method-specific flag given to a method it does not apply to is an error, not ignored."""
-    for flag, (is_given, methods) in given.items():
-        need(
-            not is_given or method in methods,
-            f"{flag} applies to --method {' / '.join(methods)}, not {method}",
-        )

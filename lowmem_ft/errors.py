@@ -22,9 +22,10 @@ class DataError(UserError):
 
 class DiskError(UserError):
     """A write failed because the disk is full or not writable. The message says what could not be
-    written, what is intact and what to do; exit code 3, so scripts can tell it from bad input."""
+    written, what is intact and what to do; exit code 4, so scripts can tell it from bad input (2)
+    and from a plan that does not fit (`plan` exits 3)."""
 
-    exit_code = 3
+    exit_code = 4
 
 
 # errno values that mean "this disk will not take the write", as OSError and as the Rust I/O errors
@@ -41,38 +42,3 @@ def disk_fault(exc: BaseException) -> str | None:
         return _DISK_FAULTS[exc.errno]
     found = re.search(r"os error (\d+)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
     return _DISK_FAULTS.get(int(found.group(1))) if found else None
-
-
-def free_bytes(path) -> int | None:
-    """Free bytes on the file system that holds ``path`` (or its nearest existing parent)."""
-    import shutil
-    from pathlib import Path
-
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return None
-
-
-def read_json_object(path, what: str) -> dict:
-    """The JSON object in ``path`` (``what`` names it in messages, e.g. "model config"); a file that
-    cannot be read, is not UTF-8 JSON, or holds something other than an object is one UserError
-    naming the file."""
-    import json
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text; a {what} is a UTF-8 JSON file") from None
-    except ValueError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc}); a {what} is a JSON object") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: holds a JSON {type(data).__name__}, not the JSON object a {what} is")
-    return data

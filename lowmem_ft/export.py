@@ -11,57 +11,11 @@ from pathlib import Path
 
 import torch
 
-from lowmem_ft.errors import DiskError, UserError, disk_fault, free_bytes
+from lowmem_ft.errors import DiskError, UserError, disk_fault
+from lowmem_ft.files import free_bytes
 from lowmem_ft.hardware import format_bytes
-from lowmem_ft.models.loading import quiet_transformers
-
-
-def save_hf_model(model: torch.nn.Module, tokenizer, out_dir: Path, save_dtype: torch.dtype) -> Path:
-    """Save ``model`` and ``tokenizer`` so ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads them.
-
-    Tensors are cast one at a time into the state dict that is written, so the peak extra memory
-    is one copy of the model in ``save_dtype``, not a second model object.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {name: t.detach().to("cpu", save_dtype) for name, t in model.state_dict().items()}
-    model.config.dtype = save_dtype
-    with quiet_transformers():  # no per-shard progress bar in the middle of our output
-        model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
-def find_result(job_dir: Path) -> tuple[str, Path]:
-    """The mergeable result of a job: ("delta", its delta file) or ("adapter", its LoRA adapter
-    directory); the job directory or the file/directory itself may be given."""
-    import json
-
-    from lowmem_ft.delta import DELTA_FILE
-    from lowmem_ft.methods.structured import ADAPTER_DIR, ADAPTER_META
-
-    if job_dir.is_file():
-        return "delta", job_dir
-    if (job_dir / ADAPTER_META).is_file():
-        return "adapter", job_dir
-    if not job_dir.is_dir():
-        raise UserError(f"{job_dir}: no such job directory")
-    if (job_dir / DELTA_FILE).is_file():
-        return "delta", job_dir / DELTA_FILE
-    if (job_dir / ADAPTER_DIR / ADAPTER_META).is_file():
-        return "adapter", job_dir / ADAPTER_DIR
-    job_file = job_dir / "job.json"
-    if not job_file.is_file():
-        raise UserError(f"{job_dir}: not a lowmem-ft job directory (no job.json)")
-    record = json.loads(job_file.read_text())
-    method = record.get("config", {}).get("method", "?")
-    if (job_dir / "model").is_dir():
-        raise UserError(
-            f"{job_dir} was trained with --method {method}; its full model is already in {job_dir / 'model'}"
-        )
-    raise UserError(
-        f"{job_dir} has no result yet (status: {record.get('status', '?')}); "
-        "it is written when the job finishes"
-    )
+from lowmem_ft.models.saving import model_dtype_on_disk, save_hf_model
+from lowmem_ft.results import ADAPTER_META, find_result
 
 
 def _check_base(spec: str | None, expected: str | None, what: str):
@@ -143,8 +97,6 @@ def _remove_abandoned_merges(out: Path) -> None:
 
 def _merged_bytes(resolved, save_dtype: torch.dtype | None) -> int:
     """The merged model's size on disk: the base's weights, in the precision they are saved in."""
-    from lowmem_ft.train import model_dtype_on_disk
-
     on_disk = sum(f.stat().st_size for f in resolved.weights_dir.glob("*.safetensors"))
     if save_dtype is None:
         return on_disk
@@ -184,9 +136,7 @@ def merge_adapter(path: Path, out: Path, base: str | None, save_dtype: str) -> t
     from peft import PeftModel
 
     from lowmem_ft.config import DTYPES
-    from lowmem_ft.methods.structured import ADAPTER_META
     from lowmem_ft.models import load_model, load_tokenizer
-    from lowmem_ft.train import model_dtype_on_disk
 
     meta = json.loads((path / ADAPTER_META).read_text())
     _check_out(out, save_dtype)

@@ -24,24 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowmem_ft.errors import UserError, disk_fault, read_json_object
-
-STATUSES = ("running", "interrupted", "failed", "done")
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temporary file, fsync, then rename: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # the file it replaces is whole; the half-written one goes
-        raise
+from lowmem_ft.errors import UserError, disk_fault
+from lowmem_ft.files import read_json_object, write_json_atomic
 
 
 def software_versions() -> dict[str, str]:

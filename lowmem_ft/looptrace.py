@@ -20,15 +20,20 @@ What stands in for the GPU:
   prefetched group's state for the whole step anyway);
 - ``.item()`` and friends return 1: values are not known, and no memory depends on them.
 
-HiFT visits groups 0, 1, 2 and the last, then group 0, 1 and the last again, so the steps that
-hold the largest groups (embedding, head) and a decoder layer, each with its own state and the
-next group's prefetched as in every cycle after the first, and the wrap of the cycle, are traced; other
-methods run three steps. Each step has two micro-batches (the second is where gradients accumulate;
-more repeat it), evaluation two, the selection window what the plan says.
+HiFT visits, in the order a run takes them, the embedding, layers 0 and 1, the last layer and the
+head, then each of those again with state of its own and the next group's prefetched, as in every
+cycle after the first; other methods run three steps. Each step has two micro-batches where the plan
+accumulates (the second is where gradients are summed; more repeat it), else one; evaluation two,
+the selection window what the plan says.
+
+On a real GPU (``trace_run(config, on_gpu=True)``, bench/gpu_check.py) the same loop runs on real
+tensors with random weights: the trace then counts CUDA storages only, and the caller reads CUDA's
+own counters beside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, field
 from unittest import mock
@@ -62,8 +67,9 @@ class DeviceBytes(TorchDispatchMode):
     """Live bytes of the storages created under this mode (and of those adopted), less the engine's
     host buffers; the peak, and where in the loop it happened."""
 
-    def __init__(self, where=current_phase):
+    def __init__(self, where=current_phase, device_type: str | None = None):
         super().__init__()
+        self.device_type = device_type  # count only storages on this device type (None: every one)
         self.where = where
         self.live = self.peak = 0
         self.peak_phase = "setup"
@@ -78,6 +84,8 @@ class DeviceBytes(TorchDispatchMode):
     def _add(self, storage) -> None:
         key = id(storage)
         if key in self._sizes or key in self._host or not storage.nbytes():
+            return
+        if self.device_type is not None and storage.device.type != self.device_type:
             return
         self._sizes[key] = storage.nbytes()
         # What this allocation may overwrite, in case it turns out to be a host buffer (below).
@@ -125,8 +133,8 @@ class DeviceBytes(TorchDispatchMode):
 
     # -- the dispatch hook ---------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:  # .item(), float(), int(), bool()
-            (tensor,) = args
+        if func is torch.ops.aten._local_scalar_dense.default and self.device_type is None:
+            (tensor,) = args  # .item(), float(), int(), bool() of a fake tensor: no value to read
             return True if tensor.dtype == torch.bool else 1 if not tensor.is_floating_point() else 1.0
         out = func(*args, **(kwargs or {}))
         inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
@@ -145,9 +153,10 @@ class _NoJob:
         return 0
 
 
-def trace_run(config: RunConfig) -> tuple[Plan, LoopTrace]:
+def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]:
     """Plan ``config`` for a GPU of ``config.gpu_mem`` (raises UserError if it does not fit), then
-    trace the recipe's loop for that plan; returns both."""
+    trace the recipe's loop for that plan; returns both. ``on_gpu``: on the real CUDA device, with
+    random weights, instead of fake tensors."""
     from transformers import AutoModelForCausalLM
 
     from lowmem_ft import train
@@ -166,7 +175,8 @@ def trace_run(config: RunConfig) -> tuple[Plan, LoopTrace]:
     method = build_method(config.method)
     examples = [Example(list(range(config.seq_len)), list(range(config.seq_len))) for _ in range(4)]
     tokenizer = type("Tokenizer", (), {"pad_token_id": 0})()
-    trace = DeviceBytes()
+    trace = DeviceBytes(device_type="cuda" if on_gpu else None)
+    device = CUDA if on_gpu else torch.device("cpu")  # fake tensors stand on the CPU (module doc)
 
     def where() -> str:
         group = method.progress().get("group") if hasattr(method, "active") else None
@@ -174,25 +184,31 @@ def trace_run(config: RunConfig) -> tuple[Plan, LoopTrace]:
 
     trace.where = where
     resolved.config.use_cache = False
-    with FakeTensorMode(), mock.patch("torch.utils.swap_tensors", _swap_fake_parameters):
+    fake = contextlib.nullcontext() if on_gpu else FakeTensorMode()
+    swap = (
+        contextlib.nullcontext() if on_gpu else mock.patch("torch.utils.swap_tensors", _swap_fake_parameters)
+    )
+    with fake, swap:
         # Built on the host, as load_model does, and not counted: the run never holds the whole
         # model on the device; placing it there (all of it, or all but the streamed layers) is.
-        model = AutoModelForCausalLM.from_config(resolved.config, dtype=method.weight_dtype(config))
+        model = _host_model(AutoModelForCausalLM, resolved.config, method.weight_dtype(config), on_gpu)
         model.train()
         with trace, host_memory.observe(trace.host_buffer):
             with phase("setup"):
-                train.prepare_model(config, method, model, torch.device("cpu"))
-            # On the fake CPU, resident weights did not move: count what is on the device now.
-            trace.adopt([*model.parameters(), *model.buffers()])
+                train.prepare_model(config, method, model, device)
+            if not on_gpu:  # on the fake CPU, resident weights did not move: count what is there now
+                trace.adopt([*model.parameters(), *model.buffers()])
+            else:
+                torch.cuda.reset_peak_memory_stats()
             trace.restart_peak()
             data = train.Data(examples[:2], examples[2:], "text", TokenStats(), 0)
             batcher = Batcher(data.train, config.batch_size, config.micro_batch_size, 0, config.seed)
             s = train.Setup(
-                config, plan, resolved, tokenizer, data, model, 0, method, torch.device("cpu"),
+                config, plan, resolved, tokenizer, data, model, 0, method, device,
                 config.compute_dtype(), batcher, max_steps=10**6,
             )  # fmt: skip
             train.select_entries(s)
-            scaler = torch.amp.GradScaler("cpu", enabled=False)
+            scaler = torch.amp.GradScaler(device.type, enabled=False)
             steps = _steps_to_trace(method)
             for step in steps:
                 train.train_step(s, _NoJob(), step, scaler, bar=None)
@@ -207,6 +223,24 @@ def trace_run(config: RunConfig) -> tuple[Plan, LoopTrace]:
         host_detail=detail, steps=steps,
     )  # fmt: skip
     return plan, traced
+
+
+def _host_model(auto_class, model_config, dtype: torch.dtype, real: bool) -> torch.nn.Module:
+    """The model on the host. Fake: allocations only. Real: random weights drawn cheaply (memory
+    does not depend on the values, but a NaN loss would skip the update whose memory is measured)."""
+    if not real:
+        return auto_class.from_config(model_config, dtype=dtype)
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():  # no per-module initialisation of 7B parameters on the CPU
+        model = auto_class.from_config(model_config, dtype=dtype)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.uniform_(-0.02, 0.02, generator=generator)
+    return model
 
 
 def _swap_fake_parameters(t1: torch.Tensor, t2: torch.Tensor) -> None:

@@ -15,8 +15,10 @@ from pathlib import Path
 from lowmem_ft.checkpoint import Restored, latest_checkpoint, remove_partial
 from lowmem_ft.config import RunConfig
 from lowmem_ft.errors import UserError
-from lowmem_ft.jobs import Job, write_json_atomic
-from lowmem_ft.train import Setup, execute, file_sha256, print_header, setup
+from lowmem_ft.files import sha256_of, write_json_atomic
+from lowmem_ft.jobs import Job
+from lowmem_ft.registry import PLANNED_OPTIONS
+from lowmem_ft.train import Setup, execute, print_header, setup
 
 
 def resume(job_dir: Path, overrides: dict | None = None, show_progress: bool = True) -> Job:
@@ -67,7 +69,7 @@ def _prepare_resume(job: Job, overrides: dict) -> tuple[Setup, Restored | None]:
             setattr(config, key, value)
     if config.resolved_device().type != record.get("device", "cpu"):
         print(f"device     the job ran on {record.get('device')}; it continues on {config.resolved_device()}")
-    if "data_sha256" in record and file_sha256(config.data) != record["data_sha256"]:
+    if "data_sha256" in record and sha256_of([config.data]) != record["data_sha256"]:
         raise UserError(
             f"{config.data} changed since the job started; resuming needs the same data "
             "(start a new job to train on the new file)"
@@ -91,9 +93,7 @@ def _prepare_resume(job: Job, overrides: dict) -> tuple[Setup, Restored | None]:
     return s, restored
 
 
-RESUME_KEEPS = (
-    "units_per_group", "state_policy", "sparsity", "base_quant", "selection_passes", "stream", "cutoffs"
-)  # fmt: skip
+RESUME_KEEPS = (*PLANNED_OPTIONS, "stream")  # what the method trains is the job's, on any machine
 
 
 def _report_plan_change(job: Job, s: Setup) -> None:

@@ -19,13 +19,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from lowmem_ft.choices import ADD_BIASES_METHODS
 from lowmem_ft.errors import UserError
 from lowmem_ft.targets import match_targets
 
-STRUCTURED_METHODS = ("bitfit", "lora", "spafit")
-LORA_METHODS = ("lora", "spafit")
-ADD_BIASES_METHODS = ("bitfit", "spafit")
-VARIANTS = ("I", "II")
 # SPAFIT's cut-offs on BERT-large (24 layers) were 4 and 9; other depths keep the proportions.
 PAPER_CUTOFFS, PAPER_LAYERS = (4, 9), 24
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")

@@ -10,7 +10,6 @@ branches on the method's name: methods plug in through the hooks of `lowmem_ft.m
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import random
@@ -40,17 +39,19 @@ from lowmem_ft.data import (
     split_eval,
     tokenize_records,
 )
-from lowmem_ft.errors import DiskError, UserError, disk_fault, free_bytes
+from lowmem_ft.data.tokenize import IGNORE_INDEX
+from lowmem_ft.errors import DiskError, UserError, disk_fault
+from lowmem_ft.files import free_bytes, sha256_of, write_json_atomic
 from lowmem_ft.hardware import PeakMemory, format_bytes
-from lowmem_ft.jobs import Job, abandon_new_job, claim_new_job, write_json_atomic
+from lowmem_ft.jobs import Job, abandon_new_job, claim_new_job
 from lowmem_ft.methods import Method, build_method
 from lowmem_ft.models import ResolvedModel, load_model, load_tokenizer, resolve_model
+from lowmem_ft.models.saving import model_dtype_on_disk
 from lowmem_ft.phases import ADVICE, OutOfMemoryIn, phase
 from lowmem_ft.planner import Plan, build_plan
 from lowmem_ft.planner.shapes import UnsupportedModel
 from lowmem_ft.preflight import check_plan_fits_device
-
-IGNORE = -100
+from lowmem_ft.registry import PLANNED_OPTIONS
 
 
 class RunInterrupted(Exception):
@@ -176,14 +177,7 @@ def plan_run(config: RunConfig, resolved: ResolvedModel, device: torch.device | 
     config.micro_batch_size = plan.settings["micro_batch_size"]
     config.gradient_checkpointing = plan.settings["gradient_checkpointing"]
     # HiFT's and the sparse methods' choices, when the user left them open
-    for option in (
-        "units_per_group",
-        "state_policy",
-        "sparsity",
-        "base_quant",
-        "selection_passes",
-        "cutoffs",
-    ):
+    for option in PLANNED_OPTIONS:
         if option in plan.settings and getattr(config, option) is None:
             setattr(config, option, plan.settings[option])
     adopt_streaming(config, resolved, plan.settings.get("streamed_units", 0))
@@ -278,7 +272,7 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 def target_count(batch: dict) -> int:
     """Tokens that carry loss in a batch (after the shift), counted on the CPU labels: no device sync."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def loss_sum(model, batch: dict, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -293,7 +287,7 @@ def loss_sum(model, batch: dict, device: torch.device, dtype: torch.dtype) -> to
     targets = batch["labels"][:, 1:]
     # fp32 for the softmax: in 16 bits the log-probabilities of a 32k-150k vocabulary lose precision.
     logits = logits[:, :-1].flatten(0, 1).float()
-    return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 @torch.no_grad()
@@ -391,7 +385,7 @@ def run(config: RunConfig, show_progress: bool = True) -> Job:
             model_source=s.resolved.source,
             hub_id=s.resolved.hub_id,
             data=s.data.summary(),
-            data_sha256=file_sha256(config.data),
+            data_sha256=sha256_of([config.data]),
             trainable_parameters=s.method.trainable_count(),
         )
         if s.plan is not None:
@@ -419,14 +413,6 @@ def portable(config_json: dict) -> dict:
     if Path(out["model"]).exists():  # a local model directory, not an alias or hub id
         out["model"] = str(Path(out["model"]).resolve())
     return out
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -894,11 +880,3 @@ def select_entries(s: Setup) -> bool:
         summary = s.method.select(window, backward)
     print(f"selection  {summary} ({time.perf_counter() - started:.1f}s)")
     return True
-
-
-def model_dtype_on_disk(resolved: ResolvedModel) -> torch.dtype:
-    """The dtype the base model was distributed in; exports default to it (bf16 for most 7B models)."""
-    dtype = getattr(resolved.config, "dtype", None) or getattr(resolved.config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32

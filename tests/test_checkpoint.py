@@ -157,7 +157,7 @@ def test_a_full_disk_reported_by_safetensors_is_the_same_clean_failure(tmp_path,
     monkeypatch.setattr(ckpt, "_write_tensors", full_disk)
     with pytest.raises(ckpt.CheckpointWriteError, match="the disk is full") as caught:
         ckpt.save_checkpoint(tmp_path, 2, {"w": torch.ones(3)}, keep=2)
-    assert caught.value.exit_code == 3
+    assert caught.value.exit_code == 4
     assert "the previous checkpoint step-000001 is intact" in str(caught.value)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
 

@@ -280,11 +280,12 @@ def test_sigterm_marks_the_job_interrupted_and_exits_130(tmp_path, small_data):
 
 
 def test_methods_lists_every_method_with_its_options(capsys):
-    from lowmem_ft.methods import METHODS
+    from lowmem_ft.registry import METHOD_SPECS
 
     code, out, _ = cli(capsys, "methods")
     assert code == 0
     lines = out.splitlines()
-    for name, cls in METHODS.items():
+    for name, spec in METHOD_SPECS.items():
         row = next(i for i, line in enumerate(lines) if line.startswith(f"{name} "))
-        assert cls.summary in lines[row] and lines[row + 1].strip().startswith("options: --")
+        assert spec.summary in lines[row] and lines[row + 1].strip().startswith("options: ")
+        assert all(f"--{o.replace('_', '-')}" in lines[row + 1] for o in spec.options)

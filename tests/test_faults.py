@@ -12,23 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import SafetensorError
+from test_cli import cli  # the CLI in-process: (exit code, stdout, stderr)
 
-from lowmem_ft.cli import main
 from lowmem_ft.errors import UserError
 from lowmem_ft.jobs import Job, abandon_new_job, claim_new_job
 
 FAST = ["--max-steps", "3", "--batch-size", "4", "--micro-batch-size", "2", "--seq-len", "64", "-q"]
 FULL = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line(err: str) -> str:
@@ -99,7 +89,7 @@ def test_a_full_disk_when_the_job_is_created_leaves_nothing_behind(tmp_path, cap
     monkeypatch.setattr(jobs, "write_json_atomic", full)
     out = tmp_path / "job"
     code, _, err = cli(capsys, "run", "tiny", data, "--out", out, *FAST)
-    assert code == 3
+    assert code == 4
     assert f"could not create the job in {out}: the disk is full; nothing was left behind" in one_line(err)
     assert not out.exists()
 
@@ -129,7 +119,7 @@ def test_export_merge_leaves_a_users_directory_named_like_its_temporary_one_alon
     assert sorted(p.name for p in tmp_path.iterdir() if "merged" in p.name) == ["merged", "merged.partial"]
 
 
-def test_export_merge_onto_a_full_disk_is_one_line_exit_3_and_leaves_nothing(
+def test_export_merge_onto_a_full_disk_is_one_line_exit_4_and_leaves_nothing(
     tmp_path, capsys, sparse_job, monkeypatch
 ):
     import lowmem_ft.delta as delta
@@ -139,7 +129,7 @@ def test_export_merge_onto_a_full_disk_is_one_line_exit_3_and_leaves_nothing(
 
     monkeypatch.setattr(delta, "save_file", full)
     code, _, err = cli(capsys, "export", sparse_job, "--merge", "--out", tmp_path / "merged")
-    assert code == 3
+    assert code == 4
     assert "could not write the merged model to" in one_line(err) and "the disk is full" in err
     assert not [p for p in tmp_path.iterdir() if "merged" in p.name]
 
@@ -151,7 +141,7 @@ def test_export_merge_refuses_early_when_the_disk_clearly_cannot_hold_the_model(
 
     monkeypatch.setattr(export, "free_bytes", lambda path: 1000)
     code, _, err = cli(capsys, "export", sparse_job, "--merge", "--out", tmp_path / "merged")
-    assert code == 3 and "and 1000 B is free; nothing was written" in one_line(err)
+    assert code == 4 and "and 1000 B is free; nothing was written" in one_line(err)
     assert not [p for p in tmp_path.iterdir() if "merged" in p.name]
 
 
@@ -224,7 +214,7 @@ def test_a_resume_cuts_metrics_back_but_never_pads_a_shorter_file(tmp_path):
     assert b"\0" not in content and content == "".join(lines[:2]).encode()
 
 
-def test_a_full_disk_while_logging_leaves_no_torn_line_and_is_one_line_exit_3(
+def test_a_full_disk_while_logging_leaves_no_torn_line_and_is_one_line_exit_4(
     tmp_path, capsys, data, monkeypatch
 ):
     import lowmem_ft.jobs as jobs
@@ -257,7 +247,7 @@ def test_a_full_disk_while_logging_leaves_no_torn_line_and_is_one_line_exit_3(
     monkeypatch.setattr(jobs, "open", fake_open, raising=False)
     out = tmp_path / "job"
     code, _, err = cli(capsys, "run", "tiny", data, "--out", out, *FAST)
-    assert code == 3
+    assert code == 4
     assert f"could not write to {out}: the disk is full" in one_line(err)
     for line in (out / "metrics.jsonl").read_text().splitlines():
         json.loads(line)
@@ -267,24 +257,24 @@ def test_a_full_disk_while_logging_leaves_no_torn_line_and_is_one_line_exit_3(
 def test_a_full_disk_during_the_final_export_keeps_the_checkpoint_and_resume_writes_it(
     tmp_path, capsys, data, monkeypatch
 ):
-    import lowmem_ft.export as export
+    import lowmem_ft.models.saving as saving
 
-    real = export.save_hf_model
+    real = saving.save_hf_model
 
     def full(model, tokenizer, out_dir, dtype):
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "model-00001.safetensors").write_bytes(b"half")
         raise FULL
 
-    monkeypatch.setattr(export, "save_hf_model", full)
+    monkeypatch.setattr(saving, "save_hf_model", full)
     out = tmp_path / "job"
     code, _, err = cli(capsys, "run", "tiny", data, "--out", out, *FAST)
-    assert code == 3
+    assert code == 4
     line = one_line(err)
     assert "could not write the result to" in line and "the disk is full" in line
     assert "checkpoint step-000003 is intact" in line and f"lowmem-ft resume {out}" in line
     assert not (out / "model").exists()  # the half-written result is gone
-    monkeypatch.setattr(export, "save_hf_model", real)
+    monkeypatch.setattr(saving, "save_hf_model", real)
     code, _, err = cli(capsys, "resume", str(out), "-q")
     assert code == 0, err
     assert (out / "model" / "config.json").is_file() and Job.open(out).record["status"] == "done"
@@ -365,3 +355,40 @@ def test_a_lora_adapter_config_lists_its_modules_in_a_fixed_order(tmp_path, caps
     assert len(config["target_modules"]) > 1
     assert config["target_modules"] == sorted(config["target_modules"])
     assert list(config) == sorted(config)
+
+
+# -- one check per option, whichever command it is given to (issue 16) ----------------------------------
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gpu-mem", "banana"], "--gpu-mem 'banana' is not a memory size"),
+        (["--lr", "inf"], "--lr must be a finite number, got inf"),
+        (
+            ["--method", "full", "--units-per-group", "3"],
+            "--units-per-group applies to --method hift, not full",
+        ),
+        (["--method", "full", "--order", "top-down"], "--order applies to --method hift, not full"),
+        (["--method", "full", "--state-policy", "drop"], "--state-policy applies to --method hift, not full"),
+        (
+            ["--method", "full", "--sparsity", "0.1"],
+            "--sparsity applies to --method sift / random / magnitude",
+        ),
+    ],
+)
+def test_a_bad_option_fails_the_same_way_on_run_plan_and_resume(args, message, tmp_path, capsys, data):
+    job = tmp_path / "job"
+    assert cli(capsys, "run", "tiny", data, "--out", job, *FAST)[0] == 0
+    (job / "job.json").write_text(
+        json.dumps({**json.loads((job / "job.json").read_text()), "status": "failed"})
+    )
+    commands = {
+        "run": ["run", "tiny", data, "--out", tmp_path / "other", *args, *FAST],
+        "plan": None if {"--lr", "--order"} & set(args) else ["plan", "tiny", *args],
+        "resume": ["resume", job, *args] if args[0] == "--gpu-mem" else None,
+    }
+    for name, command in commands.items():
+        if command is None:  # plan has no --lr or --order; resume takes only options that keep the result
+            continue
+        code, _, err = cli(capsys, *command)
+        assert code == 2 and message in one_line(err), (name, err)
+    assert not (tmp_path / "other").exists()

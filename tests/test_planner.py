@@ -198,13 +198,14 @@ def test_plan_cli_json_has_the_documented_fields(capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--method", "dora"], "--method 'dora' cannot be planned"),
+        (["--method", "dora"], "--method 'dora' is not known"),
         (["--method", "lora", "--base-quant", "int8"], "--base-quant for --method lora is none or nf4"),
         (["--method", "spafit", "--cutoffs", "9,3"], "--cutoffs '9,3': expected N1,N2"),
-        (["--sparsity", "5"], "--sparsity must be in (0, 1]"),
-        (["--state-policy", "sometimes"], "--state-policy must be one of"),
+        (["--method", "sift", "--sparsity", "5"], "--sparsity is the fraction of each weight that trains"),
+        (["--method", "hift", "--state-policy", "sometimes"], "--state-policy must be one of"),
+        (["--state-policy", "drop"], "--state-policy applies to --method hift, not full"),
         (["--gpu-mem", "lots"], "--gpu-mem 'lots' is not a memory size"),
-        (["--units-per-group", "99"], "more than the model's 34 units"),
+        (["--method", "hift", "--units-per-group", "99"], "more than the model's 34 units"),
     ],
 )
 def test_plan_cli_bad_options_are_one_line(args, message, capsys):

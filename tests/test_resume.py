@@ -263,7 +263,7 @@ def test_disk_full_while_saving_fails_clearly_and_keeps_the_previous_checkpoint(
 
     monkeypatch.setattr(ckpt, "_write_file", write)
     code, _, err = cli(capsys, *run_args("full", data, job))
-    assert code == 3  # a write the disk refused (docs/resume.md)
+    assert code == 4  # a write the disk refused (docs/resume.md)
     assert len(err.strip().splitlines()) == 1, err
     assert "the disk is full (the checkpoint needs about" in err
     assert "; the previous checkpoint step-000002 is intact" in err

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowmem_ft.config import SPARSE_METHODS, RunConfig
+from lowmem_ft.choices import SPARSE_METHODS
+from lowmem_ft.config import RunConfig
 from lowmem_ft.data import Example, collate
 from lowmem_ft.methods import METHODS, build_method
 from lowmem_ft.train import loss_sum, lr_at, target_count

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-NF4_BLOCKSIZE = 64  # QLoRA's block size: 0.5 + 4/64 bytes per weight (planner: QUANT_BYTES["nf4"])
+from lowmem_ft.engine import NF4_BLOCKSIZE
 
 
 def quantise_linears_4bit(

@@ -28,9 +28,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-QUANTS = ("none", "int8", "nf4")
+from lowmem_ft.choices import BASE_QUANTS as QUANTS
+from lowmem_ft.engine import NF4_BLOCKSIZE
+
 INT8_BLOCKSIZE = 256  # absmax in fp32 per 256 weights: 1.016 bytes per weight
-NF4_BLOCKSIZE = 64  # QLoRA's block size: 0.5 + 4/64 bytes per weight
 
 
 class FrozenWeight(torch.nn.Module):

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+from lowmem_ft.choices import STATE_POLICIES as POLICIES
 from lowmem_ft.engine.host_memory import host_buffer, release
 
-POLICIES = ("keep", "keep-8bit", "drop")
 # Blockwise 8-bit as bitsandbytes' own 8-bit optimizers do it: blocks of 256 values, and an
 # unsigned code for tensors that are never negative (Adam's second moment). With bitsandbytes'
 # default 4096-value blocks the Adam update m/sqrt(v) of a real state was off by ~56%; with these

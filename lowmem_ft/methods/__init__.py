@@ -1,15 +1,10 @@
-"""The registry of fine-tuning methods: one module per method, one entry here."""
+"""The fine-tuning methods: one module each, one line each in lowmem_ft/registry.py."""
 
 from lowmem_ft.methods.base import Method
-from lowmem_ft.methods.full import FullFineTuning
-from lowmem_ft.methods.hift import HiFT
-from lowmem_ft.methods.masks import MagnitudeMask, RandomMask
-from lowmem_ft.methods.sift import SIFT
-from lowmem_ft.methods.structured import SPAFIT, BitFit, LoRA
+from lowmem_ft.registry import METHOD_SPECS
 
-METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (FullFineTuning, HiFT, SIFT, RandomMask, MagnitudeMask, BitFit, LoRA, SPAFIT)
-}
+# name -> runtime class, in the registry's order (importing this package imports every method)
+METHODS: dict[str, type[Method]] = {name: spec.load() for name, spec in METHOD_SPECS.items()}
 
 
 def build_method(name: str) -> Method:

@@ -35,24 +35,38 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from lowmem_ft.registry import METHOD_SPECS
+
 if TYPE_CHECKING:
     from lowmem_ft.config import RunConfig
     from lowmem_ft.models import ResolvedModel
 
 
 class Method(ABC):
-    name: ClassVar[str]
-    summary: ClassVar[str]  # one line for `--help` and the run header
-    options: ClassVar[str] = ""  # its key options, for `lowmem-ft methods`
-    # False: export writes something smaller (a sparse delta, an adapter) that `lowmem-ft export
-    # --merge` turns into a full model.
-    exports_full_model: ClassVar[bool] = True
+    name: ClassVar[str]  # its line in lowmem_ft/registry.py says what it is and what it takes
+
+    @property
+    def summary(self) -> str:
+        return METHOD_SPECS[self.name].summary
+
+    @property
+    def exports_full_model(self) -> bool:
+        """False: export writes something smaller (a sparse delta, an adapter) that `lowmem-ft
+        export --merge` turns into a full model."""
+        return METHOD_SPECS[self.name].result == "model"
 
     optimizer: torch.optim.Optimizer
 
     def weight_dtype(self, config: RunConfig) -> torch.dtype:
         """The dtype the model's weights are loaded in for this method."""
         return torch.float32
+
+    @staticmethod
+    def frozen_base_dtype(config: RunConfig) -> torch.dtype:
+        """For methods whose base is frozen: the compute precision is enough to store it (bf16 or
+        fp16 on a GPU, fp32 on a CPU); what trains carries its own fp32."""
+        compute = config.compute_dtype()
+        return compute if compute in (torch.bfloat16, torch.float16) else torch.float32
 
     streamer = None  # engine.streaming.LayerStreamer, when decoder layers are streamed
 
@@ -123,6 +137,6 @@ class Method(ABC):
     ) -> Path:
         """Write the fine-tuned result into the job directory; the default is a full Hugging Face
         model directory ``job_dir/model``. ``base`` is the model the run started from."""
-        from lowmem_ft.export import save_hf_model
+        from lowmem_ft.models.saving import save_hf_model
 
         return save_hf_model(model, tokenizer, job_dir / "model", save_dtype)

@@ -16,8 +16,6 @@ from lowmem_ft.methods.optimizers import make_optimizer
 
 class FullFineTuning(Method):
     name = "full"
-    summary = "all parameters, every step, fp32 master weights (the baseline)"
-    options = "--optimizer"
 
     def weight_dtype(self, config) -> torch.dtype:
         return torch.float32  # fp32 master weights; compute precision comes from autocast

@@ -27,8 +27,6 @@ from lowmem_ft.methods.base import Method
 from lowmem_ft.methods.optimizers import make_optimizer
 from lowmem_ft.models.units import model_units
 
-ORDERS = ("bottom-up", "top-down", "random")
-
 
 def visit_order(n_groups: int, order: str, seed: int) -> list[int]:
     if order == "bottom-up":
@@ -40,8 +38,6 @@ def visit_order(n_groups: int, order: str, seed: int) -> list[int]:
 
 class HiFT(Method):
     name = "hift"
-    summary = "all parameters, one group of layers per step, optimizer state of the others in host memory"
-    options = "--units-per-group/--groups, --order, --switch-every, --state-policy, --stream"
 
     def weight_dtype(self, config) -> torch.dtype:
         # bf16 weights on a GPU that computes in bf16 (fp32 masters for the active group only);

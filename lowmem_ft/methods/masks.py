@@ -15,8 +15,6 @@ from lowmem_ft.methods.sift import SparseIncrement
 
 class RandomMask(SparseIncrement):
     name = "random"
-    summary = "k random entries of each weight (seeded), trained like SIFT"
-    options = "--sparsity, --targets, --base-quant, --seed, --stream"
 
     def choose(self, name, layer) -> torch.Tensor:
         if not hasattr(self, "_generator"):  # one stream for all weights, in model order
@@ -29,8 +27,6 @@ class RandomMask(SparseIncrement):
 
 class MagnitudeMask(SparseIncrement):
     name = "magnitude"
-    summary = "the k largest-magnitude entries of each base weight (MagPruning), trained like SIFT"
-    options = "--sparsity, --targets, --base-quant, --stream"
 
     def choose(self, name, layer) -> torch.Tensor:
         weight, _ = layer.base.dense(torch.float32)

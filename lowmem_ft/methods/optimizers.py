@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-OPTIMIZERS = ("adamw", "sgd", "adagrad", "adamw8bit")
-
 
 def decay_groups(params: list[torch.nn.Parameter], weight_decay: float, decay_1d: bool = False) -> list[dict]:
     """Parameter groups: no weight decay on norms and biases (1-D tensors), as is usual.

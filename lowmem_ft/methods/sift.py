@@ -31,20 +31,14 @@ from lowmem_ft.methods.optimizers import make_optimizer
 from lowmem_ft.planner.accounting import SIFT_BYTES_PER_ENTRY, sparse_entries
 from lowmem_ft.targets import match_targets
 
-SELECTION_SCORES = ("grad", "grad2")
 DEFAULT_SPARSITY = 0.01  # without a plan (an architecture the planner does not know)
 
 
 class SparseIncrement(Method):
     """A fixed sparse mask over the target weights, trained with an optimizer over its values."""
 
-    exports_full_model = False  # a delta of indices and values
-
     def weight_dtype(self, config) -> torch.dtype:
-        # The base is frozen, so it is stored in the compute precision: bf16 (or fp16) on a GPU,
-        # fp32 on a CPU. Only the increment needs fp32, and it has it.
-        compute = config.compute_dtype()
-        return compute if compute in (torch.bfloat16, torch.float16) else torch.float32
+        return self.frozen_base_dtype(config)  # only the increment needs fp32, and it has it
 
     # -- setting up -------------------------------------------------------------------------------
     def place(self, model, config, device) -> None:
@@ -161,18 +155,11 @@ class SparseIncrement(Method):
 
     def export(self, model, tokenizer, job_dir, save_dtype, base):
         from lowmem_ft.delta import DELTA_FILE, save_delta
-        from lowmem_ft.models import weights_hash
+        from lowmem_ft.results import base_metadata
 
         meta = {
-            "method": self.name,
-            "base_model": base.spec,
-            "base_name": base.name,
-            "base_hub_id": base.hub_id,
-            "base_weights_dir": str(base.weights_dir),
-            "base_weights_sha256": weights_hash(base.weights_dir),
-            "base_quant": self.config.base_quant or "none",
+            **base_metadata(self.name, base, self.config),
             "sparsity": self.rate,
-            "targets": self.config.targets,
             "shapes": {
                 f"{name}.weight": [layer.out_features, layer.in_features]
                 for name, layer in self.layers.items()
@@ -183,11 +170,6 @@ class SparseIncrement(Method):
 
 class SIFT(SparseIncrement):
     name = "sift"
-    summary = "top-k entries of each weight by gradient, fixed after selection; fp32 increments"
-    options = (
-        "--sparsity, --targets, --base-quant, --selection-batches, --selection-score grad|grad2 "
-        "(grad2 over a window: Fu et al.'s SAM), --stream"
-    )
 
     def selection_batches(self, config) -> int:
         return 0 if getattr(self, "selected", False) else config.selection_batches

@@ -20,17 +20,13 @@ from __future__ import annotations
 
 import json
 import warnings
-from typing import ClassVar
 
 import torch
 
 from lowmem_ft.methods.base import Method
 from lowmem_ft.methods.optimizers import make_optimizer
+from lowmem_ft.results import ADAPTER_DIR, ADAPTER_META, base_metadata
 from lowmem_ft.selections import Selection, layer_index, select
-
-ADAPTER_DIR = "adapter"
-ADAPTER_META = "lowmem_ft.json"  # beside peft's files: the base the adapter belongs to, and its hash
-DEFAULT_LORA_RANK = 8
 
 
 def model_terms(model: torch.nn.Module) -> dict[str, int]:
@@ -56,11 +52,8 @@ def model_linears(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
 class StructuredMethod(Method):
     """A fixed set of whole tensors trains with AdamW; a peft LoRA adapter where the selection has one."""
 
-    exports_full_model: ClassVar[bool] = True
-
     def weight_dtype(self, config) -> torch.dtype:
-        compute = config.compute_dtype()  # the base is frozen: the compute precision is enough
-        return compute if compute in (torch.bfloat16, torch.float16) else torch.float32
+        return self.frozen_base_dtype(config)
 
     def _select(self, model, config) -> Selection:
         if not getattr(self, "selection", None):
@@ -111,7 +104,7 @@ class StructuredMethod(Method):
         return dict(zip(self._names, self._params, strict=True))  # the base never changes
 
     def export(self, model, tokenizer, job_dir, save_dtype, base):
-        from lowmem_ft.export import save_hf_model
+        from lowmem_ft.models.saving import save_hf_model
 
         if self.peft_model is not None:
             model = self.peft_model.merge_and_unload()  # W + (α/r)·BA, into the base's own weights
@@ -164,8 +157,6 @@ def _declare_added_biases(model) -> None:
 
 class BitFit(StructuredMethod):
     name = "bitfit"
-    summary = "bias and norm terms only (Llama has no biases: norm weights, optionally added biases)"
-    options = "--add-biases, --freeze-layers"
 
 
 def _sort_lists(config_file) -> None:
@@ -180,13 +171,8 @@ def _sort_lists(config_file) -> None:
 
 class LoRA(StructuredMethod):
     name = "lora"
-    summary = "low-rank adapters on the target linear layers (peft); QLoRA with --base-quant nf4"
-    options = "--lora-rank, --lora-alpha, --lora-dropout, --targets, --base-quant none|nf4, --freeze-layers"
-    exports_full_model = False
 
     def export(self, model, tokenizer, job_dir, save_dtype, base):
-        from lowmem_ft.models import weights_hash
-
         out = job_dir / ADAPTER_DIR
         # Where AutoPeftModel finds the base: its hub id, or the local directory it was loaded from.
         self.peft_model.peft_config["default"].base_model_name_or_path = base.hub_id or str(base.weights_dir)
@@ -195,13 +181,7 @@ class LoRA(StructuredMethod):
         self.peft_model.save_pretrained(out, save_embedding_layers=False)
         _sort_lists(out / "adapter_config.json")
         meta = {
-            "method": self.name,
-            "base_model": base.spec,
-            "base_name": base.name,
-            "base_weights_dir": str(base.weights_dir),
-            "base_weights_sha256": weights_hash(base.weights_dir),
-            "base_quant": self.config.base_quant or "none",
-            "targets": self.config.targets,
+            **base_metadata(self.name, base, self.config),
             "lora_targets": len(self.selection.lora_targets),
             "trainable": self.trainable_count(),
         }
@@ -211,5 +191,3 @@ class LoRA(StructuredMethod):
 
 class SPAFIT(StructuredMethod):
     name = "spafit"
-    summary = "by depth: lowest layers frozen, middle bias/norm terms, top LoRA on attention (+terms: II)"
-    options = "--cutoffs N1,N2, --variant I|II, --lora-rank, --lora-alpha, --add-biases"

@@ -14,14 +14,14 @@ when unpickled, and a fine-tuning tool has no reason to take that risk.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lowmem_ft.errors import UserError, read_json_object
+from lowmem_ft.errors import UserError
+from lowmem_ft.files import read_json_object, sha256_of
 from lowmem_ft.models.registry import ALIASES, TINY_DIR, ModelAlias, alias_config_path
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer*"]
 # "org/name" as the hub spells repository ids.
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HASH_CHUNK = 8 * 1024 * 1024
 
 
 @dataclass
@@ -337,9 +336,4 @@ def weights_hash(weights_dir: Path) -> str:
     files = sorted(Path(weights_dir).glob("*.safetensors"))
     if not files:
         raise UserError(f"{weights_dir}: no *.safetensors files to hash")
-    digest = hashlib.sha256()
-    for path in files:
-        with path.open("rb") as handle:
-            while chunk := handle.read(_HASH_CHUNK):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_of(files)

@@ -19,10 +19,6 @@ class ModelUnit:
     name: str  # "embed", "layer.0", ..., "head"
     params: list[torch.nn.Parameter]
 
-    @property
-    def numel(self) -> int:
-        return sum(p.numel() for p in self.params)
-
 
 def model_units(model: torch.nn.Module) -> list[ModelUnit]:
     """Split a Hugging Face decoder-only model (Llama family) into units, bottom to top."""

@@ -1,12 +1,11 @@
 """The memory planner: fit a fine-tuning method into a machine, before loading a single weight."""
 
 from lowmem_ft.planner.build import PlanResult, build_plan
-from lowmem_ft.planner.plan import PLANNABLE_METHODS, Component, Plan, PlanRequest, make_plan
+from lowmem_ft.planner.plan import Component, Plan, PlanRequest, make_plan
 from lowmem_ft.planner.report import render_plan
 from lowmem_ft.planner.shapes import ModelShape, read_config, shape_from_config
 
 __all__ = [
-    "PLANNABLE_METHODS",
     "Component",
     "ModelShape",
     "Plan",

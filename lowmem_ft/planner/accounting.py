@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lowmem_ft.engine import NF4_BLOCKSIZE
 from lowmem_ft.planner.shapes import ModelShape
 
 GiB = 1024**3
@@ -30,7 +31,7 @@ GiB = 1024**3
 SIFT_BYTES_PER_ENTRY = 4 + 4 + 8 + 4
 # Bytes per weight of a bitsandbytes-quantised base (engine/sparse_delta.py): blockwise int8 with an
 # fp32 absmax per 256 weights, NF4 with an fp32 absmax per 64. "none" is the compute dtype's size.
-QUANT_BYTES = {"int8": 1.0 + 4 / 256, "nf4": 0.5 + 4 / 64}
+QUANT_BYTES = {"int8": 1.0 + 4 / 256, "nf4": 0.5 + 4 / NF4_BLOCKSIZE}
 # Optimizer-state bytes per parameter on the device: AdamW's fp32 m and v, whatever the policy (the
 # optimizer runs in fp32; a group stored in 8 bits is expanded to fp32 on arrival).
 DEVICE_STATE_BYTES = 8

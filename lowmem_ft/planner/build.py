@@ -9,15 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lowmem_ft.errors import UserError
-from lowmem_ft.planner.plan import (
-    BASE_QUANTS,
-    PLANNABLE_METHODS,
-    SPARSE_METHODS,
-    STATE_POLICIES,
-    Plan,
-    PlanRequest,
-    make_plan,
-)
+from lowmem_ft.planner.plan import Plan, PlanRequest, make_plan
 from lowmem_ft.planner.shapes import ModelShape, read_config, shape_from_config
 
 COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -66,48 +58,12 @@ def build_plan(
     switch_every: int = 1,
     cuda_index: int = 0,  # the GPU torch calls cuda:N (`run --device cuda:N`): its memory is planned for
 ) -> PlanResult:
-    """Plan MODEL (or an already-read ``config``) for this machine or the one the flags describe."""
+    """Plan MODEL (or an already-read ``config``) for this machine or the one the flags describe.
+    The options must have been validated (lowmem_ft.config.RunConfig.validate)."""
     from lowmem_ft.hardware import detect_budget
 
-    _check(
-        method in PLANNABLE_METHODS,
-        f"--method {method!r} cannot be planned; choose one of: {', '.join(PLANNABLE_METHODS)}",
-    )
-    _check(seq_len >= 8, f"--seq-len must be at least 8 tokens, got {seq_len}")
-    _check(batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}")
-    _check(
-        micro_batch_size is None or 1 <= micro_batch_size <= batch_size,
-        f"--micro-batch-size must be between 1 and --batch-size ({batch_size}), got {micro_batch_size}",
-    )
-    _check(dtype in ("auto", *COMPUTE_BYTES), f"--dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
-    _check(
-        units_per_group is None or units_per_group >= 1,
-        f"--units-per-group must be at least 1, got {units_per_group}",
-    )
-    _check(
-        state_policy is None or state_policy in STATE_POLICIES,
-        f"--state-policy must be one of {', '.join(STATE_POLICIES)}, got {state_policy!r}",
-    )
-    _check(
-        sparsity is None or 0 < sparsity <= 1,
-        f"--sparsity must be in (0, 1], e.g. 0.05 for 5%, got {sparsity}",
-    )
-    _check(
-        base_quant is None or base_quant in BASE_QUANTS,
-        f"--base-quant must be one of {', '.join(BASE_QUANTS)}, got {base_quant!r}",
-    )
-
-    _check(selection_batches >= 1, f"--selection-batches must be at least 1, got {selection_batches}")
-    _check(
-        not stream or method in ("hift", *SPARSE_METHODS),
-        "--stream applies to --method hift / sift / random / magnitude (their streamed weights are frozen)",
-    )
-    _check(lora_rank >= 1, f"--lora-rank must be at least 1, got {lora_rank}")
-    _check(variant in ("I", "II"), f"--variant must be I or II, got {variant!r}")
-    _check(
-        method not in ("lora",) or base_quant in (None, "none", "nf4"),
-        f"--base-quant for --method lora is none or nf4 (QLoRA), got {base_quant!r}",
-    )
+    # The options were checked where they were given (RunConfig.validate: `run`, `plan`, `resume`);
+    # what is checked here depends on the model.
     if config is None:
         config, name = read_config(model)
     else:

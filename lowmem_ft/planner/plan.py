@@ -21,6 +21,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 
+from lowmem_ft.choices import BASE_QUANTS, SPARSE_METHODS, STATE_POLICIES, STRUCTURED_METHODS
 from lowmem_ft.engine import ROUNDING_CHUNK
 from lowmem_ft.planner.accounting import (
     DEVICE_STATE_BYTES,
@@ -38,13 +39,8 @@ from lowmem_ft.planner.accounting import (
     sparse_entries,
 )
 from lowmem_ft.planner.shapes import ModelShape
-from lowmem_ft.selections import STRUCTURED_METHODS
 
-PLANNABLE_METHODS = ("full", "hift", "sift", "random", "magnitude", "bitfit", "lora", "spafit")
-SPARSE_METHODS = ("sift", "random", "magnitude")  # one engine, one accounting; they differ in the mask
 DTYPE_NAMES = {2: "bf16", 4: "fp32"}
-STATE_POLICIES = ("keep", "keep-8bit", "drop")
-BASE_QUANTS = ("none", "int8", "nf4")
 SPARSITY_GRID = (0.10, 0.08, 0.05, 0.04, 0.03, 0.02, 0.01, 0.005, 0.002, 0.001)
 # CUDA context, cuBLAS(Lt) workspaces, SDPA and bitsandbytes kernels: outside the allocator, seen by
 # NVML; 0.6-1.0 GiB on H100-class cards. Not measured here: `run` measures the real one before step 1.

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowmem_ft.errors import UserError, read_json_object
+from lowmem_ft.errors import UserError
+from lowmem_ft.files import read_json_object
 
 # Llama-style decoders: RMSNorm, rotary attention with optional grouped KV heads, SwiGLU MLP.
 LLAMA_FAMILY = {"llama", "mistral", "qwen2", "qwen3"}
@@ -62,15 +63,6 @@ class ModelShape:
     @property
     def layer_units(self) -> tuple[Unit, ...]:
         return tuple(u for u in self.units if u.name.startswith("layer."))
-
-    @property
-    def matmul_params(self) -> int:
-        """Parameters used as matmul weights (all linears incl. the LM head, tied or not).
-
-        Under autocast these are the weights that get a 16-bit copy; embeddings and norms do not.
-        """
-        head = self.vocab * self.hidden
-        return sum(u.linear_params for u in self.layer_units) + head
 
     def named_terms(self) -> dict[str, int]:
         """{parameter name: numel} of the bias and norm weights, as the model names them."""

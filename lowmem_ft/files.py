@@ -1,0 +1,70 @@
+"""Reading and writing files safely: JSON objects a user may have damaged, atomic JSON writes, free
+space before a large write, and checksums. Torch-free, at the bottom of the package."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from lowmem_ft.errors import UserError
+
+_HASH_CHUNK = 16 << 20
+
+
+def sha256_of(paths: Iterable[Path]) -> str:
+    """sha256 (hex) of the bytes of ``paths``, one after the other, read 16 MiB at a time."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write to a temporary file, fsync, then rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # the file it replaces is whole; the half-written one goes
+        raise
+
+
+def read_json_object(path, what: str) -> dict:
+    """The JSON object in ``path`` (``what`` names it in messages, e.g. "model config"); a file that
+    cannot be read, is not UTF-8 JSON, or holds something other than an object is one UserError
+    naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; a {what} is a UTF-8 JSON file") from None
+    except ValueError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}); a {what} is a JSON object") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: holds a JSON {type(data).__name__}, not the JSON object a {what} is")
+    return data
+
+
+def free_bytes(path) -> int | None:
+    """Free bytes on the file system that holds ``path`` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None

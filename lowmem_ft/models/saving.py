@@ -1,0 +1,32 @@
+"""Writing a model in the format other tools load: a Hugging Face directory of safetensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lowmem_ft.models.loading import ResolvedModel, quiet_transformers
+
+
+def save_hf_model(model: torch.nn.Module, tokenizer, out_dir: Path, save_dtype: torch.dtype) -> Path:
+    """Save ``model`` and ``tokenizer`` so ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads them.
+
+    Tensors are cast one at a time into the state dict that is written, so the peak extra memory
+    is one copy of the model in ``save_dtype``, not a second model object.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().to("cpu", save_dtype) for name, t in model.state_dict().items()}
+    model.config.dtype = save_dtype
+    with quiet_transformers():  # no per-shard progress bar in the middle of our output
+        model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def model_dtype_on_disk(resolved: ResolvedModel) -> torch.dtype:
+    """The dtype the base model was distributed in; exports default to it (bf16 for most 7B models)."""
+    dtype = getattr(resolved.config, "dtype", None) or getattr(resolved.config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32

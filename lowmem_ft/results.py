@@ -1,0 +1,63 @@
+"""What a finished job leaves besides its full model: the names of its result files, and finding them.
+
+JOB/model/                 methods that train every weight they touch: a Hugging Face model
+JOB/delta.safetensors      the sparse methods: the trained entries (lowmem_ft/delta.py)
+JOB/adapter/               LoRA: peft's adapter files, and ADAPTER_META beside them
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lowmem_ft.delta import DELTA_FILE
+from lowmem_ft.errors import UserError
+
+
+def base_metadata(method: str, base, config) -> dict:
+    """What a delta or an adapter records about its base (``base``: models.ResolvedModel), so that
+    `export --merge` finds it and refuses any other (the sha256 of its weights)."""
+    from lowmem_ft.models import weights_hash
+
+    return {
+        "method": method,
+        "base_model": base.spec,
+        "base_name": base.name,
+        "base_hub_id": base.hub_id,
+        "base_weights_dir": str(base.weights_dir),
+        "base_weights_sha256": weights_hash(base.weights_dir),
+        "base_quant": config.base_quant or "none",
+        "targets": config.targets,
+    }
+
+
+ADAPTER_DIR = "adapter"
+ADAPTER_META = "lowmem_ft.json"  # beside peft's files: the base the adapter belongs to, and its hash
+
+
+def find_result(job_dir: Path) -> tuple[str, Path]:
+    """The mergeable result of a job: ("delta", its delta file) or ("adapter", its LoRA adapter
+    directory); the job directory or the file/directory itself may be given."""
+    if job_dir.is_file():
+        return "delta", job_dir
+    if (job_dir / ADAPTER_META).is_file():
+        return "adapter", job_dir
+    if not job_dir.is_dir():
+        raise UserError(f"{job_dir}: no such job directory")
+    if (job_dir / DELTA_FILE).is_file():
+        return "delta", job_dir / DELTA_FILE
+    if (job_dir / ADAPTER_DIR / ADAPTER_META).is_file():
+        return "adapter", job_dir / ADAPTER_DIR
+    job_file = job_dir / "job.json"
+    if not job_file.is_file():
+        raise UserError(f"{job_dir}: not a lowmem-ft job directory (no job.json)")
+    record = json.loads(job_file.read_text())
+    method = record.get("config", {}).get("method", "?")
+    if (job_dir / "model").is_dir():
+        raise UserError(
+            f"{job_dir} was trained with --method {method}; its full model is already in {job_dir / 'model'}"
+        )
+    raise UserError(
+        f"{job_dir} has no result yet (status: {record.get('status', '?')}); "
+        "it is written when the job finishes"
+    )

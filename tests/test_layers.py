@@ -1,0 +1,32 @@
+"""The package's import layers (pyproject.toml, [tool.importlinter]): nothing imports upward, so the
+import cycle that once ran through config, methods, export and train cannot come back."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_layer_contract_is_kept():
+    lint = shutil.which("lint-imports")
+    assert lint, "import-linter is a test dependency: pip install -e '.[test]'"
+    done = subprocess.run([lint], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+def test_the_contract_fails_when_a_lower_layer_imports_a_higher_one(tmp_path):
+    """The check can fail: a copy of the package where config imports train breaks it."""
+    lint = shutil.which("lint-imports")
+    assert lint
+    shutil.copytree(
+        REPO / "lowmem_ft", tmp_path / "lowmem_ft", ignore=shutil.ignore_patterns("tiny", "configs")
+    )
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    config = tmp_path / "lowmem_ft" / "config.py"
+    config.write_text(config.read_text() + "\n\ndef _upward():\n    from lowmem_ft import train  # noqa\n")
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([lint], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode != 0 and "lowmem_ft.config -> lowmem_ft.train" in done.stdout, done.stdout[-2000:]

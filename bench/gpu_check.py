@@ -1,8 +1,8 @@
 """One prepared GPU check: what a GPU must confirm about lowmem-ft, in one command.
 
-    python bench/gpu_check.py --write docs/benchmarks.md     # every step (about 8 min, H100/H200)
-    python bench/gpu_check.py --quick                        # steps 1-2 and one plan case (< 3 min)
-    python bench/gpu_check.py --rehearse                     # the same plumbing on a CPU (what CI runs)
+    python bench/gpu_check.py --write docs/benchmarks.md  # every step (meant for < 8 min; not yet run)
+    python bench/gpu_check.py --quick                     # steps 1-2 and one plan case (meant for < 3 min)
+    python bench/gpu_check.py --rehearse                  # the same plumbing on a CPU (what CI runs)
 
 Nothing in lowmem-ft has run on a GPU until this does. A GPU comes by chance and for minutes, so the
 steps run most valuable first, each figure is written to the JSON file (``--json``, default
@@ -14,8 +14,9 @@ It ends with a one-screen summary, PASS / FAIL / SKIP per check.
   1. environment      versions; the GPU, the NVML card the planner picks against torch's own (by
                       UUID), free memory; the CUDA context measured after a matmul, an SDPA forward
                       and backward and `import bitsandbytes`; pinned 256 MiB host<->device copies
-  2. gpu tests        `pytest -m gpu` with CUBLAS_WORKSPACE_CONFIG set, then the streaming and
-                      state-store tests again under TORCH_CUDA_SANITIZER=1 (unsynchronised streams)
+  2. gpu tests        `pytest -m gpu` with CUBLAS_WORKSPACE_CONFIG set (streamed = resident, also with
+                      compute or copies slowed: races), then the streaming and state-store tests
+                      again under TORCH_CUDA_SANITIZER=1 (unsynchronised streams)
   3. plan vs measured the recipe's own loop (lowmem_ft/looptrace.py: plan_run, prepare_model, the
                       steps, evaluation, checkpoint capture) on the real GPU, random weights from
                       the shipped configs (no download), the budget enforced with
@@ -25,15 +26,15 @@ It ends with a one-screen summary, PASS / FAIL / SKIP per check.
   4. streaming        bench/streaming.py: streamed against resident HiFT tokens/s and the copy
                       bandwidth (full run only)
 
-Not yet here (issue 17): races at real sizes with slowed compute or copies, the profiler's overlap
-figure, and the out-of-memory retry path on a GPU.
+Not yet here (issue 17): the races at Llama-2 layer sizes (the slowed-stream tests run the tiny
+model), the state store's export right after save with the side stream held back, the profiler's
+overlap figure, and the out-of-memory retry path on a GPU.
 
 ``--rehearse`` runs every step's plumbing without a GPU: the environment step reports the CPU, the
 GPU tests are collected and skip, the plan cases trace the loop on fake tensors (the tiny model).
 tests/test_gpu_check.py runs it and kills it half-way to check the JSON it leaves.
 
-On a lent machine (the device tool): bitsandbytes and this package travel as wheels (its README);
-one call: `python bench/gpu_check.py --write docs/benchmarks.md --json $OUT/gpu_check.json`.
+On a lent machine (the device tool), docs/benchmarks.md says what to carry and the one call.
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ def gpu_tests(rehearse: bool) -> dict:
     figures = {"pytest -m gpu": summary}
     sanitizer = None
     if not rehearse:
-        races = [*pytest, "-k", "state_store or streamed"]
+        races = [*pytest, "-k", "state_store or stream"]
         code2, out2, _ = run_child(races, timeout=300, env={**env, "TORCH_CUDA_SANITIZER": "1"})
         sanitizer = code2
         figures["under TORCH_CUDA_SANITIZER"] = (out2.strip().splitlines() or [""])[-1]
@@ -358,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="steps 1-2 and one plan case (under 3 minutes)")
+    parser.add_argument(
+        "--quick", action="store_true", help="steps 1-2 and one plan case (meant for under 3 minutes)"
+    )
     parser.add_argument(
         "--rehearse", action="store_true", help="the plumbing on a CPU: fake tensors, tiny model"
     )

@@ -280,7 +280,7 @@ def run(
 
 def _training(start) -> None:
     """Run a training entry point; Ctrl-C and SIGTERM end it with exit code 130."""
-    from lowmem_ft.train import RunInterrupted
+    from lowmem_ft.stop import RunInterrupted
 
     try:
         start()

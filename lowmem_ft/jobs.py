@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowmem_ft.errors import UserError, disk_fault
+from lowmem_ft.errors import DiskError, UserError, disk_fault
 from lowmem_ft.files import read_json_object, write_json_atomic
 
 
@@ -56,7 +56,7 @@ class JobLock:
     def __init__(self, directory: Path):
         self.path = directory / "lock"
         self._fd: int | None = None
-        self.created_directory = False  # a new job's: whether claiming it made the directory
+        self.created: list[Path] = []  # a new job's: the directories claiming it made, deepest first
         self.stale_holder: dict | None = None  # the killed process whose lock was taken over
 
     def acquire(self, new_job: bool = False) -> None:
@@ -126,13 +126,15 @@ def claim_new_job(directory: Path) -> JobLock:
     so that of two runs given the same ``--out`` exactly one goes on; the other is told who holds it.
     Undo with ``abandon_new_job`` if the job is never started."""
     check_new_job_directory(directory)
-    created = not directory.exists()
+    created = [d for d in [directory, *directory.absolute().parents] if not d.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        if (reason := disk_fault(exc)) is not None:
+            raise DiskError(f"could not create --out {directory}: {reason}; nothing was written") from None
         raise UserError(f"cannot create --out {directory}: {exc.strerror or exc}") from None
     lock = JobLock(directory)
-    lock.created_directory = created
+    lock.created = created
     lock.acquire(new_job=True)  # refused: the directory is another run's now, left as it is
     return lock
 
@@ -144,9 +146,9 @@ def abandon_new_job(lock: JobLock) -> None:
     directory = lock.path.parent
     for name in _NEW_JOB_FILES:
         (directory / name).unlink(missing_ok=True)
-    if lock.created_directory:
+    for made in lock.created:  # only if empty: anything else in them is not ours to delete
         with contextlib.suppress(OSError):
-            directory.rmdir()  # only if empty: anything else in it is not ours to delete
+            made.rmdir()
 
 
 def read_lock(directory: Path) -> dict | None:

@@ -159,7 +159,7 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
     random weights, instead of fake tensors."""
     from transformers import AutoModelForCausalLM
 
-    from lowmem_ft import train
+    from lowmem_ft import prepare, train, train_state
     from lowmem_ft.data import TokenStats
     from lowmem_ft.data.batching import Batcher
     from lowmem_ft.data.tokenize import Example
@@ -167,7 +167,7 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
     from lowmem_ft.models import resolve_model
 
     resolved = resolve_model(config.model, require_weights=False)
-    plan = train.plan_run(config, resolved, CUDA)
+    plan = prepare.plan_run(config, resolved, CUDA)
     # Two micro-batches a step where the plan has several (memory does not depend on how many more
     # there are), else one: the sum of the gradients is alive only while accumulating.
     several = config.batch_size > config.micro_batch_size
@@ -195,15 +195,15 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
         model.train()
         with trace, host_memory.observe(trace.host_buffer):
             with phase("setup"):
-                train.prepare_model(config, method, model, device)
+                prepare.prepare_model(config, method, model, device)
             if not on_gpu:  # on the fake CPU, resident weights did not move: count what is there now
                 trace.adopt([*model.parameters(), *model.buffers()])
             else:
                 torch.cuda.reset_peak_memory_stats()
             trace.restart_peak()
-            data = train.Data(examples[:2], examples[2:], "text", TokenStats(), 0)
+            data = prepare.Data(examples[:2], examples[2:], "text", TokenStats(), 0)
             batcher = Batcher(data.train, config.batch_size, config.micro_batch_size, 0, config.seed)
-            s = train.Setup(
+            s = prepare.Setup(
                 config, plan, resolved, tokenizer, data, model, 0, method, device,
                 config.compute_dtype(), batcher, max_steps=10**6,
             )  # fmt: skip
@@ -214,7 +214,7 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
                 train.train_step(s, _NoJob(), step, scaler, bar=None)
             train.evaluate(s)
             with phase("checkpoint"):
-                train.capture(s, train.Progress(step=steps[-1] + 1), scaler, _NoJob())
+                train_state.capture(s, train_state.Progress(step=steps[-1] + 1), scaler, _NoJob())
     detail = {"streamed layers": method.streamer.host_bytes()} if method.streamer is not None else {}
     for group, buffers in getattr(getattr(method, "store", None), "_flat", {}).items():
         detail[f"state of group {group}"] = sum(b.numel() * b.element_size() for b in buffers.values())

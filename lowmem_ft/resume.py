@@ -3,7 +3,7 @@
 The job's own settings are used, the method's included (even those the planner chose for the
 first machine: they are part of the result); only how a step is cut into micro-batches and
 whether activations are recomputed are planned again for this machine. What a checkpoint holds
-and how it is put back is train.capture / train.restore; the format is checkpoint.py.
+and how it is put back is train_state.capture / train_state.restore; the format is checkpoint.py.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ from pathlib import Path
 
 from lowmem_ft.checkpoint import Restored, latest_checkpoint, remove_partial
 from lowmem_ft.config import RunConfig
+from lowmem_ft.console import print_header
 from lowmem_ft.errors import UserError
 from lowmem_ft.files import sha256_of, write_json_atomic
 from lowmem_ft.jobs import Job
+from lowmem_ft.prepare import Setup, setup
 from lowmem_ft.registry import PLANNED_OPTIONS
-from lowmem_ft.train import Setup, execute, print_header, setup
+from lowmem_ft.train import execute
 
 
 def resume(job_dir: Path, overrides: dict | None = None, show_progress: bool = True) -> Job:

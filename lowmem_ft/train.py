@@ -3,8 +3,10 @@
     lowmem-ft run tiny examples/python-qa.jsonl          # the CLI calls run(config)
 
 Everything that can fail because of the user's input (flags, model, data) is checked in `setup`
-*before* the job directory is created, so a bad invocation leaves nothing behind. The loop never
-branches on the method's name: methods plug in through the hooks of `lowmem_ft.methods.Method`.
+(prepare.py) *before* the job directory is written, so a bad invocation leaves nothing behind. The
+loop never branches on the method's name: methods plug in through the hooks of
+`lowmem_ft.methods.Method`. What a checkpoint holds is train_state.py; stopping on Ctrl-C/SIGTERM,
+stop.py; what the run prints before its first step, console.py.
 """
 
 from __future__ import annotations
@@ -12,14 +14,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import shutil
-import signal
-import sys
-import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -27,225 +25,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lowmem_ft.checkpoint import Restored, save_checkpoint
+from lowmem_ft.checkpoint import Restored
 from lowmem_ft.config import DTYPES, RunConfig
-from lowmem_ft.data import (
-    Batcher,
-    Example,
-    TokenStats,
-    eval_batches,
-    pack_examples,
-    read_jsonl,
-    split_eval,
-    tokenize_records,
-)
+from lowmem_ft.console import out_of_memory_message, print_header
+from lowmem_ft.data import Batcher, eval_batches
 from lowmem_ft.data.tokenize import IGNORE_INDEX
 from lowmem_ft.errors import DiskError, UserError, disk_fault
 from lowmem_ft.files import free_bytes, sha256_of, write_json_atomic
 from lowmem_ft.hardware import PeakMemory, format_bytes
 from lowmem_ft.jobs import Job, abandon_new_job, claim_new_job
-from lowmem_ft.methods import Method, build_method
-from lowmem_ft.models import ResolvedModel, load_model, load_tokenizer, resolve_model
 from lowmem_ft.models.saving import model_dtype_on_disk
-from lowmem_ft.phases import ADVICE, OutOfMemoryIn, phase
-from lowmem_ft.planner import Plan, build_plan
-from lowmem_ft.planner.shapes import UnsupportedModel
-from lowmem_ft.preflight import check_plan_fits_device
-from lowmem_ft.registry import PLANNED_OPTIONS
-
-
-class RunInterrupted(Exception):
-    """Ctrl-C or SIGTERM during training: the job directory has been marked 'interrupted'."""
-
-    def __init__(self, job: Job):
-        last = job.record.get("last_checkpoint")
-        saved = f"the last checkpoint is {last['dir']}" if last else "no checkpoint was saved yet"
-        super().__init__(
-            f"interrupted at step {job.record.get('step', 0)}; {saved}; "
-            f"continue with `lowmem-ft resume {job.dir}`"
-        )
-        self.job = job
-
-
-@dataclass
-class Data:
-    train: list[Example]
-    eval: list[Example]
-    format: str
-    stats: TokenStats
-    skipped_lines: int
-
-    def summary(self) -> dict:
-        return {
-            "format": self.format,
-            "train_examples": len(self.train),
-            "eval_examples": len(self.eval),
-            "skipped_bad_lines": self.skipped_lines,
-            **{f"tokenize_{k}": v for k, v in asdict(self.stats).items()},
-        }
-
-
-@dataclass
-class Setup:
-    config: RunConfig
-    plan: Plan | None
-    resolved: ResolvedModel
-    tokenizer: object
-    data: Data
-    model: torch.nn.Module
-    model_params: int  # as loaded, before a method re-stores any weights (a quantised base)
-    method: Method
-    device: torch.device
-    compute_dtype: torch.dtype
-    batcher: Batcher
-    max_steps: int
-
-
-# -- setup ----------------------------------------------------------------------------------------
-def load_data(config: RunConfig, tokenizer) -> Data:
-    records, fmt, skipped = read_jsonl(config.data, config.format, config.skip_bad_lines)
-    examples, stats = tokenize_records(records, fmt, tokenizer, config.seq_len)
-    if config.eval_data is not None:
-        # The evaluation file is detected on its own (it may be in another format than the training file).
-        eval_records, eval_fmt, eval_skipped = read_jsonl(
-            config.eval_data, config.format, config.skip_bad_lines
-        )
-        eval_examples, _ = tokenize_records(eval_records, eval_fmt, tokenizer, config.seq_len)
-        train_examples, skipped = examples, skipped + eval_skipped
-    else:
-        train_examples, eval_examples = split_eval(examples, config.eval_fraction, config.seed)
-    if config.pack:  # pack after the split, so no evaluation example leaks into a training row
-        train_examples = pack_examples(train_examples, config.seq_len)
-    if not train_examples:
-        raise UserError(f"{config.data}: no training examples left after tokenization; check --seq-len")
-    return Data(train_examples, eval_examples, fmt, stats, skipped)
-
-
-def plan_run(config: RunConfig, resolved: ResolvedModel, device: torch.device | None = None) -> Plan | None:
-    """Plan this run with the same planner as `lowmem-ft plan`, and adopt what the user left open.
-
-    Options the user gave win; the plan says whether they fit. A plan that does not fit stops the
-    run here, before anything is loaded or written. ``device``: the one the run will use (the memory
-    trace plans for a GPU it does not have).
-    """
-    device = device or config.resolved_device()
-    dtype_name = {v: k for k, v in DTYPES.items()}[config.compute_dtype()]
-    try:
-        result = build_plan(
-            resolved.name,
-            config=resolved.config.to_dict(),
-            method=config.method,
-            gpu_mem=config.gpu_mem if device.type == "cuda" else None,
-            cpu_mem=config.cpu_mem,
-            gpu=None if device.type == "cuda" else "none",
-            seq_len=config.seq_len,
-            batch_size=config.batch_size,
-            micro_batch_size=config.micro_batch_size,
-            gradient_checkpointing=config.gradient_checkpointing,
-            dtype=dtype_name,
-            units_per_group=config.units_per_group,
-            state_policy=config.state_policy,
-            groups=config.groups,
-            sparsity=config.sparsity,
-            base_quant=config.base_quant,
-            targets=config.targets,
-            selection_batches=config.selection_batches if config.method == "sift" else 1,
-            stream=config.stream,
-            lora_rank=config.lora_rank,
-            cutoffs=config.cutoffs,
-            variant=config.variant,
-            add_biases=config.add_biases,
-            freeze_layers=config.freeze_layers,
-            cuda_index=device.index or 0,
-            order=config.order,
-            switch_every=config.switch_every,
-        )
-    except UnsupportedModel as exc:
-        print(f"plan       none: {exc}; micro-batch and checkpointing default to 4 and off")
-        if config.groups:
-            config.units_per_group = -(-(resolved.config.num_hidden_layers + 2) // config.groups)
-        config.micro_batch_size = config.micro_batch_size or min(4, config.batch_size)
-        config.gradient_checkpointing = bool(config.gradient_checkpointing)
-        adopt_streaming(config, resolved, 0)
-        return None
-    plan = result.plan
-    if not plan.fits:
-        raise UserError(
-            f"{resolved.name} with --method {config.method} does not fit this machine: {plan.shortfall} "
-            f"(`lowmem-ft plan {config.model} --method {config.method}` shows the breakdown)"
-        )
-    config.micro_batch_size = plan.settings["micro_batch_size"]
-    config.gradient_checkpointing = plan.settings["gradient_checkpointing"]
-    # HiFT's and the sparse methods' choices, when the user left them open
-    for option in PLANNED_OPTIONS:
-        if option in plan.settings and getattr(config, option) is None:
-            setattr(config, option, plan.settings[option])
-    adopt_streaming(config, resolved, plan.settings.get("streamed_units", 0))
-    return plan
-
-
-def adopt_streaming(config: RunConfig, resolved: ResolvedModel, planned: int) -> None:
-    """How many decoder layers are streamed: all with --stream, else the plan's count (the planner
-    streams decoder layers only). Streamed layers are rebuilt in the backward: checkpointing is on."""
-    if config.streamed_layers is None:
-        config.streamed_layers = resolved.config.num_hidden_layers if config.stream else planned
-    if config.streamed_layers:
-        config.gradient_checkpointing = True
-
-
-def setup(config: RunConfig) -> Setup:
-    config.validate()
-    resolved = resolve_model(
-        config.model, allow_download=config.allow_download, trust_remote_code=config.trust_remote_code
-    )
-    plan = plan_run(config, resolved)
-    tokenizer = load_tokenizer(resolved, trust_remote_code=config.trust_remote_code)
-    data = load_data(config, tokenizer)
-
-    torch.manual_seed(config.seed)
-    device, compute_dtype = config.resolved_device(), config.compute_dtype()
-    if device.type == "cuda":  # --device cuda:N: streams, pinning and the context all on that card
-        torch.cuda.set_device(device)
-    method = build_method(config.method)
-    model = load_model(resolved, method.weight_dtype(config), trust_remote_code=config.trust_remote_code)
-    model_params = sum(p.numel() for p in model.parameters())
-    prepare_model(config, method, model, device)
-    if plan is not None and device.type == "cuda":  # before step 1 and before the job is written
-        check_plan_fits_device(plan, device)
-
-    batcher = Batcher(
-        data.train, config.batch_size, config.micro_batch_size, tokenizer.pad_token_id, config.seed
-    )
-    max_steps = config.max_steps or max(1, math.ceil(config.epochs * batcher.steps_per_epoch))
-    return Setup(
-        config, plan, resolved, tokenizer, data, model, model_params, method, device, compute_dtype, batcher,
-        max_steps,
-    )  # fmt: skip
-
-
-def prepare_model(config: RunConfig, method: Method, model: torch.nn.Module, device: torch.device) -> None:
-    """Weights onto the device (streamed layers' frozen weights stay in host memory), activation
-    checkpointing as planned, then the method marks what trains and builds its optimizer."""
-    method.place(model, config, device)
-    if config.gradient_checkpointing:
-        enable_checkpointing(model)
-    model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
-    method.setup(model, config)
-
-
-def enable_checkpointing(model) -> None:
-    """Recompute each decoder layer's activations in the backward instead of storing them: activation
-    memory drops from every intermediate of every layer to one hidden state per layer."""
-    kwargs = {"use_reentrant": False}  # the reentrant variant breaks when inputs need no grad
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    # transformers also makes the embedding's output require grad, which only the reentrant variant
-    # needs. With it, every layer below HiFT's active group would be rebuilt and back-propagated
-    # through in the backward, for input gradients nobody uses (and streamed in a second time).
-    if hasattr(model, "disable_input_require_grads"):
-        model.disable_input_require_grads()
+from lowmem_ft.phases import OutOfMemoryIn, phase
+from lowmem_ft.prepare import Setup, setup
+from lowmem_ft.stop import RunInterrupted, StopRequest
+from lowmem_ft.train_state import Checkpoints, Progress, restore
 
 
 # -- pieces of the loop ---------------------------------------------------------------------------
@@ -313,55 +106,6 @@ def default_out_dir(config: RunConfig, model_name: str) -> Path:
         n += 1
         out = base.with_name(f"{base.name}-{n}")
     return out
-
-
-def print_header(s: Setup, job: Job) -> None:
-    d = s.data
-    print(f"model      {s.resolved.name} ({s.resolved.source}), {s.model_params:,} parameters")
-    print(f"method     {s.method.name}: {s.method.summary}; {s.method.describe_trainable()}")
-    print(
-        f"data       {s.config.data} ({d.format}): {len(d.train)} train / {len(d.eval)} eval examples, "
-        f"{d.stats.target_tokens:,} target tokens"
-        + (f", {d.stats.truncated} truncated to {s.config.seq_len} tokens" if d.stats.truncated else "")
-        + (f", {d.stats.dropped_no_target} dropped (no response left)" if d.stats.dropped_no_target else "")
-        + (f", {d.skipped_lines} bad lines skipped" if d.skipped_lines else "")
-    )
-    accumulation = math.ceil(s.config.batch_size / s.config.micro_batch_size)
-    print(
-        f"training   {s.max_steps} steps of {s.config.batch_size} examples "
-        f"({accumulation} × micro-batch {s.config.micro_batch_size}), "
-        f"lr {s.config.lr:g} {s.config.schedule}, "
-        f"{s.device.type} {str(s.compute_dtype).removeprefix('torch.')}"
-        + (", activation checkpointing" if s.config.gradient_checkpointing else "")
-    )
-    streamer = getattr(s.method, "streamer", None)
-    if streamer is not None:
-        print(
-            f"streaming  {len(streamer.host)} of {s.resolved.config.num_hidden_layers} decoder layers from "
-            f"host memory ({format_bytes(streamer.host_bytes())}) through {len(streamer.buffers)} buffers "
-            f"of {format_bytes(streamer.device_bytes() / len(streamer.buffers))}"
-            + (" (--stream)" if s.config.stream else "")
-        )
-    if s.plan is not None:
-        where = "GPU" if s.plan.device == "cuda" else "host"
-        peak = s.plan.gpu_peak_bytes if s.plan.device == "cuda" else s.plan.host_peak_bytes
-        budget = s.plan.gpu_budget_bytes if s.plan.device == "cuda" else s.plan.host_budget_bytes
-        shown_elsewhere = {
-            "micro_batch_size",
-            "gradient_checkpointing",
-            "gradient_accumulation",
-            "batch_size",
-        }
-        chosen = "".join(f", {k}={v}" for k, v in s.plan.settings.items() if k not in shown_elsewhere)
-        print(f"plan       peak ≈ {format_bytes(peak)} of {format_bytes(budget)} {where}{chosen} (plan.json)")
-    print(f"job        {job.dir}")
-    c = s.config
-    every = [f"every {c.save_every} steps"] if c.save_every else []
-    every += [f"every {c.save_every_minutes:g} min"] if c.save_every_minutes else []
-    print(
-        f"checkpoint {', '.join(every + ['at the end and on Ctrl-C'])}; the newest {c.keep_checkpoints} "
-        f"kept in {job.dir / 'checkpoints'}"
-    )
 
 
 # -- the recipe -----------------------------------------------------------------------------------
@@ -451,160 +195,6 @@ def execute(s: Setup, job: Job, restored: Restored | None, show_progress: bool) 
     finally:
         job.lock.release()
     return job
-
-
-def out_of_memory_message(s: Setup, job: Job, exc: OutOfMemoryIn) -> str:
-    budget = s.plan.gpu_budget_bytes if s.plan is not None and s.plan.device == "cuda" else 0
-    smaller = format_bytes(0.9 * budget).replace(" ", "") if budget else "SIZE"
-    last = job.record.get("last_checkpoint")
-    where = f"from {last['dir']}" if last else "from the start (no checkpoint was saved yet)"
-    return (
-        f"out of GPU memory in {exc.phase} at step {job.record.get('step', 0) + 1}; the job can continue "
-        f"{where}: {ADVICE[exc.phase].format(job=job.dir, smaller=smaller)}"
-    )
-
-
-@dataclass
-class Progress:
-    """What the loop carries from one step to the next; every checkpoint saves it."""
-
-    step: int = 0  # optimizer steps done
-    bad_in_a_row: int = 0  # NaN/Inf steps since the last good one
-    skipped_steps: list[int] = field(default_factory=list)
-    last_loss: float | None = None
-    eval_loss_start: float | None = None
-    eval_loss: float | None = None
-
-
-class Checkpoints:
-    """When to save (every --save-every steps, every --save-every-minutes, at the end, on a stop
-    request) and what: everything `restore` needs to continue exactly."""
-
-    def __init__(self, s: Setup, job: Job, scaler: torch.amp.GradScaler):
-        self.s, self.job, self.scaler = s, job, scaler
-        self.last_time = time.monotonic()
-        self.saved_step: int | None = None
-
-    def due(self, step: int) -> bool:
-        c = self.s.config
-        by_steps = c.save_every > 0 and step % c.save_every == 0
-        by_time = c.save_every_minutes > 0 and time.monotonic() - self.last_time >= 60 * c.save_every_minutes
-        return by_steps or by_time
-
-    def save(self, progress: Progress) -> Path | None:
-        if self.saved_step == progress.step:
-            return None
-        with phase("checkpoint"):
-            state = capture(self.s, progress, self.scaler, self.job)
-            # Only finite weights and state make a good checkpoint: one holding NaN/Inf would be
-            # named as the place to go back to, and retention would delete the good ones.
-            bad = first_non_finite({"weights": state["weights"], "method": state["method"]})
-            if bad is not None:
-                last = self.job.record.get("last_checkpoint")
-                raise UserError(
-                    f"after step {progress.step} {bad} holds NaN/Inf values, so no checkpoint was written; "
-                    "stopped. "
-                    + (f"The last good checkpoint is {last['dir']}. " if last else "")
-                    + "Try a lower --lr or --grad-clip, or check the data"
-                )
-            path = save_checkpoint(self.job.dir, progress.step, state, self.s.config.keep_checkpoints)
-            del state
-        self.job.update(
-            last_checkpoint={
-                "step": progress.step,
-                "dir": str(path.relative_to(self.job.dir)),
-                "time": time.time(),
-            }
-        )
-        self.last_time, self.saved_step = time.monotonic(), progress.step
-        return path
-
-
-def first_non_finite(tree, name: str = "") -> str | None:
-    """The name of the first floating-point tensor in ``tree`` with a NaN or Inf, else None. Checked
-    16M elements at a time: the check's own mask is then 16 MB, not the size of a 525M-entry head."""
-    if isinstance(tree, torch.Tensor):
-        if tree.is_floating_point() and tree.numel():
-            for chunk in tree.detach().reshape(-1).split(1 << 24):
-                if not bool(torch.isfinite(chunk).all()):
-                    return name or "a tensor"
-        return None
-    if isinstance(tree, dict):
-        items = tree.items()
-    else:
-        items = enumerate(tree) if isinstance(tree, list | tuple) else ()
-    for key, value in items:
-        if (found := first_non_finite(value, f"{name}.{key}" if name else str(key))) is not None:
-            return found
-    return None
-
-
-def capture(s: Setup, progress: Progress, scaler: torch.amp.GradScaler, job: Job) -> dict:
-    """The whole training state at the end of optimizer step ``progress.step``."""
-    return {
-        "progress": asdict(progress),
-        "weights": s.method.changed_weights(s.model),
-        "method": s.method.state_dict(),
-        "data": s.batcher.state_dict(),
-        "scaler": scaler.state_dict(),
-        "rng": {
-            "python": random.getstate(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        },
-        "metrics_bytes": job.metrics_bytes(),
-    }
-
-
-def restore(s: Setup, scaler: torch.amp.GradScaler, job: Job, state: dict) -> Progress:
-    """Put a captured state back into a freshly set-up run; the next step is as if never stopped."""
-    params, weights = dict(s.model.named_parameters()), state["weights"]
-    with torch.no_grad():
-        for name in list(weights):
-            params[name].copy_(weights.pop(name))  # popped: the host copy goes as soon as it is used
-    s.method.load_state_dict(state["method"])
-    s.batcher.load_state_dict(state["data"])
-    if state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-    rng = state["rng"]
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    # the steps after the checkpoint are logged again
-    if warning := job.truncate_metrics(state["metrics_bytes"]):
-        print(f"warning    {warning}")
-    return Progress(**state["progress"])
-
-
-class StopRequest:
-    """The first SIGINT/SIGTERM asks the loop to finish its step, save and stop; the second stops
-    at once (KeyboardInterrupt), leaving the last checkpoint as it was."""
-
-    def __init__(self):
-        self.signal: str | None = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            self._previous = {
-                sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)
-            }
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-        print(
-            f"\n{self.signal}: finishing this step and saving a checkpoint (press Ctrl-C again to stop now)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = None) -> None:

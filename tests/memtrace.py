@@ -39,7 +39,7 @@ def _fake_model_and_batch(cfg, method, run_config, checkpointing: bool, micro_ba
     """Inside FakeTensorMode: the model built from ``cfg``, set up by ``method``, and one batch."""
     from transformers import AutoModelForCausalLM
 
-    from lowmem_ft.train import enable_checkpointing
+    from lowmem_ft.prepare import enable_checkpointing
 
     # The dtype must be explicit: from_config would otherwise follow the config's torch_dtype.
     model = AutoModelForCausalLM.from_config(cfg, dtype=method.weight_dtype(run_config))

@@ -50,6 +50,9 @@ def test_a_run_whose_out_another_run_has_claimed_is_refused_and_names_that_proce
     assert sorted(p.name for p in out.iterdir()) == ["lock"]  # nothing of the refused run
     abandon_new_job(other)
     assert not out.exists()  # the claim made the directory, and takes it away unused
+    deep = tmp_path / "a" / "b" / "job"
+    abandon_new_job(claim_new_job(deep))
+    assert not (tmp_path / "a").exists()  # and the parents it made for it
 
 
 def test_a_run_that_finds_the_out_made_a_job_while_it_waited_for_the_lock_is_refused(tmp_path, monkeypatch):
@@ -251,6 +254,27 @@ def test_a_full_disk_while_logging_leaves_no_torn_line_and_is_one_line_exit_4(
     assert f"could not write to {out}: the disk is full" in one_line(err)
     for line in (out / "metrics.jsonl").read_text().splitlines():
         json.loads(line)
+
+
+def test_a_full_disk_when_job_json_is_rewritten_mid_run_is_one_line_exit_4(
+    tmp_path, capsys, data, monkeypatch
+):
+    import lowmem_ft.jobs as jobs
+
+    real, calls = jobs.write_json_atomic, {"n": 0}
+
+    def full_after_a_while(path, record):
+        calls["n"] += 1
+        if calls["n"] == 4:  # after the job exists, during the steps
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, record)
+
+    monkeypatch.setattr(jobs, "write_json_atomic", full_after_a_while)
+    out = tmp_path / "job"
+    code, _, err = cli(capsys, "run", "tiny", data, "--out", out, *FAST)
+    assert code == 4 and f"could not write to {out}: the disk is full" in one_line(err)
+    assert json.loads((out / "job.json").read_text())["config"]  # the last whole job.json is there
+    assert not list(out.glob("*.tmp"))
 
 
 # -- 6. the final export on a full disk --------------------------------------------------------------

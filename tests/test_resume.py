@@ -499,7 +499,9 @@ def test_resume_keeps_the_method_settings_the_planner_chose_for_the_first_machin
     chosen = record(job)["config"]["units_per_group"]
     assert chosen is not None and record(job)["requested"]["units_per_group"] is None
 
-    real_build_plan = train.build_plan
+    from lowmem_ft import prepare
+
+    real_build_plan = prepare.build_plan
 
     def other_machine(*a, **k):  # a planner that, unasked, would pick another group size here
         result = real_build_plan(*a, **k)
@@ -507,7 +509,7 @@ def test_resume_keeps_the_method_settings_the_planner_chose_for_the_first_machin
             result.plan.settings["units_per_group"] = chosen + 1
         return result
 
-    monkeypatch.setattr(train, "build_plan", other_machine)
+    monkeypatch.setattr(prepare, "build_plan", other_machine)
     code, _, err = cli(capsys, "resume", job, "-q")
     assert code == 0, err
     assert record(job)["config"]["units_per_group"] == chosen
@@ -535,7 +537,7 @@ OOM_PHASES = {
     "optimizer step": ("hift", "torch.amp.GradScaler.step", 5),
     "end step": ("hift", "lowmem_ft.methods.hift.HiFT.end_step", 5),
     "evaluation": ("hift", "lowmem_ft.train.eval_batches", 2),  # the evaluation after step 5
-    "checkpoint": ("hift", "lowmem_ft.train.save_checkpoint", 2),
+    "checkpoint": ("hift", "lowmem_ft.train_state.save_checkpoint", 2),
     "selection": ("sift", "lowmem_ft.methods.sift.SIFT.select", 1),
 }
 

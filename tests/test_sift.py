@@ -156,7 +156,7 @@ def test_the_step_after_an_update_uses_the_updated_weights(small_model):
 
 def test_activation_checkpointing_gives_the_same_steps(small_model):
     """The recompute in the backward runs the sparse layer's forward again: same losses, same Δ."""
-    from lowmem_ft.train import enable_checkpointing
+    from lowmem_ft.prepare import enable_checkpointing
 
     data = batches(small_model, 4)
     checkpointed = copy.deepcopy(small_model)

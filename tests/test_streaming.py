@@ -63,7 +63,7 @@ def test_a_streamed_run_equals_a_resident_one(method, tmp_path, capsys, data):
 
 
 def streamed_model(model, n: int):
-    from lowmem_ft.train import enable_checkpointing
+    from lowmem_ft.prepare import enable_checkpointing
 
     model.requires_grad_(False)
     model.config.use_cache = False
@@ -201,7 +201,7 @@ def test_stream_keeps_the_plan_s_other_choices(tmp_path, capsys, data):
 def test_the_plan_counts_the_buffers_and_host_copies_the_engine_allocates(tmp_path, data):
     """The planner's `stream buffers` and streamed host bytes are what the engine allocates."""
     from lowmem_ft.config import RunConfig
-    from lowmem_ft.train import setup
+    from lowmem_ft.prepare import setup
 
     config = RunConfig(model="tiny", data=data, method="hift", stream=True, max_steps=1, seq_len=64)
     s = setup(config)

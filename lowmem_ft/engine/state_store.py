@@ -125,8 +125,8 @@ class OptimizerStateStore:
         unsigned = bool(value.min() >= 0)  # one reduction per tensor and visit
         code = bnbf.create_dynamic_map(signed=not unsigned).to(value.device)
         codes, quant_state = bnbf.quantize_blockwise(value.float(), code=code, blocksize=BLOCKSIZE)
-        quant_state.absmax = quant_state.absmax.to("cpu")
-        quant_state.code = quant_state.code.to("cpu")
+        # The block scales wait on the host beside the codes (small: 4 bytes per 256 values).
+        quant_state.absmax, quant_state.code = _on_host(quant_state.absmax), _on_host(quant_state.code)
         return codes, quant_state
 
     def _host_views(self, group: int, states: list[dict]) -> list[dict[str, torch.Tensor]]:
@@ -211,12 +211,13 @@ class OptimizerStateStore:
 
     def _dequantise(self, codes: torch.Tensor, qs, out: torch.Tensor) -> torch.Tensor:
         bnbf = self._bnbf
+        host = qs.absmax, qs.code  # on the device for the expansion only: the host copies stay
         qs.absmax, qs.code = qs.absmax.to(codes.device), qs.code.to(codes.device)
         if out.is_cuda and out.dtype == torch.float32:  # straight into the main-pool tensor
             bnbf.dequantize_blockwise(codes, qs, out=out)
         else:
             out.copy_(bnbf.dequantize_blockwise(codes, qs))
-        qs.absmax, qs.code = qs.absmax.to("cpu"), qs.code.to("cpu")
+        qs.absmax, qs.code = host
         return out
 
     def load(self, group: int, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
@@ -279,7 +280,8 @@ class OptimizerStateStore:
                 view = buffers[tensor.dtype][start : start + tensor.numel()].view(tensor.shape)
                 view.copy_(tensor)
                 if isinstance(value, dict):  # 8-bit, exactly as it was
-                    qs = bnbf.QuantState(absmax=value["absmax"], code=value["code"], blocksize=BLOCKSIZE,
+                    qs = bnbf.QuantState(absmax=_on_host(value["absmax"]), code=_on_host(value["code"]),
+                                         blocksize=BLOCKSIZE,
                                          shape=tensor.shape, dtype=torch.float32)  # fmt: skip
                     stored[-1][key] = _Stored(view, qs, getattr(torch, value["dtype"].removeprefix("torch.")))
                 else:
@@ -314,3 +316,11 @@ class OptimizerStateStore:
                     value = value.clone()
                 result[-1][key] = value
         return result
+
+
+def _on_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy of ``tensor`` in a buffer of the engine's own (host_memory: the memory trace
+    counts it as host memory, where a fake CPU tensor's ``.to("cpu")`` would stay "device")."""
+    host = host_buffer(tensor.numel(), tensor.dtype, pin=False).view(tensor.shape)
+    host.copy_(tensor)
+    return host

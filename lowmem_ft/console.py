@@ -1,0 +1,74 @@
+"""What a run says on the terminal before its first step, and the one line an out-of-memory error
+becomes."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from lowmem_ft.hardware import format_bytes
+from lowmem_ft.jobs import Job
+from lowmem_ft.phases import ADVICE, OutOfMemoryIn
+
+if TYPE_CHECKING:
+    from lowmem_ft.prepare import Setup
+
+
+def print_header(s: Setup, job: Job) -> None:
+    d = s.data
+    print(f"model      {s.resolved.name} ({s.resolved.source}), {s.model_params:,} parameters")
+    print(f"method     {s.method.name}: {s.method.summary}; {s.method.describe_trainable()}")
+    print(
+        f"data       {s.config.data} ({d.format}): {len(d.train)} train / {len(d.eval)} eval examples, "
+        f"{d.stats.target_tokens:,} target tokens"
+        + (f", {d.stats.truncated} truncated to {s.config.seq_len} tokens" if d.stats.truncated else "")
+        + (f", {d.stats.dropped_no_target} dropped (no response left)" if d.stats.dropped_no_target else "")
+        + (f", {d.skipped_lines} bad lines skipped" if d.skipped_lines else "")
+    )
+    accumulation = math.ceil(s.config.batch_size / s.config.micro_batch_size)
+    print(
+        f"training   {s.max_steps} steps of {s.config.batch_size} examples "
+        f"({accumulation} × micro-batch {s.config.micro_batch_size}), "
+        f"lr {s.config.lr:g} {s.config.schedule}, "
+        f"{s.device.type} {str(s.compute_dtype).removeprefix('torch.')}"
+        + (", activation checkpointing" if s.config.gradient_checkpointing else "")
+    )
+    streamer = getattr(s.method, "streamer", None)
+    if streamer is not None:
+        print(
+            f"streaming  {len(streamer.host)} of {s.resolved.config.num_hidden_layers} decoder layers from "
+            f"host memory ({format_bytes(streamer.host_bytes())}) through {len(streamer.buffers)} buffers "
+            f"of {format_bytes(streamer.device_bytes() / len(streamer.buffers))}"
+            + (" (--stream)" if s.config.stream else "")
+        )
+    if s.plan is not None:
+        where = "GPU" if s.plan.device == "cuda" else "host"
+        peak = s.plan.gpu_peak_bytes if s.plan.device == "cuda" else s.plan.host_peak_bytes
+        budget = s.plan.gpu_budget_bytes if s.plan.device == "cuda" else s.plan.host_budget_bytes
+        shown_elsewhere = {
+            "micro_batch_size",
+            "gradient_checkpointing",
+            "gradient_accumulation",
+            "batch_size",
+        }
+        chosen = "".join(f", {k}={v}" for k, v in s.plan.settings.items() if k not in shown_elsewhere)
+        print(f"plan       peak ≈ {format_bytes(peak)} of {format_bytes(budget)} {where}{chosen} (plan.json)")
+    print(f"job        {job.dir}")
+    c = s.config
+    every = [f"every {c.save_every} steps"] if c.save_every else []
+    every += [f"every {c.save_every_minutes:g} min"] if c.save_every_minutes else []
+    print(
+        f"checkpoint {', '.join(every + ['at the end and on Ctrl-C'])}; the newest {c.keep_checkpoints} "
+        f"kept in {job.dir / 'checkpoints'}"
+    )
+
+
+def out_of_memory_message(s: Setup, job: Job, exc: OutOfMemoryIn) -> str:
+    budget = s.plan.gpu_budget_bytes if s.plan is not None and s.plan.device == "cuda" else 0
+    smaller = format_bytes(0.9 * budget).replace(" ", "") if budget else "SIZE"
+    last = job.record.get("last_checkpoint")
+    where = f"from {last['dir']}" if last else "from the start (no checkpoint was saved yet)"
+    return (
+        f"out of GPU memory in {exc.phase} at step {job.record.get('step', 0) + 1}; the job can continue "
+        f"{where}: {ADVICE[exc.phase].format(job=job.dir, smaller=smaller)}"
+    )

@@ -1,0 +1,146 @@
+"""The planner's data model: what is asked (PlanRequest), what one configuration costs at each
+moment of a step (Estimate), and the answer (Plan, its Components); the constants every estimate
+shares."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from lowmem_ft.planner.accounting import (
+    GiB,
+)
+
+DTYPE_NAMES = {2: "bf16", 4: "fp32"}
+# CUDA context, cuBLAS(Lt) workspaces, SDPA and bitsandbytes kernels: outside the allocator, seen by
+# NVML; 0.6-1.0 GiB on H100-class cards. Not measured here: `run` measures the real one before step 1.
+CUDA_CONTEXT_BYTES = GiB
+# Less than this to spare is a bet on the context and the allocator's fragmentation: the plan says so.
+THIN_SPARE_BYTES = GiB // 2
+ALLOCATOR_MARGIN = 0.05  # fragmentation of the caching allocator, as a fraction of the tensor peak
+HOST_RUNTIME_BYTES = {True: 3 * GiB, False: 1 * GiB}  # Python + torch (+ CUDA libraries when on a GPU)
+ASSUMED_LINK_BYTES_PER_S = 25e9  # PCIe Gen4 x16 in practice, when NVML cannot tell
+# Sustained bf16 training throughput assumed to compare streaming with compute: well below the
+# peak of a current data-centre GPU, above a consumer card's. An assumption, and said to be one.
+ASSUMED_FLOPS = 100e12
+# FLOPs per parameter and token of a step's compute, averaged over a HiFT cycle: forward 2, the
+# recompute and input gradients of the layers above the active group (half the model on average)
+# 2 + 2 halved. SIFT rebuilds, back-propagates and forms a dense weight gradient in every layer.
+FLOPS_PER_PARAM_TOKEN = {"hift": 4, "sparse": 8}
+STREAM_BUFFERS = 2  # engine/streaming.py: one buffer computing, one arriving
+
+
+@dataclass
+class PlanRequest:
+    """What the user asked for; ``None`` means "the planner chooses"."""
+
+    method: str = "full"
+    seq_len: int = 512
+    batch_size: int = 16
+    compute_bytes: int = 2
+    micro_batch_size: int | None = None
+    gradient_checkpointing: bool | None = None
+    units_per_group: int | None = None  # hift
+    state_policy: str | None = None  # hift: keep | keep-8bit | drop
+    sparsity: float | None = None  # sparse methods
+    base_quant: str | None = None  # sparse methods: none | int8 | nf4
+    targets: str = "all-linear"  # sparse methods (lowmem_ft/targets.py)
+    selection_batches: int = 1  # sift: micro-batches whose gradients choose the entries
+    stream: bool = False  # hift / sparse methods: stream every decoder layer (--stream)
+    lora_rank: int = 8  # lora, spafit (lowmem_ft/selections.py)
+    cutoffs: str | None = None  # spafit
+    variant: str = "I"  # spafit
+    add_biases: bool = False  # bitfit, spafit
+    freeze_layers: str | None = None  # bitfit, lora
+    order: str = "bottom-up"  # hift: which group's state is prefetched next
+    switch_every: int = 1  # hift: steps each group trains before the next one
+
+
+@dataclass
+class Component:
+    name: str
+    gpu_bytes: int = 0
+    host_bytes: int = 0
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    fits: bool
+    method: str
+    device: str  # "cuda" or "cpu"
+    settings: dict
+    components: list[Component]
+    gpu_budget_bytes: int
+    gpu_peak_bytes: int
+    host_budget_bytes: int
+    host_peak_bytes: int
+    trainable_params: int
+    total_params: int
+    traffic_bytes_per_step: int
+    link_bytes_per_s: float
+    stream_seconds_per_micro_batch: float | None = None  # copying the streamed layers in
+    compute_seconds_per_micro_batch: float | None = None  # at ASSUMED_FLOPS
+    shortfall: str | None = None
+    notes: list[str] = field(default_factory=list)
+    peak_phase: str = ""  # where in the step the GPU peak is, e.g. "end of forward, HiFT group embed"
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["gpu"] = {"budget_bytes": self.gpu_budget_bytes, "peak_bytes": self.gpu_peak_bytes}
+        data["host"] = {"budget_bytes": self.host_budget_bytes, "peak_bytes": self.host_peak_bytes}
+        for key in ("gpu_budget_bytes", "gpu_peak_bytes", "host_budget_bytes", "host_peak_bytes"):
+            del data[key]
+        return data
+
+
+# -- accounting per method ------------------------------------------------------------------------
+@dataclass
+class Estimate:
+    components: list[Component]
+    persistent: int  # on the compute device for the whole step
+    activations: int
+    loss_transient: int
+    logits_grad: int
+    grads: int
+    backward_extra: int  # autocast copies and a rebuilt layer at the end of backward
+    traffic: int = 0
+    trainable: int = 0
+    streamed_per_micro_batch: int = 0  # bytes of streamed weights copied in per micro-batch
+    end_step_extra: int = 0  # temporaries of the end of the step (gradients are freed by then)
+    made_by_update: int = 0  # made by the optimizer step and alive to the end of it (HiFT drop)
+    selection: int = 0  # SIFT: device bytes while the selection window is scored (0: no selection)
+    label: str = ""  # which configuration this is (HiFT: the group), for the peak's description
+    # Several micro-batches per step: from the second on, the gradients summed so far are alive
+    # through its forward and backward.
+    accumulating: bool = False
+    # HiFT, a group that trains the LM head: bytes beside the activations (and any summed gradients)
+    # when the head's weight gradient is made, at the very start of backward (0: no such moment).
+    head_gradient: int = 0
+
+    def moments(self) -> dict[str, int]:
+        """Device bytes at the moments of a step that can be its peak."""
+        summed = self.grads if self.accumulating else 0
+        return (
+            {
+                "end of forward": self.persistent + summed + self.activations + self.loss_transient,
+                "start of backward": self.persistent + summed + self.activations + self.logits_grad,
+                "end of backward": self.persistent + self.grads + self.backward_extra,
+                # (fused AdamW, methods/optimizers.py: no scratch copies of the moments)
+                "optimizer step": self.persistent + self.grads + self.made_by_update,
+                "end of step": self.persistent + self.end_step_extra + self.made_by_update,
+            }
+            | ({"selection": self.selection} if self.selection else {})
+            | (
+                {"head's gradient": self.persistent + summed + self.activations + self.head_gradient}
+                if self.head_gradient
+                else {}
+            )
+        )
+
+    def device_peak(self) -> int:
+        return max(self.moments().values())
+
+    def peak_phase(self) -> str:
+        moments = self.moments()
+        moment = max(moments, key=moments.get)
+        return f"{moment}, {self.label}" if self.label else moment

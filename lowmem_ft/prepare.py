@@ -1,0 +1,209 @@
+"""Everything before the first step: the options checked, the model resolved and planned for this
+machine, data read and tokenised, the model loaded and placed, the method set up. Whatever the
+user got wrong fails here, before a job directory exists."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lowmem_ft.config import DTYPES, RunConfig
+from lowmem_ft.data import (
+    Batcher,
+    Example,
+    TokenStats,
+    pack_examples,
+    read_jsonl,
+    split_eval,
+    tokenize_records,
+)
+from lowmem_ft.errors import UserError
+from lowmem_ft.methods import Method, build_method
+from lowmem_ft.models import ResolvedModel, load_model, load_tokenizer, resolve_model
+from lowmem_ft.planner import Plan, build_plan
+from lowmem_ft.planner.shapes import UnsupportedModel
+from lowmem_ft.preflight import check_plan_fits_device
+from lowmem_ft.registry import PLANNED_OPTIONS
+
+
+@dataclass
+class Data:
+    train: list[Example]
+    eval: list[Example]
+    format: str
+    stats: TokenStats
+    skipped_lines: int
+
+    def summary(self) -> dict:
+        return {
+            "format": self.format,
+            "train_examples": len(self.train),
+            "eval_examples": len(self.eval),
+            "skipped_bad_lines": self.skipped_lines,
+            **{f"tokenize_{k}": v for k, v in asdict(self.stats).items()},
+        }
+
+
+@dataclass
+class Setup:
+    config: RunConfig
+    plan: Plan | None
+    resolved: ResolvedModel
+    tokenizer: object
+    data: Data
+    model: torch.nn.Module
+    model_params: int  # as loaded, before a method re-stores any weights (a quantised base)
+    method: Method
+    device: torch.device
+    compute_dtype: torch.dtype
+    batcher: Batcher
+    max_steps: int
+
+
+# -- setup ----------------------------------------------------------------------------------------
+def load_data(config: RunConfig, tokenizer) -> Data:
+    records, fmt, skipped = read_jsonl(config.data, config.format, config.skip_bad_lines)
+    examples, stats = tokenize_records(records, fmt, tokenizer, config.seq_len)
+    if config.eval_data is not None:
+        # The evaluation file is detected on its own (it may be in another format than the training file).
+        eval_records, eval_fmt, eval_skipped = read_jsonl(
+            config.eval_data, config.format, config.skip_bad_lines
+        )
+        eval_examples, _ = tokenize_records(eval_records, eval_fmt, tokenizer, config.seq_len)
+        train_examples, skipped = examples, skipped + eval_skipped
+    else:
+        train_examples, eval_examples = split_eval(examples, config.eval_fraction, config.seed)
+    if config.pack:  # pack after the split, so no evaluation example leaks into a training row
+        train_examples = pack_examples(train_examples, config.seq_len)
+    if not train_examples:
+        raise UserError(f"{config.data}: no training examples left after tokenization; check --seq-len")
+    return Data(train_examples, eval_examples, fmt, stats, skipped)
+
+
+def plan_run(config: RunConfig, resolved: ResolvedModel, device: torch.device | None = None) -> Plan | None:
+    """Plan this run with the same planner as `lowmem-ft plan`, and adopt what the user left open.
+
+    Options the user gave win; the plan says whether they fit. A plan that does not fit stops the
+    run here, before anything is loaded or written. ``device``: the one the run will use (the memory
+    trace plans for a GPU it does not have).
+    """
+    device = device or config.resolved_device()
+    dtype_name = {v: k for k, v in DTYPES.items()}[config.compute_dtype()]
+    try:
+        result = build_plan(
+            resolved.name,
+            config=resolved.config.to_dict(),
+            method=config.method,
+            gpu_mem=config.gpu_mem if device.type == "cuda" else None,
+            cpu_mem=config.cpu_mem,
+            gpu=None if device.type == "cuda" else "none",
+            seq_len=config.seq_len,
+            batch_size=config.batch_size,
+            micro_batch_size=config.micro_batch_size,
+            gradient_checkpointing=config.gradient_checkpointing,
+            dtype=dtype_name,
+            units_per_group=config.units_per_group,
+            state_policy=config.state_policy,
+            groups=config.groups,
+            sparsity=config.sparsity,
+            base_quant=config.base_quant,
+            targets=config.targets,
+            selection_batches=config.selection_batches if config.method == "sift" else 1,
+            stream=config.stream,
+            lora_rank=config.lora_rank,
+            cutoffs=config.cutoffs,
+            variant=config.variant,
+            add_biases=config.add_biases,
+            freeze_layers=config.freeze_layers,
+            cuda_index=device.index or 0,
+            order=config.order,
+            switch_every=config.switch_every,
+        )
+    except UnsupportedModel as exc:
+        print(f"plan       none: {exc}; micro-batch and checkpointing default to 4 and off")
+        if config.groups:
+            config.units_per_group = -(-(resolved.config.num_hidden_layers + 2) // config.groups)
+        config.micro_batch_size = config.micro_batch_size or min(4, config.batch_size)
+        config.gradient_checkpointing = bool(config.gradient_checkpointing)
+        adopt_streaming(config, resolved, 0)
+        return None
+    plan = result.plan
+    if not plan.fits:
+        raise UserError(
+            f"{resolved.name} with --method {config.method} does not fit this machine: {plan.shortfall} "
+            f"(`lowmem-ft plan {config.model} --method {config.method}` shows the breakdown)"
+        )
+    config.micro_batch_size = plan.settings["micro_batch_size"]
+    config.gradient_checkpointing = plan.settings["gradient_checkpointing"]
+    # HiFT's and the sparse methods' choices, when the user left them open
+    for option in PLANNED_OPTIONS:
+        if option in plan.settings and getattr(config, option) is None:
+            setattr(config, option, plan.settings[option])
+    adopt_streaming(config, resolved, plan.settings.get("streamed_units", 0))
+    return plan
+
+
+def adopt_streaming(config: RunConfig, resolved: ResolvedModel, planned: int) -> None:
+    """How many decoder layers are streamed: all with --stream, else the plan's count (the planner
+    streams decoder layers only). Streamed layers are rebuilt in the backward: checkpointing is on."""
+    if config.streamed_layers is None:
+        config.streamed_layers = resolved.config.num_hidden_layers if config.stream else planned
+    if config.streamed_layers:
+        config.gradient_checkpointing = True
+
+
+def setup(config: RunConfig) -> Setup:
+    config.validate()
+    resolved = resolve_model(
+        config.model, allow_download=config.allow_download, trust_remote_code=config.trust_remote_code
+    )
+    plan = plan_run(config, resolved)
+    tokenizer = load_tokenizer(resolved, trust_remote_code=config.trust_remote_code)
+    data = load_data(config, tokenizer)
+
+    torch.manual_seed(config.seed)
+    device, compute_dtype = config.resolved_device(), config.compute_dtype()
+    if device.type == "cuda":  # --device cuda:N: streams, pinning and the context all on that card
+        torch.cuda.set_device(device)
+    method = build_method(config.method)
+    model = load_model(resolved, method.weight_dtype(config), trust_remote_code=config.trust_remote_code)
+    model_params = sum(p.numel() for p in model.parameters())
+    prepare_model(config, method, model, device)
+    if plan is not None and device.type == "cuda":  # before step 1 and before the job is written
+        check_plan_fits_device(plan, device)
+
+    batcher = Batcher(
+        data.train, config.batch_size, config.micro_batch_size, tokenizer.pad_token_id, config.seed
+    )
+    max_steps = config.max_steps or max(1, math.ceil(config.epochs * batcher.steps_per_epoch))
+    return Setup(
+        config, plan, resolved, tokenizer, data, model, model_params, method, device, compute_dtype, batcher,
+        max_steps,
+    )  # fmt: skip
+
+
+def prepare_model(config: RunConfig, method: Method, model: torch.nn.Module, device: torch.device) -> None:
+    """Weights onto the device (streamed layers' frozen weights stay in host memory), activation
+    checkpointing as planned, then the method marks what trains and builds its optimizer."""
+    method.place(model, config, device)
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
+    model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+    method.setup(model, config)
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward instead of storing them: activation
+    memory drops from every intermediate of every layer to one hidden state per layer."""
+    kwargs = {"use_reentrant": False}  # the reentrant variant breaks when inputs need no grad
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers also makes the embedding's output require grad, which only the reentrant variant
+    # needs. With it, every layer below HiFT's active group would be rebuilt and back-propagated
+    # through in the backward, for input gradients nobody uses (and streamed in a second time).
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()

@@ -1,0 +1,134 @@
+"""What a checkpoint of a run holds (capture / restore: weights, method state, data position,
+scaler, random numbers, metrics length) and when one is taken (Checkpoints). Only finite state is
+written: a checkpoint is where a stopped run is told to go back to."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from lowmem_ft.checkpoint import save_checkpoint
+from lowmem_ft.errors import UserError
+from lowmem_ft.jobs import Job
+from lowmem_ft.phases import phase
+
+if TYPE_CHECKING:
+    from lowmem_ft.prepare import Setup
+
+
+@dataclass
+class Progress:
+    """What the loop carries from one step to the next; every checkpoint saves it."""
+
+    step: int = 0  # optimizer steps done
+    bad_in_a_row: int = 0  # NaN/Inf steps since the last good one
+    skipped_steps: list[int] = field(default_factory=list)
+    last_loss: float | None = None
+    eval_loss_start: float | None = None
+    eval_loss: float | None = None
+
+
+class Checkpoints:
+    """When to save (every --save-every steps, every --save-every-minutes, at the end, on a stop
+    request) and what: everything `restore` needs to continue exactly."""
+
+    def __init__(self, s: Setup, job: Job, scaler: torch.amp.GradScaler):
+        self.s, self.job, self.scaler = s, job, scaler
+        self.last_time = time.monotonic()
+        self.saved_step: int | None = None
+
+    def due(self, step: int) -> bool:
+        c = self.s.config
+        by_steps = c.save_every > 0 and step % c.save_every == 0
+        by_time = c.save_every_minutes > 0 and time.monotonic() - self.last_time >= 60 * c.save_every_minutes
+        return by_steps or by_time
+
+    def save(self, progress: Progress) -> Path | None:
+        if self.saved_step == progress.step:
+            return None
+        with phase("checkpoint"):
+            state = capture(self.s, progress, self.scaler, self.job)
+            # Only finite weights and state make a good checkpoint: one holding NaN/Inf would be
+            # named as the place to go back to, and retention would delete the good ones.
+            bad = first_non_finite({"weights": state["weights"], "method": state["method"]})
+            if bad is not None:
+                last = self.job.record.get("last_checkpoint")
+                raise UserError(
+                    f"after step {progress.step} {bad} holds NaN/Inf values, so no checkpoint was written; "
+                    "stopped. "
+                    + (f"The last good checkpoint is {last['dir']}. " if last else "")
+                    + "Try a lower --lr or --grad-clip, or check the data"
+                )
+            path = save_checkpoint(self.job.dir, progress.step, state, self.s.config.keep_checkpoints)
+            del state
+        self.job.update(
+            last_checkpoint={
+                "step": progress.step,
+                "dir": str(path.relative_to(self.job.dir)),
+                "time": time.time(),
+            }
+        )
+        self.last_time, self.saved_step = time.monotonic(), progress.step
+        return path
+
+
+def first_non_finite(tree, name: str = "") -> str | None:
+    """The name of the first floating-point tensor in ``tree`` with a NaN or Inf, else None. Checked
+    16M elements at a time: the check's own mask is then 16 MB, not the size of a 525M-entry head."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() and tree.numel():
+            for chunk in tree.detach().reshape(-1).split(1 << 24):
+                if not bool(torch.isfinite(chunk).all()):
+                    return name or "a tensor"
+        return None
+    if isinstance(tree, dict):
+        items = tree.items()
+    else:
+        items = enumerate(tree) if isinstance(tree, list | tuple) else ()
+    for key, value in items:
+        if (found := first_non_finite(value, f"{name}.{key}" if name else str(key))) is not None:
+            return found
+    return None
+
+
+def capture(s: Setup, progress: Progress, scaler: torch.amp.GradScaler, job: Job) -> dict:
+    """The whole training state at the end of optimizer step ``progress.step``."""
+    return {
+        "progress": asdict(progress),
+        "weights": s.method.changed_weights(s.model),
+        "method": s.method.state_dict(),
+        "data": s.batcher.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": {
+            "python": random.getstate(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        "metrics_bytes": job.metrics_bytes(),
+    }
+
+
+def restore(s: Setup, scaler: torch.amp.GradScaler, job: Job, state: dict) -> Progress:
+    """Put a captured state back into a freshly set-up run; the next step is as if never stopped."""
+    params, weights = dict(s.model.named_parameters()), state["weights"]
+    with torch.no_grad():
+        for name in list(weights):
+            params[name].copy_(weights.pop(name))  # popped: the host copy goes as soon as it is used
+    s.method.load_state_dict(state["method"])
+    s.batcher.load_state_dict(state["data"])
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    # the steps after the checkpoint are logged again
+    if warning := job.truncate_metrics(state["metrics_bytes"]):
+        print(f"warning    {warning}")
+    return Progress(**state["progress"])

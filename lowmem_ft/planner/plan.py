@@ -37,6 +37,7 @@ from lowmem_ft.planner.types import (  # the data model: also imported from here
     CUDA_CONTEXT_BYTES,
     FLOPS_PER_PARAM_TOKEN,
     HOST_RUNTIME_BYTES,
+    SMALL_TENSORS_BYTES,
     THIN_SPARE_BYTES,
     Component,
     Estimate,
@@ -91,12 +92,13 @@ class Fitter:
 
     def totals(self, est: Estimate, load_bytes: int) -> tuple[int, int, list[Component]]:
         components = list(est.components)
-        tensor_peak = est.device_peak()
+        tensor_peak = est.device_peak() + SMALL_TENSORS_BYTES
         host_fixed = sum(c.host_bytes for c in components)
         runtime = HOST_RUNTIME_BYTES[self.on_gpu]
         if self.on_gpu:
             margin = int(ALLOCATOR_MARGIN * tensor_peak)
             components += [
+                Component("small tensors (step counters, norms, losses)", SMALL_TENSORS_BYTES),
                 Component("CUDA context and allocator margin", CUDA_CONTEXT_BYTES + margin),
                 Component(
                     "model loading (host copy before moving to the GPU)", 0, load_bytes, note="transient"

@@ -27,6 +27,9 @@ ASSUMED_FLOPS = 100e12
 # 2 + 2 halved. SIFT rebuilds, back-propagates and forms a dense weight gradient in every layer.
 FLOPS_PER_PARAM_TOKEN = {"hift": 4, "sparse": 8}
 STREAM_BUFFERS = 2  # engine/streaming.py: one buffer computing, one arriving
+# The loop's small tensors: AdamW's step counters, gradient norms, losses, scalars of the schedule
+# (hundreds of bytes in the traces: a HiFT drop plan at 24 GiB was 626 bytes under without them).
+SMALL_TENSORS_BYTES = 1 << 20
 
 
 @dataclass

@@ -82,6 +82,14 @@ def load_data(config: RunConfig, tokenizer) -> Data:
     return Data(train_examples, eval_examples, fmt, stats, skipped)
 
 
+# Options the planner takes exactly as the run was given them.
+PLANNED_AS_GIVEN = (
+    "method", "cpu_mem", "seq_len", "batch_size", "micro_batch_size", "gradient_checkpointing",
+    "units_per_group", "state_policy", "groups", "sparsity", "base_quant", "targets", "stream",
+    "lora_rank", "cutoffs", "variant", "add_biases", "freeze_layers", "order", "switch_every",
+)  # fmt: skip
+
+
 def plan_run(config: RunConfig, resolved: ResolvedModel, device: torch.device | None = None) -> Plan | None:
     """Plan this run with the same planner as `lowmem-ft plan`, and adopt what the user left open.
 
@@ -95,31 +103,12 @@ def plan_run(config: RunConfig, resolved: ResolvedModel, device: torch.device | 
         result = build_plan(
             resolved.name,
             config=resolved.config.to_dict(),
-            method=config.method,
             gpu_mem=config.gpu_mem if device.type == "cuda" else None,
-            cpu_mem=config.cpu_mem,
             gpu=None if device.type == "cuda" else "none",
-            seq_len=config.seq_len,
-            batch_size=config.batch_size,
-            micro_batch_size=config.micro_batch_size,
-            gradient_checkpointing=config.gradient_checkpointing,
             dtype=dtype_name,
-            units_per_group=config.units_per_group,
-            state_policy=config.state_policy,
-            groups=config.groups,
-            sparsity=config.sparsity,
-            base_quant=config.base_quant,
-            targets=config.targets,
             selection_batches=config.selection_batches if config.method == "sift" else 1,
-            stream=config.stream,
-            lora_rank=config.lora_rank,
-            cutoffs=config.cutoffs,
-            variant=config.variant,
-            add_biases=config.add_biases,
-            freeze_layers=config.freeze_layers,
             cuda_index=device.index or 0,
-            order=config.order,
-            switch_every=config.switch_every,
+            **{option: getattr(config, option) for option in PLANNED_AS_GIVEN},
         )
     except UnsupportedModel as exc:
         print(f"plan       none: {exc}; micro-batch and checkpointing default to 4 and off")

@@ -48,11 +48,11 @@ def build_model(seed: int = 0) -> LlamaForCausalLM:
 def step_times(method_name: str, steps: int, warmup: int, batch: dict, **options) -> list[float]:
     model = build_model()
     config = RunConfig(model="bench", data=Path("bench.jsonl"), method=method_name, lr=1e-4, **options)
-    method = build_method(method_name)
-    method.setup(model, config)
+    method = build_method(config)
+    method.setup(model)
     device, dtype = torch.device("cpu"), torch.float32
     n_targets = batch["labels"][:, 1:].numel()
-    if method.selection_batches(config):  # SIFT chooses its entries first (not timed)
+    if method.selection_batches():  # SIFT chooses its entries first (not timed)
         method.select([batch], lambda b: (loss_sum(model, b, device, dtype) / n_targets).backward())
     times = []
     for step in range(warmup + steps):

@@ -1,7 +1,10 @@
-"""The resolved configuration of a run: what the user asked for, validated, with defaults filled in.
+"""The configuration of a run: what the user asked for, validated, with defaults filled in.
 
-It is saved verbatim into ``job.json`` so that a job directory says exactly how it was made. Every
-check names the flag it is about, so an error tells the user what to change.
+It is frozen, and a run flows one way: the request (``job.json``'s "requested") → the planner fills
+in what the user left open (prepare.plan_run) → the resolved run (``job.json``'s "config"), which
+the methods and the recipe read. A change during the run (an out-of-memory retry with a smaller
+micro-batch) is a new resolved run, recorded in the job, not an edit. Every check names the flag
+it is about, so an error tells the user what to change.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from lowmem_ft.registry import METHOD_OPTIONS, methods_taking
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     model: str
     data: Path

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from unittest import mock
 
 import torch
@@ -168,12 +168,12 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
     from lowmem_ft.models import resolve_model
 
     resolved = resolve_model(config.model, require_weights=False)
-    plan = prepare.plan_run(config, resolved, CUDA)
+    config, plan = prepare.plan_run(config, resolved, CUDA)
     # Two micro-batches a step where the plan has several (memory does not depend on how many more
     # there are), else one: the sum of the gradients is alive only while accumulating.
     several = config.batch_size > config.micro_batch_size
-    config.batch_size = (2 if several else 1) * config.micro_batch_size
-    method = build_method(config.method)
+    config = replace(config, batch_size=(2 if several else 1) * config.micro_batch_size)
+    method = build_method(config)
     examples = [Example(list(range(config.seq_len)), list(range(config.seq_len))) for _ in range(4)]
     tokenizer = type("Tokenizer", (), {"pad_token_id": 0})()
     trace = DeviceBytes(device_type="cuda" if on_gpu else None)
@@ -192,7 +192,7 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
     with fake, swap:
         # Built on the host, as load_model does, and not counted: the run never holds the whole
         # model on the device; placing it there (all of it, or all but the streamed layers) is.
-        model = _host_model(AutoModelForCausalLM, resolved.config, method.weight_dtype(config), on_gpu)
+        model = _host_model(AutoModelForCausalLM, resolved.config, method.weight_dtype(), on_gpu)
         model.train()
         with trace, host_memory.observe(trace.host_buffer):
             with phase("setup"):

@@ -5,7 +5,7 @@ user got wrong fails here, before a job directory exists."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -90,8 +90,11 @@ PLANNED_AS_GIVEN = (
 )  # fmt: skip
 
 
-def plan_run(config: RunConfig, resolved: ResolvedModel, device: torch.device | None = None) -> Plan | None:
-    """Plan this run with the same planner as `lowmem-ft plan`, and adopt what the user left open.
+def plan_run(
+    config: RunConfig, resolved: ResolvedModel, device: torch.device | None = None
+) -> tuple[RunConfig, Plan | None]:
+    """Plan this run with the same planner as `lowmem-ft plan`; returns the resolved run (the
+    options as given, with the plan's choices where the user left them open) and the plan.
 
     Options the user gave win; the plan says whether they fit. A plan that does not fit stops the
     run here, before anything is loaded or written. ``device``: the one the run will use (the memory
@@ -112,43 +115,50 @@ def plan_run(config: RunConfig, resolved: ResolvedModel, device: torch.device | 
         )
     except UnsupportedModel as exc:
         print(f"plan       none: {exc}; micro-batch and checkpointing default to 4 and off")
+        chosen: dict = {
+            "micro_batch_size": config.micro_batch_size or min(4, config.batch_size),
+            "gradient_checkpointing": bool(config.gradient_checkpointing),
+        }
         if config.groups:
-            config.units_per_group = -(-(resolved.config.num_hidden_layers + 2) // config.groups)
-        config.micro_batch_size = config.micro_batch_size or min(4, config.batch_size)
-        config.gradient_checkpointing = bool(config.gradient_checkpointing)
-        adopt_streaming(config, resolved, 0)
-        return None
+            chosen["units_per_group"] = -(-(resolved.config.num_hidden_layers + 2) // config.groups)
+        return replace(config, **chosen, **streaming(config, resolved, 0)), None
     plan = result.plan
     if not plan.fits:
         raise UserError(
             f"{resolved.name} with --method {config.method} does not fit this machine: {plan.shortfall} "
             f"(`lowmem-ft plan {config.model} --method {config.method}` shows the breakdown)"
         )
-    config.micro_batch_size = plan.settings["micro_batch_size"]
-    config.gradient_checkpointing = plan.settings["gradient_checkpointing"]
+    chosen = {
+        "micro_batch_size": plan.settings["micro_batch_size"],
+        "gradient_checkpointing": plan.settings["gradient_checkpointing"],
+    }
     # HiFT's and the sparse methods' choices, when the user left them open
     for option in PLANNED_OPTIONS:
         if option in plan.settings and getattr(config, option) is None:
-            setattr(config, option, plan.settings[option])
-    adopt_streaming(config, resolved, plan.settings.get("streamed_units", 0))
-    return plan
+            chosen[option] = plan.settings[option]
+    resolved_run = replace(config, **chosen)
+    return replace(
+        resolved_run, **streaming(resolved_run, resolved, plan.settings.get("streamed_units", 0))
+    ), plan
 
 
-def adopt_streaming(config: RunConfig, resolved: ResolvedModel, planned: int) -> None:
+def streaming(config: RunConfig, resolved: ResolvedModel, planned: int) -> dict:
     """How many decoder layers are streamed: all with --stream, else the plan's count (the planner
     streams decoder layers only). Streamed layers are rebuilt in the backward: checkpointing is on."""
-    if config.streamed_layers is None:
-        config.streamed_layers = resolved.config.num_hidden_layers if config.stream else planned
-    if config.streamed_layers:
-        config.gradient_checkpointing = True
+    layers = config.streamed_layers
+    if layers is None:
+        layers = resolved.config.num_hidden_layers if config.stream else planned
+    return {"streamed_layers": layers, **({"gradient_checkpointing": True} if layers else {})}
 
 
 def setup(config: RunConfig) -> Setup:
+    """``config``: the run as asked for. ``Setup.config`` is the resolved run, the plan's choices
+    filled in, which everything after this reads."""
     config.validate()
     resolved = resolve_model(
         config.model, allow_download=config.allow_download, trust_remote_code=config.trust_remote_code
     )
-    plan = plan_run(config, resolved)
+    config, plan = plan_run(config, resolved)
     tokenizer = load_tokenizer(resolved, trust_remote_code=config.trust_remote_code)
     data = load_data(config, tokenizer)
 
@@ -156,8 +166,8 @@ def setup(config: RunConfig) -> Setup:
     device, compute_dtype = config.resolved_device(), config.compute_dtype()
     if device.type == "cuda":  # --device cuda:N: streams, pinning and the context all on that card
         torch.cuda.set_device(device)
-    method = build_method(config.method)
-    model = load_model(resolved, method.weight_dtype(config), trust_remote_code=config.trust_remote_code)
+    method = build_method(config)
+    model = load_model(resolved, method.weight_dtype(), trust_remote_code=config.trust_remote_code)
     model_params = sum(p.numel() for p in model.parameters())
     prepare_model(config, method, model, device)
     if plan is not None and device.type == "cuda":  # before step 1 and before the job is written
@@ -176,11 +186,11 @@ def setup(config: RunConfig) -> Setup:
 def prepare_model(config: RunConfig, method: Method, model: torch.nn.Module, device: torch.device) -> None:
     """Weights onto the device (streamed layers' frozen weights stay in host memory), activation
     checkpointing as planned, then the method marks what trains and builds its optimizer."""
-    method.place(model, config, device)
+    method.place(model, device)
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
-    method.setup(model, config)
+    method.setup(model)
 
 
 def enable_checkpointing(model) -> None:

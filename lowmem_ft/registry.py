@@ -3,8 +3,9 @@ and what it leaves. Torch-free, so the options' checks, the planner and `lowmem-
 without importing a method. The option checks (config.py), `lowmem-ft methods`, `build_method` and
 the method lists in choices.py all derive from this table.
 
-Adding a method: its module under lowmem_ft/methods/ (a subclass of methods.base.Method), its
-planner estimate (planner/plan.py), and one line here.
+Adding a method: its module under lowmem_ft/methods/ (a subclass of methods.base.Method, or for a
+sparse mask an entry chooser given to methods.sparse.SparseIncrement), its planner estimate
+(planner/estimates.py), and one line here.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class MethodSpec:
     summary: str  # one line for `lowmem-ft methods` and the run header
     # the method-specific options it takes (RunConfig field names); every other method refuses them
     options: tuple[str, ...]
-    runtime: str  # "module:Class", imported only when a run builds the method
+    runtime: str  # "module:name" of what builds it from a RunConfig, imported only when a run needs it
     result: str  # "model" (a full Hugging Face model), "delta" (sparse entries) or "adapter" (LoRA)
     family: str  # "full", "sparse" (one sparse-increment engine) or "structured" (selections.py)
     note: str = ""  # said after the options in `lowmem-ft methods`
@@ -55,17 +56,17 @@ METHOD_SPECS: dict[str, MethodSpec] = {
         MethodSpec(
             "sift", "top-k entries of each weight by gradient, fixed after selection; fp32 increments",
             (*_SPARSE, "selection_batches", "selection_score", "selection_passes"),
-            "lowmem_ft.methods.sift:SIFT", "delta", "sparse",
+            "lowmem_ft.methods.sift:sift", "delta", "sparse",
             note="--selection-score grad2 over a window is Fu et al.'s SAM",
         ),
         MethodSpec(
             "random", "k random entries of each weight (seeded by --seed), trained like SIFT",
-            _SPARSE, "lowmem_ft.methods.masks:RandomMask", "delta", "sparse",
+            _SPARSE, "lowmem_ft.methods.masks:random_mask", "delta", "sparse",
         ),
         MethodSpec(
             "magnitude",
             "the k largest-magnitude entries of each base weight (MagPruning), trained like SIFT",
-            _SPARSE, "lowmem_ft.methods.masks:MagnitudeMask", "delta", "sparse",
+            _SPARSE, "lowmem_ft.methods.masks:magnitude_mask", "delta", "sparse",
         ),
         MethodSpec(
             "bitfit",

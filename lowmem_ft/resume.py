@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from lowmem_ft.checkpoint import Restored, latest_checkpoint, remove_partial
@@ -52,23 +53,23 @@ def _prepare_resume(job: Job, overrides: dict) -> tuple[Setup, Restored | None]:
     record = job.record
     if job.lock.stale_holder:
         print(f"lock       taken over from process {job.lock.stale_holder.get('pid')}, which is gone")
-    config = RunConfig.from_json(record.get("requested") or record["config"])
-    config.out = job.dir
+    requested = RunConfig.from_json(record.get("requested") or record["config"])
     # What the method trains and how is part of the result, so the job's choices are kept, even
     # those the planner made for the first machine; so is the precision (HiFT keeps bf16 weights
     # on a GPU). Only how a step is cut into micro-batches and whether activations are recomputed
     # are planned again.
     planned = record["config"]
-    for key in RESUME_KEEPS:
-        setattr(config, key, planned.get(key))
-    config.groups = None  # units_per_group, kept above, says it
-    config.dtype = record.get("compute_dtype", config.dtype)
+    kept = {key: planned.get(key) for key in RESUME_KEEPS}
+    micro_batch_size = requested.micro_batch_size
     if record.get("micro_batch_size_after_oom"):  # this job ran out of memory with a larger one
         smaller = record["micro_batch_size_after_oom"]
-        config.micro_batch_size = min(config.micro_batch_size or smaller, smaller)
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(config, key, value)
+        micro_batch_size = min(micro_batch_size or smaller, smaller)
+    changes = {
+        "out": job.dir, **kept, "groups": None,  # units_per_group, kept, says it
+        "dtype": record.get("compute_dtype", requested.dtype), "micro_batch_size": micro_batch_size,
+    }  # fmt: skip
+    changes.update({key: value for key, value in overrides.items() if value is not None})
+    config = replace(requested, **changes)
     if config.resolved_device().type != record.get("device", "cpu"):
         print(f"device     the job ran on {record.get('device')}; it continues on {config.resolved_device()}")
     if "data_sha256" in record and sha256_of([config.data]) != record["data_sha256"]:
@@ -90,7 +91,7 @@ def _prepare_resume(job: Job, overrides: dict) -> tuple[Setup, Restored | None]:
         print(f"checkpoint {name} is damaged ({problem}); skipped")
     if restored is None:
         job.truncate_metrics(0)
-    job.record["config"] = config.to_json()
+    job.record["config"] = s.config.to_json()
     job.update(status="running", pid=os.getpid(), error=None, resumes=record.get("resumes", 0) + 1)
     return s, restored
 

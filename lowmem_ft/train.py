@@ -17,7 +17,7 @@ import math
 import shutil
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -120,7 +120,7 @@ def run(config: RunConfig, show_progress: bool = True) -> Job:
         lock = lock or claim_new_job(out_dir)
         job = Job.create(
             out_dir,
-            config.to_json(),
+            s.config.to_json(),
             lock=lock,
             requested=requested,
             compute_dtype=dtype_name(s.compute_dtype),
@@ -401,7 +401,9 @@ def accumulate_gradients(s: Setup, job: Job, step: int, scaler, bar) -> tuple[fl
                 "--gradient-checkpointing, a shorter --seq-len, or a GPU with more free memory"
             )
         new = old // 2
-        s.config.micro_batch_size = s.batcher.micro_batch_size = new
+        # A new resolved run, recorded in the job (below), not an edit of the old one.
+        s.config = replace(s.config, micro_batch_size=new)
+        s.batcher.micro_batch_size = new
         s.batcher.load_state_dict(data_position)
         accumulation = math.ceil(s.config.batch_size / new)
         bar.write(
@@ -452,7 +454,7 @@ def select_entries(s: Setup) -> bool:
     """Let a method that chooses its trainable entries from data (SIFT) look at its selection
     window: micro-batches drawn with their own seed, so the training order is the same as any
     other method's. Their gradients choose; they are never applied. Returns whether it selected."""
-    n = s.method.selection_batches(s.config)
+    n = s.method.selection_batches()
     if not n:
         return False
     started = time.perf_counter()

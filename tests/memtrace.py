@@ -42,11 +42,11 @@ def _fake_model_and_batch(cfg, method, run_config, checkpointing: bool, micro_ba
     from lowmem_ft.prepare import enable_checkpointing
 
     # The dtype must be explicit: from_config would otherwise follow the config's torch_dtype.
-    model = AutoModelForCausalLM.from_config(cfg, dtype=method.weight_dtype(run_config))
+    model = AutoModelForCausalLM.from_config(cfg, dtype=method.weight_dtype())
     if checkpointing:
         enable_checkpointing(model)
     model.train()
-    method.setup(model, run_config)
+    method.setup(model)
     ids = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len))
     return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
@@ -79,7 +79,7 @@ def trace_step(
     cfg = AutoConfig.for_model(**{**config, "num_hidden_layers": layers, "use_cache": False})
     cfg._attn_implementation = "sdpa"
     run_config = RunConfig(model="trace", data=Path("trace.jsonl"), method=method_name, lr=1e-5)
-    method = build_method(method_name)
+    method = build_method(run_config)
     device = torch.device("cpu")
     with FakeTensorMode():
         model, batch = _fake_model_and_batch(cfg, method, run_config, checkpointing, micro_batch, seq_len)
@@ -144,11 +144,11 @@ def trace_hift_step(config: dict, group: int, layers: int = 2, seq_len: int = 51
     dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[compute_dtype]
     run_config = RunConfig(model="trace", data=Path("t.jsonl"), method="hift", lr=1e-5, units_per_group=1,
                            state_policy="keep", dtype=dtype_name, device="cpu")  # fmt: skip
-    method = build_method("hift")
+    method = build_method(run_config)
     with FakeTensorMode():
-        model = AutoModelForCausalLM.from_config(cfg, dtype=method.weight_dtype(run_config))
+        model = AutoModelForCausalLM.from_config(cfg, dtype=method.weight_dtype())
         model.train()
-        method.setup(model, run_config)
+        method.setup(model)
         ids = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len))
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
         method.begin_step(method.order.index(group))
@@ -190,7 +190,7 @@ def trace_sift_step(config: dict, sparsity: float, layers: int = 2, seq_len: int
     dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[compute_dtype]
     run_config = RunConfig(model="trace", data=Path("t.jsonl"), method="sift", sparsity=sparsity, lr=1e-5,
                            dtype=dtype_name, device="cpu")  # fmt: skip
-    method = build_method("sift")
+    method = build_method(run_config)
     cpu = torch.device("cpu")
     with FakeTensorMode():
         model, batch = _fake_model_and_batch(cfg, method, run_config, checkpointing, micro_batch, seq_len)

@@ -59,7 +59,7 @@ def test_hift_on_cuda_matches_the_cpu_run(policy, small_model):
 def test_hift_bf16_weights_with_fp32_masters_on_cuda(small_model):
     model = small_model.to(CUDA, torch.bfloat16)
     cfg = config(units_per_group=2, dtype="bf16", device="cuda", lr=1e-3)
-    assert build_method("hift").weight_dtype(cfg) == torch.bfloat16
+    assert build_method(cfg).weight_dtype() == torch.bfloat16
     data = batches(model, 12)
     losses = run_hift(model, cfg, data * 2, CUDA, torch.bfloat16)
     assert all(torch.isfinite(torch.tensor(losses)))

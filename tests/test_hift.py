@@ -47,8 +47,8 @@ def loss_of(model, batch, dtype=torch.float32, device=CPU) -> torch.Tensor:
 
 def run_method(model, cfg, data: list[dict], dtype=torch.float32, device=CPU):
     """The recipe's step, as train.py runs it, for each batch; returns the method and the losses."""
-    method = build_method(cfg.method)
-    method.setup(model, cfg)
+    method = build_method(cfg)
+    method.setup(model)
     losses = []
     for step, batch in enumerate(data):
         method.begin_step(step)
@@ -104,8 +104,8 @@ def test_each_group_steps_like_its_own_adamw(policy, small_model):
 def test_truncated_backward_gives_the_full_backward_gradients(small_model):
     batch = batches(small_model, 1)[0]
     reference = copy.deepcopy(small_model)
-    method = build_method("hift")
-    method.setup(small_model, config(units_per_group=1))
+    method = build_method(config(units_per_group=1))
+    method.setup(small_model)
     middle = 2  # layer.1 of embed, layer.0, layer.1, head
     while method.active != middle:
         method.begin_step(method.order.index(middle))
@@ -136,8 +136,8 @@ def saved_bytes(model, batch) -> int:
 
 def test_units_below_the_active_group_store_no_activations(small_model):
     batch = batches(small_model, 1)[0]
-    method = build_method("hift")
-    method.setup(small_model, config(units_per_group=1))
+    method = build_method(config(units_per_group=1))
+    method.setup(small_model)
     by_group = {}
     for step in range(len(method.groups)):
         method.begin_step(step)
@@ -158,8 +158,8 @@ def test_visit_orders_and_switching():
 
 
 def test_switch_every_keeps_a_group_for_k_steps(small_model):
-    method = build_method("hift")
-    method.setup(small_model, config(units_per_group=1, switch_every=3))
+    method = build_method(config(units_per_group=1, switch_every=3))
+    method.setup(small_model)
     assert [method.group_at(s) for s in range(13)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 0]
 
 
@@ -223,7 +223,7 @@ def test_stochastic_rounding_to_bf16_is_unbiased():
 def test_bf16_weights_train_through_fp32_masters(small_model):
     model = small_model.to(torch.bfloat16)
     cfg = config(units_per_group=2, dtype="bf16")
-    assert build_method("hift").weight_dtype(cfg) == torch.bfloat16
+    assert build_method(cfg).weight_dtype() == torch.bfloat16
     before = copy.deepcopy(model)
     method, losses = run_method(model, cfg, batches(model, 2), dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
@@ -269,8 +269,8 @@ def test_resumed_run_equals_the_uninterrupted_one(policy, switch_every, dtype, s
     first, _ = run_method(small_model, cfg, data[:4], compute)
     saved = first.state_dict()
     resumed_model = copy.deepcopy(small_model)
-    method = build_method("hift")
-    method.setup(resumed_model, cfg)
+    method = build_method(cfg)
+    method.setup(resumed_model)
     method.load_state_dict(saved)
     for step in range(4, 7):
         method.begin_step(step)
@@ -289,8 +289,8 @@ def test_bf16_micro_batch_gradients_accumulate_in_fp32(small_model):
     model = small_model.to(torch.bfloat16)
     data = batches(model, 8)
     n_targets = sum(target_count(b) for b in data)
-    method = build_method("hift")
-    method.setup(model, config(units_per_group=2, dtype="bf16"))
+    method = build_method(config(units_per_group=2, dtype="bf16"))
+    method.setup(model)
     method.begin_step(0)
     group = method.groups[method.active]
     # Reference: each micro-batch's bf16 gradient on its own, summed in fp32.

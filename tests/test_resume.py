@@ -538,7 +538,7 @@ OOM_PHASES = {
     "end step": ("hift", "lowmem_ft.methods.hift.HiFT.end_step", 5),
     "evaluation": ("hift", "lowmem_ft.train.eval_batches", 2),  # the evaluation after step 5
     "checkpoint": ("hift", "lowmem_ft.train_state.save_checkpoint", 2),
-    "selection": ("sift", "lowmem_ft.methods.sift.SIFT.select", 1),
+    "selection": ("sift", "lowmem_ft.methods.sift.GradientEntries.choose", 1),
 }
 
 

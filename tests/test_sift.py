@@ -33,9 +33,9 @@ def target_names(model) -> list[str]:
 def setup_sift(model, window: list[dict], **overrides):
     """SIFT set up on ``model`` with its entries chosen from ``window`` (one micro-batch each)."""
     cfg = sift_config(**overrides)
-    method = build_method(cfg.method)
-    method.setup(model, cfg)
-    if method.selection_batches(cfg):
+    method = build_method(cfg)
+    method.setup(model)
+    if method.selection_batches():
         n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
         method.select(window, lambda b: (loss_of(model, b) * _targets(b) / n_targets).backward())
     return method
@@ -303,10 +303,10 @@ def test_state_dict_round_trip_continues_exactly(small_model):
     first = setup_sift(interrupted_model, data[:1])
     sift_steps(interrupted_model, first, steps[:2])
     state = copy.deepcopy(first.state_dict())
-    second = build_method("sift")  # a new process: the base model as loaded, then the checkpoint
-    second.setup(fresh_model, sift_config())
+    second = build_method(sift_config())  # a new process: the base model as loaded, then the checkpoint
+    second.setup(fresh_model)
     second.load_state_dict(state)
-    assert second.selection_batches(sift_config()) == 0, "a restored selection is not run again"
+    assert second.selection_batches() == 0, "a restored selection is not run again"
     continued = sift_steps(fresh_model, second, steps[2:])
     assert continued == uninterrupted[2:]
 
@@ -330,7 +330,7 @@ def test_tied_head_is_refused(small_model):
     small_model.config.tie_word_embeddings = True
     small_model.lm_head.weight = small_model.model.embed_tokens.weight
     with pytest.raises(UserError, match="shares its weight"):
-        build_method("sift").setup(small_model, sift_config(targets="all-linear,lm_head"))
+        build_method(sift_config(targets="all-linear,lm_head")).setup(small_model)
 
 
 def test_flags_of_sparse_methods_are_checked():

@@ -5,9 +5,10 @@ methods like HiFT, which train at *this* step), owns the optimizer that updates 
 state of its own for checkpoints, and writes the result. The recipe in ``lowmem_ft/train.py``
 calls these hooks in a fixed order and never branches on the method's name:
 
-    method.place(model, config, device)    once: put the weights on the compute device
-    method.setup(model, config)            once, before training
-    method.select(window, backward)        once, if method.selection_batches(config) > 0
+    method = build_method(config)          the resolved run's options, read once
+    method.place(model, device)            once: put the weights on the compute device
+    method.setup(model)                    once, before training
+    method.select(window, backward)        once, if method.selection_batches() > 0
     for step in range(max_steps):
         method.begin_step(step)            e.g. HiFT picks the active group, prefetches its state
         ... forward / backward over micro-batches ...
@@ -31,7 +32,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -43,7 +44,13 @@ if TYPE_CHECKING:
 
 
 class Method(ABC):
-    name: ClassVar[str]  # its line in lowmem_ft/registry.py says what it is and what it takes
+    name: str  # its line in lowmem_ft/registry.py says what it is and what it takes
+
+    def __init__(self, config: RunConfig):
+        # The resolved run (frozen): the user's options with the plan's choices filled in. Every
+        # piece of state a method has is created here or in setup(), never on first use.
+        self.config = config
+        self.streamer = None  # engine.streaming.LayerStreamer, when decoder layers are streamed
 
     @property
     def summary(self) -> str:
@@ -57,34 +64,31 @@ class Method(ABC):
 
     optimizer: torch.optim.Optimizer
 
-    def weight_dtype(self, config: RunConfig) -> torch.dtype:
+    def weight_dtype(self) -> torch.dtype:
         """The dtype the model's weights are loaded in for this method."""
         return torch.float32
 
-    @staticmethod
-    def frozen_base_dtype(config: RunConfig) -> torch.dtype:
+    def frozen_base_dtype(self) -> torch.dtype:
         """For methods whose base is frozen: the compute precision is enough to store it (bf16 or
         fp16 on a GPU, fp32 on a CPU); what trains carries its own fp32."""
-        compute = config.compute_dtype()
+        compute = self.config.compute_dtype()
         return compute if compute in (torch.bfloat16, torch.float16) else torch.float32
 
-    streamer = None  # engine.streaming.LayerStreamer, when decoder layers are streamed
-
-    def place(self, model: torch.nn.Module, config: RunConfig, device: torch.device) -> None:
+    def place(self, model: torch.nn.Module, device: torch.device) -> None:
         """Move the model to the compute device, except what the plan streams (the frozen weights
         of ``config.streamed_layers`` decoder layers stay in host memory). Methods that store
         weights differently (SIFT's quantised base) convert them here one tensor at a time, so the
         full-precision model never has to fit on the device."""
         from lowmem_ft.engine.streaming import place_model
 
-        self.streamer = place_model(model, device, config.streamed_layers or 0)
+        self.streamer = place_model(model, device, self.config.streamed_layers or 0)
 
     @abstractmethod
-    def setup(self, model: torch.nn.Module, config: RunConfig) -> None:
+    def setup(self, model: torch.nn.Module) -> None:
         """Mark trainable parameters (``requires_grad``) and build ``self.optimizer`` (or, for a
         method that chooses its entries from data, build it in ``select``)."""
 
-    def selection_batches(self, config: RunConfig) -> int:
+    def selection_batches(self) -> int:
         """Micro-batches the method needs to see before training starts (0: none)."""
         return 0
 

@@ -17,10 +17,15 @@ from lowmem_ft.methods.optimizers import make_optimizer
 class FullFineTuning(Method):
     name = "full"
 
-    def weight_dtype(self, config) -> torch.dtype:
+    def __init__(self, config):
+        super().__init__(config)
+        self._params: list[torch.nn.Parameter] = []
+
+    def weight_dtype(self) -> torch.dtype:
         return torch.float32  # fp32 master weights; compute precision comes from autocast
 
-    def setup(self, model, config) -> None:
+    def setup(self, model) -> None:
+        config = self.config
         model.requires_grad_(True)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(config.optimizer, self._params, config.lr, config.weight_decay)

@@ -39,13 +39,29 @@ def visit_order(n_groups: int, order: str, seed: int) -> list[int]:
 class HiFT(Method):
     name = "hift"
 
-    def weight_dtype(self, config) -> torch.dtype:
+    def __init__(self, config):
+        super().__init__(config)
+        self.switch_every = config.switch_every
+        # Its own generator for stochastic rounding: reproducible, saved in checkpoints, and it
+        # leaves the global RNG to everything else (made on the model's device in setup).
+        self.generator: torch.Generator | None = None
+        self.groups: list[list[torch.nn.Parameter]] = []  # from setup(): the model's units, grouped
+        self.group_layers: list[list[int]] = []
+        self.group_names: list[str] = []
+        self.order: list[int] = []
+        self.store: OptimizerStateStore | None = None
+        self.active: int | None = None
+        self.masters: MasterWeights | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._all_params: list[torch.nn.Parameter] = []
+
+    def weight_dtype(self) -> torch.dtype:
         # bf16 weights on a GPU that computes in bf16 (fp32 masters for the active group only);
         # fp32 everywhere else, with fp16 compute under autocast like `full`.
-        return torch.bfloat16 if config.compute_dtype() == torch.bfloat16 else torch.float32
+        return torch.bfloat16 if self.config.compute_dtype() == torch.bfloat16 else torch.float32
 
-    def setup(self, model, config) -> None:
-        self.config = config
+    def setup(self, model) -> None:
+        config = self.config
         units = model_units(model)
         m = config.units_per_group or 1
         self.groups = [[p for unit in units[k : k + m] for p in unit.params] for k in range(0, len(units), m)]
@@ -60,15 +76,9 @@ class HiFT(Method):
             for k in range(0, len(units), m)
         ]
         self.order = visit_order(len(self.groups), config.order, config.seed)
-        self.switch_every = config.switch_every
         device = next(model.parameters()).device
         self.store = OptimizerStateStore(config.state_policy or "keep", device)
-        # Its own generator for stochastic rounding: reproducible, saved in checkpoints, and it
-        # leaves the global RNG to everything else.
         self.generator = torch.Generator(device).manual_seed(config.seed)
-        self.active: int | None = None
-        self.masters: MasterWeights | None = None
-        self._optimizer: torch.optim.Optimizer | None = None
         self._all_params = [p for group in self.groups for p in group]
         model.requires_grad_(False)
 
@@ -99,7 +109,6 @@ class HiFT(Method):
             self.config.optimizer, trained, self.config.lr, self.config.weight_decay
         )
         self.store.load(group, self._optimizer, trained)
-        self._restore_active(group, trained)
         self.active = group
 
     def _deactivate(self) -> None:
@@ -167,19 +176,16 @@ class HiFT(Method):
         group_states = state["group_states"]
         for group in [g for g in group_states if g != active]:
             self.store.put(group, group_states.pop(group))  # popped: one copy of a state at a time
-        # The active group is activated again now, its state going straight back to its optimizer
-        # as it was (through the store it would be dropped or rounded to 8 bits mid-visit). It then
-        # leaves through the store at the next switch, exactly as in a run that never stopped.
+        # The active group is activated again now (the store holds nothing for it), and its state
+        # goes straight back to its optimizer as it was (through the store it would be dropped or
+        # rounded to 8 bits mid-visit). It then leaves through the store at the next switch,
+        # exactly as in a run that never stopped.
         if active is not None:
-            self._resume = (active, group_states.get(active, []), state["masters"])
             self._activate(active)
+            self._restore_active(group_states.get(active, []), state["masters"])
 
-    def _restore_active(self, group: int, trained: list[torch.nn.Parameter]) -> None:
-        resume, self._resume = getattr(self, "_resume", None), None
-        if resume is None or resume[0] != group:
-            return
-        _, states, masters = resume
-        for p, st in zip(trained, states, strict=True):
+    def _restore_active(self, states: list[dict], masters: list[torch.Tensor] | None) -> None:
+        for p, st in zip(self.trainable_parameters(), states, strict=True):
             if st:
                 self._optimizer.state[p] = {
                     k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in st.items()

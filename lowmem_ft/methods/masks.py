@@ -8,26 +8,50 @@ They are the baselines Fu et al. compare gradient-chosen masks against, at the s
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from lowmem_ft.methods.sift import SparseIncrement
+from lowmem_ft.methods.sparse import Layers, SparseIncrement
+
+if TYPE_CHECKING:
+    from lowmem_ft.config import RunConfig
 
 
-class RandomMask(SparseIncrement):
-    name = "random"
+class RandomEntries:
+    def __init__(self, seed: int):
+        self.seed = seed
 
-    def choose(self, name, layer) -> torch.Tensor:
-        if not hasattr(self, "_generator"):  # one stream for all weights, in model order
-            self._generator = torch.Generator(layer.indices.device).manual_seed(self.config.seed)
-        # Uniform scores and their top k: a uniform k-subset, with 4 bytes per weight entry of
-        # scratch (a permutation would take 8).
-        scores = torch.rand(layer.weight_numel, generator=self._generator, device=layer.indices.device)
-        return torch.topk(scores, self.k_for(layer), sorted=False).indices
+    def window_batches(self) -> int:
+        return 0
+
+    def choose(self, layers: Layers, k_for, window, backward):
+        chosen, generator = {}, None
+        for name, layer in layers.items():
+            if generator is None:  # one stream for all weights, in model order
+                generator = torch.Generator(layer.indices.device).manual_seed(self.seed)
+            # Uniform scores and their top k: a uniform k-subset, with 4 bytes per weight entry of
+            # scratch (a permutation would take 8).
+            scores = torch.rand(layer.weight_numel, generator=generator, device=layer.indices.device)
+            chosen[name] = torch.topk(scores, k_for(layer), sorted=False).indices
+        return chosen, "at random"
 
 
-class MagnitudeMask(SparseIncrement):
-    name = "magnitude"
+class MagnitudeEntries:
+    def window_batches(self) -> int:
+        return 0
 
-    def choose(self, name, layer) -> torch.Tensor:
-        weight, _ = layer.base.dense(torch.float32)
-        return torch.topk(weight.reshape(-1).abs(), self.k_for(layer), sorted=False).indices
+    def choose(self, layers: Layers, k_for, window, backward):
+        chosen = {}
+        for name, layer in layers.items():
+            weight, _ = layer.base.dense(torch.float32)
+            chosen[name] = torch.topk(weight.reshape(-1).abs(), k_for(layer), sorted=False).indices
+        return chosen, "by |θ0|"
+
+
+def random_mask(config: RunConfig) -> SparseIncrement:
+    return SparseIncrement("random", config, RandomEntries(config.seed))
+
+
+def magnitude_mask(config: RunConfig) -> SparseIncrement:
+    return SparseIncrement("magnitude", config, MagnitudeEntries())

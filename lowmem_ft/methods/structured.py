@@ -52,12 +52,19 @@ def model_linears(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
 class StructuredMethod(Method):
     """A fixed set of whole tensors trains with AdamW; a peft LoRA adapter where the selection has one."""
 
-    def weight_dtype(self, config) -> torch.dtype:
-        return self.frozen_base_dtype(config)
+    def __init__(self, config):
+        super().__init__(config)
+        self.selection: Selection | None = None  # what trains, from the model (place or setup)
+        self.peft_model = None  # peft's wrapper, when the selection has LoRA adapters
+        self._names: list[str] = []
+        self._params: list[torch.nn.Parameter] = []
 
-    def _select(self, model, config) -> Selection:
-        if not getattr(self, "selection", None):
-            self.config = config
+    def weight_dtype(self) -> torch.dtype:
+        return self.frozen_base_dtype()
+
+    def _select(self, model) -> Selection:
+        if self.selection is None:
+            config = self.config
             n_layers = model.config.num_hidden_layers
             self.selection = select(
                 self.name, model_terms(model), model_linears(model), n_layers, targets=config.targets,
@@ -66,16 +73,17 @@ class StructuredMethod(Method):
             )  # fmt: skip
         return self.selection
 
-    def place(self, model, config, device) -> None:
-        selection = self._select(model, config)
-        if (config.base_quant or "none") != "none":  # QLoRA: the adapted linears' weights in NF4
+    def place(self, model, device) -> None:
+        selection = self._select(model)
+        if (self.config.base_quant or "none") != "none":  # QLoRA: the adapted linears' weights in NF4
             from lowmem_ft.engine.quantised import quantise_linears_4bit
 
-            quantise_linears_4bit(model, selection.lora_targets, device, config.compute_dtype())
-        super().place(model, config, device)
+            quantise_linears_4bit(model, selection.lora_targets, device, self.config.compute_dtype())
+        super().place(model, device)
 
-    def setup(self, model, config) -> None:
-        selection = self._select(model, config)
+    def setup(self, model) -> None:
+        config = self.config
+        selection = self._select(model)
         model.requires_grad_(False)
         params = dict(model.named_parameters())
         # Taken before peft wraps the adapted layers (their names gain ".base_layer").
@@ -84,7 +92,6 @@ class StructuredMethod(Method):
             linear = model.get_submodule(name)
             linear.bias = torch.nn.Parameter(torch.zeros(linear.out_features, device=linear.weight.device))
             trained.append(linear.bias)
-        self.peft_model = None
         if selection.lora_targets:
             self.peft_model = _add_lora(model, selection, config)
         for param in trained:

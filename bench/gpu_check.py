@@ -173,7 +173,8 @@ def environment() -> dict:
     if not torch.cuda.is_available():
         return {"status": "SKIP", "device": None, "figures": figures, "note": "no CUDA device"}
 
-    from lowmem_ft.hardware import detect_cuda_gpu, format_bytes
+    from lowmem_ft.gpus import detect_cuda_gpu
+    from lowmem_ft.sizes import format_bytes
 
     props = torch.cuda.get_device_properties(0)
     picked, note = detect_cuda_gpu(0)

@@ -35,9 +35,9 @@ from _report import command_line, write_section  # noqa: E402
 
 from lowmem_ft.config import RunConfig
 from lowmem_ft.errors import UserError
-from lowmem_ft.hardware import format_bytes
 from lowmem_ft.looptrace import trace_run
 from lowmem_ft.planner.plan import ALLOCATOR_MARGIN, CUDA_CONTEXT_BYTES
+from lowmem_ft.sizes import format_bytes
 
 SECTION = "plan-vs-trace"
 MODELS = ("llama-2-7b", "llama-3-8b", "qwen2.5-7b", "mistral-7b")

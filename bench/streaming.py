@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import REPO, command_line, write_section  # noqa: E402
 
-from lowmem_ft.hardware import detect_gpu, format_bytes  # noqa: E402
+from lowmem_ft.gpus import detect_gpu  # noqa: E402
+from lowmem_ft.sizes import format_bytes  # noqa: E402
 
 TINY = REPO / "lowmem_ft" / "models" / "tiny"
 DATA = REPO / "examples" / "python-qa.jsonl"

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 from lowmem_ft.errors import DiskError, disk_fault
 from lowmem_ft.files import free_bytes, sha256_of
-from lowmem_ft.hardware import format_bytes
+from lowmem_ft.sizes import format_bytes
 
 FORMAT = 1
 SHARD_BYTES = 1 << 30

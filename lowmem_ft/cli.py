@@ -492,7 +492,7 @@ def export(
 
 def _show_delta(path: Path) -> None:
     from lowmem_ft.delta import read_delta
-    from lowmem_ft.hardware import format_bytes
+    from lowmem_ft.sizes import format_bytes
 
     delta = read_delta(path)
     meta = delta.meta
@@ -508,8 +508,8 @@ def _show_delta(path: Path) -> None:
 
 
 def _show_adapter(path: Path) -> None:
-    from lowmem_ft.hardware import format_bytes
     from lowmem_ft.results import ADAPTER_META
+    from lowmem_ft.sizes import format_bytes
 
     meta = json.loads((path / ADAPTER_META).read_text())
     peft_config = json.loads((path / "adapter_config.json").read_text())

@@ -116,7 +116,7 @@ class RunConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 need(False, f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
         # Sizes are read only on the device they apply to: check them wherever they are given.
-        from lowmem_ft.hardware import parse_size
+        from lowmem_ft.sizes import parse_size
 
         for flag, size in (("--gpu-mem", self.gpu_mem), ("--cpu-mem", self.cpu_mem)):
             if size is not None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from lowmem_ft.hardware import format_bytes
 from lowmem_ft.jobs import Job
 from lowmem_ft.phases import ADVICE, OutOfMemoryIn
+from lowmem_ft.sizes import format_bytes
 
 if TYPE_CHECKING:
     from lowmem_ft.prepare import Setup

@@ -13,9 +13,9 @@ import torch
 
 from lowmem_ft.errors import DiskError, UserError, disk_fault
 from lowmem_ft.files import free_bytes
-from lowmem_ft.hardware import format_bytes
 from lowmem_ft.models.saving import model_dtype_on_disk, save_hf_model
 from lowmem_ft.results import ADAPTER_META, find_result
+from lowmem_ft.sizes import format_bytes
 
 
 def _check_base(spec: str | None, expected: str | None, what: str):

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from lowmem_ft.errors import UserError
-from lowmem_ft.hardware import format_bytes
 from lowmem_ft.planner import Plan
 from lowmem_ft.planner.accounting import GiB
 from lowmem_ft.planner.plan import CUDA_CONTEXT_BYTES
+from lowmem_ft.sizes import format_bytes
 
 
 @dataclass

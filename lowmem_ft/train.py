@@ -32,11 +32,12 @@ from lowmem_ft.data import Batcher, eval_batches
 from lowmem_ft.data.tokenize import IGNORE_INDEX
 from lowmem_ft.errors import DiskError, UserError, disk_fault
 from lowmem_ft.files import free_bytes, sha256_of, write_json_atomic
-from lowmem_ft.hardware import PeakMemory, format_bytes
+from lowmem_ft.hardware import PeakMemory
 from lowmem_ft.jobs import Job, abandon_new_job, claim_new_job
 from lowmem_ft.models.saving import model_dtype_on_disk
 from lowmem_ft.phases import OutOfMemoryIn, phase
 from lowmem_ft.prepare import Setup, setup
+from lowmem_ft.sizes import format_bytes
 from lowmem_ft.stop import RunInterrupted, StopRequest
 from lowmem_ft.train_state import Checkpoints, Progress, restore
 

@@ -16,18 +16,10 @@ import torch
 from lowmem_ft import cli, hardware
 from lowmem_ft.config import RunConfig
 from lowmem_ft.errors import UserError
-from lowmem_ft.hardware import (
-    Budget,
-    GPUInfo,
-    PeakMemory,
-    configure_cuda_allocator,
-    detect_budget,
-    detect_cuda_gpu,
-    detect_gpu,
-    format_bytes,
-    parse_size,
-)
+from lowmem_ft.gpus import GPUInfo, detect_cuda_gpu, detect_gpu
+from lowmem_ft.hardware import Budget, PeakMemory, configure_cuda_allocator, detect_budget
 from lowmem_ft.planner import build_plan
+from lowmem_ft.sizes import format_bytes, parse_size
 
 GiB = 1024**3
 H100 = "NVIDIA H100 80GB HBM3"

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lowmem_ft.errors import UserError
-from lowmem_ft.hardware import parse_size
 from lowmem_ft.planner import build_plan
 from lowmem_ft.preflight import DeviceMemory, check_plan_fits_device
+from lowmem_ft.sizes import parse_size
 
 GiB = 1024**3
 CUDA = torch.device("cuda")

@@ -141,7 +141,7 @@ class SparseIncrement(Method):
         return sum(self.k_for(layer) for layer in self.layers.values())
 
     def describe_trainable(self) -> str:
-        from lowmem_ft.hardware import format_bytes
+        from lowmem_ft.sizes import format_bytes
 
         count = self.trainable_count()
         targeted = sum(layer.weight_numel for layer in self.layers.values())

@@ -389,7 +389,7 @@ def _search_sift(shape, request, fitter):
 
 def _shortfall(plan: Plan, shape, request, gpu_budget, host_budget, link) -> str:
     """What is short, by how much, and what would fit instead."""
-    from lowmem_ft.hardware import format_bytes
+    from lowmem_ft.sizes import format_bytes
 
     parts = []
     if plan.device == "cuda" and plan.gpu_peak_bytes > gpu_budget:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from lowmem_ft.hardware import format_bytes
 from lowmem_ft.planner.plan import ASSUMED_FLOPS, THIN_SPARE_BYTES, Plan
+from lowmem_ft.sizes import format_bytes
 
 
 def _cell(n: int) -> str:

@@ -1,0 +1,66 @@
+"""Memory sizes as people write them (24GiB, 16GB, 512MiB) and as the tool prints them."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+
+from lowmem_ft.errors import UserError
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# Decimal units (KB, MB, ...) are powers of 1000; binary ones (KiB, MiB, ...) powers of 1024. A bare
+# letter (K, M, G, T) counts as binary: see parse_size.
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kib": 1024,
+    "kb": 1000,
+    "m": 1024**2,
+    "mib": 1024**2,
+    "mb": 1000**2,
+    "g": 1024**3,
+    "gib": 1024**3,
+    "gb": 1000**3,
+    "t": 1024**4,
+    "tib": 1024**4,
+    "tb": 1000**4,
+}
+
+# A plain or decimal number with an optional short exponent (24, 1.5, .5, 24e9), then an optional unit.
+# The exponent is limited to two digits so that "1e999999999" is an error, not a huge integer.
+_SIZE_RE = re.compile(r"(\d+\.?\d*|\.\d+)(e[+-]?\d{1,2})?\s*([a-z]*)")
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Parse a memory size from the command line into bytes.
+
+    Accepts ``24GiB``, ``24 GiB``, ``1.5TiB``, ``512MiB`` (binary), ``24GB``, ``100KB`` (decimal),
+    ``24e9`` or ``24000000000`` (bytes), with units in any case. A bare ``K``, ``M``, ``G`` or ``T``
+    means KiB, MiB, GiB or TiB: someone who types ``24G`` for a "24 GB" card means the card's
+    marketing size, and the memory NVIDIA reports for it is close to 24 GiB, not 24e9 bytes.
+
+    ``flag`` names the option in the error message.
+    """
+    match = _SIZE_RE.fullmatch(text.strip().lower())
+    if match is None or match.group(3) not in _UNITS:
+        raise _not_a_size(text, flag)
+    number, exponent, unit = match.groups()
+    # Decimal keeps byte counts above 2**53 exact, where float would round them.
+    value = Decimal(number + (exponent or "")) * _UNITS[unit]
+    size = int(value.to_integral_value())
+    if size <= 0:
+        raise _not_a_size(text, flag)
+    return size
+
+
+def _not_a_size(text: str, flag: str) -> UserError:
+    return UserError(f"{flag} {text!r} is not a memory size; write it like 24GiB, 16GB or 512MiB")

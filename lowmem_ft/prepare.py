@@ -22,7 +22,7 @@ from lowmem_ft.data import (
 from lowmem_ft.errors import UserError
 from lowmem_ft.methods import Method, build_method
 from lowmem_ft.models import ResolvedModel, load_model, load_tokenizer, resolve_model
-from lowmem_ft.planner import Plan, build_plan
+from lowmem_ft.planner import PLANNED_AS_GIVEN, Plan, build_plan
 from lowmem_ft.planner.shapes import UnsupportedModel
 from lowmem_ft.preflight import check_plan_fits_device
 from lowmem_ft.registry import PLANNED_OPTIONS
@@ -80,14 +80,6 @@ def load_data(config: RunConfig, tokenizer) -> Data:
     if not train_examples:
         raise UserError(f"{config.data}: no training examples left after tokenization; check --seq-len")
     return Data(train_examples, eval_examples, fmt, stats, skipped)
-
-
-# Options the planner takes exactly as the run was given them.
-PLANNED_AS_GIVEN = (
-    "method", "cpu_mem", "seq_len", "batch_size", "micro_batch_size", "gradient_checkpointing",
-    "units_per_group", "state_policy", "groups", "sparsity", "base_quant", "targets", "stream",
-    "lora_rank", "cutoffs", "variant", "add_biases", "freeze_layers", "order", "switch_every",
-)  # fmt: skip
 
 
 def plan_run(

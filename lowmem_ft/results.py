@@ -35,6 +35,43 @@ ADAPTER_DIR = "adapter"
 ADAPTER_META = "lowmem_ft.json"  # beside peft's files: the base the adapter belongs to, and its hash
 
 
+def describe_result(kind: str, path: Path) -> list[tuple[str, str]]:
+    """What a delta or an adapter (``find_result``'s answer) holds, as (label, text) lines."""
+    from lowmem_ft.sizes import format_bytes
+
+    if kind == "delta":
+        from lowmem_ft.delta import read_delta
+
+        delta = read_delta(path)
+        meta = delta.meta
+        lines = [
+            ("delta", f"{path} ({format_bytes(path.stat().st_size)})"),
+            (
+                "entries",
+                f"{delta.count:,} in {len(delta.entries)} weights (--method {meta.get('method')}, "
+                f"sparsity {meta.get('sparsity')}, targets {meta.get('targets')})",
+            ),
+        ]
+    else:
+        meta = json.loads((path / ADAPTER_META).read_text())
+        peft_config = json.loads((path / "adapter_config.json").read_text())
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        lines = [
+            ("adapter", f"{path} ({format_bytes(size)}; peft format: PeftModel.from_pretrained(base, DIR))"),
+            (
+                "lora",
+                f"rank {peft_config.get('r')}, alpha {peft_config.get('lora_alpha')} on "
+                f"{meta.get('lora_targets')} linear layers (targets {meta.get('targets')}), "
+                f"{meta.get('trainable', 0):,} values",
+            ),
+        ]
+    base = (
+        f"{meta.get('base_model')} ({meta.get('base_quant')} during training), "
+        f"weights sha256 {str(meta.get('base_weights_sha256'))[:16]}…"
+    )
+    return [*lines, ("base", base)]
+
+
 def find_result(job_dir: Path) -> tuple[str, Path]:
     """The mergeable result of a job: ("delta", its delta file) or ("adapter", its LoRA adapter
     directory); the job directory or the file/directory itself may be given."""

@@ -98,6 +98,21 @@ def _prepare_resume(job: Job, overrides: dict) -> tuple[Setup, Restored | None]:
 
 RESUME_KEEPS = (*PLANNED_OPTIONS, "stream")  # what the method trains is the job's, on any machine
 
+# Settings worth a note when `run --out JOB` resumes a job with other values on its command line.
+NOTED_SETTINGS = ("model", "data", "method", "lr", "batch_size", "max_steps", "epochs", "seed")
+
+
+def settings_that_differ(job_dir: Path, config: RunConfig) -> list[str]:
+    """The flags of ``config`` (a new `run` aimed at an existing job) whose values differ from
+    those the job was started with; the job keeps its own."""
+    saved = RunConfig.from_json(json.loads((job_dir / "job.json").read_text()).get("requested", {}))
+    return [
+        "--" + key.replace("_", "-")
+        for key in NOTED_SETTINGS
+        if getattr(saved, key) != getattr(config, key)
+        and not (key == "data" and Path(saved.data).resolve() == Path(config.data).resolve())
+    ]
+
 
 def _report_plan_change(job: Job, s: Setup) -> None:
     """Re-planning on another machine may change how a step is cut into micro-batches or whether

@@ -132,6 +132,8 @@ def result_model(capsys, job: Path, kind: str, tmp_path: Path) -> Path:
     """A Hugging Face directory of the job's result: its model, or its delta/adapter merged."""
     if kind == "model":
         return job / "model"
+    code, shown, err = cli(capsys, "export", job)  # what it holds, before merging
+    assert code == 0 and shown.startswith(kind) and "\nbase       " in shown, err
     merged = tmp_path / f"{job.name}-merged"
     code, _, err = cli(capsys, "export", job, "--merge", "--out", merged, "--save-dtype", "fp32")
     assert code == 0, err

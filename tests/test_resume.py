@@ -411,7 +411,7 @@ def test_run_on_an_unfinished_job_offers_to_resume_it(tmp_path, capsys, monkeypa
     assert (job / "job.json").read_text() == before
 
     # interactive: asked, and a yes resumes with the job's own settings
-    import lowmem_ft.cli as cli_module
+    import lowmem_ft.cli.training as cli_module
 
     monkeypatch.setattr(cli_module, "_interactive", lambda: True)
     monkeypatch.setattr(cli_module.typer, "confirm", lambda *a, **k: True)

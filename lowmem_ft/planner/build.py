@@ -28,6 +28,14 @@ def _check(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
+# The run's options (RunConfig fields) that `run` and `plan` pass to build_plan as they were given.
+PLANNED_AS_GIVEN = (
+    "method", "cpu_mem", "seq_len", "batch_size", "micro_batch_size", "gradient_checkpointing",
+    "units_per_group", "state_policy", "groups", "sparsity", "base_quant", "targets", "stream",
+    "lora_rank", "cutoffs", "variant", "add_biases", "freeze_layers", "order", "switch_every",
+)  # fmt: skip
+
+
 def build_plan(
     model: str | None = None,
     *,

@@ -1,0 +1,81 @@
+"""The command line: parse, call, print. Nothing here decides how training works.
+
+lowmem-ft run tiny examples/python-qa.jsonl
+lowmem-ft jobs
+
+The commands are in training.py (run, resume, plan) and show.py (export, methods, jobs); the
+options several of them share in options.py.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import typer
+
+import lowmem_ft
+from lowmem_ft.cli import show, training
+from lowmem_ft.errors import UserError
+
+app = typer.Typer(
+    name="lowmem-ft",
+    help="Fine-tune 7B-class language models on one GPU that cannot hold them the usual way.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lowmem-ft {lowmem_ft.__version__}")
+        raise typer.Exit()
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    ctx: typer.Context,
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Fine-tune 7B-class language models on one GPU that cannot hold them the usual way."""
+    if ctx.invoked_subcommand is None:  # bare `lowmem-ft`: show the help, which is not an error
+        typer.echo(ctx.get_help())
+
+
+app.command(epilog=training.RUN_EPILOG)(training.run)
+app.command(epilog=training.RESUME_EPILOG)(training.resume)
+app.command(epilog=training.PLAN_EPILOG)(training.plan)
+app.command(epilog=show.EXPORT_EPILOG)(show.export)
+app.command()(show.methods)
+app.command()(show.jobs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: every error the user can fix is one line on stderr and a non-zero exit code."""
+    from lowmem_ft.hardware import configure_cuda_allocator
+
+    configure_cuda_allocator()  # before anything initialises CUDA: the allocator reads it once
+    # SIGTERM (kill, a scheduler stopping us) is treated like Ctrl-C: the job records 'interrupted'.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        # Without standalone mode, typer returns (not raises) the code of `typer.Exit`.
+        code = app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except typer.TyperException as exc:  # usage errors: unknown option, bad value, missing argument
+        ctx = getattr(exc, "ctx", None)
+        hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+        typer.echo(f"error: {exc.format_message().rstrip('.')}{hint}", err=True)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except Exception as exc:  # a bug or a failure during training: one line, details in error.log
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        typer.echo("the job directory's error.log has the traceback, if a job was created", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,6 +1,6 @@
 """The training recipe: setup → loop → save, top to bottom.
 
-    lowmem-ft run tiny examples/python-qa.jsonl          # the CLI calls run(config)
+    lowmem-ft run tiny examples/python-qa.jsonl   # the CLI calls start.run(config), which calls execute
 
 Everything that can fail because of the user's input (flags, model, data) is checked in `setup`
 (prepare.py) *before* the job directory is written, so a bad invocation leaves nothing behind. The
@@ -18,7 +18,6 @@ import shutil
 import time
 import traceback
 from dataclasses import dataclass, replace
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -27,16 +26,16 @@ from tqdm import tqdm
 
 from lowmem_ft.checkpoint import Restored
 from lowmem_ft.config import DTYPES, RunConfig
-from lowmem_ft.console import out_of_memory_message, print_header
+from lowmem_ft.console import out_of_memory_message
 from lowmem_ft.data import Batcher, eval_batches
 from lowmem_ft.data.tokenize import IGNORE_INDEX
 from lowmem_ft.errors import DiskError, UserError, disk_fault
-from lowmem_ft.files import free_bytes, sha256_of, write_json_atomic
+from lowmem_ft.files import free_bytes, write_json_atomic
 from lowmem_ft.hardware import PeakMemory
-from lowmem_ft.jobs import Job, abandon_new_job, claim_new_job
+from lowmem_ft.jobs import Job
 from lowmem_ft.models.saving import model_dtype_on_disk
 from lowmem_ft.phases import OutOfMemoryIn, phase
-from lowmem_ft.prepare import Setup, setup
+from lowmem_ft.prepare import Setup
 from lowmem_ft.sizes import format_bytes
 from lowmem_ft.stop import RunInterrupted, StopRequest
 from lowmem_ft.train_state import Checkpoints, Progress, restore
@@ -97,67 +96,6 @@ def evaluate(s: Setup) -> float | None:
             count += target_count(batch)
     s.model.train()
     return total / max(count, 1)
-
-
-def default_out_dir(config: RunConfig, model_name: str) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / f"{model_name}-{config.method}-{stamp}"
-    out, n = base, 1
-    while out.exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return out
-
-
-# -- the recipe -----------------------------------------------------------------------------------
-def run(config: RunConfig, show_progress: bool = True) -> Job:
-    """A new job: plan, load, train, checkpoint, export."""
-    requested = portable(config.to_json())  # before the planner fills in what the user left open
-    # --out is claimed first: of two runs given the same one, exactly one goes on.
-    lock = claim_new_job(config.out) if config.out else None
-    try:
-        s = setup(config)  # raises UserError on bad input, before anything is written
-        out_dir = config.out or default_out_dir(config, s.resolved.name)
-        lock = lock or claim_new_job(out_dir)
-        job = Job.create(
-            out_dir,
-            s.config.to_json(),
-            lock=lock,
-            requested=requested,
-            compute_dtype=dtype_name(s.compute_dtype),
-            device=s.device.type,
-            max_steps=s.max_steps,
-            model_source=s.resolved.source,
-            hub_id=s.resolved.hub_id,
-            data=s.data.summary(),
-            data_sha256=sha256_of([config.data]),
-            trainable_parameters=s.method.trainable_count(),
-        )
-        if s.plan is not None:
-            write_json_atomic(job.dir / "plan.json", s.plan.to_json())
-    except BaseException as exc:
-        if lock is not None:
-            abandon_new_job(lock)  # a job that never started leaves nothing behind
-        if (reason := disk_fault(exc)) is not None:
-            where = config.out or "runs/"
-            raise DiskError(
-                f"could not create the job in {where}: {reason}; nothing was left behind; free space "
-                "or choose another --out"
-            ) from None
-        raise
-    print_header(s, job)
-    return execute(s, job, None, show_progress)
-
-
-def portable(config_json: dict) -> dict:
-    """The configuration with paths made absolute, so `resume` works from any directory."""
-    out = dict(config_json)
-    for key in ("data", "eval_data", "out"):
-        if out.get(key):
-            out[key] = str(Path(out[key]).resolve())
-    if Path(out["model"]).exists():  # a local model directory, not an alias or hub id
-        out["model"] = str(Path(out["model"]).resolve())
-    return out
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -162,7 +162,7 @@ def run(
 ) -> None:
     """Fine-tune MODEL on DATA and write a job directory with metrics, checkpoints and the result."""
     from lowmem_ft.config import RunConfig
-    from lowmem_ft.train import run as run_training
+    from lowmem_ft.start import run as run_training
 
     config = RunConfig(
         model=model, data=data, out=out, method=method, optimizer=optimizer, units_per_group=units_per_group,

@@ -18,10 +18,10 @@ an allocator margin come on top.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from functools import partial
 
 from lowmem_ft.choices import BASE_QUANTS, SPARSE_METHODS, STATE_POLICIES, STRUCTURED_METHODS
+from lowmem_ft.planner.advice import shortfall
 from lowmem_ft.planner.estimates import (
     estimate_full,
     estimate_hift,
@@ -155,8 +155,14 @@ def make_plan(
     if best.streamed_per_micro_batch and fitter.on_gpu:
         _compare_streaming_with_compute(plan, shape, request, best)
     if not fits:
-        plan.shortfall = _shortfall(plan, shape, request, gpu_budget, host_budget, link)
+        plan.shortfall = shortfall(
+            plan, request, lambda other: make_plan(shape, other, gpu_budget, host_budget, link)
+        )
     return plan
+
+
+def _replan(shape, gpu_budget: int, host_budget: int, link, request: PlanRequest) -> Plan:
+    return make_plan(shape, request, gpu_budget, host_budget, link)
 
 
 def _compare_streaming_with_compute(
@@ -385,47 +391,3 @@ def _search_sift(shape, request, fitter):
                 f"{passes} passes over them, each scoring a slice of the weights"
             )
     return est, {**settings, **_accumulation(request, mb)}, load, notes
-
-
-def _shortfall(plan: Plan, shape, request, gpu_budget, host_budget, link) -> str:
-    """What is short, by how much, and what would fit instead."""
-    from lowmem_ft.sizes import format_bytes
-
-    parts = []
-    if plan.device == "cuda" and plan.gpu_peak_bytes > gpu_budget:
-        parts.append(f"needs {format_bytes(plan.gpu_peak_bytes - gpu_budget)} more GPU memory")
-    if plan.host_peak_bytes > host_budget:
-        parts.append(f"needs {format_bytes(plan.host_peak_bytes - host_budget)} more host RAM")
-    message = " and ".join(parts) or "does not fit"
-    alternatives = []
-    if request.method == "hift" and request.state_policy not in (None, "drop"):
-        for policy in ("keep-8bit", "drop"):
-            if policy != request.state_policy:
-                trial = make_plan(shape, replace(request, state_policy=policy), gpu_budget, host_budget, link)
-                if trial.fits:
-                    alternatives.append(f"--state-policy {policy} would fit")
-                    break
-    # Options the user pinned: would the planner's own choice fit? One at a time, then all together.
-    pinned = {
-        option: flag
-        for option, flag in (
-            ("micro_batch_size", "--micro-batch-size"),
-            ("gradient_checkpointing", "--gradient-checkpointing"),
-        )
-        if getattr(request, option) is not None
-    }
-    trials = [[option] for option in pinned] + ([list(pinned)] if len(pinned) > 1 else [])
-    for options in trials:
-        freed = replace(request, **dict.fromkeys(options))
-        if make_plan(shape, freed, gpu_budget, host_budget, link).fits:
-            alternatives.append(
-                f"leaving {' and '.join(pinned[o] for o in options)} to the planner would fit"
-            )
-            break
-    if not alternatives and request.method == "full":
-        for method in ("hift", "sift"):
-            other = PlanRequest(method, request.seq_len, request.batch_size, request.compute_bytes)
-            trial = make_plan(shape, other, gpu_budget, host_budget, link)
-            if trial.fits:
-                alternatives.append(f"--method {method} would fit")
-    return message + ("; " + "; ".join(alternatives) if alternatives else "")

@@ -1,0 +1,53 @@
+"""When a plan does not fit: what is short, by how much, and which other choice would fit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from lowmem_ft.planner.types import Plan, PlanRequest
+from lowmem_ft.sizes import format_bytes
+
+
+def shortfall(plan: Plan, request: PlanRequest, replan: Callable[[PlanRequest], Plan]) -> str:
+    """What is short, by how much, and what would fit instead (``replan``: the same machine's plan
+    for another request)."""
+
+    parts = []
+    if plan.device == "cuda" and plan.gpu_peak_bytes > plan.gpu_budget_bytes:
+        parts.append(f"needs {format_bytes(plan.gpu_peak_bytes - plan.gpu_budget_bytes)} more GPU memory")
+    if plan.host_peak_bytes > plan.host_budget_bytes:
+        parts.append(f"needs {format_bytes(plan.host_peak_bytes - plan.host_budget_bytes)} more host RAM")
+    message = " and ".join(parts) or "does not fit"
+    alternatives = []
+    if request.method == "hift" and request.state_policy not in (None, "drop"):
+        for policy in ("keep-8bit", "drop"):
+            if policy != request.state_policy:
+                trial = replan(replace(request, state_policy=policy))
+                if trial.fits:
+                    alternatives.append(f"--state-policy {policy} would fit")
+                    break
+    # Options the user pinned: would the planner's own choice fit? One at a time, then all together.
+    pinned = {
+        option: flag
+        for option, flag in (
+            ("micro_batch_size", "--micro-batch-size"),
+            ("gradient_checkpointing", "--gradient-checkpointing"),
+        )
+        if getattr(request, option) is not None
+    }
+    trials = [[option] for option in pinned] + ([list(pinned)] if len(pinned) > 1 else [])
+    for options in trials:
+        freed = replace(request, **dict.fromkeys(options))
+        if replan(freed).fits:
+            alternatives.append(
+                f"leaving {' and '.join(pinned[o] for o in options)} to the planner would fit"
+            )
+            break
+    if not alternatives and request.method == "full":
+        for method in ("hift", "sift"):
+            other = PlanRequest(method, request.seq_len, request.batch_size, request.compute_bytes)
+            trial = replan(other)
+            if trial.fits:
+                alternatives.append(f"--method {method} would fit")
+    return message + ("; " + "; ".join(alternatives) if alternatives else "")

@@ -356,13 +356,14 @@ def test_sift_job_exports_a_small_delta_that_merges_into_the_trained_model(tmp_p
     from test_cli import cli, small_data
     from transformers import AutoModelForCausalLM
 
+    from lowmem_ft import prepare
     from lowmem_ft import train as recipe
     from lowmem_ft.jobs import Job
 
     data = small_data.__wrapped__(tmp_path)
     cfg = RunConfig(model="tiny", data=data, out=tmp_path / "job", method="sift", sparsity=0.01, max_steps=3,
                     batch_size=8, micro_batch_size=4, seq_len=96, lr=1e-2)  # fmt: skip
-    s = recipe.setup(cfg)
+    s = prepare.setup(cfg)
     job = Job.create(cfg.out, cfg.to_json(), max_steps=s.max_steps)
     recipe.train(s, job, show_progress=False)
     stdout = capsys.readouterr().out

@@ -20,3 +20,6 @@ BASE_QUANTS = ("none", "int8", "nf4")  # the frozen base of the sparse methods a
 SPAFIT_VARIANTS = ("I", "II")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
+
+# --dtype and --save-dtype (besides "auto"); lowmem_ft/precision.py maps them to torch dtypes
+DTYPE_NAMES = ("fp32", "bf16", "fp16")

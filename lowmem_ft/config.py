@@ -14,11 +14,11 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from lowmem_ft.choices import BASE_QUANTS as QUANTS
 from lowmem_ft.choices import (
+    DTYPE_NAMES,
     METHOD_NAMES,
     OPTIMIZERS,
     ORDERS,
@@ -30,7 +30,8 @@ from lowmem_ft.choices import (
 from lowmem_ft.errors import UserError
 from lowmem_ft.registry import METHOD_OPTIONS, methods_taking
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+if TYPE_CHECKING:  # torch only where a run needs it: the command line starts without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -196,9 +197,12 @@ class RunConfig:
             self.max_steps is None or self.max_steps >= 1,
             f"--max-steps must be at least 1, got {self.max_steps}",
         )
-        need(self.dtype in ("auto", *DTYPES), f"--dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         need(
-            self.save_dtype in ("auto", *DTYPES),
+            self.dtype in ("auto", *DTYPE_NAMES),
+            f"--dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}",
+        )
+        need(
+            self.save_dtype in ("auto", *DTYPE_NAMES),
             f"--save-dtype must be auto, fp32, bf16 or fp16, got {self.save_dtype!r}",
         )
         need(
@@ -207,6 +211,8 @@ class RunConfig:
             f"got {self.device!r}",
         )
         if self.device.startswith("cuda"):
+            import torch
+
             need(
                 torch.cuda.is_available(),
                 f"--device {self.device} was asked for but no CUDA device is visible; use --device cpu",
@@ -288,6 +294,8 @@ class RunConfig:
 
     # -- derived values -------------------------------------------------------------------------
     def resolved_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -298,6 +306,10 @@ class RunConfig:
         On CPU the default is fp32 (bf16 autocast on CPU is slower than fp32 on most machines); on
         CUDA it is bf16 where the GPU supports it, because fp16 needs loss scaling and overflows.
         """
+        import torch
+
+        from lowmem_ft.precision import DTYPES
+
         if self.dtype != "auto":
             return DTYPES[self.dtype]
         device = self.resolved_device()

@@ -39,7 +39,7 @@ _PARTIAL_MARK = ".lowmem-ft-partial"
 
 
 def _check_out(out: Path, save_dtype: str) -> None:
-    from lowmem_ft.config import DTYPES
+    from lowmem_ft.precision import DTYPES
 
     if save_dtype != "auto" and save_dtype not in DTYPES:
         raise UserError(f"--save-dtype must be auto, fp32, bf16 or fp16, got {save_dtype!r}")
@@ -114,8 +114,8 @@ def merge_result(
 
 
 def merge_delta(path: Path, out: Path, base: str | None, save_dtype: str) -> tuple[Path, dict]:
-    from lowmem_ft.config import DTYPES
     from lowmem_ft.delta import merge_into_files, read_delta
+    from lowmem_ft.precision import DTYPES
 
     delta = read_delta(path)
     _check_out(out, save_dtype)
@@ -135,8 +135,8 @@ def merge_adapter(path: Path, out: Path, base: str | None, save_dtype: str) -> t
 
     from peft import PeftModel
 
-    from lowmem_ft.config import DTYPES
     from lowmem_ft.models import load_model, load_tokenizer
+    from lowmem_ft.precision import DTYPES
 
     meta = json.loads((path / ADAPTER_META).read_text())
     _check_out(out, save_dtype)

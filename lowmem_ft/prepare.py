@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from lowmem_ft.config import DTYPES, RunConfig
+from lowmem_ft.config import RunConfig
 from lowmem_ft.data import (
     Batcher,
     Example,
@@ -24,6 +24,7 @@ from lowmem_ft.methods import Method, build_method
 from lowmem_ft.models import ResolvedModel, load_model, load_tokenizer, resolve_model
 from lowmem_ft.planner import PLANNED_AS_GIVEN, Plan, build_plan
 from lowmem_ft.planner.shapes import UnsupportedModel
+from lowmem_ft.precision import dtype_name
 from lowmem_ft.preflight import check_plan_fits_device
 from lowmem_ft.registry import PLANNED_OPTIONS
 
@@ -93,14 +94,13 @@ def plan_run(
     trace plans for a GPU it does not have).
     """
     device = device or config.resolved_device()
-    dtype_name = {v: k for k, v in DTYPES.items()}[config.compute_dtype()]
     try:
         result = build_plan(
             resolved.name,
             config=resolved.config.to_dict(),
             gpu_mem=config.gpu_mem if device.type == "cuda" else None,
             gpu=None if device.type == "cuda" else "none",
-            dtype=dtype_name,
+            dtype=dtype_name(config.compute_dtype()),
             selection_batches=config.selection_batches if config.method == "sift" else 1,
             cuda_index=device.index or 0,
             **{option: getattr(config, option) for option in PLANNED_AS_GIVEN},

@@ -12,8 +12,9 @@ from lowmem_ft.console import print_header
 from lowmem_ft.errors import DiskError, disk_fault
 from lowmem_ft.files import sha256_of, write_json_atomic
 from lowmem_ft.jobs import Job, abandon_new_job, claim_new_job
+from lowmem_ft.precision import dtype_name
 from lowmem_ft.prepare import setup
-from lowmem_ft.train import dtype_name, execute
+from lowmem_ft.train import execute
 
 
 def default_out_dir(config: RunConfig, model_name: str) -> Path:

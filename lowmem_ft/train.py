@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lowmem_ft.checkpoint import Restored
-from lowmem_ft.config import DTYPES, RunConfig
+from lowmem_ft.config import RunConfig
 from lowmem_ft.console import out_of_memory_message
 from lowmem_ft.data import Batcher, eval_batches
 from lowmem_ft.data.tokenize import IGNORE_INDEX
@@ -35,6 +35,7 @@ from lowmem_ft.hardware import PeakMemory
 from lowmem_ft.jobs import Job
 from lowmem_ft.models.saving import model_dtype_on_disk
 from lowmem_ft.phases import OutOfMemoryIn, phase
+from lowmem_ft.precision import DTYPES
 from lowmem_ft.prepare import Setup
 from lowmem_ft.sizes import format_bytes
 from lowmem_ft.stop import RunInterrupted, StopRequest
@@ -96,10 +97,6 @@ def evaluate(s: Setup) -> float | None:
             count += target_count(batch)
     s.model.train()
     return total / max(count, 1)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}[dtype]
 
 
 def execute(s: Setup, job: Job, restored: Restored | None, show_progress: bool) -> Job:

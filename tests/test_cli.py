@@ -289,3 +289,35 @@ def test_methods_lists_every_method_with_its_options(capsys):
         row = next(i for i, line in enumerate(lines) if line.startswith(f"{name} "))
         assert spec.summary in lines[row] and lines[row + 1].strip().startswith("options: ")
         assert all(f"--{o.replace('_', '-')}" in lines[row + 1] for o in spec.options)
+
+
+def test_every_option_is_declared_once_and_plan_takes_what_the_planner_reads():
+    """`run`'s and `plan`'s parameters are made from one table (cli/options.py) with RunConfig's
+    types and defaults: a new RunConfig field without a flag, or a planner input `plan` does not
+    take, fails here."""
+    import dataclasses
+    import inspect
+
+    from lowmem_ft.cli.options import PLAN_OPTIONS, RUN_OPTIONS
+    from lowmem_ft.cli.training import plan, run
+    from lowmem_ft.config import RunConfig
+    from lowmem_ft.planner import PLANNED_AS_GIVEN
+
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    internal = {"model", "data", "streamed_layers"}  # arguments, and what the plan decides
+    assert set(RUN_OPTIONS) == set(fields) - internal
+    run_parameters = inspect.signature(run).parameters
+    for name in RUN_OPTIONS:
+        assert run_parameters[name].default.default == fields[name].default, name
+    assert {*PLANNED_AS_GIVEN, "gpu_mem", "dtype", "selection_batches"} == set(PLAN_OPTIONS)
+    assert set(PLAN_OPTIONS) <= set(inspect.signature(plan).parameters)
+
+
+def test_the_command_line_starts_without_torch():
+    """`lowmem-ft --help`, `plan` and `jobs` answer at once: torch is imported only by what trains."""
+    import subprocess
+    import sys
+
+    code = "import sys, lowmem_ft.cli, lowmem_ft.cli.training; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

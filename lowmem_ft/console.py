@@ -3,6 +3,7 @@ becomes."""
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING
 
@@ -13,12 +14,14 @@ from lowmem_ft.sizes import format_bytes
 if TYPE_CHECKING:
     from lowmem_ft.prepare import Setup
 
+log = logging.getLogger(__name__)  # the CLI shows it (cli.report_to_console)
+
 
 def print_header(s: Setup, job: Job) -> None:
     d = s.data
-    print(f"model      {s.resolved.name} ({s.resolved.source}), {s.model_params:,} parameters")
-    print(f"method     {s.method.name}: {s.method.summary}; {s.method.describe_trainable()}")
-    print(
+    log.info(f"model      {s.resolved.name} ({s.resolved.source}), {s.model_params:,} parameters")
+    log.info(f"method     {s.method.name}: {s.method.summary}; {s.method.describe_trainable()}")
+    log.info(
         f"data       {s.config.data} ({d.format}): {len(d.train)} train / {len(d.eval)} eval examples, "
         f"{d.stats.target_tokens:,} target tokens"
         + (f", {d.stats.truncated} truncated to {s.config.seq_len} tokens" if d.stats.truncated else "")
@@ -26,7 +29,7 @@ def print_header(s: Setup, job: Job) -> None:
         + (f", {d.skipped_lines} bad lines skipped" if d.skipped_lines else "")
     )
     accumulation = math.ceil(s.config.batch_size / s.config.micro_batch_size)
-    print(
+    log.info(
         f"training   {s.max_steps} steps of {s.config.batch_size} examples "
         f"({accumulation} × micro-batch {s.config.micro_batch_size}), "
         f"lr {s.config.lr:g} {s.config.schedule}, "
@@ -35,7 +38,7 @@ def print_header(s: Setup, job: Job) -> None:
     )
     streamer = getattr(s.method, "streamer", None)
     if streamer is not None:
-        print(
+        log.info(
             f"streaming  {len(streamer.host)} of {s.resolved.config.num_hidden_layers} decoder layers from "
             f"host memory ({format_bytes(streamer.host_bytes())}) through {len(streamer.buffers)} buffers "
             f"of {format_bytes(streamer.device_bytes() / len(streamer.buffers))}"
@@ -52,12 +55,14 @@ def print_header(s: Setup, job: Job) -> None:
             "batch_size",
         }
         chosen = "".join(f", {k}={v}" for k, v in s.plan.settings.items() if k not in shown_elsewhere)
-        print(f"plan       peak ≈ {format_bytes(peak)} of {format_bytes(budget)} {where}{chosen} (plan.json)")
-    print(f"job        {job.dir}")
+        log.info(
+            f"plan       peak ≈ {format_bytes(peak)} of {format_bytes(budget)} {where}{chosen} (plan.json)"
+        )
+    log.info(f"job        {job.dir}")
     c = s.config
     every = [f"every {c.save_every} steps"] if c.save_every else []
     every += [f"every {c.save_every_minutes:g} min"] if c.save_every_minutes else []
-    print(
+    log.info(
         f"checkpoint {', '.join(every + ['at the end and on Ctrl-C'])}; the newest {c.keep_checkpoints} "
         f"kept in {job.dir / 'checkpoints'}"
     )

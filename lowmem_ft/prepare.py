@@ -4,6 +4,7 @@ user got wrong fails here, before a job directory exists."""
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, replace
 
@@ -27,6 +28,8 @@ from lowmem_ft.planner.shapes import UnsupportedModel
 from lowmem_ft.precision import dtype_name
 from lowmem_ft.preflight import check_plan_fits_device
 from lowmem_ft.registry import PLANNED_OPTIONS
+
+log = logging.getLogger(__name__)  # the CLI shows it (cli.report_to_console)
 
 
 @dataclass
@@ -106,7 +109,7 @@ def plan_run(
             **{option: getattr(config, option) for option in PLANNED_AS_GIVEN},
         )
     except UnsupportedModel as exc:
-        print(f"plan       none: {exc}; micro-batch and checkpointing default to 4 and off")
+        log.info(f"plan       none: {exc}; micro-batch and checkpointing default to 4 and off")
         chosen: dict = {
             "micro_batch_size": config.micro_batch_size or min(4, config.batch_size),
             "gradient_checkpointing": bool(config.gradient_checkpointing),

@@ -9,6 +9,7 @@ and how it is put back is train_state.capture / train_state.restore; the format 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +23,8 @@ from lowmem_ft.jobs import Job
 from lowmem_ft.prepare import Setup, setup
 from lowmem_ft.registry import PLANNED_OPTIONS
 from lowmem_ft.train import execute
+
+log = logging.getLogger(__name__)  # the CLI shows it (cli.report_to_console)
 
 
 def resume(job_dir: Path, overrides: dict | None = None, show_progress: bool = True) -> Job:
@@ -43,16 +46,16 @@ def resume(job_dir: Path, overrides: dict | None = None, show_progress: bool = T
         raise
     print_header(s, job)
     if restored is None:
-        print("resume     no valid checkpoint: starting over from step 0 with the job's settings")
+        log.info("resume     no valid checkpoint: starting over from step 0 with the job's settings")
     else:
-        print(f"resume     from {restored.path.name} (step {restored.step}/{s.max_steps})")
+        log.info(f"resume     from {restored.path.name} (step {restored.step}/{s.max_steps})")
     return execute(s, job, restored, show_progress)
 
 
 def _prepare_resume(job: Job, overrides: dict) -> tuple[Setup, Restored | None]:
     record = job.record
     if job.lock.stale_holder:
-        print(f"lock       taken over from process {job.lock.stale_holder.get('pid')}, which is gone")
+        log.info(f"lock       taken over from process {job.lock.stale_holder.get('pid')}, which is gone")
     requested = RunConfig.from_json(record.get("requested") or record["config"])
     # What the method trains and how is part of the result, so the job's choices are kept, even
     # those the planner made for the first machine; so is the precision (HiFT keeps bf16 weights
@@ -71,7 +74,9 @@ def _prepare_resume(job: Job, overrides: dict) -> tuple[Setup, Restored | None]:
     changes.update({key: value for key, value in overrides.items() if value is not None})
     config = replace(requested, **changes)
     if config.resolved_device().type != record.get("device", "cpu"):
-        print(f"device     the job ran on {record.get('device')}; it continues on {config.resolved_device()}")
+        log.info(
+            f"device     the job ran on {record.get('device')}; it continues on {config.resolved_device()}"
+        )
     if "data_sha256" in record and sha256_of([config.data]) != record["data_sha256"]:
         raise UserError(
             f"{config.data} changed since the job started; resuming needs the same data "
@@ -88,7 +93,7 @@ def _prepare_resume(job: Job, overrides: dict) -> tuple[Setup, Restored | None]:
     remove_partial(job.dir)
     restored, skipped = latest_checkpoint(job.dir)
     for name, problem in skipped:
-        print(f"checkpoint {name} is damaged ({problem}); skipped")
+        log.info(f"checkpoint {name} is damaged ({problem}); skipped")
     if restored is None:
         job.truncate_metrics(0)
     job.record["config"] = s.config.to_json()
@@ -127,7 +132,7 @@ def _report_plan_change(job: Job, s: Setup) -> None:
     before, after = previous.get("settings", {}), s.plan.settings
     changed = [f"{k} {before[k]} → {after[k]}" for k in after if k in before and before[k] != after[k]]
     if changed:
-        print(
+        log.info(
             f"plan       changed for this machine: {', '.join(changed)} (same examples per step; "
             "losses may differ in the last bits from summation order)"
         )

@@ -42,6 +42,7 @@ class StopRequest:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
+        # print, not logging: logging takes a lock that the interrupted code may be holding
         print(
             f"\n{self.signal}: finishing this step and saving a checkpoint (press Ctrl-C again to stop now)",
             file=sys.stderr,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import shutil
 import time
@@ -40,6 +41,8 @@ from lowmem_ft.prepare import Setup
 from lowmem_ft.sizes import format_bytes
 from lowmem_ft.stop import RunInterrupted, StopRequest
 from lowmem_ft.train_state import Checkpoints, Progress, restore
+
+log = logging.getLogger(__name__)  # the CLI shows it (cli.report_to_console)
 
 
 # -- pieces of the loop ---------------------------------------------------------------------------
@@ -211,15 +214,17 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
     first_eval = progress.eval_loss_start
     if final_eval is not None and first_eval is not None:
         change = 100 * (final_eval - first_eval) / first_eval
-        print(f"eval loss  {first_eval:.4f} → {final_eval:.4f} ({change:+.1f}%)")
+        log.info(f"eval loss  {first_eval:.4f} → {final_eval:.4f} ({change:+.1f}%)")
     if progress.skipped_steps:
-        print(f"skipped    {len(progress.skipped_steps)} steps with a NaN/Inf loss: {progress.skipped_steps}")
+        log.info(
+            f"skipped    {len(progress.skipped_steps)} steps with a NaN/Inf loss: {progress.skipped_steps}"
+        )
     if not method.exports_full_model:  # a delta or an adapter: small, merged into a full model on request
         size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.iterdir())
-        print(f"saved      {out} ({format_bytes(size)})")
-        print(f"           a full model: lowmem-ft export {job.dir} --merge --out DIR")
+        log.info(f"saved      {out} ({format_bytes(size)})")
+        log.info(f"           a full model: lowmem-ft export {job.dir} --merge --out DIR")
     else:
-        print(f"saved      {out}")
+        log.info(f"saved      {out}")
 
 
 def export_result(s: Setup, job: Job, save_dtype: torch.dtype) -> Path:
@@ -406,5 +411,5 @@ def select_entries(s: Setup) -> bool:
 
     with phase("selection"):
         summary = s.method.select(window, backward)
-    print(f"selection  {summary} ({time.perf_counter() - started:.1f}s)")
+    log.info(f"selection  {summary} ({time.perf_counter() - started:.1f}s)")
     return True

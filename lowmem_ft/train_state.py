@@ -4,6 +4,7 @@ written: a checkpoint is where a stopped run is told to go back to."""
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,8 @@ from lowmem_ft.phases import phase
 
 if TYPE_CHECKING:
     from lowmem_ft.prepare import Setup
+
+log = logging.getLogger(__name__)  # the CLI shows it (cli.report_to_console)
 
 
 @dataclass
@@ -130,5 +133,5 @@ def restore(s: Setup, scaler: torch.amp.GradScaler, job: Job, state: dict) -> Pr
         torch.cuda.set_rng_state_all(rng["cuda"])
     # the steps after the checkpoint are logged again
     if warning := job.truncate_metrics(state["metrics_bytes"]):
-        print(f"warning    {warning}")
+        log.warning(f"warning    {warning}")
     return Progress(**state["progress"])

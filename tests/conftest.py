@@ -11,6 +11,15 @@ import torch
 TINY_DIR = Path(__file__).resolve().parents[1] / "lowmem_ft" / "models" / "tiny"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _library_reports_on_stdout():
+    """The library reports through logging; the CLI shows it on stdout, and so do tests that call
+    the library directly (several check what a run says)."""
+    from lowmem_ft.cli import report_to_console
+
+    report_to_console()
+
+
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     return TINY_DIR

@@ -9,6 +9,7 @@ options several of them share in options.py.
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 
@@ -53,11 +54,31 @@ app.command()(show.methods)
 app.command()(show.jobs)
 
 
+class _Console(logging.Handler):
+    """The library's reports (the ``lowmem_ft`` logger) as lines on standard output, whichever
+    stream is standard output when they are written (tests capture it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            typer.echo(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
+def report_to_console() -> None:
+    """Show the library's INFO and WARNING lines (once, however often it is called)."""
+    logger = logging.getLogger("lowmem_ft")
+    if not any(isinstance(handler, _Console) for handler in logger.handlers):
+        logger.addHandler(_Console())
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every error the user can fix is one line on stderr and a non-zero exit code."""
     from lowmem_ft.hardware import configure_cuda_allocator
 
     configure_cuda_allocator()  # before anything initialises CUDA: the allocator reads it once
+    report_to_console()
     # SIGTERM (kill, a scheduler stopping us) is treated like Ctrl-C: the job records 'interrupted'.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

@@ -27,8 +27,8 @@ It ends with a one-screen summary, PASS / FAIL / SKIP per check.
                       bandwidth (full run only)
 
 Not yet here (issue 17): the races at Llama-2 layer sizes (the slowed-stream tests run the tiny
-model), the state store's export right after save with the side stream held back, the profiler's
-overlap figure, and the out-of-memory retry path on a GPU.
+model), the profiler's overlap figure, and the out-of-memory retry path on a GPU. (The state
+store's export right after a save, with the side stream held back, is a GPU test in step 2.)
 
 ``--rehearse`` runs every step's plumbing without a GPU: the environment step reports the CPU, the
 GPU tests are collected and skip, the plan cases trace the loop on fake tensors (the tiny model).

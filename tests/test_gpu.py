@@ -150,3 +150,31 @@ def test_streaming_stays_exact_when_compute_or_copies_are_slowed(slow, tmp_path,
     }
     # the same tolerance as the unslowed comparison above: a race moves losses far more than this
     assert losses["streamed"] == pytest.approx(losses["resident"], rel=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["keep", "keep-8bit"])
+def test_state_store_export_right_after_save_waits_for_the_copy(policy):
+    """A checkpoint taken right after a group's state was saved reads the host copies: with the side
+    stream held back before the copy, export must still give the saved values, not what the pinned
+    buffer held before (issue 17, step 3)."""
+    param = torch.nn.Parameter(torch.randn(1024, 1024, device=CUDA))
+    optimizer = make_optimizer("adamw", [param], 1e-3, 0.0)
+    store = OptimizerStateStore(policy, CUDA)
+    for visit in range(2):  # the second save writes into the buffer the first one filled
+        param.grad = torch.randn_like(param)
+        optimizer.step()
+        original = {k: v.clone() for k, v in optimizer.state[param].items()}
+        with torch.cuda.stream(store._stream):
+            torch.cuda._sleep(50_000_000)  # tens of ms: the copy out lands late
+        store.save(0, optimizer, [param])
+        exported = store.export(0)[0]
+        restored = store.group_state(0)[0]
+        for key, value in original.items():
+            value = value.cpu()
+            if isinstance(exported[key], dict):  # 8-bit: codes; compare the dequantised state
+                got = restored[key].cpu()
+                assert (got - value).abs().max() <= 0.02 * value.abs().max(), (visit, key)
+            else:
+                assert torch.equal(exported[key].cpu(), value), (visit, key)
+        store.prefetch(0)
+        store.load(0, optimizer, [param])

@@ -340,3 +340,31 @@ def test_state_store_keeps_a_group_in_one_exactly_sized_host_buffer():
     with host_memory.observe(allocated.append):
         store.save(0, optimizer, params)
     assert len(allocated) == 1  # the group's buffer was reused
+
+
+def test_the_host_copy_of_a_saved_group_is_complete_before_anyone_reads_it():
+    """On a GPU, `save` copies a group's state to pinned host memory on a side stream; a checkpoint
+    taken right after (`export`, `group_state`) must wait for that copy, or it writes whatever the
+    buffer held before. The wait is on the event `save` records: checked here with a stand-in
+    event (tests/test_gpu.py holds the side stream back on a real GPU)."""
+    from lowmem_ft.engine.state_store import OptimizerStateStore
+    from lowmem_ft.methods.optimizers import make_optimizer
+
+    class Event:
+        waited = 0
+
+        def synchronize(self):
+            Event.waited += 1
+
+    param = torch.nn.Parameter(torch.randn(64, 64))
+    optimizer = make_optimizer("adamw", [param], 1e-3, 0.0)
+    param.grad = torch.randn_like(param)
+    optimizer.step()
+    store = OptimizerStateStore("keep", torch.device("cpu"))
+    store.save(0, optimizer, [param])
+    store._saved_events[0] = Event()  # what save records on CUDA
+    store.export(0)
+    assert Event.waited == 1
+    store.group_state(0)
+    assert Event.waited == 2
+    assert 0 in store._saved_events, "prefetch still orders its copy after the write-back"

@@ -237,9 +237,18 @@ class OptimizerStateStore:
                 optimizer.state[param] = state
 
     # -- checkpoints ------------------------------------------------------------------------------
+    def _copied_out(self, group: int) -> None:
+        """Wait until ``group``'s last save has landed in host memory: on a GPU its copy runs on the
+        side stream, and a reader on the host (a checkpoint taken right after the save) would see
+        what the buffer held before. The event stays: prefetch orders its own copy after it."""
+        event = self._saved_events.get(group)
+        if event is not None:
+            event.synchronize()
+
     def export(self, group: int) -> list[dict]:
         """``group``'s state as stored, for a checkpoint: exact tensors, and for 8-bit state the codes
         and block scales themselves (dequantising and quantising again would not give them back)."""
+        self._copied_out(group)
 
         def item(stored: _Stored):
             if stored.quant_state is None:
@@ -304,6 +313,7 @@ class OptimizerStateStore:
         """The stored state of ``group`` as plain tensors (dequantised), for checkpoints and tests."""
         if group not in self._host:
             return []
+        self._copied_out(group)
         result = []
         for state in self._host[group]:
             result.append({})

@@ -26,9 +26,10 @@ It ends with a one-screen summary, PASS / FAIL / SKIP per check.
   4. streaming        bench/streaming.py: streamed against resident HiFT tokens/s and the copy
                       bandwidth (full run only)
 
-Not yet here (issue 17): the races at Llama-2 layer sizes (the slowed-stream tests run the tiny
-model), the profiler's overlap figure, and the out-of-memory retry path on a GPU. (The state
-store's export right after a save, with the side stream held back, is a GPU test in step 2.)
+Step 2 holds the races: streamed against resident with compute or copies slowed, on the tiny model
+and on three bf16 layers of Llama-2-7B's size (HiFT and SIFT), and the state store's export right
+after a save with the side stream held back. Not yet here (issue 17): the profiler's overlap
+figure and the out-of-memory retry path on a GPU.
 
 ``--rehearse`` runs every step's plumbing without a GPU: the environment step reports the CPU, the
 GPU tests are collected and skip, the plan cases trace the loop on fake tensors (the tiny model).

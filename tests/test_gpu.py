@@ -100,12 +100,40 @@ def test_streamed_run_on_cuda_matches_the_resident_one(method, tmp_path, capsys)
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def llama2_layers(tmp_path_factory):
+    """Three decoder layers of Llama-2-7B's shape (4096 wide, 11008 MLP, its 32,000-token vocabulary)
+    with random weights and the tiny model's tokenizer: real layer sizes for the race tests."""
+    import json
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowmem_ft.models.registry import TINY_DIR, alias_config_path
+
+    shape = json.loads(alias_config_path("llama-2-7b").read_text())
+    config = LlamaConfig(**{**shape, "num_hidden_layers": 3, "torch_dtype": "bfloat16"})
+    out = tmp_path_factory.mktemp("llama-2-layers")
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY_DIR / name, out / name)
+    return out
+
+
 @pytest.mark.parametrize("slow", ["compute", "copies"])
-def test_streaming_stays_exact_when_compute_or_copies_are_slowed(slow, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    ("model", "method"), [("tiny", "hift"), ("llama-2 layers", "hift"), ("llama-2 layers", "sift")]
+)
+def test_streaming_stays_exact_when_compute_or_copies_are_slowed(
+    slow, model, method, tmp_path, capsys, monkeypatch, request
+):
     """Races: with the main stream held back before every layer's compute, or the side stream held
-    back before every layer's copy, a streamed HiFT run must still equal the resident one (an
-    unsynchronised buffer reuse or read would show as different losses). Never run on a GPU
-    yet: bench/gpu_check.py runs it, also under TORCH_CUDA_SANITIZER=1."""
+    back before every layer's copy, a streamed run must still equal the resident one (an
+    unsynchronised buffer reuse or read would show as different losses): the tiny model in fp32,
+    and three layers of Llama-2-7B's size in bf16 with autocast, checkpointing and (SIFT) sparse
+    increments. Never run on a GPU yet: bench/gpu_check.py runs it, also under
+    TORCH_CUDA_SANITIZER=1."""
     import json
 
     from test_cli import cli
@@ -129,19 +157,23 @@ def test_streaming_stays_exact_when_compute_or_copies_are_slowed(slow, tmp_path,
     data.write_text(
         "".join(json.dumps({"prompt": f"{i}?", "completion": f" {i}."}) + "\n" for i in range(24))
     )
+    extra = ["--units-per-group", "1"] if method == "hift" else ["--sparsity", "0.01", "--lr", "1e-3"]
+    dtype = "fp32" if model == "tiny" else "bf16"
     args = [
-        "--method", "hift", "--units-per-group", "1", "--max-steps", "4", "--batch-size", "4",
-        "--micro-batch-size", "2", "--seq-len", "64", "--device", "cuda", "--dtype", "fp32", "-q",
+        "--method", method, *extra, "--max-steps", "4", "--batch-size", "4",
+        "--micro-batch-size", "2", "--seq-len", "64", "--device", "cuda", "--dtype", dtype, "-q",
     ]  # fmt: skip
+    if model != "tiny":
+        model = str(request.getfixturevalue("llama2_layers"))
     assert (
-        cli(capsys, "run", "tiny", data, "--out", tmp_path / "resident", "--gradient-checkpointing", *args)[0]
+        cli(capsys, "run", model, data, "--out", tmp_path / "resident", "--gradient-checkpointing", *args)[0]
         == 0
     )
     if slow == "copies":
         monkeypatch.setattr(streaming.LayerStreamer, "_load", load_late)
     else:
         monkeypatch.setattr(streaming.LayerStreamer, "_compute", compute_late)
-    assert cli(capsys, "run", "tiny", data, "--out", tmp_path / "streamed", "--stream", *args)[0] == 0
+    assert cli(capsys, "run", model, data, "--out", tmp_path / "streamed", "--stream", *args)[0] == 0
     losses = {
         name: [
             json.loads(x).get("loss") for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()

@@ -12,7 +12,7 @@ a subprocess of its own (each plan case too), so one crash or out-of-memory lose
 It ends with a one-screen summary, PASS / FAIL / SKIP per check.
 
   1. environment      versions; the GPU, the NVML card the planner picks against torch's own (by
-                      UUID), free memory; the CUDA context measured after a matmul, an SDPA forward
+                      UUID; also with CUDA_VISIBLE_DEVICES=GPU-<uuid> and a prefix), free memory; the CUDA context measured after a matmul, an SDPA forward
                       and backward and `import bitsandbytes`; pinned 256 MiB host<->device copies
   2. gpu tests        `pytest -m gpu` with CUBLAS_WORKSPACE_CONFIG set (streamed = resident, also with
                       compute or copies slowed: races), then the streaming and state-store tests
@@ -182,6 +182,9 @@ def environment() -> dict:
     figures |= {"gpu": props.name, "total": format_bytes(props.total_memory)}
     same_card = picked is not None and _nvml_uuid(picked.index) == "GPU-" + str(props.uuid)
     figures["planner's card is torch's"] = same_card if note is None else f"{same_card} ({note})"
+    by_uuid = _card_named_by_uuid("GPU-" + str(props.uuid))
+    figures["CUDA_VISIBLE_DEVICES=GPU-<uuid> picks it"] = by_uuid
+    same_card = same_card and all(by_uuid.values())
     nvml_before = _nvml_used()
     free, _ = torch.cuda.mem_get_info()
     figures["free at start"] = format_bytes(free)
@@ -207,6 +210,27 @@ def environment() -> dict:
         "device": f"{props.name} ({format_bytes(props.total_memory)})",
         "figures": figures,
     }
+
+
+def _card_named_by_uuid(uuid: str) -> dict[str, bool]:
+    """The planner's card when CUDA_VISIBLE_DEVICES names this one by its full UUID and by a short
+    prefix (what schedulers write): is it still this card? NVML alone answers, so the variable can
+    change after CUDA started."""
+    from lowmem_ft.gpus import detect_cuda_gpu
+
+    answers = {}
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        for name, entry in (("full", uuid), ("prefix", uuid[:12])):
+            os.environ["CUDA_VISIBLE_DEVICES"] = entry
+            picked, _ = detect_cuda_gpu(0)
+            answers[name] = picked is not None and _nvml_uuid(picked.index) == uuid
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+    return answers
 
 
 def _planned_context() -> int:

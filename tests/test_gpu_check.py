@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from test_hardware import use_nvml  # noqa: F401 (a fixture)
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.py"
 
@@ -58,3 +60,18 @@ def test_a_run_killed_half_way_leaves_valid_json_with_the_steps_it_finished(tmp_
     text = docs.read_text()
     assert "<!-- gpu-check:start -->" in text and "| gpu tests |" in text
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_environment_step_checks_the_card_named_by_its_uuid(use_nvml, monkeypatch):  # noqa: F811
+    """Step 1 asks which card the planner picks when CUDA_VISIBLE_DEVICES names torch's card by
+    its UUID (full, and a prefix as schedulers write it), and leaves the variable as it was."""
+    from test_hardware import two_cards, uuid_of
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_check
+
+    use_nvml(gpus=two_cards())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert gpu_check._card_named_by_uuid("GPU-" + uuid_of(2)) == {"full": True, "prefix": True}
+    assert gpu_check._card_named_by_uuid("GPU-" + uuid_of(9)) == {"full": False, "prefix": False}
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"

@@ -28,8 +28,9 @@ It ends with a one-screen summary, PASS / FAIL / SKIP per check.
 
 Step 2 holds the races: streamed against resident with compute or copies slowed, on the tiny model
 and on three bf16 layers of Llama-2-7B's size (HiFT and SIFT), and the state store's export right
-after a save with the side stream held back. Not yet here (issue 17): the profiler's overlap
-figure and the out-of-memory retry path on a GPU.
+after a save with the side stream held back; and the out-of-memory path: a run capped between
+what micro-batch 2 and 16 need retries smaller, finishes and gives its memory back. Not yet here
+(issue 17): the profiler's figure for how much copying overlaps compute.
 
 ``--rehearse`` runs every step's plumbing without a GPU: the environment step reports the CPU, the
 GPU tests are collected and skip, the plan cases trace the loop on fake tensors (the tiny model).

@@ -210,3 +210,49 @@ def test_state_store_export_right_after_save_waits_for_the_copy(policy):
                 assert torch.equal(exported[key].cpu(), value), (visit, key)
         store.prefetch(0)
         store.load(0, optimizer, [param])
+
+
+def test_a_micro_batch_that_does_not_fit_is_retried_smaller_on_a_real_gpu(tmp_path, capsys):
+    """Issue 17, step 6: with the device capped (set_per_process_memory_fraction) between what
+    micro-batch 2 and micro-batch 16 need, a run asked for 16 meets a real out-of-memory error,
+    retries the step with smaller micro-batches, records it, finishes, and gives its memory back."""
+    import json
+
+    from test_cli import cli
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{i} " * 400}) + "\n" for i in range(64)))
+    args = [
+        "--max-steps", "3", "--batch-size", "16", "--seq-len", "512", "--device", "cuda",
+        "--dtype", "fp32", "--eval-fraction", "0", "--no-gradient-checkpointing", "-q",
+    ]  # fmt: skip
+
+    def peak(micro_batch: int) -> int:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        out = tmp_path / f"measure-{micro_batch}"
+        assert (
+            cli(capsys, "run", "tiny", data, "--out", out, "--micro-batch-size", str(micro_batch), *args)[0]
+            == 0
+        )
+        return torch.cuda.max_memory_allocated()
+
+    small, large = peak(2), peak(16)
+    assert large > 1.5 * small, (small, large)
+    baseline = torch.cuda.memory_allocated()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction((small + (large - small) / 2) / total)
+    try:
+        job = tmp_path / "capped"
+        code, _, err = cli(capsys, "run", "tiny", data, "--out", job, "--micro-batch-size", "16", *args)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert code == 0, err
+    record = json.loads((job / "job.json").read_text())
+    assert record["status"] == "done" and record["oom_retries"], record
+    assert record["micro_batch_size_after_oom"] < 16
+    steps = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in steps if "loss" in row] == [1, 2, 3]
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_allocated() <= baseline + (1 << 20), "the retry left memory behind"

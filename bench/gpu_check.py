@@ -12,8 +12,9 @@ a subprocess of its own (each plan case too), so one crash or out-of-memory lose
 It ends with a one-screen summary, PASS / FAIL / SKIP per check.
 
   1. environment      versions; the GPU, the NVML card the planner picks against torch's own (by
-                      UUID; also with CUDA_VISIBLE_DEVICES=GPU-<uuid> and a prefix), free memory; the CUDA context measured after a matmul, an SDPA forward
-                      and backward and `import bitsandbytes`; pinned 256 MiB host<->device copies
+                      UUID; also with CUDA_VISIBLE_DEVICES=GPU-<uuid> and a prefix), free memory;
+                      the CUDA context measured after a matmul, an SDPA forward and backward and
+                      `import bitsandbytes`; pinned 256 MiB host<->device copies
   2. gpu tests        `pytest -m gpu` with CUBLAS_WORKSPACE_CONFIG set (streamed = resident, also with
                       compute or copies slowed: races), then the streaming and state-store tests
                       again under TORCH_CUDA_SANITIZER=1 (unsynchronised streams)
@@ -23,14 +24,14 @@ It ends with a one-screen summary, PASS / FAIL / SKIP per check.
                       set_per_process_memory_fraction; the plan's peak against the traced live
                       bytes, max_memory_allocated/reserved, NVML's used memory, allocator retries,
                       pinned host bytes, and the phase that ran out of memory if one did
-  4. streaming        bench/streaming.py: streamed against resident HiFT tokens/s and the copy
-                      bandwidth (full run only)
+  4. streaming        bench/streaming.py: streamed against resident HiFT tokens/s, the copy
+                      bandwidth, and (torch.profiler) the copy time overlapped by compute (full run only)
 
 Step 2 holds the races: streamed against resident with compute or copies slowed, on the tiny model
 and on three bf16 layers of Llama-2-7B's size (HiFT and SIFT), and the state store's export right
 after a save with the side stream held back; and the out-of-memory path: a run capped between
-what micro-batch 2 and 16 need retries smaller, finishes and gives its memory back. Not yet here
-(issue 17): the profiler's figure for how much copying overlaps compute.
+what micro-batch 2 and 16 need retries smaller, finishes and gives its memory back. Step 4 also
+profiles a short streamed run for how much of the copying overlaps compute.
 
 ``--rehearse`` runs every step's plumbing without a GPU: the environment step reports the CPU, the
 GPU tests are collected and skip, the plan cases trace the loop on fake tensors (the tiny model).

@@ -75,3 +75,25 @@ def test_the_environment_step_checks_the_card_named_by_its_uuid(use_nvml, monkey
     assert gpu_check._card_named_by_uuid("GPU-" + uuid_of(2)) == {"full": True, "prefix": True}
     assert gpu_check._card_named_by_uuid("GPU-" + uuid_of(9)) == {"full": False, "prefix": False}
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+def test_copy_overlap_counts_only_copy_time_spent_under_compute():
+    """The overlap figure of bench/streaming.py (step 4), from kernel intervals: copies that
+    overlap each other count once, memsets are not compute, and a copy half under a kernel is half
+    hidden."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from streaming import copy_overlap
+
+    kernels = [
+        ("Memcpy HtoD (Pinned -> Device)", 0, 10),
+        ("Memcpy HtoD (Pinned -> Device)", 5, 20),  # overlaps the first copy: 0-20 is 20 units
+        ("Memset (Device)", 0, 30),  # not compute
+        ("ampere_bf16_gemm", 15, 25),  # hides 15-20
+        ("flash_fwd_kernel", 30, 40),
+        ("Memcpy HtoD (Pinned -> Device)", 32, 36),  # fully hidden
+        ("Memcpy DtoH (Device -> Pinned)", 0, 100),  # not a host-to-device copy
+    ]
+    figures = copy_overlap(kernels)
+    assert figures["copy"] == 24 and figures["overlapped"] == 9
+    assert figures["fraction"] == 9 / 24
+    assert copy_overlap([])["fraction"] == 0.0

@@ -180,8 +180,9 @@ def test_streaming_stays_exact_when_compute_or_copies_are_slowed(
         ]
         for name in ("resident", "streamed")
     }
-    # the same tolerance as the unslowed comparison above: a race moves losses far more than this
-    assert losses["streamed"] == pytest.approx(losses["resident"], rel=1e-5)
+    # Bit for bit: streaming moves the same weights to the same kernels (gpu_check sets
+    # CUBLAS_WORKSPACE_CONFIG); any difference is a race or a nondeterministic kernel, both findings.
+    assert losses["streamed"] == losses["resident"]
 
 
 @pytest.mark.parametrize("policy", ["keep", "keep-8bit"])

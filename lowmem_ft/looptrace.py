@@ -115,6 +115,9 @@ class DeviceBytes(TorchDispatchMode):
         storage = buffer.untyped_storage()
         self.host_bytes += storage.nbytes()
         self._host.add(id(storage))
+        # Keys are ids, which Python reuses once an object is gone: a freed host buffer's id must not
+        # hide the device storage that gets it next (it once made a traced peak 1.3 GiB low).
+        weakref.finalize(storage, self._host.discard, id(storage))
         self.live -= self._sizes.pop(id(storage), 0)
         # It was counted as device bytes when torch allocated it, an instant before this call: the
         # peaks it raised then were never on the device.

@@ -69,12 +69,7 @@ def test_the_plan_holds_for_the_whole_traced_loop_and_wastes_at_most_5_percent(c
         f"planned {planned / 2**30:.2f} GiB ({plan.peak_phase}), "
         f"traced {trace.peak / 2**30:.2f} GiB ({trace.peak_phase})"
     )
-    # Waste at most 5%, except where the trace itself is not yet steady: the Llama-3-8B keep-8bit
-    # trace usually peaks at the head (1.005 of the plan), but in some processes 1.3 GiB lower, in
-    # the embedding's group (seen after another case in the same process, and once in a fresh
-    # process during the full suite; not with PYTHONHASHSEED changed; cause not found).
-    waste = 1.07 if "keep-8bit" in case else 1.05
-    assert trace.peak <= planned <= waste * trace.peak, detail
+    assert trace.peak <= planned <= 1.05 * trace.peak, detail
     # Host: the streamed layers' buffers are the plan's streamed-weights row, to the byte; each
     # group's stored state is the state policy's bytes for that group.
     streamed = sum(c.host_bytes for c in plan.components if "streamed" in c.name)
@@ -117,3 +112,21 @@ def test_a_host_buffer_never_counts_as_device_memory_even_for_the_instant_torch_
     assert max(trace.phase_peaks.values()) == 1000
     assert trace.host_bytes == 4 << 20
     del kept
+
+
+def test_a_freed_host_buffer_does_not_hide_the_device_storage_that_gets_its_id():
+    """The trace keys storages by id(), which Python reuses once an object is freed: a host buffer
+    freed and then a device tensor allocated in its place must still count (without this, a
+    traced peak once came out 1.3 GiB low, now and then)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lowmem_ft.engine import host_memory
+    from lowmem_ft.looptrace import DeviceBytes
+
+    with FakeTensorMode(), (trace := DeviceBytes()), host_memory.observe(trace.host_buffer):
+        kept = []
+        for _ in range(50):
+            host_memory.host_buffer(1 << 10, torch.float32, pin=False)  # freed at once
+            kept.append(torch.empty(1000, dtype=torch.uint8))
+        assert trace.live == 50 * 1000

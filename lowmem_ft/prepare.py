@@ -116,7 +116,7 @@ def plan_run(
         }
         if config.groups:
             chosen["units_per_group"] = -(-(resolved.config.num_hidden_layers + 2) // config.groups)
-        return replace(config, **chosen, **streaming(config, resolved, 0)), None
+        return replace(config, **{**chosen, **streaming(config, resolved, 0)}), None
     plan = result.plan
     if not plan.fits:
         raise UserError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,3 +228,26 @@ def test_each_streamed_layer_lives_in_one_exactly_sized_host_buffer(small_model)
         assert all(lo <= p.data_ptr() < hi for p in layer.parameters())
     small_model(input_ids=torch.randint(0, 128, (1, 8)))
     assert streamer.copies == 2  # one per layer, not one per parameter
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_model_the_planner_does_not_know_still_resolves_its_run(stream, monkeypatch):
+    """Without a plan (an architecture the planner has no shapes for), the run takes the defaults
+    and, with --stream, streams every layer with checkpointing on; both choices set the same
+    option, and the resolved run must come out with one value for it."""
+    from lowmem_ft import prepare
+    from lowmem_ft.config import RunConfig
+    from lowmem_ft.models import resolve_model
+    from lowmem_ft.planner.shapes import UnsupportedModel
+
+    def no_shapes(*args, **kwargs):
+        raise UnsupportedModel("no shapes for this architecture")
+
+    monkeypatch.setattr(prepare, "build_plan", no_shapes)
+    resolved = resolve_model("tiny")
+    request = RunConfig(model="tiny", data=Path("x.jsonl"), method="hift", stream=stream, device="cpu")
+    config, plan = prepare.plan_run(request, resolved)
+    assert plan is None and config.micro_batch_size == 4
+    assert config.streamed_layers == (resolved.config.num_hidden_layers if stream else 0)
+    assert config.gradient_checkpointing is stream
+    assert request.streamed_layers is None, "the request is not changed"

@@ -316,7 +316,7 @@ def plan_case(model: str, variant: str, budget: int, rehearse: bool) -> dict:
     if on_gpu:  # the budget, enforced: the allocator refuses beyond it as a smaller card would
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget * GiB / total))
-    config = RunConfig(
+    config = RunConfig.create(
         model=model, data=Path("gpu_check.jsonl"), dtype="bf16", device="cuda" if on_gpu else "cpu",
         gpu_mem=f"{budget}GiB", cpu_mem="1TiB" if not on_gpu else None, seq_len=512, **VARIANTS[variant],
     )  # fmt: skip

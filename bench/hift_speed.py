@@ -47,7 +47,7 @@ def build_model(seed: int = 0) -> LlamaForCausalLM:
 
 def step_times(method_name: str, steps: int, warmup: int, batch: dict, **options) -> list[float]:
     model = build_model()
-    config = RunConfig(model="bench", data=Path("bench.jsonl"), method=method_name, lr=1e-4, **options)
+    config = RunConfig.create(model="bench", data=Path("bench.jsonl"), method=method_name, lr=1e-4, **options)
     method = build_method(config)
     method.setup(model)
     device, dtype = torch.device("cpu"), torch.float32

@@ -70,7 +70,7 @@ def planned_tensor_bytes(plan) -> float:
 
 
 def run_case(model: str, variant: str, budget: int) -> dict:
-    config = RunConfig(
+    config = RunConfig.create(
         model=model, data=Path("trace.jsonl"), dtype="bf16", device="cpu", gpu_mem=f"{budget}GiB",
         cpu_mem=HOST, **VARIANTS[variant],
     )  # fmt: skip

@@ -1,16 +1,13 @@
-"""The values each option can take, in one torch-free place: the options (config.py), the planner,
-the CLI's help and the runtime modules all read them from here, so a name is spelled once."""
+"""The values each option can take, in one torch-free place: the options, the planner, the CLI's
+help and the runtime modules all read them from here, so a name is spelled once."""
 
 from __future__ import annotations
 
-from lowmem_ft.registry import METHOD_SPECS, methods_taking
+from lowmem_ft.registry import METHOD_SPECS
 
 METHOD_NAMES = tuple(METHOD_SPECS)
-# one sparse-increment engine; they differ in the mask
-SPARSE_METHODS = tuple(name for name, spec in METHOD_SPECS.items() if spec.family == "sparse")
-STRUCTURED_METHODS = tuple(name for name, spec in METHOD_SPECS.items() if spec.family == "structured")
-LORA_METHODS = methods_taking("lora_rank")
-ADD_BIASES_METHODS = methods_taking("add_biases")
+# one sparse-increment engine; they differ in the mask, and leave a sparse delta
+SPARSE_METHODS = tuple(name for name, spec in METHOD_SPECS.items() if spec.result == "delta")
 
 STATE_POLICIES = ("keep", "keep-8bit", "drop")  # HiFT: the waiting groups' optimizer state
 ORDERS = ("bottom-up", "top-down", "random")  # HiFT: the order groups train in
@@ -19,7 +16,11 @@ SELECTION_SCORES = ("grad", "grad2")  # SIFT: |Σg| or Σg² over the selection 
 BASE_QUANTS = ("none", "int8", "nf4")  # the frozen base of the sparse methods and LoRA
 SPAFIT_VARIANTS = ("I", "II")
 SCHEDULES = ("cosine", "linear", "constant")
-DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 # --dtype and --save-dtype (besides "auto"); lowmem_ft/precision.py maps them to torch dtypes
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of an option (a RunConfig or method-options field name)."""
+    return "--" + name.replace("_", "-")

@@ -16,22 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lowmem_ft.choices import BASE_QUANTS as QUANTS
-from lowmem_ft.choices import (
-    DTYPE_NAMES,
-    METHOD_NAMES,
-    OPTIMIZERS,
-    ORDERS,
-    SCHEDULES,
-    SELECTION_SCORES,
-    SPAFIT_VARIANTS,
-    STATE_POLICIES,
-)
+from lowmem_ft.choices import DTYPE_NAMES, METHOD_NAMES, OPTIMIZERS, SCHEDULES, flag
 from lowmem_ft.errors import UserError
-from lowmem_ft.registry import METHOD_OPTIONS, methods_taking
+from lowmem_ft.registry import methods_taking, option_fields, options_class
 
 if TYPE_CHECKING:  # torch only where a run needs it: the command line starts without it
     import torch
+
+    from lowmem_ft.methods.options import MethodOptions
 
 
 @dataclass(frozen=True)
@@ -60,29 +52,10 @@ class RunConfig:
     epochs: float = 1.0
     max_steps: int | None = None
     optimizer: str = "adamw"
-    # hift
-    units_per_group: int | None = None  # None: the planner chooses
-    groups: int | None = None  # alternative to units_per_group
-    order: str = "bottom-up"
-    switch_every: int = 1
-    state_policy: str | None = None  # None: the planner chooses
-    # sparse methods (sift, random, magnitude)
-    sparsity: float | None = None  # fraction of each target weight that trains; None: the planner chooses
-    targets: str = "all-linear"
-    base_quant: str | None = None  # none | int8 | nf4; None: the planner chooses
-    selection_batches: int = 1  # sift
-    selection_score: str = "grad"  # sift: grad | grad2
-    selection_passes: int | None = None  # sift; None: the planner chooses
-    # structured methods (bitfit, lora, spafit): lowmem_ft/selections.py
-    lora_rank: int = 8  # lora, spafit
-    lora_alpha: float | None = None  # None: 2 × rank
-    lora_dropout: float = 0.0
-    cutoffs: str | None = None  # spafit "N1,N2"; None: the paper's 4 and 9 of 24 layers, scaled
-    variant: str = "I"  # spafit: I | II
-    add_biases: bool = False  # bitfit, spafit: zero-initialised biases on the decoder's linear layers
-    freeze_layers: str | None = None  # bitfit, lora: decoder layers left out, e.g. "0-15"
+    # the method's own options (its package's options.py), e.g. HiFT's --units-per-group; None:
+    # the method's defaults. Build a run with RunConfig.create(...) to give them by name.
+    method_options: MethodOptions | None = None
     # streaming (hift and the sparse methods): decoder layers whose frozen weights stay in host memory
-    stream: bool = False  # --stream: every layer (the plan's choice otherwise)
     streamed_layers: int | None = None  # None: the planner chooses
     # precision and device
     dtype: str = "auto"
@@ -101,6 +74,50 @@ class RunConfig:
     allow_download: bool = False
     trust_remote_code: bool = False
 
+    def __post_init__(self):
+        if self.method_options is None and self.method in METHOD_NAMES:  # an unknown one: validate says so
+            object.__setattr__(self, "method_options", options_class(self.method)())
+
+    @classmethod
+    def create(cls, **values) -> RunConfig:
+        """A run from option values by name, the method's options among them (as the command line
+        and job.json give them). An option of another method is refused unless it has its default."""
+        common = {name: values.pop(name) for name in _COMMON if name in values}
+        method = common.get("method", "full")
+        known = option_fields()
+        unknown = set(values) - set(known)
+        if unknown:
+            raise TypeError(f"RunConfig.create: unknown options {sorted(unknown)}")
+        if method not in METHOD_NAMES:
+            return cls(**common)
+        taken = options_class(method).names()
+        for name, value in values.items():
+            if name not in taken and value != known[name].default:
+                takers = methods_taking(name)
+                raise UserError(
+                    f"{flag(name)} applies to --method {' / '.join(takers)}, not {method}"
+                    + (" (their streamed weights are frozen)" if name == "stream" else "")
+                )
+        return cls(**common, method_options=options_class(method).from_values(values))
+
+    def replace(self, **changes) -> RunConfig:
+        """This run with some options changed, the method's options among them, by name."""
+        common = {name: changes.pop(name) for name in _COMMON if name in changes}
+        run = dataclasses.replace(self, **common)
+        if changes:
+            object.__setattr__(run, "method_options", dataclasses.replace(run.method_options, **changes))
+        return run
+
+    def option_values(self) -> dict:
+        """Every option by name, the method's among them: what `job.json` records."""
+        common = {name: getattr(self, name) for name in _COMMON}
+        return {**common, **(dataclasses.asdict(self.method_options) if self.method_options else {})}
+
+    @property
+    def streams_every_layer(self) -> bool:
+        """--stream (HiFT and the sparse methods take it)."""
+        return bool(getattr(self.method_options, "stream", False))
+
     def validate(self, data_files: bool = True) -> None:
         """Every option's check, in one place (``run``, ``plan`` and ``resume`` all come here);
         ``data_files``: also that the data files can be read (``plan`` has none)."""
@@ -112,32 +129,21 @@ class RunConfig:
 
         # inf and nan pass every range check below (nan compares false to everything, inf is > 0),
         # and train a model into NaN that the job then marks done.
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
+        for name, value in self.option_values().items():
             if isinstance(value, float) and not math.isfinite(value):
-                need(False, f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+                need(False, f"{flag(name)} must be a finite number, got {value}")
         # Sizes are read only on the device they apply to: check them wherever they are given.
         from lowmem_ft.sizes import parse_size
 
-        for flag, size in (("--gpu-mem", self.gpu_mem), ("--cpu-mem", self.cpu_mem)):
+        for given_as, size in (("--gpu-mem", self.gpu_mem), ("--cpu-mem", self.cpu_mem)):
             if size is not None:
-                parse_size(size, flag)
+                parse_size(size, given_as)
 
         need(
             self.method in METHOD_NAMES,
             f"--method {self.method!r} is not known; choose one of: {', '.join(METHOD_NAMES)}",
         )
-        # A method-specific option given to a method that does not take it is an error, not ignored
-        # (lowmem_ft/registry.py says which method takes which).
-        for f in dataclasses.fields(self):
-            if f.name in METHOD_OPTIONS and getattr(self, f.name) != f.default:
-                takers = methods_taking(f.name)
-                flag = "--" + f.name.replace("_", "-")
-                need(
-                    self.method in takers,
-                    f"{flag} applies to --method {' / '.join(takers)}, not {self.method}"
-                    + (" (their streamed weights are frozen)" if f.name == "stream" else ""),
-                )
+        self.method_options.validate()  # the method's own options (its options.py)
         need(
             self.format == "auto" or self.format in FORMAT_NAMES,
             f"--format {self.format!r} is not known; choose auto or one of: {', '.join(FORMAT_NAMES)}",
@@ -171,24 +177,8 @@ class RunConfig:
             self.optimizer in OPTIMIZERS,
             f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
         )
-        need(self.order in ORDERS, f"--order must be one of {', '.join(ORDERS)}, got {self.order!r}")
-        need(self.switch_every >= 1, f"--switch-every must be at least 1 step, got {self.switch_every}")
         need(
-            self.state_policy is None or self.state_policy in STATE_POLICIES,
-            f"--state-policy must be one of {', '.join(STATE_POLICIES)}, got {self.state_policy!r}",
-        )
-        need(
-            self.units_per_group is None or self.units_per_group >= 1, "--units-per-group must be at least 1"
-        )
-        need(self.groups is None or self.groups >= 1, "--groups must be at least 1")
-        need(
-            self.units_per_group is None or self.groups is None,
-            "--units-per-group and --groups say the same thing; give one of them",
-        )
-        self._validate_sparse(need)
-        self._validate_structured(need)
-        need(
-            not self.stream or self.gradient_checkpointing is not False,
+            not self.streams_every_layer or self.gradient_checkpointing is not False,
             "--stream needs activation checkpointing (a streamed layer is rebuilt in the backward); "
             "drop --no-gradient-checkpointing",
         )
@@ -249,49 +239,6 @@ class RunConfig:
         if self.eval_data is not None:
             need(self.eval_data.exists(), f"{self.eval_data}: no such file (given as --eval-data)")
 
-    def _validate_sparse(self, need) -> None:
-        from lowmem_ft.targets import parse_targets
-
-        if self.sparsity is not None:
-            need(
-                0 < self.sparsity <= 1,
-                f"--sparsity is the fraction of each weight that trains, in (0, 1], e.g. 0.01; "
-                f"got {self.sparsity}",
-            )
-        need(
-            self.base_quant is None or self.base_quant in QUANTS,
-            f"--base-quant must be one of {', '.join(QUANTS)}, got {self.base_quant!r}",
-        )
-        need(
-            self.selection_batches >= 1,
-            f"--selection-batches must be at least 1, got {self.selection_batches}",
-        )
-        need(
-            self.selection_score in SELECTION_SCORES,
-            f"--selection-score must be grad (|sum of gradients|) or grad2 (sum of squares), "
-            f"got {self.selection_score!r}",
-        )
-        need(
-            self.selection_passes is None or self.selection_passes >= 1,
-            f"--selection-passes must be at least 1, got {self.selection_passes}",
-        )
-        parse_targets(self.targets)
-
-    def _validate_structured(self, need) -> None:
-
-        method = self.method
-        need(self.lora_rank >= 1, f"--lora-rank must be at least 1, got {self.lora_rank}")
-        need(
-            self.lora_alpha is None or self.lora_alpha > 0,
-            f"--lora-alpha must be positive, got {self.lora_alpha}",
-        )
-        need(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        need(self.variant in SPAFIT_VARIANTS, f"--variant must be I or II, got {self.variant!r}")
-        need(
-            method != "lora" or self.base_quant in (None, "none", "nf4"),
-            f"--base-quant for --method lora is none or nf4 (QLoRA), got {self.base_quant!r}",
-        )
-
     # -- derived values -------------------------------------------------------------------------
     def resolved_device(self) -> torch.device:
         import torch
@@ -318,14 +265,18 @@ class RunConfig:
         return torch.float32
 
     def to_json(self) -> dict:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+        return {k: str(v) if isinstance(v, Path) else v for k, v in self.option_values().items()}
 
     @classmethod
     def from_json(cls, saved: dict) -> RunConfig:
         """The configuration a job directory recorded (options added since then take defaults)."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {*_COMMON, *option_fields()}
         values = {k: v for k, v in saved.items() if k in known}
         for key in ("data", "eval_data", "out"):
             if values.get(key) is not None:
                 values[key] = Path(values[key])
-        return cls(**values)
+        return cls.create(**values)
+
+
+# The options every run has (the method's own are in its options class)
+_COMMON = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name != "method_options")

@@ -42,7 +42,7 @@ def print_header(s: Setup, job: Job) -> None:
             f"streaming  {len(streamer.host)} of {s.resolved.config.num_hidden_layers} decoder layers from "
             f"host memory ({format_bytes(streamer.host_bytes())}) through {len(streamer.buffers)} buffers "
             f"of {format_bytes(streamer.device_bytes() / len(streamer.buffers))}"
-            + (" (--stream)" if s.config.stream else "")
+            + (" (--stream)" if s.config.streams_every_layer else "")
         )
     if s.plan is not None:
         where = "GPU" if s.plan.device == "cuda" else "host"

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from unittest import mock
 
 import torch
@@ -175,7 +175,7 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
     # Two micro-batches a step where the plan has several (memory does not depend on how many more
     # there are), else one: the sum of the gradients is alive only while accumulating.
     several = config.batch_size > config.micro_batch_size
-    config = replace(config, batch_size=(2 if several else 1) * config.micro_batch_size)
+    config = config.replace(batch_size=(2 if several else 1) * config.micro_batch_size)
     method = build_method(config)
     examples = [Example(list(range(config.seq_len)), list(range(config.seq_len))) for _ in range(4)]
     tokenizer = type("Tokenizer", (), {"pad_token_id": 0})()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -21,13 +21,14 @@ from lowmem_ft.data import (
     tokenize_records,
 )
 from lowmem_ft.errors import UserError
-from lowmem_ft.methods import Method, build_method
+from lowmem_ft.methods import build_method
+from lowmem_ft.methods.base import Method
 from lowmem_ft.models import ResolvedModel, load_model, load_tokenizer, resolve_model
-from lowmem_ft.planner import PLANNED_AS_GIVEN, Plan, build_plan
+from lowmem_ft.planner import Plan, build_plan, planned_as_given
 from lowmem_ft.planner.shapes import UnsupportedModel
 from lowmem_ft.precision import dtype_name
 from lowmem_ft.preflight import check_plan_fits_device
-from lowmem_ft.registry import PLANNED_OPTIONS
+from lowmem_ft.registry import planned_options
 
 log = logging.getLogger(__name__)  # the CLI shows it (cli.report_to_console)
 
@@ -104,9 +105,8 @@ def plan_run(
             gpu_mem=config.gpu_mem if device.type == "cuda" else None,
             gpu=None if device.type == "cuda" else "none",
             dtype=dtype_name(config.compute_dtype()),
-            selection_batches=config.selection_batches if config.method == "sift" else 1,
             cuda_index=device.index or 0,
-            **{option: getattr(config, option) for option in PLANNED_AS_GIVEN},
+            **planned_as_given(config),
         )
     except UnsupportedModel as exc:
         log.info(f"plan       none: {exc}; micro-batch and checkpointing default to 4 and off")
@@ -114,9 +114,10 @@ def plan_run(
             "micro_batch_size": config.micro_batch_size or min(4, config.batch_size),
             "gradient_checkpointing": bool(config.gradient_checkpointing),
         }
-        if config.groups:
-            chosen["units_per_group"] = -(-(resolved.config.num_hidden_layers + 2) // config.groups)
-        return replace(config, **{**chosen, **streaming(config, resolved, 0)}), None
+        groups = getattr(config.method_options, "groups", None)  # HiFT's --groups
+        if groups:
+            chosen["units_per_group"] = -(-(resolved.config.num_hidden_layers + 2) // groups)
+        return config.replace(**{**chosen, **streaming(config, resolved, 0)}), None
     plan = result.plan
     if not plan.fits:
         raise UserError(
@@ -128,12 +129,12 @@ def plan_run(
         "gradient_checkpointing": plan.settings["gradient_checkpointing"],
     }
     # HiFT's and the sparse methods' choices, when the user left them open
-    for option in PLANNED_OPTIONS:
-        if option in plan.settings and getattr(config, option) is None:
+    for option in planned_options(config.method):
+        if option in plan.settings and getattr(config.method_options, option) is None:
             chosen[option] = plan.settings[option]
-    resolved_run = replace(config, **chosen)
-    return replace(
-        resolved_run, **streaming(resolved_run, resolved, plan.settings.get("streamed_units", 0))
+    resolved_run = config.replace(**chosen)
+    return resolved_run.replace(
+        **streaming(resolved_run, resolved, plan.settings.get("streamed_units", 0))
     ), plan
 
 
@@ -142,7 +143,7 @@ def streaming(config: RunConfig, resolved: ResolvedModel, planned: int) -> dict:
     streams decoder layers only). Streamed layers are rebuilt in the backward: checkpointing is on."""
     layers = config.streamed_layers
     if layers is None:
-        layers = resolved.config.num_hidden_layers if config.stream else planned
+        layers = resolved.config.num_hidden_layers if config.streams_every_layer else planned
     return {"streamed_layers": layers, **({"gradient_checkpointing": True} if layers else {})}
 
 

@@ -1,17 +1,25 @@
-"""Every fine-tuning method, once: its name, what it does, the options it takes, where its code is
-and what it leaves. Torch-free, so the options' checks, the planner and `lowmem-ft methods` read it
-without importing a method. The option checks (config.py), `lowmem-ft methods`, `build_method` and
-the method lists in choices.py all derive from this table.
+"""Every fine-tuning method, once: its name, what it does, what it leaves, and where its options,
+its planner and its code are. Torch-free: the option checks, the command line's flags, the planner's
+dispatch, `lowmem-ft methods`, resume's keep-list and ``build_method`` all derive from this table,
+and a method's options and planner are imported (torch-free too) only when they are read.
 
-Adding a method: its module under lowmem_ft/methods/ (a subclass of methods.base.Method, or for a
-sparse mask an entry chooser given to methods.sparse.SparseIncrement), its planner estimate
-(planner/estimates.py), and one line here.
+Adding a method: one package under lowmem_ft/methods/ (options.py: a MethodOptions dataclass;
+plan.py: what it costs; method.py: a methods.base.Method, or for a sparse mask an entry chooser
+given to methods.sparse.method.SparseIncrement) and one line here. The table names them by string,
+so this module, lowest in the layers contract (pyproject.toml), depends on nothing above it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lowmem_ft.methods.options import MethodOptions
 
 # What a method leaves in its job directory (lowmem_ft/results.py).
 RESULTS = ("model", "delta", "adapter")
@@ -21,80 +29,110 @@ RESULTS = ("model", "delta", "adapter")
 class MethodSpec:
     name: str
     summary: str  # one line for `lowmem-ft methods` and the run header
-    # the method-specific options it takes (RunConfig field names); every other method refuses them
-    options: tuple[str, ...]
-    runtime: str  # "module:name" of what builds it from a RunConfig, imported only when a run needs it
     result: str  # "model" (a full Hugging Face model), "delta" (sparse entries) or "adapter" (LoRA)
-    family: str  # "full", "sparse" (one sparse-increment engine) or "structured" (selections.py)
+    # "module:name" under lowmem_ft.methods, imported when first needed: its options (a torch-free
+    # MethodOptions dataclass), its planner (torch-free: what it costs, what the planner chooses)
+    # and what builds it from the resolved run (imports torch)
+    options: str
+    plan: str
+    runtime: str
     note: str = ""  # said after the options in `lowmem-ft methods`
+
+    def options_class(self) -> type[MethodOptions]:
+        return _load(self.options)
+
+    def planner(self) -> Callable:
+        return _load(self.plan)
+
+    def load(self) -> Callable:
+        return _load(self.runtime)
+
+    def option_names(self) -> tuple[str, ...]:
+        return self.options_class().names()
 
     def flags(self) -> str:
         """The options as the command line spells them."""
-        return ", ".join("--" + option.replace("_", "-") for option in self.options)
-
-    def load(self) -> type:
-        module, name = self.runtime.split(":")
-        return getattr(importlib.import_module(module), name)
+        return ", ".join("--" + option.replace("_", "-") for option in self.option_names())
 
 
-_SPARSE = ("sparsity", "targets", "base_quant", "stream")
-_LORA = ("lora_rank", "lora_alpha", "lora_dropout")
+@cache
+def _load(where: str):
+    module, name = where.split(":")
+    return getattr(importlib.import_module(f"lowmem_ft.methods.{module}"), name)
 
+
+# Adding a method: its package under lowmem_ft/methods/ (options.py, plan.py, method.py; see
+# docs/architecture.md) and one line here.
 METHOD_SPECS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec(
-            "full", "all parameters, every step, fp32 master weights (the baseline)",
-            (), "lowmem_ft.methods.full:FullFineTuning", "model", "full",
+            "full", "all parameters, every step, fp32 master weights (the baseline)", "model",
+            "options:MethodOptions", "full.plan:plan_full", "full.method:FullFineTuning",
         ),
         MethodSpec(
             "hift",
             "all parameters, one group of layers per step, optimizer state of the others in host memory",
-            ("units_per_group", "groups", "order", "switch_every", "state_policy", "stream"),
-            "lowmem_ft.methods.hift:HiFT", "model", "full",
+            "model", "hift.options:HiFTOptions", "hift.plan:plan_hift", "hift.method:HiFT",
         ),
         MethodSpec(
             "sift", "top-k entries of each weight by gradient, fixed after selection; fp32 increments",
-            (*_SPARSE, "selection_batches", "selection_score", "selection_passes"),
-            "lowmem_ft.methods.sift:sift", "delta", "sparse",
+            "delta", "sift.options:SiftOptions", "sift.plan:plan_sift", "sift.method:sift",
             note="--selection-score grad2 over a window is Fu et al.'s SAM",
         ),
         MethodSpec(
-            "random", "k random entries of each weight (seeded by --seed), trained like SIFT",
-            _SPARSE, "lowmem_ft.methods.masks:random_mask", "delta", "sparse",
+            "random", "k random entries of each weight (seeded by --seed), trained like SIFT", "delta",
+            "sparse.options:SparseOptions", "sparse.plan:plan_sparse", "random.method:random_mask",
         ),
         MethodSpec(
             "magnitude",
             "the k largest-magnitude entries of each base weight (MagPruning), trained like SIFT",
-            _SPARSE, "lowmem_ft.methods.masks:magnitude_mask", "delta", "sparse",
+            "delta", "sparse.options:SparseOptions", "sparse.plan:plan_sparse",
+            "magnitude.method:magnitude_mask",
         ),
         MethodSpec(
             "bitfit",
             "bias and norm terms only (Llama has no biases: norm weights, optionally added biases)",
-            ("add_biases", "freeze_layers"), "lowmem_ft.methods.structured:BitFit", "model", "structured",
+            "model", "bitfit.options:BitFitOptions", "bitfit.plan:plan_bitfit", "bitfit.method:BitFit",
         ),
         MethodSpec(
             "lora", "low-rank adapters on the target linear layers (peft); QLoRA with --base-quant nf4",
-            (*_LORA, "targets", "base_quant", "freeze_layers"),
-            "lowmem_ft.methods.structured:LoRA", "adapter", "structured",
+            "adapter", "lora.options:LoraOptions", "lora.plan:plan_lora", "lora.method:LoRA",
         ),
         MethodSpec(
             "spafit",
             "by depth: lowest layers frozen, middle bias/norm terms, top LoRA on attention (+terms: II)",
-            ("cutoffs", "variant", *_LORA, "add_biases"),
-            "lowmem_ft.methods.structured:SPAFIT", "model", "structured",
+            "model", "spafit.options:SpafitOptions", "spafit.plan:plan_spafit", "spafit.method:SPAFIT",
         ),
     )
 }  # fmt: skip
 
-# Options the planner chooses when the user leaves them open (the run adopts its choice): they
-# decide what trains, so a resumed job keeps the first machine's choice rather than planning again.
-PLANNED_OPTIONS = ("units_per_group", "state_policy", "sparsity", "base_quant", "selection_passes", "cutoffs")
 
-# Every option some method takes and others refuse.
-METHOD_OPTIONS = tuple(dict.fromkeys(option for spec in METHOD_SPECS.values() for option in spec.options))
+def options_class(method: str) -> type[MethodOptions]:
+    return METHOD_SPECS[method].options_class()
+
+
+def option_fields() -> dict[str, dataclasses.Field]:
+    """Every method option by name (its first declaration: a shared one is declared alike by each
+    method that takes it), in the table's order."""
+    fields: dict[str, dataclasses.Field] = {}
+    for spec in METHOD_SPECS.values():
+        for field in dataclasses.fields(spec.options_class()):
+            fields.setdefault(field.name, field)
+    return fields
 
 
 def methods_taking(option: str) -> tuple[str, ...]:
-    """The methods that take ``option`` (a RunConfig field name), in the table's order."""
-    return tuple(name for name, spec in METHOD_SPECS.items() if option in spec.options)
+    """The methods that take ``option`` (a method-options field name), in the table's order."""
+    return tuple(name for name, spec in METHOD_SPECS.items() if option in spec.option_names())
+
+
+def planned_options(method: str) -> tuple[str, ...]:
+    """The options of ``method`` the planner fills in when left open (None)."""
+    return tuple(f.name for f in dataclasses.fields(options_class(method)) if f.metadata["planned"])
+
+
+def kept_on_resume(method: str) -> tuple[str, ...]:
+    """The options of ``method`` a resumed job keeps from its first machine: they decide what trains
+    (or, for --stream, what lives where), so the job does not plan them again."""
+    return tuple(f.name for f in dataclasses.fields(options_class(method)) if f.metadata["kept"])

@@ -14,9 +14,10 @@ from lowmem_ft.delta import DELTA_FILE
 from lowmem_ft.errors import UserError
 
 
-def base_metadata(method: str, base, config) -> dict:
+def base_metadata(method: str, base, options) -> dict:
     """What a delta or an adapter records about its base (``base``: models.ResolvedModel), so that
-    `export --merge` finds it and refuses any other (the sha256 of its weights)."""
+    `export --merge` finds it and refuses any other (the sha256 of its weights). ``options``: the
+    method's (its --base-quant and --targets)."""
     from lowmem_ft.models import weights_hash
 
     return {
@@ -26,8 +27,8 @@ def base_metadata(method: str, base, config) -> dict:
         "base_hub_id": base.hub_id,
         "base_weights_dir": str(base.weights_dir),
         "base_weights_sha256": weights_hash(base.weights_dir),
-        "base_quant": config.base_quant or "none",
-        "targets": config.targets,
+        "base_quant": options.base_quant or "none",
+        "targets": options.targets,
     }
 
 

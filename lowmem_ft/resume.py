@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import replace
 from pathlib import Path
 
 from lowmem_ft.checkpoint import Restored, latest_checkpoint, remove_partial
@@ -21,7 +20,7 @@ from lowmem_ft.errors import UserError
 from lowmem_ft.files import sha256_of, write_json_atomic
 from lowmem_ft.jobs import Job
 from lowmem_ft.prepare import Setup, setup
-from lowmem_ft.registry import PLANNED_OPTIONS
+from lowmem_ft.registry import kept_on_resume
 from lowmem_ft.train import execute
 
 log = logging.getLogger(__name__)  # the CLI shows it (cli.report_to_console)
@@ -62,17 +61,19 @@ def _prepare_resume(job: Job, overrides: dict) -> tuple[Setup, Restored | None]:
     # on a GPU). Only how a step is cut into micro-batches and whether activations are recomputed
     # are planned again.
     planned = record["config"]
-    kept = {key: planned.get(key) for key in RESUME_KEEPS}
+    kept = {key: planned.get(key) for key in kept_on_resume(requested.method)}
+    if "groups" in requested.method_options.names():  # HiFT: units_per_group, kept, says it
+        kept["groups"] = None
     micro_batch_size = requested.micro_batch_size
     if record.get("micro_batch_size_after_oom"):  # this job ran out of memory with a larger one
         smaller = record["micro_batch_size_after_oom"]
         micro_batch_size = min(micro_batch_size or smaller, smaller)
     changes = {
-        "out": job.dir, **kept, "groups": None,  # units_per_group, kept, says it
+        "out": job.dir, **kept,
         "dtype": record.get("compute_dtype", requested.dtype), "micro_batch_size": micro_batch_size,
     }  # fmt: skip
     changes.update({key: value for key, value in overrides.items() if value is not None})
-    config = replace(requested, **changes)
+    config = requested.replace(**changes)
     if config.resolved_device().type != record.get("device", "cpu"):
         log.info(
             f"device     the job ran on {record.get('device')}; it continues on {config.resolved_device()}"
@@ -100,8 +101,6 @@ def _prepare_resume(job: Job, overrides: dict) -> tuple[Setup, Restored | None]:
     job.update(status="running", pid=os.getpid(), error=None, resumes=record.get("resumes", 0) + 1)
     return s, restored
 
-
-RESUME_KEEPS = (*PLANNED_OPTIONS, "stream")  # what the method trains is the job's, on any machine
 
 # Settings worth a note when `run --out JOB` resumes a job with other values on its command line.
 NOTED_SETTINGS = ("model", "data", "method", "lr", "batch_size", "max_steps", "epochs", "seed")

@@ -18,7 +18,7 @@ import math
 import shutil
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -343,7 +343,7 @@ def accumulate_gradients(s: Setup, job: Job, step: int, scaler, bar) -> tuple[fl
             )
         new = old // 2
         # A new resolved run, recorded in the job (below), not an edit of the old one.
-        s.config = replace(s.config, micro_batch_size=new)
+        s.config = s.config.replace(micro_batch_size=new)
         s.batcher.micro_batch_size = new
         s.batcher.load_state_dict(data_position)
         accumulation = math.ceil(s.config.batch_size / new)

@@ -78,7 +78,7 @@ def trace_step(
 
     cfg = AutoConfig.for_model(**{**config, "num_hidden_layers": layers, "use_cache": False})
     cfg._attn_implementation = "sdpa"
-    run_config = RunConfig(model="trace", data=Path("trace.jsonl"), method=method_name, lr=1e-5)
+    run_config = RunConfig.create(model="trace", data=Path("trace.jsonl"), method=method_name, lr=1e-5)
     method = build_method(run_config)
     device = torch.device("cpu")
     with FakeTensorMode():
@@ -142,7 +142,8 @@ def trace_hift_step(config: dict, group: int, layers: int = 2, seq_len: int = 51
     cfg = AutoConfig.for_model(**{**config, "num_hidden_layers": layers, "use_cache": False})
     cfg._attn_implementation = "sdpa"
     dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[compute_dtype]
-    run_config = RunConfig(model="trace", data=Path("t.jsonl"), method="hift", lr=1e-5, units_per_group=1,
+    run_config = RunConfig.create(model="trace", data=Path("t.jsonl"), method="hift", lr=1e-5,
+                           units_per_group=1,
                            state_policy="keep", dtype=dtype_name, device="cpu")  # fmt: skip
     method = build_method(run_config)
     with FakeTensorMode():
@@ -188,7 +189,8 @@ def trace_sift_step(config: dict, sparsity: float, layers: int = 2, seq_len: int
     cfg = AutoConfig.for_model(**{**config, "num_hidden_layers": layers, "use_cache": False})
     cfg._attn_implementation = "sdpa"
     dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[compute_dtype]
-    run_config = RunConfig(model="trace", data=Path("t.jsonl"), method="sift", sparsity=sparsity, lr=1e-5,
+    run_config = RunConfig.create(model="trace", data=Path("t.jsonl"), method="sift", sparsity=sparsity,
+                           lr=1e-5,
                            dtype=dtype_name, device="cpu")  # fmt: skip
     method = build_method(run_config)
     cpu = torch.device("cpu")

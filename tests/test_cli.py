@@ -288,7 +288,7 @@ def test_methods_lists_every_method_with_its_options(capsys):
     for name, spec in METHOD_SPECS.items():
         row = next(i for i, line in enumerate(lines) if line.startswith(f"{name} "))
         assert spec.summary in lines[row] and lines[row + 1].strip().startswith("options: ")
-        assert all(f"--{o.replace('_', '-')}" in lines[row + 1] for o in spec.options)
+        assert all(f"--{o.replace('_', '-')}" in lines[row + 1] for o in spec.option_names())
 
 
 def test_every_option_is_declared_once_and_plan_takes_what_the_planner_reads():
@@ -302,14 +302,27 @@ def test_every_option_is_declared_once_and_plan_takes_what_the_planner_reads():
     from lowmem_ft.cli.training import plan, run
     from lowmem_ft.config import RunConfig
     from lowmem_ft.planner import PLANNED_AS_GIVEN
+    from lowmem_ft.registry import METHOD_SPECS, option_fields
 
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
-    internal = {"model", "data", "streamed_layers"}  # arguments, and what the plan decides
+    # arguments, what the plan decides, and the method's options (declared by each method)
+    internal = {"model", "data", "streamed_layers", "method_options"}
     assert set(RUN_OPTIONS) == set(fields) - internal
+    method_options = option_fields()
+    assert not set(method_options) & set(fields), "a method option shadows a common one"
     run_parameters = inspect.signature(run).parameters
     for name in RUN_OPTIONS:
         assert run_parameters[name].default.default == fields[name].default, name
-    assert {*PLANNED_AS_GIVEN, "gpu_mem", "dtype", "selection_batches"} == set(PLAN_OPTIONS)
+    for name, field in method_options.items():
+        assert run_parameters[name].default.default == field.default, name
+    # An option several methods take is one flag: each declares it alike (default, help, flags).
+    for spec in METHOD_SPECS.values():
+        for field in dataclasses.fields(spec.options_class()):
+            first = method_options[field.name]
+            assert field.default == first.default, (spec.name, field.name)
+            assert field.metadata["help"] == first.metadata["help"], (spec.name, field.name)
+            assert field.metadata["flags"] == first.metadata["flags"], (spec.name, field.name)
+    assert {*PLANNED_AS_GIVEN, "gpu_mem", "dtype", *method_options} == set(PLAN_OPTIONS)
     assert set(PLAN_OPTIONS) <= set(inspect.signature(plan).parameters)
 
 

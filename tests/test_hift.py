@@ -14,7 +14,7 @@ from lowmem_ft.data import collate
 from lowmem_ft.engine.master_weights import round_to_bf16_stochastically_
 from lowmem_ft.engine.state_store import OptimizerStateStore
 from lowmem_ft.methods import build_method
-from lowmem_ft.methods.hift import visit_order
+from lowmem_ft.methods.hift.method import visit_order
 from lowmem_ft.methods.optimizers import make_optimizer
 from lowmem_ft.models.units import model_units
 from lowmem_ft.prepare import enable_checkpointing
@@ -24,7 +24,7 @@ CPU = torch.device("cpu")
 
 
 def config(**overrides) -> RunConfig:
-    return RunConfig(
+    return RunConfig.create(
         **{
             "model": "t",
             "data": Path("x.jsonl"),

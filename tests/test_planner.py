@@ -13,10 +13,12 @@ from test_cli import cli
 from test_models import PUBLISHED_PARAMS
 
 from lowmem_ft.errors import UserError
+from lowmem_ft.methods.full.plan import estimate_full
+from lowmem_ft.methods.hift.plan import estimate_hift
+from lowmem_ft.methods.sparse.plan import estimate_sparse
 from lowmem_ft.models.registry import ALIASES
 from lowmem_ft.planner import PlanRequest, build_plan, make_plan, read_config, shape_from_config
 from lowmem_ft.planner.accounting import Precision, checkpoint_bytes, shared_by_the_stack_bytes
-from lowmem_ft.planner.plan import estimate_full, estimate_hift, estimate_sift
 
 GiB = 1024**3
 
@@ -89,7 +91,7 @@ def test_hift_bytes_match_traced_steps_within_5_percent(alias, dtype, seq_len):
 
 def plan(method: str, gpu_gib: float, host_gib: float = 64, model: str = "llama-2-7b", **options):
     shape = shape_from_config(read_config(model)[0])
-    request = PlanRequest(method=method, **options)
+    request = PlanRequest.create(method, **options)
     return make_plan(shape, request, int(gpu_gib * GiB), int(host_gib * GiB), None)
 
 
@@ -236,7 +238,7 @@ def test_sift_bytes_match_a_traced_step_within_5_percent(alias, dtype, seq_len, 
     trace = trace_sift_step(config, sparsity, 2, seq_len, 1, dtype, checkpointing)
     request = PlanRequest(method="sift", seq_len=seq_len, compute_bytes=2 if dtype == torch.bfloat16 else 4)
     shape = shape_from_config(config)
-    est = estimate_sift(shape, request, 1, checkpointing, sparsity=sparsity, base_quant="none")
+    est = estimate_sparse(shape, request, 1, checkpointing, sparsity=sparsity, base_quant="none")
     planned = {c.name.split(" (")[0].split(":")[0]: c.gpu_bytes for c in est.components}
     assert est.trainable == trace["entries"]
     assert planned["base weights"] == pytest.approx(trace["base"], rel=0.05)

@@ -532,13 +532,13 @@ def raise_oom_once(monkeypatch, owner, name: str, on_call: int) -> None:
 
 OOM_PHASES = {
     # phase: (method, where the error is raised, on which call)
-    "begin step": ("hift", "lowmem_ft.methods.hift.HiFT.begin_step", 5),
+    "begin step": ("hift", "lowmem_ft.methods.hift.method.HiFT.begin_step", 5),
     "gradients": ("hift", "lowmem_ft.methods.base.Method.reduce_gradients", 5),
     "optimizer step": ("hift", "torch.amp.GradScaler.step", 5),
-    "end step": ("hift", "lowmem_ft.methods.hift.HiFT.end_step", 5),
+    "end step": ("hift", "lowmem_ft.methods.hift.method.HiFT.end_step", 5),
     "evaluation": ("hift", "lowmem_ft.train.eval_batches", 2),  # the evaluation after step 5
     "checkpoint": ("hift", "lowmem_ft.train_state.save_checkpoint", 2),
-    "selection": ("sift", "lowmem_ft.methods.sift.GradientEntries.choose", 1),
+    "selection": ("sift", "lowmem_ft.methods.sift.method.GradientEntries.choose", 1),
 }
 
 

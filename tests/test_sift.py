@@ -343,7 +343,7 @@ def test_flags_of_sparse_methods_are_checked():
         ({"targets": "q_proj,,v_proj"}, "empty item"),
     ]:
         with pytest.raises(UserError, match=message):
-            RunConfig(model="t", data=Path("x.jsonl"), **{"method": "sift", **overrides}).validate()
+            RunConfig.create(model="t", data=Path("x.jsonl"), **{"method": "sift", **overrides}).validate()
 
 
 # -- as a user runs it ---------------------------------------------------------------------------------
@@ -361,7 +361,8 @@ def test_sift_job_exports_a_small_delta_that_merges_into_the_trained_model(tmp_p
     from lowmem_ft.jobs import Job
 
     data = small_data.__wrapped__(tmp_path)
-    cfg = RunConfig(model="tiny", data=data, out=tmp_path / "job", method="sift", sparsity=0.01, max_steps=3,
+    cfg = RunConfig.create(model="tiny", data=data, out=tmp_path / "job", method="sift", sparsity=0.01,
+                           max_steps=3,
                     batch_size=8, micro_batch_size=4, seq_len=96, lr=1e-2)  # fmt: skip
     s = prepare.setup(cfg)
     job = Job.create(cfg.out, cfg.to_json(), max_steps=s.max_steps)

@@ -204,7 +204,7 @@ def test_the_plan_counts_the_buffers_and_host_copies_the_engine_allocates(tmp_pa
     from lowmem_ft.config import RunConfig
     from lowmem_ft.prepare import setup
 
-    config = RunConfig(model="tiny", data=data, method="hift", stream=True, max_steps=1, seq_len=64)
+    config = RunConfig.create(model="tiny", data=data, method="hift", stream=True, max_steps=1, seq_len=64)
     s = setup(config)
     rows = {c.name: c for c in s.plan.components}  # on a CPU every component is in host memory
     streamer = s.method.streamer
@@ -245,7 +245,7 @@ def test_a_model_the_planner_does_not_know_still_resolves_its_run(stream, monkey
 
     monkeypatch.setattr(prepare, "build_plan", no_shapes)
     resolved = resolve_model("tiny")
-    request = RunConfig(model="tiny", data=Path("x.jsonl"), method="hift", stream=stream, device="cpu")
+    request = RunConfig.create(model="tiny", data=Path("x.jsonl"), method="hift", stream=stream, device="cpu")
     config, plan = prepare.plan_run(request, resolved)
     assert plan is None and config.micro_batch_size == 4
     assert config.streamed_layers == (resolved.config.num_hidden_layers if stream else 0)

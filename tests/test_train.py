@@ -11,7 +11,8 @@ import torch
 from lowmem_ft.choices import SPARSE_METHODS
 from lowmem_ft.config import RunConfig
 from lowmem_ft.data import Example, collate
-from lowmem_ft.methods import METHODS
+from lowmem_ft.methods import build_method
+from lowmem_ft.registry import METHOD_SPECS
 from lowmem_ft.train import loss_sum, lr_at, target_count
 
 
@@ -59,7 +60,7 @@ def test_loss_sum_matches_transformers_mean_loss(small_model):
 
 
 def config(**overrides) -> RunConfig:
-    return RunConfig(model="tiny", data=Path("x.jsonl"), **overrides)
+    return RunConfig.create(model="tiny", data=Path("x.jsonl"), **overrides)
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
@@ -79,14 +80,14 @@ def test_lr_schedule_linear_and_constant():
     assert {lr_at(s, 10, constant) for s in range(10)} == {0.5}
 
 
-@pytest.mark.parametrize("name", sorted(set(METHODS) - set(SPARSE_METHODS)))
+@pytest.mark.parametrize("name", sorted(set(METHOD_SPECS) - set(SPARSE_METHODS)))
 def test_method_step_matches_plain_adamw_on_its_parameters(name, small_model):
     """One step of the method equals torch AdamW applied to the parameters the method trains.
     (Sparse methods train values that are not model parameters: tests/test_sift.py checks them
     against AdamW on a masked dense increment.)"""
-    cfg = config(lr=1e-2, weight_decay=0.1)
+    cfg = config(method=name, lr=1e-2, weight_decay=0.1)
     model, reference, copy_before = small_model, copy.deepcopy(small_model), copy.deepcopy(small_model)
-    method = METHODS[name](cfg)
+    method = build_method(cfg)
     method.setup(model)
     method.begin_step(0)  # a method may choose what trains per step (HiFT: the first group)
     trained = {id(p) for p in method.trainable_parameters()}

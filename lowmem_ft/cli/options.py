@@ -1,7 +1,9 @@
-"""Every option of `run` and `plan`, declared once: its flags and help here; its type and default
-are RunConfig's (config.py), its check RunConfig.validate. The commands' parameter lists are made
-from this table (``with_options``), so an option cannot be added to one list and forgotten in
-another, and `run`, `plan` and `resume` cannot disagree on a default.
+"""Every option of `run` and `plan`, declared once. A common option's flags and help are here, its
+type and default RunConfig's (config.py), its check RunConfig.validate; a method's own option is
+declared whole (default, help, check) in its package's options.py, and its flag comes from there.
+The commands' parameter lists are made from these (``with_parameters``), so an option cannot be
+added to one list and forgotten in another, and `run`, `plan` and `resume` cannot disagree on a
+default.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable
 import typer
 
 from lowmem_ft.config import RunConfig
+from lowmem_ft.registry import METHOD_SPECS, methods_taking, option_fields
 
 # RunConfig field -> (flags, help). Empty flags: typer's own --field-name. In `run --help` order.
 RUN_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -25,66 +28,16 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
         "bitfit, lora, spafit = structured. `lowmem-ft methods` lists them.",
     ),
     "optimizer": ((), "adamw, sgd (momentum 0.9), adagrad, or adamw8bit (bitsandbytes)."),
-    "units_per_group": (
-        (),
-        "HiFT: units (embedding, each layer, head) trained together. [default: planner's]",
+    "format": (
+        ("--format",),
+        "Data format: auto, text, prompt-completion, alpaca, chat.",
     ),
-    "groups": ((), "HiFT: number of groups (instead of --units-per-group)."),
-    "order": ((), "HiFT: order of the groups: bottom-up, top-down or random (seeded)."),
-    "switch_every": ((), "HiFT: optimizer steps per group before switching (BAdam uses 50)."),
-    "state_policy": (
-        (),
-        "HiFT: optimizer state of waiting groups: keep, keep-8bit or drop. [default: planner's]",
-    ),
-    "sparsity": (
-        (),
-        "SIFT/random/magnitude: fraction of each target weight that trains, e.g. 0.01. "
-        "[default: the planner's]",
-    ),
-    "targets": (
-        (),
-        "Sparse methods and LoRA: all-linear, attention, mlp, or module names/patterns such as "
-        "q_proj,v_proj.",
-    ),
-    "base_quant": (
-        (),
-        "Sparse methods: frozen base weights as none, int8 or nf4 (bitsandbytes); LoRA: none or "
-        "nf4 (QLoRA). [default: the planner's]",
-    ),
-    "lora_rank": ((), "LoRA/SPAFIT: rank r of the adapters."),
-    "lora_alpha": ((), "LoRA/SPAFIT: scale α (the update is α/r·BA). [default: 2 × rank]"),
-    "lora_dropout": ((), "LoRA/SPAFIT: dropout on the adapters' input."),
-    "cutoffs": (
-        (),
-        "SPAFIT: N1,N2: layers below N1 frozen, N1 to N2-1 bias/norm only, N2 up LoRA on attention. "
-        "[default: the paper's 4,9 of 24 layers, scaled to the model]",
-    ),
-    "variant": ((), "SPAFIT: I = LoRA only in the top layers; II = LoRA and bias/norm terms there."),
-    "add_biases": (
-        ("--add-biases",),
-        "BitFit/SPAFIT: add zero-initialised biases to the decoder's linear layers and train them "
-        "(Llama has none).",
-    ),
-    "freeze_layers": (
-        (),
-        "BitFit/LoRA: decoder layers that stay frozen, numbered from 0, e.g. 0-15 or 0-3,8.",
-    ),
-    "selection_batches": ((), "SIFT: micro-batches whose gradients choose the entries (not trained on)."),
-    "selection_score": ((), "SIFT: grad = |sum of gradients|, grad2 = sum of squared gradients."),
-    "selection_passes": (
-        (),
-        "SIFT: passes over the selection window (scores kept for a slice of the weights per pass). "
-        "[default: the planner's]",
-    ),
-    "stream": (
-        ("--stream",),
-        "HiFT/sparse methods: keep every decoder layer's frozen weights in host memory and stream "
-        "them in to compute (the smallest GPU footprint). [default: the planner streams what does not fit]",
-    ),
-    "format": (("--format",), "Data format: auto, text, prompt-completion, alpaca, chat."),
     "seq_len": ((), "Maximum tokens per example; longer examples are truncated (and counted)."),
     "pack": (("--pack",), "Concatenate examples into rows of --seq-len tokens (less padding)."),
-    "eval_data": ((), "Evaluation JSONL file. Without it, --eval-fraction of the data is held out."),
+    "eval_data": (
+        (),
+        "Evaluation JSONL file. Without it, --eval-fraction of the data is held out.",
+    ),
     "eval_fraction": ((), "Fraction of the data held out for evaluation (seeded by --seed); 0 = none."),
     "eval_every": (
         (),
@@ -135,15 +88,36 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 _FIELDS = {field.name: field for field in dataclasses.fields(RunConfig)}
-_TYPES = typing.get_type_hints(RunConfig)
+_TYPES = typing.get_type_hints(RunConfig, localns={"MethodOptions": object})  # (not an option)
+
+
+def _method_option_help(name: str, field: dataclasses.Field) -> str:
+    """A method option's help, with the methods that take it in front (``sift/random: ...``)."""
+    return f"{'/'.join(methods_taking(name))}: {field.metadata['help']}"
+
+
+def _method_options() -> dict[str, tuple[object, tuple[str, ...], str, object]]:
+    """Every method's own options (from their options.py): name -> (type, flags, help, default)."""
+    types = {}
+    for spec in reversed(METHOD_SPECS.values()):  # the first method to declare a name wins, as below
+        types |= typing.get_type_hints(spec.options_class())
+    return {
+        name: (types[name], field.metadata["flags"], _method_option_help(name, field), field.default)
+        for name, field in option_fields().items()
+    }
+
+
+METHOD_OPTIONS = _method_options()
 
 
 def option(name: str, default=dataclasses.MISSING, help: str | None = None) -> typer.models.OptionInfo:
-    """The typer option of RunConfig field ``name``: its flags and help from RUN_OPTIONS, its
-    default RunConfig's (unless ``default``, e.g. `resume`'s "the job's" None)."""
-    flags, text = RUN_OPTIONS[name]
-    value = _FIELDS[name].default if default is dataclasses.MISSING else default
-    return typer.Option(value, *flags, help=help or text)
+    """The typer option of ``name`` (a RunConfig field or a method's option): its flags, help and
+    default from where it is declared (unless ``default``, e.g. `resume`'s "the job's" None)."""
+    if name in METHOD_OPTIONS:
+        _, flags, text, declared = METHOD_OPTIONS[name]
+    else:
+        (flags, text), declared = RUN_OPTIONS[name], _FIELDS[name].default
+    return typer.Option(declared if default is dataclasses.MISSING else default, *flags, help=help or text)
 
 
 def with_parameters(parameters: dict[str, tuple[object, object]]) -> Callable:
@@ -163,17 +137,20 @@ def with_parameters(parameters: dict[str, tuple[object, object]]) -> Callable:
 
 
 def run_config_options(names) -> dict[str, tuple[object, object]]:
-    """RunConfig fields as command parameters, in the order of ``names``."""
-    return {name: (_TYPES[name], option(name)) for name in names}
+    """Options as command parameters, in the order of ``names``."""
+    kind = lambda name: _TYPES[name] if name in _TYPES else METHOD_OPTIONS[name][0]  # noqa: E731
+    return {name: (kind(name), option(name)) for name in names}
 
 
-# `plan`'s options: what the planner reads (planner.PLANNED_AS_GIVEN, with the budget and precision
-# first), in `plan --help` order.
+# `run`'s options: the common ones, then every method's own, in `run --help` order
+_FIRST = ("out", "method", "optimizer")
+RUN_PARAMETERS = (*_FIRST, *METHOD_OPTIONS, *[name for name in RUN_OPTIONS if name not in _FIRST])
+
+# `plan`'s options: the common ones the planner reads (planner.PLANNED_AS_GIVEN, with the budget and
+# precision first), then every method's own, in `plan --help` order.
 PLAN_OPTIONS = (
-    "method", "gpu_mem", "cpu_mem", "seq_len", "batch_size", "micro_batch_size",
-    "gradient_checkpointing", "dtype", "units_per_group", "groups", "order", "switch_every",
-    "state_policy", "sparsity", "base_quant", "targets", "selection_batches", "lora_rank", "cutoffs",
-    "variant", "add_biases", "freeze_layers", "stream",
+    "method", "gpu_mem", "cpu_mem", "seq_len", "batch_size", "micro_batch_size", "gradient_checkpointing",
+    "dtype", *METHOD_OPTIONS,
 )  # fmt: skip
 
 

@@ -11,14 +11,13 @@ import typer
 from lowmem_ft.cli.options import (
     PLAN_OPTIONS,
     QUIET,
-    RUN_OPTIONS,
+    RUN_PARAMETERS,
     option,
     run_config_options,
     with_parameters,
 )
 from lowmem_ft.config import RunConfig
 from lowmem_ft.errors import UserError
-from lowmem_ft.planner.build import PLANNED_AS_GIVEN
 
 RUN_EPILOG = """\
 Examples:
@@ -51,7 +50,7 @@ Examples:
                 ..., help="Training data: a JSONL file (text, prompt-completion, alpaca or chat records)."
             ),
         ),
-        **run_config_options(RUN_OPTIONS),
+        **run_config_options(RUN_PARAMETERS),
         "quiet": QUIET,
     }
 )
@@ -59,7 +58,7 @@ def run(quiet: bool, **options) -> None:
     """Fine-tune MODEL on DATA and write a job directory with metrics, checkpoints and the result."""
     from lowmem_ft.start import run as run_training
 
-    config = RunConfig(**options)
+    config = RunConfig.create(**options)
     if config.out is not None and (config.out / "job.json").exists():
         _offer_resume(config.out, config, quiet)
         return
@@ -182,17 +181,15 @@ Exit code 0 when the plan fits, 3 when it does not.
 )
 def plan(model: str, gpu: str | None, as_json: bool, **options) -> None:
     """Plan a fine-tune for this machine (or one you describe) without loading any weights."""
-    from lowmem_ft.planner import build_plan, render_plan
+    from lowmem_ft.planner import build_plan, planned_as_given, render_plan
 
     # The same options as `run`, checked by the same code (one message per mistake, either command)
     # and passed to the planner the way `run` passes them.
-    config = RunConfig(model=model, data=Path("plan"), **options)
+    config = RunConfig.create(model=model, data=Path("plan"), **options)
     config.validate(data_files=False)
-    given = {option: getattr(config, option) for option in PLANNED_AS_GIVEN}
     result = build_plan(
-        model, gpu=gpu, gpu_mem=config.gpu_mem, dtype=config.dtype,
-        selection_batches=config.selection_batches, **given,
-    )  # fmt: skip
+        model, gpu=gpu, gpu_mem=config.gpu_mem, dtype=config.dtype, **planned_as_given(config)
+    )
     if as_json:
         typer.echo(json.dumps({"model": result.model_name, **result.plan.to_json()}, indent=2))
     else:

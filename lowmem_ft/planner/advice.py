@@ -20,10 +20,11 @@ def shortfall(plan: Plan, request: PlanRequest, replan: Callable[[PlanRequest], 
         parts.append(f"needs {format_bytes(plan.host_peak_bytes - plan.host_budget_bytes)} more host RAM")
     message = " and ".join(parts) or "does not fit"
     alternatives = []
-    if request.method == "hift" and request.state_policy not in (None, "drop"):
+    policy_given = getattr(request.options, "state_policy", None)  # HiFT's
+    if policy_given not in (None, "drop"):
         for policy in ("keep-8bit", "drop"):
-            if policy != request.state_policy:
-                trial = replan(replace(request, state_policy=policy))
+            if policy != policy_given:
+                trial = replan(request.with_options(state_policy=policy))
                 if trial.fits:
                     alternatives.append(f"--state-policy {policy} would fit")
                     break
@@ -46,6 +47,7 @@ def shortfall(plan: Plan, request: PlanRequest, replan: Callable[[PlanRequest], 
             break
     if not alternatives and request.method == "full":
         for method in ("hift", "sift"):
+            # its own defaults for its options
             other = PlanRequest(method, request.seq_len, request.batch_size, request.compute_bytes)
             trial = replan(other)
             if trial.fits:

@@ -4,11 +4,14 @@ shares."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
-from lowmem_ft.planner.accounting import (
-    GiB,
-)
+from lowmem_ft.planner.accounting import GiB
+from lowmem_ft.registry import options_class
+
+if TYPE_CHECKING:
+    from lowmem_ft.methods.options import MethodOptions
 
 DTYPE_NAMES = {2: "bf16", 4: "fp32"}
 # CUDA context, cuBLAS(Lt) workspaces, SDPA and bitsandbytes kernels: outside the allocator, seen by
@@ -42,20 +45,23 @@ class PlanRequest:
     compute_bytes: int = 2
     micro_batch_size: int | None = None
     gradient_checkpointing: bool | None = None
-    units_per_group: int | None = None  # hift
-    state_policy: str | None = None  # hift: keep | keep-8bit | drop
-    sparsity: float | None = None  # sparse methods
-    base_quant: str | None = None  # sparse methods: none | int8 | nf4
-    targets: str = "all-linear"  # sparse methods (lowmem_ft/targets.py)
-    selection_batches: int = 1  # sift: micro-batches whose gradients choose the entries
-    stream: bool = False  # hift / sparse methods: stream every decoder layer (--stream)
-    lora_rank: int = 8  # lora, spafit (lowmem_ft/selections.py)
-    cutoffs: str | None = None  # spafit
-    variant: str = "I"  # spafit
-    add_biases: bool = False  # bitfit, spafit
-    freeze_layers: str | None = None  # bitfit, lora
-    order: str = "bottom-up"  # hift: which group's state is prefetched next
-    switch_every: int = 1  # hift: steps each group trains before the next one
+    # the method's own options (its package's options.py); None: the method's defaults
+    options: MethodOptions | None = None
+
+    def __post_init__(self):
+        if self.options is None:
+            self.options = options_class(self.method)()
+
+    @classmethod
+    def create(cls, method: str = "full", **values) -> PlanRequest:
+        """A request with the method's options given by name among the others."""
+        options = options_class(method)
+        mine = {name: values.pop(name) for name in options.names() if name in values}
+        return cls(method, **values, options=options(**mine))
+
+    def with_options(self, **changes) -> PlanRequest:
+        """The same request with some of the method's options changed."""
+        return replace(self, options=replace(self.options, **changes))
 
 
 @dataclass

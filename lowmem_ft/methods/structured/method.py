@@ -5,7 +5,8 @@
               NF4 base with ``--base-quant nf4`` (QLoRA)
     spafit    stratified by depth: frozen, then bias/norm terms, then LoRA on attention
 
-What trains is decided by lowmem_ft/selections.py, which the planner shares. Memory: the frozen
+What trains is decided by each method's ``select_*`` (its package's plan.py), which the planner
+shares. Memory: the frozen
 base is stored in the compute precision (bf16 on a GPU, fp32 on a CPU), or in NF4 for QLoRA's
 targets; everything that trains is fp32 with fp32 AdamW state (16 bytes per value with its
 gradient), because 16-bit values would round small updates away. Norm and bias weights in fp32
@@ -18,15 +19,14 @@ merges on request (`lowmem-ft export JOB --merge`); ``bitfit`` and ``spafit`` wr
 
 from __future__ import annotations
 
-import json
 import warnings
+from abc import abstractmethod
 
 import torch
 
 from lowmem_ft.methods.base import Method
 from lowmem_ft.methods.optimizers import make_optimizer
-from lowmem_ft.results import ADAPTER_DIR, ADAPTER_META, base_metadata
-from lowmem_ft.selections import Selection, layer_index, select
+from lowmem_ft.selections import Selection, layer_index
 
 
 def model_terms(model: torch.nn.Module) -> dict[str, int]:
@@ -62,20 +62,21 @@ class StructuredMethod(Method):
     def weight_dtype(self) -> torch.dtype:
         return self.frozen_base_dtype()
 
+    @abstractmethod
+    def select(self, terms: dict[str, int], linears: dict, n_layers: int, model_type: str) -> Selection:
+        """What this method trains in a model with these bias and norm ``terms`` and decoder
+        ``linears`` (its package's ``select_*``, which the planner calls on the model's shape)."""
+
     def _select(self, model) -> Selection:
         if self.selection is None:
-            config = self.config
-            n_layers = model.config.num_hidden_layers
-            self.selection = select(
-                self.name, model_terms(model), model_linears(model), n_layers, targets=config.targets,
-                freeze_layers=config.freeze_layers, cutoffs=config.cutoffs, variant=config.variant,
-                add_biases=config.add_biases, model_type=model.config.model_type,
-            )  # fmt: skip
+            n_layers, model_type = model.config.num_hidden_layers, model.config.model_type
+            self.selection = self.select(model_terms(model), model_linears(model), n_layers, model_type)
         return self.selection
 
     def place(self, model, device) -> None:
         selection = self._select(model)
-        if (self.config.base_quant or "none") != "none":  # QLoRA: the adapted linears' weights in NF4
+        # QLoRA: the adapted linears' weights in NF4
+        if (getattr(self.config.method_options, "base_quant", None) or "none") != "none":
             from lowmem_ft.engine.quantised import quantise_linears_4bit
 
             quantise_linears_4bit(model, selection.lora_targets, device, self.config.compute_dtype())
@@ -93,7 +94,7 @@ class StructuredMethod(Method):
             linear.bias = torch.nn.Parameter(torch.zeros(linear.out_features, device=linear.weight.device))
             trained.append(linear.bias)
         if selection.lora_targets:
-            self.peft_model = _add_lora(model, selection, config)
+            self.peft_model = add_lora(model, selection, self.config.method_options)
         for param in trained:
             param.data = param.data.float()  # fp32: see the module docstring
             param.requires_grad_(True)
@@ -120,16 +121,16 @@ class StructuredMethod(Method):
         return save_hf_model(model, tokenizer, job_dir / "model", save_dtype)
 
 
-def _add_lora(model, selection: Selection, config):
+def add_lora(model, selection: Selection, options) -> object:
     """peft's LoRA on the selected linear layers: A random, B zero, so the model starts unchanged.
     Adapter weights are fp32 whatever the base's dtype (peft's autocast_adapter_dtype)."""
     from peft import LoraConfig, get_peft_model
 
-    rank = config.lora_rank
+    rank = options.lora_rank
     lora_config = LoraConfig(
         r=rank,
-        lora_alpha=config.lora_alpha or 2 * rank,
-        lora_dropout=config.lora_dropout,
+        lora_alpha=options.lora_alpha or 2 * rank,
+        lora_dropout=options.lora_dropout,
         target_modules=list(selection.lora_targets),  # full names: exactly these modules
         bias="none",
     )
@@ -160,41 +161,3 @@ def _declare_added_biases(model) -> None:
             )
     model.config.attention_bias = kinds["self_attn"]
     model.config.mlp_bias = kinds["mlp"]
-
-
-class BitFit(StructuredMethod):
-    name = "bitfit"
-
-
-def _sort_lists(config_file) -> None:
-    """peft keeps target_modules (and a few others) as a set, which it writes in an order that
-    changes from process to process: sorted, the same training gives the same file."""
-    config = json.loads(config_file.read_text())
-    for key, value in config.items():
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            config[key] = sorted(value)
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-class LoRA(StructuredMethod):
-    name = "lora"
-
-    def export(self, model, tokenizer, job_dir, save_dtype, base):
-        out = job_dir / ADAPTER_DIR
-        # Where AutoPeftModel finds the base: its hub id, or the local directory it was loaded from.
-        self.peft_model.peft_config["default"].base_model_name_or_path = base.hub_id or str(base.weights_dir)
-        # adapter_config.json + adapter_model.safetensors (fp32); the embeddings did not train, and
-        # peft would otherwise look the base up on the hub to find out.
-        self.peft_model.save_pretrained(out, save_embedding_layers=False)
-        _sort_lists(out / "adapter_config.json")
-        meta = {
-            **base_metadata(self.name, base, self.config),
-            "lora_targets": len(self.selection.lora_targets),
-            "trainable": self.trainable_count(),
-        }
-        (out / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
-        return out
-
-
-class SPAFIT(StructuredMethod):
-    name = "spafit"

@@ -1,6 +1,6 @@
 """SIFT: train only the entries of each weight whose gradients matter most (Song et al., ICML 2024).
 
-The training is the sparse methods' one engine (sparse.py); what is SIFT's own is how the entries
+The training is the sparse methods' one engine (sparse/method.py); what is SIFT's own is how the entries
 are chosen: per weight, the top k of |Σg| (``--selection-score grad``) or Σg² (``grad2``,
 Fisher-like, as Fu et al.'s SAM) over a window of ``--selection-batches`` micro-batches, which are
 only looked at, never trained on. The window's running scores are fp32 and dense, so with a window
@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lowmem_ft.methods.sparse import Backward, Layers, SparseIncrement
+from lowmem_ft.methods.sparse.method import Backward, Layers, SparseIncrement
 
 if TYPE_CHECKING:
     from lowmem_ft.config import RunConfig
+    from lowmem_ft.methods.sift.options import SiftOptions
 
 
 class GradientEntries:
@@ -71,7 +72,8 @@ class GradientEntries:
 
 
 def sift(config: RunConfig) -> SparseIncrement:
-    chooser = GradientEntries(config.selection_batches, config.selection_score, config.selection_passes)
+    options: SiftOptions = config.method_options
+    chooser = GradientEntries(options.selection_batches, options.selection_score, options.selection_passes)
     return SparseIncrement("sift", config, chooser)
 
 

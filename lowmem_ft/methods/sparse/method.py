@@ -1,6 +1,6 @@
 """The sparse methods' one engine: a fixed sparse mask over the target weights, trained as an fp32
 increment on a frozen base. SIFT, random and magnitude differ only in how they choose the entries,
-and each gives ``SparseIncrement`` a chooser (sift.py, masks.py) rather than subclassing it.
+and each gives ``SparseIncrement`` a chooser (sift/, random/, magnitude/) rather than subclassing it.
 
 - the target linear weights (``--targets``) become ``SparseDeltaLinear`` layers
   (engine/sparse_delta.py): a frozen base, bf16 on a GPU or quantised to int8/NF4
@@ -21,6 +21,7 @@ import torch
 from lowmem_ft.engine.sparse_delta import SparseDeltaLinear, wrap_linears
 from lowmem_ft.methods.base import Method
 from lowmem_ft.methods.optimizers import make_optimizer
+from lowmem_ft.methods.sparse.options import SparseOptions
 from lowmem_ft.planner.accounting import SIFT_BYTES_PER_ENTRY, sparse_entries
 from lowmem_ft.targets import match_targets
 
@@ -61,7 +62,8 @@ class SparseIncrement(Method):
         super().__init__(config)
         self.name = name
         self.chooser = chooser
-        self.rate = config.sparsity or DEFAULT_SPARSITY
+        self.options: SparseOptions = config.method_options
+        self.rate = self.options.sparsity or DEFAULT_SPARSITY
         self.layers: Layers = {}  # target name -> its wrapped layer, from place() (or setup())
         self.selected = False  # entries fixed (chosen, or restored from a checkpoint)
         self._optimizer: torch.optim.Optimizer | None = None
@@ -76,7 +78,7 @@ class SparseIncrement(Method):
         # A quantised base is made on the device, a layer at a time; an unquantised base that is
         # streamed must not visit the device in full, so it is wrapped where it is (the host).
         config = self.config
-        streaming, quantised = bool(config.streamed_layers), (config.base_quant or "none") != "none"
+        streaming, quantised = bool(config.streamed_layers), (self.options.base_quant or "none") != "none"
         self._wrap(model, device if quantised or not streaming else None)
         # The increments train: they stay on the device however many layers are streamed.
         resident = frozenset(id(layer.values) for layer in self.layers.values())
@@ -100,8 +102,8 @@ class SparseIncrement(Method):
                 (tied_names if module.weight is embed.weight else linear_names).append(name)
             elif name and next(module.parameters(recurse=False), None) is not None:
                 other_names.append(name)
-        names = match_targets(linear_names, self.config.targets, other_names, tied_names)
-        self.layers = wrap_linears(model, names, self.config.base_quant or "none", device)
+        names = match_targets(linear_names, self.options.targets, other_names, tied_names)
+        self.layers = wrap_linears(model, names, self.options.base_quant or "none", device)
 
     def k_for(self, layer: SparseDeltaLinear) -> int:
         return sparse_entries(layer.weight_numel, self.rate)
@@ -186,7 +188,7 @@ class SparseIncrement(Method):
         from lowmem_ft.results import base_metadata
 
         meta = {
-            **base_metadata(self.name, base, self.config),
+            **base_metadata(self.name, base, self.options),
             "sparsity": self.rate,
             "shapes": {
                 f"{name}.weight": [layer.out_features, layer.in_features]

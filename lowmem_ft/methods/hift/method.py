@@ -24,6 +24,7 @@ import torch
 from lowmem_ft.engine.master_weights import MasterWeights
 from lowmem_ft.engine.state_store import OptimizerStateStore
 from lowmem_ft.methods.base import Method
+from lowmem_ft.methods.hift.options import HiFTOptions
 from lowmem_ft.methods.optimizers import make_optimizer
 from lowmem_ft.models.units import model_units
 
@@ -41,7 +42,8 @@ class HiFT(Method):
 
     def __init__(self, config):
         super().__init__(config)
-        self.switch_every = config.switch_every
+        self.options: HiFTOptions = config.method_options
+        self.switch_every = self.options.switch_every
         # Its own generator for stochastic rounding: reproducible, saved in checkpoints, and it
         # leaves the global RNG to everything else (made on the model's device in setup).
         self.generator: torch.Generator | None = None
@@ -63,7 +65,7 @@ class HiFT(Method):
     def setup(self, model) -> None:
         config = self.config
         units = model_units(model)
-        m = config.units_per_group or 1
+        m = self.options.units_per_group or 1
         self.groups = [[p for unit in units[k : k + m] for p in unit.params] for k in range(0, len(units), m)]
         # Decoder layers of each group (unit k is layer k-1; units 0 and -1 are embedding and head):
         # a streamed layer gets device memory of its own while its group trains.
@@ -75,9 +77,9 @@ class HiFT(Method):
             f"{units[k].name}..{units[min(k + m, len(units)) - 1].name}" if m > 1 else units[k].name
             for k in range(0, len(units), m)
         ]
-        self.order = visit_order(len(self.groups), config.order, config.seed)
+        self.order = visit_order(len(self.groups), self.options.order, config.seed)
         device = next(model.parameters()).device
-        self.store = OptimizerStateStore(config.state_policy or "keep", device)
+        self.store = OptimizerStateStore(self.options.state_policy or "keep", device)
         self.generator = torch.Generator(device).manual_seed(config.seed)
         self._all_params = [p for group in self.groups for p in group]
         model.requires_grad_(False)

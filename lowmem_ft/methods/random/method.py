@@ -1,10 +1,6 @@
-"""Sparse masks chosen without data, trained exactly like SIFT (same engine, state and export).
-
-They are the baselines Fu et al. compare gradient-chosen masks against, at the same budget:
-
-    random      k entries per weight, uniformly at random (seeded by --seed)
-    magnitude   the k entries per weight with the largest |θ0| (MagPruning)
-"""
+"""Random masks: k entries per weight, uniformly at random (seeded by --seed), trained exactly like
+SIFT (same engine, state and export): the baseline Fu et al. compare gradient-chosen masks against,
+at the same budget."""
 
 from __future__ import annotations
 
@@ -12,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lowmem_ft.methods.sparse import Layers, SparseIncrement
+from lowmem_ft.methods.sparse.method import Layers, SparseIncrement
 
 if TYPE_CHECKING:
     from lowmem_ft.config import RunConfig
@@ -37,21 +33,5 @@ class RandomEntries:
         return chosen, "at random"
 
 
-class MagnitudeEntries:
-    def window_batches(self) -> int:
-        return 0
-
-    def choose(self, layers: Layers, k_for, window, backward):
-        chosen = {}
-        for name, layer in layers.items():
-            weight, _ = layer.base.dense(torch.float32)
-            chosen[name] = torch.topk(weight.reshape(-1).abs(), k_for(layer), sorted=False).indices
-        return chosen, "by |θ0|"
-
-
 def random_mask(config: RunConfig) -> SparseIncrement:
     return SparseIncrement("random", config, RandomEntries(config.seed))
-
-
-def magnitude_mask(config: RunConfig) -> SparseIncrement:
-    return SparseIncrement("magnitude", config, MagnitudeEntries())

@@ -1,0 +1,260 @@
+"""HiFT's planner: the group size, the state policy and what is streamed, for the worst group's step."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+from lowmem_ft.choices import STATE_POLICIES
+from lowmem_ft.engine import ROUNDING_CHUNK
+from lowmem_ft.errors import UserError
+from lowmem_ft.methods.hift.options import HiFTOptions
+from lowmem_ft.planner.accounting import (
+    DEVICE_STATE_BYTES,
+    HOST_STATE_BYTES,
+    Precision,
+    hift_group_activation_bytes,
+)
+from lowmem_ft.planner.fit import (
+    STREAMING_NOTE,
+    accumulates,
+    accumulation,
+    activation_parts,
+    first_fit,
+    smallest,
+)
+from lowmem_ft.planner.shapes import ModelShape
+from lowmem_ft.planner.types import DTYPE_NAMES, STREAM_BUFFERS, Component, Estimate, PlanRequest
+
+
+def _groups(shape: ModelShape, units_per_group: int) -> list[int]:
+    """Parameter count of each HiFT group: consecutive units, ``units_per_group`` at a time."""
+    sizes = [u.params for u in shape.units]
+    return [sum(sizes[k : k + units_per_group]) for k in range(0, len(sizes), units_per_group)]
+
+
+def estimate_hift(
+    shape: ModelShape,
+    request: PlanRequest,
+    micro_batch: int,
+    checkpointing: bool,
+    units_per_group: int,
+    state_policy: str,
+    streamed_units: int,
+) -> Estimate:
+    """Every group's step, evaluated on its own (its size, its streamed layers, its activations, the
+    state of the group that comes next), and the worst of them: the largest group is not the one
+    with the most activations (the embedding's keeps the whole stack above it)."""
+    # 16-bit weights with fp32 masters for the active group, or fp32 weights when computing in fp32.
+    w = request.compute_bytes
+    p = Precision(weight_bytes=w, compute_bytes=request.compute_bytes)
+    unit_bytes = [w * u.params for u in shape.units]
+    # The engine streams decoder layers (the first ``streamed_units`` of them), never the embedding
+    # or the head: they run once per pass, outside the layers' ring.
+    layer_bytes = [w * u.params for u in shape.layer_units]
+    streamed = layer_bytes[:streamed_units]
+    resident = sum(unit_bytes) - sum(streamed)
+    buffers = STREAM_BUFFERS * max(layer_bytes) if streamed_units else 0
+    starts = range(0, len(shape.units), units_per_group)
+    sizes = _groups(shape, units_per_group)
+    # A streamed layer whose group trains gets device memory of its own while it does (its ring
+    # slot stays allocated).
+    own = [
+        sum(
+            layer_bytes[u - 1]
+            for u in range(k, min(k + units_per_group, len(shape.units)))
+            if 1 <= u <= streamed_units
+        )
+        for k in starts
+    ]
+    last = [min(k + units_per_group, len(shape.units)) - 1 for k in starts]
+    names = [
+        shape.units[k].name + (f"..{shape.units[j].name}" if j > k else "")
+        for k, j in zip(starts, last, strict=True)
+    ]
+    group_acts = hift_group_activation_bytes(
+        shape, request.seq_len, micro_batch, p, checkpointing, units_per_group
+    )
+    parts, _, loss, logits_grad, extra = activation_parts(shape, request, p, micro_batch, checkpointing)
+    masters = 4 if w == 2 else 0  # fp32 masters of a 16-bit group
+    # Stochastic rounding at the end of the step works through a chunk of the largest tensor at a time.
+    rounding = 4 * min(ROUNDING_CHUNK, shape.vocab * shape.hidden) if w == 2 else 0
+
+    # A 16-bit gradient lives until the post-accumulate hook has added it to its fp32 master's
+    # gradient: the group's largest tensor once, beside the fp32 gradients (engine/master_weights.py).
+    layer_tensor = max((rows * cols for u in shape.layer_units for _, rows, cols in u.linears), default=0)
+
+    def units_of(g: int) -> set[int]:
+        first = list(starts)[g]
+        return set(range(first, min(first + units_per_group, len(shape.units))))
+
+    def largest_tensor(g: int) -> int:
+        """The largest weight whose gradient is made late in backward (the head's comes first)."""
+        units = units_of(g)
+        if 0 in units:
+            return shape.vocab * shape.hidden
+        return layer_tensor if units - {len(shape.units) - 1} else 0
+
+    tokens = request.seq_len * micro_batch
+    head_unit = 0 if shape.tied_embeddings else len(shape.units) - 1
+
+    def head_gradient(g: int) -> int:
+        """The head's weight gradient is made first in backward, while every activation is alive: the
+        logits' 16-bit gradient, the head's 16-bit gradient and, on the first micro-batch, the fp32
+        master gradient the hook adds it into (on later ones it is among the summed gradients)."""
+        if w != 2 or head_unit not in units_of(g):
+            return 0
+        head = shape.vocab * shape.hidden
+        first_micro_batch = 0 if accumulates(request, micro_batch) else 4 * head
+        return p.compute_bytes * shape.vocab * tokens + 2 * head + first_micro_batch
+
+    def prefetch_of(g: int) -> int:
+        # The next group's state arrives during this step: the one above in a bottom-up order (the
+        # embedding's after the head's: the cycle wraps), below in a top-down one, any in a random
+        # one. fp32 on the device whatever the policy.
+        n = len(sizes)
+        following = {
+            "bottom-up": [sizes[(g + 1) % n]],
+            "top-down": [sizes[(g - 1) % n]],
+        }.get(request.options.order, [sizes[j] for j in range(n) if j != g])
+        return 0 if state_policy == "drop" or n == 1 else DEVICE_STATE_BYTES * max(following)
+
+    def step_of(g: int) -> Estimate:
+        prefetch = prefetch_of(g)
+        size = sizes[g]
+        # Kept state arrives before the step. Dropped state is made by the group's update and freed
+        # when the group hands over: it is alive through forward and backward only when the group
+        # trains for several steps in a row.
+        state = DEVICE_STATE_BYTES * size
+        made_by_update = state if state_policy == "drop" and request.options.switch_every == 1 else 0
+        persistent = resident + buffers + own[g] + masters * size + state - made_by_update + prefetch
+        kept, rebuilt = group_acts[g]
+        return Estimate(
+            [], persistent, kept, loss, max(logits_grad, rebuilt), 4 * size,
+            extra + (2 * largest_tensor(g) if w == 2 else 0), end_step_extra=rounding,
+            trainable=shape.params, label=f"HiFT group {names[g]}",
+            accumulating=accumulates(request, micro_batch), head_gradient=head_gradient(g),
+            made_by_update=made_by_update,
+        )  # fmt: skip
+
+    worst_group = max(range(len(sizes)), key=lambda g: step_of(g).device_peak())
+    worst = step_of(worst_group)
+    size = sizes[worst_group]
+    prefetch = prefetch_of(worst_group)
+    parts[0] = Component(
+        parts[0].name, worst.activations, note=f"{parts[0].note}; group {names[worst_group]}"
+    )
+    host_states = int(HOST_STATE_BYTES[state_policy] * shape.params)
+    worst.components = [
+        Component(f"weights ({DTYPE_NAMES[w]}, resident)", resident),
+        Component(
+            f"weights ({DTYPE_NAMES[w]}, streamed)",
+            0,
+            sum(streamed),
+            note=f"{streamed_units} layers in pinned host memory",
+        ),  # fmt: skip
+        Component("stream buffers", buffers),
+        Component("active group: its streamed layers' own device copy", own[worst_group]),
+        Component("active group: fp32 master copy", masters * size),
+        # fp32 either way: each micro-batch's 16-bit gradient is added to the fp32 master's at once.
+        Component("active group: gradients (fp32)", 4 * size),
+        Component("active group: optimizer states (AdamW fp32 m, v)", DEVICE_STATE_BYTES * size),
+        Component("next group: optimizer states (prefetch)", prefetch),
+        Component(
+            f"optimizer states of all groups ({state_policy})", 0, host_states, note="pinned host memory"
+        ),
+        *parts,
+        Component(
+            "one layer rebuilt in the backward (transient)",
+            group_acts[worst_group][1],
+            note="checkpointing; after the loss's backward",
+        ),
+        Component("end of step: stochastic rounding (transient)", rounding, note="one chunk at a time"),
+    ]
+    state_traffic = 2 * int(HOST_STATE_BYTES[state_policy] * max(sizes))  # in and out, as stored
+    passes = 2 if checkpointing else 1  # a streamed unit crosses for the forward and for the recompute
+    n_micro = math.ceil(request.batch_size / micro_batch)
+    worst.traffic = state_traffic + n_micro * passes * sum(streamed)
+    worst.streamed_per_micro_batch = passes * sum(streamed)
+    return worst
+
+
+def units_per_group(options: HiFTOptions, n_units: int) -> int | None:
+    """--units-per-group, or --groups as k groups of about equal size (None: the planner chooses),
+    checked against this model's units."""
+    if options.units_per_group is not None and options.units_per_group > n_units:
+        raise UserError(
+            f"--units-per-group {options.units_per_group} is more than the model's {n_units} units"
+        )
+    if options.groups is None:
+        return options.units_per_group
+    if not 1 <= options.groups <= n_units:
+        raise UserError(f"--groups must be between 1 and {n_units}, got {options.groups}")
+    return -(-n_units // options.groups)
+
+
+def plan_hift(shape: ModelShape, request: PlanRequest, fitter):
+    n_units = len(shape.units)
+    load = request.compute_bytes * shape.params
+    policies = [request.options.state_policy] if request.options.state_policy else list(STATE_POLICIES)
+    max_m = max(1, n_units // 4)  # at least 4 groups: each step still trains a real slice of the model
+    given = units_per_group(request.options, n_units)
+    group_sizes = [given] if given else list(range(max_m, 0, -1))
+
+    def settings(m, policy, streamed, mb, ckpt):
+        return {
+            "units_per_group": m,
+            "groups": math.ceil(n_units / m),
+            "state_policy": policy,
+            "resident_units": n_units - streamed,
+            "streamed_units": streamed,
+            "micro_batch_size": mb,
+            "gradient_checkpointing": ckpt,
+            **accumulation(request, mb),
+        }
+
+    if request.options.stream:  # every decoder layer streamed, as asked; policy and group size as usual
+        n_layers = len(shape.layer_units)
+        for policy in policies:
+            for m in group_sizes:
+                build = partial(
+                    estimate_hift, shape, request, units_per_group=m, state_policy=policy,
+                    streamed_units=n_layers,
+                )  # fmt: skip
+                found = first_fit(fitter, request, build, load, forced_checkpointing=True)
+                if found:
+                    est, mb, _ = found
+                    return est, settings(m, policy, n_layers, mb, True), load, [STREAMING_NOTE]
+    # Prefer, in order: nothing streamed, then the richest state policy the host can hold, then
+    # bigger groups. Streaming needs checkpointing (a streamed unit is rebuilt in the backward).
+    for policy in policies:
+        for m in group_sizes:
+            build = partial(
+                estimate_hift, shape, request, units_per_group=m, state_policy=policy, streamed_units=0
+            )
+            found = first_fit(fitter, request, build, load)
+            if found:
+                est, mb, ckpt = found
+                return est, settings(m, policy, 0, mb, ckpt), load, []
+    # Streaming: every micro-batch moves each streamed unit in twice, so a bigger micro-batch can be
+    # worth more streamed units. Among the plans that fit, take the least host<->GPU traffic per step.
+    m = given or 1
+    n_layers = len(shape.layer_units)
+    for policy in policies:
+        candidates = []
+        for streamed in range(1, n_layers + 1):
+            build = partial(
+                estimate_hift, shape, request, units_per_group=m, state_policy=policy, streamed_units=streamed
+            )
+            found = first_fit(fitter, request, build, load, forced_checkpointing=True)
+            if found:
+                candidates.append((found[0].traffic, streamed, found))
+        if candidates:
+            _, streamed, (est, mb, _) = min(candidates, key=lambda c: (c[0], c[1]))
+            return est, settings(m, policy, streamed, mb, True), load, [STREAMING_NOTE]
+    policy = policies[-1]
+    build = partial(
+        estimate_hift, shape, request, units_per_group=m, state_policy=policy, streamed_units=n_layers
+    )
+    est, mb, _ = smallest(request, build)
+    return est, settings(m, policy, n_layers, mb, True), load, []

@@ -1,0 +1,153 @@
+"""Fitting a method's estimates into a budget, and what every method's estimate shares.
+
+A method's planner (its package's plan.py) builds an Estimate for one configuration (micro-batch,
+checkpointing and its own choices); ``first_fit`` finds the configuration the planner prefers that
+fits, ``Fitter`` turns an estimate into the totals the plan reports.
+"""
+
+from __future__ import annotations
+
+import math
+
+from lowmem_ft.planner.accounting import (
+    Precision,
+    activation_bytes,
+    autocast_copy_bytes,
+    loss_transient_bytes,
+    recompute_bytes,
+)
+from lowmem_ft.planner.shapes import ModelShape
+from lowmem_ft.planner.types import (
+    ALLOCATOR_MARGIN,
+    CUDA_CONTEXT_BYTES,
+    HOST_RUNTIME_BYTES,
+    SMALL_TENSORS_BYTES,
+    Component,
+    Estimate,
+    PlanRequest,
+)
+
+
+def micro_batch_candidates(request: PlanRequest) -> list[int]:
+    if request.micro_batch_size:
+        return [request.micro_batch_size]
+    sizes = {request.batch_size} | {2**k for k in range(12) if 2**k < request.batch_size}
+    return sorted(sizes, reverse=True)
+
+
+def checkpointing_candidates(request: PlanRequest, forced: bool = False) -> list[bool]:
+    if request.gradient_checkpointing is not None:
+        return [request.gradient_checkpointing]
+    return [True] if forced else [False, True]
+
+
+class Fitter:
+    """Turns an Estimate into totals against the budget."""
+
+    def __init__(self, shape: ModelShape, request: PlanRequest, gpu_budget: int, host_budget: int):
+        self.shape, self.request = shape, request
+        self.gpu_budget, self.host_budget = gpu_budget, host_budget
+        self.on_gpu = gpu_budget > 0
+
+    def totals(self, est: Estimate, load_bytes: int) -> tuple[int, int, list[Component]]:
+        components = list(est.components)
+        tensor_peak = est.device_peak() + SMALL_TENSORS_BYTES
+        host_fixed = sum(c.host_bytes for c in components)
+        runtime = HOST_RUNTIME_BYTES[self.on_gpu]
+        if self.on_gpu:
+            margin = int(ALLOCATOR_MARGIN * tensor_peak)
+            components += [
+                Component("small tensors (step counters, norms, losses)", SMALL_TENSORS_BYTES),
+                Component("CUDA context and allocator margin", CUDA_CONTEXT_BYTES + margin),
+                Component(
+                    "model loading (host copy before moving to the GPU)", 0, load_bytes, note="transient"
+                ),
+            ]
+            gpu_peak = tensor_peak + CUDA_CONTEXT_BYTES + margin
+            # Loading holds a host copy of the weights before they move to the GPU; the pinned stores
+            # (optimizer states, streamed units) are filled after that copy is gone.
+            host_peak = runtime + max(load_bytes, host_fixed)
+        else:  # training on the CPU: what would sit on the GPU sits in host memory
+            components = [Component(c.name, 0, c.gpu_bytes + c.host_bytes, c.note) for c in components]
+            gpu_peak = 0
+            host_peak = runtime + host_fixed + tensor_peak
+        components.append(
+            Component("Python, torch" + (", CUDA libraries" if self.on_gpu else ""), 0, runtime)
+        )
+        return gpu_peak, host_peak, components
+
+    def fits(self, gpu_peak: int, host_peak: int) -> bool:
+        return (not self.on_gpu or gpu_peak <= self.gpu_budget) and host_peak <= self.host_budget
+
+
+def first_fit(
+    fitter: Fitter, request: PlanRequest, build, load_bytes: int, forced_checkpointing: bool = False
+):
+    """Largest micro-batch without checkpointing if it is at least 4 sequences (or the whole batch);
+    otherwise checkpointing with the largest micro-batch that fits. Returns (estimate, mb, ckpt) or None."""
+    fallback = None
+    for checkpointing in checkpointing_candidates(request, forced_checkpointing):
+        for micro_batch in micro_batch_candidates(request):
+            est = build(micro_batch, checkpointing)
+            if fitter.fits(*fitter.totals(est, load_bytes)[:2]):
+                good_enough = checkpointing or micro_batch >= min(4, request.batch_size)
+                if good_enough:
+                    return est, micro_batch, checkpointing
+                fallback = fallback or (est, micro_batch, checkpointing)
+                break
+    return fallback
+
+
+def smallest(request: PlanRequest, build):
+    """The cheapest configuration, to report how far from fitting it is."""
+    mb = request.micro_batch_size or 1
+    ckpt = True if request.gradient_checkpointing is None else request.gradient_checkpointing
+    return build(mb, ckpt), mb, ckpt
+
+
+def accumulation(request: PlanRequest, micro_batch: int) -> dict:
+    return {
+        "gradient_accumulation": math.ceil(request.batch_size / micro_batch),
+        "batch_size": request.batch_size,
+    }
+
+
+STREAMING_NOTE = (
+    "streamed layers are copied in before their forward and again before their backward recompute"
+)
+
+
+def activation_parts(
+    shape: ModelShape, request: PlanRequest, p: Precision, micro_batch: int, checkpointing: bool
+) -> tuple[list[Component], int, int, int, int]:
+    """What every method's step holds beside its weights: activations, the loss's transient logits,
+    the logits' gradient and the backward's extras. Returns (components, activations, loss
+    transient, logits gradient, backward extra)."""
+    tokens = request.seq_len * micro_batch
+    acts = activation_bytes(shape, request.seq_len, micro_batch, p, checkpointing)
+    loss = loss_transient_bytes(shape, tokens, p)
+    # The loss's backward starts with three fp32 vocab-sized tensors alive at once: the log-probabilities
+    # it kept (counted in the activations), their gradient and the gradient of the fp32 logits (traced).
+    logits_grad = 8 * shape.vocab * tokens
+    extra = autocast_copy_bytes(shape, p) if p.autocast and not checkpointing else 0
+    if checkpointing:
+        extra += recompute_bytes(shape, request.seq_len, micro_batch, p)
+    components = [
+        Component(
+            "activations" + (" (checkpointed)" if checkpointing else ""),
+            acts - autocast_copy_bytes(shape, p, layers=0 if checkpointing else None),
+            note=f"micro-batch {micro_batch} × {request.seq_len} tokens",
+        ),
+        Component("loss logits (transient)", loss, note="logits and their fp32 copy while the loss runs"),
+    ]
+    if p.autocast:
+        components.append(
+            Component(
+                "16-bit weight copies (autocast)", autocast_copy_bytes(shape, p, 0 if checkpointing else None)
+            )
+        )
+    return components, acts, loss, logits_grad, extra
+
+
+def accumulates(request: PlanRequest, micro_batch: int) -> bool:
+    return math.ceil(request.batch_size / micro_batch) > 1

@@ -231,13 +231,15 @@ class RunConfig:
         need(self.max_bad_steps >= 1, f"--max-bad-steps must be at least 1, got {self.max_bad_steps}")
 
     def _validate_data_files(self, need) -> None:
-        need(not self.data.is_dir(), f"{self.data}: is a directory; expected a JSONL file")
-        need(
-            self.data.is_file() or not self.data.exists(),
-            f"{self.data}: is not a regular file (a pipe or a device); save the data to a .jsonl file",
-        )
-        if self.eval_data is not None:
-            need(self.eval_data.exists(), f"{self.eval_data}: no such file (given as --eval-data)")
+        from lowmem_ft.data.sources import data_path_problem  # imports neither torch nor datasets
+
+        for path in (self.data, self.eval_data):
+            if path is not None:
+                problem = data_path_problem(path)
+                need(
+                    problem is None,
+                    f"{problem}" + (" (given as --eval-data)" if path is self.eval_data else ""),
+                )
 
     # -- derived values -------------------------------------------------------------------------
     def resolved_device(self) -> torch.device:

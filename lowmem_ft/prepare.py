@@ -16,7 +16,7 @@ from lowmem_ft.data import (
     Example,
     TokenStats,
     pack_examples,
-    read_jsonl,
+    read_records,
     split_eval,
     tokenize_records,
 )
@@ -69,11 +69,11 @@ class Setup:
 
 # -- setup ----------------------------------------------------------------------------------------
 def load_data(config: RunConfig, tokenizer) -> Data:
-    records, fmt, skipped = read_jsonl(config.data, config.format, config.skip_bad_lines)
+    records, fmt, skipped = read_records(config.data, config.format, config.skip_bad_lines)
     examples, stats = tokenize_records(records, fmt, tokenizer, config.seq_len)
     if config.eval_data is not None:
         # The evaluation file is detected on its own (it may be in another format than the training file).
-        eval_records, eval_fmt, eval_skipped = read_jsonl(
+        eval_records, eval_fmt, eval_skipped = read_records(
             config.eval_data, config.format, config.skip_bad_lines
         )
         eval_examples, _ = tokenize_records(eval_records, eval_fmt, tokenizer, config.seq_len)

@@ -16,6 +16,7 @@ from pathlib import Path
 from lowmem_ft.checkpoint import Restored, latest_checkpoint, remove_partial
 from lowmem_ft.config import RunConfig
 from lowmem_ft.console import print_header
+from lowmem_ft.data.sources import data_files
 from lowmem_ft.errors import UserError
 from lowmem_ft.files import sha256_of, write_json_atomic
 from lowmem_ft.jobs import Job
@@ -78,7 +79,7 @@ def _prepare_resume(job: Job, overrides: dict) -> tuple[Setup, Restored | None]:
         log.info(
             f"device     the job ran on {record.get('device')}; it continues on {config.resolved_device()}"
         )
-    if "data_sha256" in record and sha256_of([config.data]) != record["data_sha256"]:
+    if "data_sha256" in record and sha256_of(data_files(config.data)) != record["data_sha256"]:
         raise UserError(
             f"{config.data} changed since the job started; resuming needs the same data "
             "(start a new job to train on the new file)"

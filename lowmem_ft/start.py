@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lowmem_ft.config import RunConfig
 from lowmem_ft.console import print_header
+from lowmem_ft.data.sources import data_files
 from lowmem_ft.errors import DiskError, disk_fault
 from lowmem_ft.files import sha256_of, write_json_atomic
 from lowmem_ft.jobs import Job, abandon_new_job, claim_new_job
@@ -47,7 +48,7 @@ def run(config: RunConfig, show_progress: bool = True) -> Job:
             model_source=s.resolved.source,
             hub_id=s.resolved.hub_id,
             data=s.data.summary(),
-            data_sha256=sha256_of([config.data]),
+            data_sha256=sha256_of(data_files(config.data)),
             trainable_parameters=s.method.trainable_count(),
         )
         if s.plan is not None:

@@ -131,6 +131,32 @@ def test_exported_model_loads_with_transformers_and_generates(tmp_path, capsys, 
     assert isinstance(tiny_tokenizer.decode(generated[0]), str)
 
 
+def test_run_reads_a_directory_of_data_files_and_records_their_hash(tmp_path, capsys, small_data):
+    """DATA may be a directory (docs/data.md): it trains as one data set, and the job records the
+    hash of its files, so `resume` can tell whether the data changed."""
+    from lowmem_ft.data.sources import data_files
+    from lowmem_ft.files import sha256_of
+
+    lines = small_data.read_text().splitlines(keepends=True)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(lines[:20]))
+    (folder / "b.jsonl").write_text("".join(lines[20:]))
+    (folder / "README.md").write_text("not data")
+    out = tmp_path / "job"
+    code, _, err = cli(capsys, "run", "tiny", folder, "--out", out, *FAST)
+    assert code == 0, err
+    job = json.loads((out / "job.json").read_text())
+    assert job["status"] == "done"
+    assert job["data_sha256"] == sha256_of([folder / "a.jsonl", folder / "b.jsonl"])
+    assert data_files(small_data) == [small_data]  # a single file hashes as before: old jobs resume
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = cli(capsys, "run", "tiny", empty, "--out", tmp_path / "job2", "-q")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(empty) in err, err
+    assert not (tmp_path / "job2").exists()
+
+
 def test_jobs_lists_finished_job_as_done(tmp_path, capsys, small_data):
     root = tmp_path / "runs"
     assert cli(capsys, "run", "tiny", small_data, "--out", root / "a", *FAST)[0] == 0

@@ -83,6 +83,8 @@ def chat_tokenizer(tiny_tokenizer):
         ({"instruction": "a", "input": "", "output": "b"}, "alpaca"),
         ({"instruction": "a", "output": "b", "id": 7}, "alpaca"),
         ({"messages": [], "source": "x"}, "chat"),
+        ({"conversations": [], "id": "x"}, "sharegpt"),
+        ({"messages": [], "conversations": []}, "chat"),
         ({"text": "hi", "id": 3, "source": "web"}, "text"),
         ({"prompt": "a"}, None),
         ({"question": "a", "answer": "b"}, None),
@@ -180,6 +182,147 @@ def test_chat_template_error_names_file_and_line(tiny_tokenizer):
         tokenize_records([record], "chat", tokenizer, 64)
     assert str(excinfo.value).startswith("data.jsonl:4: ")
     assert "roles must alternate" in str(excinfo.value)
+
+
+# --- ShareGPT and tool use --------------------------------------------------------------------------------
+
+SHAREGPT = [
+    {"from": "system", "value": "Be brief."},
+    {"from": "human", "value": "Say hello."},
+    {"from": "gpt", "value": "Hello there!"},
+    {"from": "user", "value": "Now say bye."},
+    {"from": "bard", "value": "Bye."},
+]
+
+
+@pytest.mark.parametrize("model_template", [False, True])
+def test_sharegpt_is_rendered_and_trained_as_chat(tiny_tokenizer, chat_tokenizer, model_template):
+    tokenizer = chat_tokenizer if model_template else tiny_tokenizer
+    assert render({"conversations": SHAREGPT}, "sharegpt", tokenizer) == render(
+        {"messages": CONVERSATION}, "chat", tokenizer
+    )
+    example = tokenize_one(tokenizer, {"conversations": SHAREGPT}, "sharegpt")
+    assert trained_text(tokenizer, example) == trained_text(
+        tokenizer, tokenize_one(tokenizer, {"messages": CONVERSATION}, "chat")
+    )
+    assert "Say hello." in untrained_text(tokenizer, example)
+
+
+# A template that writes tools, tool calls and tool results (as Qwen2.5's and Llama 3.1's do, in their
+# own markup). CHAT_TEMPLATE above writes only each message's content: a template from before tools.
+TOOL_TEMPLATE = (
+    "{% if tools %}<|tools|>\n{% for t in tools %}{{ t.function.name }};{% endfor %}</s>{% endif %}"
+    "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<call>{{ c.function.name }} {{ c.function.arguments | tojson }}</call>"
+    "{% endfor %}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [CALL]},  # OpenAI's shape: null content
+    {"role": "tool", "content": "18 C, sunny", "tool_call_id": "call_1"},
+    {"role": "assistant", "content": "18 C and sunny."},
+]
+
+
+@pytest.fixture(scope="module")
+def tool_tokenizer(tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = TOOL_TEMPLATE
+    return tokenizer
+
+
+def test_tool_calls_are_trained_and_tool_results_are_not(tool_tokenizer):
+    record = {"messages": TOOL_CONVERSATION, "tools": TOOLS}
+    rendered = render(record, "chat", tool_tokenizer)
+    # The arguments string is parsed, so the template's tojson writes the object once, not a quoted string.
+    assert rendered.text == (
+        "<|tools|>\nget_weather;</s><|user|>\nWeather in Paris?</s>"
+        '<|assistant|>\n<call>get_weather {"city": "Paris"}</call></s>'
+        "<|tool|>\n18 C, sunny</s><|assistant|>\n18 C and sunny.</s>"
+    )
+    assert [rendered.text[a:b] for a, b in rendered.train_spans] == [
+        '<call>get_weather {"city": "Paris"}</call></s>',
+        "18 C and sunny.</s>",
+    ]
+    example = tokenize_one(tool_tokenizer, record, "chat")
+    untrained = untrained_text(tool_tokenizer, example)
+    assert "18 C, sunny" in untrained and "get_weather;" in untrained and "Weather in Paris?" in untrained
+
+
+def test_sharegpt_tool_turns_go_to_the_template_as_tool_messages(tool_tokenizer):
+    turns = [
+        {"from": "human", "value": "Weather?"},
+        {"from": "tool", "value": "18 C"},
+        {"from": "gpt", "value": "Warm."},
+    ]
+    rendered = render({"conversations": turns}, "sharegpt", tool_tokenizer)
+    assert "<|tool|>\n18 C</s>" in rendered.text
+    assert [rendered.text[a:b] for a, b in rendered.train_spans] == ["Warm.</s>"]
+
+
+# A template that drops role "tool" messages, and one that writes tool calls but not the tools list.
+NO_TOOL_RESULTS = TOOL_TEMPLATE.replace(
+    "{% for m in messages %}", "{% for m in messages if m.role != 'tool' %}"
+)
+NO_TOOLS_LIST = TOOL_TEMPLATE.replace("{% if tools %}", "{% if false %}")
+REJECTS_TOOL_ROLE = CHAT_TEMPLATE.replace(
+    "{% for m in messages %}",
+    "{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('unknown role tool') }}{% endif %}",
+)
+# The generation prompt is not how assistant turns start, so the prefix property fails.
+OTHER_PROMPT = TOOL_TEMPLATE.replace(
+    "{% if add_generation_prompt %}<|assistant|>", "{% if add_generation_prompt %}<|reply|>"
+)
+
+
+# (the model's chat template, None for none; the record; what the refusal says)
+TOOL_REFUSALS = {
+    "no template": (None, {"messages": TOOL_CONVERSATION}, "model has no chat template and the default one"),
+    "tools, no template": (None, {"messages": CONVERSATION, "tools": TOOLS}, "model has no chat template"),
+    "sharegpt tool, no template": (
+        None,
+        {"conversations": [*SHAREGPT, {"from": "tool", "value": "x"}]},
+        "model has no chat template",
+    ),
+    "ignores calls": (CHAT_TEMPLATE, {"messages": TOOL_CONVERSATION}, "template ignores tool calls, so it"),
+    "ignores tools": (NO_TOOLS_LIST, {"messages": CONVERSATION, "tools": TOOLS}, 'ignores the "tools" list'),
+    "drops results": (
+        NO_TOOL_RESULTS,
+        {"messages": TOOL_CONVERSATION},
+        "leaves out the tool result in messages[2]",
+    ),
+    "rejects tool role": (
+        REJECTS_TOOL_ROLE,
+        {"messages": TOOL_CONVERSATION},
+        "rejected this conversation (unknown",
+    ),
+    "no prefix property": (
+        OTHER_PROMPT,
+        {"messages": TOOL_CONVERSATION},
+        "tool call in messages[1] cannot be found",
+    ),
+}
+
+
+@pytest.mark.parametrize(("template", "record", "reason"), TOOL_REFUSALS.values(), ids=TOOL_REFUSALS.keys())
+def test_tool_use_the_template_cannot_write_is_refused(tiny_tokenizer, template, record, reason):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = template
+    fmt = detect_format(record)
+    with pytest.raises(DataError) as excinfo:
+        tokenize_records([Record(line=3, data=record, path="tools.jsonl")], fmt, tokenizer, 256)
+    message = str(excinfo.value)
+    assert message.startswith("tools.jsonl:3: ") and reason in message
+    assert "use a model whose chat template" in message and "\n" not in message
+
+
+def test_tool_result_errors_in_other_containers_name_the_record(tiny_tokenizer):
+    record = Record(line=2, data={"messages": TOOL_CONVERSATION}, path="data.json", unit="record")
+    with pytest.raises(DataError, match=r"^data\.json: record 2: the conversation has tools"):
+        tokenize_records([record], "chat", tiny_tokenizer, 64)
 
 
 # --- truncation, packing, splitting ----------------------------------------------------------------------
@@ -320,6 +463,18 @@ def test_forced_format_is_used(tmp_path):
     assert read_jsonl(path, fmt="text")[1] == "text"
 
 
+def test_tool_use_and_sharegpt_records_are_read(tmp_path):
+    plain = {"role": "assistant", "content": "Hi.", "tool_calls": []}  # an empty list is no call
+    call = {**CALL, "function": {"name": "f", "arguments": {"x": 1}}}  # arguments as an object
+    rows = [
+        {"messages": TOOL_CONVERSATION, "tools": TOOLS},
+        {"messages": [{"role": "user", "content": "q"}, plain, {"role": "assistant", "tool_calls": [call]}]},
+    ]
+    assert read_jsonl(write_jsonl(tmp_path, rows))[1:] == ("chat", 0)
+    path = write_jsonl(tmp_path, [{"conversations": SHAREGPT}], name="sharegpt.jsonl")
+    assert read_jsonl(path)[1] == "sharegpt"
+
+
 C = {"role": "user", "content": "hi"}
 A = {"role": "assistant", "content": "hello"}
 
@@ -371,6 +526,99 @@ MALFORMED = {
         "auto",
         1,
         "messages[1].content is a number",
+    ),
+    "chat null content without tool calls": (
+        _line({"messages": [C, {"role": "assistant", "content": None}]}),
+        "auto",
+        1,
+        "messages[1].content is null; it must be a string",
+    ),
+    "tool calls from a user": (
+        _line({"messages": [{**C, "tool_calls": [CALL]}, A]}),
+        "auto",
+        1,
+        'messages[0] has "tool_calls" but role "user"; only assistant messages call tools',
+    ),
+    "tool calls not a list": (
+        _line({"messages": [C, {**A, "tool_calls": CALL}]}),
+        "auto",
+        1,
+        "messages[1].tool_calls is an object; it must be a list of",
+    ),
+    "tool call without function": (
+        _line({"messages": [C, {**A, "tool_calls": [{"name": "f", "arguments": {}}]}]}),
+        "auto",
+        1,
+        'messages[1].tool_calls[0] has no "function" object; each call must be {"type": "function"',
+    ),
+    "tool call without name": (
+        _line({"messages": [C, {**A, "tool_calls": [{"function": {"arguments": {}}}]}]}),
+        "auto",
+        1,
+        "messages[1].tool_calls[0].function.name is null; it must be the name of the tool called",
+    ),
+    "tool call arguments not an object": (
+        _line({"messages": [C, {**A, "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]}),
+        "auto",
+        1,
+        "messages[1].tool_calls[0].function.arguments is a string; it must be an object of arguments",
+    ),
+    "tool call id not a string": (
+        _line({"messages": [C, A, {"role": "tool", "content": "r", "tool_call_id": 7}]}),
+        "auto",
+        1,
+        "messages[2].tool_call_id is a number; it must be a string",
+    ),
+    "only tool turns": (
+        _line({"messages": [C, {"role": "tool", "content": "r"}]}),
+        "auto",
+        1,
+        "no assistant message with content or tool calls",
+    ),
+    "tools not a list": (
+        _line({"messages": [C, A], "tools": "get_weather"}),
+        "auto",
+        1,
+        '"tools" is a string',
+    ),
+    "tool without a name": (
+        _line({"messages": [C, A], "tools": [{"type": "function", "function": {}}]}),
+        "auto",
+        1,
+        'tools[0] has no "function" with a "name"; each tool must be {"type": "function"',
+    ),
+    "sharegpt bad from": (
+        _line({"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}),
+        "auto",
+        1,
+        'conversations[1] has "from": "bot"; it must be one of "system", "human"',
+    ),
+    "sharegpt no from": (
+        _line({"conversations": [{"value": "q"}]}),
+        "auto",
+        1,
+        'conversations[0] has no "from"',
+    ),
+    "sharegpt value not text": (
+        _line({"conversations": [{"from": "gpt", "value": ["a"]}]}),
+        "auto",
+        1,
+        "conversations[0].value is a list; it must be a string",
+    ),
+    "sharegpt not a list": (_line({"conversations": {}}), "auto", 1, '"conversations" is an object'),
+    "sharegpt empty": (_line({"conversations": []}), "auto", 1, '"conversations" is an empty list'),
+    "sharegpt turn not object": (_line({"conversations": ["hi"]}), "auto", 1, "conversations[0] is a string"),
+    "sharegpt no reply": (
+        _line({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": " "}]}),
+        "auto",
+        1,
+        'no "gpt" turn with text',
+    ),
+    "sharegpt tools not a list": (
+        _line({"conversations": [{"from": "gpt", "value": "a"}], "tools": {}}),
+        "auto",
+        1,
+        '"tools" is an object',
     ),
     "forced format mismatch": (
         _line({"text": "a"}) + _line({"prompt": "p", "completion": "c"}),

@@ -30,13 +30,13 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "optimizer": ((), "adamw, sgd (momentum 0.9), adagrad, or adamw8bit (bitsandbytes)."),
     "format": (
         ("--format",),
-        "Data format: auto, text, prompt-completion, alpaca, chat.",
+        "Data format: auto, text, prompt-completion, alpaca, chat, sharegpt (docs/data.md).",
     ),
     "seq_len": ((), "Maximum tokens per example; longer examples are truncated (and counted)."),
     "pack": (("--pack",), "Concatenate examples into rows of --seq-len tokens (less padding)."),
     "eval_data": (
         (),
-        "Evaluation JSONL file. Without it, --eval-fraction of the data is held out.",
+        "Evaluation data (a file or directory, like DATA); without it --eval-fraction is held out.",
     ),
     "eval_fraction": ((), "Fraction of the data held out for evaluation (seeded by --seed); 0 = none."),
     "eval_every": (
@@ -45,7 +45,7 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     ),
     "skip_bad_lines": (
         ("--skip-bad-lines",),
-        "Skip malformed JSONL lines (and report how many) instead of stopping.",
+        "Skip malformed records (and report how many) instead of stopping.",
     ),
     "lr": ((), "Peak learning rate."),
     "schedule": ((), "Learning-rate decay after warmup: cosine, linear or constant."),

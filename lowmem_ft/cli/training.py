@@ -47,7 +47,9 @@ Examples:
         "data": (
             Path,
             typer.Argument(
-                ..., help="Training data: a JSONL file (text, prompt-completion, alpaca or chat records)."
+                ...,
+                help="Training data: a .jsonl, .json or .parquet file, a directory of them, or a saved "
+                "dataset (text, prompt-completion, alpaca, chat or sharegpt records; docs/data.md).",
             ),
         ),
         **run_config_options(RUN_PARAMETERS),

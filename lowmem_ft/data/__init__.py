@@ -1,12 +1,27 @@
-"""Training data: read JSONL files in four formats, tokenize with loss labels, batch for training.
+"""Training data: read records (JSONL, .json, Parquet, a directory, a saved dataset) in five formats,
+tokenize them with loss labels, batch them for training.
 
 See docs/data.md for the user-facing description.
 """
 
-from lowmem_ft.data.batching import Batcher, collate, eval_batches
 from lowmem_ft.data.formats import FORMAT_NAMES, Rendered, detect_format, render
-from lowmem_ft.data.jsonl import Record, read_jsonl
+from lowmem_ft.data.jsonl import read_jsonl
+from lowmem_ft.data.records import Record
+from lowmem_ft.data.sources import data_files, data_path_problem, read_records
 from lowmem_ft.data.tokenize import Example, TokenStats, pack_examples, split_eval, tokenize_records
+
+# Batching needs torch; the rest does not, and option checking (data_path_problem, FORMAT_NAMES) runs
+# before torch is imported, so the command line answers at once. These are imported on first use.
+_BATCHING = ("Batcher", "collate", "eval_batches")
+
+
+def __getattr__(name: str):
+    if name in _BATCHING:
+        from lowmem_ft.data import batching
+
+        return getattr(batching, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FORMAT_NAMES",
@@ -16,10 +31,13 @@ __all__ = [
     "Rendered",
     "TokenStats",
     "collate",
+    "data_files",
+    "data_path_problem",
     "detect_format",
     "eval_batches",
     "pack_examples",
     "read_jsonl",
+    "read_records",
     "render",
     "split_eval",
     "tokenize_records",

@@ -1,4 +1,4 @@
-"""The four record shapes a data file may use: how each is recognised, checked and turned into text.
+"""The record shapes training data may use: how each is recognised, checked and turned into text.
 
 Rendering produces the exact text the model sees plus the character ranges whose tokens carry loss,
 so ``tokenize.py`` never needs to know about formats: it only maps character spans to tokens.
@@ -6,29 +6,53 @@ so ``tokenize.py`` never needs to know about formats: it only maps character spa
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from lowmem_ft.errors import DataError
 
-FORMAT_NAMES = ("text", "prompt-completion", "alpaca", "chat")
+FORMAT_NAMES = ("text", "prompt-completion", "alpaca", "chat", "sharegpt")
 
 # The accepted shapes, quoted in error messages so the user sees what would work.
 SHAPES = (
     '{"text": ...}, {"prompt": ..., "completion": ...}, '
-    '{"instruction": ..., "input": ... (optional), "output": ...} or {"messages": [...]}'
+    '{"instruction": ..., "input": ... (optional), "output": ...}, {"messages": [...]} '
+    'or {"conversations": [...]}'
 )
 
 # The fields that identify a format, in detection order. Order matters: a record with both
 # "messages" and "text" is chat, because "messages" is the more specific signal.
 _REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "chat": ("messages",),
+    "sharegpt": ("conversations",),
     "alpaca": ("instruction", "output"),
     "prompt-completion": ("prompt", "completion"),
     "text": ("text",),
 }
-_KNOWN_KEYS = {"messages", "instruction", "input", "output", "prompt", "completion", "text"}
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
-CHAT_ROLES = ("system", "user", "assistant")
+# ShareGPT's "from" values and the chat role each one is. Datasets scraped from several assistants
+# name the assistant after the product; they are all the assistant's turns.
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+    "tool": "tool",
+}
+
+# The shapes of tool calls and tool definitions, as Hugging Face chat templates read them.
+TOOL_CALL_SHAPE = '{"type": "function", "function": {"name": ..., "arguments": {...}}}'
+USE_A_TOOL_MODEL = (
+    "use a model whose chat template supports tools (an instruct model such as Qwen2.5-Instruct or "
+    "Llama-3.1-Instruct)"
+)
+TOOL_SHAPE = '{"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}'
 
 # The Stanford Alpaca prompts (github.com/tatsu-lab/stanford_alpaca), verbatim, so models already tuned
 # on Alpaca-style data see the prompt they know. The output follows "### Response:\n" directly.
@@ -124,19 +148,102 @@ def _check_chat(messages: object) -> str | None:
         role = message.get("role")
         if role not in CHAT_ROLES:
             got = f'has role "{role}"' if isinstance(role, str) else 'has no "role" string'
-            return f'messages[{i}] {got}; role must be one of "system", "user", "assistant"'
+            return f'messages[{i}] {got}; role must be one of "system", "user", "assistant", "tool"'
+        calls = message.get("tool_calls")
+        if calls not in (None, []):
+            if role != "assistant":
+                return f'messages[{i}] has "tool_calls" but role "{role}"; only assistant messages call tools'
+            if reason := _check_tool_calls(calls, f"messages[{i}].tool_calls"):
+                return reason
         content = message.get("content")
-        if not isinstance(content, str):
+        # OpenAI's format writes "content": null (or leaves it out) on a turn that only calls tools.
+        if not isinstance(content, str) and not (content is None and calls):
             return f"messages[{i}].content is {json_type(content)}; it must be a string"
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        return "no assistant message with content; at least one assistant reply is needed to learn from"
+        for key in ("tool_call_id", "name"):
+            if role == "tool" and message.get(key) is not None and not isinstance(message[key], str):
+                return f"messages[{i}].{key} is {json_type(message[key])}; it must be a string"
+    if not any(
+        m["role"] == "assistant" and ((m.get("content") or "").strip() or m.get("tool_calls"))
+        for m in messages
+    ):
+        return (
+            "no assistant message with content or tool calls; at least one assistant reply is needed to "
+            "learn from"
+        )
+    return None
+
+
+def _check_sharegpt(turns: object) -> str | None:
+    if not isinstance(turns, list):
+        return f'"conversations" is {json_type(turns)}; it must be a list of {{"from": ..., "value": ...}}'
+    if not turns:
+        return '"conversations" is an empty list; give at least one "human" and one "gpt" turn'
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            return f'conversations[{i}] is {json_type(turn)}; each turn must be {{"from": ..., "value": ...}}'
+        speaker = turn.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            got = f'has "from": "{speaker}"' if isinstance(speaker, str) else 'has no "from" string'
+            known = ", ".join(f'"{name}"' for name in SHAREGPT_ROLES)
+            return f"conversations[{i}] {got}; it must be one of {known}"
+        if not isinstance(turn.get("value"), str):
+            return f"conversations[{i}].value is {json_type(turn.get('value'))}; it must be a string"
+    if not any(SHAREGPT_ROLES[t["from"]] == "assistant" and t["value"].strip() for t in turns):
+        return 'no "gpt" turn with text; at least one assistant reply is needed to learn from'
+    return None
+
+
+def _check_tool_calls(calls: object, where: str) -> str | None:
+    if not isinstance(calls, list):
+        return f"{where} is {json_type(calls)}; it must be a list of {TOOL_CALL_SHAPE}"
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            return f'{where}[{j}] has no "function" object; each call must be {TOOL_CALL_SHAPE}'
+        name = function.get("name")
+        if not isinstance(name, str) or not name.strip():
+            return f"{where}[{j}].function.name is {json_type(name)}; it must be the name of the tool called"
+        if tool_arguments(function.get("arguments")) is None:
+            return (
+                f"{where}[{j}].function.arguments is {json_type(function.get('arguments'))}; it must be an "
+                "object of arguments, or a string holding one in JSON"
+            )
+    return None
+
+
+def tool_arguments(arguments: object) -> dict | None:
+    """A tool call's arguments as the object chat templates expect, or None if they are not one.
+
+    OpenAI's API writes them as a string of JSON; Hugging Face templates read an object (most write it
+    with ``tojson``, which would quote a string a second time), so a string holding an object is parsed.
+    """
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return None
+    return arguments if isinstance(arguments, dict) else None
+
+
+def _check_tools(tools: object) -> str | None:
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        return f'"tools" is {json_type(tools)}; it must be a list of {TOOL_SHAPE}'
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            return f'tools[{i}] has no "function" with a "name"; each tool must be {TOOL_SHAPE}'
     return None
 
 
 def validate(record: dict, fmt: str) -> str | None:
     """Why `record` is not a usable `fmt` record ("what is wrong; what would work"), or None if it is."""
     if fmt == "chat":
-        return _check_chat(record.get("messages"))
+        return _check_chat(record.get("messages")) or _check_tools(record.get("tools"))
+    if fmt == "sharegpt":
+        return _check_sharegpt(record.get("conversations")) or _check_tools(record.get("tools"))
     if fmt == "alpaca":
         if "input" in record and (reason := _check_string(record, "input", allow_empty=True)):
             return reason
@@ -146,6 +253,32 @@ def validate(record: dict, fmt: str) -> str | None:
     if fmt == "text":
         return _check_string(record, "text")
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def chat_messages(record: dict, fmt: str) -> list[dict]:
+    """The conversation of a valid chat or ShareGPT record as the messages a chat template reads.
+
+    Only the fields templates use are kept, content is always a string (a tool-calling turn's null
+    becomes ""), and tool-call arguments are objects (see ``tool_arguments``).
+    """
+    if fmt == "sharegpt":
+        return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in record["conversations"]]
+    messages = []
+    for message in record["messages"]:
+        kept = {"role": message["role"], "content": message.get("content") or ""}
+        if message.get("tool_calls"):
+            kept["tool_calls"] = [_with_parsed_arguments(call) for call in message["tool_calls"]]
+        if message["role"] == "tool":
+            kept.update(
+                {key: message[key] for key in ("tool_call_id", "name") if message.get(key) is not None}
+            )
+        messages.append(kept)
+    return messages
+
+
+def _with_parsed_arguments(call: dict) -> dict:
+    function = call["function"]
+    return {**call, "function": {**function, "arguments": tool_arguments(function.get("arguments"))}}
 
 
 def render(record: dict, fmt: str, tokenizer) -> Rendered:
@@ -163,10 +296,18 @@ def render(record: dict, fmt: str, tokenizer) -> Rendered:
             prompt = ALPACA_PROMPT_NO_INPUT.format(instruction=record["instruction"])
         output = record["output"]
         return Rendered(prompt + output, ((len(prompt), len(prompt) + len(output)),))
-    if fmt == "chat":
-        messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    if fmt in ("chat", "sharegpt"):
+        messages = chat_messages(record, fmt)
+        tools = record.get("tools") or None
+        uses_tools = tools is not None or any(m["role"] == "tool" or "tool_calls" in m for m in messages)
         if getattr(tokenizer, "chat_template", None):
-            return _render_with_chat_template(messages, tokenizer)
+            field = "conversations" if fmt == "sharegpt" else "messages"  # for messages naming a turn
+            return _render_with_chat_template(messages, tokenizer, tools, uses_tools, field)
+        if uses_tools:
+            raise DataError(
+                "the conversation has tools, tool calls or tool results, but the model has no chat template "
+                f"and the default one writes plain conversations only; {USE_A_TOOL_MODEL}"
+            )
         return _render_default_chat(messages)
     raise ValueError(f"unknown format {fmt!r}")
 
@@ -186,38 +327,52 @@ def _render_default_chat(messages: list[dict]) -> Rendered:
     return Rendered("".join(parts), tuple(spans))
 
 
-def _render_with_chat_template(messages: list[dict], tokenizer) -> Rendered:
-    """Render with the model's own template and train each assistant turn.
+def _render_with_chat_template(
+    messages: list[dict], tokenizer, tools: list[dict] | None, uses_tools: bool, field: str
+) -> Rendered:
+    """Render with the model's own template and train each assistant turn, tool calls included.
 
     A turn's span is the difference between the conversation up to and including that turn and the
     conversation before it with the generation prompt (the assistant header) added. That span covers
-    the reply plus whatever end-of-turn marker the template writes, which the model must learn to emit.
-    Templates that rewrite earlier turns (some drop reasoning, some add dates) break the prefix
-    property; then we fall back to finding the reply's text in the full rendering.
+    the reply, its tool calls, and whatever end-of-turn marker the template writes, which the model
+    must learn to emit. Tool results are context, like user turns. Templates that rewrite earlier
+    turns (some drop reasoning, some add dates) break the prefix property; then we fall back to
+    finding the reply's text in the full rendering.
     """
     from jinja2 import TemplateError  # jinja2 is present whenever a tokenizer has a chat template
 
-    def apply(conversation: list[dict], add_generation_prompt: bool = False) -> str:
+    def apply(conversation: list[dict], add_generation_prompt: bool = False, tools=tools) -> str:
         try:
             return tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=add_generation_prompt, tokenize=False
+                conversation, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
             )
         except TemplateError as error:
+            what_works = USE_A_TOOL_MODEL if uses_tools else "arrange the messages the way this model expects"
             raise DataError(
-                f"the model's chat template rejected this conversation ({error}); "
-                "arrange the messages the way this model expects"
+                f"the model's chat template rejected this conversation ({error}); {what_works}"
             ) from error
 
     full = apply(messages)
+    if uses_tools and (reason := _tools_left_out(messages, tools, full, apply, field)):
+        raise DataError(
+            f"the model's chat template {reason}, so it cannot train on tool use; {USE_A_TOOL_MODEL}"
+        )
     spans: list[tuple[int, int]] = []
     previous_end = 0
     for i, message in enumerate(messages):
-        if message["role"] != "assistant" or not message["content"].strip():
+        if message["role"] != "assistant" or not (message["content"].strip() or "tool_calls" in message):
             continue
         prefix = apply(messages[:i], add_generation_prompt=True) if i > 0 else ""
         upto = apply(messages[: i + 1])
         if full.startswith(upto) and upto.startswith(prefix) and len(prefix) >= previous_end:
             span = (len(prefix), len(upto))
+        elif "tool_calls" in message:
+            # How a template writes a call is its own business, so there is no text to search for.
+            raise DataError(
+                f"the model's chat template writes earlier turns differently once later turns follow, so "
+                f"the tool call in {field}[{i}] cannot be found in the text to train on; use a model whose "
+                "chat template writes each turn the same whatever follows it"
+            )
         else:
             # Stripped, because some templates trim the content they render.
             content = message["content"].strip()
@@ -228,3 +383,24 @@ def _render_with_chat_template(messages: list[dict], tokenizer) -> Rendered:
         spans.append(span)
         previous_end = span[1]
     return Rendered(full, tuple(spans))
+
+
+def _tools_left_out(
+    messages: list[dict], tools: list[dict] | None, full: str, apply, field: str
+) -> str | None:
+    """What of the conversation's tool use the template does not write into ``full``, or None.
+
+    A template written before tool calling existed renders such a conversation without complaint: it
+    writes each message's content and ignores the rest. Rendering again without the tool parts shows
+    whether they changed anything.
+    """
+    if tools is not None and apply(messages, tools=None) == full:
+        return 'ignores the "tools" list'
+    if any("tool_calls" in m for m in messages):
+        without_calls = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages]
+        if apply(without_calls) == full:
+            return "ignores tool calls"
+    for i, message in enumerate(messages):
+        if message["role"] == "tool" and message["content"].strip() not in full:
+            return f"leaves out the tool result in {field}[{i}]"
+    return None

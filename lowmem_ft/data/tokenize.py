@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass
 
 from lowmem_ft.data.formats import render
-from lowmem_ft.data.jsonl import Record
+from lowmem_ft.data.records import Record
 from lowmem_ft.errors import DataError
 
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy (and Hugging Face models) skip
@@ -45,7 +45,7 @@ def tokenize_records(
         try:
             rendered.append(render(record.data, fmt, tokenizer))
         except DataError as error:  # raised without a location by the chat-template path
-            raise DataError(f"{record.path}:{record.line}: {error}") from None
+            raise DataError(f"{record.location}: {error}") from None
     # One batched call: fast tokenizers encode a list in parallel, far quicker than one call per text.
     encodings = tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
 

@@ -13,8 +13,7 @@ import re
 from dataclasses import dataclass
 
 from lowmem_ft.errors import UserError
-
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+from lowmem_ft.targets import DECODER_LAYER
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class Selection:
 
 def layer_index(name: str) -> int | None:
     """The decoder layer a parameter or module belongs to (None: outside the layers)."""
-    found = _LAYER.search(name)
+    found = DECODER_LAYER.search(name)
     return int(found.group(1)) if found else None
 
 

@@ -4,8 +4,8 @@ Shared by the methods (on real module names) and the planner (on the names a Lla
 would have), so a plan counts exactly the weights a run trains. No torch import here.
 
     all-linear   every linear layer inside a decoder layer (the default; SIFT's choice for Llama)
-    attention    q, k, v and o projections of every decoder layer
-    mlp          gate, up and down projections of every decoder layer
+    attention    the attention block's linear layers in every decoder layer (q, k, v, o in Llama)
+    mlp          the rest of every decoder layer's (gate, up, down in Llama; fc1, fc2 in OPT)
     PATTERNS     comma-separated module names or glob patterns, matched against the full name or
                  its ending: ``q_proj,v_proj``, ``layers.1*.mlp.*``, ``lm_head``; may be mixed with
                  the keywords above (``attention,lm_head``)
@@ -19,16 +19,21 @@ from fnmatch import fnmatchcase
 from lowmem_ft.errors import UserError
 
 KEYWORDS = ("all-linear", "attention", "mlp")
-_IN_DECODER_LAYER = re.compile(r"(^|\.)layers\.\d+\.")
+# A module inside decoder layer N, whatever the architecture calls the list: model.layers.N
+# (Llama, Qwen, Mistral, Gemma, Phi-3), gpt_neox.layers.N, model.decoder.layers.N (OPT),
+# transformer.h.N (GPT-2).
+DECODER_LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
+# The attention block of a decoder layer: self_attn (Llama, OPT, ...), attention (GPT-NeoX), attn (GPT-2)
+_ATTENTION = re.compile(r"\.(?:self_attn|attention|attn)\.")
 
 
 def _keyword_matches(keyword: str, name: str) -> bool:
-    if not _IN_DECODER_LAYER.search(name):
+    if not DECODER_LAYER.search(name):
         return False
     if keyword == "attention":
-        return ".self_attn." in name or ".attention." in name
-    if keyword == "mlp":
-        return ".mlp." in name
+        return _ATTENTION.search(name) is not None
+    if keyword == "mlp":  # the rest of the layer: mlp.* in most models, fc1 and fc2 in OPT
+        return _ATTENTION.search(name) is None
     return True  # all-linear
 
 
@@ -85,5 +90,5 @@ def match_targets(
 
 
 def _first_layer(names: list[str]) -> list[str]:
-    first = [n for n in names if re.search(r"(^|\.)layers\.0\.", n)]
+    first = [n for n in names if (m := DECODER_LAYER.search(n)) and m.group(1) == "0"]
     return first or names[:7]

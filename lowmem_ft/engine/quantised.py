@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from lowmem_ft.engine import NF4_BLOCKSIZE
+from lowmem_ft.errors import UserError
 
 
 def quantise_linears_4bit(
@@ -21,6 +22,11 @@ def quantise_linears_4bit(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child)
+        if not isinstance(linear, torch.nn.Linear):  # GPT-2's Conv1D: peft's 4-bit LoRA expects Linear
+            raise UserError(
+                f"--base-quant nf4 (QLoRA) needs nn.Linear layers; {name} is a {type(linear).__name__} "
+                "(GPT-2 style); use --base-quant none"
+            )
         quantised = bnb.nn.Linear4bit(
             linear.in_features, linear.out_features, bias=linear.bias is not None,
             compute_dtype=compute_dtype, quant_type="nf4", device="meta",

@@ -108,7 +108,9 @@ class _SparseDeltaLinearFunction(torch.autograd.Function):
             grad_x = (grad_out @ weight).to(ctx.input_dtype)
             del weight  # freed before the dense weight gradient exists: one dense tensor at a time
         if ctx.needs_input_grad[1] and layer.wants_weight_gradient:
-            dense_grad = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+            g, inputs = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+            # in the layout the weight is stored in, where the indices point
+            dense_grad = inputs.T @ g if layer.transposed else g.T @ inputs
             grad_values = layer.take_weight_gradient(dense_grad)
             del dense_grad
         if ctx.needs_input_grad[2]:
@@ -117,11 +119,17 @@ class _SparseDeltaLinearFunction(torch.autograd.Function):
 
 
 class SparseDeltaLinear(torch.nn.Module):
-    """A frozen ``nn.Linear`` plus a sparse fp32 increment at fixed flat indices."""
+    """A frozen linear layer plus a sparse fp32 increment at fixed flat indices.
 
-    def __init__(self, linear: torch.nn.Linear, quant: str = "none"):
+    The layer is an ``nn.Linear`` (weight (out, in)) or GPT-2's ``Conv1D`` (weight (in, out),
+    ``transposed``); the base keeps the weight as stored, so the indices, the delta and a merge all
+    point into the checkpoint's own layout."""
+
+    def __init__(self, linear: torch.nn.Module, quant: str = "none"):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.transposed = type(linear).__name__ == "Conv1D"
+        rows, cols = linear.weight.shape
+        self.out_features, self.in_features = (cols, rows) if self.transposed else (rows, cols)
         device = linear.weight.device
         self.base = FrozenWeight(linear.weight, quant)
         self.bias = linear.bias
@@ -162,10 +170,10 @@ class SparseDeltaLinear(torch.nn.Module):
         values = self.values if values is None else values
         weight, fresh = self.base.dense(dtype)
         if values.numel() == 0:
-            return weight
+            return weight.T if self.transposed else weight
         flat = weight.reshape(-1) if fresh else weight.reshape(-1).clone()
         flat[self.indices] = (flat[self.indices].float() + values.detach()).to(dtype)
-        return flat.view(self.out_features, self.in_features)
+        return flat.view(self.base.shape).T if self.transposed else flat.view(self.base.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _SparseDeltaLinearFunction.apply(x, self.values, self.bias, self)
@@ -180,7 +188,7 @@ class SparseDeltaLinear(torch.nn.Module):
 def wrap_linears(
     model: torch.nn.Module, names: list[str], quant: str = "none", device: torch.device | None = None
 ) -> dict[str, SparseDeltaLinear]:
-    """Replace the named ``nn.Linear`` modules with ``SparseDeltaLinear``, one at a time.
+    """Replace the named linear modules (``nn.Linear``, ``Conv1D``) with ``SparseDeltaLinear``, one at a time.
 
     With ``device``, each weight is moved there and quantised there before the next one is
     touched, so the full-precision model never has to fit on the device.

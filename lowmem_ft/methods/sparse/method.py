@@ -22,6 +22,7 @@ from lowmem_ft.engine.sparse_delta import SparseDeltaLinear, wrap_linears
 from lowmem_ft.methods.base import Method
 from lowmem_ft.methods.optimizers import make_optimizer
 from lowmem_ft.methods.sparse.options import SparseOptions
+from lowmem_ft.models.units import is_linear
 from lowmem_ft.planner.accounting import SIFT_BYTES_PER_ENTRY, sparse_entries
 from lowmem_ft.targets import match_targets
 
@@ -97,7 +98,7 @@ class SparseIncrement(Method):
         embed = model.get_input_embeddings()
         linear_names, other_names, tied_names = [], [], []
         for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear):
+            if is_linear(module):
                 # A head tied to the embedding: an increment on it would change the embedding too.
                 (tied_names if module.weight is embed.weight else linear_names).append(name)
             elif name and next(module.parameters(recurse=False), None) is not None:
@@ -191,7 +192,7 @@ class SparseIncrement(Method):
             **base_metadata(self.name, base, self.options),
             "sparsity": self.rate,
             "shapes": {
-                f"{name}.weight": [layer.out_features, layer.in_features]
+                f"{name}.weight": list(layer.base.shape)  # as stored (GPT-2's Conv1D: in, out)
                 for name, layer in self.layers.items()
             },
         }

@@ -26,6 +26,7 @@ import torch
 
 from lowmem_ft.methods.base import Method
 from lowmem_ft.methods.optimizers import make_optimizer
+from lowmem_ft.models.units import is_linear, linear_shape
 from lowmem_ft.selections import Selection, layer_index
 
 
@@ -43,9 +44,9 @@ def model_terms(model: torch.nn.Module) -> dict[str, int]:
 def model_linears(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """{module name: (out, in)} of the linear layers inside decoder layers."""
     return {
-        name: (module.out_features, module.in_features)
+        name: linear_shape(module)
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and layer_index(name) is not None
+        if is_linear(module) and layer_index(name) is not None
     }
 
 

@@ -10,7 +10,9 @@ METHOD_NAMES = tuple(METHOD_SPECS)
 SPARSE_METHODS = tuple(name for name, spec in METHOD_SPECS.items() if spec.result == "delta")
 
 STATE_POLICIES = ("keep", "keep-8bit", "drop")  # HiFT: the waiting groups' optimizer state
-ORDERS = ("bottom-up", "top-down", "random")  # HiFT: the order groups train in
+# HiFT: the order groups train in; random: one seeded order for the run (HiFT's), random-cycle: a
+# new seeded order every cycle (BAdam's)
+ORDERS = ("bottom-up", "top-down", "random", "random-cycle")
 OPTIMIZERS = ("adamw", "sgd", "adagrad", "adamw8bit")
 SELECTION_SCORES = ("grad", "grad2")  # SIFT: |Σg| or Σg² over the selection window
 BASE_QUANTS = ("none", "int8", "nf4")  # the frozen base of the sparse methods and LoRA

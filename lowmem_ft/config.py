@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lowmem_ft.choices import DTYPE_NAMES, METHOD_NAMES, OPTIMIZERS, SCHEDULES, flag
+from lowmem_ft.devices import compute_dtype, device_problem, resolve_device
 from lowmem_ft.errors import UserError
-from lowmem_ft.registry import methods_taking, option_fields, options_class
+from lowmem_ft.registry import METHOD_SPECS, methods_taking, option_fields, options_class
 
 if TYPE_CHECKING:  # torch only where a run needs it: the command line starts without it
     import torch
@@ -39,9 +39,10 @@ class RunConfig:
     eval_data: Path | None = None
     eval_fraction: float = 0.1
     eval_every: int = 50
+    max_eval_examples: int = 500  # a seeded choice of the held-out examples; 0: all of them
     skip_bad_lines: bool = False
     # optimisation
-    lr: float = 2e-5
+    lr: float | None = None  # None: default_lr for the method and the model's size
     schedule: str = "cosine"
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.1
@@ -154,7 +155,11 @@ class RunConfig:
             self.eval_every >= 0,
             f"--eval-every must be >= 0 (0 = only at start and end), got {self.eval_every}",
         )
-        need(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        need(
+            self.max_eval_examples >= 0,
+            f"--max-eval-examples must be >= 0 (0 = every held-out example), got {self.max_eval_examples}",
+        )
+        need(self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}")
         need(
             self.schedule in SCHEDULES,
             f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}",
@@ -195,26 +200,8 @@ class RunConfig:
             self.save_dtype in ("auto", *DTYPE_NAMES),
             f"--save-dtype must be auto, fp32, bf16 or fp16, got {self.save_dtype!r}",
         )
-        need(
-            re.fullmatch(r"auto|cpu|cuda(:(0|[1-9][0-9]*))?", self.device) is not None,
-            f"--device must be auto, cpu, cuda or cuda:N (N counts the visible GPUs from 0), "
-            f"got {self.device!r}",
-        )
-        if self.device.startswith("cuda"):
-            import torch
-
-            need(
-                torch.cuda.is_available(),
-                f"--device {self.device} was asked for but no CUDA device is visible; use --device cpu",
-            )
-            # N counts the devices CUDA shows (after CUDA_VISIBLE_DEVICES), as torch does.
-            count = torch.cuda.device_count()
-            shown = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
-            need(
-                (torch.device(self.device).index or 0) < count,
-                f"--device {self.device} is not visible: CUDA shows {count} device(s), {shown} "
-                "(CUDA_VISIBLE_DEVICES decides which)",
-            )
+        problem = device_problem(self.device)
+        need(problem is None, problem)
         if data_files:
             self._validate_data_files(need)
         need(
@@ -243,28 +230,11 @@ class RunConfig:
 
     # -- derived values -------------------------------------------------------------------------
     def resolved_device(self) -> torch.device:
-        import torch
-
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
     def compute_dtype(self) -> torch.dtype:
-        """The precision the forward and backward run in.
-
-        On CPU the default is fp32 (bf16 autocast on CPU is slower than fp32 on most machines); on
-        CUDA it is bf16 where the GPU supports it, because fp16 needs loss scaling and overflows.
-        """
-        import torch
-
-        from lowmem_ft.precision import DTYPES
-
-        if self.dtype != "auto":
-            return DTYPES[self.dtype]
-        device = self.resolved_device()
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        """The precision the forward and backward run in (devices.compute_dtype)."""
+        return compute_dtype(self.dtype, self.resolved_device())
 
     def to_json(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in self.option_values().items()}
@@ -278,6 +248,15 @@ class RunConfig:
             if values.get(key) is not None:
                 values[key] = Path(values[key])
         return cls.create(**values)
+
+
+def default_lr(method: str, params: int) -> float:
+    """The learning rate a run gets without --lr: full fine-tuning's 2e-5 at 7B parameters (the
+    usual value for Llama-2-7B), larger for smaller models in proportion to 1/sqrt(parameters)
+    (narrower models take larger steps), between 1e-5 and 1e-3; times the method's ``lr_factor``
+    (10 for the methods that train a small part of the model: LoRA's usual 2e-4 at 7B), at most 1e-2."""
+    full = min(max(2e-5 * math.sqrt(7e9 / max(params, 1)), 1e-5), 1e-3)
+    return float(f"{min(full * METHOD_SPECS[method].lr_factor, 1e-2):.2g}")  # 7.2e-4, not 7.19...e-4
 
 
 # The options every run has (the method's own are in its options class)

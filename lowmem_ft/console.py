@@ -21,8 +21,13 @@ def print_header(s: Setup, job: Job) -> None:
     d = s.data
     log.info(f"model      {s.resolved.name} ({s.resolved.source}), {s.model_params:,} parameters")
     log.info(f"method     {s.method.name}: {s.method.summary}; {s.method.describe_trainable()}")
+    if d.eval_available > len(d.eval):  # --max-eval-examples chose among them
+        source = "--eval-data" if s.config.eval_data is not None else "held-out"
+        evaluated = f"eval {len(d.eval):,} of {d.eval_available:,} {source} examples (chosen by --seed)"
+    else:
+        evaluated = f"{len(d.eval):,} eval examples"
     log.info(
-        f"data       {s.config.data} ({d.format}): {len(d.train)} train / {len(d.eval)} eval examples, "
+        f"data       {s.config.data} ({d.format}): {len(d.train):,} train / {evaluated}, "
         f"{d.stats.target_tokens:,} target tokens"
         + (f", {d.stats.truncated} truncated to {s.config.seq_len} tokens" if d.stats.truncated else "")
         + (f", {d.stats.dropped_no_target} dropped (no response left)" if d.stats.dropped_no_target else "")
@@ -32,7 +37,9 @@ def print_header(s: Setup, job: Job) -> None:
     log.info(
         f"training   {s.max_steps} steps of {s.config.batch_size} examples "
         f"({accumulation} × micro-batch {s.config.micro_batch_size}), "
-        f"lr {s.config.lr:g} {s.config.schedule}, "
+        f"lr {s.config.lr:g}"
+        + (" (the default for this method and size)" if s.lr_is_default else "")
+        + f" {s.config.schedule}, "
         f"{s.device.type} {str(s.compute_dtype).removeprefix('torch.')}"
         + (", activation checkpointing" if s.config.gradient_checkpointing else "")
     )

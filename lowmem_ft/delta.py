@@ -70,6 +70,21 @@ def read_delta(path: Path) -> Delta:
     return Delta(entries, header)
 
 
+def merged_weight(
+    name: str, base: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, shapes: dict
+) -> torch.Tensor:
+    """Base weight ``name`` plus its Δ, in fp32 (the caller rounds it once, to the dtype it keeps):
+    the one merge `export --merge` writes and `generate` applies in memory. ``shapes``: the weight
+    shapes the delta recorded, checked so a delta never lands on another layout."""
+    if name in shapes and list(base.shape) != shapes[name]:
+        raise UserError(f"the delta's {name} is for a {shapes[name]} weight; the base has {list(base.shape)}")
+    merged = base.detach().float().reshape(-1)
+    if len(indices) and int(indices.max()) >= merged.numel():
+        raise UserError(f"delta entry for {name} lies outside the base weight ({list(base.shape)})")
+    merged[indices.long()] += values
+    return merged.view(base.shape)
+
+
 def merge_into_files(delta: Delta, base_dir: Path, out_dir: Path, save_dtype: torch.dtype | None) -> Path:
     """Write base + Δ as a Hugging Face model directory (safetensors), shard by shard."""
     shards = sorted(base_dir.glob("*.safetensors"))
@@ -84,17 +99,7 @@ def merge_into_files(delta: Delta, base_dir: Path, out_dir: Path, save_dtype: to
         for name, tensor in tensors.items():
             dtype = save_dtype if save_dtype is not None and tensor.is_floating_point() else tensor.dtype
             if name in remaining:
-                if name in shapes and list(tensor.shape) != shapes[name]:
-                    raise UserError(
-                        f"the delta's {name} is for a {shapes[name]} weight; "
-                        f"the base has {list(tensor.shape)}"
-                    )
-                indices, values = remaining.pop(name)
-                merged = tensor.float().reshape(-1)
-                if int(indices.max()) >= merged.numel():
-                    raise UserError(f"delta entry for {name} lies outside the base weight ({tensor.shape})")
-                merged[indices.long()] += values  # base + Δ in fp32, then one rounding
-                tensor = merged.view(tensor.shape)
+                tensor = merged_weight(name, tensor, *remaining.pop(name), shapes)
             tensors[name] = tensor.to(dtype).contiguous()
         with safe_open(shard, "pt") as handle:
             metadata = handle.metadata() or {"format": "pt"}

@@ -18,7 +18,7 @@ from lowmem_ft.results import ADAPTER_META, find_result
 from lowmem_ft.sizes import format_bytes
 
 
-def _check_base(spec: str | None, expected: str | None, what: str):
+def check_base(spec: str | None, expected: str | None, what: str):
     """The base model to merge into, refused unless its weights hash as the ones trained on."""
     from lowmem_ft.models import resolve_model, weights_hash
 
@@ -119,7 +119,7 @@ def merge_delta(path: Path, out: Path, base: str | None, save_dtype: str) -> tup
 
     delta = read_delta(path)
     _check_out(out, save_dtype)
-    resolved = _check_base(
+    resolved = check_base(
         base or delta.meta.get("base_model"), delta.meta.get("base_weights_sha256"), "delta"
     )
     with _writing_merged(out, _merged_bytes(resolved, DTYPES.get(save_dtype))) as partial:
@@ -140,7 +140,7 @@ def merge_adapter(path: Path, out: Path, base: str | None, save_dtype: str) -> t
 
     meta = json.loads((path / ADAPTER_META).read_text())
     _check_out(out, save_dtype)
-    resolved = _check_base(base or meta.get("base_model"), meta.get("base_weights_sha256"), "adapter")
+    resolved = check_base(base or meta.get("base_model"), meta.get("base_weights_sha256"), "adapter")
     dtype = DTYPES.get(save_dtype) or model_dtype_on_disk(resolved)
     model = load_model(resolved, dtype)
     with warnings.catch_warnings():

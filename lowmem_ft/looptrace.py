@@ -45,6 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from lowmem_ft.config import RunConfig
+from lowmem_ft.data.bulk import cycle_collector_paused
 from lowmem_ft.engine import host_memory
 from lowmem_ft.phases import current_phase, phase
 from lowmem_ft.planner import Plan
@@ -214,7 +215,7 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
             # Garbage in reference cycles is freed only when Python's collector happens to run, at a
             # moment that varies from run to run: it once moved a traced peak by 1.3 GiB. Collected
             # between steps and never within one, the trace sees the worst case every time.
-            with _collected_between_steps():
+            with cycle_collector_paused():  # gc.collect() below, between steps
                 gc.collect()
                 train.select_entries(s)
                 scaler = torch.amp.GradScaler(device.type, enabled=False)
@@ -234,17 +235,6 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
         host_detail=detail, steps=steps,
     )  # fmt: skip
     return plan, traced
-
-
-@contextlib.contextmanager
-def _collected_between_steps():
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _host_model(auto_class, model_config, dtype: torch.dtype, real: bool) -> torch.nn.Module:
@@ -282,13 +272,16 @@ def _steps_to_trace(method) -> list[int]:
     if not groups:
         return [0, 1, 2]
     every = method.switch_every
-    # In the order a real run takes them, so each group's state was prefetched by the step before,
-    # as in every cycle. First cycle (no state yet): the embedding, layers 0 and 1, the last layer
-    # and the head (the embedding's state arrives). Second cycle, each with state of its own: the
-    # embedding (layer 0's arrives), layer 0 (layer 1's), the last layer (the head's) and the head.
-    visits = (
-        [0, 1, 2, groups - 2, groups - 1, groups, groups + 1, 2 * groups - 2, 2 * groups - 1]
-        if groups > 4
-        else list(range(3 * groups))
-    )
-    return sorted({v * every for v in visits})
+    # By group, not by position (a random order puts them anywhere), in the order a real run takes
+    # them. First cycle (no state yet): the lowest three groups (the embedding's keeps the whole
+    # stack's activations), the last layer and the head. Second cycle, each with state of its own:
+    # the lowest two, the last layer's and the head's, each with the state of the group after it
+    # prefetched, so the first cycle also visits those (in bottom-up order they are among the
+    # first five). Four groups or fewer: three whole cycles.
+    if groups <= 4:
+        return [v * every for v in range(3 * groups)]
+    group_at = lambda visit: method.group_at(visit * every)  # noqa: E731
+    second = [v for v in range(groups, 2 * groups) if group_at(v) in {0, 1, groups - 2, groups - 1}]
+    first_wanted = {0, 1, 2, groups - 2, groups - 1} | {group_at(v + 1) for v in second}
+    first = [v for v in range(groups) if group_at(v) in first_wanted]
+    return [v * every for v in first + second]

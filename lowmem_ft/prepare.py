@@ -6,24 +6,30 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from lowmem_ft.config import RunConfig
+from lowmem_ft.config import RunConfig, default_lr
 from lowmem_ft.data import (
     Batcher,
     Example,
     TokenStats,
+    choose_eval_examples,
+    data_files,
     pack_examples,
     read_records,
     split_eval,
     tokenize_records,
 )
+from lowmem_ft.data.cache import read_cache, tokenizer_sha256, write_cache
 from lowmem_ft.errors import UserError
+from lowmem_ft.files import sha256_of
 from lowmem_ft.methods import build_method
 from lowmem_ft.methods.base import Method
-from lowmem_ft.models import ResolvedModel, load_model, load_tokenizer, resolve_model
+from lowmem_ft.models import ResolvedModel, count_parameters, load_model, load_tokenizer, resolve_model
 from lowmem_ft.planner import Plan, build_plan, planned_as_given
 from lowmem_ft.planner.shapes import UnsupportedModel
 from lowmem_ft.precision import dtype_name
@@ -35,20 +41,38 @@ log = logging.getLogger(__name__)  # the CLI shows it (cli.report_to_console)
 
 @dataclass
 class Data:
-    train: list[Example]
-    eval: list[Example]
+    train: Sequence[Example]  # an ExampleTable (data/tokenize.py) when read from a file
+    eval: Sequence[Example]  # what every evaluation runs on: at most --max-eval-examples
     format: str
     stats: TokenStats
     skipped_lines: int
+    eval_available: int | None = None  # evaluation examples --max-eval-examples chose from (None: eval's)
+    cache_key: dict | None = None  # what the examples were made from (data/cache.py); None: not kept
+    from_cache: bool = False  # read from the job's tokenised data, not from the data files
+
+    def __post_init__(self):
+        if self.eval_available is None:
+            self.eval_available = len(self.eval)
 
     def summary(self) -> dict:
         return {
             "format": self.format,
             "train_examples": len(self.train),
             "eval_examples": len(self.eval),
+            "eval_examples_available": self.eval_available,
             "skipped_bad_lines": self.skipped_lines,
             **{f"tokenize_{k}": v for k, v in asdict(self.stats).items()},
         }
+
+    def keep_in(self, job_dir: Path) -> None:
+        """Keep the tokenised examples in the job, for `resume` (data/cache.py); already there when
+        they were read from it."""
+        if self.cache_key is not None and not self.from_cache:
+            summary = {
+                "format": self.format, "stats": asdict(self.stats), "skipped_lines": self.skipped_lines,
+                "eval_available": self.eval_available,
+            }  # fmt: skip
+            write_cache(job_dir, self.cache_key, {"train": self.train, "eval": self.eval}, summary)
 
 
 @dataclass
@@ -65,18 +89,31 @@ class Setup:
     compute_dtype: torch.dtype
     batcher: Batcher
     max_steps: int
+    lr_is_default: bool = False  # no --lr: the method's default for the model's size
 
 
 # -- setup ----------------------------------------------------------------------------------------
-def load_data(config: RunConfig, tokenizer) -> Data:
-    records, fmt, skipped = read_records(config.data, config.format, config.skip_bad_lines)
-    examples, stats = tokenize_records(records, fmt, tokenizer, config.seq_len)
+def load_data(config: RunConfig, tokenizer, show_progress: bool = False) -> Data:
+    """The training and evaluation examples. When ``config.out`` is a job that kept its tokenised
+    data (``Data.keep_in``) made from the same data, tokenizer and settings, they are read from there
+    (`resume`); otherwise from the data files, with progress bars unless ``show_progress`` is False."""
+    key = _data_key(config, tokenizer)
+    if config.out is not None and key is not None and (kept := read_cache(config.out, key)) is not None:
+        tables, summary = kept
+        log.info(f"data       tokenised data read from {config.out}; the data files are not read again")
+        return Data(
+            tables["train"], tables["eval"], summary["format"], TokenStats(**summary["stats"]),
+            summary["skipped_lines"], summary["eval_available"], key, from_cache=True,
+        )  # fmt: skip
+    records, fmt, skipped = read_records(config.data, config.format, config.skip_bad_lines, show_progress)
+    examples, stats = tokenize_records(records, fmt, tokenizer, config.seq_len, show_progress)
+    del records  # a million records are gigabytes of Python objects; the examples are a fraction
     if config.eval_data is not None:
         # The evaluation file is detected on its own (it may be in another format than the training file).
         eval_records, eval_fmt, eval_skipped = read_records(
-            config.eval_data, config.format, config.skip_bad_lines
+            config.eval_data, config.format, config.skip_bad_lines, show_progress
         )
-        eval_examples, _ = tokenize_records(eval_records, eval_fmt, tokenizer, config.seq_len)
+        eval_examples, _ = tokenize_records(eval_records, eval_fmt, tokenizer, config.seq_len, show_progress)
         train_examples, skipped = examples, skipped + eval_skipped
     else:
         train_examples, eval_examples = split_eval(examples, config.eval_fraction, config.seed)
@@ -84,7 +121,29 @@ def load_data(config: RunConfig, tokenizer) -> Data:
         train_examples = pack_examples(train_examples, config.seq_len)
     if not train_examples:
         raise UserError(f"{config.data}: no training examples left after tokenization; check --seq-len")
-    return Data(train_examples, eval_examples, fmt, stats, skipped)
+    # The examples left out of evaluation by the cap are not trained on either: the cap changes what
+    # an evaluation costs, never what the run trains on.
+    evaluated = choose_eval_examples(eval_examples, config.max_eval_examples, config.seed)
+    return Data(train_examples, evaluated, fmt, stats, skipped, len(eval_examples), key)
+
+
+def _data_key(config: RunConfig, tokenizer) -> dict | None:
+    """Everything the examples depend on: what ``Data.keep_in`` keeps them under."""
+    tokenizer_digest = tokenizer_sha256(tokenizer)
+    if tokenizer_digest is None:
+        return None
+    return {
+        "data_sha256": sha256_of(data_files(config.data)),
+        "eval_data_sha256": sha256_of(data_files(config.eval_data)) if config.eval_data else None,
+        "tokenizer_sha256": tokenizer_digest,
+        **{name: getattr(config, name) for name in _EXAMPLE_SETTINGS},
+    }
+
+
+# The options that change the examples made from the same data and tokenizer.
+_EXAMPLE_SETTINGS = (
+    "format", "skip_bad_lines", "seq_len", "pack", "eval_fraction", "seed", "max_eval_examples",
+)  # fmt: skip
 
 
 def plan_run(
@@ -117,6 +176,7 @@ def plan_run(
         groups = getattr(config.method_options, "groups", None)  # HiFT's --groups
         if groups:
             chosen["units_per_group"] = -(-(resolved.config.num_hidden_layers + 2) // groups)
+        chosen |= learning_rate(config, count_parameters(resolved.weights_dir))
         return config.replace(**{**chosen, **streaming(config, resolved, 0)}), None
     plan = result.plan
     if not plan.fits:
@@ -132,10 +192,15 @@ def plan_run(
     for option in planned_options(config.method):
         if option in plan.settings and getattr(config.method_options, option) is None:
             chosen[option] = plan.settings[option]
-    resolved_run = config.replace(**chosen)
+    resolved_run = config.replace(**chosen, **learning_rate(config, plan.total_params))
     return resolved_run.replace(
         **streaming(resolved_run, resolved, plan.settings.get("streamed_units", 0))
     ), plan
+
+
+def learning_rate(config: RunConfig, params: int) -> dict:
+    """--lr, or the default for the method and the model's size (config.default_lr)."""
+    return {} if config.lr is not None else {"lr": default_lr(config.method, params)}
 
 
 def streaming(config: RunConfig, resolved: ResolvedModel, planned: int) -> dict:
@@ -147,16 +212,18 @@ def streaming(config: RunConfig, resolved: ResolvedModel, planned: int) -> dict:
     return {"streamed_layers": layers, **({"gradient_checkpointing": True} if layers else {})}
 
 
-def setup(config: RunConfig) -> Setup:
+def setup(config: RunConfig, show_progress: bool = False) -> Setup:
     """``config``: the run as asked for. ``Setup.config`` is the resolved run, the plan's choices
-    filled in, which everything after this reads."""
+    filled in, which everything after this reads. ``show_progress``: bars while data is read and
+    tokenised."""
     config.validate()
     resolved = resolve_model(
         config.model, allow_download=config.allow_download, trust_remote_code=config.trust_remote_code
     )
+    lr_is_default = config.lr is None
     config, plan = plan_run(config, resolved)
     tokenizer = load_tokenizer(resolved, trust_remote_code=config.trust_remote_code)
-    data = load_data(config, tokenizer)
+    data = load_data(config, tokenizer, show_progress)
 
     torch.manual_seed(config.seed)
     device, compute_dtype = config.resolved_device(), config.compute_dtype()
@@ -175,7 +242,7 @@ def setup(config: RunConfig) -> Setup:
     max_steps = config.max_steps or max(1, math.ceil(config.epochs * batcher.steps_per_epoch))
     return Setup(
         config, plan, resolved, tokenizer, data, model, model_params, method, device, compute_dtype, batcher,
-        max_steps,
+        max_steps, lr_is_default,
     )  # fmt: skip
 
 

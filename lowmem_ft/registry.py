@@ -37,6 +37,9 @@ class MethodSpec:
     plan: str
     runtime: str
     note: str = ""  # said after the options in `lowmem-ft methods`
+    # The default --lr is this times full fine-tuning's for the model's size (config.default_lr):
+    # a method that trains a small part of the model takes larger steps (LoRA's usual 2e-4 at 7B).
+    lr_factor: float = 10.0
 
     def options_class(self) -> type[MethodOptions]:
         return _load(self.options)
@@ -68,17 +71,17 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     for spec in (
         MethodSpec(
             "full", "all parameters, every step, fp32 master weights (the baseline)", "model",
-            "options:MethodOptions", "full.plan:plan_full", "full.method:FullFineTuning",
+            "options:MethodOptions", "full.plan:plan_full", "full.method:FullFineTuning", lr_factor=1.0,
         ),
         MethodSpec(
             "hift",
             "all parameters, one group of layers per step, optimizer state of the others in host memory",
-            "model", "hift.options:HiFTOptions", "hift.plan:plan_hift", "hift.method:HiFT",
+            "model", "hift.options:HiFTOptions", "hift.plan:plan_hift", "hift.method:HiFT", lr_factor=1.0,
         ),
         MethodSpec(
             "sift", "top-k entries of each weight by gradient, fixed after selection; fp32 increments",
             "delta", "sift.options:SiftOptions", "sift.plan:plan_sift", "sift.method:sift",
-            note="--selection-score grad2 over a window is Fu et al.'s SAM",
+            note="--selection-batches N is Fu et al.'s SAM (|Σg| over a window; grad2: their Fisher option)",
         ),
         MethodSpec(
             "random", "k random entries of each weight (seeded by --seed), trained like SIFT", "delta",

@@ -40,7 +40,7 @@ def resume(job_dir: Path, overrides: dict | None = None, show_progress: bool = T
         )
     job.lock.acquire()  # refuses a job that a live process is running
     try:
-        s, restored = _prepare_resume(job, overrides or {})
+        s, restored = _prepare_resume(job, overrides or {}, show_progress)
     except BaseException:
         job.lock.release()
         raise
@@ -52,7 +52,7 @@ def resume(job_dir: Path, overrides: dict | None = None, show_progress: bool = T
     return execute(s, job, restored, show_progress)
 
 
-def _prepare_resume(job: Job, overrides: dict) -> tuple[Setup, Restored | None]:
+def _prepare_resume(job: Job, overrides: dict, show_progress: bool = False) -> tuple[Setup, Restored | None]:
     record = job.record
     if job.lock.stale_holder:
         log.info(f"lock       taken over from process {job.lock.stale_holder.get('pid')}, which is gone")
@@ -73,6 +73,8 @@ def _prepare_resume(job: Job, overrides: dict) -> tuple[Setup, Restored | None]:
         "out": job.dir, **kept,
         "dtype": record.get("compute_dtype", requested.dtype), "micro_batch_size": micro_batch_size,
     }  # fmt: skip
+    if "max_eval_examples" not in (record.get("requested") or record["config"]):
+        changes["max_eval_examples"] = 0  # a job from before the cap evaluates on all it held out, as it did
     changes.update({key: value for key, value in overrides.items() if value is not None})
     config = requested.replace(**changes)
     if config.resolved_device().type != record.get("device", "cpu"):
@@ -84,13 +86,14 @@ def _prepare_resume(job: Job, overrides: dict) -> tuple[Setup, Restored | None]:
             f"{config.data} changed since the job started; resuming needs the same data "
             "(start a new job to train on the new file)"
         )
-    s = setup(config)
+    s = setup(config, show_progress)  # the tokenised data the job kept, if it is still valid
     if s.max_steps != record.get("max_steps"):
         raise UserError(
             f"this resume would train {s.max_steps} steps, the job was planned for "
             f"{record.get('max_steps')}; resume with the same data and settings"
         )
     _report_plan_change(job, s)
+    s.data.keep_in(job.dir)  # when it was tokenised again (a job from before the cache, or a damaged one)
 
     remove_partial(job.dir)
     restored, skipped = latest_checkpoint(job.dir)

@@ -34,7 +34,7 @@ def run(config: RunConfig, show_progress: bool = True) -> Job:
     # --out is claimed first: of two runs given the same one, exactly one goes on.
     lock = claim_new_job(config.out) if config.out else None
     try:
-        s = setup(config)  # raises UserError on bad input, before anything is written
+        s = setup(config, show_progress)  # raises UserError on bad input, before anything is written
         out_dir = config.out or default_out_dir(config, s.resolved.name)
         lock = lock or claim_new_job(out_dir)
         job = Job.create(
@@ -63,6 +63,7 @@ def run(config: RunConfig, show_progress: bool = True) -> Job:
                 "or choose another --out"
             ) from None
         raise
+    s.data.keep_in(job.dir)  # for resume: the data is not read and tokenised again
     print_header(s, job)
     return execute(s, job, None, show_progress)
 

@@ -29,6 +29,7 @@ from lowmem_ft.checkpoint import Restored
 from lowmem_ft.config import RunConfig
 from lowmem_ft.console import out_of_memory_message
 from lowmem_ft.data import Batcher, eval_batches
+from lowmem_ft.data.bulk import progress_bar
 from lowmem_ft.data.tokenize import IGNORE_INDEX
 from lowmem_ft.errors import DiskError, UserError, disk_fault
 from lowmem_ft.files import free_bytes, write_json_atomic
@@ -87,17 +88,28 @@ def loss_sum(model, batch: dict, device: torch.device, dtype: torch.dtype) -> to
     return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+# no_grad, not inference_mode: tensors a method makes during evaluation (streamed layers' buffers,
+# HiFT's groups) may take part in a backward later, which inference tensors cannot.
 @torch.no_grad()
-def evaluate(s: Setup) -> float | None:
-    """Mean loss per target token over the evaluation set."""
+def evaluate(s: Setup, show_progress: bool = False) -> float | None:
+    """Mean loss per target token over the evaluation set (at most --max-eval-examples examples).
+
+    It runs micro-batch by micro-batch, of the size training uses (the planned one, or the smaller
+    one an out-of-memory retry chose), with no gradients and no activations kept for a backward: it
+    needs less memory than a training step, never more.
+    """
     if not s.data.eval:
         return None
     s.model.eval()
     total, count = 0.0, 0
-    with phase("evaluation"):
-        for batch in eval_batches(s.data.eval, s.config.micro_batch_size, s.tokenizer.pad_token_id):
+    micro = s.config.micro_batch_size
+    batches = math.ceil(len(s.data.eval) / micro)
+    bar = progress_bar(batches, "evaluation", "batch", show_progress, unit_scale=False)
+    with phase("evaluation"), bar:
+        for batch in eval_batches(s.data.eval, micro, s.tokenizer.pad_token_id):
             total += loss_sum(s.model, batch, s.device, s.compute_dtype).item()
             count += target_count(batch)
+            bar.update(1)
     s.model.train()
     return total / max(count, 1)
 
@@ -149,7 +161,7 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
             restored.state.clear()  # what restore did not take over would otherwise stay in host memory
         else:
             progress = Progress()
-            progress.eval_loss_start = progress.eval_loss = evaluate(s)
+            progress.eval_loss_start = progress.eval_loss = evaluate(s, show_progress)
             if progress.eval_loss is not None:
                 job.log(step=0, eval_loss=progress.eval_loss)
                 job.update(eval_loss_start=progress.eval_loss, eval_loss=progress.eval_loss)
@@ -185,7 +197,7 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
 
             is_last = progress.step == s.max_steps
             if config.eval_every and progress.step % config.eval_every == 0 and not is_last:
-                eval_loss = evaluate(s)
+                eval_loss = evaluate(s, show_progress)
                 if eval_loss is not None:
                     job.log(step=progress.step, eval_loss=eval_loss)
                     bar.write(f"step {progress.step}: eval loss {eval_loss:.4f}")
@@ -201,7 +213,7 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
             job.update(status="interrupted", stopped_by=stop.signal)
             raise RunInterrupted(job)
 
-    final_eval = evaluate(s)
+    final_eval = evaluate(s, show_progress)
     if final_eval is not None:
         job.log(step=s.max_steps, eval_loss=final_eval)
     save_dtype = DTYPES.get(config.save_dtype) or model_dtype_on_disk(s.resolved)

@@ -345,8 +345,9 @@ def test_truncation_and_dropping_counts(tiny_tokenizer):
 
 
 def test_pack_examples_keeps_tokens_and_labels():
+    # the first two tokens of each example untrained, like a prompt; a label is its token's id
     examples = [
-        Example(list(range(i * 10, i * 10 + n)), [-100] * 2 + [7] * (n - 2))
+        Example(list(range(i * 10, i * 10 + n)), [-100] * 2 + list(range(i * 10 + 2, i * 10 + n)))
         for i, n in enumerate([5, 9, 3, 7])
     ]
     rows = pack_examples(examples, seq_len=8)

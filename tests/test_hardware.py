@@ -718,7 +718,9 @@ def test_budget_cuda_index_picks_the_second_visible_card(use_nvml, monkeypatch, 
 
 
 def run_config(device: str, tmp_path) -> RunConfig:
-    return RunConfig(model="tiny", data=tmp_path / "train.jsonl", device=device)
+    data = tmp_path / "train.jsonl"  # validate() checks that the data can be read
+    data.write_text('{"text": "hello"}\n')
+    return RunConfig(model="tiny", data=data, device=device)
 
 
 @pytest.fixture()

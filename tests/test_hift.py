@@ -157,6 +157,23 @@ def test_visit_orders_and_switching():
     assert random_order != visit_order(6, "random", seed=8) or random_order != list(range(6))
 
 
+def test_random_cycle_order_is_redrawn_every_cycle(small_model):
+    """BAdam's order: every group once per cycle, a new seeded permutation each cycle (the group
+    after a switch is the one whose state was prefetched)."""
+    method = build_method(config(units_per_group=1, order="random-cycle", switch_every=2, seed=3))
+    method.setup(small_model)
+    n = len(method.groups)
+    steps = [method.group_at(s) for s in range(2 * n * 4)]
+    assert steps[::2] == steps[1::2]  # each group for switch_every steps
+    cycles = [steps[::2][c * n : (c + 1) * n] for c in range(4)]
+    assert all(sorted(cycle) == list(range(n)) for cycle in cycles)
+    assert len({tuple(cycle) for cycle in cycles}) > 1, "the order is drawn again each cycle"
+    assert cycles[0] == visit_order(n, "random", seed=3)  # the first cycle is --order random's
+    fixed = build_method(config(units_per_group=1, order="random", switch_every=2, seed=3))
+    fixed.setup(copy.deepcopy(small_model))
+    assert [fixed.group_at(s) for s in range(2 * n * 4)] != steps  # --order random keeps its order
+
+
 def test_switch_every_keeps_a_group_for_k_steps(small_model):
     method = build_method(config(units_per_group=1, switch_every=3))
     method.setup(small_model)

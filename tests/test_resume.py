@@ -173,8 +173,9 @@ VARIANTS = {
         "--lr", "1e-2",
     ],
     "full-adamw8bit": ["--method", "full", "--optimizer", "adamw8bit", "--lr", "1e-3"],
-    # streamed layers: the active group's host copies are written back before they are saved
-    "hift-stream": ["--method", "hift", "--units-per-group", "2", "--stream"],
+    # streamed layers: the active group's host copies are written back before they are saved; BAdam's
+    # order, drawn again for the second cycle (step 4 on), after the resume
+    "hift-stream": ["--method", "hift", "--units-per-group", "2", "--stream", "--order", "random-cycle"],
 }  # fmt: skip
 
 

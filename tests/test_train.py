@@ -121,3 +121,16 @@ def test_method_step_matches_plain_adamw_on_its_parameters(name, small_model):
         n for n, p in model.named_parameters() if not torch.equal(p, dict(copy_before.named_parameters())[n])
     }
     assert changed == set(names)  # only the parameters the method said it trains have moved
+
+
+def test_default_learning_rate_by_method_and_model_size():
+    """Without --lr: 2e-5 for full fine-tuning (and HiFT) of a 7B model, the usual value, scaled by
+    1/sqrt(size) within [1e-5, 1e-3]; 10x for the methods that train a small part (LoRA's 2e-4)."""
+    from lowmem_ft.config import default_lr
+
+    assert default_lr("full", 7e9) == default_lr("hift", 7e9) == 2e-5
+    assert default_lr("lora", 7e9) == default_lr("sift", 7e9) == default_lr("bitfit", 7e9) == 2e-4
+    assert default_lr("full", 7e9 / 4) == 4e-5  # a model 4x smaller: twice the step
+    assert default_lr("full", 70e9) == 1e-5 and default_lr("full", 1e3) == 1e-3  # the bounds
+    assert default_lr("spafit", 1e3) == 1e-2
+    assert default_lr("full", 5_401_856) == 7.2e-4  # the embedded model

@@ -3,8 +3,8 @@
 lowmem-ft run tiny examples/python-qa.jsonl
 lowmem-ft jobs
 
-The commands are in training.py (run, resume, plan) and show.py (export, methods, jobs); the
-options several of them share in options.py.
+The commands are in training.py (run, resume, plan), show.py (export, methods, jobs) and
+generate.py (generate); the options several of them share in options.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import typer
 
 import lowmem_ft
-from lowmem_ft.cli import show, training
+from lowmem_ft.cli import generate, show, training
 from lowmem_ft.errors import UserError
 
 app = typer.Typer(
@@ -50,6 +50,7 @@ app.command(epilog=training.RUN_EPILOG)(training.run)
 app.command(epilog=training.RESUME_EPILOG)(training.resume)
 app.command(epilog=training.PLAN_EPILOG)(training.plan)
 app.command(epilog=show.EXPORT_EPILOG)(show.export)
+app.command(epilog=generate.GENERATE_EPILOG)(generate.generate)
 app.command()(show.methods)
 app.command()(show.jobs)
 

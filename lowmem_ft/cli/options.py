@@ -43,11 +43,20 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
         (),
         "Evaluate every N optimizer steps (and always at the start and end); 0 = start and end.",
     ),
+    "max_eval_examples": (
+        (),
+        "Evaluate on at most this many of the held-out examples (a choice seeded by --seed, the same "
+        "at every evaluation and after resume); 0 = all of them.",
+    ),
     "skip_bad_lines": (
         ("--skip-bad-lines",),
         "Skip malformed records (and report how many) instead of stopping.",
     ),
-    "lr": ((), "Peak learning rate."),
+    "lr": (
+        (),
+        "Peak learning rate. [default: by method and model size: 2e-5 for full fine-tuning at 7B, "
+        "more for smaller models, 10x for the methods that train a small part (docs/user-guide.md)]",
+    ),
     "schedule": ((), "Learning-rate decay after warmup: cosine, linear or constant."),
     "warmup_ratio": ((), "Fraction of the optimizer steps spent warming up linearly."),
     "min_lr_ratio": ((), "Final learning rate as a fraction of --lr."),

@@ -8,18 +8,30 @@ from lowmem_ft.data.formats import FORMAT_NAMES, Rendered, detect_format, render
 from lowmem_ft.data.jsonl import read_jsonl
 from lowmem_ft.data.records import Record
 from lowmem_ft.data.sources import data_files, data_path_problem, read_records
-from lowmem_ft.data.tokenize import Example, TokenStats, pack_examples, split_eval, tokenize_records
 
-# Batching needs torch; the rest does not, and option checking (data_path_problem, FORMAT_NAMES) runs
-# before torch is imported, so the command line answers at once. These are imported on first use.
-_BATCHING = ("Batcher", "collate", "eval_batches")
+# Tokenising needs numpy and batching torch; the rest needs neither, and option checking
+# (data_path_problem, FORMAT_NAMES) runs before they are imported, so the command line answers at
+# once. These are imported on first use.
+_LAZY = {
+    "tokenize": (
+        "Example",
+        "ExampleTable",
+        "TokenStats",
+        "choose_eval_examples",
+        "pack_examples",
+        "split_eval",
+        "tokenize_records",
+    ),
+    "batching": ("Batcher", "collate", "eval_batches"),
+}
 
 
 def __getattr__(name: str):
-    if name in _BATCHING:
-        from lowmem_ft.data import batching
+    import importlib
 
-        return getattr(batching, name)
+    for module, names in _LAZY.items():
+        if name in names:
+            return getattr(importlib.import_module(f"lowmem_ft.data.{module}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -27,9 +39,11 @@ __all__ = [
     "FORMAT_NAMES",
     "Batcher",
     "Example",
+    "ExampleTable",
     "Record",
     "Rendered",
     "TokenStats",
+    "choose_eval_examples",
     "collate",
     "data_files",
     "data_path_problem",

@@ -29,6 +29,7 @@ _REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "prompt-completion": ("prompt", "completion"),
     "text": ("text",),
 }
+_REQUIRED_KEY_SETS = {fmt: frozenset(keys) for fmt, keys in _REQUIRED_KEYS.items()}  # checked per record
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 # ShareGPT's "from" values and the chat role each one is. Datasets scraped from several assistants
@@ -82,14 +83,16 @@ DEFAULT_CHAT_SEPARATOR = "\n\n"
 @dataclass(frozen=True)
 class Rendered:
     text: str
-    # [start, end) character ranges of `text` whose tokens carry loss
+    # [start, end) character ranges of `text` whose tokens carry loss, in order and not overlapping
+    # (tokenize.py relies on it)
     train_spans: tuple[tuple[int, int], ...]
 
 
 def detect_format(record: dict) -> str | None:
     """The format whose identifying fields are all present, or None. Unknown extra keys are ignored."""
-    for fmt, keys in _REQUIRED_KEYS.items():
-        if all(key in record for key in keys):
+    keys = record.keys()
+    for fmt, required in _REQUIRED_KEY_SETS.items():
+        if keys >= required:
             return fmt
     return None
 

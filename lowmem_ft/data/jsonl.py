@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
+from lowmem_ft.data.bulk import cycle_collector_paused, progress_bar
 from lowmem_ft.data.records import (
     MAX_RECORD_BYTES,
     Record,
@@ -18,8 +20,16 @@ from lowmem_ft.errors import DataError
 # One record per line, and no line longer than this (records.py says why).
 MAX_LINE_BYTES = MAX_RECORD_BYTES
 
+# Made once: json.loads(text, object_pairs_hook=...) builds a new decoder for every line.
+_DECODER = json.JSONDecoder(object_pairs_hook=json_object)
 
-def read_jsonl(path: Path, fmt: str = "auto", skip_bad_lines: bool = False) -> tuple[list[Record], str, int]:
+# Lines between two updates of the progress bar: an update per line would cost more than the line.
+_PROGRESS_EVERY = 4096
+
+
+def read_jsonl(
+    path: Path, fmt: str = "auto", skip_bad_lines: bool = False, show_progress: bool = False
+) -> tuple[list[Record], str, int]:
     """Returns (records, resolved format, number of bad lines skipped).
 
     In "auto" mode the first valid line fixes the format and every other line must match it; a forced
@@ -36,27 +46,44 @@ def read_jsonl(path: Path, fmt: str = "auto", skip_bad_lines: bool = False) -> t
     if not path.is_file():  # a FIFO or a device: it may never end, and cannot be hashed for resume
         raise DataError(f"{path}: is not a regular file (a pipe or a device); save the data to a .jsonl file")
     checker = RecordChecker(fmt, skip_bad_lines)
-    return checker.finish(read_lines(path, path.read_bytes(), checker), path)
+    bar = progress_bar(path.stat().st_size, "reading", "B", show_progress)
+    with open(path, "rb") as lines, bar, cycle_collector_paused():
+        return checker.finish(read_lines(path, lines, checker, bar), path)
 
 
-def read_lines(path: Path, raw: bytes, checker: RecordChecker) -> list[Record]:
-    """The records of JSONL text ``raw`` (the bytes of ``path``), checked by ``checker``."""
-    if not raw.strip():
-        what = "file is empty" if not raw else "file has only blank lines"
-        raise DataError(f"{path}: {what}; expected one JSON object per line")
+def read_lines(path: Path, lines: Iterable[bytes], checker: RecordChecker, bar) -> list[Record]:
+    """The records of the JSONL ``lines`` of ``path`` (each with its newline, as iterating a file in
+    binary mode gives them, so the file is never held whole), checked by ``checker``; ``bar``, a
+    progress bar, counts the bytes read."""
     records: list[Record] = []
-    for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
-        if not line_bytes.strip():
+    read = unreported = 0
+    blank = True  # no line but blank ones so far
+    for number, line_bytes in enumerate(lines, start=1):
+        read += len(line_bytes)
+        if number % _PROGRESS_EVERY == 0:
+            bar.update(read - unreported)
+            unreported = read
+        # A record's line starts with "{"; only another line may be blank (strip copies the line).
+        if not line_bytes.startswith(b"{") and not line_bytes.strip():
             continue
+        blank = False
         try:
-            if len(line_bytes) > MAX_LINE_BYTES:
+            if len(line_bytes) > MAX_LINE_BYTES and len(line_bytes.rstrip(b"\n")) > MAX_LINE_BYTES:
                 raise RecordError(
                     f"the line is {len(line_bytes) / 2**20:.1f} MiB, more than the "
                     f"{MAX_LINE_BYTES >> 20} MiB a record may be; split it into several records"
                 )
-            records.append(checker.record(_parse_line(line_bytes, number == 1), path, number, "line"))
+            # A lone surrogate can only be an escape (strict UTF-8 cannot encode one): without "\\ud"
+            # in the line, its strings need no search for one.
+            surrogates = b"\\ud" in line_bytes or b"\\uD" in line_bytes
+            data = _parse_line(line_bytes, number == 1)
+            records.append(checker.record(data, path, number, "line", surrogates))
         except RecordError as error:
             checker.bad(error, path, number, "line")
+    bar.update(read - unreported)
+    if blank:
+        what = "file is empty" if not read else "file has only blank lines"
+        raise DataError(f"{path}: {what}; expected one JSON object per line")
     return records
 
 
@@ -69,7 +96,7 @@ def _parse_line(line_bytes: bytes, first: bool) -> object:
             f"not valid UTF-8 (byte {error.start + 1} of the line); save the file as UTF-8"
         ) from None
     try:
-        return json.loads(text, object_pairs_hook=json_object)
+        return _DECODER.decode(text)
     except json.JSONDecodeError as error:
         raise RecordError(
             f"invalid JSON ({error.msg} at column {error.colno}); each line must be one JSON object"

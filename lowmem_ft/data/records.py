@@ -3,7 +3,7 @@ came from (a JSONL line, an item of a .json list, a Parquet row, a row of a save
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from lowmem_ft.data.formats import FORMAT_NAMES, detect_format, json_type, unknown_shape_reason, validate
 from lowmem_ft.errors import DataError
@@ -14,8 +14,7 @@ from lowmem_ft.errors import DataError
 MAX_RECORD_BYTES = 4 << 20
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):  # a named tuple: made a million times for a large file, it is made fastest
     line: int  # 1-based: the line in a JSONL file, or the record's number in a .json list, Parquet or dataset
     data: dict
     path: str = ""  # the file it came from, so later stages (tokenizing) can report where it is too
@@ -56,9 +55,10 @@ class RecordChecker:
         self.skipped_units: set[str] = set()
         self._fixed_by: Record | None = None  # the record that fixed the format in auto mode
 
-    def record(self, data: object, path, number: int, unit: str) -> Record:
-        """`data` as a Record if it is a valid record of the data's format; RecordError says why not."""
-        if (reason := content_problem(data)) is not None:
+    def record(self, data: object, path, number: int, unit: str, surrogates: bool = True) -> Record:
+        """`data` as a Record if it is a valid record of the data's format; RecordError says why not.
+        ``surrogates`` False: the reader knows its text holds no lone surrogate (see content_problem)."""
+        if (reason := content_problem(data, surrogates)) is not None:
             raise RecordError(reason)
         if not isinstance(data, dict):
             what = "line" if unit == "line" else "record"
@@ -132,9 +132,13 @@ def json_object(pairs: list[tuple[str, object]]) -> dict:
     return data
 
 
-def content_problem(data: object) -> str | None:
+def content_problem(data: object, surrogates: bool = True) -> str | None:
     """What no later stage can take in a record, wherever it came from: a key given twice, a lone
-    UTF-16 surrogate (not text: the tokenizer cannot take it), or more text than a record may hold."""
+    UTF-16 surrogate (not text: the tokenizer cannot take it), or more text than a record may hold.
+    ``surrogates`` False skips looking for surrogates, for a reader that knows there are none (a JSON
+    line can only hold one as a \\uD800-style escape, and most lines have no such escape at all)."""
+    if _plainly_fine(data, surrogates):
+        return None
     size = 0
     for where, value in _walk(data):
         if isinstance(value, DuplicateKeyObject):
@@ -152,6 +156,26 @@ def content_problem(data: object) -> str | None:
             f"{MAX_RECORD_BYTES >> 20} M a record may hold; split it into several records"
         )
     return None
+
+
+def _plainly_fine(data: object, surrogates: bool) -> bool:
+    """Whether ``data`` has none of the problems ``content_problem`` names, checked without working
+    out where each value is: every record pays for this check, only a bad one for the other."""
+    size = 0
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            size += len(value)
+            if surrogates and not value.isascii() and not _encodable(value):
+                return False
+        elif isinstance(value, dict):
+            if isinstance(value, DuplicateKeyObject):
+                return False
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return size <= MAX_RECORD_BYTES
 
 
 def _walk(data):

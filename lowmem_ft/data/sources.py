@@ -9,10 +9,12 @@ imports them (or torch) until such data is read, so ``data_path_problem`` can ru
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import logging
 from pathlib import Path
 
+from lowmem_ft.data.bulk import cycle_collector_paused, progress_bar
 from lowmem_ft.data.jsonl import read_lines
 from lowmem_ft.data.records import Record, RecordChecker, RecordError, check_format_name, json_object
 from lowmem_ft.errors import DataError
@@ -40,18 +42,22 @@ _OTHER_FORMATS = {
 
 
 def read_records(
-    path: Path, fmt: str = "auto", skip_bad_lines: bool = False
+    path: Path, fmt: str = "auto", skip_bad_lines: bool = False, show_progress: bool = False
 ) -> tuple[list[Record], str, int]:
     """Returns (records, resolved format, number of bad records skipped), like ``read_jsonl``, for
     any data path ``data_path_problem`` accepts. A directory is one data set: its files are read in
-    name order and the first valid record fixes the format for all of them.
+    name order and the first valid record fixes the format for all of them. ``show_progress``: a
+    progress bar of the bytes read.
     """
     path = Path(path)
     check_format_name(fmt, path)
     checker = RecordChecker(fmt, skip_bad_lines)
     records: list[Record] = []
-    for kind, source in _sources(path):
-        records += _READERS[kind](source, checker)
+    sources = _sources(path)
+    total = sum(f.stat().st_size for f in data_files(path))
+    with progress_bar(total, "reading", "B", show_progress) as bar, cycle_collector_paused():
+        for kind, source in sources:
+            records += _READERS[kind](source, checker, bar)
     return checker.finish(records, path)
 
 
@@ -147,14 +153,15 @@ def _directory_files(path: Path) -> list[tuple[str, Path]]:
     )
 
 
-# -- readers: each returns the checked records of one source ----------------------------------------------
+# -- readers: each returns the checked records of one source and counts its bytes on the bar ---------------
 
 
-def _read_jsonl(path: Path, checker: RecordChecker) -> list[Record]:
-    return read_lines(path, path.read_bytes(), checker)
+def _read_jsonl(path: Path, checker: RecordChecker, bar) -> list[Record]:
+    with open(path, "rb") as lines:
+        return read_lines(path, lines, checker, bar)
 
 
-def _read_json(path: Path, checker: RecordChecker) -> list[Record]:
+def _read_json(path: Path, checker: RecordChecker, bar) -> list[Record]:
     """A .json file is a list of records, or (as Dataset.to_json and many tools write it) JSONL."""
     raw = path.read_bytes()
     try:
@@ -168,7 +175,8 @@ def _read_json(path: Path, checker: RecordChecker) -> list[Record]:
                 f"{path}: holds one JSON object (keys: {keys}), not a list of records; a .json file must "
                 "hold a list, [{...}, {...}], or one record per line"
             )
-        return read_lines(path, raw, checker)
+        return read_lines(path, io.BytesIO(raw), checker, bar)
+    bar.update(len(raw))
     try:
         # Objects with a key given twice are marked by json_object and refused record by record.
         items = json.loads(text, object_pairs_hook=json_object)
@@ -200,7 +208,7 @@ def _one_object(text: str) -> dict | None:
     return whole if isinstance(whole, dict) else None
 
 
-def _read_parquet(path: Path, checker: RecordChecker) -> list[Record]:
+def _read_parquet(path: Path, checker: RecordChecker, bar) -> list[Record]:
     import pyarrow
     import pyarrow.parquet
 
@@ -210,10 +218,11 @@ def _read_parquet(path: Path, checker: RecordChecker) -> list[Record]:
         raise DataError(
             f"{path}: cannot be read as Parquet ({error}); check that the file is whole"
         ) from None
+    bar.update(path.stat().st_size)
     return _check_rows(path, [_without_nulls(row) for row in rows], checker)
 
 
-def _read_dataset(path: Path, checker: RecordChecker) -> list[Record]:
+def _read_dataset(path: Path, checker: RecordChecker, bar) -> list[Record]:
     import datasets
 
     if path.name == "train" and (path.parent / "dataset_dict.json").is_file():
@@ -222,6 +231,7 @@ def _read_dataset(path: Path, checker: RecordChecker) -> list[Record]:
         dataset = datasets.load_from_disk(str(path))
     except (OSError, ValueError, KeyError) as error:
         raise DataError(f"{path}: cannot be read as a saved dataset ({error}); save it again") from None
+    bar.update(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()))
     return _check_rows(path, [_without_nulls(row) for row in dataset.to_list()], checker)
 
 

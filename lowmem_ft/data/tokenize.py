@@ -1,15 +1,30 @@
-"""Turn records into token ids with loss labels; pack them into rows; split off an eval set."""
+"""Turn records into token ids with loss labels; pack them into rows; split off an eval set.
+
+Tokenised examples are kept in an ``ExampleTable``: one flat array of token ids, one of loss marks and
+the examples' boundaries, about 5 bytes a token. A million short records are some 150 million
+tokens; as the Python lists of ints an ``Example`` holds they would take about 8 GB.
+"""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
-from lowmem_ft.data.formats import render
+import numpy as np
+
+from lowmem_ft.data.bulk import cycle_collector_paused, progress_bar
+from lowmem_ft.data.formats import Rendered, render
 from lowmem_ft.data.records import Record
 from lowmem_ft.errors import DataError
 
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy (and Hugging Face models) skip
+
+# Records rendered and tokenised at a time: one call of the fast tokenizer (which spreads a list over
+# the cores) per chunk, and its Python lists of ids and offsets for one chunk only in memory at once.
+# 8,192 was as fast on 2 cores and took 200 MB more at the peak for 300,000 chat records.
+CHUNK = 2048
 
 
 @dataclass
@@ -27,10 +42,90 @@ class TokenStats:
     target_tokens: int = 0  # tokens that carry loss
 
 
+class ExampleTable(Sequence):
+    """Examples stored flat. ``table[i]`` is an ``Example`` (lists, made when asked for), so the
+    batcher and ``collate`` take a table or a list alike.
+
+    A label is always either the token's own id or -100 (the labels are not shifted), so one bool
+    per token holds it: ``trained``.
+    """
+
+    def __init__(self, input_ids: np.ndarray, trained: np.ndarray, starts: np.ndarray):
+        self.input_ids = np.asarray(input_ids, dtype=np.int32)  # every example's tokens, one after another
+        self.trained = np.asarray(trained, dtype=bool)  # per token: it carries loss
+        self.starts = np.asarray(starts, dtype=np.int64)  # example i is [starts[i], starts[i + 1])
+        if (
+            len(self.input_ids) != len(self.trained)
+            or self.starts[0] != 0
+            or self.starts[-1] != len(self.input_ids)
+        ):
+            raise ValueError("input_ids, trained and starts do not describe one table")
+
+    @classmethod
+    def from_examples(cls, examples: Iterable[Example]) -> ExampleTable:
+        examples = list(examples)
+        ids = np.fromiter(chain.from_iterable(e.input_ids for e in examples), np.int64)
+        labels = np.fromiter(chain.from_iterable(e.labels for e in examples), np.int64)
+        if len(labels) != len(ids) or not np.all((labels == ids) | (labels == IGNORE_INDEX)):
+            raise ValueError("every label must be its token's id or -100")
+        lengths = [len(e.input_ids) for e in examples]
+        return cls(ids, labels != IGNORE_INDEX, np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
+
+    @classmethod
+    def concat(cls, tables: list[ExampleTable]) -> ExampleTable:
+        """The tables' examples one after another. ``tables`` is emptied as they are copied, so that
+        the parts and the whole are never all in memory at once (a million examples' tokens are
+        most of a gigabyte)."""
+        tokens = sum(len(t.input_ids) for t in tables)
+        examples = sum(len(t) for t in tables)
+        ids, trained = np.empty(tokens, np.int32), np.empty(tokens, bool)
+        starts = np.empty(examples + 1, np.int64)
+        token = example = 0
+        while tables:
+            table = tables.pop(0)
+            n, m = len(table.input_ids), len(table)
+            ids[token : token + n], trained[token : token + n] = table.input_ids, table.trained
+            starts[example : example + m] = table.starts[:-1] + token
+            token, example = token + n, example + m
+        starts[example] = token
+        return cls(ids, trained, starts)
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"example {index} of {len(self)}")
+        start, end = self.starts[index], self.starts[index + 1]
+        ids = self.input_ids[start:end]
+        return Example(ids.tolist(), np.where(self.trained[start:end], ids, IGNORE_INDEX).tolist())
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.starts)
+
+    def select(self, indices: Sequence[int]) -> ExampleTable:
+        """The examples at ``indices``, in that order, copied into a table of their own."""
+        indices = np.asarray(indices, dtype=np.int64)
+        lengths = self.lengths()[indices]
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        # Where each token of the new table comes from: its index here, moved by how far its example moves.
+        source = np.repeat(self.starts[indices] - starts[:-1], lengths) + np.arange(starts[-1])
+        return ExampleTable(self.input_ids[source], self.trained[source], starts)
+
+
+def as_table(examples: Sequence[Example]) -> ExampleTable:
+    return examples if isinstance(examples, ExampleTable) else ExampleTable.from_examples(examples)
+
+
 def tokenize_records(
-    records: list[Record], fmt: str, tokenizer, seq_len: int
-) -> tuple[list[Example], TokenStats]:
+    records: list[Record], fmt: str, tokenizer, seq_len: int, show_progress: bool = False
+) -> tuple[ExampleTable, TokenStats]:
     """Render, tokenize and label each record; truncate to `seq_len`; drop examples with nothing to learn.
+    ``CHUNK`` records at a time, with a progress bar of the records done unless ``show_progress`` is False.
 
     A token carries loss iff its character span overlaps a span the format marks as trained (the
     response). BOS is prepended untrained unless the rendered text already starts with it (chat
@@ -38,52 +133,104 @@ def tokenize_records(
     the model learns to stop after a response. It is not appended when the text already ends with it.
     """
     stats = TokenStats()
-    if not records:
-        return [], stats
+    tables = []
+    with progress_bar(len(records), "tokenising", "records", show_progress) as bar, cycle_collector_paused():
+        for start in range(0, len(records), CHUNK):
+            chunk = records[start : start + CHUNK]
+            tables.append(_tokenize_chunk(_render_all(chunk, fmt, tokenizer), tokenizer, seq_len, stats))
+            bar.update(len(chunk))
+    return ExampleTable.concat(tables), stats
+
+
+def _render_all(records: list[Record], fmt: str, tokenizer) -> list[Rendered]:
     rendered = []
     for record in records:
         try:
             rendered.append(render(record.data, fmt, tokenizer))
         except DataError as error:  # raised without a location by the chat-template path
             raise DataError(f"{record.location}: {error}") from None
+    return rendered
+
+
+def _tokenize_chunk(rendered: list[Rendered], tokenizer, seq_len: int, stats: TokenStats) -> ExampleTable:
+    """The examples of ``rendered``, as ``tokenize_records`` describes; adds to ``stats``.
+
+    Everything after the tokenizer's call is done on whole arrays: a Python step per token would
+    take longer than the tokenizer itself.
+    """
+    texts = [r.text for r in rendered]
     # One batched call: fast tokenizers encode a list in parallel, far quicker than one call per text.
-    encodings = tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    encodings = tokenizer(
+        texts,
+        add_special_tokens=False,
+        return_offsets_mapping=True,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )
+    lengths = np.fromiter(map(len, encodings["input_ids"]), np.int64, count=len(texts))
+    total = int(lengths.sum())
+    ids = np.fromiter(chain.from_iterable(encodings["input_ids"]), np.int64, count=total)
+    offsets = np.fromiter(
+        chain.from_iterable(chain.from_iterable(encodings["offset_mapping"])), np.int64, count=2 * total
+    ).reshape(total, 2)
+    trained = _overlaps_trained_span(offsets, lengths, rendered)
 
-    examples: list[Example] = []
-    for i, item in enumerate(rendered):
-        input_ids = list(encodings["input_ids"][i])
-        labels = [
-            token if _overlaps(offset, item.train_spans) else IGNORE_INDEX
-            for token, offset in zip(input_ids, encodings["offset_mapping"][i], strict=True)
-        ]
-        if tokenizer.bos_token_id is not None and not item.text.startswith(tokenizer.bos_token):
-            input_ids.insert(0, tokenizer.bos_token_id)
-            labels.insert(0, IGNORE_INDEX)
-        if tokenizer.eos_token_id is not None and not item.text.endswith(tokenizer.eos_token):
-            last_trained = bool(labels) and labels[-1] != IGNORE_INDEX
-            input_ids.append(tokenizer.eos_token_id)
-            labels.append(tokenizer.eos_token_id if last_trained else IGNORE_INDEX)
+    # BOS in front of each example that does not start with it, EOS after each that does not end
+    # with it: the examples' tokens move right to make room.
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    add_bos = np.array([bos is not None and not t.startswith(tokenizer.bos_token) for t in texts], bool)
+    add_eos = np.array([eos is not None and not t.endswith(tokenizer.eos_token) for t in texts], bool)
+    ends = np.cumsum(lengths)
+    # Whether each text's last token is trained (an appended EOS is trained then); a text can have none.
+    last_trained = (lengths > 0) & trained[np.maximum(ends - 1, 0)] if total else np.zeros(len(texts), bool)
+    full = lengths + add_bos + add_eos
+    starts = np.concatenate([[0], np.cumsum(full)])
+    out_ids = np.empty(starts[-1], np.int64)
+    out_trained = np.zeros(starts[-1], bool)
+    # Where each token goes: its index, moved by how far its example's start moves.
+    moved = np.repeat(starts[:-1] + add_bos - (ends - lengths), lengths) + np.arange(total)
+    out_ids[moved], out_trained[moved] = ids, trained
+    if bos is not None:
+        out_ids[starts[:-1][add_bos]] = bos  # untrained
+    if eos is not None:
+        out_ids[starts[1:][add_eos] - 1] = eos
+        out_trained[starts[1:][add_eos] - 1] = last_trained[add_eos]
 
-        truncated = len(input_ids) > seq_len
-        input_ids, labels = input_ids[:seq_len], labels[:seq_len]
-        target_tokens = sum(label != IGNORE_INDEX for label in labels)
-        if target_tokens == 0:
-            stats.dropped_no_target += 1
-            continue
-        examples.append(Example(input_ids, labels))
-        stats.examples += 1
-        stats.truncated += truncated
-        stats.tokens += len(input_ids)
-        stats.target_tokens += target_tokens
-    return examples, stats
+    # Truncate to seq_len, then drop the examples with no trained token left.
+    owner = np.repeat(np.arange(len(texts)), full)
+    keep = np.arange(starts[-1]) - starts[:-1][owner] < seq_len
+    targets = np.bincount(owner[keep], weights=out_trained[keep], minlength=len(texts)).astype(np.int64)
+    kept = targets > 0
+    keep &= kept[owner]
+    kept_lengths = np.minimum(full, seq_len)[kept]
+    stats.examples += int(kept.sum())
+    stats.truncated += int((full[kept] > seq_len).sum())
+    stats.dropped_no_target += int((~kept).sum())
+    stats.tokens += int(kept_lengths.sum())
+    stats.target_tokens += int(targets[kept].sum())
+    return ExampleTable(out_ids[keep], out_trained[keep], np.concatenate([[0], np.cumsum(kept_lengths)]))
 
 
-def _overlaps(offset: tuple[int, int], spans: tuple[tuple[int, int], ...]) -> bool:
-    start, end = offset
-    return any(start < span_end and end > span_start for span_start, span_end in spans)
+def _overlaps_trained_span(offsets: np.ndarray, lengths: np.ndarray, rendered: list[Rendered]) -> np.ndarray:
+    """Per token, whether its character range [start, end) overlaps one of its text's trained spans.
+
+    All texts are laid end to end on one line (a gap of one between them, so no range of one text
+    touches another's), spans included. A token overlaps a span iff the last span that starts before
+    the token ends also ends after the token starts: the spans of a text are sorted and disjoint
+    (``Rendered``), so that span ends furthest of those that start before it.
+    """
+    text_start = np.concatenate([[0], np.cumsum([len(r.text) + 1 for r in rendered])[:-1]])
+    span_counts = [len(r.train_spans) for r in rendered]
+    spans = np.array([span for r in rendered for span in r.train_spans], np.int64).reshape(-1, 2)
+    spans += np.repeat(text_start, span_counts)[:, None]
+    if np.any(spans[1:, 0] < spans[:-1, 1]) or np.any(spans[:, 1] < spans[:, 0]):
+        raise ValueError("render() must give each text's trained spans sorted and disjoint")
+    tokens = offsets + np.repeat(text_start, lengths)[:, None]
+    last = np.searchsorted(spans[:, 0], tokens[:, 1], side="left") - 1
+    return (last >= 0) & (spans[np.maximum(last, 0), 1] > tokens[:, 0]) if len(spans) else last >= 0
 
 
-def pack_examples(examples: list[Example], seq_len: int) -> list[Example]:
+def pack_examples(examples: Sequence[Example], seq_len: int) -> ExampleTable:
     """Concatenate examples in order and cut the stream into rows of exactly `seq_len` (the last may be
     shorter), so no compute is spent on padding.
 
@@ -91,15 +238,13 @@ def pack_examples(examples: list[Example], seq_len: int) -> list[Example]:
     example in its row, and an example can be split across two rows. A row can also end up with no
     trained token (e.g. a long prompt split off from its response).
     """
-    input_ids = [token for example in examples for token in example.input_ids]
-    labels = [label for example in examples for label in example.labels]
-    return [
-        Example(input_ids[start : start + seq_len], labels[start : start + seq_len])
-        for start in range(0, len(input_ids), seq_len)
-    ]
+    table = as_table(examples)
+    total = len(table.input_ids)
+    starts = np.append(np.arange(0, total, seq_len), total) if total else np.zeros(1)
+    return ExampleTable(table.input_ids, table.trained, starts)
 
 
-def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+def split_eval(examples: Sequence[Example], fraction: float, seed: int) -> tuple[ExampleTable, ExampleTable]:
     """Split into (train, eval) with a seeded random choice of round(fraction * n) eval examples.
 
     At least one goes to eval when fraction > 0 and n >= 2, and at least one always stays in train.
@@ -114,7 +259,16 @@ def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[lis
     n_eval = min(n_eval, max(n - 1, 0))
     indices = list(range(n))
     random.Random(seed).shuffle(indices)
-    eval_indices = set(indices[:n_eval])
-    train = [example for i, example in enumerate(examples) if i not in eval_indices]
-    evaluation = [example for i, example in enumerate(examples) if i in eval_indices]
-    return train, evaluation
+    is_eval = np.zeros(n, bool)
+    is_eval[indices[:n_eval]] = True
+    table = as_table(examples)
+    return table.select(np.flatnonzero(~is_eval)), table.select(np.flatnonzero(is_eval))
+
+
+def choose_eval_examples(examples: Sequence[Example], limit: int, seed: int) -> Sequence[Example]:
+    """At most ``limit`` of the evaluation examples (0: all), a seeded random choice kept in order:
+    the same seed evaluates on the same examples, in a resumed run too."""
+    if limit == 0 or len(examples) <= limit:
+        return examples
+    chosen = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    return as_table(examples).select(chosen)

@@ -1,12 +1,20 @@
 """Model names, configs and loading: aliases, local directories and the Hugging Face cache."""
 
-from lowmem_ft.models.loading import ResolvedModel, load_model, load_tokenizer, resolve_model, weights_hash
+from lowmem_ft.models.loading import (
+    ResolvedModel,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+    weights_hash,
+)
 from lowmem_ft.models.registry import ALIASES, ModelAlias, alias_config_path
 
 __all__ = [
     "ALIASES",
     "ModelAlias",
     "ResolvedModel",
+    "count_parameters",
     "alias_config_path",
     "load_model",
     "load_tokenizer",

@@ -14,6 +14,7 @@ when unpickled, and a fine-tuning tool has no reason to take that risk.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -326,6 +327,18 @@ def load_model(
             f"({len(missing)} tensors missing or of the wrong shape, e.g. {shown})"
         )
     return model
+
+
+def count_parameters(weights_dir: Path) -> int:
+    """Values stored in the ``*.safetensors`` files (tied weights are stored once), from their
+    headers alone: nothing is loaded."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(weights_dir).glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())  # noqa: SIM118
+    return total
 
 
 def weights_hash(weights_dir: Path) -> str:

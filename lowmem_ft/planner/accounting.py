@@ -80,7 +80,7 @@ def frozen_layer_activation_bytes(shape: ModelShape, seq_len: int, tokens: int, 
 
 
 def hift_group_activation_bytes(
-    shape: ModelShape, seq_len: int, micro_batch: int, p: Precision, checkpointing: bool, units_per_group: int
+    shape: ModelShape, seq_len: int, micro_batch: int, p: Precision, checkpointing: bool, groups: list[range]
 ) -> list[tuple[int, int]]:
     """Activations of each HiFT group when it trains: nothing below the active group is kept, its
     own layers keep everything, the frozen layers above keep what their input gradient needs.
@@ -93,8 +93,8 @@ def hift_group_activation_bytes(
     kept = checkpoint_bytes(shape, tokens, p)
     n_units = shape.layers + 2  # embedding, layers, head
     per_group = []
-    for first in range(0, n_units, units_per_group):
-        units = range(first, min(first + units_per_group, n_units))
+    for units in groups:  # each group's units, in order (methods/hift/plan.py: hift_groups)
+        first = units[0]
         layers_in_group = sum(1 for u in units if 1 <= u <= shape.layers)
         lowest_layer = max(first - 1, 0)  # unit u >= 1 is layer u-1
         layers_above = shape.layers - lowest_layer - layers_in_group

@@ -19,22 +19,30 @@ belongs to the recipe and counts optimizer steps of the whole run.
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 from lowmem_ft.engine.master_weights import MasterWeights
 from lowmem_ft.engine.state_store import OptimizerStateStore
 from lowmem_ft.methods.base import Method
 from lowmem_ft.methods.hift.options import HiFTOptions
+from lowmem_ft.methods.hift.plan import hift_groups
 from lowmem_ft.methods.optimizers import make_optimizer
 from lowmem_ft.models.units import model_units
 
 
-def visit_order(n_groups: int, order: str, seed: int) -> list[int]:
+def visit_order(n_groups: int, order: str, seed: int, cycle: int = 0) -> list[int]:
+    """The groups in the order they train during ``cycle`` (each cycle visits every group once)."""
     if order == "bottom-up":
         return list(range(n_groups))
     if order == "top-down":
         return list(reversed(range(n_groups)))
-    return torch.randperm(n_groups, generator=torch.Generator().manual_seed(seed)).tolist()
+    # random: one order from the seed; random-cycle (BAdam): a new one every cycle, from the seed and
+    # the cycle alone. Python's generator, not torch's: no tensor is made (under the memory trace's
+    # fake tensors a permutation's values would not be real).
+    cycle = cycle if order == "random-cycle" else 0
+    return random.Random(seed * 1_000_003 + cycle).sample(range(n_groups), n_groups)
 
 
 class HiFT(Method):
@@ -53,6 +61,7 @@ class HiFT(Method):
         self.order: list[int] = []
         self.store: OptimizerStateStore | None = None
         self.active: int | None = None
+        self.position = 0  # the active group's place in the current cycle, from 1 (begin_step)
         self.masters: MasterWeights | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._all_params: list[torch.nn.Parameter] = []
@@ -65,17 +74,15 @@ class HiFT(Method):
     def setup(self, model) -> None:
         config = self.config
         units = model_units(model)
-        m = self.options.units_per_group or 1
-        self.groups = [[p for unit in units[k : k + m] for p in unit.params] for k in range(0, len(units), m)]
+        # The planner's grouping (plan.py): every unit, or the decoder layers only (BAdam)
+        groups = hift_groups(len(units), self.options.units_per_group or 1, self.options.trained_units)
+        self.groups = [[p for k in group for p in units[k].params] for group in groups]
         # Decoder layers of each group (unit k is layer k-1; units 0 and -1 are embedding and head):
         # a streamed layer gets device memory of its own while its group trains.
-        self.group_layers = [
-            [k - 1 for k in range(start, min(start + m, len(units))) if 0 < k < len(units) - 1]
-            for start in range(0, len(units), m)
-        ]
+        self.group_layers = [[k - 1 for k in group if 0 < k < len(units) - 1] for group in groups]
         self.group_names = [
-            f"{units[k].name}..{units[min(k + m, len(units)) - 1].name}" if m > 1 else units[k].name
-            for k in range(0, len(units), m)
+            units[group[0]].name + (f"..{units[group[-1]].name}" if len(group) > 1 else "")
+            for group in groups
         ]
         self.order = visit_order(len(self.groups), self.options.order, config.seed)
         device = next(model.parameters()).device
@@ -86,10 +93,14 @@ class HiFT(Method):
 
     # -- which group trains when ------------------------------------------------------------------
     def group_at(self, step: int) -> int:
-        return self.order[(step // self.switch_every) % len(self.order)]
+        cycle, position = divmod(step // self.switch_every, len(self.order))
+        if self.options.order != "random-cycle":
+            return self.order[position]
+        return visit_order(len(self.order), "random-cycle", self.config.seed, cycle)[position]
 
     def begin_step(self, step: int) -> None:
         group = self.group_at(step)
+        self.position = (step // self.switch_every) % len(self.order) + 1  # in this cycle, for progress
         if group != self.active:
             if self.active is not None:
                 self._deactivate()
@@ -146,9 +157,7 @@ class HiFT(Method):
     def progress(self) -> dict[str, str]:
         if self.active is None:
             return {}
-        return {
-            "group": f"{self.order.index(self.active) + 1}/{len(self.groups)} {self.group_names[self.active]}"
-        }
+        return {"group": f"{self.position}/{len(self.groups)} {self.group_names[self.active]}"}
 
     # -- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -12,6 +12,12 @@ from lowmem_ft.methods.options import MethodOptions, at_least, one_of, option, s
 
 @dataclass(frozen=True)
 class HiFTOptions(MethodOptions):
+    trained_units: str = option(
+        "all",
+        "all = the embedding and the head train too, in groups of their own (HiFT); layers = decoder "
+        "layers only, the embedding and head frozen (BAdam).",
+        check=one_of(("all", "layers")),
+    )
     units_per_group: int | None = option(
         None,
         "units (embedding, each layer, head) trained together. [default: planner's]",
@@ -20,7 +26,10 @@ class HiFTOptions(MethodOptions):
     )
     groups: int | None = option(None, "number of groups (instead of --units-per-group).", check=at_least(1))
     order: str = option(
-        "bottom-up", "order of the groups: bottom-up, top-down or random (seeded).", check=one_of(ORDERS)
+        "bottom-up",
+        "order of the groups: bottom-up, top-down, random (one seeded order) or random-cycle (a new "
+        "seeded order every cycle, as BAdam).",
+        check=one_of(ORDERS),
     )
     switch_every: int = option(
         1, "optimizer steps per group before switching (BAdam uses 50).", check=at_least(1)

@@ -27,10 +27,13 @@ from lowmem_ft.planner.shapes import ModelShape
 from lowmem_ft.planner.types import DTYPE_NAMES, STREAM_BUFFERS, Component, Estimate, PlanRequest
 
 
-def _groups(shape: ModelShape, units_per_group: int) -> list[int]:
-    """Parameter count of each HiFT group: consecutive units, ``units_per_group`` at a time."""
-    sizes = [u.params for u in shape.units]
-    return [sum(sizes[k : k + units_per_group]) for k in range(0, len(sizes), units_per_group)]
+def hift_groups(n_units: int, units_per_group: int, trained_units: str = "all") -> list[range]:
+    """The units of each group, bottom to top: consecutive units, ``units_per_group`` at a time (the
+    last group takes what is left), over every unit (HiFT) or over the decoder layers only, the
+    embedding (unit 0) and the head (the last) staying frozen (``layers``: BAdam). The run
+    (method.py) groups the model's units with this, the planner the shape's."""
+    first, end = (1, n_units - 1) if trained_units == "layers" else (0, n_units)
+    return [range(k, min(k + units_per_group, end)) for k in range(first, end, units_per_group)]
 
 
 def estimate_hift(
@@ -55,26 +58,16 @@ def estimate_hift(
     streamed = layer_bytes[:streamed_units]
     resident = sum(unit_bytes) - sum(streamed)
     buffers = STREAM_BUFFERS * max(layer_bytes) if streamed_units else 0
-    starts = range(0, len(shape.units), units_per_group)
-    sizes = _groups(shape, units_per_group)
+    groups = hift_groups(len(shape.units), units_per_group, request.options.trained_units)
+    sizes = [sum(shape.units[u].params for u in group) for group in groups]
     # A streamed layer whose group trains gets device memory of its own while it does (its ring
     # slot stays allocated).
-    own = [
-        sum(
-            layer_bytes[u - 1]
-            for u in range(k, min(k + units_per_group, len(shape.units)))
-            if 1 <= u <= streamed_units
-        )
-        for k in starts
-    ]
-    last = [min(k + units_per_group, len(shape.units)) - 1 for k in starts]
+    own = [sum(layer_bytes[u - 1] for u in group if 1 <= u <= streamed_units) for group in groups]
     names = [
-        shape.units[k].name + (f"..{shape.units[j].name}" if j > k else "")
-        for k, j in zip(starts, last, strict=True)
+        shape.units[group[0]].name + (f"..{shape.units[group[-1]].name}" if len(group) > 1 else "")
+        for group in groups
     ]
-    group_acts = hift_group_activation_bytes(
-        shape, request.seq_len, micro_batch, p, checkpointing, units_per_group
-    )
+    group_acts = hift_group_activation_bytes(shape, request.seq_len, micro_batch, p, checkpointing, groups)
     parts, _, loss, logits_grad, extra = activation_parts(shape, request, p, micro_batch, checkpointing)
     masters = 4 if w == 2 else 0  # fp32 masters of a 16-bit group
     # Stochastic rounding at the end of the step works through a chunk of the largest tensor at a time.
@@ -85,8 +78,7 @@ def estimate_hift(
     layer_tensor = max((rows * cols for u in shape.layer_units for _, rows, cols in u.linears), default=0)
 
     def units_of(g: int) -> set[int]:
-        first = list(starts)[g]
-        return set(range(first, min(first + units_per_group, len(shape.units))))
+        return set(groups[g])
 
     def largest_tensor(g: int) -> int:
         """The largest weight whose gradient is made late in backward (the head's comes first)."""
@@ -132,7 +124,7 @@ def estimate_hift(
         return Estimate(
             [], persistent, kept, loss, max(logits_grad, rebuilt), 4 * size,
             extra + (2 * largest_tensor(g) if w == 2 else 0), end_step_extra=rounding,
-            trainable=shape.params, label=f"HiFT group {names[g]}",
+            trainable=sum(sizes), label=f"HiFT group {names[g]}",
             accumulating=accumulates(request, micro_batch), head_gradient=head_gradient(g),
             made_by_update=made_by_update,
         )  # fmt: skip
@@ -144,7 +136,7 @@ def estimate_hift(
     parts[0] = Component(
         parts[0].name, worst.activations, note=f"{parts[0].note}; group {names[worst_group]}"
     )
-    host_states = int(HOST_STATE_BYTES[state_policy] * shape.params)
+    host_states = int(HOST_STATE_BYTES[state_policy] * sum(sizes))
     worst.components = [
         Component(f"weights ({DTYPE_NAMES[w]}, resident)", resident),
         Component(
@@ -195,16 +187,17 @@ def units_per_group(options: HiFTOptions, n_units: int) -> int | None:
 
 def plan_hift(shape: ModelShape, request: PlanRequest, fitter):
     n_units = len(shape.units)
+    trained = len(hift_groups(n_units, 1, request.options.trained_units))  # units that train
     load = request.compute_bytes * shape.params
     policies = [request.options.state_policy] if request.options.state_policy else list(STATE_POLICIES)
-    max_m = max(1, n_units // 4)  # at least 4 groups: each step still trains a real slice of the model
-    given = units_per_group(request.options, n_units)
+    max_m = max(1, trained // 4)  # at least 4 groups: each step still trains a real slice of the model
+    given = units_per_group(request.options, trained)
     group_sizes = [given] if given else list(range(max_m, 0, -1))
 
     def settings(m, policy, streamed, mb, ckpt):
         return {
             "units_per_group": m,
-            "groups": math.ceil(n_units / m),
+            "groups": math.ceil(trained / m),
             "state_policy": policy,
             "resident_units": n_units - streamed,
             "streamed_units": streamed,

@@ -1,12 +1,12 @@
 """SIFT: train only the entries of each weight whose gradients matter most (Song et al., ICML 2024).
 
-The training is the sparse methods' one engine (sparse/method.py); what is SIFT's own is how the entries
-are chosen: per weight, the top k of |Σg| (``--selection-score grad``) or Σg² (``grad2``,
-Fisher-like, as Fu et al.'s SAM) over a window of ``--selection-batches`` micro-batches, which are
-only looked at, never trained on. The window's running scores are fp32 and dense, so with a window
-of more than one micro-batch the targets are scored in ``--selection-passes`` slices (planner's
-choice), each a full pass over the window; with one micro-batch, each gradient is reduced to its
-top k as soon as it exists and no scores are kept.
+The training is the sparse methods' one engine (sparse/method.py); what is SIFT's own is how the
+entries are chosen: per weight, the top k of |Σg| (``--selection-score grad``, as SIFT and Fu et
+al.'s SAM rank) or Σg² (``grad2``, SAM's Fisher option) over a window of ``--selection-batches``
+micro-batches (SAM's burn-in), which are only looked at, never trained on. The window's running
+scores are fp32 and dense, so with a window of more than one micro-batch the targets are scored in
+``--selection-passes`` slices (planner's choice), each a full pass over the window; with one
+micro-batch, each gradient is reduced to its top k as soon as it exists and no scores are kept.
 """
 
 from __future__ import annotations

@@ -1,0 +1,289 @@
+"""`lowmem-ft generate`: a job's result, put together in memory, generates what transformers
+generates from the same result exported and loaded on its own; chat keeps its history; bad input
+is one line and exit code 2. One set of jobs of the embedded model is shared by the module."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import cli, write_records
+
+from lowmem_ft.cli import main
+from lowmem_ft.data.formats import ALPACA_PROMPT_NO_INPUT, render
+from lowmem_ft.errors import UserError
+from lowmem_ft.generate import (
+    GenerateOptions,
+    Generator,
+    check_fits,
+    generation_memory,
+    load_generator,
+    render_chat,
+)
+
+TINY_DIR = Path(__file__).resolve().parents[1] / "lowmem_ft" / "models" / "tiny"
+PROMPT = "Say the number 7 in words."
+NEW = ["--max-new-tokens", "8"]
+JOB_ARGS = ["--max-steps", "2", "--batch-size", "8", "--micro-batch-size", "4", "--seq-len", "64"]
+JOB_ARGS += ["--lr", "1e-2", "--eval-fraction", "0", "-q"]
+METHODS = ("full", "hift", "sift", "lora")
+
+
+def _main(*args) -> None:
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        assert exc.code in (0, None), f"lowmem-ft {' '.join(map(str, args))} exited with {exc.code}"
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory) -> dict[str, Path]:
+    """A finished job per method (a few steps of the tiny model on Alpaca records), and for each a
+    Hugging Face directory to compare with: the job's model, or its result merged by `export` in
+    fp32 (what generate computes in memory on a CPU)."""
+    root = tmp_path_factory.mktemp("generate")
+    records = [
+        {"instruction": f"Say the number {i} in words.", "input": "", "output": f"The number is {i}."}
+        for i in range(40)
+    ]
+    data = write_records(root / "numbers.jsonl", records)
+    made = {}
+    for method in METHODS:
+        out = root / method
+        _main("run", "tiny", data, "--method", method, "--out", out, *JOB_ARGS)
+        made[method] = out
+        if method in ("sift", "lora"):
+            _main("export", out, "--merge", "--out", root / f"{method}-merged", "--save-dtype", "fp32")
+    return made
+
+
+def _reference_dir(job: Path) -> Path:
+    return job / "model" if (job / "model").is_dir() else job.with_name(f"{job.name}-merged")
+
+
+def _greedy(model_dir: Path, ids: list[int], max_new_tokens: int = 8, **sampling) -> str:
+    """What transformers generates after ``ids`` from the model in ``model_dir``, loaded in fp32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    input_ids = torch.tensor([ids])
+    sampling = sampling or {"do_sample": False}
+    out = model.generate(
+        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, **sampling
+    )
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    """As training tokenizes an example: BOS, then the text without special tokens."""
+    return [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_generate_equals_transformers_on_the_exported_result(method, jobs, capsys, tiny_tokenizer):
+    job = jobs[method]
+    code, out, err = cli(capsys, "generate", job, "--prompt", PROMPT, *NEW)
+    assert code == 0, err
+    # The job trained on Alpaca records, so the prompt is written as its instructions were.
+    ids = _ids(tiny_tokenizer, ALPACA_PROMPT_NO_INPUT.format(instruction=PROMPT))
+    expected = _greedy(_reference_dir(job), ids)
+    assert expected.strip() and out == expected + "\n"
+    assert "alpaca" in err and "greedy" in err
+    if method in ("sift", "lora"):
+        # The delta or adapter was applied: the base alone says something else.
+        assert _greedy(TINY_DIR, ids) != expected
+        assert "sha256 checked" in err if method == "sift" else "merged" in err
+
+
+def test_raw_sends_the_prompt_as_it_is(jobs, capsys, tiny_tokenizer):
+    code, out, err = cli(capsys, "generate", jobs["full"], "--prompt", PROMPT, "--raw", *NEW)
+    assert code == 0, err
+    assert out == _greedy(jobs["full"] / "model", _ids(tiny_tokenizer, PROMPT)) + "\n"
+
+
+def test_a_jobs_delta_file_or_adapter_can_be_given_directly(jobs, capsys):
+    for path in (jobs["sift"] / "delta.safetensors", jobs["lora"] / "adapter"):
+        code, out, err = cli(capsys, "generate", path, "--prompt", PROMPT, *NEW)
+        assert code == 0, err
+        assert out == cli(capsys, "generate", path.parent, "--prompt", PROMPT, *NEW)[1]
+
+
+def test_a_model_alias_generates_from_the_raw_prompt(capsys, tiny_tokenizer):
+    code, out, err = cli(capsys, "generate", "tiny", "--prompt", "def add(a, b):", *NEW)
+    assert code == 0, err
+    assert out == _greedy(TINY_DIR, _ids(tiny_tokenizer, "def add(a, b):")) + "\n"
+    assert "--prompt as it is" in err
+
+
+def test_sampling_is_transformers_sampling_with_the_same_seed(capsys, tiny_tokenizer):
+    args = ["generate", "tiny", "--prompt", "import", "--temperature", "0.9", "--top-p", "0.95"]
+    code, out, err = cli(capsys, *args, "--seed", "3", *NEW)
+    assert code == 0, err
+    torch.manual_seed(3)
+    sampled = _greedy(TINY_DIR, _ids(tiny_tokenizer, "import"), do_sample=True, temperature=0.9, top_p=0.95)
+    assert out == sampled + "\n"
+    assert cli(capsys, *args, "--seed", "3", *NEW)[1] == out
+    assert "sampled, temperature 0.9, top-p 0.95, seed 3" in err
+
+
+def test_tokens_stream_as_they_are_generated():
+    generator = load_generator("tiny", GenerateOptions(max_new_tokens=24))
+    pieces: list[str] = []
+    text = generator.complete("def add(a, b):", pieces.append)
+    assert len(pieces) > 3 and "".join(pieces) == text
+
+
+@pytest.fixture()
+def chat_model(tmp_path) -> Path:
+    """The tiny model with a chat template in its tokenizer config."""
+    model = tmp_path / "tiny-chat"
+    shutil.copytree(TINY_DIR, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    return model
+
+
+def test_chat_keeps_the_conversation_and_uses_the_chat_template(chat_model, capsys, monkeypatch):
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\nwhat is a list?\n\nnot read\n"))
+    code, out, err = cli(capsys, "generate", chat_model, "--chat", *NEW)
+    assert code == 0, err
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+
+    def turn(messages: list[dict]) -> str:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return _greedy(chat_model, _ids(tokenizer, text))
+
+    history = [{"role": "user", "content": "hello there"}]
+    first = turn(history)
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "what is a list?"}]
+    second = turn(history)  # the second answer follows the first exchange: the history is kept
+    assert out == f"{first}\n{second}\n"
+
+
+def test_chat_ends_at_exit_or_at_the_end_of_input(chat_model, capsys, monkeypatch):
+    replies = []
+    for given in ("hi\nexit\nnot read\n", "hi\n", "hi"):
+        monkeypatch.setattr("sys.stdin", io.StringIO(given))
+        code, out, err = cli(capsys, "generate", chat_model, "--chat", *NEW)
+        assert code == 0, err
+        replies.append(out)
+    assert replies[0].strip() and replies[0] == replies[1] == replies[2]
+
+
+def test_chat_in_the_default_headers_continues_what_training_rendered(tiny_tokenizer):
+    """A job trained on chat data with a tokenizer without a template learned lowmem-ft's default
+    headers; --chat writes the conversation the same way, up to the assistant's header."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    messages += [{"role": "user", "content": "and?"}]
+    trained = render(
+        {"messages": [*messages, {"role": "assistant", "content": "ok"}]}, "chat", tiny_tokenizer
+    )
+    prompt = render_chat(messages, tiny_tokenizer, chat_template=False)
+    assert trained.text == prompt + "ok"
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["tiny", "--chat"], "has none (nor was the job trained on chat data); use --prompt TEXT"),
+        (["tiny"], "give --prompt TEXT, or --chat"),
+        (["tiny", "--prompt", "x", "--chat"], "--prompt and --chat exclude each other"),
+        (["tiny", "--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0"),
+        (["tiny", "--prompt", "x", "--temperature", "1", "--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["tiny", "--prompt", "x", "--temperature", "1", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["tiny", "--prompt", "x", "--top-p", "0.9"], "--top-p only apply to sampling; add --temperature"),
+        (["tiny", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (["tiny", "--prompt", "x", "--max-new-tokens", "2000"], "would pass the 1,024 positions"),
+        (["tiny", "--prompt", "x", "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
+        (["no-such-model", "--prompt", "x"], "unknown model 'no-such-model'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(args, says, capsys):
+    code, out, err = cli(capsys, "generate", *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and says in err
+    assert out == ""
+
+
+def test_paths_that_are_no_job_and_no_model_are_refused(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli(capsys, "generate", tmp_path / "empty", "--prompt", "x")
+    assert code == 2 and "neither a lowmem-ft job (no job.json) nor a Hugging Face model" in err
+    code, _, err = cli(capsys, "generate", tmp_path / "missing", "--prompt", "x")
+    assert code == 2 and "no such job or model directory" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unfinished_job_is_refused_in_one_line(tmp_path, capsys):
+    job = tmp_path / "job"
+    job.mkdir()
+    record = {"status": "interrupted", "step": 1, "max_steps": 4, "config": {"method": "full"}}
+    (job / "job.json").write_text(json.dumps(record))
+    code, _, err = cli(capsys, "generate", job, "--prompt", "x")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "has no result yet (status interrupted, step 1 of 4)" in err and f"lowmem-ft resume {job}" in err
+
+
+def test_a_delta_is_refused_on_another_base(jobs, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(TINY_DIR, other)
+    model = other / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-2] + b"  ")  # same tensors' layout, different bytes
+    code, _, err = cli(capsys, "generate", jobs["sift"], "--base", other, "--prompt", "x")
+    assert code == 2 and "is not the base this delta was trained from" in err
+
+
+# -- memory on a GPU, with a faked budget (no GPU here) -------------------------------------------
+def test_generation_memory_counts_the_weights_and_the_kv_cache():
+    from transformers import AutoConfig
+
+    from lowmem_ft.planner.plan import CUDA_CONTEXT_BYTES
+
+    config = AutoConfig.from_pretrained(TINY_DIR)  # 6 layers, 2 KV heads of 64
+    memory = generation_memory(config, params=1000, dtype=torch.bfloat16, tokens=100)
+    assert memory.weights == 2000
+    assert memory.kv_cache == 2 * 6 * 2 * 64 * 100 * 2
+    assert memory.total == memory.weights + memory.kv_cache + CUDA_CONTEXT_BYTES
+    check_fits(memory, memory.total, torch.device("cuda"), 100)  # exactly enough
+    with pytest.raises(UserError, match=r"KV cache for 100 tokens .* lower --max-new-tokens"):
+        check_fits(memory, memory.total - 1, torch.device("cuda"), 100)
+
+
+def test_on_a_gpu_the_model_is_refused_before_it_moves_when_it_cannot_fit(monkeypatch):
+    from types import SimpleNamespace
+
+    loaded = load_generator("tiny", GenerateOptions(max_new_tokens=8))
+    generator = Generator(**{**vars(loaded), "device": torch.device("cuda:0"), "dtype": torch.bfloat16})
+    seen = {}
+
+    def budget(cuda_index=0, **_):
+        seen["index"] = cuda_index
+        return SimpleNamespace(gpu=object(), gpu_bytes=64 * 2**20)  # a GPU with 64 MiB free
+
+    monkeypatch.setattr("lowmem_ft.generate.generator.detect_budget", budget)
+    with pytest.raises(UserError, match="generating needs about .* on cuda:0 .* 64.0 MiB is free"):
+        generator.complete("hi")
+    assert seen == {"index": 0}
+    assert next(generator.model.parameters()).device.type == "cpu"
+
+
+def test_the_readme_generate_command_runs(jobs, capsys):
+    """README's "Try the result" command, on a job of this module in place of the README's."""
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith("$ lowmem-ft generate runs/"))
+    _, program, command, _job, *options = shlex.split(line)
+    assert (program, command) == ("lowmem-ft", "generate") and options[0] == "--prompt"
+    code, out, err = cli(capsys, command, jobs["full"], *options, *NEW)
+    assert code == 0 and out.strip(), err

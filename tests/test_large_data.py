@@ -1,0 +1,359 @@
+"""Large data: tokenising in chunks on whole arrays gives exactly the ids and labels the per-record code
+gave, the tokenised data is cached in the job for `resume`, and evaluation stays cheap (a capped,
+seeded subset, micro-batch by micro-batch, no gradients)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import cli  # the CLI in-process: (exit code, stdout, stderr)
+from test_data import (
+    CHAT_TEMPLATE,
+    CONVERSATION,
+    SHAREGPT,
+    TOOL_CONVERSATION,
+    TOOL_TEMPLATE,
+    TOOLS,
+)
+from test_resume import assert_same_result, signal_at_step
+
+from lowmem_ft.data import (
+    Example,
+    ExampleTable,
+    Record,
+    choose_eval_examples,
+    read_jsonl,
+    render,
+    tokenize_records,
+)
+from lowmem_ft.data import tokenize as tokenize_module
+from lowmem_ft.data.cache import read_cache, write_cache
+from lowmem_ft.data.formats import detect_format
+from lowmem_ft.errors import DataError
+
+# -- the per-record tokenisation this replaced, kept as the reference -------------------------------------
+
+
+def reference_tokenize(records: list[Record], fmt: str, tokenizer, seq_len: int) -> list[Example]:
+    """lowmem-ft 0.x's tokenize_records (a Python step per record and per token), verbatim but for
+    the statistics."""
+    rendered = [render(record.data, fmt, tokenizer) for record in records]
+    encodings = tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    examples = []
+    for i, item in enumerate(rendered):
+        input_ids = list(encodings["input_ids"][i])
+        labels = [
+            token
+            if any(s < span_end and e > span_start for span_start, span_end in item.train_spans)
+            else -100
+            for token, (s, e) in zip(input_ids, encodings["offset_mapping"][i], strict=True)
+        ]
+        if tokenizer.bos_token_id is not None and not item.text.startswith(tokenizer.bos_token):
+            input_ids.insert(0, tokenizer.bos_token_id)
+            labels.insert(0, -100)
+        if tokenizer.eos_token_id is not None and not item.text.endswith(tokenizer.eos_token):
+            last_trained = bool(labels) and labels[-1] != -100
+            input_ids.append(tokenizer.eos_token_id)
+            labels.append(tokenizer.eos_token_id if last_trained else -100)
+        input_ids, labels = input_ids[:seq_len], labels[:seq_len]
+        if any(label != -100 for label in labels):
+            examples.append(Example(input_ids, labels))
+    return examples
+
+
+def with_template(tokenizer, template):
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+UNICODE = "Grüße, 東京 🙂 — naïve café"
+ALPHABET = ["a", "b", " ", "xy", "\n", "\t", ".", ",", "!?", "é", "東", "🙂", "<s>", "</s>", "  "]
+# (records of one format, the chat template or None): every format, tool use, texts that already
+# start with BOS or end with EOS, non-ASCII text (offsets count characters, not bytes), empty replies
+RECORD_SETS = {
+    "text": ([{"text": "The cat sat."}, {"text": "<s>Starts with BOS"}, {"text": "ends with EOS</s>"}], None),
+    "prompt-completion": (
+        [{"prompt": f"Q{i}: {UNICODE}?", "completion": f" A{i} " * i} for i in range(1, 6)],
+        None,
+    ),
+    "alpaca": (
+        [
+            {"instruction": "Name the capital.", "input": "France", "output": "Paris."},
+            {"instruction": UNICODE, "output": "Ja. " * 30},
+            {"instruction": "x", "input": "", "output": "y"},
+        ],
+        None,
+    ),
+    "chat, default template": (
+        [{"messages": CONVERSATION}, {"messages": CONVERSATION[:4]}, {"messages": CONVERSATION[1:3]}],
+        None,
+    ),
+    "chat, model template": (
+        [
+            {"messages": CONVERSATION},
+            {"messages": [*CONVERSATION[:2], {"role": "assistant", "content": ""}, *CONVERSATION[3:]]},
+        ],
+        CHAT_TEMPLATE,
+    ),
+    "sharegpt": ([{"conversations": SHAREGPT}, {"conversations": SHAREGPT[1:3]}], CHAT_TEMPLATE),
+    # spaces and newlines at the seams, where the tokenizer trims its offsets; special tokens inside
+    "whitespace": (
+        [
+            {"prompt": "Q:\n\n  ", "completion": "   \n  answer  \n"},
+            {"prompt": "a</s>b<s>", "completion": "<s> c </s> d"},
+            {"prompt": "  ", "completion": " \t"},
+        ],
+        None,
+    ),
+    "random": (
+        [
+            {
+                "prompt": "".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 40))),
+                "completion": "".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 40))) + ".",
+            }
+            for rng in [random.Random(0)]
+            for _ in range(40)
+        ],
+        None,
+    ),  # fmt: skip
+    "tool calls": (
+        [{"messages": TOOL_CONVERSATION, "tools": TOOLS}, {"messages": TOOL_CONVERSATION}],
+        TOOL_TEMPLATE,
+    ),
+}
+
+
+@pytest.mark.parametrize("chunk", [2, 8192])  # several chunks, and one
+@pytest.mark.parametrize("seq_len", [512, 24, 9])  # nothing cut; cut; most responses cut away
+@pytest.mark.parametrize("name", list(RECORD_SETS))
+def test_tokenising_gives_the_ids_and_labels_the_per_record_code_gave(
+    name, seq_len, chunk, tiny_tokenizer, monkeypatch
+):
+    rows, template = RECORD_SETS[name]
+    tokenizer = with_template(tiny_tokenizer, template) if template else tiny_tokenizer
+    records = [Record(i + 1, row, "data.jsonl") for i, row in enumerate(rows * 3)]
+    fmt = detect_format(rows[0])
+    expected = reference_tokenize(records, fmt, tokenizer, seq_len)
+    monkeypatch.setattr(tokenize_module, "CHUNK", chunk)
+    table, stats = tokenize_records(records, fmt, tokenizer, seq_len)
+    assert isinstance(table, ExampleTable)
+    assert list(table) == expected
+    assert stats.examples == len(expected) and stats.dropped_no_target == len(records) - len(expected)
+    assert stats.tokens == sum(len(e.input_ids) for e in expected)
+    assert stats.target_tokens == sum(label != -100 for e in expected for label in e.labels)
+
+
+def test_example_table_round_trips_and_selects():
+    examples = [Example([5, 6, 7], [-100, 6, 7]), Example([8], [8]), Example([9, 10], [-100, -100])]
+    table = ExampleTable.from_examples(examples)
+    assert list(table) == examples and len(table) == 3
+    assert table[-1] == examples[-1] and table[1:] == examples[1:]
+    assert list(table.select([2, 0])) == [examples[2], examples[0]]
+    with pytest.raises(ValueError, match="its token's id or -100"):
+        ExampleTable.from_examples([Example([5], [6])])
+    with pytest.raises(IndexError):
+        table[3]
+
+
+# -- the tokenised data kept in the job ------------------------------------------------------------------
+
+KEY = {"data_sha256": "abc", "seq_len": 64, "pack": False}
+
+
+def kept_tables() -> dict[str, ExampleTable]:
+    train = ExampleTable.from_examples([Example([1, 5, 6], [-100, 5, 6]), Example([1, 7], [-100, 7])])
+    return {"train": train, "eval": ExampleTable.from_examples([Example([1, 9], [-100, 9])])}
+
+
+def test_kept_data_reads_back_only_for_its_key(tmp_path, caplog):
+    write_cache(tmp_path, KEY, kept_tables(), {"format": "text"})
+    tables, summary = read_cache(tmp_path, KEY)
+    assert summary == {"format": "text"}
+    assert {name: list(t) for name, t in tables.items()} == {n: list(t) for n, t in kept_tables().items()}
+    with caplog.at_level(logging.INFO):
+        assert read_cache(tmp_path, {**KEY, "seq_len": 128, "pack": True}) is None
+    assert "was made with another seq_len, pack; tokenising again" in caplog.text
+    assert read_cache(tmp_path / "other", KEY) is None  # none kept: no word about it
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no-arrays", "bad-index"])
+def test_damaged_kept_data_is_ignored_with_a_line(damage, tmp_path, caplog):
+    write_cache(tmp_path, KEY, kept_tables(), {})
+    arrays, index = tmp_path / "tokenized/examples.safetensors", tmp_path / "tokenized/examples.json"
+    raw = bytearray(arrays.read_bytes())
+    if damage == "truncate":
+        arrays.write_bytes(raw[:-5])
+    elif damage == "flip":
+        raw[-3] ^= 0xFF  # in the last array's bytes: it still loads, and fails its sha256
+        arrays.write_bytes(raw)
+    elif damage == "no-arrays":
+        arrays.unlink()
+    else:
+        index.write_text("{not json")
+    with caplog.at_level(logging.INFO):
+        assert read_cache(tmp_path, KEY) is None
+    assert "cannot be used (" in caplog.text and "tokenising again" in caplog.text
+
+
+def test_a_full_disk_costs_only_the_kept_data(tmp_path, caplog, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("safetensors.numpy.save_file", full)
+    with caplog.at_level(logging.INFO):
+        write_cache(tmp_path, KEY, kept_tables(), {})
+    assert "could not keep the tokenised data" in caplog.text and "the disk is full" in caplog.text
+    assert list((tmp_path / "tokenized").iterdir()) == []
+
+
+# -- a run: progress bars, the evaluation cap, resume ----------------------------------------------------
+
+
+@pytest.fixture()
+def data(tmp_path) -> Path:
+    path = tmp_path / "data.jsonl"
+    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(48)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+RUN = [
+    "--max-steps", "7", "--batch-size", "4", "--micro-batch-size", "2", "--seq-len", "64",
+    "--eval-every", "5", "--save-every", "2", "--save-dtype", "fp32", "--eval-fraction", "0.25",
+    "--max-eval-examples", "5", "--lr", "1e-3",
+]  # fmt: skip
+
+
+def test_the_header_says_how_many_held_out_examples_are_evaluated(data, tmp_path, capsys):
+    code, out, err = cli(
+        capsys, "run", "tiny", data, "--out", tmp_path / "job", *RUN, "--max-steps", "1", "-q"
+    )
+    assert code == 0, err
+    assert "36 train / eval 5 of 12 held-out examples (chosen by --seed)" in out
+    summary = json.loads((tmp_path / "job/job.json").read_text())["data"]
+    assert (summary["eval_examples"], summary["eval_examples_available"]) == (5, 12)
+    code, out, err = cli(capsys, "run", "tiny", data, "--out", tmp_path / "all", *RUN, "--max-steps", "1",
+                         "--max-eval-examples", "0", "-q")  # fmt: skip
+    assert code == 0, err
+    assert "36 train / 12 eval examples" in out
+
+
+def test_the_evaluation_subset_is_seeded_and_ordered():
+    examples = ExampleTable.from_examples([Example([i], [i]) for i in range(50)])
+    chosen = [e.input_ids[0] for e in choose_eval_examples(examples, 10, seed=3)]
+    assert len(chosen) == 10 and chosen == sorted(chosen)
+    assert [e.input_ids[0] for e in choose_eval_examples(examples, 10, seed=3)] == chosen
+    assert [e.input_ids[0] for e in choose_eval_examples(examples, 10, seed=4)] != chosen
+    assert choose_eval_examples(examples, 0, seed=3) is examples  # 0: all of them
+    assert choose_eval_examples(examples, 50, seed=3) is examples
+
+
+class Bars:
+    """Stands in for tqdm.tqdm: records each bar's description and whether it was shown."""
+
+    made: list[tuple[str, bool]] = []
+
+    def __init__(self, *args, desc="", disable=False, **kwargs):
+        Bars.made.append((desc, not disable))
+
+    def __getattr__(self, name):  # update, set_postfix, write, close
+        return lambda *args, **kwargs: None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_reading_tokenising_and_evaluation_show_progress_unless_quiet(
+    quiet, data, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr("tqdm.tqdm", Bars)
+    monkeypatch.setattr(Bars, "made", [])
+    shown = {}
+    with monkeypatch.context() as patch:  # the training bar, as train.py imported it
+        patch.setattr("lowmem_ft.train.tqdm", Bars)
+        code, _, err = cli(capsys, "run", "tiny", data, "--out", tmp_path / "job", *RUN, "--max-steps", "1",
+                           *(["-q"] if quiet else []))  # fmt: skip
+    assert code == 0, err
+    for desc, on in Bars.made:
+        shown.setdefault(desc, set()).add(on)
+    assert {"reading", "tokenising", "evaluation", "training"} <= set(shown)
+    assert all(on == {not quiet} for on in shown.values()), shown
+
+
+def test_evaluation_runs_micro_batch_by_micro_batch_without_gradients(data, tmp_path, capsys, monkeypatch):
+    from lowmem_ft import train
+
+    seen = []
+    real = train.loss_sum
+
+    def loss_sum(model, batch, device, dtype):
+        if not model.training:  # an evaluation
+            seen.append((batch["input_ids"].shape[0], torch.is_grad_enabled()))
+        return real(model, batch, device, dtype)
+
+    monkeypatch.setattr(train, "loss_sum", loss_sum)
+    args = [*RUN, "--max-eval-examples", "0", "--max-steps", "1", "--micro-batch-size", "3", "-q"]
+    assert cli(capsys, "run", "tiny", data, "--out", tmp_path / "job", *args)[0] == 0
+    assert len(seen) == 2 * 4  # at step 0 and at the end: 12 examples in micro-batches of 3
+    assert all(size <= 3 and not grad for size, grad in seen), seen
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_resume_reads_the_kept_data_and_evaluates_on_the_same_examples(
+    kept, data, tmp_path, capsys, monkeypatch
+):
+    reference, job = tmp_path / "reference", tmp_path / "job"
+    assert cli(capsys, "run", "tiny", data, "--out", reference, *RUN, "-q")[0] == 0
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, 3)
+        assert cli(capsys, "run", "tiny", data, "--out", job, *RUN, "-q")[0] == 130
+    assert (job / "tokenized/examples.json").is_file()
+    with monkeypatch.context() as patch:
+        if kept:  # the data files are not read again
+            patch.setattr("lowmem_ft.prepare.read_records", lambda *a, **k: pytest.fail("read again"))
+        else:  # a job from before the cache: tokenised again, and kept this time
+            shutil.rmtree(job / "tokenized")
+        code, out, err = cli(capsys, "resume", job, "-q")
+    assert code == 0, err
+    assert ("tokenised data read from" in out) == kept
+    assert "eval 5 of 12 held-out examples" in out
+    assert (job / "tokenized/examples.json").is_file()
+    assert_same_result(job, reference)  # the evaluations at step 5 and the end included
+
+
+def test_a_job_from_before_the_cap_is_resumed_evaluating_all_it_held_out(data, tmp_path, capsys, monkeypatch):
+    job = tmp_path / "job"
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, 3)
+        assert cli(capsys, "run", "tiny", data, "--out", job, *RUN, "-q")[0] == 130
+    record = json.loads((job / "job.json").read_text())
+    for config in (record["requested"], record["config"]):
+        del config["max_eval_examples"]
+    (job / "job.json").write_text(json.dumps(record))
+    code, out, err = cli(capsys, "resume", job, "-q")
+    assert code == 0, err
+    assert "36 train / 12 eval examples" in out
+
+
+@pytest.mark.parametrize("escape", ["\\ud800", "\\uDFFF", "\\uDbFf"])
+def test_a_lone_surrogate_is_found_however_its_escape_is_written(escape, tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "東京 ' + escape + '"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r":2: 'text' holds a lone UTF-16 surrogate"):
+        read_jsonl(path)
+    path.write_text('{"text": "東京 \\ud83d\\ude42"}\n', encoding="utf-8")  # a pair is a character: 🙂
+    assert read_jsonl(path)[0][0].data["text"] == "東京 🙂"

@@ -9,7 +9,6 @@ import json
 import logging
 import random
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +21,11 @@ from test_data import (
     TOOL_TEMPLATE,
     TOOLS,
 )
-from test_resume import assert_same_result, signal_at_step
+from test_resume import (
+    assert_same_result,
+    data,  # noqa: F401 (the fixture: 48 prompt-completion records)
+    signal_at_step,
+)
 
 from lowmem_ft.data import (
     Example,
@@ -217,14 +220,6 @@ def test_a_full_disk_costs_only_the_kept_data(tmp_path, caplog, monkeypatch):
 
 
 # -- a run: progress bars, the evaluation cap, resume ----------------------------------------------------
-
-
-@pytest.fixture()
-def data(tmp_path) -> Path:
-    path = tmp_path / "data.jsonl"
-    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(48)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 RUN = [

@@ -3,6 +3,7 @@ or models built in-process from a config."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture()
+def data(tmp_path) -> Path:
+    """48 prompt-completion records (test_resume.py, test_large_data.py)."""
+    path = tmp_path / "data.jsonl"
+    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(48)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

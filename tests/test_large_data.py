@@ -23,7 +23,6 @@ from test_data import (
 )
 from test_resume import (
     assert_same_result,
-    data,  # noqa: F401 (the fixture: 48 prompt-completion records)
     signal_at_step,
 )
 

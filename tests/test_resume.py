@@ -41,14 +41,6 @@ METHODS = {
 }
 
 
-@pytest.fixture()
-def data(tmp_path) -> Path:
-    path = tmp_path / "data.jsonl"
-    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(48)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def run_args(method: str, data: Path, out: Path, *extra: str) -> list[str]:
     return ["run", "tiny", str(data), "--out", str(out), *METHODS[method], *COMMON, *extra]
 

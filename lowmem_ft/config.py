@@ -71,6 +71,7 @@ class RunConfig:
     save_every_minutes: float = 30.0  # 0: by steps only
     keep_checkpoints: int = 2
     max_bad_steps: int = 5  # NaN/Inf losses in a row before the job stops
+    log: str = ""  # copies of metrics.jsonl: "csv", "tensorboard" or both, comma-separated
     # model access
     allow_download: bool = False
     trust_remote_code: bool = False
@@ -216,6 +217,10 @@ class RunConfig:
             f"--keep-checkpoints must be at least 1 (the newest is always kept), got {self.keep_checkpoints}",
         )
         need(self.max_bad_steps >= 1, f"--max-bad-steps must be at least 1, got {self.max_bad_steps}")
+        from lowmem_ft.metric_logs import log_problem
+
+        problem = log_problem(self.log)
+        need(problem is None, problem)
 
     def _validate_data_files(self, need) -> None:
         from lowmem_ft.data.sources import data_path_problem  # imports neither torch nor datasets

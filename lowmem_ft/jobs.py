@@ -185,6 +185,7 @@ class Job:
         self.dir = directory
         self.record = record
         self.lock = JobLock(directory)
+        self.logs: list = []  # copies of metrics.jsonl that --log asks for (metric_logs.open_logs)
 
     @classmethod
     def open(cls, directory: Path) -> Job:
@@ -253,6 +254,13 @@ class Job:
             with contextlib.suppress(OSError):
                 os.truncate(self.metrics_path, start)
             raise
+        for copy in self.logs:
+            copy.write(metrics)
+
+    def close_logs(self) -> None:
+        for copy in self.logs:
+            copy.close()
+        self.logs = []
 
     def metrics_bytes(self) -> int:
         """Size of metrics.jsonl: a checkpoint records it, and a resume cuts the file back to it."""

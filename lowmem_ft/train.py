@@ -35,8 +35,10 @@ from lowmem_ft.errors import DiskError, UserError, disk_fault
 from lowmem_ft.files import free_bytes, write_json_atomic
 from lowmem_ft.hardware import PeakMemory
 from lowmem_ft.jobs import Job
+from lowmem_ft.metric_logs import open_logs
 from lowmem_ft.models.saving import model_dtype_on_disk
 from lowmem_ft.phases import OutOfMemoryIn, phase
+from lowmem_ft.pictures import LossPicture
 from lowmem_ft.precision import DTYPES
 from lowmem_ft.prepare import Setup
 from lowmem_ft.sizes import format_bytes
@@ -144,6 +146,7 @@ def execute(s: Setup, job: Job, restored: Restored | None, show_progress: bool) 
         job.update_if_possible(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
+        job.close_logs()
         job.lock.release()
     return job
 
@@ -153,7 +156,8 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
     # fp16 overflows without loss scaling; bf16 and fp32 need none (the scaler is then a no-op).
     scaler = torch.amp.GradScaler(s.device.type, enabled=s.compute_dtype == torch.float16)
     memory = PeakMemory(s.device)
-    checkpoints = Checkpoints(s, job, scaler)
+    picture = LossPicture(job.dir, f"{job.dir.name}: {s.resolved.name}, --method {s.method.name}")
+    checkpoints = Checkpoints(s, job, scaler, on_save=picture.draw)
 
     with StopRequest() as stop:
         if restored is not None:
@@ -161,6 +165,9 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
             restored.state.clear()  # what restore did not take over would otherwise stay in host memory
         else:
             progress = Progress()
+        # (after restore, which cut metrics.jsonl back to the checkpoint: the steps after it come again)
+        job.logs = open_logs(job.dir, config.log, first_step=progress.step + 1 if restored else 0)
+        if restored is None:
             progress.eval_loss_start = progress.eval_loss = evaluate(s, show_progress)
             if progress.eval_loss is not None:
                 job.log(step=0, eval_loss=progress.eval_loss)
@@ -216,6 +223,7 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
     final_eval = evaluate(s, show_progress)
     if final_eval is not None:
         job.log(step=s.max_steps, eval_loss=final_eval)
+    picture.draw()
     save_dtype = DTYPES.get(config.save_dtype) or model_dtype_on_disk(s.resolved)
     out = export_result(s, job, save_dtype)
     job.update(

@@ -40,8 +40,9 @@ class Checkpoints:
     """When to save (every --save-every steps, every --save-every-minutes, at the end, on a stop
     request) and what: everything `restore` needs to continue exactly."""
 
-    def __init__(self, s: Setup, job: Job, scaler: torch.amp.GradScaler):
+    def __init__(self, s: Setup, job: Job, scaler: torch.amp.GradScaler, on_save=lambda: None):
         self.s, self.job, self.scaler = s, job, scaler
+        self.on_save = on_save  # after each checkpoint (the recipe redraws loss.png)
         self.last_time = time.monotonic()
         self.saved_step: int | None = None
 
@@ -77,6 +78,7 @@ class Checkpoints:
             }
         )
         self.last_time, self.saved_step = time.monotonic(), progress.step
+        self.on_save()
         return path
 
 

@@ -282,6 +282,7 @@ def test_readme_quick_start_as_a_subprocess_learns(tmp_path):
     assert job["eval_loss"] <= 0.85 * job["eval_loss_start"], (job["eval_loss_start"], job["eval_loss"])
     assert "training: 100%" in result.stderr  # the progress bar was shown
     assert "eval loss" in result.stdout and "Writing model shards" not in result.stderr
+    assert (tmp_path / "job" / "loss.png").stat().st_size > 10_000  # the picture README shows
 
 
 @pytest.mark.slow

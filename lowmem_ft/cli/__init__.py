@@ -52,7 +52,7 @@ app.command(epilog=training.PLAN_EPILOG)(training.plan)
 app.command(epilog=show.EXPORT_EPILOG)(show.export)
 app.command(epilog=generate.GENERATE_EPILOG)(generate.generate)
 app.command()(show.methods)
-app.command()(show.jobs)
+app.command(epilog=show.JOBS_EPILOG)(show.jobs)
 
 
 class _Console(logging.Handler):

@@ -86,6 +86,11 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     ),
     "keep_checkpoints": ((), "Checkpoints kept in JOB/checkpoints; older ones are deleted."),
     "max_bad_steps": ((), "Stop after this many steps in a row with a NaN/Inf loss (each one is skipped)."),
+    "log": (
+        (),
+        "Also log the metrics as csv (JOB/metrics.csv), tensorboard (JOB/tensorboard/) or both: "
+        "--log csv,tensorboard. JOB/metrics.jsonl is always written.",
+    ),
     "allow_download": (
         ("--allow-download",),
         "Download missing weights from the Hugging Face hub (safetensors only).",

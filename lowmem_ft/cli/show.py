@@ -83,16 +83,40 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s ago"
 
 
+JOBS_EPILOG = """\
+Examples:
+
+  lowmem-ft jobs                                        # the jobs under runs/
+
+  lowmem-ft jobs runs/sift runs/lora --plot compare.png # their loss curves in one picture
+"""
+
+
 def jobs(
-    root: Path = typer.Argument(
-        Path("runs"), help="Directory holding job directories (or one job directory)."
+    roots: list[Path] | None = typer.Argument(
+        None, help="Directories holding job directories, or job directories. [default: runs]"
     ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
+    plot: Path | None = typer.Option(
+        None, help="Also draw the jobs' evaluation and training losses against step to this .png file."
+    ),
 ) -> None:
-    """List the jobs under ROOT with their status, progress and losses."""
+    """List the jobs under ROOTS with their status, progress and losses."""
     from lowmem_ft.jobs import list_jobs
 
-    found = list_jobs(root)
+    if plot is not None:
+        from lowmem_ft import pictures
+
+        pictures.check_destination(plot)
+    roots = roots or [Path("runs")]
+    found = sorted(
+        {j.path.resolve(): j for root in roots for j in list_jobs(root)}.values(), key=lambda j: j.updated
+    )
+    root = " ".join(map(str, roots))
+    if plot is not None:
+        if not found:
+            raise UserError(f"no jobs under {root} to draw")
+        pictures.draw_comparison([(f"{j.path.name} ({j.method})", j.path) for j in found], plot)
     if as_json:
         typer.echo(json.dumps([j.to_json() for j in found], indent=2))
         return
@@ -127,3 +151,5 @@ def jobs(
             typer.echo(f"{j.path}: failed: {j.error}")
         elif j.status == "interrupted":
             typer.echo(f"{j.path}: interrupted; continue with `lowmem-ft resume {j.path}`")
+    if plot is not None:
+        typer.echo(f"plot       {plot} ({len(found)} jobs)")

@@ -135,6 +135,7 @@ def resume(
     max_bad_steps: int | None = option(
         "max_bad_steps", None, "NaN/Inf steps in a row before stopping. [default: the job's]"
     ),
+    log: str | None = option("log", None, "Also log as csv, tensorboard or both. [default: the job's]"),
     quiet: bool = QUIET[1],
 ) -> None:
     """Continue an interrupted or failed job from its last valid checkpoint."""
@@ -143,7 +144,7 @@ def resume(
     overrides = {
         "gpu_mem": gpu_mem, "cpu_mem": cpu_mem, "micro_batch_size": micro_batch_size,
         "save_every": save_every, "save_every_minutes": save_every_minutes,
-        "keep_checkpoints": keep_checkpoints, "max_bad_steps": max_bad_steps,
+        "keep_checkpoints": keep_checkpoints, "max_bad_steps": max_bad_steps, "log": log,
     }  # fmt: skip
     _training(lambda: resume_training(job_dir, overrides, show_progress=not quiet))
 
@@ -156,6 +157,8 @@ Examples:
   lowmem-ft plan llama-2-7b --method hift --gpu-mem 8GiB --cpu-mem 64GiB
 
   lowmem-ft plan qwen2.5-7b --method sift --gpu-mem 16GiB --seq-len 2048 --json
+
+  lowmem-ft plan llama-3-8b --method hift --gpu-mem 24GiB --plot plan.png   # draw it
 
 Exit code 0 when the plan fits, 3 when it does not.
 """
@@ -179,9 +182,15 @@ Exit code 0 when the plan fits, 3 when it does not.
             bool,
             typer.Option(False, "--json", help="Print the plan as JSON (documented in docs/planner.md)."),
         ),
+        "plot": (
+            Path | None,
+            typer.Option(
+                None, help="Also draw the plan's memory, by component, against the budget, to this .png file."
+            ),
+        ),
     }
 )
-def plan(model: str, gpu: str | None, as_json: bool, **options) -> None:
+def plan(model: str, gpu: str | None, as_json: bool, plot: Path | None, **options) -> None:
     """Plan a fine-tune for this machine (or one you describe) without loading any weights."""
     from lowmem_ft.planner import build_plan, planned_as_given, render_plan
 
@@ -189,6 +198,10 @@ def plan(model: str, gpu: str | None, as_json: bool, **options) -> None:
     # and passed to the planner the way `run` passes them.
     config = RunConfig.create(model=model, data=Path("plan"), **options)
     config.validate(data_files=False)
+    if plot is not None:
+        from lowmem_ft import pictures
+
+        pictures.check_destination(plot)  # before planning: a mistake in --plot costs nothing
     result = build_plan(
         model, gpu=gpu, gpu_mem=config.gpu_mem, dtype=config.dtype, **planned_as_given(config)
     )
@@ -196,4 +209,8 @@ def plan(model: str, gpu: str | None, as_json: bool, **options) -> None:
         typer.echo(json.dumps({"model": result.model_name, **result.plan.to_json()}, indent=2))
     else:
         typer.echo(render_plan(result.plan, result.model_name, result.budget.describe()))
+    if plot is not None:
+        pictures.draw_plan(result.plan.to_json(), result.model_name, plot)
+        if not as_json:  # (the JSON on standard output stays JSON)
+            typer.echo(f"plot       {plot}")
     raise typer.Exit(0 if result.plan.fits else 3)

@@ -1,0 +1,185 @@
+"""Pictures and logs: JOB/loss.png, `plan --plot`, `jobs --plot`, and --log csv,tensorboard.
+
+A picture counts as drawn when the PNG decodes and holds the colours of what it should show (the
+training curve's blue, the evaluation curve's orange, the budget's red) in quantity: a blank or
+half-drawn figure fails.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_cli import cli  # the CLI in-process: (exit code, stdout, stderr)
+from test_resume import COMMON, signal_at_step
+
+from lowmem_ft import pictures
+
+pytest.importorskip("matplotlib")  # the test extra installs it; a bare install says how to get it
+
+BLUE, ORANGE, RED = (31, 119, 180), (255, 127, 14), (214, 39, 40)  # tab:blue, tab:orange, tab:red
+ARGS = [*COMMON, "--max-steps", "6", "--eval-every", "2", "--save-every", "2", "--lr", "1e-3"]
+
+
+def pixels_of(png: Path, colour: tuple[int, int, int]) -> int:
+    """How many pixels of ``png`` have ``colour`` (within a little antialiasing)."""
+    from matplotlib.image import imread
+
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png} is not a PNG file"
+    image = (imread(png)[..., :3] * 255).round()
+    return int((np.abs(image - np.array(colour)).max(axis=-1) <= 8).sum())
+
+
+def metrics(job: Path) -> list[dict]:
+    return [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory, data_module) -> Path:
+    """A 6-step full fine-tune with both extra logs, evaluated every 2 steps; JOB/drawn.json says
+    how many lines metrics.jsonl held each time loss.png was drawn."""
+    from lowmem_ft.cli import main
+
+    job = tmp_path_factory.mktemp("pictures") / "job"
+    drawn, draw = [], pictures.draw_loss
+
+    def counting_draw(job_dir, out=None, title=None):
+        drawn.append(len(metrics(job_dir)))
+        return draw(job_dir, out, title)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_code:
+        patch.setattr(pictures, "draw_loss", counting_draw)
+        main(["run", "tiny", str(data_module), "--out", str(job), "--log", "csv,tensorboard", *ARGS])
+    assert exit_code.value.code == 0
+    (job.parent / "drawn.json").write_text(json.dumps(drawn))
+    return job
+
+
+@pytest.fixture(scope="module")
+def data_module(tmp_path_factory) -> Path:
+    """conftest's ``data``, once for the module."""
+    path = tmp_path_factory.mktemp("data") / "data.jsonl"
+    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(48)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_finished_job_has_its_loss_picture(finished_job):
+    png = finished_job / "loss.png"
+    assert pixels_of(png, BLUE) > 300, "no training-loss curve"
+    assert pixels_of(png, ORANGE) > 300, "no evaluation-loss curve"
+    assert not list(finished_job.glob(".*.partial")), "a temporary file was left behind"
+
+
+def test_the_loss_picture_is_redrawn_at_each_checkpoint_and_at_the_end(finished_job):
+    drawn = json.loads((finished_job.parent / "drawn.json").read_text())
+    rows = metrics(finished_job)
+    # checkpoints at steps 2, 4 and 6 (with what was logged up to them), then after the final evaluation
+    at_checkpoints = [sum(1 for r in rows[:-1] if r["step"] <= step) for step in (2, 4, 6)]
+    assert "eval_loss" in rows[-1] and drawn == [*at_checkpoints, len(rows)]
+
+
+def test_csv_and_tensorboard_logs_hold_what_metrics_jsonl_holds(finished_job):
+    rows = metrics(finished_job)
+    with open(finished_job / "metrics.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows)
+    for row, record in zip(table, rows, strict=True):
+        assert int(row["step"]) == record["step"]
+        for key in ("loss", "eval_loss", "lr", "grad_norm"):
+            assert (float(row[key]) if row[key] else None) == record.get(key), key
+
+    scalars = tensorboard_scalars(finished_job)
+    assert scalars["train/loss"] == [(r["step"], pytest.approx(r["loss"])) for r in rows if "loss" in r]
+    evaluations = [(r["step"], pytest.approx(r["eval_loss"])) for r in rows if "eval_loss" in r]
+    assert scalars["eval/loss"] == evaluations
+
+
+def tensorboard_scalars(job: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(job / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_a_resumed_job_logs_each_step_once(tmp_path, capsys, monkeypatch, data, finished_job):
+    """A second Ctrl-C at step 3 stops at once: metrics.jsonl holds step 3, its checkpoint (step 2)
+    does not. The resumed run logs step 3 again; the CSV and TensorBoard must not hold it twice."""
+    job = tmp_path / "job"
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, 3, count=2)
+        code, _, _ = cli(capsys, "run", "tiny", data, "--out", job, "--log", "csv,tensorboard", *ARGS)
+    assert code == 130 and any(r.get("step") == 3 for r in metrics(job))
+    code, _, err = cli(capsys, "resume", job, "-q")
+    assert code == 0, err
+
+    with open(job / "metrics.csv", newline="") as f:
+        steps = [(row["step"], bool(row["loss"])) for row in csv.DictReader(f)]
+    assert len(steps) == len(set(steps)) == len(metrics(job))
+    reference = tensorboard_scalars(finished_job)
+    resumed = tensorboard_scalars(job)
+    for tag in ("train/loss", "eval/loss", "train/lr"):
+        assert [s for s, _ in resumed[tag]] == [s for s, _ in reference[tag]], tag
+
+
+def test_plan_plot_draws_the_memory_against_the_budget(tmp_path, capsys):
+    png = tmp_path / "plan.png"
+    code, out, err = cli(capsys, "plan", "llama-2-7b", "--method", "hift", "--gpu-mem", "8GiB", "--plot", png)
+    assert code == 0, err
+    assert f"plot       {png}" in out
+    assert pixels_of(png, RED) > 200, "no budget line"
+    assert pixels_of(png, BLUE) > 2000, "no component bars"
+
+    # --json keeps standard output JSON
+    code, out, _ = cli(capsys, "plan", "tiny", "--json", "--plot", tmp_path / "tiny.png")
+    assert code == 0 and json.loads(out)["method"] == "full" and (tmp_path / "tiny.png").is_file()
+
+
+def test_jobs_plot_compares_the_jobs_curves(tmp_path, capsys, finished_job):
+    png = tmp_path / "compare.png"
+    code, out, err = cli(capsys, "jobs", finished_job.parent, finished_job, "--plot", png)
+    assert code == 0, err
+    assert f"plot       {png} (1 jobs)" in out  # the same job given twice is drawn once
+    assert pixels_of(png, BLUE) > 300
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["plan", "tiny", "--plot", "plan.svg"], "pictures are PNG files; give a name ending in .png"),
+        (["plan", "tiny", "--plot", "nowhere/plan.png"], "the directory nowhere does not exist"),
+        (["jobs", "empty", "--plot", "jobs.png"], "no jobs under empty to draw"),
+        (["run", "tiny", "DATA", "--log", "wandb"], "--log 'wandb' is not known; give csv, tensorboard"),
+    ],
+)
+def test_bad_picture_and_log_options_are_one_line(args, message, tmp_path, capsys, monkeypatch, data):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    code, out, err = cli(capsys, *[data if a == "DATA" else a for a in args])
+    assert code == 2 and err.strip() == f"error: {err.strip().removeprefix('error: ')}"
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_without_matplotlib_a_job_still_runs_and_says_how_to_draw(tmp_path, capsys, monkeypatch, data):
+    monkeypatch.setattr(pictures, "available", lambda: False)
+    code, out, err = cli(capsys, "run", "tiny", data, "--out", tmp_path / "job", *ARGS, "--max-steps", "2")
+    assert code == 0, err
+    assert 'loss.png   not drawn: matplotlib is not installed (pip install "lowmem-ft[plots]")' in out
+    assert not (tmp_path / "job" / "loss.png").exists()
+    code, _, err = cli(capsys, "plan", "tiny", "--plot", tmp_path / "plan.png")
+    assert (
+        code == 2
+        and 'drawing needs matplotlib, which is not installed: pip install "lowmem-ft[plots]"' in err
+    )
+
+
+def test_curves_skip_a_torn_last_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "lr": 0.1}\n{"step": 2, "lo')
+    curves = pictures.Curves.read(tmp_path / "metrics.jsonl")
+    assert curves.steps == [1] and curves.loss == [2.0]
+    assert pictures.draw_loss(tmp_path).is_file()

@@ -3,6 +3,8 @@
     JOB/checkpoints/step-000040/
       state.json                   the state's structure and every non-tensor value (JSON)
       tensors-00000.safetensors    its tensors, in shards of at most SHARD_BYTES
+      shards/                      several ranks with a sharded model: each rank's part of the
+                                   weights and optimizer state (torch.distributed.checkpoint)
       manifest.json                step, and the size and sha256 of every file above; written last
 
 Nothing here needs pickle to load: tensors go through safetensors, everything else through JSON
@@ -28,6 +30,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +47,7 @@ SHARD_BYTES = 1 << 30
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 STATE = "state.json"
+SHARDS = "shards"  # several ranks: each one's part of the weights and optimizer state (DCP)
 _PARTIAL = ".partial-"
 
 
@@ -147,15 +151,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(job_dir: Path, step: int, state: dict, keep: int) -> Path:
+def partial_dir(job_dir: Path, step: int) -> Path:
+    """Where checkpoint ``step`` is written before it is complete."""
+    return checkpoints_dir(job_dir) / f"{_PARTIAL}{checkpoint_name(step)}"
+
+
+def save_checkpoint(
+    job_dir: Path, step: int, state: dict, keep: int, write_shards: Callable[[Path], None] | None = None
+) -> Path:
     """Write ``state`` as checkpoint ``step`` atomically; keep the ``keep`` newest checkpoints.
+    ``write_shards(directory)``: with several ranks, writes their shards (SHARDS, through
+    torch.distributed.checkpoint) into the checkpoint before its manifest, which lists them too.
 
     Raises CheckpointWriteError (with the previous checkpoints intact) if the disk is full or
     not writable.
     """
     root = checkpoints_dir(job_dir)
     final = root / checkpoint_name(step)
-    partial = root / f"{_PARTIAL}{final.name}"
+    partial = partial_dir(job_dir, step)
     if final.is_dir() and verify_checkpoint(final) is None:
         return final  # the same step's state, already safely on disk
 
@@ -175,6 +188,9 @@ def save_checkpoint(job_dir: Path, step: int, state: dict, keep: int) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
         files = _write_contents(partial, state)
+        if write_shards is not None:
+            write_shards(partial / SHARDS)
+            files |= _listed(partial, partial / SHARDS)
         manifest = {"format": FORMAT, "step": step, "created": time.time(), "files": files}
         _write_file(partial / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         _fsync_dir(partial)
@@ -230,6 +246,15 @@ def _write_contents(directory: Path, state: dict) -> dict[str, dict]:
     _write_file(directory / STATE, data)
     files[STATE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     return files
+
+
+def _listed(directory: Path, under: Path) -> dict[str, dict]:
+    """Sizes and checksums of the files under ``under``, named relative to ``directory``."""
+    return {
+        str(file.relative_to(directory)): {"bytes": file.stat().st_size, "sha256": sha256_of([file])}
+        for file in sorted(under.rglob("*"))
+        if file.is_file()
+    }
 
 
 def _host_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,7 @@ class RunConfig:
     gradient_checkpointing: bool | None = None  # None: the planner chooses
     gpu_mem: str | None = None
     cpu_mem: str | None = None
+    nproc: int = 1  # ranks on this machine (distributed/): one per GPU, or CPU processes with gloo
     save_dtype: str = "auto"
     seed: int = 0
     # checkpoints and faults (they change nothing in the result, so a resume may change them)
@@ -203,6 +204,12 @@ class RunConfig:
         )
         problem = device_problem(self.device)
         need(problem is None, problem)
+        from lowmem_ft.distributed.ranks import nproc_problem
+
+        streams = self.streams_every_layer or bool(self.streamed_layers)
+        gpus = _gpu_count() if self.device != "cpu" and self.nproc > 1 else None
+        problem = nproc_problem(self.nproc, self.method, streams, self.batch_size, gpus)
+        need(problem is None, problem)
         if data_files:
             self._validate_data_files(need)
         need(
@@ -253,6 +260,14 @@ class RunConfig:
             if values.get(key) is not None:
                 values[key] = Path(values[key])
         return cls.create(**values)
+
+
+def _gpu_count() -> int | None:
+    """GPUs the ranks would run on (None: none, so the ranks run on CPU with gloo). torch counts
+    them without initialising CUDA in this process, which the ranks could then not fork from."""
+    import torch
+
+    return torch.cuda.device_count() or None
 
 
 def default_lr(method: str, params: int) -> float:

@@ -33,10 +33,12 @@ def print_header(s: Setup, job: Job) -> None:
         + (f", {d.stats.dropped_no_target} dropped (no response left)" if d.stats.dropped_no_target else "")
         + (f", {d.skipped_lines} bad lines skipped" if d.skipped_lines else "")
     )
-    accumulation = math.ceil(s.config.batch_size / s.config.micro_batch_size)
+    ranks = s.group.ranks.size
+    accumulation = math.ceil(s.config.batch_size / ranks / s.config.micro_batch_size)
     log.info(
         f"training   {s.max_steps} steps of {s.config.batch_size} examples "
-        f"({accumulation} × micro-batch {s.config.micro_batch_size}), "
+        + (f"({ranks} ranks × " if ranks > 1 else "(")
+        + f"{accumulation} × micro-batch {s.config.micro_batch_size}), "
         f"lr {s.config.lr:g}"
         + (" (the default for this method and size)" if s.lr_is_default else "")
         + f" {s.config.schedule}, "

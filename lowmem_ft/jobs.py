@@ -288,6 +288,36 @@ class Job:
         )
 
 
+class FollowerJob(Job):
+    """The job as the ranks other than 0 see it (--nproc): rank 0 writes the record, the metrics
+    and the lock; the others read the record and write nothing of it."""
+
+    @classmethod
+    def open(cls, directory: Path) -> FollowerJob:
+        job = super().open(directory)
+        job.lock = _NoLock()
+        return job
+
+    def update(self, **fields) -> None:
+        self.record.update(fields)
+
+    def save(self) -> None:
+        pass
+
+    def log(self, **metrics) -> None:
+        pass
+
+
+class _NoLock:
+    stale_holder = None
+
+    def acquire(self, new_job: bool = False) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
 @dataclass
 class JobInfo:
     path: Path

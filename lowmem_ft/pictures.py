@@ -152,10 +152,10 @@ class LossPicture:
     """A running job's loss.png, redrawn at each checkpoint and at the end. A picture is never
     worth a run: without matplotlib it says so once, and a failure to draw is a warning."""
 
-    def __init__(self, job_dir: Path, title: str):
+    def __init__(self, job_dir: Path, title: str, enabled: bool = True):
         self.job_dir, self.title = job_dir, title
-        self.enabled = available()
-        if not self.enabled:
+        self.enabled = enabled and available()
+        if enabled and not self.enabled:
             log.info(f"loss.png   not drawn: matplotlib is not installed ({INSTALL_HINT})")
 
     def draw(self) -> None:

@@ -25,6 +25,7 @@ from lowmem_ft.data import (
     tokenize_records,
 )
 from lowmem_ft.data.cache import read_cache, tokenizer_sha256, write_cache
+from lowmem_ft.distributed.group import ONE, Group
 from lowmem_ft.errors import UserError
 from lowmem_ft.files import sha256_of
 from lowmem_ft.methods import build_method
@@ -90,6 +91,7 @@ class Setup:
     batcher: Batcher
     max_steps: int
     lr_is_default: bool = False  # no --lr: the method's default for the model's size
+    group: Group = ONE  # the job's ranks (--nproc); rank 0 writes the job
 
 
 # -- setup ----------------------------------------------------------------------------------------
@@ -212,10 +214,11 @@ def streaming(config: RunConfig, resolved: ResolvedModel, planned: int) -> dict:
     return {"streamed_layers": layers, **({"gradient_checkpointing": True} if layers else {})}
 
 
-def setup(config: RunConfig, show_progress: bool = False) -> Setup:
+def setup(config: RunConfig, show_progress: bool = False, group: Group = ONE) -> Setup:
     """``config``: the run as asked for. ``Setup.config`` is the resolved run, the plan's choices
     filled in, which everything after this reads. ``show_progress``: bars while data is read and
-    tokenised."""
+    tokenised. ``group``: the job's ranks, each of which sets up the same run (its own slice of
+    every batch)."""
     config.validate()
     resolved = resolve_model(
         config.model, allow_download=config.allow_download, trust_remote_code=config.trust_remote_code
@@ -227,9 +230,12 @@ def setup(config: RunConfig, show_progress: bool = False) -> Setup:
 
     torch.manual_seed(config.seed)
     device, compute_dtype = config.resolved_device(), config.compute_dtype()
+    if group.several:
+        device = group.device  # a rank's own GPU (cuda:LOCAL_RANK), or the CPU
     if device.type == "cuda":  # --device cuda:N: streams, pinning and the context all on that card
         torch.cuda.set_device(device)
     method = build_method(config)
+    method.group = group
     model = load_model(resolved, method.weight_dtype(), trust_remote_code=config.trust_remote_code)
     model_params = sum(p.numel() for p in model.parameters())
     prepare_model(config, method, model, device)
@@ -237,12 +243,13 @@ def setup(config: RunConfig, show_progress: bool = False) -> Setup:
         check_plan_fits_device(plan, device)
 
     batcher = Batcher(
-        data.train, config.batch_size, config.micro_batch_size, tokenizer.pad_token_id, config.seed
-    )
+        data.train, config.batch_size, config.micro_batch_size, tokenizer.pad_token_id, config.seed,
+        group.ranks.rank, group.ranks.size,
+    )  # fmt: skip
     max_steps = config.max_steps or max(1, math.ceil(config.epochs * batcher.steps_per_epoch))
     return Setup(
         config, plan, resolved, tokenizer, data, model, model_params, method, device, compute_dtype, batcher,
-        max_steps, lr_is_default,
+        max_steps, lr_is_default, group,
     )  # fmt: skip
 
 

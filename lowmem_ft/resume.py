@@ -17,9 +17,11 @@ from lowmem_ft.checkpoint import Restored, latest_checkpoint, remove_partial
 from lowmem_ft.config import RunConfig
 from lowmem_ft.console import print_header
 from lowmem_ft.data.sources import data_files
+from lowmem_ft.distributed.group import ONE, Group
+from lowmem_ft.distributed.ranks import Ranks
 from lowmem_ft.errors import UserError
 from lowmem_ft.files import sha256_of, write_json_atomic
-from lowmem_ft.jobs import Job
+from lowmem_ft.jobs import FollowerJob, Job
 from lowmem_ft.prepare import Setup, setup
 from lowmem_ft.registry import kept_on_resume
 from lowmem_ft.train import execute
@@ -27,20 +29,51 @@ from lowmem_ft.train import execute
 log = logging.getLogger(__name__)  # the CLI shows it (cli.report_to_console)
 
 
-def resume(job_dir: Path, overrides: dict | None = None, show_progress: bool = True) -> Job:
+def resume(job_dir: Path, overrides: dict | None = None, show_progress: bool = True) -> Job | None:
     """Continue a job from its newest valid checkpoint (or from step 0 if it has none), planned
     again for this machine. ``overrides``: options that do not change the result (memory budgets,
-    micro-batch, checkpoint policy)."""
-    job = Job.open(job_dir)
-    record = job.record
+    micro-batch, checkpoint policy, the number of ranks). A job of several ranks starts them
+    (distributed/launch.py), each of which comes back here, and returns None when they end."""
+    overrides = overrides or {}
+    ranks = Ranks.from_env()
+    if not ranks.several:
+        record = Job.open(job_dir).record
+        nproc = overrides.get("nproc") or record["config"].get("nproc", 1)
+        if nproc > 1:
+            from lowmem_ft.distributed.launch import launch
+
+            _refuse_done(job_dir, record)
+            launch("resume", {"job": str(job_dir.resolve()), "overrides": overrides}, nproc, show_progress)
+            return None
+    group = Group.join(RunConfig.from_json(Job.open(job_dir).record["config"]).resolved_device())
+    try:
+        return _resume(job_dir, overrides, show_progress, group)
+    finally:
+        group.leave()
+
+
+def _refuse_done(job_dir: Path, record: dict) -> None:
     if record.get("status") == "done":
         raise UserError(
             f"{job_dir} is done (step {record.get('step')}/{record.get('max_steps')}); "
             f"its result is {record.get('output')}; there is nothing to resume"
         )
+
+
+def _resume(job_dir: Path, overrides: dict, show_progress: bool, group: Group) -> Job:
+    if not group.main:  # rank 0 checks and takes the job; the others follow it
+        group.barrier()
+        job = FollowerJob.open(job_dir)
+        s, restored = _prepare_resume(job, overrides, False, group)
+        return execute(s, job, restored, False)
+    job = Job.open(job_dir)
+    record = job.record
+    _refuse_done(job_dir, record)
     job.lock.acquire()  # refuses a job that a live process is running
     try:
-        s, restored = _prepare_resume(job, overrides or {}, show_progress)
+        remove_partial(job.dir)  # (before the other ranks look for checkpoints)
+        group.barrier()
+        s, restored = _prepare_resume(job, overrides, show_progress, group)
     except BaseException:
         job.lock.release()
         raise
@@ -52,7 +85,9 @@ def resume(job_dir: Path, overrides: dict | None = None, show_progress: bool = T
     return execute(s, job, restored, show_progress)
 
 
-def _prepare_resume(job: Job, overrides: dict, show_progress: bool = False) -> tuple[Setup, Restored | None]:
+def _prepare_resume(
+    job: Job, overrides: dict, show_progress: bool = False, group: Group = ONE
+) -> tuple[Setup, Restored | None]:
     record = job.record
     if job.lock.stale_holder:
         log.info(f"lock       taken over from process {job.lock.stale_holder.get('pid')}, which is gone")
@@ -86,20 +121,22 @@ def _prepare_resume(job: Job, overrides: dict, show_progress: bool = False) -> t
             f"{config.data} changed since the job started; resuming needs the same data "
             "(start a new job to train on the new file)"
         )
-    s = setup(config, show_progress)  # the tokenised data the job kept, if it is still valid
+    if group.several and config.nproc != group.ranks.size:  # torchrun's count is the count
+        config = config.replace(nproc=group.ranks.size)
+    s = setup(config, show_progress, group)  # the tokenised data the job kept, if it is still valid
     if s.max_steps != record.get("max_steps"):
         raise UserError(
             f"this resume would train {s.max_steps} steps, the job was planned for "
             f"{record.get('max_steps')}; resume with the same data and settings"
         )
-    _report_plan_change(job, s)
-    s.data.keep_in(job.dir)  # when it was tokenised again (a job from before the cache, or a damaged one)
+    if group.main:  # (the other ranks read the job; rank 0 writes it)
+        _report_plan_change(job, s)
+        s.data.keep_in(job.dir)  # when it was tokenised again (a job from before the cache, or a damaged one)
 
-    remove_partial(job.dir)
     restored, skipped = latest_checkpoint(job.dir)
     for name, problem in skipped:
         log.info(f"checkpoint {name} is damaged ({problem}); skipped")
-    if restored is None:
+    if restored is None and group.main:
         job.truncate_metrics(0)
     job.record["config"] = s.config.to_json()
     job.update(status="running", pid=os.getpid(), error=None, resumes=record.get("resumes", 0) + 1)

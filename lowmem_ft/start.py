@@ -10,9 +10,11 @@ from pathlib import Path
 from lowmem_ft.config import RunConfig
 from lowmem_ft.console import print_header
 from lowmem_ft.data.sources import data_files
+from lowmem_ft.distributed.group import Group
+from lowmem_ft.distributed.ranks import Ranks
 from lowmem_ft.errors import DiskError, disk_fault
 from lowmem_ft.files import sha256_of, write_json_atomic
-from lowmem_ft.jobs import Job, abandon_new_job, claim_new_job
+from lowmem_ft.jobs import FollowerJob, Job, abandon_new_job, claim_new_job
 from lowmem_ft.precision import dtype_name
 from lowmem_ft.prepare import setup
 from lowmem_ft.train import execute
@@ -28,13 +30,35 @@ def default_out_dir(config: RunConfig, model_name: str) -> Path:
     return out
 
 
-def run(config: RunConfig, show_progress: bool = True) -> Job:
-    """A new job: plan, load, train, checkpoint, export."""
+def run(config: RunConfig, show_progress: bool = True) -> Job | None:
+    """A new job: plan, load, train, checkpoint, export. With --nproc N, this process starts N ranks
+    (distributed/launch.py) that each come back here, as a rank, and returns None when they end."""
+    ranks = Ranks.from_env()
+    if config.nproc > 1 and not ranks.several:
+        from lowmem_ft.distributed.launch import launch
+
+        config.validate()  # one line for a mistake, before N ranks would each say it
+        launch("run", {"config": portable(config.to_json())}, config.nproc, show_progress)
+        return None
+    if ranks.several and config.nproc != ranks.size:  # started by torchrun: its count is the count
+        config = config.replace(nproc=ranks.size)
+    group = Group.join(config.resolved_device())
+    try:
+        return _run(config, show_progress, group)
+    finally:
+        group.leave()
+
+
+def _run(config: RunConfig, show_progress: bool, group: Group) -> Job:
     requested = portable(config.to_json())  # before the planner fills in what the user left open
+    if not group.main:  # rank 0 creates the job; the others set up the same run and follow it
+        s = setup(config, False, group)
+        job = FollowerJob.open(Path(group.broadcast(None)))
+        return execute(s, job, None, False)
     # --out is claimed first: of two runs given the same one, exactly one goes on.
     lock = claim_new_job(config.out) if config.out else None
     try:
-        s = setup(config, show_progress)  # raises UserError on bad input, before anything is written
+        s = setup(config, show_progress, group)  # raises UserError on bad input, before anything is written
         out_dir = config.out or default_out_dir(config, s.resolved.name)
         lock = lock or claim_new_job(out_dir)
         job = Job.create(
@@ -63,6 +87,7 @@ def run(config: RunConfig, show_progress: bool = True) -> Job:
                 "or choose another --out"
             ) from None
         raise
+    group.broadcast(str(job.dir))  # the other ranks follow this job
     s.data.keep_in(job.dir)  # for resume: the data is not read and tokenised again
     print_header(s, job)
     return execute(s, job, None, show_progress)

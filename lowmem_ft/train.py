@@ -12,6 +12,7 @@ stop.py; what the run prints before its first step, console.py.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -31,12 +32,13 @@ from lowmem_ft.console import out_of_memory_message
 from lowmem_ft.data import Batcher, eval_batches
 from lowmem_ft.data.bulk import progress_bar
 from lowmem_ft.data.tokenize import IGNORE_INDEX
+from lowmem_ft.distributed.fsdp import full_value, is_sharded
 from lowmem_ft.errors import DiskError, UserError, disk_fault
 from lowmem_ft.files import free_bytes, write_json_atomic
 from lowmem_ft.hardware import PeakMemory
 from lowmem_ft.jobs import Job
 from lowmem_ft.metric_logs import open_logs
-from lowmem_ft.models.saving import model_dtype_on_disk
+from lowmem_ft.models.saving import model_dtype_on_disk, save_hf_model
 from lowmem_ft.phases import OutOfMemoryIn, phase
 from lowmem_ft.pictures import LossPicture
 from lowmem_ft.precision import DTYPES
@@ -105,15 +107,23 @@ def evaluate(s: Setup, show_progress: bool = False) -> float | None:
     s.model.eval()
     total, count = 0.0, 0
     micro = s.config.micro_batch_size
-    batches = math.ceil(len(s.data.eval) / micro)
-    bar = progress_bar(batches, "evaluation", "batch", show_progress, unit_scale=False)
+    batches = lambda: eval_batches(s.data.eval, micro, s.tokenizer.pad_token_id)  # noqa: E731
+    # With several ranks, rank r evaluates batches r, r + N, ...; every rank runs as many forwards
+    # (a sharded model gathers its weights in each), the short ones an extra that is not counted.
+    rank, ranks = s.group.ranks.rank, s.group.ranks.size
+    n_batches = math.ceil(len(s.data.eval) / micro)
+    turns, done = math.ceil(n_batches / ranks), 0
+    bar = progress_bar(turns, "evaluation", "batch", show_progress, unit_scale=False)
     with phase("evaluation"), bar:
-        for batch in eval_batches(s.data.eval, micro, s.tokenizer.pad_token_id):
+        for batch in itertools.islice(batches(), rank, None, ranks):
             total += loss_sum(s.model, batch, s.device, s.compute_dtype).item()
             count += target_count(batch)
+            done += 1
             bar.update(1)
+        for _ in range(turns - done):
+            loss_sum(s.model, next(batches()), s.device, s.compute_dtype)
     s.model.train()
-    return total / max(count, 1)
+    return s.group.sum(total) / max(s.group.sum(count), 1)
 
 
 def execute(s: Setup, job: Job, restored: Restored | None, show_progress: bool) -> Job:
@@ -142,7 +152,8 @@ def execute(s: Setup, job: Job, restored: Restored | None, show_progress: bool) 
             job.update_if_possible(status="failed", error=message)
             raise DiskError(message) from None
         with contextlib.suppress(OSError):
-            (job.dir / "error.log").write_text(traceback.format_exc())
+            name = "error.log" if s.group.main else f"error-rank{s.group.ranks.rank}.log"
+            (job.dir / name).write_text(traceback.format_exc())
         job.update_if_possible(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
@@ -156,17 +167,20 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
     # fp16 overflows without loss scaling; bf16 and fp32 need none (the scaler is then a no-op).
     scaler = torch.amp.GradScaler(s.device.type, enabled=s.compute_dtype == torch.float16)
     memory = PeakMemory(s.device)
-    picture = LossPicture(job.dir, f"{job.dir.name}: {s.resolved.name}, --method {s.method.name}")
+    picture = LossPicture(
+        job.dir, f"{job.dir.name}: {s.resolved.name}, --method {s.method.name}", enabled=s.group.main
+    )
     checkpoints = Checkpoints(s, job, scaler, on_save=picture.draw)
 
     with StopRequest() as stop:
         if restored is not None:
-            progress = restore(s, scaler, job, restored.state)
+            progress = restore(s, scaler, job, restored)
             restored.state.clear()  # what restore did not take over would otherwise stay in host memory
         else:
             progress = Progress()
         # (after restore, which cut metrics.jsonl back to the checkpoint: the steps after it come again)
-        job.logs = open_logs(job.dir, config.log, first_step=progress.step + 1 if restored else 0)
+        if s.group.main:
+            job.logs = open_logs(job.dir, config.log, first_step=progress.step + 1 if restored else 0)
         if restored is None:
             progress.eval_loss_start = progress.eval_loss = evaluate(s, show_progress)
             if progress.eval_loss is not None:
@@ -179,7 +193,10 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
             total=s.max_steps, initial=progress.step, desc="training", unit="step", disable=not show_progress,
             dynamic_ncols=True,
         )  # fmt: skip
-        while progress.step < s.max_steps and stop.signal is None:
+        if not s.group.main:  # what rank 0 says (evaluations, retries), the others would repeat
+            bar.write = lambda *args, **kwargs: None
+        # (several ranks stop together, at the end of the same step, whichever one got the signal)
+        while progress.step < s.max_steps and not s.group.any(stop.signal is not None):
             step = progress.step
             started = time.perf_counter()
             result = train_step(s, job, step, scaler, bar)
@@ -212,12 +229,12 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
             job.update(step=progress.step, last_loss=progress.last_loss, eval_loss=progress.eval_loss)
             if result.skipped:
                 _count_bad_step(s, job, progress, result, bar)  # raises after --max-bad-steps in a row
-            if is_last or checkpoints.due(progress.step):
+            if is_last or s.group.any(checkpoints.due(progress.step)):  # (one clock decides)
                 checkpoints.save(progress)
         bar.close()
-        if stop.signal is not None:
+        if progress.step < s.max_steps:  # a stop request, on this rank or another
             checkpoints.save(progress)
-            job.update(status="interrupted", stopped_by=stop.signal)
+            job.update(status="interrupted", stopped_by=stop.signal or "a signal to another rank")
             raise RunInterrupted(job)
 
     final_eval = evaluate(s, show_progress)
@@ -265,6 +282,8 @@ def export_result(s: Setup, job: Job, save_dtype: torch.dtype) -> Path:
 
     if free is not None and needed > free:
         raise refused(f"it needs {format_bytes(needed)} and {format_bytes(free)} is free")
+    if s.group.several:
+        return export_from_main_rank(s, job, save_dtype)
     try:
         return s.method.export(s.model, s.tokenizer, job.dir, save_dtype, s.resolved)
     except Exception as exc:
@@ -274,6 +293,27 @@ def export_result(s: Setup, job: Job, save_dtype: torch.dtype) -> Path:
         for path in set(job.dir.iterdir()) - before:  # the half-written result, only ours
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         raise refused(reason) from None
+
+
+def export_from_main_rank(s: Setup, job: Job, save_dtype: torch.dtype) -> Path:
+    """Several ranks: rank 0 writes the result. A sharded model's full weights are gathered to it
+    first (every rank takes part), one tensor at a time into host memory."""
+    if is_sharded(s.model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(s.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # Gathered, tied weights (a head tied to the embedding) are two copies: keep the first name
+        # of each, as the model's own state dict saves them.
+        first: dict[int, str] = {}
+        for name, param in s.model.named_parameters(remove_duplicate=False):
+            if first.setdefault(id(param), name) != name:
+                full.pop(name, None)
+        out = (
+            save_hf_model(s.model, s.tokenizer, job.dir / "model", save_dtype, full) if s.group.main else None
+        )
+    else:
+        out = s.method.export(s.model, s.tokenizer, job.dir, save_dtype, s.resolved) if s.group.main else None
+    return Path(s.group.broadcast(str(out) if out else None))
 
 
 @dataclass
@@ -311,10 +351,13 @@ def train_step(s: Setup, job: Job, step: int, scaler: torch.amp.GradScaler, bar)
         method.reduce_gradients()
         scaler.unscale_(method.optimizer)
         params = method.trainable_parameters()
+        # (full_value: over sharded gradients the norm is a DTensor of the whole model's norm)
         if config.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+            grad_norm = full_value(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
         else:
-            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+            grad_norm = full_value(
+                torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            )
     if not math.isfinite(grad_norm) and not scaler.is_enabled():
         drop_gradients(s)
         return StepResult(loss, lr, grad_norm, tokens, skipped="gradient")
@@ -337,9 +380,10 @@ def accumulate_gradients(s: Setup, job: Job, step: int, scaler, bar) -> tuple[fl
     """
     data_position = s.batcher.state_dict()
     while True:
-        micro_batches = s.batcher.next_step()
-        # Normalise by the target tokens of the whole step (see loss_sum), counted before backward.
-        n_targets = max(1, sum(target_count(mb) for mb in micro_batches))
+        micro_batches = s.batcher.next_step()  # (with several ranks, this rank's slice of the step)
+        # Normalise by the target tokens of the whole step (see loss_sum), counted before backward
+        # (over every rank's slice: the gradients the ranks sum are then the one-process gradient).
+        n_targets = max(1, int(s.group.sum(sum(target_count(mb) for mb in micro_batches))))
         step_loss, tokens = 0.0, 0
         try:
             with phase("forward/backward"):
@@ -348,7 +392,7 @@ def accumulate_gradients(s: Setup, job: Job, step: int, scaler, bar) -> tuple[fl
                     scaler.scale(total / n_targets).backward()
                     step_loss += total.item()  # a CPU-GPU sync per micro-batch; cheap next to the step
                     tokens += int(mb["attention_mask"].sum())
-            return step_loss, n_targets, tokens
+            return s.group.sum(step_loss), n_targets, int(s.group.sum(tokens))
         except torch.OutOfMemoryError:
             pass  # handled outside the except block, so its traceback does not pin tensors in memory
         total = None

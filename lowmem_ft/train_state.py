@@ -13,7 +13,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lowmem_ft.checkpoint import save_checkpoint
+from lowmem_ft.checkpoint import (
+    SHARDS,
+    Restored,
+    checkpoint_name,
+    checkpoints_dir,
+    partial_dir,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from lowmem_ft.distributed.fsdp import is_sharded
 from lowmem_ft.errors import UserError
 from lowmem_ft.jobs import Job
 from lowmem_ft.phases import phase
@@ -55,11 +64,14 @@ class Checkpoints:
     def save(self, progress: Progress) -> Path | None:
         if self.saved_step == progress.step:
             return None
+        s, group = self.s, self.s.group
         with phase("checkpoint"):
-            state = capture(self.s, progress, self.scaler, self.job)
+            state = capture(s, progress, self.scaler, self.job)
             # Only finite weights and state make a good checkpoint: one holding NaN/Inf would be
             # named as the place to go back to, and retention would delete the good ones.
             bad = first_non_finite({"weights": state["weights"], "method": state["method"]})
+            if group.several and group.any(bad is not None):  # each rank checked its part: all stop
+                bad = bad or "another rank's part of the state"
             if bad is not None:
                 last = self.job.record.get("last_checkpoint")
                 raise UserError(
@@ -68,7 +80,7 @@ class Checkpoints:
                     + (f"The last good checkpoint is {last['dir']}. " if last else "")
                     + "Try a lower --lr or --grad-clip, or check the data"
                 )
-            path = save_checkpoint(self.job.dir, progress.step, state, self.s.config.keep_checkpoints)
+            path = self._write(progress.step, state)
             del state
         self.job.update(
             last_checkpoint={
@@ -81,11 +93,43 @@ class Checkpoints:
         self.on_save()
         return path
 
+    def _write(self, step: int, state: dict) -> Path:
+        """One process: the state, as it is. Several ranks: rank 0 writes the checkpoint; a sharded
+        model's weights and optimizer state go into it from every rank, through
+        torch.distributed.checkpoint, before rank 0 writes the manifest and renames it."""
+        s, group, keep = self.s, self.s.group, self.s.config.keep_checkpoints
+        if not group.several:
+            return save_checkpoint(self.job.dir, step, state, keep)
+        final = checkpoints_dir(self.job.dir) / checkpoint_name(step)
+        if group.broadcast(group.main and final.is_dir() and verify_checkpoint(final) is None):
+            return final  # the same step's state, already safely on disk (after a resume)
+        write_shards = None
+        if is_sharded(s.model):
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            state.pop("weights"), state.pop("method")
+            model_state, optimizer_state = get_state_dict(s.model, s.method.optimizer)
+
+            def write_shards(directory: Path) -> None:
+                group.barrier()  # rank 0 has made the (empty) checkpoint directory
+                dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
+
+        if group.main:
+            path = save_checkpoint(self.job.dir, step, state, keep, write_shards)
+        else:
+            if write_shards is not None:
+                write_shards(partial_dir(self.job.dir, step) / SHARDS)
+            path = final
+        group.barrier()  # rank 0 has written the manifest: the checkpoint is complete
+        return path
+
 
 def first_non_finite(tree, name: str = "") -> str | None:
     """The name of the first floating-point tensor in ``tree`` with a NaN or Inf, else None. Checked
     16M elements at a time: the check's own mask is then 16 MB, not the size of a 525M-entry head."""
     if isinstance(tree, torch.Tensor):
+        tree = tree.to_local() if hasattr(tree, "to_local") else tree  # a rank's shard of a DTensor
         if tree.is_floating_point() and tree.numel():
             for chunk in tree.detach().reshape(-1).split(1 << 24):
                 if not bool(torch.isfinite(chunk).all()):
@@ -118,13 +162,22 @@ def capture(s: Setup, progress: Progress, scaler: torch.amp.GradScaler, job: Job
     }
 
 
-def restore(s: Setup, scaler: torch.amp.GradScaler, job: Job, state: dict) -> Progress:
+def restore(s: Setup, scaler: torch.amp.GradScaler, job: Job, restored: Restored) -> Progress:
     """Put a captured state back into a freshly set-up run; the next step is as if never stopped."""
-    params, weights = dict(s.model.named_parameters()), state["weights"]
-    with torch.no_grad():
-        for name in list(weights):
-            params[name].copy_(weights.pop(name))  # popped: the host copy goes as soon as it is used
-    s.method.load_state_dict(state["method"])
+    state = restored.state
+    if "weights" in state:
+        if is_sharded(s.model):
+            raise UserError(
+                f"{restored.path} was written by one process, and only one can resume from it; "
+                "resume without --nproc (a checkpoint of several ranks resumes on any number)"
+            )
+        params, weights = dict(s.model.named_parameters()), state["weights"]
+        with torch.no_grad():
+            for name in list(weights):
+                params[name].copy_(weights.pop(name))  # popped: the host copy goes as soon as it is used
+        s.method.load_state_dict(state["method"])
+    else:  # a sharded model's: each rank reads its part (any number of ranks: DCP reshards)
+        _restore_shards(s, restored.path / SHARDS)
     s.batcher.load_state_dict(state["data"])
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])
@@ -134,6 +187,17 @@ def restore(s: Setup, scaler: torch.amp.GradScaler, job: Job, state: dict) -> Pr
     if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng["cuda"])
     # the steps after the checkpoint are logged again
-    if warning := job.truncate_metrics(state["metrics_bytes"]):
+    if s.group.main and (warning := job.truncate_metrics(state["metrics_bytes"])):
         log.warning(f"warning    {warning}")
     return Progress(**state["progress"])
+
+
+def _restore_shards(s: Setup, directory: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(s.model, s.method.optimizer)
+    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
+    set_state_dict(
+        s.model, s.method.optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state
+    )

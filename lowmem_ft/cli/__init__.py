@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         # Without standalone mode, typer returns (not raises) the code of `typer.Exit`.
         code = app(args=argv, standalone_mode=False)
     except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        if str(exc):  # (empty: said already, by the rank that failed)
+            typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except typer.Abort:
         typer.echo("aborted", err=True)

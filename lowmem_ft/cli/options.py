@@ -77,6 +77,12 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     ),
     "gpu_mem": ((), "GPU memory to plan for, e.g. 20GiB. [default: the GPU's free memory]"),
     "cpu_mem": ((), "Host RAM to plan for, e.g. 48GiB. [default: available]"),
+    "nproc": (
+        (),
+        "Ranks on this machine: one per GPU (FSDP2 for --method full, data-parallel for lora), or "
+        "CPU processes with gloo where there is no GPU. --batch-size is the global batch "
+        "(docs/distributed.md).",
+    ),
     "save_dtype": ((), "Precision of the saved model: auto (the base model's), fp32, bf16, fp16."),
     "seed": ((), "Seed for data order, evaluation split and initialisation."),
     "save_every": ((), "Save a checkpoint every N optimizer steps; 0 = by time only."),

@@ -136,6 +136,11 @@ def resume(
         "max_bad_steps", None, "NaN/Inf steps in a row before stopping. [default: the job's]"
     ),
     log: str | None = option("log", None, "Also log as csv, tensorboard or both. [default: the job's]"),
+    nproc: int | None = option(
+        "nproc",
+        None,
+        "Ranks to continue on; a job of several ranks resumes on any number. [default: the job's]",
+    ),
     quiet: bool = QUIET[1],
 ) -> None:
     """Continue an interrupted or failed job from its last valid checkpoint."""
@@ -144,7 +149,7 @@ def resume(
     overrides = {
         "gpu_mem": gpu_mem, "cpu_mem": cpu_mem, "micro_batch_size": micro_batch_size,
         "save_every": save_every, "save_every_minutes": save_every_minutes,
-        "keep_checkpoints": keep_checkpoints, "max_bad_steps": max_bad_steps, "log": log,
+        "keep_checkpoints": keep_checkpoints, "max_bad_steps": max_bad_steps, "log": log, "nproc": nproc,
     }  # fmt: skip
     _training(lambda: resume_training(job_dir, overrides, show_progress=not quiet))
 

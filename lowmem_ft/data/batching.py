@@ -37,8 +37,9 @@ class Batcher:
     """
 
     def __init__(
-        self, examples: list[Example], batch_size: int, micro_batch_size: int, pad_id: int, seed: int
-    ):
+        self, examples: list[Example], batch_size: int, micro_batch_size: int, pad_id: int, seed: int,
+        rank: int = 0, ranks: int = 1,
+    ):  # fmt: skip
         if not examples:
             raise ValueError("Batcher needs at least one example")
         if batch_size < 1 or micro_batch_size < 1:
@@ -48,6 +49,9 @@ class Batcher:
         self.micro_batch_size = micro_batch_size
         self.pad_id = pad_id
         self.seed = seed
+        # With several ranks each takes its slice of every global batch, the same on every rank
+        # (same seed): rank r the r-th of ``ranks`` equal slices (batch_size is a multiple of ranks).
+        self.rank, self.ranks = rank, ranks
         self.steps_per_epoch = math.ceil(len(examples) / batch_size)
         self.epoch = 0  # the epoch the next example is drawn from
         self.position = 0  # index of the next example in that epoch's permutation
@@ -73,6 +77,8 @@ class Batcher:
             take = min(self.batch_size - len(chosen), len(self.examples) - self.position)
             chosen += [self.examples[i] for i in self._order[self.position : self.position + take]]
             self.position += take
+        share = self.batch_size // self.ranks
+        chosen = chosen[self.rank * share : (self.rank + 1) * share]
         return [
             collate(chosen[start : start + self.micro_batch_size], self.pad_id)
             for start in range(0, len(chosen), self.micro_batch_size)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lowmem_ft.distributed.group import ONE
 from lowmem_ft.registry import METHOD_SPECS
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ class Method(ABC):
         # piece of state a method has is created here or in setup(), never on first use.
         self.config = config
         self.streamer = None  # engine.streaming.LayerStreamer, when decoder layers are streamed
+        # The job's ranks (distributed/group.py); one unless the run has several (--nproc)
+        self.group = ONE
 
     @property
     def summary(self) -> str:

@@ -9,14 +9,18 @@ import torch
 from lowmem_ft.models.loading import ResolvedModel, quiet_transformers
 
 
-def save_hf_model(model: torch.nn.Module, tokenizer, out_dir: Path, save_dtype: torch.dtype) -> Path:
+def save_hf_model(
+    model: torch.nn.Module, tokenizer, out_dir: Path, save_dtype: torch.dtype, state: dict | None = None
+) -> Path:
     """Save ``model`` and ``tokenizer`` so ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads them.
 
     Tensors are cast one at a time into the state dict that is written, so the peak extra memory
-    is one copy of the model in ``save_dtype``, not a second model object.
+    is one copy of the model in ``save_dtype``, not a second model object. ``state``: the weights
+    to write instead of the model's own (a sharded model's, gathered on rank 0).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {name: t.detach().to("cpu", save_dtype) for name, t in model.state_dict().items()}
+    state = model.state_dict() if state is None else state
+    state = {name: t.detach().to("cpu", save_dtype) for name, t in state.items()}
     model.config.dtype = save_dtype
     with quiet_transformers():  # no per-shard progress bar in the middle of our output
         model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)

@@ -1,8 +1,9 @@
 """Full fine-tuning: every parameter trains, every step, with AdamW.
 
-The baseline the other methods are measured against. Standard mixed precision: fp32 weights and
-fp32 AdamW moments (4 + 4 + 8 = 16 bytes per parameter, plus 4 for the gradient), compute in the
-run's dtype under autocast. This is exactly the memory a 7B model cannot get on one GPU, which is
+The baseline the other methods are measured against. With several ranks (--nproc) FSDP2 shards
+weights, gradients and optimizer state over them (distributed/fsdp.py). Standard mixed precision:
+fp32 weights and fp32 AdamW moments (4 + 4 + 8 = 16 bytes per parameter, plus 4 for the
+gradient), compute in the run's dtype under autocast. This is exactly the memory a 7B model cannot get on one GPU, which is
 why the other methods exist.
 """
 
@@ -26,6 +27,10 @@ class FullFineTuning(Method):
 
     def setup(self, model) -> None:
         config = self.config
+        if self.group.several:  # each rank keeps 1/N of the weights, gradients and AdamW state
+            from lowmem_ft.distributed.fsdp import shard_model
+
+            shard_model(model, self.group)  # before the optimizer: it must hold the shards
         model.requires_grad_(True)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(config.optimizer, self._params, config.lr, config.weight_decay)

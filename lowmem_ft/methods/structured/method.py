@@ -106,6 +106,15 @@ class StructuredMethod(Method):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return self._params
 
+    def reduce_gradients(self) -> None:
+        """With several ranks: data-parallel, the gradients of the few trained tensors summed over
+        the ranks (each rank's loss is already divided by the whole global batch's target tokens)."""
+        if self.group.several:
+            for p in self._params:
+                if p.grad is None:  # (every rank must send the same tensors)
+                    p.grad = torch.zeros_like(p)
+            self.group.sum_tensors([p.grad for p in self._params])
+
     def describe_trainable(self) -> str:
         return f"{self.trainable_count():,} trainable: {self.selection.summary}"
 

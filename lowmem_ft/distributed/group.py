@@ -1,0 +1,99 @@
+"""The ranks of a job as torch.distributed sees them. With one rank every call is a no-op, so the
+recipe reads the same with one process or several.
+
+Every rank must make the same collective calls in the same order, so whatever decides whether a
+collective happens (stop now? checkpoint now?) is agreed on first (``any``): a Ctrl-C that reaches
+one rank a moment before the others, or a checkpoint timer that fires on one clock and not on
+another, must not leave one rank in a collective the others never enter.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lowmem_ft.distributed.ranks import Ranks
+
+# A rank that stops answering (hung, not dead: a dead one is seen at once) fails the others'
+# collectives after this, and the launcher stops the job; the last checkpoint is intact.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("LOWMEM_FT_COLLECTIVE_TIMEOUT", "600")))
+
+
+class Group:
+    def __init__(self, ranks: Ranks, device: torch.device = torch.device("cpu")):
+        self.ranks, self.device = ranks, device
+
+    @classmethod
+    def join(cls, device: torch.device) -> Group:
+        """This process's group: the ranks torchrun started (gloo on CPU, NCCL on GPUs, one GPU per
+        rank: cuda:LOCAL_RANK), or a group of one."""
+        ranks = Ranks.from_env()
+        if not ranks.several:
+            return cls(ranks, device)
+        if device.type == "cuda":
+            device = torch.device("cuda", ranks.local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+        return cls(ranks, device)
+
+    @property
+    def several(self) -> bool:
+        return self.ranks.several
+
+    @property
+    def main(self) -> bool:
+        return self.ranks.main
+
+    def sum(self, value: float) -> float:
+        """``value`` summed over the ranks (in float64: counts of target tokens stay exact)."""
+        if not self.several:
+            return value
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return float(total.item())
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank: what all ranks then do together."""
+        return self.sum(float(bool(flag))) > 0
+
+    def sum_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """Sum ``tensors`` over the ranks, in place, in one collective (flattened: one message
+        instead of one per tensor)."""
+        if not self.several or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (a picklable object)."""
+        if not self.several:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.several:
+            dist.barrier()
+
+    def device_mesh(self):
+        """A 1-D mesh of all ranks, for FSDP2's ``fully_shard``."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(self.device.type, (self.ranks.size,))
+
+    def leave(self) -> None:
+        if self.several and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+ONE = Group(Ranks())

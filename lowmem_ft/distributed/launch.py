@@ -1,0 +1,56 @@
+"""`--nproc N`: start N ranks on this machine through torchrun's own agent (torch.distributed
+.elastic), each running ``python -m lowmem_ft.cli.rank``, and wait for them.
+
+The options were checked here, in one process, before any rank starts: a mistake is one line, not
+N. Rank 0 prints (the ranks share this terminal); a rank that fails makes the agent stop the others
+at once (a dead rank's peers see their collectives fail), and this process exits non-zero. The job
+directory and its last checkpoint stay as they were: `lowmem-ft resume JOB` continues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+from lowmem_ft.errors import UserError
+
+
+def launch(command: str, payload: dict, nproc: int, show_progress: bool) -> None:
+    """Run ``python -m lowmem_ft.cli.rank COMMAND PAYLOAD.json`` on ``nproc`` ranks;
+    ``payload``: what the worker's command needs (a run's configuration, a job to resume)."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    with tempfile.TemporaryDirectory(prefix="lowmem-ft-ranks-") as scratch:
+        payload_file = Path(scratch) / "payload.json"
+        payload_file.write_text(json.dumps(payload))
+        config = LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
+            rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn",
+            logs_specs=DefaultLogsSpecs(log_dir=scratch),  # the ranks write to this terminal
+            # each rank gets its share of the cores (torch would give every rank all of them)
+            local_addr="localhost", monitor_interval=0.1,
+        )  # fmt: skip
+        threads = max(1, (os.cpu_count() or 1) // nproc)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        args = ["-u", "-m", "lowmem_ft.cli.rank", command, str(payload_file)]
+        args += [] if show_progress else ["--quiet"]
+        try:
+            elastic_launch(config, sys.executable)(*args)
+        except SignalException:  # Ctrl-C, SIGTERM: the agent passed it on to the ranks, which
+            # finished their step, saved it, and rank 0 said where the job stands
+            raise UserError("", exit_code=130) from None
+        except ChildFailedError as exc:
+            rank, failure = exc.get_first_failure()  # the others were stopped because of it
+            if failure.exitcode > 0:  # the rank said why (an error line, or "interrupted") itself
+                raise UserError("", exit_code=failure.exitcode) from None
+            raise UserError(
+                f"rank {rank} was killed ({failure.signal_name()}); the other ranks were stopped; the "
+                "job's last checkpoint is intact (`lowmem-ft resume JOB` continues it)",
+                exit_code=1,
+            ) from None

@@ -1,0 +1,59 @@
+"""Which rank this process is, from the environment torchrun's agent sets (torch-free)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# Methods that run on several ranks, and how: what the other methods would need is not built yet.
+DISTRIBUTED_METHODS = {
+    "full": "FSDP2: weights, gradients and optimizer state sharded",
+    "lora": "data-parallel",
+}
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Ranks:
+        """This process's place among the ranks torchrun started (one rank when not started so)."""
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size <= 1:
+            return cls()
+        return cls(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: it writes the job and prints."""
+        return self.rank == 0
+
+    @property
+    def several(self) -> bool:
+        return self.size > 1
+
+
+def nproc_problem(nproc: int, method: str, streams: bool, batch_size: int, gpus: int | None) -> str | None:
+    """What is wrong with running ``nproc`` ranks, in one line, or None. ``gpus``: GPUs on this
+    machine when the run is on GPUs (None: the ranks run on CPU, with gloo)."""
+    if nproc < 1:
+        return f"--nproc must be at least 1, got {nproc}"
+    if nproc == 1:
+        return None
+    if method not in DISTRIBUTED_METHODS:
+        return (
+            f"--method {method} runs on one process only so far; --nproc {nproc} takes --method "
+            f"{' or '.join(DISTRIBUTED_METHODS)} (docs/distributed.md)"
+        )
+    if streams:
+        return f"--nproc {nproc} cannot stream layers from host memory; drop --stream / --streamed-layers"
+    if batch_size % nproc:
+        return (
+            f"--batch-size {batch_size} does not split evenly over {nproc} ranks; give a multiple of {nproc}"
+        )
+    if gpus is not None and nproc > gpus:
+        return f"--nproc {nproc} asks for more ranks than this machine has GPUs ({gpus}); give --nproc {gpus}"
+    return None

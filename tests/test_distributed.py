@@ -1,0 +1,152 @@
+"""Several ranks (--nproc 2) on CPU with gloo, as a user runs them: `lowmem-ft run ... --nproc 2`
+starts two ranks through torchrun's agent.
+
+The reference is one process with the same global batch. Each rank's slice of a step is one of the
+one-process run's micro-batches, and the ranks' gradients are summed (FSDP2 for full, an all-reduce
+for LoRA): with two addends the sum is the same in either order, so without clipping (whose norm
+FSDP sums shard by shard) the runs are bit-identical, losses and results.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import cli  # the CLI in-process: (exit code, stdout, stderr)
+from test_resume import record, result_tensors, steps_logged, trajectory
+
+pytestmark = pytest.mark.slow
+
+ARGS = [
+    "--max-steps", "6", "--batch-size", "4", "--micro-batch-size", "2", "--seq-len", "64",
+    "--eval-every", "3", "--save-every", "2", "--grad-clip", "0", "--lr", "1e-3", "--save-dtype", "fp32",
+    "-q",
+]  # fmt: skip
+METHODS = {"full": ["--method", "full"], "lora": ["--method", "lora", "--lora-dropout", "0"]}
+
+
+def ranks_run(*args) -> subprocess.Popen:
+    """`lowmem-ft ARGS` as a user starts it, in its own process."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "lowmem_ft", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def finished(proc: subprocess.Popen, code: int = 0) -> str:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == code, err[-3000:]
+    return out
+
+
+def assert_same(job: Path, reference: Path) -> None:
+    assert trajectory(job) == trajectory(reference)
+    mine, theirs = result_tensors(job), result_tensors(reference)
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        assert torch.equal(mine[key], theirs[key]), key
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, data_module) -> dict[str, Path]:
+    """The one-process runs of each method."""
+    from lowmem_ft.cli import main
+
+    jobs = {}
+    for method, extra in METHODS.items():
+        jobs[method] = tmp_path_factory.mktemp("reference") / method
+        with pytest.raises(SystemExit) as exit_code:
+            main(["run", "tiny", str(data_module), "--out", str(jobs[method]), *extra, *ARGS])
+        assert exit_code.value.code == 0
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def data_module(tmp_path_factory) -> Path:
+    """conftest's ``data``, once for the module."""
+    path = tmp_path_factory.mktemp("data") / "data.jsonl"
+    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(48)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_ranks_train_exactly_as_one_process(method, tmp_path, references, data_module):
+    job = tmp_path / "job"
+    out = finished(ranks_run("run", "tiny", data_module, "--out", job, "--nproc", 2, *METHODS[method], *ARGS))
+    assert "(2 ranks × 1 × micro-batch 2)" in out
+    assert out.count("step 3: eval loss") == out.count("saved      ") == 1  # rank 0 speaks, once
+    rec = record(job)
+    assert rec["status"] == "done" and rec["config"]["nproc"] == 2
+    if method == "full":  # FSDP2: each rank wrote its shard of the weights and optimizer state
+        shards = sorted(p.name for p in (job / "checkpoints" / "step-000006" / "shards").iterdir())
+        assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert_same(job, references[method])
+
+
+def test_two_ranks_stopped_then_killed_resume_to_the_same_result(tmp_path, references, data_module):
+    """Ctrl-C (SIGINT to the command): the ranks finish their step, save it, and exit 130. Then
+    SIGKILL of one rank at a random moment: the other is stopped, no hang. Resumed on 2 ranks, then
+    on 1 process (DCP reshards the checkpoint), the job ends as the uninterrupted one."""
+    job, rng = tmp_path / "job", random.Random(0)
+    proc = ranks_run("run", "tiny", data_module, "--out", job, "--nproc", 2, *METHODS["full"], *ARGS)
+    while proc.poll() is None and steps_logged(job) < 1:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    finished(proc, 130)
+    rec = record(job)
+    assert rec["status"] == "interrupted" and rec["last_checkpoint"]["step"] == rec["step"] < 6
+
+    proc = ranks_run("resume", job, "-q")
+    start = steps_logged(job)
+    while proc.poll() is None and steps_logged(job) < start + 1:
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0, 0.2))
+    children = subprocess.run(
+        ["ps", "-o", "pid=,args=", "--ppid", str(proc.pid)], capture_output=True, text=True
+    )
+    ranks = [int(line.split()[0]) for line in children.stdout.splitlines() if "lowmem_ft.cli.rank" in line]
+    assert len(ranks) == 2, children.stdout
+    subprocess.run(["kill", "-9", str(max(ranks))], check=True)  # the second rank started
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "was killed (SIGKILL)" in err, err[-2000:]
+    assert record(job)["status"] != "done"
+
+    code, _, err = cli_resume(job, "--nproc", "1")
+    assert code == 0, err
+    assert record(job)["status"] == "done"
+    assert_same(job, references["full"])
+
+
+def cli_resume(job: Path, *extra) -> tuple[int, str, str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "lowmem_ft", "resume", str(job), "-q", *extra], capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--method", "hift"],
+            "--method hift runs on one process only so far; --nproc 2 takes --method full",
+        ),
+        (["--batch-size", "5"], "--batch-size 5 does not split evenly over 2 ranks; give a multiple of 2"),
+        (["--method", "sift", "--stream"], "--method sift runs on one process only so far"),
+    ],
+)
+def test_what_several_ranks_cannot_do_is_refused_before_any_starts(args, message, tmp_path, capsys, data):
+    code, _, err = cli(capsys, "run", "tiny", data, "--out", tmp_path / "job", "--nproc", "2", *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "job").exists()
+    code, _, err = cli(capsys, "run", "tiny", data, "--nproc", "0")
+    assert code == 2 and "--nproc must be at least 1, got 0" in err

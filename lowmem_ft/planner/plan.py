@@ -18,6 +18,7 @@ an allocator margin come on top.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from lowmem_ft.planner.advice import shortfall
 from lowmem_ft.planner.fit import Fitter
@@ -45,6 +46,7 @@ __all__ = [
 def make_plan(
     shape: ModelShape, request: PlanRequest, gpu_budget: int, host_budget: int, link: float | None
 ) -> Plan:
+    request = replace(request, on_gpu=gpu_budget > 0)  # what runs where, for the accounting
     fitter = Fitter(shape, request, gpu_budget, host_budget)
     # The method's own planner (its package's plan.py): its best configuration's estimate, the
     # settings it chose, the bytes loading the model takes on the host, and notes for the user.

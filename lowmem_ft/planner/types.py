@@ -47,6 +47,7 @@ class PlanRequest:
     gradient_checkpointing: bool | None = None
     # the method's own options (its package's options.py); None: the method's defaults
     options: MethodOptions | None = None
+    on_gpu: bool = True  # planned for a GPU, or for the CPU (make_plan sets it from the budget)
 
     def __post_init__(self):
         if self.options is None:

@@ -19,7 +19,7 @@ from lowmem_ft.planner.types import Component, Estimate, PlanRequest
 
 
 def estimate_full(shape: ModelShape, request: PlanRequest, micro_batch: int, checkpointing: bool) -> Estimate:
-    p = Precision(weight_bytes=4, compute_bytes=request.compute_bytes)
+    p = Precision(weight_bytes=4, compute_bytes=request.compute_bytes, on_gpu=request.on_gpu)
     n = shape.params
     parts, acts, loss, logits_grad, extra = activation_parts(shape, request, p, micro_batch, checkpointing)
     components = [

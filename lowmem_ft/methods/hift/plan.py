@@ -50,7 +50,7 @@ def estimate_hift(
     with the most activations (the embedding's keeps the whole stack above it)."""
     # 16-bit weights with fp32 masters for the active group, or fp32 weights when computing in fp32.
     w = request.compute_bytes
-    p = Precision(weight_bytes=w, compute_bytes=request.compute_bytes)
+    p = Precision(weight_bytes=w, compute_bytes=request.compute_bytes, on_gpu=request.on_gpu)
     unit_bytes = [w * u.params for u in shape.units]
     # The engine streams decoder layers (the first ``streamed_units`` of them), never the embedding
     # or the head: they run once per pass, outside the layers' ring.

@@ -28,19 +28,15 @@ SPARSITY_GRID = (0.10, 0.08, 0.05, 0.04, 0.03, 0.02, 0.01, 0.005, 0.002, 0.001)
 
 
 def sift_targets(shape: ModelShape, targets: str = "all-linear") -> list[int]:
-    """Sizes of the target weights ``--targets`` selects, by the module names the model would have."""
+    """Sizes of the target weights ``--targets`` selects, by the module names the model would have,
+    checked as the run checks them (methods/sparse/method.py): a tied LM head is the embedding's
+    weight, the embeddings and norms are not linear layers."""
     from lowmem_ft.targets import match_targets
 
-    sizes = {
-        f"model.layers.{n}.{name}": rows * cols
-        for n, unit in enumerate(shape.layer_units)
-        for name, rows, cols in unit.linears
-    }
-    sizes |= {
-        name: rows * cols for unit in shape.units if unit.name == "head" for name, rows, cols in unit.linears
-    }
+    sizes = {name: rows * cols for name, (rows, cols) in shape.linears().items()}
     tied = ["lm_head"] if shape.tied_embeddings else []
-    return [sizes[name] for name in match_targets(list(sizes), targets, ["model.embed_tokens"], tied)]
+    norms = [m for m in dict.fromkeys(n.rsplit(".", 1)[0] for n in shape.named_terms()) if m not in sizes]
+    return [sizes[name] for name in match_targets(list(sizes), targets, [*shape.embeddings, *norms], tied)]
 
 
 def estimate_sparse(
@@ -54,7 +50,7 @@ def estimate_sparse(
 ) -> Estimate:
     # The frozen base is stored in the compute precision (fp32 on a CPU) or quantised.
     w = request.compute_bytes
-    p = Precision(weight_bytes=w, compute_bytes=request.compute_bytes)
+    p = Precision(weight_bytes=w, compute_bytes=request.compute_bytes, on_gpu=request.on_gpu)
     targets = sift_targets(shape, request.options.targets)
     target_params = sum(targets)
     other = shape.params - target_params

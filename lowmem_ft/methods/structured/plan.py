@@ -39,7 +39,7 @@ def estimate_structured(
     """BitFit, LoRA, SPAFIT: a frozen base in the compute precision (QLoRA: NF4 where the adapters
     are) and a few whole tensors in fp32 with gradients and AdamW state, 16 bytes per value."""
     w = request.compute_bytes
-    p = Precision(weight_bytes=w, compute_bytes=request.compute_bytes)
+    p = Precision(weight_bytes=w, compute_bytes=request.compute_bytes, on_gpu=request.on_gpu)
     linears = shape.decoder_linears()
     trainable = selection.count(shape.named_terms(), linears, rank)
     adapted = sum(rows * cols for rows, cols in (linears[n] for n in selection.lora_targets))

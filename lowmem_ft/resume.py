@@ -45,7 +45,9 @@ def resume(job_dir: Path, overrides: dict | None = None, show_progress: bool = T
             _refuse_done(job_dir, record)
             launch("resume", {"job": str(job_dir.resolve()), "overrides": overrides}, nproc, show_progress)
             return None
-    group = Group.join(RunConfig.from_json(Job.open(job_dir).record["config"]).resolved_device())
+    group = ONE
+    if ranks.several:
+        group = Group.join(RunConfig.from_json(Job.open(job_dir).record["config"]).resolved_device())
     try:
         return _resume(job_dir, overrides, show_progress, group)
     finally:

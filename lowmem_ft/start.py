@@ -10,7 +10,7 @@ from pathlib import Path
 from lowmem_ft.config import RunConfig
 from lowmem_ft.console import print_header
 from lowmem_ft.data.sources import data_files
-from lowmem_ft.distributed.group import Group
+from lowmem_ft.distributed.group import ONE, Group
 from lowmem_ft.distributed.ranks import Ranks
 from lowmem_ft.errors import DiskError, disk_fault
 from lowmem_ft.files import sha256_of, write_json_atomic
@@ -42,7 +42,7 @@ def run(config: RunConfig, show_progress: bool = True) -> Job | None:
         return None
     if ranks.several and config.nproc != ranks.size:  # started by torchrun: its count is the count
         config = config.replace(nproc=ranks.size)
-    group = Group.join(config.resolved_device())
+    group = Group.join(config.resolved_device()) if ranks.several else ONE
     try:
         return _run(config, show_progress, group)
     finally:

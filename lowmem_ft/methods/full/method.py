@@ -3,8 +3,8 @@
 The baseline the other methods are measured against. With several ranks (--nproc) FSDP2 shards
 weights, gradients and optimizer state over them (distributed/fsdp.py). Standard mixed precision:
 fp32 weights and fp32 AdamW moments (4 + 4 + 8 = 16 bytes per parameter, plus 4 for the
-gradient), compute in the run's dtype under autocast. This is exactly the memory a 7B model cannot get on one GPU, which is
-why the other methods exist.
+gradient), compute in the run's dtype under autocast. This is exactly the memory a 7B model
+cannot get on one GPU, which is why the other methods exist.
 """
 
 from __future__ import annotations

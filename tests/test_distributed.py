@@ -3,7 +3,7 @@ starts two ranks through torchrun's agent.
 
 The reference is one process with the same global batch. Each rank's slice of a step is one of the
 one-process run's micro-batches, and the ranks' gradients are summed (FSDP2 for full, an all-reduce
-for LoRA): with two addends the sum is the same in either order, so without clipping (whose norm
+for LoRA and SIFT): with two addends the sum is the same in either order, so without clipping (whose norm
 FSDP sums shard by shard) the runs are bit-identical, losses and results.
 """
 
@@ -29,7 +29,11 @@ ARGS = [
     "--eval-every", "3", "--save-every", "2", "--grad-clip", "0", "--lr", "1e-3", "--save-dtype", "fp32",
     "-q",
 ]  # fmt: skip
-METHODS = {"full": ["--method", "full"], "lora": ["--method", "lora", "--lora-dropout", "0"]}
+METHODS = {
+    "full": ["--method", "full"],
+    "lora": ["--method", "lora", "--lora-dropout", "0"],
+    "sift": ["--method", "sift", "--sparsity", "0.05", "--selection-batches", "2"],
+}
 
 
 def ranks_run(*args) -> subprocess.Popen:
@@ -141,7 +145,7 @@ def cli_resume(job: Path, *extra) -> tuple[int, str, str]:
             "--method hift runs on one process only so far; --nproc 2 takes --method full",
         ),
         (["--batch-size", "5"], "--batch-size 5 does not split evenly over 2 ranks; give a multiple of 2"),
-        (["--method", "sift", "--stream"], "--method sift runs on one process only so far"),
+        (["--method", "sift", "--stream"], "--nproc 2 cannot stream layers from host memory"),
     ],
 )
 def test_what_several_ranks_cannot_do_is_refused_before_any_starts(args, message, tmp_path, capsys, data):

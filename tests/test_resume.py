@@ -109,8 +109,8 @@ KILLS = {
     # "in-write"/"after-write" = the process kills itself at its detail-th checkpoint file write;
     # "term" = SIGTERM, which must checkpoint the current step and exit 130.
     "full": [("in-write", 1), ("kill", 1), ("after-write", 4)],
-    "hift": [("kill", 3), ("in-write", 5), ("term", 1)],
-    "sift": [("in-write", 2), ("kill", 2), ("after-write", 3)],
+    "hift": [("kill", 3), ("term", 1)],
+    "sift": [("in-write", 2), ("kill", 2)],
 }
 
 

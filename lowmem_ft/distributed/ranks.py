@@ -9,6 +9,9 @@ from dataclasses import dataclass
 DISTRIBUTED_METHODS = {
     "full": "FSDP2: weights, gradients and optimizer state sharded",
     "lora": "data-parallel",
+    "sift": "data-parallel (every rank scores the whole selection window, rank 0's entries train)",
+    "random": "data-parallel",
+    "magnitude": "data-parallel",
 }
 
 

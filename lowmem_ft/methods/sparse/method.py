@@ -9,6 +9,9 @@ and each gives ``SparseIncrement`` a chooser (sift/, random/, magnitude/) rather
   weight decay acts on the increment Δ, pulling the model back towards the base;
 - dense weight gradients exist one at a time inside the backward, gathered at the indices and freed;
 - the result is ``delta.safetensors`` (indices, values, and the base it applies to).
+
+With several ranks (--nproc) they run data-parallel: every rank scores the whole selection window
+(the same micro-batches) and trains rank 0's entries; the values' gradients are summed over ranks.
 """
 
 from __future__ import annotations
@@ -94,6 +97,15 @@ class SparseIncrement(Method):
         if not self.chooser.window_batches():
             self._fix_entries(self.chooser.choose(self.layers, self.k_for, [], _no_backward)[0])
 
+    def reduce_gradients(self) -> None:
+        """With several ranks: data-parallel, the values' gradients summed over the ranks (each
+        rank's loss is already divided by the whole global batch's target tokens)."""
+        if self.group.several:
+            for layer in self.layers.values():
+                if layer.values.grad is None:  # (every rank must send the same tensors)
+                    layer.values.grad = torch.zeros_like(layer.values)
+            self.group.sum_tensors([layer.values.grad for layer in self.layers.values()])
+
     def _wrap(self, model, device) -> None:
         embed = model.get_input_embeddings()
         linear_names, other_names, tied_names = [], [], []
@@ -118,6 +130,10 @@ class SparseIncrement(Method):
         return f"top {self.rate:.2%} of each weight {how}"
 
     def _fix_entries(self, indices: dict[str, torch.Tensor]) -> None:
+        # Several ranks train the same entries: rank 0's. Every rank chose from the same window
+        # (or the same seed and weights), so they agree already; sending rank 0's makes sure a
+        # difference in the last bit of a score cannot make one rank train other entries.
+        indices = self.group.broadcast(indices)
         for name, layer in self.layers.items():
             # Sorted: gathers and scatters then walk memory in order.
             layer.set_entries(torch.sort(indices[name].to(torch.int64)).values)

@@ -64,7 +64,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture()
 def data(tmp_path) -> Path:
     """48 prompt-completion records (test_resume.py, test_large_data.py)."""
-    path = tmp_path / "data.jsonl"
+    return _write_sums(tmp_path / "data.jsonl")
+
+
+@pytest.fixture(scope="module")
+def data_module(tmp_path_factory) -> Path:
+    """``data``, once for a module (its jobs made once, in module fixtures)."""
+    return _write_sums(tmp_path_factory.mktemp("data") / "data.jsonl")
+
+
+def _write_sums(path: Path) -> Path:
     rows = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(48)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

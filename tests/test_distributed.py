@@ -9,7 +9,6 @@ FSDP sums shard by shard) the runs are bit-identical, losses and results.
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import subprocess
@@ -70,15 +69,6 @@ def references(tmp_path_factory, data_module) -> dict[str, Path]:
             main(["run", "tiny", str(data_module), "--out", str(jobs[method]), *extra, *ARGS])
         assert exit_code.value.code == 0
     return jobs
-
-
-@pytest.fixture(scope="module")
-def data_module(tmp_path_factory) -> Path:
-    """conftest's ``data``, once for the module."""
-    path = tmp_path_factory.mktemp("data") / "data.jsonl"
-    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(48)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.mark.parametrize("method", list(METHODS))

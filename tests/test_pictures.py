@@ -58,15 +58,6 @@ def finished_job(tmp_path_factory, data_module) -> Path:
     return job
 
 
-@pytest.fixture(scope="module")
-def data_module(tmp_path_factory) -> Path:
-    """conftest's ``data``, once for the module."""
-    path = tmp_path_factory.mktemp("data") / "data.jsonl"
-    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(48)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def test_a_finished_job_has_its_loss_picture(finished_job):
     png = finished_job / "loss.png"
     assert pixels_of(png, BLUE) > 300, "no training-loss curve"

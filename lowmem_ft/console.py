@@ -34,11 +34,12 @@ def print_header(s: Setup, job: Job) -> None:
         + (f", {d.skipped_lines} bad lines skipped" if d.skipped_lines else "")
     )
     ranks = s.group.ranks.size
-    accumulation = math.ceil(s.config.batch_size / ranks / s.config.micro_batch_size)
+    per_rank = s.config.batch_size // ranks  # (one process: the whole batch)
+    micro = min(s.config.micro_batch_size, per_rank)
     log.info(
         f"training   {s.max_steps} steps of {s.config.batch_size} examples "
         + (f"({ranks} ranks × " if ranks > 1 else "(")
-        + f"{accumulation} × micro-batch {s.config.micro_batch_size}), "
+        + f"{math.ceil(per_rank / micro)} × micro-batch {micro}), "
         f"lr {s.config.lr:g}"
         + (" (the default for this method and size)" if s.lr_is_default else "")
         + f" {s.config.schedule}, "

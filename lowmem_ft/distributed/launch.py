@@ -33,9 +33,9 @@ def launch(command: str, payload: dict, nproc: int, show_progress: bool) -> None
             min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
             rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn",
             logs_specs=DefaultLogsSpecs(log_dir=scratch),  # the ranks write to this terminal
-            # each rank gets its share of the cores (torch would give every rank all of them)
             local_addr="localhost", monitor_interval=0.1,
         )  # fmt: skip
+        # each rank gets its share of the cores (torch would give every rank all of them)
         threads = max(1, (os.cpu_count() or 1) // nproc)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         args = ["-u", "-m", "lowmem_ft.cli.rank", command, str(payload_file)]

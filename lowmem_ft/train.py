@@ -69,7 +69,11 @@ def lr_at(step: int, max_steps: int, config: RunConfig) -> float:
 def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    # No weight cache: with it, autocast keeps the 16-bit copy of every fp32 weight until the whole
+    # forward ends, so activation checkpointing would still hold a copy of every layer's weights at
+    # the end of the forward (12 GiB for a 7B model), which the plan does not count. Each weight is
+    # cast once per forward either way; without checkpointing the backward keeps the copies anyway.
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
 
 
 def target_count(batch: dict) -> int:

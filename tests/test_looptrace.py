@@ -37,6 +37,13 @@ CASES = {
     "llama-2-7b hift 8GiB": ("llama-2-7b", "8GiB", {"method": "hift"}),
     # SIFT's selection window, on an NF4 base
     "qwen2.5-7b sift nf4 12GiB": ("qwen2.5-7b", "12GiB", {"method": "sift", "base_quant": "nf4"}),
+    # full fine-tuning under autocast, checkpointed, accumulating: no 16-bit weight copy outlives its
+    # layer's forward, and the tied embedding's gradient parts meet the summed gradients
+    "qwen2.5-1.5b full checkpointing 48GiB": (
+        "qwen2.5-1.5b",
+        "48GiB",
+        {"method": "full", "micro_batch_size": 1, "gradient_checkpointing": True},
+    ),
     "mistral-7b lora 16GiB": ("mistral-7b", "16GiB", {"method": "lora", "base_quant": "none"}),
     # BAdam's setting: decoder layers only (embedding and head frozen), a new order every cycle
     "llama-2-7b hift layers random-cycle 8GiB": (

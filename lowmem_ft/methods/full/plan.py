@@ -22,6 +22,19 @@ def estimate_full(shape: ModelShape, request: PlanRequest, micro_batch: int, che
     p = Precision(weight_bytes=4, compute_bytes=request.compute_bytes, on_gpu=request.on_gpu)
     n = shape.params
     parts, acts, loss, logits_grad, extra = activation_parts(shape, request, p, micro_batch, checkpointing)
+    accumulating = accumulates(request, micro_batch)
+    tokens = request.seq_len * micro_batch
+    head = shape.vocab * shape.hidden
+    # The head's weight gradient is made first in backward, while every activation is alive: the
+    # logits' 16-bit gradient, the head's gradient in the compute dtype and the fp32 gradient it is
+    # cast to. From the second micro-batch on that fp32 gradient is a temporary beside the summed
+    # gradients, until it is added into them.
+    head_gradient = p.compute_bytes * (shape.vocab * tokens + head) + 4 * head if p.autocast else 4 * head
+    # The embedding's gradient is made last. A tied embedding's weight then gets the head's part
+    # (kept since the start of backward), the embedding's part and their sum; with accumulation all
+    # three are temporaries beside the summed gradients, else the sum becomes the gradient.
+    parts_alive = (3 if accumulating else 2) if shape.tied_embeddings else int(accumulating)
+    embedding_gradient = 4 * head * parts_alive
     components = [
         Component("weights (fp32 master)", 4 * n),
         Component("gradients (fp32)", 4 * n),
@@ -29,8 +42,8 @@ def estimate_full(shape: ModelShape, request: PlanRequest, micro_batch: int, che
         *parts,
     ]
     return Estimate(
-        components, 12 * n, acts, loss, logits_grad, 4 * n, extra, trainable=n,
-        accumulating=accumulates(request, micro_batch),
+        components, 12 * n, acts, loss, logits_grad, 4 * n, max(extra, embedding_gradient), trainable=n,
+        accumulating=accumulating, head_gradient=head_gradient,
     )  # fmt: skip
 
 

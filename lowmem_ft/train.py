@@ -32,7 +32,7 @@ from lowmem_ft.console import out_of_memory_message
 from lowmem_ft.data import Batcher, eval_batches
 from lowmem_ft.data.bulk import progress_bar
 from lowmem_ft.data.tokenize import IGNORE_INDEX
-from lowmem_ft.distributed.fsdp import full_value, is_sharded
+from lowmem_ft.distributed.fsdp import full_value, is_sharded, reshard
 from lowmem_ft.errors import DiskError, UserError, disk_fault
 from lowmem_ft.files import free_bytes, write_json_atomic
 from lowmem_ft.hardware import PeakMemory
@@ -126,6 +126,9 @@ def evaluate(s: Setup, show_progress: bool = False) -> float | None:
             bar.update(1)
         for _ in range(turns - done):
             loss_sum(s.model, next(batches()), s.device, s.compute_dtype)
+    # FSDP keeps the root's weights gathered after a forward, for the backward that would follow;
+    # none does here: shard them again (the whole model's outer weights on every rank otherwise).
+    reshard(s.model)
     s.model.train()
     return s.group.sum(total) / max(s.group.sum(count), 1)
 

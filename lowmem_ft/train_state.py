@@ -106,14 +106,13 @@ class Checkpoints:
         write_shards = None
         if is_sharded(s.model):
             import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict
 
-            state.pop("weights"), state.pop("method")
-            model_state, optimizer_state = get_state_dict(s.model, s.method.optimizer)
+            state.pop("weights")
+            state["method"], sharded = s.method.sharded_state(s.model)
 
             def write_shards(directory: Path) -> None:
                 group.barrier()  # rank 0 has made the (empty) checkpoint directory
-                dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
+                dcp.save(sharded, checkpoint_id=directory)
 
         if group.main:
             path = save_checkpoint(self.job.dir, step, state, keep, write_shards)
@@ -177,7 +176,12 @@ def restore(s: Setup, scaler: torch.amp.GradScaler, job: Job, restored: Restored
                 params[name].copy_(weights.pop(name))  # popped: the host copy goes as soon as it is used
         s.method.load_state_dict(state["method"])
     else:  # a sharded model's: each rank reads its part (any number of ranks: DCP reshards)
-        _restore_shards(s, restored.path / SHARDS)
+        import torch.distributed.checkpoint as dcp
+
+        directory = restored.path / SHARDS
+        s.method.load_sharded_state(
+            s.model, state.get("method", {}), lambda tree: dcp.load(tree, checkpoint_id=directory)
+        )
     s.batcher.load_state_dict(state["data"])
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])
@@ -190,14 +194,3 @@ def restore(s: Setup, scaler: torch.amp.GradScaler, job: Job, restored: Restored
     if s.group.main and (warning := job.truncate_metrics(state["metrics_bytes"])):
         log.warning(f"warning    {warning}")
     return Progress(**state["progress"])
-
-
-def _restore_shards(s: Setup, directory: Path) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_state, optimizer_state = get_state_dict(s.model, s.method.optimizer)
-    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
-    set_state_dict(
-        s.model, s.method.optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state
-    )

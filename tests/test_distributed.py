@@ -10,6 +10,7 @@ FSDP sums shard by shard) the runs are bit-identical, losses and results.
 from __future__ import annotations
 
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ ARGS = [
 ]  # fmt: skip
 METHODS = {
     "full": ["--method", "full"],
+    "hift": ["--method", "hift", "--units-per-group", "2"],
     "lora": ["--method", "lora", "--lora-dropout", "0"],
     "sift": ["--method", "sift", "--sparsity", "0.05", "--selection-batches", "2"],
 }
@@ -79,7 +81,7 @@ def test_two_ranks_train_exactly_as_one_process(method, tmp_path, references, da
     assert out.count("step 3: eval loss") == out.count("saved      ") == 1  # rank 0 speaks, once
     rec = record(job)
     assert rec["status"] == "done" and rec["config"]["nproc"] == 2
-    if method == "full":  # FSDP2: each rank wrote its shard of the weights and optimizer state
+    if method in ("full", "hift"):  # FSDP2: each rank wrote its shard of the weights and optimizer state
         shards = sorted(p.name for p in (job / "checkpoints" / "step-000006" / "shards").iterdir())
         assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert_same(job, references[method])
@@ -119,6 +121,29 @@ def test_two_ranks_stopped_then_killed_resume_to_the_same_result(tmp_path, refer
     assert_same(job, references["full"])
 
 
+def test_hift_on_two_ranks_stopped_resumes_on_two_or_on_one_alike(tmp_path, references, data_module):
+    """HiFT's checkpoint of several ranks: the active group's state and every waiting group's (each
+    rank's shard, from its host store) through DCP. Stopped by Ctrl-C with groups visited and one
+    active, the job resumes on 2 ranks, and a copy of it on 1 process, both to the uninterrupted
+    one-process run's result."""
+    job = tmp_path / "job"
+    proc = ranks_run("run", "tiny", data_module, "--out", job, "--nproc", 2, *METHODS["hift"], *ARGS)
+    while proc.poll() is None and steps_logged(job) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    finished(proc, 130)
+    rec = record(job)
+    assert rec["status"] == "interrupted" and 3 <= rec["last_checkpoint"]["step"] < 6
+    copy = tmp_path / "copy"
+    shutil.copytree(job, copy)
+
+    finished(ranks_run("resume", job, "-q"))
+    assert_same(job, references["hift"])
+    code, _, err = cli_resume(copy, "--nproc", "1")
+    assert code == 0, err
+    assert_same(copy, references["hift"])
+
+
 def cli_resume(job: Path, *extra) -> tuple[int, str, str]:
     proc = subprocess.run(
         [sys.executable, "-m", "lowmem_ft", "resume", str(job), "-q", *extra], capture_output=True, text=True,
@@ -130,9 +155,11 @@ def cli_resume(job: Path, *extra) -> tuple[int, str, str]:
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["--method", "bitfit"], "--method bitfit runs on one process only so far; --nproc 2 takes --method"),
         (
-            ["--method", "hift"],
-            "--method hift runs on one process only so far; --nproc 2 takes --method full",
+            ["--method", "hift", "--state-policy", "keep-8bit"],
+            "--nproc 2 cannot keep HiFT's waiting state in 8 bits (its blocks do not reshard); give "
+            "--state-policy keep or drop",
         ),
         (["--batch-size", "5"], "--batch-size 5 does not split evenly over 2 ranks; give a multiple of 2"),
         (["--method", "sift", "--stream"], "--nproc 2 cannot stream layers from host memory"),

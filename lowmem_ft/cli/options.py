@@ -79,9 +79,9 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "cpu_mem": ((), "Host RAM to plan for, e.g. 48GiB. [default: available]"),
     "nproc": (
         (),
-        "Ranks on this machine: one per GPU (FSDP2 for --method full; lora, sift, random and "
-        "magnitude data-parallel), or "
-        "CPU processes with gloo where there is no GPU. --batch-size is the global batch "
+        "Ranks on this machine: one per GPU (FSDP2 for --method full and hift; lora, sift, random and "
+        "magnitude data-parallel), or CPU processes with gloo where there is no GPU. --batch-size is "
+        "the global batch "
         "(docs/distributed.md).",
     ),
     "save_dtype": ((), "Precision of the saved model: auto (the base model's), fp32, bf16, fp16."),

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 # Methods that run on several ranks, and how: what the other methods would need is not built yet.
 DISTRIBUTED_METHODS = {
     "full": "FSDP2: weights, gradients and optimizer state sharded",
+    "hift": "FSDP2 as full; one group trains per step, the others' state waits sharded in host memory",
     "lora": "data-parallel",
     "sift": "data-parallel (every rank scores the whole selection window, rank 0's entries train)",
     "random": "data-parallel",
@@ -39,7 +40,9 @@ class Ranks:
         return self.size > 1
 
 
-def nproc_problem(nproc: int, method: str, streams: bool, batch_size: int, gpus: int | None) -> str | None:
+def nproc_problem(
+    nproc: int, method: str, streams: bool, batch_size: int, gpus: int | None, state_policy: str | None = None
+) -> str | None:
     """What is wrong with running ``nproc`` ranks, in one line, or None. ``gpus``: GPUs on this
     machine when the run is on GPUs (None: the ranks run on CPU, with gloo)."""
     if nproc < 1:
@@ -50,6 +53,11 @@ def nproc_problem(nproc: int, method: str, streams: bool, batch_size: int, gpus:
         return (
             f"--method {method} runs on one process only so far; --nproc {nproc} takes --method "
             f"{' or '.join(DISTRIBUTED_METHODS)} (docs/distributed.md)"
+        )
+    if state_policy == "keep-8bit":
+        return (
+            f"--nproc {nproc} cannot keep HiFT's waiting state in 8 bits (its blocks do not reshard); "
+            "give --state-policy keep or drop"
         )
     if streams:
         return f"--nproc {nproc} cannot stream layers from host memory; drop --stream / --streamed-layers"

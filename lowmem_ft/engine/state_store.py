@@ -16,6 +16,9 @@ the side stream fills it, so it comes from the same pool of the caching allocato
 else. On the device the state is always full precision (fp32, as the optimizer keeps it):
 ``keep-8bit`` changes only what waits on the host.
 On a CPU-only machine the same code runs with host-to-host copies, so the tests exercise it.
+
+With several ranks (FSDP2) a parameter is a DTensor and so is its state: each rank stores its own
+shard (``to_local``), 1/N of the group's state, and gets it back wrapped as the parameter is.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from lowmem_ft.choices import STATE_POLICIES as POLICIES
 from lowmem_ft.engine.host_memory import host_buffer, release
@@ -88,7 +92,7 @@ class OptimizerStateStore:
         if self.policy == "drop":
             optimizer.state.clear()
             return
-        states = [dict(optimizer.state.get(p, {})) for p in params]
+        states = [{k: local_part(v) for k, v in optimizer.state.get(p, {}).items()} for p in params]
         views = self._host_views(group, states)
         stream, main = self._stream, torch.cuda.current_stream(self.device) if self.on_cuda else None
         stored: list[dict[str, _Stored]] = []
@@ -234,7 +238,7 @@ class OptimizerStateStore:
             torch.cuda.current_stream(self.device).wait_event(event)  # the copies have landed
         for param, state in zip(params, loaded, strict=True):
             if state:
-                optimizer.state[param] = state
+                optimizer.state[param] = {k: shaped_like(param, v) for k, v in state.items()}
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _copied_out(self, group: int) -> None:
@@ -326,6 +330,21 @@ class OptimizerStateStore:
                     value = value.clone()
                 result[-1][key] = value
         return result
+
+
+def local_part(value):
+    """A rank's shard of a sharded (DTensor) state tensor; anything else as it is."""
+    return value.to_local() if isinstance(value, DTensor) else value
+
+
+def shaped_like(param: torch.Tensor, value):
+    """``value`` (a rank's shard of a state tensor of ``param``) as the optimizer holds it: a DTensor
+    sharded as ``param`` is, when ``param`` is one; scalars (step counts) and the rest as they are."""
+    if not isinstance(param, DTensor) or not isinstance(value, torch.Tensor) or value.ndim == 0:
+        return value
+    return DTensor.from_local(
+        value, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
 
 
 def _on_host(tensor: torch.Tensor) -> torch.Tensor:

@@ -139,6 +139,25 @@ class Method(ABC):
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
 
+    # -- checkpoints of a sharded model (several ranks, FSDP2) ------------------------------------
+    def sharded_state(self, model: torch.nn.Module) -> tuple[dict, dict]:
+        """What a checkpoint of several ranks holds: (the method's plain state, for the manifest;
+        the tree of sharded tensors every rank writes its part of, through DCP). Default: the
+        model's weights and the optimizer's state, as torch.distributed.checkpoint lays them out."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, self.optimizer)
+        return {}, {"model": model_state, "optimizer": optimizer_state}
+
+    def load_sharded_state(self, model: torch.nn.Module, plain: dict, read: Callable[[dict], None]) -> None:
+        """Restore what ``sharded_state`` saved: ``read(tree)`` fills a tree of the same keys with
+        this rank's part, from any number of ranks (DCP reshards)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, self.optimizer)
+        read({"model": model_state, "optimizer": optimizer_state})
+        set_state_dict(model, self.optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+
     def export(
         self, model: torch.nn.Module, tokenizer, job_dir: Path, save_dtype: torch.dtype, base: ResolvedModel
     ) -> Path:

@@ -15,6 +15,12 @@ Why it is cheap:
 Each group has its own optimizer, so its step counter advances only when it trains (HiFT keeps
 state across visits; ``drop`` restarts it on each visit, as BAdam does). The learning-rate schedule
 belongs to the recipe and counts optimizer steps of the whole run.
+
+With several ranks (--nproc) FSDP2 shards the model as for `full` (distributed/fsdp.py), with fp32
+weights computed under autocast: each rank holds 1/N of every weight, of the active group's
+gradients and state, and of every waiting group's state in its host memory. Only the active group
+requires grad, so FSDP gathers every layer the backward passes through but reduce-scatters the
+active group's gradients alone. The updates are the one-process run's.
 """
 
 from __future__ import annotations
@@ -22,9 +28,12 @@ from __future__ import annotations
 import random
 
 import torch
+from torch.distributed.tensor import DTensor
 
+from lowmem_ft.distributed.fsdp import reshard
 from lowmem_ft.engine.master_weights import MasterWeights
-from lowmem_ft.engine.state_store import OptimizerStateStore
+from lowmem_ft.engine.state_store import OptimizerStateStore, local_part, shaped_like
+from lowmem_ft.errors import UserError
 from lowmem_ft.methods.base import Method
 from lowmem_ft.methods.hift.options import HiFTOptions
 from lowmem_ft.methods.hift.plan import hift_groups
@@ -65,14 +74,28 @@ class HiFT(Method):
         self.masters: MasterWeights | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._all_params: list[torch.nn.Parameter] = []
+        self._model: torch.nn.Module | None = None  # from setup()
 
     def weight_dtype(self) -> torch.dtype:
+        if self.group.several:  # sharded fp32 weights, as `full` (module doc): no masters to keep
+            return torch.float32
         # bf16 weights on a GPU that computes in bf16 (fp32 masters for the active group only);
         # fp32 everywhere else, with fp16 compute under autocast like `full`.
         return torch.bfloat16 if self.config.compute_dtype() == torch.bfloat16 else torch.float32
 
     def setup(self, model) -> None:
         config = self.config
+        if self.group.several:
+            # keep-8bit as the planner's choice (RunConfig refuses it as the user's)
+            if self.options.state_policy == "keep-8bit":
+                raise UserError(
+                    f"the plan keeps HiFT's waiting state in 8 bits, which --nproc {self.group.ranks.size} "
+                    "cannot (its blocks do not reshard); give --state-policy keep or drop"
+                )
+            from lowmem_ft.distributed.fsdp import shard_model
+
+            shard_model(model, self.group)  # first: the groups below hold the sharded parameters
+        self._model = model
         units = model_units(model)
         # The planner's grouping (plan.py): every unit, or the decoder layers only (BAdam)
         groups = hift_groups(len(units), self.options.units_per_group or 1, self.options.trained_units)
@@ -104,6 +127,10 @@ class HiFT(Method):
         if group != self.active:
             if self.active is not None:
                 self._deactivate()
+            # Sharded (several ranks): a weight FSDP holds gathered keeps the requires_grad it was
+            # gathered with, so a group would train, or not, a step late. Sharded, they are gathered
+            # again at the next forward with the new group's flags.
+            reshard(self._model)
             self._activate(group)
         if self.group_at(step + 1) != group:
             self.store.prefetch(self.group_at(step + 1))  # copies in while this step computes
@@ -194,6 +221,78 @@ class HiFT(Method):
         if active is not None:
             self._activate(active)
             self._restore_active(group_states.get(active, []), state["masters"])
+
+    # -- checkpoints of several ranks (FSDP2) ------------------------------------------------------
+    def sharded_state(self, model) -> tuple[dict, dict]:
+        """The order, the active group and which state each group holds go in the manifest; the
+        weights and every group's state (each rank's shard, from its optimizer or its host store) go
+        through DCP as DTensors sharded as their parameters, so they reshard to any number of ranks."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        states: dict[int, list[dict]] = {}
+        for g, params in enumerate(self.groups):
+            if g == self.active:
+                states[g] = [dict(self._optimizer.state.get(p, {})) for p in params]
+            else:  # as stored: this rank's shard, on the host ([] for a group not visited yet)
+                stored = self.store.export(g)
+                pairs = zip(params, stored, strict=True) if stored else []
+                states[g] = [{k: shaped_like(p, v) for k, v in st.items()} for p, st in pairs]
+        layout = {
+            str(g): [{k: [str(v.dtype), v.ndim == 0] for k, v in st.items()} for st in group_states]
+            for g, group_states in states.items()
+            if any(group_states)
+        }
+        plain = {
+            "order": list(self.order), "active": self.active, "layout": layout,
+            "rounding_rng": self.generator.get_state(),
+        }  # fmt: skip
+        groups = {g: {str(i): st for i, st in enumerate(states[int(g)]) if st} for g in layout}
+        return plain, {"model": get_model_state_dict(model), "groups": groups}
+
+    def load_sharded_state(self, model, plain: dict, read) -> None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        if self.active is not None:
+            self._deactivate()
+        self.order = list(plain["order"])
+        self.generator.set_state(plain["rounding_rng"])
+        active = plain["active"]
+        device = next(model.parameters()).device
+
+        def empty(param, where, dtype: str, scalar: bool) -> torch.Tensor:
+            """A tensor for this rank's part of a state tensor of ``param`` to be read into."""
+            dtype = getattr(torch, dtype.removeprefix("torch."))
+            if scalar:  # a step count
+                return torch.zeros((), dtype=dtype)
+            shard = param.to_local() if isinstance(param, DTensor) else param
+            return shaped_like(param, torch.zeros(shard.shape, dtype=dtype, device=where))
+
+        model_state = get_model_state_dict(model)
+        read({"model": model_state})
+        set_model_state_dict(model, model_state)
+        del model_state
+        active_state: dict[str, dict] = {}
+        # One group at a time: host memory holds a group's state twice only while it is stored.
+        for g, group_layout in plain["layout"].items():
+            params = self.groups[int(g)]
+            # The active group's state goes to its device, the others' wait in host memory.
+            where = device if int(g) == active else "cpu"
+            saved = {
+                str(i): {k: empty(params[i], where, *spec) for k, spec in param_layout.items()}
+                for i, param_layout in enumerate(group_layout)
+                if param_layout
+            }
+            read({"groups": {g: saved}})
+            if int(g) == active:
+                active_state = saved
+            else:
+                states = [saved.get(str(i), {}) for i in range(len(params))]
+                self.store.put(int(g), [{k: local_part(v) for k, v in st.items()} for st in states])
+        if active is not None:
+            self._activate(active)
+            for i, p in enumerate(self.trainable_parameters()):
+                if str(i) in active_state:
+                    self._optimizer.state[p] = active_state[str(i)]
 
     def _restore_active(self, states: list[dict], masters: list[torch.Tensor] | None) -> None:
         for p, st in zip(self.trainable_parameters(), states, strict=True):

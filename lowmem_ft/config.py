@@ -121,9 +121,10 @@ class RunConfig:
         """--stream (HiFT and the sparse methods take it)."""
         return bool(getattr(self.method_options, "stream", False))
 
-    def validate(self, data_files: bool = True) -> None:
+    def validate(self, data_files: bool = True, count_gpus: bool = True) -> None:
         """Every option's check, in one place (``run``, ``plan`` and ``resume`` all come here);
-        ``data_files``: also that the data files can be read (``plan`` has none)."""
+        ``data_files``: also that the data files can be read (``plan`` has none); ``count_gpus``:
+        also that --nproc has as many GPUs here (``plan`` may describe another machine)."""
         from lowmem_ft.data import FORMAT_NAMES
 
         def need(ok: bool, message: str) -> None:
@@ -207,7 +208,7 @@ class RunConfig:
         from lowmem_ft.distributed.ranks import nproc_problem
 
         streams = self.streams_every_layer or bool(self.streamed_layers)
-        gpus = _gpu_count() if self.device != "cpu" and self.nproc > 1 else None
+        gpus = _gpu_count() if count_gpus and self.device != "cpu" and self.nproc > 1 else None
         state_policy = getattr(self.method_options, "state_policy", None)  # HiFT's
         problem = nproc_problem(self.nproc, self.method, streams, self.batch_size, gpus, state_policy)
         need(problem is None, problem)

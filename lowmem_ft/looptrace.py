@@ -41,6 +41,7 @@ from unittest import mock
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -63,6 +64,11 @@ class LoopTrace:
     # the engine's host bytes by owner: "streamed layers", and "state of group G" for HiFT
     host_detail: dict[str, int] = field(default_factory=dict)
     steps: list[int] = field(default_factory=list)  # the optimizer steps traced
+
+
+def _storage(t: torch.Tensor):
+    """The storage a tensor's bytes live in: a DTensor's (several ranks) is its local shard's."""
+    return (t._local_tensor if isinstance(t, DTensor) else t).untyped_storage()
 
 
 class DeviceBytes(TorchDispatchMode):
@@ -109,7 +115,7 @@ class DeviceBytes(TorchDispatchMode):
     def adopt(self, tensors) -> None:
         """Count tensors that existed before tracing started."""
         for t in tensors:
-            self._add(t.untyped_storage())
+            self._add(_storage(t))
 
     def host_buffer(self, buffer: torch.Tensor) -> None:
         """An engine host buffer (engine/host_memory.observe): host memory, not device memory."""
@@ -142,11 +148,26 @@ class DeviceBytes(TorchDispatchMode):
             (tensor,) = args  # .item(), float(), int(), bool() of a fake tensor: no value to read
             return True if tensor.dtype == torch.bool else 1 if not tensor.is_floating_point() else 1.0
         out = func(*args, **(kwargs or {}))
-        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        inputs = {id(_storage(t)) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in inputs:
-                self._add(t.untyped_storage())
+            if isinstance(t, torch.Tensor) and id(_storage(t)) not in inputs:
+                self._add(_storage(t))
         return out
+
+    def resized(self, storage, nbytes: int) -> None:
+        """FSDP frees a gathered weight by resizing its storage to 0 bytes and gathers it again
+        into the same storage: the storage object lives on, so its bytes are counted here."""
+        key = id(storage)
+        if key not in self._sizes:
+            if nbytes:
+                self._add(storage)
+            return
+        self.live += nbytes - self._sizes[key]
+        self._sizes[key] = nbytes
+        if self.live > self.peak:
+            self.peak, self.peak_phase = self.live, self.where()
+        name = self.where()
+        self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), self.live)
 
 
 class _NoJob:
@@ -161,7 +182,9 @@ class _NoJob:
 def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]:
     """Plan ``config`` for a GPU of ``config.gpu_mem`` (raises UserError if it does not fit), then
     trace the recipe's loop for that plan; returns both. ``on_gpu``: on the real CUDA device, with
-    random weights, instead of fake tensors."""
+    random weights, instead of fake tensors. With ``config.nproc`` N > 1 (fake tensors only) the
+    loop is rank 0's of N, its collectives on torch's fake process group (they return at once):
+    FSDP2 shards, gathers and frees as it would on N GPUs."""
     from transformers import AutoModelForCausalLM
 
     from lowmem_ft import prepare, train, train_state
@@ -175,9 +198,11 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
     config, plan = prepare.plan_run(config, resolved, CUDA)
     # Two micro-batches a step where the plan has several (memory does not depend on how many more
     # there are), else one: the sum of the gradients is alive only while accumulating.
-    several = config.batch_size > config.micro_batch_size
-    config = config.replace(batch_size=(2 if several else 1) * config.micro_batch_size)
+    ranks = config.nproc
+    several = config.batch_size // ranks > config.micro_batch_size
+    config = config.replace(batch_size=(2 if several else 1) * config.micro_batch_size * ranks)
     method = build_method(config)
+    method.group = _fake_group(ranks) if ranks > 1 else method.group
     examples = [Example(list(range(config.seq_len)), list(range(config.seq_len))) for _ in range(4)]
     tokenizer = type("Tokenizer", (), {"pad_token_id": 0})()
     trace = DeviceBytes(device_type="cuda" if on_gpu else None)
@@ -193,7 +218,9 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
     swap = (
         contextlib.nullcontext() if on_gpu else mock.patch("torch.utils.swap_tensors", _swap_fake_parameters)
     )
-    with fake, swap:
+    # FSDP frees and regathers weights by resizing their storages, which no operator reports
+    resizes = _fsdp_resizes(trace) if ranks > 1 else contextlib.nullcontext()
+    with fake, swap, resizes:
         # Built on the host, as load_model does, and not counted: the run never holds the whole
         # model on the device; placing it there (all of it, or all but the streamed layers) is.
         model = _host_model(AutoModelForCausalLM, resolved.config, method.weight_dtype(), on_gpu)
@@ -207,10 +234,12 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
                 torch.cuda.reset_peak_memory_stats()
             trace.restart_peak()
             data = prepare.Data(examples[:2], examples[2:], "text", TokenStats(), 0)
-            batcher = Batcher(data.train, config.batch_size, config.micro_batch_size, 0, config.seed)
+            batcher = Batcher(
+                data.train, config.batch_size, config.micro_batch_size, 0, config.seed, 0, ranks
+            )
             s = prepare.Setup(
                 config, plan, resolved, tokenizer, data, model, 0, method, device,
-                config.compute_dtype(), batcher, max_steps=10**6,
+                config.compute_dtype(), batcher, max_steps=10**6, group=method.group,
             )  # fmt: skip
             # Garbage in reference cycles is freed only when Python's collector happens to run, at a
             # moment that varies from run to run: it once moved a traced peak by 1.3 GiB. Collected
@@ -235,6 +264,44 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
         host_detail=detail, steps=steps,
     )  # fmt: skip
     return plan, traced
+
+
+def _fake_group(ranks: int):
+    """Rank 0 of ``ranks``, on torch's fake process group: collectives return at once."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from lowmem_ft.distributed.group import Group
+    from lowmem_ft.distributed.ranks import Ranks
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
+    group = Group(Ranks(0, ranks, 0))
+    group.device_mesh()  # made now, of real tensors: under fake tensors a mesh cannot be made
+    return group
+
+
+@contextlib.contextmanager
+def _fsdp_resizes(trace: DeviceBytes):
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    alloc, free = _fsdp_param.alloc_storage, _fsdp_param.free_storage
+
+    def traced_alloc(tensor: torch.Tensor) -> None:
+        alloc(tensor)
+        trace.resized(tensor.untyped_storage(), tensor.untyped_storage().nbytes())
+
+    def traced_free(tensor: torch.Tensor) -> None:
+        free(tensor)
+        trace.resized(tensor.untyped_storage(), 0)
+
+    with (
+        mock.patch.object(_fsdp_param, "alloc_storage", traced_alloc),
+        mock.patch.object(_fsdp_param, "free_storage", traced_free),
+        mock.patch.object(_fsdp_param_group, "alloc_storage", traced_alloc),
+    ):
+        yield
 
 
 def _host_model(auto_class, model_config, dtype: torch.dtype, real: bool) -> torch.nn.Module:

@@ -171,3 +171,49 @@ def test_what_several_ranks_cannot_do_is_refused_before_any_starts(args, message
     assert not (tmp_path / "job").exists()
     code, _, err = cli(capsys, "run", "tiny", data, "--nproc", "0")
     assert code == 2 and "--nproc must be at least 1, got 0" in err
+
+
+SLOW_RANK_0 = """\
+# rank 0 (only) sets up slowly: rank 1 fails first, and the agent stops rank 0 in the middle of setup
+import os
+
+if os.environ.get("RANK") == "0":
+    import time
+
+    import lowmem_ft.prepare
+
+    load_data = lowmem_ft.prepare.load_data
+
+    def slow_load_data(*args, **kwargs):
+        time.sleep(60)
+        return load_data(*args, **kwargs)
+
+    lowmem_ft.prepare.load_data = slow_load_data
+"""
+
+
+@pytest.mark.parametrize("case", ["bad data, rank 1 fails first", "unknown model"])
+def test_a_rank_that_fails_to_set_up_is_said_once_as_one_process_says_it(case, tmp_path, capsys, data):
+    """Every rank meets the same bad input. Whichever fails first, the command says it in one process's
+    line and exit code, without the agent's log lines, and leaves no job behind (rank 0, stopped
+    while it was creating the job, removes it)."""
+    import os
+
+    model, env = "tiny", dict(os.environ)
+    if case == "unknown model":
+        model = "no-such-model"
+    else:
+        data = tmp_path / "bad.jsonl"
+        data.write_text('{"prompt": "a", "response": "b"}\n')
+        (tmp_path / "hook").mkdir()
+        (tmp_path / "hook" / "sitecustomize.py").write_text(SLOW_RANK_0)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path / "hook"), env.get("PYTHONPATH")]))
+    code, _, alone = cli(capsys, "run", model, data, "--out", tmp_path / "alone", "-q")
+    assert code == 2 and len(alone.strip().splitlines()) == 1 and alone.startswith("error: ")
+    command = ["run", model, data, "--out", tmp_path / "job", "--nproc", "2", "-q"]
+    ranks = subprocess.run(
+        [sys.executable, "-m", "lowmem_ft", *command], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert ranks.returncode == 2, ranks.stderr
+    assert ranks.stderr.strip().splitlines() == alone.strip().splitlines()  # one line, the same
+    assert not (tmp_path / "job").exists() and not (tmp_path / "alone").exists()

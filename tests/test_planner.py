@@ -215,6 +215,41 @@ def test_plan_cli_bad_options_are_one_line(args, message, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
 
 
+def test_plan_says_how_many_gpus_full_fine_tuning_needs_and_plans_one_rank_of_them(capsys):
+    """--nproc N plans one rank of N (FSDP2's shards, what is gathered beside them, its slice of
+    the batch) and host memory for the node; a plan short of GPU memory says how many GPUs of this
+    size would hold the model, and that many do."""
+    args = ["plan", "llama-2-7b", "--method", "full", "--gpu-mem", "24GiB", "--cpu-mem", "256GiB"]
+    code, out, _ = cli(capsys, *args)
+    assert code == 3 and "8 such GPUs would hold it (--nproc 8; docs/distributed.md)" in out, out
+    assert cli(capsys, *args, "--nproc", "4")[0] == 3  # the smallest power of two that fits
+    code, out, _ = cli(capsys, *args, "--nproc", "8", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["ranks"] == 8 and data["settings"]["ranks"] == 8
+    n = 6_738_415_616
+    rows = {c["name"]: c for c in data["components"]}
+    assert rows["weights (fp32, 1/8 shard)"]["gpu_bytes"] == 4 * n // 8
+    assert rows["optimizer states (AdamW fp32 m, v, 1/8 shard)"]["gpu_bytes"] == 8 * n // 8
+    # each rank a process of its own that loads the whole model on the host
+    assert data["host"]["peak_bytes"] >= 8 * 4 * n
+    # the rank's slice of the global batch of 16: 2 sequences
+    assert data["settings"]["micro_batch_size"] * data["settings"]["gradient_accumulation"] == 2
+    code, out, _ = cli(capsys, *args, "--nproc", "8")
+    assert "ranks      8 (--nproc): GPU memory per rank, host memory per node" in out
+
+
+def test_hift_on_several_ranks_plans_sharded_state_and_never_8_bit(capsys):
+    one = build_plan("llama-2-7b", method="hift", gpu_mem="16GiB", cpu_mem="40GiB").plan
+    assert one.settings["state_policy"] == "keep-8bit"  # one process: the host holds only 8-bit state
+    four = build_plan("llama-2-7b", method="hift", gpu_mem="16GiB", cpu_mem="400GiB", nproc=4).plan
+    assert four.fits and four.settings["state_policy"] == "keep" and four.settings["streamed_units"] == 0
+    states = next(c for c in four.components if c.name.startswith("optimizer states of all groups"))
+    assert states.host_bytes == 8 * 6_738_415_616 // 4  # this rank's shard of every group's state
+    code, _, err = cli(capsys, "plan", "llama-2-7b", "--method", "hift", "--nproc", "4", "--state-policy",
+                       "keep-8bit")  # fmt: skip
+    assert code == 2 and "cannot keep HiFT's waiting state in 8 bits" in err
+
+
 def test_plan_needs_no_weights():
     with pytest.raises(UserError, match="unknown model"):
         build_plan("no-such-model")

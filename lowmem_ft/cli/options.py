@@ -171,7 +171,7 @@ RUN_PARAMETERS = (*_FIRST, *METHOD_OPTIONS, *[name for name in RUN_OPTIONS if na
 # precision first), then every method's own, in `plan --help` order.
 PLAN_OPTIONS = (
     "method", "gpu_mem", "cpu_mem", "seq_len", "batch_size", "micro_batch_size", "gradient_checkpointing",
-    "dtype", *METHOD_OPTIONS,
+    "dtype", "nproc", *METHOD_OPTIONS,
 )  # fmt: skip
 
 

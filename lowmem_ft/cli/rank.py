@@ -1,16 +1,23 @@
 """One rank of a job started by `--nproc N` (launch.py): ``python -m lowmem_ft.cli.rank
 run|resume PAYLOAD.json [--quiet]``. It runs what `lowmem-ft run` / `resume` would, as a rank;
-only rank 0 prints (the others' output would repeat it N times)."""
+only rank 0 prints its progress (the others' output would repeat it N times).
+
+A rank's last words (an error, "interrupted ...") are not printed but written next to the payload
+(``rank-K.txt``): the launcher prints those of the rank that ended first, once. Printed here, the
+same bad input would be said N times, or not at all when another rank failed first and the agent
+stopped rank 0 before it could say it."""
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from lowmem_ft.distributed.launch import last_words_file
 from lowmem_ft.distributed.ranks import Ranks
 
 
@@ -23,33 +30,39 @@ def main(argv: list[str]) -> None:
     command, payload_file = argv[0], Path(argv[1])
     show_progress = "--quiet" not in argv
     payload = json.loads(payload_file.read_text())
-    main_rank = Ranks.from_env().main
-    if main_rank:
+    ranks = Ranks.from_env()
+    if ranks.main:
         report_to_console()
     else:
         logging.getLogger("lowmem_ft").setLevel(logging.WARNING)
+
+    def end(line: str, code: int) -> None:
+        last_words_file(payload_file, ranks.rank).write_text(line)
+        sys.exit(code)
+
+    # The agent stops the other ranks with SIGTERM when one fails. Raised as KeyboardInterrupt (as
+    # `lowmem-ft` itself does), it unwinds: a job rank 0 was creating is removed, not left half-written.
+    # (Training has its own handler: it finishes the step and saves it.)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if command == "run":
             from lowmem_ft.config import RunConfig
             from lowmem_ft.start import run
 
-            run(RunConfig.from_json(payload["config"]), show_progress=show_progress and main_rank)
+            run(RunConfig.from_json(payload["config"]), show_progress=show_progress and ranks.main)
         else:
             from lowmem_ft.resume import resume
 
-            resume(Path(payload["job"]), payload["overrides"], show_progress=show_progress and main_rank)
+            resume(Path(payload["job"]), payload["overrides"], show_progress=show_progress and ranks.main)
     except RunInterrupted as exc:
-        if main_rank:
-            print(str(exc), file=sys.stderr)
-        sys.exit(130)
-    except UserError as exc:  # the same bad input on every rank: said once
-        if main_rank:
-            print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        end(str(exc), 130)
+    except KeyboardInterrupt:  # still setting up: Ctrl-C, or stopped because another rank failed
+        end("interrupted before training started; nothing was lost", 130)
+    except UserError as exc:  # the same bad input on every rank
+        end(f"error: {exc}", exc.exit_code)
     except Exception as exc:  # one line (the job's error.log has rank 0's traceback), not N tracebacks
         first_line = (str(exc).strip().splitlines() or [""])[0]
-        print(f"error: rank {Ranks.from_env().rank}: {type(exc).__name__}: {first_line}", file=sys.stderr)
-        sys.exit(1)
+        end(f"error: rank {ranks.rank}: {type(exc).__name__}: {first_line}", 1)
 
 
 if __name__ == "__main__":

@@ -202,7 +202,7 @@ def plan(model: str, gpu: str | None, as_json: bool, plot: Path | None, **option
     # The same options as `run`, checked by the same code (one message per mistake, either command)
     # and passed to the planner the way `run` passes them.
     config = RunConfig.create(model=model, data=Path("plan"), **options)
-    config.validate(data_files=False)
+    config.validate(data_files=False, count_gpus=False)
     if plot is not None:
         from lowmem_ft import pictures
 

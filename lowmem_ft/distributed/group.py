@@ -26,6 +26,7 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("LOWMEM_FT_CO
 class Group:
     def __init__(self, ranks: Ranks, device: torch.device = torch.device("cpu")):
         self.ranks, self.device = ranks, device
+        self._mesh = None
 
     @classmethod
     def join(cls, device: torch.device) -> Group:
@@ -86,10 +87,12 @@ class Group:
             dist.barrier()
 
     def device_mesh(self):
-        """A 1-D mesh of all ranks, for FSDP2's ``fully_shard``."""
+        """A 1-D mesh of all ranks, for FSDP2's ``fully_shard`` (made once)."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        return init_device_mesh(self.device.type, (self.ranks.size,))
+        if self._mesh is None:
+            self._mesh = init_device_mesh(self.device.type, (self.ranks.size,))
+        return self._mesh
 
     def leave(self) -> None:
         if self.several and dist.is_initialized():

@@ -3,17 +3,22 @@
 
 The options were checked here, in one process, before any rank starts: a mistake is one line, not
 N. Rank 0 prints (the ranks share this terminal); a rank that fails makes the agent stop the others
-at once (a dead rank's peers see their collectives fail), and this process exits non-zero. The job
-directory and its last checkpoint stay as they were: `lowmem-ft resume JOB` continues.
+at once (a dead rank's peers see their collectives fail), and this process exits non-zero with the
+line the first rank to fail ended with (cli/rank.py leaves it here), said once, as one process
+would say it. The job directory and its last checkpoint stay as they were: `lowmem-ft resume JOB`
+continues.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from lowmem_ft.errors import UserError
@@ -41,16 +46,57 @@ def launch(command: str, payload: dict, nproc: int, show_progress: bool) -> None
         args = ["-u", "-m", "lowmem_ft.cli.rank", command, str(payload_file)]
         args += [] if show_progress else ["--quiet"]
         try:
-            elastic_launch(config, sys.executable)(*args)
+            with _agent_quiet():
+                elastic_launch(config, sys.executable)(*args)
         except SignalException:  # Ctrl-C, SIGTERM: the agent passed it on to the ranks, which
-            # finished their step, saved it, and rank 0 said where the job stands
+            # finished their step and saved it; rank 0's line says where the job stands
+            _say(_last_words(payload_file, 0))
             raise UserError("", exit_code=130) from None
         except ChildFailedError as exc:
             rank, failure = exc.get_first_failure()  # the others were stopped because of it
-            if failure.exitcode > 0:  # the rank said why (an error line, or "interrupted") itself
+            if failure.exitcode > 0:  # the rank ended on a line of its own (an error, "interrupted")
+                words = _last_words(payload_file, rank)
+                _say(words or f"error: rank {rank} stopped with exit code {failure.exitcode}")
                 raise UserError("", exit_code=failure.exitcode) from None
             raise UserError(
                 f"rank {rank} was killed ({failure.signal_name()}); the other ranks were stopped; the "
                 "job's last checkpoint is intact (`lowmem-ft resume JOB` continues it)",
                 exit_code=1,
             ) from None
+
+
+def last_words_file(payload_file: Path, rank: int) -> Path:
+    """Where rank ``rank`` leaves the line it ended with (cli/rank.py writes it, launch() says it)."""
+    return payload_file.with_name(f"rank-{rank}.txt")
+
+
+def _last_words(payload_file: Path, rank: int) -> str | None:
+    try:
+        return last_words_file(payload_file, rank).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _say(line: str | None) -> None:
+    if line:
+        print(line, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _agent_quiet() -> Iterator[None]:
+    """Without the agent's own log lines ("Sending process ... closing signal SIGTERM", "failed
+    (exitcode: 2) local_rank: 1 ..."): what went wrong is said once, by launch(), as one process
+    would say it. Its loggers set their own levels, so they are cut off where they join torch's
+    (whose handler prints them), for the launch only."""
+    names = ("torch.distributed.elastic", "torch.distributed.launcher")
+    saved = [(logging.getLogger(name), logging.getLogger(name).propagate) for name in names]
+    silent = logging.NullHandler()  # (with no handler at all, logging's last resort would print them)
+    for logger, _ in saved:
+        logger.propagate = False
+        logger.addHandler(silent)
+    try:
+        yield
+    finally:
+        for logger, propagate in saved:
+            logger.removeHandler(silent)
+            logger.propagate = propagate

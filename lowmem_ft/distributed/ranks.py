@@ -16,6 +16,10 @@ DISTRIBUTED_METHODS = {
 }
 
 
+# Of those, the methods whose model FSDP2 shards (the others hold it whole on every rank).
+SHARDED_METHODS = ("full", "hift")
+
+
 @dataclass(frozen=True)
 class Ranks:
     rank: int = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
+from lowmem_ft.distributed.ranks import SHARDED_METHODS
 from lowmem_ft.planner.types import Plan, PlanRequest
 from lowmem_ft.sizes import format_bytes
 
@@ -48,8 +49,35 @@ def shortfall(plan: Plan, request: PlanRequest, replan: Callable[[PlanRequest], 
     if not alternatives and request.method == "full":
         for method in ("hift", "sift"):
             # its own defaults for its options
-            other = PlanRequest(method, request.seq_len, request.batch_size, request.compute_bytes)
+            other = PlanRequest(
+                method, request.seq_len, request.batch_size, request.compute_bytes, ranks=request.ranks
+            )
             trial = replan(other)
             if trial.fits:
                 alternatives.append(f"--method {method} would fit")
+    # With every other choice: how many such GPUs FSDP2 would need
+    if (
+        plan.device == "cuda"
+        and plan.gpu_peak_bytes > plan.gpu_budget_bytes
+        and request.method in SHARDED_METHODS
+    ):
+        alternatives += _enough_gpus(request, replan)
     return message + ("; " + "; ".join(alternatives) if alternatives else "")
+
+
+def _enough_gpus(request: PlanRequest, replan: Callable[[PlanRequest], Plan]) -> list[str]:
+    """How many GPUs of this size FSDP2 would need to hold the model (per-rank memory shrinks with
+    the shards; the gathered layers and activations stay): the smallest power of two that fits."""
+    for ranks in (2, 4, 8, 16, 32, 64, 128, 256):
+        if ranks <= request.ranks:
+            continue
+        batch = -(-request.batch_size // ranks) * ranks  # a multiple of the ranks
+        trial = replan(replace(request, ranks=ranks, batch_size=batch))
+        if trial.gpu_peak_bytes <= trial.gpu_budget_bytes:
+            where = (
+                "" if trial.host_peak_bytes <= trial.host_budget_bytes
+                else f"; on one node its {ranks} ranks need {format_bytes(trial.host_peak_bytes)} of host RAM"
+            )  # fmt: skip
+            resized = f" and --batch-size {batch}" if batch != request.batch_size else ""
+            return [f"{ranks} such GPUs would hold it (--nproc {ranks}{resized}; docs/distributed.md){where}"]
+    return []

@@ -25,7 +25,7 @@ class PlanResult:
 # The common options (RunConfig fields) the planner reads as they were given; with them, the
 # method's own options (all of them: its planner reads what it needs).
 PLANNED_AS_GIVEN = (
-    "method", "cpu_mem", "seq_len", "batch_size", "micro_batch_size", "gradient_checkpointing",
+    "method", "cpu_mem", "seq_len", "batch_size", "micro_batch_size", "gradient_checkpointing", "nproc",
 )  # fmt: skip
 
 
@@ -48,6 +48,7 @@ def build_plan(
     gradient_checkpointing: bool | None = None,
     dtype: str = "auto",
     cuda_index: int = 0,  # the GPU torch calls cuda:N (`run --device cuda:N`): its memory is planned for
+    nproc: int = 1,  # ranks (--nproc): the plan is one rank's, host memory the whole node's
     **method_options,
 ) -> PlanResult:
     """Plan MODEL (or an already-read ``config``) for this machine or the one the flags describe;
@@ -71,6 +72,7 @@ def build_plan(
         compute_bytes=compute,
         micro_batch_size=micro_batch_size,
         gradient_checkpointing=gradient_checkpointing,
+        ranks=nproc,
         **method_options,
     )
     plan = make_plan(shape, request, budget.gpu_bytes, budget.host_bytes, budget.link_bytes_per_s)

@@ -31,7 +31,8 @@ from lowmem_ft.planner.types import (
 def micro_batch_candidates(request: PlanRequest) -> list[int]:
     if request.micro_batch_size:
         return [request.micro_batch_size]
-    sizes = {request.batch_size} | {2**k for k in range(12) if 2**k < request.batch_size}
+    batch = request.rank_batch_size
+    sizes = {batch} | {2**k for k in range(12) if 2**k < batch}
     return sorted(sizes, reverse=True)
 
 
@@ -65,12 +66,13 @@ class Fitter:
             ]
             gpu_peak = tensor_peak + CUDA_CONTEXT_BYTES + margin
             # Loading holds a host copy of the weights before they move to the GPU; the pinned stores
-            # (optimizer states, streamed units) are filled after that copy is gone.
-            host_peak = runtime + max(load_bytes, host_fixed)
+            # (optimizer states, streamed units) are filled after that copy is gone. With several
+            # ranks each is a process of its own on this node, which loads the whole model.
+            host_peak = self.request.ranks * (runtime + max(load_bytes, host_fixed))
         else:  # training on the CPU: what would sit on the GPU sits in host memory
             components = [Component(c.name, 0, c.gpu_bytes + c.host_bytes, c.note) for c in components]
             gpu_peak = 0
-            host_peak = runtime + host_fixed + tensor_peak
+            host_peak = self.request.ranks * (runtime + host_fixed + tensor_peak)
         components.append(
             Component("Python, torch" + (", CUDA libraries" if self.on_gpu else ""), 0, runtime)
         )
@@ -90,7 +92,7 @@ def first_fit(
         for micro_batch in micro_batch_candidates(request):
             est = build(micro_batch, checkpointing)
             if fitter.fits(*fitter.totals(est, load_bytes)[:2]):
-                good_enough = checkpointing or micro_batch >= min(4, request.batch_size)
+                good_enough = checkpointing or micro_batch >= min(4, request.rank_batch_size)
                 if good_enough:
                     return est, micro_batch, checkpointing
                 fallback = fallback or (est, micro_batch, checkpointing)
@@ -107,8 +109,9 @@ def smallest(request: PlanRequest, build):
 
 def accumulation(request: PlanRequest, micro_batch: int) -> dict:
     return {
-        "gradient_accumulation": math.ceil(request.batch_size / micro_batch),
+        "gradient_accumulation": math.ceil(request.rank_batch_size / micro_batch),
         "batch_size": request.batch_size,
+        **({"ranks": request.ranks} if request.ranks > 1 else {}),
     }
 
 
@@ -150,4 +153,4 @@ def activation_parts(
 
 
 def accumulates(request: PlanRequest, micro_batch: int) -> bool:
-    return math.ceil(request.batch_size / micro_batch) > 1
+    return math.ceil(request.rank_batch_size / micro_batch) > 1

@@ -69,6 +69,7 @@ def make_plan(
         link_bytes_per_s=link or ASSUMED_LINK_BYTES_PER_S,
         notes=notes,
         peak_phase=best.peak_phase(),
+        ranks=request.ranks,
     )
     if best.streamed_per_micro_batch and fitter.on_gpu:
         _compare_streaming_with_compute(plan, shape, request, best)

@@ -17,6 +17,8 @@ def render_plan(plan: Plan, model_name: str, budget_line: str) -> str:
         "settings   " + "  ".join(f"{k}={v}" for k, v in plan.settings.items()),
         "",
     ]
+    if plan.ranks > 1:
+        lines.insert(2, f"ranks      {plan.ranks} (--nproc): GPU memory per rank, host memory per node")
     width = max(len(c.name) for c in plan.components) + 2
     lines.append(f"{'component'.ljust(width)}{'GPU':>12}{'host':>12}  note")
     for c in plan.components:

@@ -48,6 +48,13 @@ class PlanRequest:
     # the method's own options (its package's options.py); None: the method's defaults
     options: MethodOptions | None = None
     on_gpu: bool = True  # planned for a GPU, or for the CPU (make_plan sets it from the budget)
+    # Ranks the job runs on (--nproc): the plan is one rank's, ``batch_size`` stays the global batch
+    ranks: int = 1
+
+    @property
+    def rank_batch_size(self) -> int:
+        """Each rank's slice of every global batch."""
+        return self.batch_size // self.ranks
 
     def __post_init__(self):
         if self.options is None:
@@ -93,6 +100,7 @@ class Plan:
     shortfall: str | None = None
     notes: list[str] = field(default_factory=list)
     peak_phase: str = ""  # where in the step the GPU peak is, e.g. "end of forward, HiFT group embed"
+    ranks: int = 1  # --nproc: GPU bytes are one rank's, host bytes the node's (every rank's process)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -126,10 +134,13 @@ class Estimate:
     # HiFT, a group that trains the LM head: bytes beside the activations (and any summed gradients)
     # when the head's weight gradient is made, at the very start of backward (0: no such moment).
     head_gradient: int = 0
+    # What of ``grads`` is summed across micro-batches (None: all of it). Sharded, the gradients a
+    # layer makes in full are reduce-scattered into the shards, which alone carry the sum.
+    summed_grads: int | None = None
 
     def moments(self) -> dict[str, int]:
         """Device bytes at the moments of a step that can be its peak."""
-        summed = self.grads if self.accumulating else 0
+        summed = (self.grads if self.summed_grads is None else self.summed_grads) if self.accumulating else 0
         return (
             {
                 "end of forward": self.persistent + summed + self.activations + self.loss_transient,

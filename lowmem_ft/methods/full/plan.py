@@ -15,6 +15,7 @@ from lowmem_ft.planner.fit import (
     smallest,
 )
 from lowmem_ft.planner.shapes import ModelShape
+from lowmem_ft.planner.sharding import gathered_bytes, shard, unsharded_gradient_bytes
 from lowmem_ft.planner.types import Component, Estimate, PlanRequest
 
 
@@ -35,6 +36,8 @@ def estimate_full(shape: ModelShape, request: PlanRequest, micro_batch: int, che
     # three are temporaries beside the summed gradients, else the sum becomes the gradient.
     parts_alive = (3 if accumulating else 2) if shape.tied_embeddings else int(accumulating)
     embedding_gradient = 4 * head * parts_alive
+    if request.ranks > 1:  # FSDP2: a rank's shards, and what is gathered beside them (sharding.py)
+        return _sharded(shape, request, micro_batch, parts, acts, loss, logits_grad, extra, head_gradient)
     components = [
         Component("weights (fp32 master)", 4 * n),
         Component("gradients (fp32)", 4 * n),
@@ -44,6 +47,34 @@ def estimate_full(shape: ModelShape, request: PlanRequest, micro_batch: int, che
     return Estimate(
         components, 12 * n, acts, loss, logits_grad, 4 * n, max(extra, embedding_gradient), trainable=n,
         accumulating=accumulating, head_gradient=head_gradient,
+    )  # fmt: skip
+
+
+def _sharded(
+    shape: ModelShape,
+    request: PlanRequest,
+    micro_batch: int,
+    parts,
+    acts,
+    loss,
+    logits_grad,
+    extra,
+    head_gradient,
+) -> Estimate:
+    n, ranks = shape.params, request.ranks
+    gathered, unsharded = gathered_bytes(shape), unsharded_gradient_bytes(shape)
+    components = [
+        Component(f"weights (fp32, 1/{ranks} shard)", 4 * shard(n, ranks)),
+        Component(f"gradients (fp32, 1/{ranks} shard)", 4 * shard(n, ranks)),
+        Component(f"optimizer states (AdamW fp32 m, v, 1/{ranks} shard)", 8 * shard(n, ranks)),
+        Component("gathered weights (root and two layers)", gathered, note="FSDP2 all-gathers"),
+        Component("gradients before reduce-scatter (head, two layers)", unsharded, note="transient"),
+        *parts,
+    ]
+    return Estimate(
+        components, 12 * shard(n, ranks) + gathered, acts, loss, logits_grad, 4 * shard(n, ranks) + unsharded,
+        extra, trainable=n, accumulating=accumulates(request, micro_batch), head_gradient=head_gradient,
+        summed_grads=4 * shard(n, ranks),
     )  # fmt: skip
 
 

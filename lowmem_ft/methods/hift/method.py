@@ -56,6 +56,7 @@ def visit_order(n_groups: int, order: str, seed: int, cycle: int = 0) -> list[in
 
 class HiFT(Method):
     name = "hift"
+    sharded = True
 
     def __init__(self, config):
         super().__init__(config)

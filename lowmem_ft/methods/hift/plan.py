@@ -24,6 +24,7 @@ from lowmem_ft.planner.fit import (
     smallest,
 )
 from lowmem_ft.planner.shapes import ModelShape
+from lowmem_ft.planner.sharding import gathered_bytes, layer_params, shard
 from lowmem_ft.planner.types import DTYPE_NAMES, STREAM_BUFFERS, Component, Estimate, PlanRequest
 
 
@@ -49,7 +50,9 @@ def estimate_hift(
     state of the group that comes next), and the worst of them: the largest group is not the one
     with the most activations (the embedding's keeps the whole stack above it)."""
     # 16-bit weights with fp32 masters for the active group, or fp32 weights when computing in fp32.
-    w = request.compute_bytes
+    # Several ranks: fp32 weights sharded by FSDP2, computed under autocast (planner/sharding.py).
+    ranks = request.ranks
+    w = 4 if ranks > 1 else request.compute_bytes
     p = Precision(weight_bytes=w, compute_bytes=request.compute_bytes, on_gpu=request.on_gpu)
     unit_bytes = [w * u.params for u in shape.units]
     # The engine streams decoder layers (the first ``streamed_units`` of them), never the embedding
@@ -57,6 +60,8 @@ def estimate_hift(
     layer_bytes = [w * u.params for u in shape.layer_units]
     streamed = layer_bytes[:streamed_units]
     resident = sum(unit_bytes) - sum(streamed)
+    if ranks > 1:  # a rank's shards, and what is gathered beside them (never streamed)
+        resident = 4 * shard(shape.params, ranks) + gathered_bytes(shape)
     buffers = STREAM_BUFFERS * max(layer_bytes) if streamed_units else 0
     groups = hift_groups(len(shape.units), units_per_group, request.options.trained_units)
     sizes = [sum(shape.units[u].params for u in group) for group in groups]
@@ -94,11 +99,24 @@ def estimate_hift(
         """The head's weight gradient is made first in backward, while every activation is alive: the
         logits' 16-bit gradient, the head's 16-bit gradient and, on the first micro-batch, the fp32
         master gradient the hook adds it into (on later ones it is among the summed gradients)."""
-        if w != 2 or head_unit not in units_of(g):
+        if head_unit not in units_of(g):
             return 0
         head = shape.vocab * shape.hidden
+        if ranks > 1:  # under autocast: its 16-bit gradient and the fp32 one it is cast to, in full
+            return p.compute_bytes * (shape.vocab * tokens + head) + 4 * head
+        if w != 2:
+            return 0
         first_micro_batch = 0 if accumulates(request, micro_batch) else 4 * head
         return p.compute_bytes * shape.vocab * tokens + 2 * head + first_micro_batch
+
+    def unsharded(g: int) -> int:
+        """Several ranks: the group's gradients made in full before FSDP reduce-scatters them."""
+        if ranks == 1:
+            return 0
+        layers = sum(1 for u in groups[g] if 0 < u < len(shape.units) - 1)
+        return 4 * (shape.vocab * shape.hidden if head_unit in units_of(g) else 0) + 4 * min(2, layers) * (
+            layer_params(shape)
+        )
 
     def prefetch_of(g: int) -> int:
         # The next group's state arrives during this step: the one above in a bottom-up order (the
@@ -109,7 +127,7 @@ def estimate_hift(
             "bottom-up": [sizes[(g + 1) % n]],
             "top-down": [sizes[(g - 1) % n]],
         }.get(request.options.order, [sizes[j] for j in range(n) if j != g])
-        return 0 if state_policy == "drop" or n == 1 else DEVICE_STATE_BYTES * max(following)
+        return 0 if state_policy == "drop" or n == 1 else DEVICE_STATE_BYTES * shard(max(following), ranks)
 
     def step_of(g: int) -> Estimate:
         prefetch = prefetch_of(g)
@@ -117,16 +135,16 @@ def estimate_hift(
         # Kept state arrives before the step. Dropped state is made by the group's update and freed
         # when the group hands over: it is alive through forward and backward only when the group
         # trains for several steps in a row.
-        state = DEVICE_STATE_BYTES * size
+        state = DEVICE_STATE_BYTES * shard(size, ranks)
         made_by_update = state if state_policy == "drop" and request.options.switch_every == 1 else 0
         persistent = resident + buffers + own[g] + masters * size + state - made_by_update + prefetch
         kept, rebuilt = group_acts[g]
         return Estimate(
-            [], persistent, kept, loss, max(logits_grad, rebuilt), 4 * size,
+            [], persistent, kept, loss, max(logits_grad, rebuilt), 4 * shard(size, ranks) + unsharded(g),
             extra + (2 * largest_tensor(g) if w == 2 else 0), end_step_extra=rounding,
             trainable=sum(sizes), label=f"HiFT group {names[g]}",
             accumulating=accumulates(request, micro_batch), head_gradient=head_gradient(g),
-            made_by_update=made_by_update,
+            made_by_update=made_by_update, summed_grads=4 * shard(size, ranks) if ranks > 1 else None,
         )  # fmt: skip
 
     worst_group = max(range(len(sizes)), key=lambda g: step_of(g).device_peak())
@@ -136,9 +154,18 @@ def estimate_hift(
     parts[0] = Component(
         parts[0].name, worst.activations, note=f"{parts[0].note}; group {names[worst_group]}"
     )
-    host_states = int(HOST_STATE_BYTES[state_policy] * sum(sizes))
+    host_states = int(HOST_STATE_BYTES[state_policy] * shard(sum(sizes), ranks))  # this rank's shards
+    of_rank = f", 1/{ranks} shard" if ranks > 1 else ""
+    weights = [Component(f"weights ({DTYPE_NAMES[w]}, resident)", resident)]
+    if ranks > 1:
+        weights = [
+            Component(f"weights (fp32{of_rank})", 4 * shard(shape.params, ranks)),
+            Component(
+                "gathered weights (root and two layers)", gathered_bytes(shape), note="FSDP2 all-gathers"
+            ),
+        ]
     worst.components = [
-        Component(f"weights ({DTYPE_NAMES[w]}, resident)", resident),
+        *weights,
         Component(
             f"weights ({DTYPE_NAMES[w]}, streamed)",
             0,
@@ -149,11 +176,18 @@ def estimate_hift(
         Component("active group: its streamed layers' own device copy", own[worst_group]),
         Component("active group: fp32 master copy", masters * size),
         # fp32 either way: each micro-batch's 16-bit gradient is added to the fp32 master's at once.
-        Component("active group: gradients (fp32)", 4 * size),
-        Component("active group: optimizer states (AdamW fp32 m, v)", DEVICE_STATE_BYTES * size),
+        Component(f"active group: gradients (fp32{of_rank})", 4 * shard(size, ranks)),
+        Component("active group: gradients before reduce-scatter", unsharded(worst_group), note="transient"),
+        Component(
+            f"active group: optimizer states (AdamW fp32 m, v{of_rank})",
+            DEVICE_STATE_BYTES * shard(size, ranks),
+        ),
         Component("next group: optimizer states (prefetch)", prefetch),
         Component(
-            f"optimizer states of all groups ({state_policy})", 0, host_states, note="pinned host memory"
+            f"optimizer states of all groups ({state_policy}{of_rank})",
+            0,
+            host_states,
+            note="pinned host memory",
         ),
         *parts,
         Component(
@@ -165,7 +199,7 @@ def estimate_hift(
     ]
     state_traffic = 2 * int(HOST_STATE_BYTES[state_policy] * max(sizes))  # in and out, as stored
     passes = 2 if checkpointing else 1  # a streamed unit crosses for the forward and for the recompute
-    n_micro = math.ceil(request.batch_size / micro_batch)
+    n_micro = math.ceil(request.rank_batch_size / micro_batch)
     worst.traffic = state_traffic + n_micro * passes * sum(streamed)
     worst.streamed_per_micro_batch = passes * sum(streamed)
     return worst
@@ -188,8 +222,11 @@ def units_per_group(options: HiFTOptions, n_units: int) -> int | None:
 def plan_hift(shape: ModelShape, request: PlanRequest, fitter):
     n_units = len(shape.units)
     trained = len(hift_groups(n_units, 1, request.options.trained_units))  # units that train
-    load = request.compute_bytes * shape.params
+    several = request.ranks > 1  # sharded fp32 weights, never streamed, no 8-bit state (method.py)
+    load = (4 if several else request.compute_bytes) * shape.params
     policies = [request.options.state_policy] if request.options.state_policy else list(STATE_POLICIES)
+    if several:
+        policies = [policy for policy in policies if policy != "keep-8bit"]
     max_m = max(1, trained // 4)  # at least 4 groups: each step still trains a real slice of the model
     given = units_per_group(request.options, trained)
     group_sizes = [given] if given else list(range(max_m, 0, -1))
@@ -229,9 +266,15 @@ def plan_hift(shape: ModelShape, request: PlanRequest, fitter):
             if found:
                 est, mb, ckpt = found
                 return est, settings(m, policy, 0, mb, ckpt), load, []
+    m = given or 1
+    if several:  # the ranks do not stream: the cheapest unstreamed plan, to say what is short
+        build = partial(
+            estimate_hift, shape, request, units_per_group=m, state_policy=policies[-1], streamed_units=0
+        )
+        est, mb, ckpt = smallest(request, build)
+        return est, settings(m, policies[-1], 0, mb, ckpt), load, []
     # Streaming: every micro-batch moves each streamed unit in twice, so a bigger micro-batch can be
     # worth more streamed units. Among the plans that fit, take the least host<->GPU traffic per step.
-    m = given or 1
     n_layers = len(shape.layer_units)
     for policy in policies:
         candidates = []

@@ -94,7 +94,7 @@ def estimate_sparse(
         *parts,
     ]
     passes = 2  # forward, and the recompute: streaming runs with activation checkpointing
-    n_micro = math.ceil(request.batch_size / micro_batch)
+    n_micro = math.ceil(request.rank_batch_size / micro_batch)
     # The increment's fp32 gradient exists from the backward to the end of the step (and, while
     # micro-batches accumulate, through the next ones): its values, indices and moments all along.
     grads = 4 * entries

@@ -1,0 +1,47 @@
+"""What one rank holds when FSDP2 shards the model over N ranks (--nproc; distributed/fsdp.py).
+
+The model is sharded as `full` and `hift` run it: one ``fully_shard`` per decoder layer, then the
+root (the embedding, the final norm and the head), fp32 weights computed under autocast. A rank
+keeps 1/N of every weight, gradient and optimizer state for the whole run. Beside its shards,
+measured on torch's fake process group through the recipe's own loop (looptrace.py):
+
+- the root's weights, gathered in full at the first forward and kept until its backward ends
+  (FSDP2 does not free the root after the forward, its backward would gather it again at once);
+- two decoder layers gathered at once: the one computing and the next, prefetched;
+- in the backward, each layer's gradients in full until they are reduce-scattered to the shards,
+  two layers' at once (one reducing while the next is made), and the head's full gradient, which
+  waits for the root's reduce-scatter at the end of the backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+from lowmem_ft.planner.shapes import ModelShape
+
+
+def shard(numel: int, ranks: int) -> int:
+    """A rank's part of ``numel`` elements."""
+    return math.ceil(numel / ranks)
+
+
+def layer_params(shape: ModelShape) -> int:
+    return max((u.params for u in shape.layer_units), default=0)
+
+
+def root_params(shape: ModelShape) -> int:
+    """The embedding, the final norm and the head: what the root's ``fully_shard`` holds."""
+    return shape.params - sum(u.params for u in shape.layer_units)
+
+
+def gathered_bytes(shape: ModelShape) -> int:
+    """fp32 weights gathered in full beside the shards: the root's for the whole step, and two
+    decoder layers' (computing, prefetched)."""
+    return 4 * (root_params(shape) + 2 * layer_params(shape))
+
+
+def unsharded_gradient_bytes(shape: ModelShape, head_trains: bool = True, layers_train: bool = True) -> int:
+    """Full fp32 gradients waiting to be reduce-scattered: the head's, through the backward (it
+    waits for the root's reduce-scatter), and two decoder layers' at once."""
+    head = 4 * shape.vocab * shape.hidden if head_trains else 0
+    return head + (8 * layer_params(shape) if layers_train else 0)

@@ -475,12 +475,19 @@ def select_entries(s: Setup) -> bool:
     window = [draw.next_step()[0] for _ in range(n)]
     n_targets = max(1, sum(target_count(mb) for mb in window))
     scaler = torch.amp.GradScaler(s.device.type, enabled=s.compute_dtype == torch.float16)
+    # With several ranks rank r scores micro-batches r, r + N, ... and the scores are summed over
+    # the ranks; a rank with one fewer runs a pass that adds nothing (None), so that every rank runs
+    # as many backwards and reaches each sum at the same moment.
+    rank, ranks = s.group.ranks.rank, s.group.ranks.size
+    share: list[dict | None] = window[rank::ranks]
+    share += [None] * (math.ceil(n / ranks) - len(share))
 
-    def backward(batch: dict) -> None:
+    def backward(batch: dict | None) -> None:
         # Scaled like a training step; fp16 needs loss scaling so small gradients do not vanish.
-        scaler.scale(loss_sum(s.model, batch, s.device, s.compute_dtype) / n_targets).backward()
+        loss = loss_sum(s.model, window[0] if batch is None else batch, s.device, s.compute_dtype)
+        scaler.scale(loss * (0.0 if batch is None else 1.0) / n_targets).backward()
 
     with phase("selection"):
-        summary = s.method.select(window, backward)
+        summary = s.method.select(share, backward)
     log.info(f"selection  {summary} ({time.perf_counter() - started:.1f}s)")
     return True

@@ -5,9 +5,9 @@
 
 Every rank runs the same recipe (train.py) on its slice of every global batch; rank 0 alone writes
 the job record, the metrics and the result, and prints. What a method shares across ranks is its
-own business (``Method.place`` / ``Method.reduce_gradients``): `full` shards weights, gradients and
-optimizer state with FSDP2 (fsdp.py); `lora`, `sift` and the masks all-reduce the gradients of
-what they train (data-parallel). ranks.py knows who
+own business (``Method.place`` / ``Method.reduce_gradients``): `full` and `hift` shard weights,
+gradients and optimizer state with FSDP2 (fsdp.py); `lora`, `sift` and the masks all-reduce the
+gradients of what they train (data-parallel), and SIFT sums its selection scores. ranks.py knows who
 this process is (torch-free); group.py talks to the others (torch.distributed, gloo on CPU, NCCL
 on GPUs).
 """

@@ -67,6 +67,9 @@ class Group:
         instead of one per tensor)."""
         if not self.several or not tensors:
             return
+        if len(tensors) == 1 and tensors[0].is_contiguous():  # in place: no copy of a large one
+            dist.all_reduce(tensors[0])
+            return
         flat = torch.cat([t.reshape(-1) for t in tensors])
         dist.all_reduce(flat)
         offset = 0

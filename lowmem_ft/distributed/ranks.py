@@ -10,7 +10,7 @@ DISTRIBUTED_METHODS = {
     "full": "FSDP2: weights, gradients and optimizer state sharded",
     "hift": "FSDP2 as full; one group trains per step, the others' state waits sharded in host memory",
     "lora": "data-parallel",
-    "sift": "data-parallel (every rank scores the whole selection window, rank 0's entries train)",
+    "sift": "data-parallel (each rank scores its share of the selection window, the scores summed)",
     "random": "data-parallel",
     "magnitude": "data-parallel",
 }

@@ -100,7 +100,7 @@ class Method(ABC):
         """Micro-batches the method needs to see before training starts (0: none)."""
         return 0
 
-    def select(self, window: list[dict], backward: Callable[[dict], None]) -> str:
+    def select(self, window: list[dict | None], backward: Callable[[dict | None], None]) -> str:
         """Choose what trains from ``window``; ``backward(batch)`` runs the loss's backward for one
         micro-batch and must not be followed by an update. Returns a line for the run's output."""
         return ""

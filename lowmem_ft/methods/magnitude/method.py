@@ -17,7 +17,7 @@ class MagnitudeEntries:
     def window_batches(self) -> int:
         return 0
 
-    def choose(self, layers: Layers, k_for, window, backward):
+    def choose(self, layers: Layers, k_for, window, backward, sum_over_ranks):
         chosen = {}
         for name, layer in layers.items():
             weight, _ = layer.base.dense(torch.float32)

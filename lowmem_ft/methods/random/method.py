@@ -21,7 +21,7 @@ class RandomEntries:
     def window_batches(self) -> int:
         return 0
 
-    def choose(self, layers: Layers, k_for, window, backward):
+    def choose(self, layers: Layers, k_for, window, backward, sum_over_ranks):
         chosen, generator = {}, None
         for name, layer in layers.items():
             if generator is None:  # one stream for all weights, in model order

@@ -32,10 +32,10 @@ class GradientEntries:
     def window_batches(self) -> int:
         return self.batches
 
-    def choose(self, layers: Layers, k_for, window: list[dict], backward: Backward):
+    def choose(self, layers: Layers, k_for, window: list[dict | None], backward: Backward, sum_over_ranks):
         if not window:
             raise ValueError("SIFT selection needs at least one micro-batch")
-        passes = 1 if len(window) == 1 else max(1, min(self.passes or 1, len(layers)))
+        passes = 1 if self.batches == 1 else max(1, min(self.passes or 1, len(layers)))
         names = list(layers)
         chosen: dict[str, torch.Tensor] = {}
         for chunk in _balanced_slices(names, [layers[n].weight_numel for n in names], passes):
@@ -44,21 +44,26 @@ class GradientEntries:
                 last = i == len(window) - 1
                 for name in chunk:
                     k = k_for(layers[name])
-                    layers[name].on_dense_gradient = partial(self._score, name, k, scores, chosen, last)
+                    layers[name].on_dense_gradient = partial(
+                        self._score, name, k, scores, chosen, last, sum_over_ranks
+                    )
                 backward(batch)
             for name in chunk:
                 layers[name].on_dense_gradient = None
         score = "|Σg|" if self.score == "grad" else "Σg²"
-        how = (
-            f"by {score} over {len(window)} micro-batch"
-            + ("es" if len(window) > 1 else "")
+        how = (  # the whole window's size (with several ranks, each looked at its share)
+            f"by {score} over {self.batches} micro-batch"
+            + ("es" if self.batches > 1 else "")
             + (f" in {passes} passes" if passes > 1 else "")
         )
         return chosen, how
 
-    def _score(self, name, k: int, scores, chosen, last: bool, dense_grad: torch.Tensor) -> None:
+    def _score(
+        self, name, k: int, scores, chosen, last: bool, sum_over_ranks, dense_grad: torch.Tensor
+    ) -> None:
         """Fold one micro-batch's dense gradient into the running score; on the window's last
-        micro-batch, keep only the top-k positions and drop the dense score."""
+        micro-batch, sum the score over the ranks (each scored its share of the window: Σg and Σg²
+        add up), keep only the top-k positions and drop the dense score."""
         g = dense_grad.float()  # may be dense_grad itself: the backward discards it afterwards
         if self.score == "grad2":
             g = g.square_()
@@ -67,6 +72,7 @@ class GradientEntries:
         if not last:
             scores[name] = total
             return
+        sum_over_ranks(total)  # (every rank reaches this layer's last micro-batch at once: same order)
         score = total.abs_() if self.score == "grad" else total
         chosen[name] = torch.topk(score.reshape(-1), k, sorted=False).indices
 

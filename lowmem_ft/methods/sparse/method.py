@@ -10,8 +10,9 @@ and each gives ``SparseIncrement`` a chooser (sift/, random/, magnitude/) rather
 - dense weight gradients exist one at a time inside the backward, gathered at the indices and freed;
 - the result is ``delta.safetensors`` (indices, values, and the base it applies to).
 
-With several ranks (--nproc) they run data-parallel: every rank scores the whole selection window
-(the same micro-batches) and trains rank 0's entries; the values' gradients are summed over ranks.
+With several ranks (--nproc) they run data-parallel: each rank scores its share of SIFT's selection
+window, the scores are summed over the ranks, and every rank trains rank 0's entries; the values'
+gradients are summed over ranks.
 """
 
 from __future__ import annotations
@@ -49,13 +50,16 @@ class EntryChooser(Protocol):
         self,
         layers: Layers,
         k_for: Callable[[SparseDeltaLinear], int],
-        window: list[dict],
+        window: list[dict | None],
         backward: Backward,
+        sum_over_ranks: Callable[[torch.Tensor], None],
     ) -> tuple[dict[str, torch.Tensor], str]:
         """Flat indices of the ``k_for(layer)`` entries of each layer that train, and how they were
         chosen (for the run's output: "by |Σg| over 1 micro-batch"). ``backward(batch)`` runs the
-        loss's backward over one micro-batch of ``window`` (never followed by an update); choosers
-        without a window get none."""
+        loss's backward over one micro-batch of ``window`` (never followed by an update; None: a
+        pass that adds nothing, for a rank whose share of the window is one short); choosers
+        without a window get none. ``sum_over_ranks(scores)``: sums a tensor of scores over the
+        ranks in place, where each rank looked at its share of the window (a no-op on one)."""
         ...
 
 
@@ -95,7 +99,7 @@ class SparseIncrement(Method):
         for layer in self.layers.values():
             layer.values.requires_grad_(True)
         if not self.chooser.window_batches():
-            self._fix_entries(self.chooser.choose(self.layers, self.k_for, [], _no_backward)[0])
+            self._fix_entries(self.chooser.choose(self.layers, self.k_for, [], _no_backward, _sum)[0])
 
     def reduce_gradients(self) -> None:
         """With several ranks: data-parallel, the values' gradients summed over the ranks (each
@@ -124,15 +128,18 @@ class SparseIncrement(Method):
     def selection_batches(self) -> int:
         return 0 if self.selected else self.chooser.window_batches()
 
-    def select(self, window: list[dict], backward: Backward) -> str:
-        indices, how = self.chooser.choose(self.layers, self.k_for, window, backward)
+    def select(self, window: list[dict | None], backward: Backward) -> str:
+        def sum_over_ranks(scores: torch.Tensor) -> None:
+            self.group.sum_tensors([scores])
+
+        indices, how = self.chooser.choose(self.layers, self.k_for, window, backward, sum_over_ranks)
         self._fix_entries(indices)
         return f"top {self.rate:.2%} of each weight {how}"
 
     def _fix_entries(self, indices: dict[str, torch.Tensor]) -> None:
-        # Several ranks train the same entries: rank 0's. Every rank chose from the same window
-        # (or the same seed and weights), so they agree already; sending rank 0's makes sure a
-        # difference in the last bit of a score cannot make one rank train other entries.
+        # Several ranks train the same entries: rank 0's. Every rank chose from the same summed
+        # scores (or the same seed and weights), so they agree already; sending rank 0's makes sure
+        # a difference in the last bit of a score cannot make one rank train other entries.
         indices = self.group.broadcast(indices)
         for name, layer in self.layers.items():
             # Sorted: gathers and scatters then walk memory in order.
@@ -217,3 +224,7 @@ class SparseIncrement(Method):
 
 def _no_backward(batch: dict) -> None:
     raise RuntimeError("a chooser without a selection window ran a backward")
+
+
+def _sum(scores: torch.Tensor) -> None:
+    """No window, no scores to sum (a chooser that chooses without data)."""

@@ -34,6 +34,8 @@ METHODS = {
     "hift": ["--method", "hift", "--units-per-group", "2"],
     "lora": ["--method", "lora", "--lora-dropout", "0"],
     "sift": ["--method", "sift", "--sparsity", "0.05", "--selection-batches", "2"],
+    "bitfit": ["--method", "bitfit"],
+    "spafit": ["--method", "spafit", "--lora-dropout", "0"],
 }
 
 
@@ -179,7 +181,6 @@ def cli_resume(job: Path, *extra) -> tuple[int, str, str]:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--method", "bitfit"], "--method bitfit runs on one process only so far; --nproc 2 takes --method"),
         (
             ["--method", "hift", "--state-policy", "keep-8bit"],
             "--nproc 2 cannot keep HiFT's waiting state in 8 bits (its blocks do not reshard); give "

@@ -79,8 +79,8 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "cpu_mem": ((), "Host RAM to plan for, e.g. 48GiB. [default: available]"),
     "nproc": (
         (),
-        "Ranks on this machine: one per GPU (FSDP2 for --method full and hift; lora, sift, random and "
-        "magnitude data-parallel), or CPU processes with gloo where there is no GPU. --batch-size is "
+        "Ranks on this machine: one per GPU (FSDP2 for --method full and hift, the other methods "
+        "data-parallel), or CPU processes with gloo where there is no GPU. --batch-size is "
         "the global batch "
         "(docs/distributed.md).",
     ),

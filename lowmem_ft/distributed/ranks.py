@@ -13,6 +13,8 @@ DISTRIBUTED_METHODS = {
     "sift": "data-parallel (each rank scores its share of the selection window, the scores summed)",
     "random": "data-parallel",
     "magnitude": "data-parallel",
+    "bitfit": "data-parallel",
+    "spafit": "data-parallel",
 }
 
 

@@ -201,6 +201,8 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
     ranks = config.nproc
     several = config.batch_size // ranks > config.micro_batch_size
     config = config.replace(batch_size=(2 if several else 1) * config.micro_batch_size * ranks)
+    if ranks > 1 and on_gpu:
+        raise ValueError("a trace of several ranks runs on fake tensors only (on_gpu=False)")
     method = build_method(config)
     method.group = _fake_group(ranks) if ranks > 1 else method.group
     examples = [Example(list(range(config.seq_len)), list(range(config.seq_len))) for _ in range(4)]
@@ -256,6 +258,10 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
                 train.evaluate(s)
                 with phase("checkpoint"):
                     train_state.capture(s, train_state.Progress(step=steps[-1] + 1), scaler, _NoJob())
+    if ranks > 1:  # the fake group goes with the trace (a later real one must not find it)
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     detail = {"streamed layers": method.streamer.host_bytes()} if method.streamer is not None else {}
     for group, buffers in getattr(getattr(method, "store", None), "_flat", {}).items():
         detail[f"state of group {group}"] = sum(b.numel() * b.element_size() for b in buffers.values())

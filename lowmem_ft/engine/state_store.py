@@ -24,10 +24,11 @@ shard (``to_local``), 1/N of the group's state, and gets it back wrapped as the 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._dtensor_spec import TensorMeta
 
 from lowmem_ft.choices import STATE_POLICIES as POLICIES
 from lowmem_ft.engine.host_memory import host_buffer, release
@@ -238,7 +239,9 @@ class OptimizerStateStore:
             torch.cuda.current_stream(self.device).wait_event(event)  # the copies have landed
         for param, state in zip(params, loaded, strict=True):
             if state:
-                optimizer.state[param] = {k: shaped_like(param, v) for k, v in state.items()}
+                optimizer.state[param] = {
+                    k: shaped_like(param, _on_device_of(param, v)) for k, v in state.items()
+                }
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _copied_out(self, group: int) -> None:
@@ -342,9 +345,20 @@ def shaped_like(param: torch.Tensor, value):
     sharded as ``param`` is, when ``param`` is one; scalars (step counts) and the rest as they are."""
     if not isinstance(param, DTensor) or not isinstance(value, torch.Tensor) or value.ndim == 0:
         return value
-    return DTensor.from_local(
-        value, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
-    )
+    # Not DTensor.from_local: it would copy a host shard to the mesh's device (every waiting group's
+    # state on the GPU at once, in a checkpoint). A DTensor may wrap a host shard, as FSDP2's own CPU
+    # offload does; DCP reads and writes it where it is.
+    meta = TensorMeta(param.shape, param.stride(), value.dtype)
+    return DTensor(value, replace(param._spec, tensor_meta=meta), requires_grad=False)
+
+
+def _on_device_of(param: torch.Tensor, value):
+    """A step count back where the optimizer keeps it: fused AdamW (methods/optimizers.py) holds it
+    on the parameter's device and steps only with it there (torch's own load_state_dict moves it so);
+    the store kept it on the host."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and param.device.type != "cpu":
+        return value.to(param.device)
+    return value
 
 
 def _on_host(tensor: torch.Tensor) -> torch.Tensor:

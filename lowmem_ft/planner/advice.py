@@ -24,7 +24,7 @@ def shortfall(plan: Plan, request: PlanRequest, replan: Callable[[PlanRequest], 
     policy_given = getattr(request.options, "state_policy", None)  # HiFT's
     if policy_given not in (None, "drop"):
         for policy in ("keep-8bit", "drop"):
-            if policy != policy_given:
+            if policy != policy_given and not (policy == "keep-8bit" and request.ranks > 1):
                 trial = replan(request.with_options(state_policy=policy))
                 if trial.fits:
                     alternatives.append(f"--state-policy {policy} would fit")
@@ -72,7 +72,7 @@ def _enough_gpus(request: PlanRequest, replan: Callable[[PlanRequest], Plan]) ->
         if ranks <= request.ranks:
             continue
         batch = -(-request.batch_size // ranks) * ranks  # a multiple of the ranks
-        trial = replan(replace(request, ranks=ranks, batch_size=batch))
+        trial = replan(replace(_without_what_ranks_cannot_do(request), ranks=ranks, batch_size=batch))
         if trial.gpu_peak_bytes <= trial.gpu_budget_bytes:
             where = (
                 "" if trial.host_peak_bytes <= trial.host_budget_bytes
@@ -81,3 +81,13 @@ def _enough_gpus(request: PlanRequest, replan: Callable[[PlanRequest], Plan]) ->
             resized = f" and --batch-size {batch}" if batch != request.batch_size else ""
             return [f"{ranks} such GPUs would hold it (--nproc {ranks}{resized}; docs/distributed.md){where}"]
     return []
+
+
+def _without_what_ranks_cannot_do(request: PlanRequest) -> PlanRequest:
+    """The ranks neither stream nor keep HiFT's state in 8 bits (docs/distributed.md)."""
+    changes = {}
+    if getattr(request.options, "stream", False):
+        changes["stream"] = False
+    if getattr(request.options, "state_policy", None) == "keep-8bit":
+        changes["state_policy"] = None
+    return request.with_options(**changes) if changes else request

@@ -263,8 +263,8 @@ class HiFT(Method):
         def empty(param, where, dtype: str, scalar: bool) -> torch.Tensor:
             """A tensor for this rank's part of a state tensor of ``param`` to be read into."""
             dtype = getattr(torch, dtype.removeprefix("torch."))
-            if scalar:  # a step count
-                return torch.zeros((), dtype=dtype)
+            if scalar:  # a step count: where the optimizer keeps it (fused AdamW: with its parameter)
+                return torch.zeros((), dtype=dtype, device=where)
             shard = param.to_local() if isinstance(param, DTensor) else param
             return shaped_like(param, torch.zeros(shard.shape, dtype=dtype, device=where))
 

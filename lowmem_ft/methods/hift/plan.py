@@ -114,9 +114,10 @@ def estimate_hift(
         if ranks == 1:
             return 0
         layers = sum(1 for u in groups[g] if 0 < u < len(shape.units) - 1)
-        return 4 * (shape.vocab * shape.hidden if head_unit in units_of(g) else 0) + 4 * min(2, layers) * (
-            layer_params(shape)
-        )
+        # The head's (an untied embedding's comes when the layers' are gone: traced), a tied one's
+        # parts and their sum (as full fine-tuning's, methods/full/plan.py), and two layers' at once
+        outer = 0 if head_unit not in units_of(g) else 3 if shape.tied_embeddings else 1
+        return 4 * outer * shape.vocab * shape.hidden + 4 * min(2, layers) * layer_params(shape)
 
     def prefetch_of(g: int) -> int:
         # The next group's state arrives during this step: the one above in a bottom-up order (the
@@ -225,8 +226,8 @@ def plan_hift(shape: ModelShape, request: PlanRequest, fitter):
     several = request.ranks > 1  # sharded fp32 weights, never streamed, no 8-bit state (method.py)
     load = (4 if several else request.compute_bytes) * shape.params
     policies = [request.options.state_policy] if request.options.state_policy else list(STATE_POLICIES)
-    if several:
-        policies = [policy for policy in policies if policy != "keep-8bit"]
+    if several:  # (a request for keep-8bit comes from the advice's trials: keep is what would run)
+        policies = [policy for policy in policies if policy != "keep-8bit"] or ["keep"]
     max_m = max(1, trained // 4)  # at least 4 groups: each step still trains a real slice of the model
     given = units_per_group(request.options, trained)
     group_sizes = [given] if given else list(range(max_m, 0, -1))
@@ -243,7 +244,7 @@ def plan_hift(shape: ModelShape, request: PlanRequest, fitter):
             **accumulation(request, mb),
         }
 
-    if request.options.stream:  # every decoder layer streamed, as asked; policy and group size as usual
+    if request.options.stream and not several:  # every decoder layer streamed, as asked
         n_layers = len(shape.layer_units)
         for policy in policies:
             for m in group_sizes:

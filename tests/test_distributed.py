@@ -89,18 +89,26 @@ def test_two_ranks_train_exactly_as_one_process(method, tmp_path, references, da
     assert_same(job, references[method])
 
 
+def stopped_by_ctrl_c(job: Path, method: str, data: Path, after_steps: int) -> dict:
+    """A 2-rank job of ``method`` sent SIGINT once it has logged ``after_steps`` steps: the ranks
+    finish their step, save it and exit 130. Returns its job record."""
+    proc = ranks_run("run", "tiny", data, "--out", job, "--nproc", 2, *METHODS[method], *ARGS)
+    while proc.poll() is None and steps_logged(job) < after_steps:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    finished(proc, 130)
+    rec = record(job)
+    assert rec["status"] == "interrupted"
+    return rec
+
+
 def test_two_ranks_stopped_then_killed_resume_to_the_same_result(tmp_path, references, data_module):
     """Ctrl-C (SIGINT to the command): the ranks finish their step, save it, and exit 130. Then
     SIGKILL of one rank at a random moment: the other is stopped, no hang. Resumed on 2 ranks, then
     on 1 process (DCP reshards the checkpoint), the job ends as the uninterrupted one."""
     job, rng = tmp_path / "job", random.Random(0)
-    proc = ranks_run("run", "tiny", data_module, "--out", job, "--nproc", 2, *METHODS["full"], *ARGS)
-    while proc.poll() is None and steps_logged(job) < 1:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    finished(proc, 130)
-    rec = record(job)
-    assert rec["status"] == "interrupted" and rec["last_checkpoint"]["step"] == rec["step"] < 6
+    rec = stopped_by_ctrl_c(job, "full", data_module, after_steps=1)
+    assert rec["last_checkpoint"]["step"] == rec["step"] < 6
 
     proc = ranks_run("resume", job, "-q")
     start = steps_logged(job)
@@ -129,13 +137,8 @@ def test_hift_on_two_ranks_stopped_resumes_on_two_or_on_one_alike(tmp_path, refe
     active, the job resumes on 2 ranks, and a copy of it on 1 process, both to the uninterrupted
     one-process run's result."""
     job = tmp_path / "job"
-    proc = ranks_run("run", "tiny", data_module, "--out", job, "--nproc", 2, *METHODS["hift"], *ARGS)
-    while proc.poll() is None and steps_logged(job) < 3:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    finished(proc, 130)
-    rec = record(job)
-    assert rec["status"] == "interrupted" and 3 <= rec["last_checkpoint"]["step"] < 6
+    rec = stopped_by_ctrl_c(job, "hift", data_module, after_steps=3)
+    assert 3 <= rec["last_checkpoint"]["step"] < 6
     copy = tmp_path / "copy"
     shutil.copytree(job, copy)
 

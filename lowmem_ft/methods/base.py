@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lowmem_ft.distributed.group import ONE
+from lowmem_ft.distributed.ranks import SHARDED_METHODS
 from lowmem_ft.registry import METHOD_SPECS
 
 if TYPE_CHECKING:
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 
 class Method(ABC):
     name: str  # its line in lowmem_ft/registry.py says what it is and what it takes
-    sharded = False  # with several ranks: FSDP2 shards the model (distributed/fsdp.py), else data-parallel
 
     def __init__(self, config: RunConfig):
         # The resolved run (frozen): the user's options with the plan's choices filled in. Every
@@ -85,7 +85,7 @@ class Method(ABC):
         full-precision model never has to fit on the device."""
         from lowmem_ft.engine.streaming import place_model
 
-        if self.group.several and self.sharded:
+        if self.group.several and self.name in SHARDED_METHODS:
             # fully_shard (in setup) moves each decoder layer to the device as it shards it: one
             # layer at a time in full there, never the whole model (25 GiB in fp32 for a 7B model)
             return

@@ -40,8 +40,8 @@ def gathered_bytes(shape: ModelShape) -> int:
     return 4 * (root_params(shape) + 2 * layer_params(shape))
 
 
-def unsharded_gradient_bytes(shape: ModelShape, head_trains: bool = True, layers_train: bool = True) -> int:
-    """Full fp32 gradients waiting to be reduce-scattered: the head's, through the backward (it
-    waits for the root's reduce-scatter), and two decoder layers' at once."""
-    head = 4 * shape.vocab * shape.hidden if head_trains else 0
-    return head + (8 * layer_params(shape) if layers_train else 0)
+def unsharded_gradient_bytes(shape: ModelShape, head_tensors: int = 1, layers: int = 2) -> int:
+    """Full fp32 gradients waiting to be reduce-scattered: ``head_tensors`` vocabulary-sized ones
+    (the head's, through the backward: it waits for the root's reduce-scatter), and those of up to
+    two of ``layers`` trained decoder layers at once."""
+    return 4 * head_tensors * shape.vocab * shape.hidden + 4 * min(2, layers) * layer_params(shape)

@@ -17,7 +17,6 @@ from lowmem_ft.methods.optimizers import make_optimizer
 
 class FullFineTuning(Method):
     name = "full"
-    sharded = True
 
     def __init__(self, config):
         super().__init__(config)

@@ -33,7 +33,6 @@ from torch.distributed.tensor import DTensor
 from lowmem_ft.distributed.fsdp import reshard
 from lowmem_ft.engine.master_weights import MasterWeights
 from lowmem_ft.engine.state_store import OptimizerStateStore, local_part, shaped_like
-from lowmem_ft.errors import UserError
 from lowmem_ft.methods.base import Method
 from lowmem_ft.methods.hift.options import HiFTOptions
 from lowmem_ft.methods.hift.plan import hift_groups
@@ -56,7 +55,6 @@ def visit_order(n_groups: int, order: str, seed: int, cycle: int = 0) -> list[in
 
 class HiFT(Method):
     name = "hift"
-    sharded = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -86,13 +84,7 @@ class HiFT(Method):
 
     def setup(self, model) -> None:
         config = self.config
-        if self.group.several:
-            # keep-8bit as the planner's choice (RunConfig refuses it as the user's)
-            if self.options.state_policy == "keep-8bit":
-                raise UserError(
-                    f"the plan keeps HiFT's waiting state in 8 bits, which --nproc {self.group.ranks.size} "
-                    "cannot (its blocks do not reshard); give --state-policy keep or drop"
-                )
+        if self.group.several:  # (never with keep-8bit: RunConfig refuses it, the planner avoids it)
             from lowmem_ft.distributed.fsdp import shard_model
 
             shard_model(model, self.group)  # first: the groups below hold the sharded parameters

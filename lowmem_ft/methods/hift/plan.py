@@ -24,7 +24,7 @@ from lowmem_ft.planner.fit import (
     smallest,
 )
 from lowmem_ft.planner.shapes import ModelShape
-from lowmem_ft.planner.sharding import gathered_bytes, layer_params, shard
+from lowmem_ft.planner.sharding import gathered_bytes, shard, unsharded_gradient_bytes
 from lowmem_ft.planner.types import DTYPE_NAMES, STREAM_BUFFERS, Component, Estimate, PlanRequest
 
 
@@ -117,7 +117,7 @@ def estimate_hift(
         # The head's (an untied embedding's comes when the layers' are gone: traced), a tied one's
         # parts and their sum (as full fine-tuning's, methods/full/plan.py), and two layers' at once
         outer = 0 if head_unit not in units_of(g) else 3 if shape.tied_embeddings else 1
-        return 4 * outer * shape.vocab * shape.hidden + 4 * min(2, layers) * layer_params(shape)
+        return unsharded_gradient_bytes(shape, outer, layers)
 
     def prefetch_of(g: int) -> int:
         # The next group's state arrives during this step: the one above in a bottom-up order (the

@@ -75,18 +75,31 @@ def references(tmp_path_factory, data_module) -> dict[str, Path]:
     return jobs
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+# full and hift (FSDP2) are compared with one process by the two tests after this one, through a
+# stop and a resume on 2 ranks: each 2-rank run costs three processes' start, so not once more here.
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("full", "hift")])
 def test_two_ranks_train_exactly_as_one_process(method, tmp_path, references, data_module):
     job = tmp_path / "job"
     out = finished(ranks_run("run", "tiny", data_module, "--out", job, "--nproc", 2, *METHODS[method], *ARGS))
-    assert "(2 ranks × 1 × micro-batch 2)" in out
-    assert out.count("step 3: eval loss") == out.count("saved      ") == 1  # rank 0 speaks, once
+    assert_rank_0_speaks_once(out)
+    assert "step 3: eval loss" in out
     rec = record(job)
     assert rec["status"] == "done" and rec["config"]["nproc"] == 2
-    if method in ("full", "hift"):  # FSDP2: each rank wrote its shard of the weights and optimizer state
-        shards = sorted(p.name for p in (job / "checkpoints" / "step-000006" / "shards").iterdir())
-        assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert_same(job, references[method])
+
+
+def assert_rank_0_speaks_once(out: str) -> None:
+    """One process's output: the header says the ranks, and no line comes twice (each rank's)."""
+    assert "(2 ranks × 1 × micro-batch 2)" in out
+    assert "eval loss  " in out and "saved      " in out, out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)), out
+
+
+def assert_sharded(checkpoint: Path) -> None:
+    """FSDP2: each rank wrote its shard of the weights and optimizer state."""
+    shards = sorted(p.name for p in (checkpoint / "shards").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
 
 
 def stopped_by_ctrl_c(job: Path, method: str, data: Path, after_steps: int) -> dict:
@@ -109,6 +122,7 @@ def test_two_ranks_stopped_then_killed_resume_to_the_same_result(tmp_path, refer
     job, rng = tmp_path / "job", random.Random(0)
     rec = stopped_by_ctrl_c(job, "full", data_module, after_steps=1)
     assert rec["last_checkpoint"]["step"] == rec["step"] < 6
+    assert_sharded(job / "checkpoints" / f"step-{rec['step']:06d}")
 
     proc = ranks_run("resume", job, "-q")
     start = steps_logged(job)
@@ -142,7 +156,9 @@ def test_hift_on_two_ranks_stopped_resumes_on_two_or_on_one_alike(tmp_path, refe
     copy = tmp_path / "copy"
     shutil.copytree(job, copy)
 
-    finished(ranks_run("resume", job, "-q"))
+    out = finished(ranks_run("resume", job, "-q"))
+    assert_rank_0_speaks_once(out)
+    assert_sharded(job / "checkpoints" / "step-000006")
     assert_same(job, references["hift"])
     code, _, err = cli_resume(copy, "--nproc", "1")
     assert code == 0, err

@@ -39,12 +39,49 @@ METHODS = {
 }
 
 
-def ranks_run(*args) -> subprocess.Popen:
+def ranks_run(*args, env: dict | None = None) -> subprocess.Popen:
     """`lowmem-ft ARGS` as a user starts it, in its own process."""
     return subprocess.Popen(
         [sys.executable, "-m", "lowmem_ft", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+        text=True, env=env,
     )  # fmt: skip
+
+
+def with_hook(tmp_path: Path, code: str) -> dict:
+    """The environment that runs ``code`` first in every process it starts (the ranks see RANK)."""
+    import os
+
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(code)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
+    return env
+
+
+RANK_1_DIES_WRITING_ITS_SHARD = """\
+# rank 1 (only) is killed while DCP writes the checkpoint: its shard file cut to half its bytes, before
+# the ranks gather what they wrote (rank 0 waits there for it)
+import os
+
+if os.environ.get("RANK") == "1":
+    import signal
+
+    from torch.distributed.checkpoint.filesystem import _FileSystemWriter
+
+    write_data = _FileSystemWriter.write_data
+
+    def write_data_and_die(self, plan, planner):
+        write_data(self, plan, planner).wait()
+        torn = [name for name in os.listdir(self.path) if name.startswith("__1_")]
+        for name in torn:
+            os.truncate(os.path.join(self.path, name), os.path.getsize(os.path.join(self.path, name)) // 2)
+        with open(os.environ["TORN_SHARDS"], "w") as note:  # what the test checks was hit
+            note.write(" ".join(torn))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    _FileSystemWriter.write_data = write_data_and_die
+"""
 
 
 def finished(proc: subprocess.Popen, code: int = 0) -> str:
@@ -116,13 +153,25 @@ def stopped_by_ctrl_c(job: Path, method: str, data: Path, after_steps: int) -> d
 
 
 def test_two_ranks_stopped_then_killed_resume_to_the_same_result(tmp_path, references, data_module):
-    """Ctrl-C (SIGINT to the command): the ranks finish their step, save it, and exit 130. Then
-    SIGKILL of one rank at a random moment: the other is stopped, no hang. Resumed on 2 ranks, then
-    on 1 process (DCP reshards the checkpoint), the job ends as the uninterrupted one."""
+    """Ctrl-C (SIGINT to the command): the ranks finish their step, save it, and exit 130. Resumed,
+    one rank is killed in the middle of the next checkpoint (its shard half written), then, resumed
+    again, at a random moment: each time the other rank is stopped, no hang. Resumed on 1 process
+    (DCP reshards the checkpoint), the job ends as the uninterrupted one."""
     job, rng = tmp_path / "job", random.Random(0)
     rec = stopped_by_ctrl_c(job, "full", data_module, after_steps=1)
-    assert rec["last_checkpoint"]["step"] == rec["step"] < 6
+    assert rec["last_checkpoint"]["step"] == rec["step"] < 4
     assert_sharded(job / "checkpoints" / f"step-{rec['step']:06d}")
+    last = rec["step"]
+
+    env = with_hook(tmp_path, RANK_1_DIES_WRITING_ITS_SHARD) | {"TORN_SHARDS": str(tmp_path / "torn")}
+    proc = ranks_run("resume", job, "-q", env=env)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "was killed (SIGKILL)" in err, err[-2000:]
+    assert (tmp_path / "torn").read_text() == "__1_0.distcp", "the kill missed the checkpoint write"
+    assert record(job)["last_checkpoint"]["step"] == last  # the torn one does not count
+    assert [p.name for p in (job / "checkpoints").iterdir() if p.name.startswith("step-")] == [
+        f"step-{last:06d}"
+    ]
 
     proc = ranks_run("resume", job, "-q")
     start = steps_logged(job)

@@ -384,6 +384,12 @@ def accumulate_gradients(s: Setup, job: Job, step: int, scaler, bar) -> tuple[fl
     Out of GPU memory in the middle, the step starts again with half the micro-batch and twice the
     accumulation, on the same examples: the gradient is the same, the memory smaller. The new
     micro-batch is kept for the rest of the run, and recorded in the job and its plan.
+
+    Several ranks retry together: whether any ran out is agreed after the micro-batches. That works
+    for the data-parallel methods, whose forward and backward hold no collective (their gradients
+    are summed after). FSDP2 gathers and reduces inside them: a rank that ran out has left the
+    others waiting in a collective it will never join, so the job stops there (the OOM's one-line
+    message, and resume loses nothing; a smaller --micro-batch-size on resume fits).
     """
     data_position = s.batcher.state_dict()
     while True:
@@ -391,7 +397,7 @@ def accumulate_gradients(s: Setup, job: Job, step: int, scaler, bar) -> tuple[fl
         # Normalise by the target tokens of the whole step (see loss_sum), counted before backward
         # (over every rank's slice: the gradients the ranks sum are then the one-process gradient).
         n_targets = max(1, int(s.group.sum(sum(target_count(mb) for mb in micro_batches))))
-        step_loss, tokens = 0.0, 0
+        step_loss, tokens, out_of_memory = 0.0, 0, False
         try:
             with phase("forward/backward"):
                 for mb in micro_batches:
@@ -399,9 +405,12 @@ def accumulate_gradients(s: Setup, job: Job, step: int, scaler, bar) -> tuple[fl
                     scaler.scale(total / n_targets).backward()
                     step_loss += total.item()  # a CPU-GPU sync per micro-batch; cheap next to the step
                     tokens += int(mb["attention_mask"].sum())
-            return s.group.sum(step_loss), n_targets, int(s.group.sum(tokens))
         except torch.OutOfMemoryError:
-            pass  # handled outside the except block, so its traceback does not pin tensors in memory
+            if s.group.several and is_sharded(s.model):
+                raise
+            out_of_memory = True  # handled below, so the traceback does not pin tensors in memory
+        if not s.group.any(out_of_memory):
+            return s.group.sum(step_loss), n_targets, int(s.group.sum(tokens))
         total = None
         drop_gradients(s)
         if s.device.type == "cuda":
@@ -430,7 +439,7 @@ def _record_micro_batch_change(s: Setup, job: Job, step: int, old: int, new: int
     job.record["config"]["micro_batch_size"] = new
     job.update(micro_batch_size_after_oom=new, oom_retries=changes)
     plan_path = job.dir / "plan.json"
-    if plan_path.exists():
+    if plan_path.exists() and s.group.main:  # (rank 0 writes the job)
         plan = json.loads(plan_path.read_text())
         plan.setdefault("settings", {})["micro_batch_size"] = new
         plan["settings"]["gradient_accumulation"] = math.ceil(s.config.batch_size / new)

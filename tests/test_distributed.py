@@ -22,6 +22,8 @@ import torch
 from test_cli import cli  # the CLI in-process: (exit code, stdout, stderr)
 from test_resume import record, result_tensors, steps_logged, trajectory
 
+from lowmem_ft.jobs import read_job
+
 pytestmark = pytest.mark.slow
 
 ARGS = [
@@ -310,3 +312,57 @@ def test_a_rank_that_fails_to_set_up_is_said_once_as_one_process_says_it(case, t
     assert ranks.returncode == 2, ranks.stderr
     assert ranks.stderr.strip().splitlines() == alone.strip().splitlines()  # one line, the same
     assert not (tmp_path / "job").exists() and not (tmp_path / "alone").exists()
+
+
+RANK_1_OUT_OF_MEMORY_AT_STEP_2 = """\
+# rank 1 (only) runs out of GPU memory in the forward of its first micro-batch of step 2, once
+import os
+
+if os.environ.get("RANK") == "1":
+    import torch
+
+    import lowmem_ft.train
+
+    loss_sum, calls = lowmem_ft.train.loss_sum, []
+
+    def loss_sum_out_of_memory_once(*args, **kwargs):
+        if torch.is_grad_enabled():  # training, not evaluation
+            calls.append(1)
+            if len(calls) == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return loss_sum(*args, **kwargs)
+
+    lowmem_ft.train.loss_sum = loss_sum_out_of_memory_once
+"""
+
+
+def test_out_of_memory_on_one_rank_retries_the_step_on_every_rank_with_half_the_micro_batch(
+    tmp_path, references, data_module
+):
+    """Data-parallel (LoRA): the ranks agree that one ran out, and all retry the step on the same
+    examples with half the micro-batch (the gradient the same up to summation order)."""
+    job, env = tmp_path / "job", with_hook(tmp_path, RANK_1_OUT_OF_MEMORY_AT_STEP_2)
+    proc = ranks_run("run", "tiny", data_module, "--out", job, "--nproc", 2, *METHODS["lora"], *ARGS, env=env)
+    out = finished(proc)
+    assert out.count("step 2: out of GPU memory with micro-batch 2; retrying with micro-batch 1") == 1, out
+    rec = record(job)
+    assert rec["status"] == "done" and rec["oom_retries"] == [{"step": 2, "micro_batch_size": [2, 1]}]
+    mine, theirs = trajectory(job), trajectory(references["lora"])
+    assert mine[0] == theirs[0]  # step 1, before the retry: the same bits
+    for row, reference in zip(mine, theirs, strict=True):
+        assert row[0] == reference[0]
+        for value, expected in zip(row[1:], reference[1:], strict=True):
+            assert value == pytest.approx(expected, rel=1e-4)
+
+
+def test_out_of_memory_on_one_sharded_rank_stops_the_job_with_the_one_line_message(tmp_path, data_module):
+    """FSDP2 (full): the rank that ran out cannot rejoin the others, who wait in its collective; the
+    job stops at once with the out-of-memory message, and the last checkpoint stays."""
+    job, env = tmp_path / "job", with_hook(tmp_path, RANK_1_OUT_OF_MEMORY_AT_STEP_2)
+    proc = ranks_run("run", "tiny", data_module, "--out", job, "--nproc", 2, *METHODS["full"], *ARGS, env=env)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    assert len(err.strip().splitlines()) == 1 and "out of GPU memory in forward/backward at step 2" in err, (
+        err
+    )
+    assert read_job(job).status in ("failed", "interrupted")

@@ -167,6 +167,22 @@ def test_explicit_options_win_and_the_plan_says_whether_they_fit():
     assert "leaving --micro-batch-size to the planner would fit" in one_pinned.shortfall
 
 
+@pytest.mark.parametrize(
+    "method, options, flag",
+    [
+        ("hift", {"units_per_group": 8}, "--units-per-group"),
+        ("sift", {"sparsity": 0.2}, "--sparsity"),
+        ("lora", {"base_quant": "none"}, "--base-quant"),
+    ],
+)
+def test_a_pinned_method_option_the_planner_would_choose_is_named_when_its_choice_fits(method, options, flag):
+    """The advice frees what the user pinned of the method's own options, not only the step's; a fix
+    on this GPU is said instead of a count of GPUs."""
+    pinned = plan(method, 8, **options)
+    assert not pinned.fits and plan(method, 8).fits
+    assert pinned.shortfall.endswith(f"; leaving {flag} to the planner would fit"), pinned.shortfall
+
+
 def test_cpu_plan_puts_everything_in_host_memory():
     result = plan("full", 0, host_gib=16, model="tiny")
     assert result.device == "cpu" and result.fits

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from lowmem_ft.distributed.ranks import SHARDED_METHODS
 from lowmem_ft.planner.types import Plan, PlanRequest
+from lowmem_ft.registry import planned_options
 from lowmem_ft.sizes import format_bytes
 
 
@@ -29,23 +30,26 @@ def shortfall(plan: Plan, request: PlanRequest, replan: Callable[[PlanRequest], 
                 if trial.fits:
                     alternatives.append(f"--state-policy {policy} would fit")
                     break
-    # Options the user pinned: would the planner's own choice fit? One at a time, then all together.
-    pinned = {
-        option: flag
-        for option, flag in (
-            ("micro_batch_size", "--micro-batch-size"),
-            ("gradient_checkpointing", "--gradient-checkpointing"),
-        )
-        if getattr(request, option) is not None
-    }
+    # Options the user pinned that the planner would choose (the step's, and the method's own: HiFT's
+    # --units-per-group, SIFT's --sparsity, ...): would its own choice fit? One at a time, then all.
+    common = [o for o in ("micro_batch_size", "gradient_checkpointing") if getattr(request, o) is not None]
+    own = [
+        option
+        for option in planned_options(request.method)
+        if option != "state_policy"  # (tried above, policy by policy)
+        and getattr(request.options, option, None) is not None
+    ]
+    pinned = {option: "--" + option.replace("_", "-") for option in common + own}
     trials = [[option] for option in pinned] + ([list(pinned)] if len(pinned) > 1 else [])
     for options in trials:
-        freed = replace(request, **dict.fromkeys(options))
+        freed = replace(request, **{o: None for o in options if o in common})
+        freed = freed.with_options(**{o: None for o in options if o in own})
         if replan(freed).fits:
             alternatives.append(
                 f"leaving {' and '.join(pinned[o] for o in options)} to the planner would fit"
             )
             break
+    fixed_on_this_gpu = bool(alternatives)  # with the same method: no need for more GPUs
     if not alternatives and request.method == "full":
         for method in ("hift", "sift"):
             # its own defaults for its options
@@ -57,7 +61,8 @@ def shortfall(plan: Plan, request: PlanRequest, replan: Callable[[PlanRequest], 
                 alternatives.append(f"--method {method} would fit")
     # With every other choice: how many such GPUs FSDP2 would need
     if (
-        plan.device == "cuda"
+        not fixed_on_this_gpu
+        and plan.device == "cuda"
         and plan.gpu_peak_bytes > plan.gpu_budget_bytes
         and request.method in SHARDED_METHODS
     ):

@@ -274,7 +274,8 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
 def export_result(s: Setup, job: Job, save_dtype: torch.dtype) -> Path:
     """The method's result in the job directory. On a disk that cannot take it: refused before
     writing when it clearly will not fit, else what was written is removed; either way one line
-    saying what is intact and how to finish (`resume` exports again)."""
+    saying what is intact and how to finish (`resume` exports again). With several ranks rank 0
+    writes, and tells the others what became of it: every rank then ends the same way."""
     needed = s.model_params * save_dtype.itemsize if s.method.exports_full_model else 0
     free = free_bytes(job.dir)
     before = set(job.dir.iterdir())
@@ -289,38 +290,41 @@ def export_result(s: Setup, job: Job, save_dtype: torch.dtype) -> Path:
 
     if free is not None and needed > free:
         raise refused(f"it needs {format_bytes(needed)} and {format_bytes(free)} is free")
-    if s.group.several:
-        return export_from_main_rank(s, job, save_dtype)
-    try:
-        return s.method.export(s.model, s.tokenizer, job.dir, save_dtype, s.resolved)
-    except Exception as exc:
-        reason = disk_fault(exc)
-        if reason is None:
-            raise
-        for path in set(job.dir.iterdir()) - before:  # the half-written result, only ours
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        raise refused(reason) from None
+    gathered = gather_full_weights(s) if s.group.several and is_sharded(s.model) else None
+    outcome = None  # rank 0's: ("written", path) or ("refused", why)
+    if s.group.main:
+        try:
+            if gathered is not None:
+                written = save_hf_model(s.model, s.tokenizer, job.dir / "model", save_dtype, gathered)
+            else:
+                written = s.method.export(s.model, s.tokenizer, job.dir, save_dtype, s.resolved)
+            outcome = ("written", str(written))
+        except Exception as exc:
+            reason = disk_fault(exc)
+            if reason is None:
+                raise
+            for path in set(job.dir.iterdir()) - before:  # the half-written result, only ours
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            outcome = ("refused", reason)
+    what, detail = s.group.broadcast(outcome)
+    if what == "refused":
+        raise refused(detail) from None
+    return Path(detail)
 
 
-def export_from_main_rank(s: Setup, job: Job, save_dtype: torch.dtype) -> Path:
-    """Several ranks: rank 0 writes the result. A sharded model's full weights are gathered to it
-    first (every rank takes part), one tensor at a time into host memory."""
-    if is_sharded(s.model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def gather_full_weights(s: Setup) -> dict[str, torch.Tensor]:
+    """A sharded model's full weights, gathered to rank 0 (every rank takes part), one tensor at a
+    time into host memory."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(s.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        # Gathered, tied weights (a head tied to the embedding) are two copies: keep the first name
-        # of each, as the model's own state dict saves them.
-        first: dict[int, str] = {}
-        for name, param in s.model.named_parameters(remove_duplicate=False):
-            if first.setdefault(id(param), name) != name:
-                full.pop(name, None)
-        out = (
-            save_hf_model(s.model, s.tokenizer, job.dir / "model", save_dtype, full) if s.group.main else None
-        )
-    else:
-        out = s.method.export(s.model, s.tokenizer, job.dir, save_dtype, s.resolved) if s.group.main else None
-    return Path(s.group.broadcast(str(out) if out else None))
+    full = get_model_state_dict(s.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Gathered, tied weights (a head tied to the embedding) are two copies: keep the first name
+    # of each, as the model's own state dict saves them.
+    first: dict[int, str] = {}
+    for name, param in s.model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            full.pop(name, None)
+    return full
 
 
 @dataclass

@@ -366,3 +366,36 @@ def test_out_of_memory_on_one_sharded_rank_stops_the_job_with_the_one_line_messa
         err
     )
     assert read_job(job).status in ("failed", "interrupted")
+
+
+RANK_0_DISK_FULL_IN_EXPORT = """\
+# rank 0 (which writes the result) finds the disk full half-way through the final export
+import os
+
+if os.environ.get("RANK") == "0":
+    import errno
+
+    import lowmem_ft.models.saving as saving
+
+    def save_on_a_full_disk(model, tokenizer, out_dir, *args, **kwargs):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "model-00001.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    saving.save_hf_model = save_on_a_full_disk
+"""
+
+
+def test_a_full_disk_in_the_final_export_of_two_ranks_is_one_line_and_resume_writes_it(tmp_path, data_module):
+    """FSDP2 (full): the ranks gather the model, rank 0 cannot write it; the command says so in one
+    line (exit 4), the last checkpoint stays, and a resume on 2 ranks writes the result."""
+    job, env = tmp_path / "job", with_hook(tmp_path, RANK_0_DISK_FULL_IN_EXPORT)
+    proc = ranks_run("run", "tiny", data_module, "--out", job, "--nproc", 2, *METHODS["full"], *ARGS, env=env)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 4 and len(err.strip().splitlines()) == 1, err[-3000:]
+    assert "could not write the result to" in err and "the disk is full" in err, err
+    assert f"lowmem-ft resume {job}" in err and "checkpoint step-000006 is intact" in err, err
+    assert not (job / "model").exists()  # the half-written result is gone
+    out = finished(ranks_run("resume", job, "-q"))
+    assert "saved      " in out and (job / "model" / "config.json").is_file()
+    assert record(job)["status"] == "done"

@@ -217,7 +217,7 @@ def test_hift_on_two_ranks_stopped_resumes_on_two_or_on_one_alike(tmp_path, refe
 
 
 def test_sift_ranks_score_shares_of_an_uneven_window_and_choose_the_entries_one_process_chooses(
-    tmp_path, data_module
+    tmp_path, capsys, data_module
 ):
     """A window of 3 micro-batches over 2 ranks: rank 0 scores 2, rank 1 scores 1 and runs a pass
     that adds nothing, and the scores are summed over the ranks. The sums' order differs from one
@@ -229,7 +229,7 @@ def test_sift_ranks_score_shares_of_an_uneven_window_and_choose_the_entries_one_
         "--seq-len", "64", "--grad-clip", "0", "--lr", "1e-3", "-q",
     ]  # fmt: skip
     one, two = tmp_path / "one", tmp_path / "two"
-    finished(ranks_run("run", "tiny", data_module, "--out", one, *args))
+    assert cli(capsys, "run", "tiny", data_module, "--out", one, *args)[0] == 0  # (in this process)
     out = finished(ranks_run("run", "tiny", data_module, "--out", two, "--nproc", 2, *args))
     assert "by |Σg| over 3 micro-batches" in out, out
     mine, theirs = result_tensors(two), result_tensors(one)

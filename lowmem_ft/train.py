@@ -413,7 +413,9 @@ def accumulate_gradients(s: Setup, job: Job, step: int, scaler, bar) -> tuple[fl
             if s.group.several and is_sharded(s.model):
                 raise
             out_of_memory = True  # handled below, so the traceback does not pin tensors in memory
-        if not s.group.any(out_of_memory):
+        if s.group.several and not is_sharded(s.model):  # (sharded ranks raised above)
+            out_of_memory = s.group.any(out_of_memory)
+        if not out_of_memory:
             return s.group.sum(step_loss), n_targets, int(s.group.sum(tokens))
         total = None
         drop_gradients(s)

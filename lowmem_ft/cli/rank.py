@@ -37,6 +37,11 @@ def main(argv: list[str]) -> None:
         logging.getLogger("lowmem_ft").setLevel(logging.WARNING)
 
     def end(line: str, code: int) -> None:
+        # Leaving. The agent may signal again while this rank exits (it stops every rank when one
+        # fails): raised as KeyboardInterrupt in an exit handler, it would print a traceback under
+        # the command's one line. Now a SIGTERM just ends the process, and a Ctrl-C is ignored.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         last_words_file(payload_file, ranks.rank).write_text(line)
         sys.exit(code)
 

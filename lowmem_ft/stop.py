@@ -25,10 +25,15 @@ class RunInterrupted(Exception):
 
 class StopRequest:
     """The first SIGINT/SIGTERM asks the loop to finish its step, save and stop; the second stops
-    at once (KeyboardInterrupt), leaving the last checkpoint as it was."""
+    at once (KeyboardInterrupt), leaving the last checkpoint as it was.
 
-    def __init__(self):
+    ``announce``: the signals whose arrival is said at once. One rank of several says SIGINT only
+    (rank 0; the user's Ctrl-C): the SIGTERM a rank gets comes from torchrun's agent, which also sends
+    it when another rank failed, and the launcher then says what happened, once."""
+
+    def __init__(self, announce: tuple[str, ...] = ("SIGINT", "SIGTERM")):
         self.signal: str | None = None
+        self.announce = announce
         self._previous: dict = {}
 
     def __enter__(self) -> StopRequest:
@@ -42,6 +47,8 @@ class StopRequest:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
+        if self.signal not in self.announce:
+            return
         # print, not logging: logging takes a lock that the interrupted code may be holding
         print(
             f"\n{self.signal}: finishing this step and saving a checkpoint (press Ctrl-C again to stop now)",

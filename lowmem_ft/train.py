@@ -179,7 +179,8 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
     )
     checkpoints = Checkpoints(s, job, scaler, on_save=picture.draw)
 
-    with StopRequest() as stop:
+    announce = ("SIGINT", "SIGTERM") if not s.group.several else ("SIGINT",) if s.group.main else ()
+    with StopRequest(announce) as stop:
         if restored is not None:
             progress = restore(s, scaler, job, restored)
             restored.state.clear()  # what restore did not take over would otherwise stay in host memory

@@ -6,7 +6,7 @@ Everything that can fail because of the user's input (flags, model, data) is che
 (prepare.py) *before* the job directory is written, so a bad invocation leaves nothing behind. The
 loop never branches on the method's name: methods plug in through the hooks of
 `lowmem_ft.methods.Method`. What a checkpoint holds is train_state.py; stopping on Ctrl-C/SIGTERM,
-stop.py; what the run prints before its first step, console.py.
+stop.py; what the run prints before its first step, console.py; writing the result at the end, finish.py.
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ import itertools
 import json
 import logging
 import math
-import shutil
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +32,12 @@ from lowmem_ft.data.bulk import progress_bar
 from lowmem_ft.data.tokenize import IGNORE_INDEX
 from lowmem_ft.distributed.fsdp import full_value, is_sharded, reshard
 from lowmem_ft.errors import DiskError, UserError, disk_fault
-from lowmem_ft.files import free_bytes, write_json_atomic
+from lowmem_ft.files import write_json_atomic
+from lowmem_ft.finish import export_result, report_how_it_went
 from lowmem_ft.hardware import PeakMemory
 from lowmem_ft.jobs import Job
 from lowmem_ft.metric_logs import open_logs
-from lowmem_ft.models.saving import model_dtype_on_disk, save_hf_model
+from lowmem_ft.models.saving import model_dtype_on_disk
 from lowmem_ft.phases import OutOfMemoryIn, phase
 from lowmem_ft.pictures import LossPicture
 from lowmem_ft.precision import DTYPES
@@ -256,76 +255,7 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
         peak_mem_bytes=memory.sample(), skipped_steps=progress.skipped_steps,
     )  # fmt: skip
 
-    first_eval = progress.eval_loss_start
-    if final_eval is not None and first_eval is not None:
-        change = 100 * (final_eval - first_eval) / first_eval
-        log.info(f"eval loss  {first_eval:.4f} → {final_eval:.4f} ({change:+.1f}%)")
-    if progress.skipped_steps:
-        log.info(
-            f"skipped    {len(progress.skipped_steps)} steps with a NaN/Inf loss: {progress.skipped_steps}"
-        )
-    if not method.exports_full_model:  # a delta or an adapter: small, merged into a full model on request
-        size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.iterdir())
-        log.info(f"saved      {out} ({format_bytes(size)})")
-        log.info(f"           a full model: lowmem-ft export {job.dir} --merge --out DIR")
-    else:
-        log.info(f"saved      {out}")
-
-
-def export_result(s: Setup, job: Job, save_dtype: torch.dtype) -> Path:
-    """The method's result in the job directory. On a disk that cannot take it: refused before
-    writing when it clearly will not fit, else what was written is removed; either way one line
-    saying what is intact and how to finish (`resume` exports again). With several ranks rank 0
-    writes, and tells the others what became of it: every rank then ends the same way."""
-    needed = s.model_params * save_dtype.itemsize if s.method.exports_full_model else 0
-    free = free_bytes(job.dir)
-    before = set(job.dir.iterdir())
-
-    def refused(reason: str) -> DiskError:
-        last = job.record.get("last_checkpoint")
-        intact = f"checkpoint {Path(last['dir']).name} is intact" if last else "no checkpoint was written"
-        return DiskError(
-            f"could not write the result to {job.dir}: {reason}; training is finished and its "
-            f"{intact}; free space and run `lowmem-ft resume {job.dir}` to write it"
-        )
-
-    if free is not None and needed > free:
-        raise refused(f"it needs {format_bytes(needed)} and {format_bytes(free)} is free")
-    gathered = gather_full_weights(s) if s.group.several and is_sharded(s.model) else None
-    outcome = None  # rank 0's: ("written", path) or ("refused", why)
-    if s.group.main:
-        try:
-            if gathered is not None:
-                written = save_hf_model(s.model, s.tokenizer, job.dir / "model", save_dtype, gathered)
-            else:
-                written = s.method.export(s.model, s.tokenizer, job.dir, save_dtype, s.resolved)
-            outcome = ("written", str(written))
-        except Exception as exc:
-            reason = disk_fault(exc)
-            if reason is None:
-                raise
-            for path in set(job.dir.iterdir()) - before:  # the half-written result, only ours
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-            outcome = ("refused", reason)
-    what, detail = s.group.broadcast(outcome)
-    if what == "refused":
-        raise refused(detail) from None
-    return Path(detail)
-
-
-def gather_full_weights(s: Setup) -> dict[str, torch.Tensor]:
-    """A sharded model's full weights, gathered to rank 0 (every rank takes part), one tensor at a
-    time into host memory."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(s.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    # Gathered, tied weights (a head tied to the embedding) are two copies: keep the first name
-    # of each, as the model's own state dict saves them.
-    first: dict[int, str] = {}
-    for name, param in s.model.named_parameters(remove_duplicate=False):
-        if first.setdefault(id(param), name) != name:
-            full.pop(name, None)
-    return full
+    report_how_it_went(s, job, progress, final_eval, out)
 
 
 @dataclass

@@ -16,9 +16,9 @@ calls these hooks in a fixed order and never branches on the method's name:
         clip(method.trainable_parameters())
         method.optimizer.step(); method.optimizer.zero_grad()
         method.end_step(step)              e.g. HiFT writes the group's optimizer state back
-    method.export(model, tokenizer, job_dir, save_dtype, base)
+    method.export(model, tokenizer, job_dir, save_dtype, base)   (finish.py: rank 0, on a disk checked first)
 
-For checkpoints (train.py, checkpoint.py) a method gives ``changed_weights(model)`` (the parameters
+For checkpoints (train_state.py, checkpoint.py) a method gives ``changed_weights(model)`` (the parameters
 training may have changed; the rest is reloaded from the base) and ``state_dict()`` (its optimizer
 state and anything else it needs to continue exactly); ``load_state_dict`` puts them back after
 ``setup``, and the next ``begin_step`` must then behave as in a run that never stopped.

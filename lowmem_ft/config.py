@@ -210,7 +210,9 @@ class RunConfig:
         streams = self.streams_every_layer or bool(self.streamed_layers)
         gpus = _gpu_count() if count_gpus and self.device != "cpu" and self.nproc > 1 else None
         state_policy = getattr(self.method_options, "state_policy", None)  # HiFT's
-        problem = nproc_problem(self.nproc, self.method, streams, self.batch_size, gpus, state_policy)
+        problem = nproc_problem(
+            self.nproc, self.method, streams, self.batch_size, gpus, state_policy, self.micro_batch_size
+        )
         need(problem is None, problem)
         if data_files:
             self._validate_data_files(need)

@@ -87,6 +87,18 @@ def _resume(job_dir: Path, overrides: dict, show_progress: bool, group: Group) -
     return execute(s, job, restored, show_progress)
 
 
+def micro_batch_on_resume(requested: RunConfig, record: dict, nproc: int) -> int | None:
+    """The micro-batch a resumed job asks for: the one its user gave, or None (the planner chooses).
+    After an out-of-memory retry, at most the one that fitted: a bound the job learned, not a
+    request, so on more ranks each one's share of the batch bounds it too."""
+    micro_batch_size = requested.micro_batch_size
+    if record.get("micro_batch_size_after_oom"):  # this job ran out of memory with a larger one
+        share = max(1, requested.batch_size // max(1, nproc))
+        smaller = min(record["micro_batch_size_after_oom"], share)
+        micro_batch_size = min(micro_batch_size or smaller, smaller)
+    return micro_batch_size
+
+
 def _prepare_resume(
     job: Job, overrides: dict, show_progress: bool = False, group: Group = ONE
 ) -> tuple[Setup, Restored | None]:
@@ -102,10 +114,8 @@ def _prepare_resume(
     kept = {key: planned.get(key) for key in kept_on_resume(requested.method)}
     if "groups" in requested.method_options.names():  # HiFT: units_per_group, kept, says it
         kept["groups"] = None
-    micro_batch_size = requested.micro_batch_size
-    if record.get("micro_batch_size_after_oom"):  # this job ran out of memory with a larger one
-        smaller = record["micro_batch_size_after_oom"]
-        micro_batch_size = min(micro_batch_size or smaller, smaller)
+    nproc = overrides.get("nproc") or (group.ranks.size if group.several else requested.nproc)
+    micro_batch_size = micro_batch_on_resume(requested, record, nproc)
     changes = {
         "out": job.dir, **kept,
         "dtype": record.get("compute_dtype", requested.dtype), "micro_batch_size": micro_batch_size,

@@ -265,12 +265,19 @@ def cli_resume(job: Path, *extra) -> tuple[int, str, str]:
         ),
         (["--batch-size", "5"], "--batch-size 5 does not split evenly over 2 ranks; give a multiple of 2"),
         (["--method", "sift", "--stream"], "--nproc 2 cannot stream layers from host memory"),
+        (
+            ["--batch-size", "4", "--micro-batch-size", "4"],
+            "--micro-batch-size 4 is more than each rank's share of the batch (--batch-size 4 over 2 "
+            "ranks: 2); give --micro-batch-size 2 or less",
+        ),
     ],
 )
 def test_what_several_ranks_cannot_do_is_refused_before_any_starts(args, message, tmp_path, capsys, data):
     code, _, err = cli(capsys, "run", "tiny", data, "--out", tmp_path / "job", "--nproc", "2", *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "job").exists()
+    code, _, err = cli(capsys, "plan", "tiny", "--nproc", "2", *args)  # the dry run says the same
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     code, _, err = cli(capsys, "run", "tiny", data, "--nproc", "0")
     assert code == 2 and "--nproc must be at least 1, got 0" in err
 

@@ -24,7 +24,9 @@ from test_cli import cli  # the CLI in-process: (exit code, stdout, stderr)
 
 from lowmem_ft import checkpoint as ckpt
 from lowmem_ft import train
+from lowmem_ft.config import RunConfig
 from lowmem_ft.jobs import JobLock, read_job
+from lowmem_ft.resume import micro_batch_on_resume
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -394,6 +396,17 @@ def test_out_of_memory_retries_the_step_with_a_smaller_micro_batch(tmp_path, cap
     # The same examples per step, cut smaller: the same training as a run planned with micro-batch 1.
     # (The first evaluation ran before the retry, with micro-batches of 2: other padding, other bits.)
     assert_same_result(job, reference, evaluations=False)
+
+
+def test_the_micro_batch_a_job_learned_from_running_out_is_bounded_by_each_ranks_share_on_resume():
+    """After an out-of-memory retry the job resumes with at most the micro-batch that fitted; resumed
+    on more ranks, at most each rank's share of the batch (a larger one would be refused as given)."""
+    requested = RunConfig.create(model="tiny", data="d.jsonl", method="full", batch_size=8)
+    learned = {"micro_batch_size_after_oom": 4}
+    assert micro_batch_on_resume(requested, {}, nproc=4) is None  # the planner chooses
+    assert micro_batch_on_resume(requested, learned, nproc=1) == 4
+    assert micro_batch_on_resume(requested, learned, nproc=4) == 2
+    assert micro_batch_on_resume(requested.replace(micro_batch_size=1), learned, nproc=1) == 1
 
 
 # -- the commands around a job ----------------------------------------------------------------------

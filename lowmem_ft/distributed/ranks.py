@@ -47,7 +47,13 @@ class Ranks:
 
 
 def nproc_problem(
-    nproc: int, method: str, streams: bool, batch_size: int, gpus: int | None, state_policy: str | None = None
+    nproc: int,
+    method: str,
+    streams: bool,
+    batch_size: int,
+    gpus: int | None,
+    state_policy: str | None = None,
+    micro_batch_size: int | None = None,
 ) -> str | None:
     """What is wrong with running ``nproc`` ranks, in one line, or None. ``gpus``: GPUs on this
     machine when the run is on GPUs (None: the ranks run on CPU, with gloo)."""
@@ -70,6 +76,15 @@ def nproc_problem(
     if batch_size % nproc:
         return (
             f"--batch-size {batch_size} does not split evenly over {nproc} ranks; give a multiple of {nproc}"
+        )
+    share = batch_size // nproc
+    if micro_batch_size is not None and micro_batch_size > share:
+        # each rank cuts only its share of the batch into micro-batches: a larger one is never run,
+        # and the plan would count activations for sequences no rank holds
+        return (
+            f"--micro-batch-size {micro_batch_size} is more than each rank's share of the batch "
+            f"(--batch-size {batch_size} over {nproc} ranks: {share}); "
+            f"give --micro-batch-size {share} or less"
         )
     if gpus is not None and nproc > gpus:
         return f"--nproc {nproc} asks for more ranks than this machine has GPUs ({gpus}); give --nproc {gpus}"

@@ -1,6 +1,7 @@
 """Pictures of a job and of a plan, as PNG files (matplotlib, an optional extra).
 
-    JOB/loss.png                          every job: drawn at each checkpoint and at the end
+    JOB/loss.png                          every job: redrawn at checkpoints (at most once a minute)
+                                          and at the end
     lowmem-ft plan ... --plot FILE        the memory plan, by component, against the budget
     lowmem-ft jobs runs/ --plot FILE      the loss curves of several jobs side by side
 
@@ -16,6 +17,7 @@ import importlib.util
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,18 +151,32 @@ def draw_loss(job_dir: Path, out: Path | None = None, title: str | None = None) 
 
 
 class LossPicture:
-    """A running job's loss.png, redrawn at each checkpoint and at the end. A picture is never
-    worth a run: without matplotlib it says so once, and a failure to draw is a warning."""
+    """A running job's loss.png, redrawn at checkpoints and at the end. A picture is never worth a
+    run: without matplotlib it says so once, and a failure to draw is a warning.
 
-    def __init__(self, job_dir: Path, title: str, enabled: bool = True):
-        self.job_dir, self.title = job_dir, title
+    Drawing takes about a third of a second of CPU. At a checkpoint it is redrawn only when
+    ``REDRAW_EVERY_S`` have passed since the last drawing: a job that checkpoints every few
+    seconds (small models, tests) would otherwise spend more time drawing than training."""
+
+    REDRAW_EVERY_S = 60.0
+
+    def __init__(self, job_dir: Path, title: str, enabled: bool = True, clock=time.monotonic):
+        self.job_dir, self.title, self.clock = job_dir, title, clock
         self.enabled = enabled and available()
+        self._drawn_at: float | None = None
         if enabled and not self.enabled:
             log.info(f"loss.png   not drawn: matplotlib is not installed ({INSTALL_HINT})")
 
+    def at_checkpoint(self) -> None:
+        """After a checkpoint: redrawn if the last drawing is ``REDRAW_EVERY_S`` old (or none)."""
+        if self._drawn_at is None or self.clock() - self._drawn_at >= self.REDRAW_EVERY_S:
+            self.draw()
+
     def draw(self) -> None:
+        """Redrawn now (the end of the run, a stop)."""
         if not self.enabled:
             return
+        self._drawn_at = self.clock()
         try:
             draw_loss(self.job_dir, title=self.title)
         except Exception as exc:  # a font, a full disk: the run goes on, the next checkpoint retries

@@ -176,7 +176,7 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
     picture = LossPicture(
         job.dir, f"{job.dir.name}: {s.resolved.name}, --method {s.method.name}", enabled=s.group.main
     )
-    checkpoints = Checkpoints(s, job, scaler, on_save=picture.draw)
+    checkpoints = Checkpoints(s, job, scaler, on_save=picture.at_checkpoint)
 
     announce = ("SIGINT", "SIGTERM") if not s.group.several else ("SIGINT",) if s.group.main else ()
     with StopRequest(announce) as stop:
@@ -242,6 +242,7 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
         if progress.step < s.max_steps:  # a stop request, on this rank or another
             checkpoints.save(progress)
             job.update(status="interrupted", stopped_by=stop.signal or "a signal to another rank")
+            picture.draw()  # up to the step it stopped at
             raise RunInterrupted(job)
 
     final_eval = evaluate(s, show_progress)

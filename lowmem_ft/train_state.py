@@ -51,7 +51,7 @@ class Checkpoints:
 
     def __init__(self, s: Setup, job: Job, scaler: torch.amp.GradScaler, on_save=lambda: None):
         self.s, self.job, self.scaler = s, job, scaler
-        self.on_save = on_save  # after each checkpoint (the recipe redraws loss.png)
+        self.on_save = on_save  # after each checkpoint (the recipe may redraw loss.png)
         self.last_time = time.monotonic()
         self.saved_step: int | None = None
 

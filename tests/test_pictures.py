@@ -52,6 +52,7 @@ def finished_job(tmp_path_factory, data_module) -> Path:
 
     with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_code:
         patch.setattr(pictures, "draw_loss", counting_draw)
+        patch.setattr(pictures.LossPicture, "REDRAW_EVERY_S", 0.0)  # every checkpoint is due
         main(["run", "tiny", str(data_module), "--out", str(job), "--log", "csv,tensorboard", *ARGS])
     assert exit_code.value.code == 0
     (job.parent / "drawn.json").write_text(json.dumps(drawn))
@@ -63,6 +64,19 @@ def test_a_finished_job_has_its_loss_picture(finished_job):
     assert pixels_of(png, BLUE) > 300, "no training-loss curve"
     assert pixels_of(png, ORANGE) > 300, "no evaluation-loss curve"
     assert not list(finished_job.glob(".*.partial")), "a temporary file was left behind"
+
+
+def test_a_checkpoint_redraws_the_picture_only_when_the_last_drawing_is_a_minute_old(tmp_path, monkeypatch):
+    """Drawing costs a third of a second: a job checkpointing every few seconds draws once a minute;
+    the end of a run (and a stop) draws whatever the clock says."""
+    drawn, now = [], [0.0]
+    monkeypatch.setattr(pictures, "draw_loss", lambda job_dir, title=None: drawn.append(now[0]))
+    picture = pictures.LossPicture(tmp_path, "job", clock=lambda: now[0])
+    for now[0] in (100.0, 130.0, 159.0, 160.0, 200.0, 230.0):
+        picture.at_checkpoint()
+    now[0] = 231.0
+    picture.draw()
+    assert drawn == [100.0, 160.0, 230.0, 231.0]
 
 
 def test_the_loss_picture_is_redrawn_at_each_checkpoint_and_at_the_end(finished_job):

@@ -45,10 +45,13 @@ BUDGETS = (8, 16, 24, 48)
 # name -> RunConfig options; the planner chooses everything else, as in `lowmem-ft run`.
 VARIANTS = {
     "full": {"method": "full"},
+    "full --nproc 8": {"method": "full", "nproc": 8},
     "hift keep": {"method": "hift", "state_policy": "keep"},
     "hift keep-8bit": {"method": "hift", "state_policy": "keep-8bit"},
     "hift drop": {"method": "hift", "state_policy": "drop"},
     "hift --stream": {"method": "hift", "stream": True},
+    "hift layers random-cycle": {"method": "hift", "trained_units": "layers", "order": "random-cycle"},
+    "hift --nproc 4": {"method": "hift", "nproc": 4},  # rank 0 of 4, on torch's fake process group
     "sift bf16": {"method": "sift", "base_quant": "none"},
     "sift int8": {"method": "sift", "base_quant": "int8"},
     "sift nf4": {"method": "sift", "base_quant": "nf4"},
@@ -93,7 +96,7 @@ def settings_text(settings: dict) -> str:
     short = {
         "units_per_group": "m", "state_policy": "", "streamed_units": "streamed", "micro_batch_size": "mb",
         "sparsity": "rate", "base_quant": "", "gradient_checkpointing": None, "groups": None,
-        "resident_units": None, "selection_passes": None, "cutoffs": "cutoffs",
+        "resident_units": None, "selection_passes": None, "cutoffs": "cutoffs", "ranks": "ranks",
     }  # fmt: skip
     parts = []
     for key, value in settings.items():

@@ -6,7 +6,8 @@ Everything that can fail because of the user's input (flags, model, data) is che
 (prepare.py) *before* the job directory is written, so a bad invocation leaves nothing behind. The
 loop never branches on the method's name: methods plug in through the hooks of
 `lowmem_ft.methods.Method`. What a checkpoint holds is train_state.py; stopping on Ctrl-C/SIGTERM,
-stop.py; what the run prints before its first step, console.py; writing the result at the end, finish.py.
+stop.py; what the run prints before its first step, console.py; writing the result at the end, finish.py;
+the loss and the learning-rate schedule, objective.py.
 """
 
 from __future__ import annotations
@@ -21,15 +22,12 @@ import traceback
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from lowmem_ft.checkpoint import Restored
-from lowmem_ft.config import RunConfig
 from lowmem_ft.console import out_of_memory_message
 from lowmem_ft.data import Batcher, eval_batches
 from lowmem_ft.data.bulk import progress_bar
-from lowmem_ft.data.tokenize import IGNORE_INDEX
 from lowmem_ft.distributed.fsdp import full_value, is_sharded, reshard
 from lowmem_ft.errors import DiskError, UserError, disk_fault
 from lowmem_ft.files import write_json_atomic
@@ -38,6 +36,7 @@ from lowmem_ft.hardware import PeakMemory
 from lowmem_ft.jobs import Job
 from lowmem_ft.metric_logs import open_logs
 from lowmem_ft.models.saving import model_dtype_on_disk
+from lowmem_ft.objective import loss_sum, lr_at, target_count
 from lowmem_ft.phases import OutOfMemoryIn, phase
 from lowmem_ft.pictures import LossPicture
 from lowmem_ft.precision import DTYPES
@@ -50,51 +49,6 @@ log = logging.getLogger(__name__)  # the CLI shows it (cli.report_to_console)
 
 
 # -- pieces of the loop ---------------------------------------------------------------------------
-def lr_at(step: int, max_steps: int, config: RunConfig) -> float:
-    """Learning rate of optimizer step ``step``: linear warmup, then cosine/linear decay to min_lr.
-
-    Sized and stepped in optimizer steps of the whole run (not per micro-batch, not per cycle).
-    """
-    warmup = round(config.warmup_ratio * max_steps)
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    if config.schedule == "constant":
-        return config.lr
-    progress = (step - warmup) / max(1, max_steps - warmup)
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1 - progress
-    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * shape)
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    # No weight cache: with it, autocast keeps the 16-bit copy of every fp32 weight until the whole
-    # forward ends, so activation checkpointing would still hold a copy of every layer's weights at
-    # the end of the forward (12 GiB for a 7B model), which the plan does not count. Each weight is
-    # cast once per forward either way; without checkpointing the backward keeps the copies anyway.
-    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
-
-
-def target_count(batch: dict) -> int:
-    """Tokens that carry loss in a batch (after the shift), counted on the CPU labels: no device sync."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def loss_sum(model, batch: dict, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the tokens that carry loss.
-
-    Summing (not averaging) per micro-batch lets the step divide by the number of target tokens of
-    the whole optimizer step, so gradient accumulation gives the same gradient as one big batch.
-    """
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    with autocast(device, dtype):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    # fp32 for the softmax: in 16 bits the log-probabilities of a 32k-150k vocabulary lose precision.
-    logits = logits[:, :-1].flatten(0, 1).float()
-    return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-
-
 # no_grad, not inference_mode: tensors a method makes during evaluation (streamed layers' buffers,
 # HiFT's groups) may take part in a backward later, which inference tensors cannot.
 @torch.no_grad()

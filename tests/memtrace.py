@@ -74,7 +74,7 @@ def trace_step(
 
     from lowmem_ft.config import RunConfig
     from lowmem_ft.methods import build_method
-    from lowmem_ft.train import loss_sum
+    from lowmem_ft.objective import loss_sum
 
     cfg = AutoConfig.for_model(**{**config, "num_hidden_layers": layers, "use_cache": False})
     cfg._attn_implementation = "sdpa"
@@ -137,7 +137,7 @@ def trace_hift_step(config: dict, group: int, layers: int = 2, seq_len: int = 51
 
     from lowmem_ft.config import RunConfig
     from lowmem_ft.methods import build_method
-    from lowmem_ft.train import loss_sum
+    from lowmem_ft.objective import loss_sum
 
     cfg = AutoConfig.for_model(**{**config, "num_hidden_layers": layers, "use_cache": False})
     cfg._attn_implementation = "sdpa"
@@ -184,7 +184,7 @@ def trace_sift_step(config: dict, sparsity: float, layers: int = 2, seq_len: int
 
     from lowmem_ft.config import RunConfig
     from lowmem_ft.methods import build_method
-    from lowmem_ft.train import loss_sum
+    from lowmem_ft.objective import loss_sum
 
     cfg = AutoConfig.for_model(**{**config, "num_hidden_layers": layers, "use_cache": False})
     cfg._attn_implementation = "sdpa"

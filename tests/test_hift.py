@@ -17,8 +17,8 @@ from lowmem_ft.methods import build_method
 from lowmem_ft.methods.hift.method import visit_order
 from lowmem_ft.methods.optimizers import make_optimizer
 from lowmem_ft.models.units import model_units
+from lowmem_ft.objective import loss_sum, target_count
 from lowmem_ft.prepare import enable_checkpointing
-from lowmem_ft.train import loss_sum, target_count
 
 CPU = torch.device("cpu")
 

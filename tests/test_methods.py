@@ -145,7 +145,7 @@ def eval_loss_of(model_dir: Path, eval_path: Path) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lowmem_ft.data import eval_batches, read_jsonl, tokenize_records
-    from lowmem_ft.train import loss_sum, target_count
+    from lowmem_ft.objective import loss_sum, target_count
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

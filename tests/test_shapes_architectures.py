@@ -145,7 +145,7 @@ def kept_by_layer(model_type: str, kwargs: dict, state: str, mode: str, index: i
     it: the embedding trains) or sparse (the random-mask method's increments on every linear
     layer). Not counted, as the planner counts them apart: autocast's 16-bit weight copies, the
     rotary tables the whole stack shares, and Gemma's per-layer (1 + weight) vectors."""
-    from lowmem_ft.train import loss_sum
+    from lowmem_ft.objective import loss_sum
 
     weights, compute = MODES[mode]
     with FakeTensorMode():
@@ -221,7 +221,7 @@ def test_gpt2_on_a_gpu_keeps_what_its_fused_attention_keeps():
 def test_the_whole_forward_keeps_what_the_planner_counts_within_3_percent(case):
     """Every layer and what is outside them (embeddings, the final norm, the loss's log-
     probabilities, Gemma-2's soft-capped logits): full fine-tuning's precisions, fp32 weights."""
-    from lowmem_ft.train import loss_sum
+    from lowmem_ft.objective import loss_sum
 
     model_type, kwargs = LAYERS[case]
     kwargs = {**kwargs, "vocab_size": 1024}

@@ -12,8 +12,8 @@ from lowmem_ft.choices import SPARSE_METHODS
 from lowmem_ft.config import RunConfig
 from lowmem_ft.data import Example, collate
 from lowmem_ft.methods import build_method
+from lowmem_ft.objective import loss_sum, lr_at, target_count
 from lowmem_ft.registry import METHOD_SPECS
-from lowmem_ft.train import loss_sum, lr_at, target_count
 
 
 def make_examples(n: int, vocab: int, seed: int = 0) -> list[Example]:

@@ -187,17 +187,15 @@ def plan_run(
             f"(`lowmem-ft plan {config.model} --method {config.method}` shows the breakdown)"
         )
     chosen = {
-        "micro_batch_size": plan.settings["micro_batch_size"],
-        "gradient_checkpointing": plan.settings["gradient_checkpointing"],
+        "micro_batch_size": plan.execution.micro_batch_size,
+        "gradient_checkpointing": plan.execution.gradient_checkpointing,
     }
     # HiFT's and the sparse methods' choices, when the user left them open
     for option in planned_options(config.method):
-        if option in plan.settings and getattr(config.method_options, option) is None:
-            chosen[option] = plan.settings[option]
+        if getattr(config.method_options, option) is None:
+            chosen[option] = getattr(plan.method_options, option)
     resolved_run = config.replace(**chosen, **learning_rate(config, plan.total_params))
-    return resolved_run.replace(
-        **streaming(resolved_run, resolved, plan.settings.get("streamed_units", 0))
-    ), plan
+    return resolved_run.replace(**streaming(resolved_run, resolved, plan.execution.streamed_units)), plan
 
 
 def learning_rate(config: RunConfig, params: int) -> dict:

@@ -318,23 +318,23 @@ def accumulate_gradients(s: Setup, job: Job, step: int, scaler, bar) -> tuple[fl
         s.config = s.config.replace(micro_batch_size=new)
         s.batcher.micro_batch_size = new
         s.batcher.load_state_dict(data_position)
-        accumulation = math.ceil(s.config.batch_size / new)
+        accumulation = math.ceil(s.config.batch_size // s.group.ranks.size / new)  # (each rank's)
         bar.write(
             f"step {step + 1}: out of GPU memory with micro-batch {old}; retrying with micro-batch {new} "
             f"({accumulation} accumulation steps, the same {s.config.batch_size} examples per step)"
         )
-        _record_micro_batch_change(s, job, step, old, new)
+        _record_micro_batch_change(s, job, step, old, new, accumulation)
 
 
-def _record_micro_batch_change(s: Setup, job: Job, step: int, old: int, new: int) -> None:
+def _record_micro_batch_change(s: Setup, job: Job, step: int, old: int, new: int, accumulation: int) -> None:
     changes = job.record.get("oom_retries", []) + [{"step": step + 1, "micro_batch_size": [old, new]}]
     job.record["config"]["micro_batch_size"] = new
     job.update(micro_batch_size_after_oom=new, oom_retries=changes)
     plan_path = job.dir / "plan.json"
     if plan_path.exists() and s.group.main:  # (rank 0 writes the job)
         plan = json.loads(plan_path.read_text())
-        plan.setdefault("settings", {})["micro_batch_size"] = new
-        plan["settings"]["gradient_accumulation"] = math.ceil(s.config.batch_size / new)
+        for view in ("settings", "execution"):  # (a job from before the typed view has settings only)
+            plan.setdefault(view, {}).update(micro_batch_size=new, gradient_accumulation=accumulation)
         plan["oom_retries"] = changes
         write_json_atomic(plan_path, plan)
 

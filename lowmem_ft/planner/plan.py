@@ -32,14 +32,15 @@ from lowmem_ft.planner.types import (  # the data model: also imported from here
     THIN_SPARE_BYTES,
     Component,
     Estimate,
+    Execution,
     Plan,
     PlanRequest,
 )
-from lowmem_ft.registry import METHOD_SPECS
+from lowmem_ft.registry import METHOD_SPECS, planned_options
 
 __all__ = [
     "ALLOCATOR_MARGIN", "ASSUMED_FLOPS", "CUDA_CONTEXT_BYTES", "THIN_SPARE_BYTES", "Component", "Estimate",
-    "Plan", "PlanRequest", "make_plan",
+    "Execution", "Plan", "PlanRequest", "make_plan",
 ]  # fmt: skip
 
 
@@ -58,6 +59,22 @@ def make_plan(
         method=request.method,
         device="cuda" if fitter.on_gpu else "cpu",
         settings=settings,
+        execution=Execution(
+            micro_batch_size=settings["micro_batch_size"],
+            gradient_checkpointing=settings["gradient_checkpointing"],
+            gradient_accumulation=settings["gradient_accumulation"],
+            batch_size=settings["batch_size"],
+            ranks=request.ranks,
+            streamed_units=settings.get("streamed_units", 0),
+        ),
+        method_options=replace(
+            request.options,
+            **{
+                option: settings[option]
+                for option in planned_options(request.method)
+                if option in settings and getattr(request.options, option) is None
+            },
+        ),
         components=components,
         gpu_budget_bytes=gpu_budget,
         gpu_peak_bytes=gpu_peak,
@@ -86,7 +103,7 @@ def _compare_streaming_with_compute(
     """Streaming overlaps with compute; it bounds the step when copying a micro-batch's streamed
     layers in takes longer than computing that micro-batch. The copy is the same for any
     micro-batch, the compute grows with it, so a big enough micro-batch hides the copy."""
-    micro = plan.settings["micro_batch_size"]
+    micro = plan.execution.micro_batch_size
     kind = "hift" if request.method == "hift" else "sparse"
     flops_per_example = FLOPS_PER_PARAM_TOKEN[kind] * shape.params * request.seq_len
     compute = micro * flops_per_example / ASSUMED_FLOPS

@@ -80,12 +80,30 @@ class Component:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class Execution:
+    """How the plan cuts and runs a step. A job resumed on another machine plans it again; what
+    trains (``Plan.method_options``) it keeps."""
+
+    micro_batch_size: int
+    gradient_checkpointing: bool
+    gradient_accumulation: int  # micro-batches per optimizer step, on each rank
+    batch_size: int  # examples per optimizer step, over every rank
+    ranks: int = 1
+    streamed_units: int = 0  # units whose frozen weights live in host memory, copied in to compute
+
+
 @dataclass
 class Plan:
     fits: bool
     method: str
     device: str  # "cuda" or "cpu"
+    # Every choice, flat and in the method's order: what `plan` prints and plan.json's "settings".
+    # The recipe reads the two typed views below.
     settings: dict
+    execution: Execution
+    # The method's options with what the planner chose for those left open (None) filled in
+    method_options: MethodOptions
     components: list[Component]
     gpu_budget_bytes: int
     gpu_peak_bytes: int

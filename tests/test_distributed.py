@@ -203,6 +203,28 @@ def test_two_ranks_stopped_then_killed_resume_to_the_same_result(tmp_path, refer
     assert_same(job, references["full"])
 
 
+def test_ranks_whose_launcher_is_killed_save_their_step_and_stop(tmp_path, data_module):
+    """kill -9 of the command itself (the ranks run in sessions of their own, out of reach of its
+    group): they do not train on headless; each finishes its step, the job is checkpointed there."""
+    job = tmp_path / "job"
+    args = [*ARGS[: ARGS.index("--max-steps")], "--max-steps", "400", *ARGS[ARGS.index("--max-steps") + 2 :]]
+    proc = ranks_run("run", "tiny", data_module, "--out", job, "--nproc", 2, *METHODS["lora"], *args)
+    while proc.poll() is None and steps_logged(job) < 1:
+        time.sleep(0.05)
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True)
+    ranks = [int(pid) for pid in children.stdout.split()]
+    assert len(ranks) == 2, children.stdout
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 120
+    while any(Path(f"/proc/{pid}").exists() for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in ranks), "the ranks outlived their launcher"
+    rec = record(job)
+    assert rec["status"] == "interrupted" and rec["stopped_by"] == "SIGTERM", rec
+    assert 1 <= rec["last_checkpoint"]["step"] == rec["step"] < 400
+
+
 def test_hift_on_two_ranks_stopped_resumes_on_two_or_on_one_alike(tmp_path, references, data_module):
     """HiFT's checkpoint of several ranks: the active group's state and every waiting group's (each
     rank's shard, from its host store) through DCP. Stopped by Ctrl-C with groups visited and one

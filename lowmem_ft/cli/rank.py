@@ -11,14 +11,39 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from lowmem_ft.distributed.launch import last_words_file
+from lowmem_ft.distributed.launch import LAUNCHER_PID, last_words_file
 from lowmem_ft.distributed.ranks import Ranks
+
+
+def end_with_the_launcher() -> None:
+    """A rank ends when the process that started it does. The ranks run in sessions of their own,
+    out of reach of the terminal and of a scheduler's signal to the launcher's group; a launcher
+    killed outright (kill -9, or a signal while it was still starting them) would leave them
+    training, or waiting for its store, with nobody to report to. On Linux the kernel tells this
+    rank (SIGHUP) when its parent dies, and the rank stops as on SIGTERM: it finishes its step,
+    saves it and ends. (The kernel may tell it more than once; one stop is asked for, or the second
+    would stop it at once, unsaved.)"""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    def launcher_gone(signum, frame) -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGHUP, launcher_gone)
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGHUP)
+    launcher = os.environ.get(LAUNCHER_PID)
+    if launcher is not None and os.getppid() != int(launcher):  # it died before the line above
+        launcher_gone(None, None)
 
 
 @record  # a rank's traceback reaches the agent, which reports it
@@ -27,6 +52,7 @@ def main(argv: list[str]) -> None:
     from lowmem_ft.errors import UserError
     from lowmem_ft.stop import RunInterrupted
 
+    end_with_the_launcher()
     command, payload_file = argv[0], Path(argv[1])
     show_progress = "--quiet" not in argv
     payload = json.loads(payload_file.read_text())

@@ -43,6 +43,7 @@ def launch(command: str, payload: dict, nproc: int, show_progress: bool) -> None
         # each rank gets its share of the cores (torch would give every rank all of them)
         threads = max(1, (os.cpu_count() or 1) // nproc)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        os.environ[LAUNCHER_PID] = str(os.getpid())  # the ranks end with this process (cli/rank.py)
         args = ["-u", "-m", "lowmem_ft.cli.rank", command, str(payload_file)]
         args += [] if show_progress else ["--quiet"]
         try:
@@ -63,6 +64,9 @@ def launch(command: str, payload: dict, nproc: int, show_progress: bool) -> None
                 "job's last checkpoint is intact (`lowmem-ft resume JOB` continues it)",
                 exit_code=1,
             ) from None
+
+
+LAUNCHER_PID = "LOWMEM_FT_LAUNCHER_PID"
 
 
 def last_words_file(payload_file: Path, rank: int) -> Path:

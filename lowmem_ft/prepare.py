@@ -195,7 +195,7 @@ def plan_run(
         if getattr(config.method_options, option) is None:
             chosen[option] = getattr(plan.method_options, option)
     resolved_run = config.replace(**chosen, **learning_rate(config, plan.total_params))
-    return resolved_run.replace(**streaming(resolved_run, resolved, plan.execution.streamed_units)), plan
+    return resolved_run.replace(**streaming(resolved_run, resolved, plan.execution.streamed_units or 0)), plan
 
 
 def learning_rate(config: RunConfig, params: int) -> dict:

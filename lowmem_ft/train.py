@@ -334,7 +334,8 @@ def _record_micro_batch_change(s: Setup, job: Job, step: int, old: int, new: int
     if plan_path.exists() and s.group.main:  # (rank 0 writes the job)
         plan = json.loads(plan_path.read_text())
         for view in ("settings", "execution"):  # (a job from before the typed view has settings only)
-            plan.setdefault(view, {}).update(micro_batch_size=new, gradient_accumulation=accumulation)
+            if view in plan:
+                plan[view].update(micro_batch_size=new, gradient_accumulation=accumulation)
         plan["oom_retries"] = changes
         write_json_atomic(plan_path, plan)
 

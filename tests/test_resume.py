@@ -392,7 +392,8 @@ def test_out_of_memory_retries_the_step_with_a_smaller_micro_batch(tmp_path, cap
         {"step": 1, "micro_batch_size": [2, 1]}
     ]
     plan = json.loads((job / "plan.json").read_text())
-    assert plan["settings"]["micro_batch_size"] == 1 and plan["settings"]["gradient_accumulation"] == 4
+    for view in ("settings", "execution"):
+        assert plan[view]["micro_batch_size"] == 1 and plan[view]["gradient_accumulation"] == 4, view
     # The same examples per step, cut smaller: the same training as a run planned with micro-batch 1.
     # (The first evaluation ran before the retry, with micro-batches of 2: other padding, other bits.)
     assert_same_result(job, reference, evaluations=False)

@@ -24,6 +24,7 @@ from lowmem_ft.planner.types import (
     SMALL_TENSORS_BYTES,
     Component,
     Estimate,
+    Execution,
     PlanRequest,
 )
 
@@ -107,12 +108,19 @@ def smallest(request: PlanRequest, build):
     return build(mb, ckpt), mb, ckpt
 
 
-def accumulation(request: PlanRequest, micro_batch: int) -> dict:
-    return {
-        "gradient_accumulation": math.ceil(request.rank_batch_size / micro_batch),
-        "batch_size": request.batch_size,
-        **({"ranks": request.ranks} if request.ranks > 1 else {}),
-    }
+def execution(
+    request: PlanRequest, micro_batch: int, checkpointing: bool, streamed_units: int | None = None
+) -> Execution:
+    """How a step of the chosen configuration is cut and run (each rank's slice of the batch in
+    micro-batches). ``streamed_units``: None for a method that never streams."""
+    return Execution(
+        micro_batch_size=micro_batch,
+        gradient_checkpointing=checkpointing,
+        gradient_accumulation=math.ceil(request.rank_batch_size / micro_batch),
+        batch_size=request.batch_size,
+        ranks=request.ranks,
+        streamed_units=streamed_units,
+    )
 
 
 STREAMING_NOTE = (

@@ -49,9 +49,12 @@ def make_plan(
 ) -> Plan:
     request = replace(request, on_gpu=gpu_budget > 0)  # what runs where, for the accounting
     fitter = Fitter(shape, request, gpu_budget, host_budget)
-    # The method's own planner (its package's plan.py): its best configuration's estimate, the
-    # settings it chose, the bytes loading the model takes on the host, and notes for the user.
-    best, settings, load_bytes, notes = METHOD_SPECS[request.method].planner()(shape, request, fitter)
+    # The method's own planner (its package's plan.py): its best configuration's estimate, its
+    # choices (its options, by name, and what they come to: HiFT's groups, SIFT's passes), how a
+    # step is cut and run, the bytes loading the model takes on the host, and notes for the user.
+    planner = METHOD_SPECS[request.method].planner()
+    best, choices, execution, load_bytes, notes = planner(shape, request, fitter)
+    settings = {**choices, **execution.settings()}
     gpu_peak, host_peak, components = fitter.totals(best, load_bytes)
     fits = fitter.fits(gpu_peak, host_peak)
     plan = Plan(
@@ -59,20 +62,13 @@ def make_plan(
         method=request.method,
         device="cuda" if fitter.on_gpu else "cpu",
         settings=settings,
-        execution=Execution(
-            micro_batch_size=settings["micro_batch_size"],
-            gradient_checkpointing=settings["gradient_checkpointing"],
-            gradient_accumulation=settings["gradient_accumulation"],
-            batch_size=settings["batch_size"],
-            ranks=request.ranks,
-            streamed_units=settings.get("streamed_units", 0),
-        ),
+        execution=execution,
         method_options=replace(
             request.options,
             **{
-                option: settings[option]
+                option: choices[option]
                 for option in planned_options(request.method)
-                if option in settings and getattr(request.options, option) is None
+                if option in choices and getattr(request.options, option) is None
             },
         ),
         components=components,

@@ -90,7 +90,21 @@ class Execution:
     gradient_accumulation: int  # micro-batches per optimizer step, on each rank
     batch_size: int  # examples per optimizer step, over every rank
     ranks: int = 1
-    streamed_units: int = 0  # units whose frozen weights live in host memory, copied in to compute
+    # units whose frozen weights live in host memory, copied in to compute (None: the method
+    # never streams)
+    streamed_units: int | None = None
+
+    def settings(self) -> dict:
+        """The flat form `plan` prints after the method's own choices."""
+        streamed = {} if self.streamed_units is None else {"streamed_units": self.streamed_units}
+        return {
+            **streamed,
+            "micro_batch_size": self.micro_batch_size,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "gradient_accumulation": self.gradient_accumulation,
+            "batch_size": self.batch_size,
+            **({"ranks": self.ranks} if self.ranks > 1 else {}),
+        }
 
 
 @dataclass
@@ -98,8 +112,8 @@ class Plan:
     fits: bool
     method: str
     device: str  # "cuda" or "cpu"
-    # Every choice, flat and in the method's order: what `plan` prints and plan.json's "settings".
-    # The recipe reads the two typed views below.
+    # Every choice, flat: the method's own (``choices``), then ``execution``'s. What `plan` prints
+    # and plan.json's "settings"; the recipe reads the two typed views below.
     settings: dict
     execution: Execution
     # The method's options with what the planner chose for those left open (None) filled in

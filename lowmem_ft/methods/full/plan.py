@@ -9,8 +9,8 @@ from lowmem_ft.planner.accounting import (
 )
 from lowmem_ft.planner.fit import (
     accumulates,
-    accumulation,
     activation_parts,
+    execution,
     first_fit,
     smallest,
 )
@@ -90,9 +90,4 @@ def plan_full(shape: ModelShape, request: PlanRequest, fitter):
     load = 4 * shape.params
     found = first_fit(fitter, request, build, load) or smallest(request, build)
     est, mb, ckpt = found
-    return (
-        est,
-        {"micro_batch_size": mb, "gradient_checkpointing": ckpt, **accumulation(request, mb)},
-        load,
-        [],
-    )
+    return est, {}, execution(request, mb, ckpt), load, []

@@ -18,8 +18,8 @@ from lowmem_ft.planner.accounting import (
 from lowmem_ft.planner.fit import (
     STREAMING_NOTE,
     accumulates,
-    accumulation,
     activation_parts,
+    execution,
     first_fit,
     smallest,
 )
@@ -251,17 +251,15 @@ def plan_hift(shape: ModelShape, request: PlanRequest, fitter):
     given = units_per_group(request.options, trained)
     group_sizes = [given] if given else list(range(max_m, 0, -1))
 
-    def settings(m, policy, streamed, mb, ckpt):
-        return {
+    def chosen(m, policy, streamed, mb, ckpt):
+        """HiFT's choices (and what they come to), and how a step is cut and run."""
+        choices = {
             "units_per_group": m,
             "groups": math.ceil(trained / m),
             "state_policy": policy,
             "resident_units": n_units - streamed,
-            "streamed_units": streamed,
-            "micro_batch_size": mb,
-            "gradient_checkpointing": ckpt,
-            **accumulation(request, mb),
         }
+        return choices, execution(request, mb, ckpt, streamed)
 
     if request.options.stream and not several:  # every decoder layer streamed, as asked
         n_layers = len(shape.layer_units)
@@ -274,7 +272,7 @@ def plan_hift(shape: ModelShape, request: PlanRequest, fitter):
                 found = first_fit(fitter, request, build, load, forced_checkpointing=True)
                 if found:
                     est, mb, _ = found
-                    return est, settings(m, policy, n_layers, mb, True), load, [STREAMING_NOTE]
+                    return est, *chosen(m, policy, n_layers, mb, True), load, [STREAMING_NOTE]
     # Prefer, in order: nothing streamed, then the richest state policy the host can hold, then
     # bigger groups. Streaming needs checkpointing (a streamed unit is rebuilt in the backward).
     # Several ranks: with checkpointing, the configuration whose plan agrees with its traced loop.
@@ -289,14 +287,14 @@ def plan_hift(shape: ModelShape, request: PlanRequest, fitter):
             found = first_fit(fitter, request, build, load, forced_checkpointing=several)
             if found:
                 est, mb, ckpt = found
-                return est, settings(m, policy, 0, mb, ckpt), load, notes
+                return est, *chosen(m, policy, 0, mb, ckpt), load, notes
     m = given or 1
     if several:  # the ranks do not stream: the cheapest unstreamed plan, to say what is short
         build = partial(
             estimate_hift, shape, request, units_per_group=m, state_policy=policies[-1], streamed_units=0
         )
         est, mb, ckpt = smallest(request, build)
-        return est, settings(m, policies[-1], 0, mb, ckpt), load, []
+        return est, *chosen(m, policies[-1], 0, mb, ckpt), load, []
     # Streaming: every micro-batch moves each streamed unit in twice, so a bigger micro-batch can be
     # worth more streamed units. Among the plans that fit, take the least host<->GPU traffic per step.
     n_layers = len(shape.layer_units)
@@ -311,10 +309,10 @@ def plan_hift(shape: ModelShape, request: PlanRequest, fitter):
                 candidates.append((found[0].traffic, streamed, found))
         if candidates:
             _, streamed, (est, mb, _) = min(candidates, key=lambda c: (c[0], c[1]))
-            return est, settings(m, policy, streamed, mb, True), load, [STREAMING_NOTE]
+            return est, *chosen(m, policy, streamed, mb, True), load, [STREAMING_NOTE]
     policy = policies[-1]
     build = partial(
         estimate_hift, shape, request, units_per_group=m, state_policy=policy, streamed_units=n_layers
     )
     est, mb, _ = smallest(request, build)
-    return est, settings(m, policy, n_layers, mb, True), load, []
+    return est, *chosen(m, policy, n_layers, mb, True), load, []

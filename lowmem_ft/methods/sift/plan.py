@@ -11,18 +11,16 @@ from lowmem_ft.planner.types import Estimate, PlanRequest
 
 
 def plan_sift(shape: ModelShape, request: PlanRequest, fitter):
-    est, settings, load, notes = plan_sparse(shape, request, fitter)
+    est, choices, steps, load, notes = plan_sparse(shape, request, fitter)
     gpu_peak, host_peak, _ = fitter.totals(est, load)
     spare = fitter.gpu_budget - gpu_peak if fitter.on_gpu else fitter.host_budget - host_peak
-    batch = {key: settings.pop(key) for key in ("gradient_accumulation", "batch_size")}  # shown last
-    passes = settings["selection_passes"] = selection_passes(shape, request, est, max(0, spare))
-    settings |= batch
+    passes = choices["selection_passes"] = selection_passes(shape, request, est, max(0, spare))
     if passes > 1:
         notes.append(
             f"selection scores of {request.options.selection_batches} micro-batches do not fit at once: "
             f"{passes} passes over them, each scoring a slice of the weights"
         )
-    return est, settings, load, notes
+    return est, choices, steps, load, notes
 
 
 def selection_passes(shape: ModelShape, request: PlanRequest, est: Estimate, spare: int) -> int:

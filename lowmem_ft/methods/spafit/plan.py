@@ -61,6 +61,6 @@ def select_spafit(options: SpafitOptions, terms, linears, n_layers: int, model_t
 def plan_spafit(shape: ModelShape, request: PlanRequest, fitter):
     options = request.options
     selection = select_spafit(options, *shape_inputs(shape))
-    est, settings, load, notes = plan_structured(shape, request, fitter, selection, options.lora_rank)
+    est, choices, steps, load, notes = plan_structured(shape, request, fitter, selection, options.lora_rank)
     cutoffs = ",".join(map(str, spafit_cutoffs(options.cutoffs, shape.layers)))
-    return est, {"cutoffs": cutoffs, **settings}, load, notes
+    return est, {"cutoffs": cutoffs, **choices}, steps, load, notes

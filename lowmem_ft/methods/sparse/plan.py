@@ -16,8 +16,8 @@ from lowmem_ft.planner.accounting import (
 from lowmem_ft.planner.fit import (
     STREAMING_NOTE,
     accumulates,
-    accumulation,
     activation_parts,
+    execution,
     first_fit,
     smallest,
 )
@@ -162,7 +162,12 @@ def plan_sparse(shape: ModelShape, request: PlanRequest, fitter):
         above = [r for r in rates if r > rate]
         if quant == "none" and above:  # room to spare on an unquantised base: go above 5%
             rate, (est, mb, ckpt) = best_for(quant, above, streamed) or (rate, (est, mb, ckpt))
-    settings = {"sparsity": rate, "base_quant": quant, "micro_batch_size": mb, "gradient_checkpointing": ckpt}
-    if streamed:
-        settings["streamed_units"] = streamed if quant == "none" else 0
-    return est, {**settings, **accumulation(request, mb)}, load, notes
+    # (streamed units are said only where streaming was asked for or needed)
+    streamed_units = (streamed if quant == "none" else 0) if streamed else None
+    return (
+        est,
+        {"sparsity": rate, "base_quant": quant},
+        execution(request, mb, ckpt, streamed_units),
+        load,
+        notes,
+    )

@@ -11,8 +11,8 @@ from lowmem_ft.planner.accounting import (
 )
 from lowmem_ft.planner.fit import (
     accumulates,
-    accumulation,
     activation_parts,
+    execution,
     first_fit,
     smallest,
 )
@@ -102,6 +102,5 @@ def plan_structured(
         if found:
             break
     est, mb, ckpt = found or smallest(request, build)
-    settings = {"base_quant": quant} if quants else {}
-    settings |= {"micro_batch_size": mb, "gradient_checkpointing": ckpt, **accumulation(request, mb)}
-    return est, settings, load, []
+    choices = {"base_quant": quant} if quants else {}
+    return est, choices, execution(request, mb, ckpt), load, []

@@ -232,13 +232,6 @@ def units_per_group(options: HiFTOptions, n_units: int) -> int | None:
     return -(-n_units // options.groups)
 
 
-SHARDED_WITHOUT_CHECKPOINTING = (
-    "HiFT on several ranks without activation checkpointing: this plan is not yet checked against "
-    "the loop's peak and was found up to 17% below it (docs/distributed.md); leave that much of the "
-    "GPU out of --gpu-mem, or drop --no-gradient-checkpointing"
-)
-
-
 def plan_hift(shape: ModelShape, request: PlanRequest, fitter):
     n_units = len(shape.units)
     trained = len(hift_groups(n_units, 1, request.options.trained_units))  # units that train
@@ -275,19 +268,15 @@ def plan_hift(shape: ModelShape, request: PlanRequest, fitter):
                     return est, *chosen(m, policy, n_layers, mb, True), load, [STREAMING_NOTE]
     # Prefer, in order: nothing streamed, then the richest state policy the host can hold, then
     # bigger groups. Streaming needs checkpointing (a streamed unit is rebuilt in the backward).
-    # Several ranks: with checkpointing, the configuration whose plan agrees with its traced loop.
-    # Without, the plan was found below the loop's peak (Qwen2.5-1.5B, tied embedding: 17%;
-    # Llama-2-7B, micro-batch 1: 2.3%), so it is not chosen, and a request for it is warned.
-    notes = [SHARDED_WITHOUT_CHECKPOINTING] if several and request.gradient_checkpointing is False else []
     for policy in policies:
         for m in group_sizes:
             build = partial(
                 estimate_hift, shape, request, units_per_group=m, state_policy=policy, streamed_units=0
             )
-            found = first_fit(fitter, request, build, load, forced_checkpointing=several)
+            found = first_fit(fitter, request, build, load)
             if found:
                 est, mb, ckpt = found
-                return est, *chosen(m, policy, 0, mb, ckpt), load, notes
+                return est, *chosen(m, policy, 0, mb, ckpt), load, []
     m = given or 1
     if several:  # the ranks do not stream: the cheapest unstreamed plan, to say what is short
         build = partial(

@@ -164,6 +164,7 @@ class LossPicture:
         self.job_dir, self.title, self.clock = job_dir, title, clock
         self.enabled = enabled and available()
         self._drawn_at: float | None = None
+        self._behind = False  # a checkpoint came since the last drawing and was not drawn
         if enabled and not self.enabled:
             log.info(f"loss.png   not drawn: matplotlib is not installed ({INSTALL_HINT})")
 
@@ -171,12 +172,19 @@ class LossPicture:
         """After a checkpoint: redrawn if the last drawing is ``REDRAW_EVERY_S`` old (or none)."""
         if self._drawn_at is None or self.clock() - self._drawn_at >= self.REDRAW_EVERY_S:
             self.draw()
+        else:
+            self._behind = True
+
+    def catch_up(self) -> None:
+        """A stop: redrawn if a checkpoint since the last drawing was not drawn."""
+        if self._behind:
+            self.draw()
 
     def draw(self) -> None:
         """Redrawn now (the end of the run, a stop)."""
         if not self.enabled:
             return
-        self._drawn_at = self.clock()
+        self._drawn_at, self._behind = self.clock(), False
         try:
             draw_loss(self.job_dir, title=self.title)
         except Exception as exc:  # a font, a full disk: the run goes on, the next checkpoint retries

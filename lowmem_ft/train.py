@@ -196,7 +196,7 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
         if progress.step < s.max_steps:  # a stop request, on this rank or another
             checkpoints.save(progress)
             job.update(status="interrupted", stopped_by=stop.signal or "a signal to another rank")
-            picture.draw()  # up to the step it stopped at
+            picture.catch_up()  # up to the step it stopped at
             raise RunInterrupted(job)
 
     final_eval = evaluate(s, show_progress)

@@ -216,10 +216,17 @@ def test_ranks_whose_launcher_is_killed_save_their_step_and_stop(tmp_path, data_
     assert len(ranks) == 2, children.stdout
     proc.kill()
     proc.communicate(timeout=60)
+
+    def running(pid: int) -> bool:  # (an exited rank that nobody has reaped yet is a zombie: "Z")
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
     deadline = time.monotonic() + 120
-    while any(Path(f"/proc/{pid}").exists() for pid in ranks) and time.monotonic() < deadline:
+    while any(map(running, ranks)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(Path(f"/proc/{pid}").exists() for pid in ranks), "the ranks outlived their launcher"
+    assert not any(map(running, ranks)), "the ranks outlived their launcher"
     rec = record(job)
     assert rec["status"] == "interrupted" and rec["stopped_by"] == "SIGTERM", rec
     assert 1 <= rec["last_checkpoint"]["step"] == rec["step"] < 400
@@ -434,3 +441,28 @@ def test_a_full_disk_in_the_final_export_of_two_ranks_is_one_line_and_resume_wri
     out = finished(ranks_run("resume", job, "-q"))
     assert "saved      " in out and (job / "model" / "config.json").is_file()
     assert record(job)["status"] == "done"
+
+
+def test_the_launcher_reports_the_rank_that_failed_not_the_ones_that_lost_it():
+    """Ranks that fail in the same look of the agent: the one whose collective broke because the
+    other had gone (its exit code PEER_LOST) is passed over, whichever the clock lists first; of
+    the rest, the first to fail (then the lower rank) is the cause."""
+    from types import SimpleNamespace as Failure
+
+    from lowmem_ft.distributed.group import lost_a_peer
+    from lowmem_ft.distributed.launch import PEER_LOST, _cause
+
+    killed, lost = Failure(exitcode=-9, timestamp=100), Failure(exitcode=PEER_LOST, timestamp=99)
+    assert _cause({0: lost, 1: killed}) == (1, killed)
+    out_of_memory = Failure(exitcode=2, timestamp=101)
+    assert _cause({0: lost, 1: out_of_memory}) == (1, out_of_memory)
+    disk = Failure(exitcode=4, timestamp=100)
+    assert _cause({1: out_of_memory, 0: disk}) == (0, disk)  # the first to fail
+    stopped = Failure(exitcode=130, timestamp=100)  # by the agent, after it saw rank 1 fail
+    assert _cause({1: disk, 0: stopped}) == (1, disk)  # a tie: the one the agent saw first
+    assert _cause({0: lost, 1: Failure(exitcode=PEER_LOST, timestamp=98)})[0] == 1  # all lost: the first
+
+    gloo = "[third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1"
+    assert lost_a_peer(RuntimeError(gloo)) and lost_a_peer(torch.distributed.DistBackendError("NCCL error"))
+    assert not lost_a_peer(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not lost_a_peer(ValueError("transport"))

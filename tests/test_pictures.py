@@ -68,15 +68,20 @@ def test_a_finished_job_has_its_loss_picture(finished_job):
 
 def test_a_checkpoint_redraws_the_picture_only_when_the_last_drawing_is_a_minute_old(tmp_path, monkeypatch):
     """Drawing costs a third of a second: a job checkpointing every few seconds draws once a minute;
-    the end of a run (and a stop) draws whatever the clock says."""
+    a stop draws what the last checkpoint skipped, and the end of a run whatever the clock says."""
     drawn, now = [], [0.0]
     monkeypatch.setattr(pictures, "draw_loss", lambda job_dir, title=None: drawn.append(now[0]))
     picture = pictures.LossPicture(tmp_path, "job", clock=lambda: now[0])
     for now[0] in (100.0, 130.0, 159.0, 160.0, 200.0, 230.0):
         picture.at_checkpoint()
-    now[0] = 231.0
+    picture.catch_up()  # a stop right after a drawn checkpoint: nothing to add
+    now[0] = 240.0
+    picture.at_checkpoint()
+    picture.catch_up()  # a stop after one that was not drawn
+    picture.catch_up()
+    now[0] = 241.0
     picture.draw()
-    assert drawn == [100.0, 160.0, 230.0, 231.0]
+    assert drawn == [100.0, 160.0, 230.0, 240.0, 241.0]
 
 
 def test_the_loss_picture_is_redrawn_at_each_checkpoint_and_at_the_end(finished_job):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from typing import NoReturn
 
 import typer
 
@@ -74,8 +75,20 @@ def report_to_console() -> None:
     logger.setLevel(logging.INFO)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point: every error the user can fix is one line on stderr and a non-zero exit code."""
+    from lowmem_ft.distributed.ranks import Ranks
+
+    code = _command(argv)
+    if Ranks.from_env().several:  # a rank torchrun started: ended as the launcher's ranks are
+        from lowmem_ft.distributed.group import end_rank
+
+        end_rank(code)
+    sys.exit(code)
+
+
+def _command(argv: list[str] | None) -> int:
+    """Run the command; its exit code."""
     from lowmem_ft.hardware import configure_cuda_allocator
 
     configure_cuda_allocator()  # before anything initialises CUDA: the allocator reads it once
@@ -88,17 +101,17 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         if str(exc):  # (empty: said already, by the rank that failed)
             typer.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except typer.Abort:
         typer.echo("aborted", err=True)
-        sys.exit(130)
+        return 130
     except typer.TyperException as exc:  # usage errors: unknown option, bad value, missing argument
         ctx = getattr(exc, "ctx", None)
         hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
         typer.echo(f"error: {exc.format_message().rstrip('.')}{hint}", err=True)
-        sys.exit(getattr(exc, "exit_code", 2))
+        return getattr(exc, "exit_code", 2)
     except Exception as exc:  # a bug or a failure during training: one line, details in error.log
         typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         typer.echo("the job directory's error.log has the traceback, if a job was created", err=True)
-        sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
+        return 1
+    return code if isinstance(code, int) else 0

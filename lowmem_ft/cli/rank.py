@@ -18,7 +18,8 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from lowmem_ft.distributed.launch import LAUNCHER_PID, last_words_file
+from lowmem_ft.distributed.group import end_rank, lost_a_peer
+from lowmem_ft.distributed.launch import LAUNCHER_PID, PEER_LOST, last_words_file
 from lowmem_ft.distributed.ranks import Ranks
 
 
@@ -69,7 +70,7 @@ def main(argv: list[str]) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         last_words_file(payload_file, ranks.rank).write_text(line)
-        sys.exit(code)
+        end_rank(code)
 
     # The agent stops the other ranks with SIGTERM when one fails. Raised as KeyboardInterrupt (as
     # `lowmem-ft` itself does), it unwinds: a job rank 0 was creating is removed, not left half-written.
@@ -93,7 +94,11 @@ def main(argv: list[str]) -> None:
         end(f"error: {exc}", exc.exit_code)
     except Exception as exc:  # one line (the job's error.log has rank 0's traceback), not N tracebacks
         first_line = (str(exc).strip().splitlines() or [""])[0]
-        end(f"error: rank {ranks.rank}: {type(exc).__name__}: {first_line}", 1)
+        # a rank that failed only because another went away says so by its exit code: the
+        # launcher then reports the other (its error, or how it was killed), the cause
+        code = PEER_LOST if lost_a_peer(exc) else 1
+        end(f"error: rank {ranks.rank}: {type(exc).__name__}: {first_line}", code)
+    end_rank(0)
 
 
 if __name__ == "__main__":

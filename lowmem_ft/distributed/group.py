@@ -9,9 +9,12 @@ another, must not leave one rank in a collective the others never enter.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 import os
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -100,6 +103,31 @@ class Group:
     def leave(self) -> None:
         if self.several and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def lost_a_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective (or the rendezvous store) failing because another rank went
+    away, dead or silent: what the others see when one rank fails, not a failure of their own.
+    NCCL and the store raise torch's DistError; gloo a RuntimeError from its transport."""
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and "gloo/transport" in str(exc)
+
+
+def end_rank(code: int) -> NoReturn:
+    """End this rank's process with ``code`` without the interpreter's teardown. A rank's job has
+    been left (``Group.leave``) and everything it writes is written and closed by now; what the
+    teardown would add is destroying the process group's C++ objects in whatever order the
+    collector reaches them, which can abort a rank that had ended cleanly (seen on gloo: SIGABRT,
+    "terminate called without an active exception", from a background thread during teardown).
+    The agent would then report the rank killed, not its exit code, and the launcher say so
+    instead of the job's own line."""
+    for stream in (sys.stdout, sys.stderr):
+        # closed, or a broken pipe: nothing more can be said there
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    logging.shutdown()  # flushes and closes the job's log files
+    os._exit(code)
 
 
 ONE = Group(Ranks())

@@ -54,11 +54,12 @@ def launch(command: str, payload: dict, nproc: int, show_progress: bool) -> None
             _say(_last_words(payload_file, 0))
             raise UserError("", exit_code=130) from None
         except ChildFailedError as exc:
-            rank, failure = exc.get_first_failure()  # the others were stopped because of it
+            rank, failure = _cause(exc.failures)  # the others were stopped because of it
             if failure.exitcode > 0:  # the rank ended on a line of its own (an error, "interrupted")
                 words = _last_words(payload_file, rank)
                 _say(words or f"error: rank {rank} stopped with exit code {failure.exitcode}")
-                raise UserError("", exit_code=failure.exitcode) from None
+                code = 1 if failure.exitcode == PEER_LOST else failure.exitcode
+                raise UserError("", exit_code=code) from None
             raise UserError(
                 f"rank {rank} was killed ({failure.signal_name()}); the other ranks were stopped; the "
                 "job's last checkpoint is intact (`lowmem-ft resume JOB` continues it)",
@@ -67,6 +68,17 @@ def launch(command: str, payload: dict, nproc: int, show_progress: bool) -> None
 
 
 LAUNCHER_PID = "LOWMEM_FT_LAUNCHER_PID"
+PEER_LOST = 75  # a rank's exit code when its collective failed because another rank went away
+
+
+def _cause(failures: dict) -> tuple:
+    """The failed rank that stopped the job, and its failure: the first the agent saw fail (its
+    clock has whole seconds; within one, the order it found them in), passing over those that
+    failed only because another had gone (PEER_LOST). Two ranks often end within one look of the
+    agent: one killed, and one whose collective with it broke a moment later; the killed one is the
+    cause, whichever is listed first. (The ranks the agent then stopped itself come after.)"""
+    order = {rank: i for i, rank in enumerate(failures)}
+    return min(failures.items(), key=lambda kv: (kv[1].exitcode == PEER_LOST, kv[1].timestamp, order[kv[0]]))
 
 
 def last_words_file(payload_file: Path, rank: int) -> Path:

@@ -236,27 +236,15 @@ def hift_group_activation_bytes(
             stored = layers_in_group * trained + layers_above * frozen
         head_trains = n_units - 1 in units
         outside = hift_outside_layers_bytes(shape, seq_len, tokens, head_trains, p)
-        per_group.append(
-            (stored + outside + hift_autocast_copy_bytes(shape, p, checkpointing, units), rebuilt)
-        )
+        # fp32 weights under autocast (HiFT on several ranks): the 16-bit copy of a weight on the
+        # gradient path is kept for the backward, which needs it for its input's gradient: every
+        # layer's from the group's lowest up (made again a layer at a time when checkpointed), and
+        # the head's while anything below it trains. Traced: without them, sharded HiFT's plan was
+        # 17% below its loop (Qwen2.5-1.5B, N = 4, no checkpointing), 0.9% with checkpointing.
+        on_path = 0 if checkpointing else layers_in_group + layers_above
+        copies = autocast_copy_bytes(shape, p, on_path) if first < n_units - 1 else 0
+        per_group.append((stored + outside + copies, rebuilt))
     return per_group
-
-
-def hift_autocast_copy_bytes(shape: ModelShape, p: Precision, checkpointing: bool, units: range) -> int:
-    """fp32 weights under autocast (HiFT on several ranks): the 16-bit copy of a weight on the
-    gradient path is kept from the forward into the backward, which needs it for its input's
-    gradient: every layer's from the group's lowest up, unless checkpointed (then made again a layer
-    at a time), and the head's while anything below it trains. Traced: without them, sharded HiFT's
-    plan was 17% below its loop (Qwen2.5-1.5B, N = 4, no checkpointing), 0.9% with checkpointing."""
-    if not p.autocast:
-        return 0
-    first, n_units = units[0], shape.layers + 2
-    lowest_layer = max(first - 1, 0)
-    on_path = shape.layers - lowest_layer if first <= shape.layers else 0
-    per_layer = shape.layer_units[0].linear_params if shape.layer_units else 0
-    layers = 0 if checkpointing else 2 * per_layer * on_path
-    head = 2 * shape.vocab * shape.hidden if first < n_units - 1 else 0
-    return layers + head
 
 
 def sift_activation_bytes(

@@ -205,10 +205,15 @@ def test_two_ranks_stopped_then_killed_resume_to_the_same_result(tmp_path, refer
 
 def test_ranks_whose_launcher_is_killed_save_their_step_and_stop(tmp_path, data_module):
     """kill -9 of the command itself (the ranks run in sessions of their own, out of reach of its
-    group): they do not train on headless; each finishes its step, the job is checkpointed there."""
-    job = tmp_path / "job"
+    group): they do not train on headless; each finishes its step, the job is checkpointed there,
+    and the launcher's scratch directory (in TMPDIR) does not stay behind."""
+    import os
+
+    job, scratch = tmp_path / "job", tmp_path / "tmp"
+    scratch.mkdir()
     args = [*ARGS[: ARGS.index("--max-steps")], "--max-steps", "400", *ARGS[ARGS.index("--max-steps") + 2 :]]
-    proc = ranks_run("run", "tiny", data_module, "--out", job, "--nproc", 2, *METHODS["lora"], *args)
+    env = dict(os.environ, TMPDIR=str(scratch))
+    proc = ranks_run("run", "tiny", data_module, "--out", job, "--nproc", 2, *METHODS["lora"], *args, env=env)
     while proc.poll() is None and steps_logged(job) < 1:
         time.sleep(0.05)
     children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True)
@@ -230,6 +235,7 @@ def test_ranks_whose_launcher_is_killed_save_their_step_and_stop(tmp_path, data_
     rec = record(job)
     assert rec["status"] == "interrupted" and rec["stopped_by"] == "SIGTERM", rec
     assert 1 <= rec["last_checkpoint"]["step"] == rec["step"] < 400
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("lowmem-ft-ranks-")] == []
 
 
 def test_hift_on_two_ranks_stopped_resumes_on_two_or_on_one_alike(tmp_path, references, data_module):

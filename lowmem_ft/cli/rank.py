@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -42,9 +43,15 @@ def end_with_the_launcher() -> None:
     signal.signal(signal.SIGHUP, launcher_gone)
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGHUP)
-    launcher = os.environ.get(LAUNCHER_PID)
-    if launcher is not None and os.getppid() != int(launcher):  # it died before the line above
+    if not launcher_alive():  # it died before the line above
         launcher_gone(None, None)
+
+
+def launcher_alive() -> bool:
+    """Whether the `lowmem-ft` that started this rank is still its parent (a dead one's ranks are
+    the init process's)."""
+    launcher = os.environ.get(LAUNCHER_PID)
+    return launcher is None or os.getppid() == int(launcher)
 
 
 @record  # a rank's traceback reaches the agent, which reports it
@@ -69,8 +76,14 @@ def main(argv: list[str]) -> None:
         # the command's one line. Now a SIGTERM just ends the process, and a Ctrl-C is ignored.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        last_words_file(payload_file, ranks.rank).write_text(line)
+        leave_word(line)
         end_rank(code)
+
+    def leave_word(line: str) -> None:
+        if launcher_alive():
+            last_words_file(payload_file, ranks.rank).write_text(line)
+        else:  # nobody is left to read it: the launcher's scratch directory (the payload) goes
+            shutil.rmtree(payload_file.parent, ignore_errors=True)
 
     # The agent stops the other ranks with SIGTERM when one fails. Raised as KeyboardInterrupt (as
     # `lowmem-ft` itself does), it unwinds: a job rank 0 was creating is removed, not left half-written.
@@ -98,6 +111,8 @@ def main(argv: list[str]) -> None:
         # launcher then reports the other (its error, or how it was killed), the cause
         code = PEER_LOST if lost_a_peer(exc) else 1
         end(f"error: rank {ranks.rank}: {type(exc).__name__}: {first_line}", code)
+    if not launcher_alive():
+        leave_word("")
     end_rank(0)
 
 

@@ -74,6 +74,7 @@ class OptimizerStateStore:
         # save whose frame holds a group's masters and state (a logging handler that keeps records
         # would keep them alive, and their memory with them).
         self._bnbf = None
+        self._code_maps: dict[tuple[bool, torch.device | None], torch.Tensor] = {}
         if policy == "keep-8bit":
             import bitsandbytes.functional
 
@@ -127,12 +128,24 @@ class OptimizerStateStore:
 
     def _quantise(self, value: torch.Tensor):
         bnbf = self._bnbf
-        unsigned = bool(value.min() >= 0)  # one reduction per tensor and visit
-        code = bnbf.create_dynamic_map(signed=not unsigned).to(value.device)
-        codes, quant_state = bnbf.quantize_blockwise(value.float(), code=code, blocksize=BLOCKSIZE)
-        # The block scales wait on the host beside the codes (small: 4 bytes per 256 values).
-        quant_state.absmax, quant_state.code = _on_host(quant_state.absmax), _on_host(quant_state.code)
+        signed = not bool(value.min() >= 0)  # one reduction per tensor and visit
+        codes, quant_state = bnbf.quantize_blockwise(
+            value.float(), code=self._code_map(signed, value.device), blocksize=BLOCKSIZE
+        )
+        # The block scales wait on the host beside the codes (small: 4 bytes per 256 values), and
+        # the map with them: one host copy of each map, shared by every tensor quantised with it.
+        quant_state.absmax, quant_state.code = _on_host(quant_state.absmax), self._code_map(signed, None)
         return codes, quant_state
+
+    def _code_map(self, signed: bool, device: torch.device | None) -> torch.Tensor:
+        """bitsandbytes' dynamic 8-bit map (signed: the first moment; unsigned: the second), made
+        once per device and kept. Made afresh, it is some 600 small CPU operations and a copy to
+        the device for every state tensor of every group switch. ``None``: the engine's host copy."""
+        key = (signed, device)
+        if key not in self._code_maps:
+            made = self._bnbf.create_dynamic_map(signed=signed)
+            self._code_maps[key] = _on_host(made) if device is None else made.to(device)
+        return self._code_maps[key]
 
     def _host_views(self, group: int, states: list[dict]) -> list[dict[str, torch.Tensor]]:
         """Views into ``group``'s flat host buffers, one per state tensor: the buffers of its last

@@ -229,6 +229,10 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
         model.train()
         with trace, host_memory.observe(trace.host_buffer):
             with phase("setup"):
+                if ranks > 1:  # as load_sharded does, from the host model rather than rank 0's
+                    from lowmem_ft.distributed.fsdp import shard_model
+
+                    shard_model(model, method.group)
                 prepare.prepare_model(config, method, model, device)
             if not on_gpu:  # on the fake CPU, resident weights did not move: count what is there now
                 trace.adopt([*model.parameters(), *model.buffers()])

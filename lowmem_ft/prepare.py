@@ -26,6 +26,7 @@ from lowmem_ft.data import (
 )
 from lowmem_ft.data.cache import read_cache, tokenizer_sha256, write_cache
 from lowmem_ft.distributed.group import ONE, Group
+from lowmem_ft.distributed.ranks import SHARDED_METHODS
 from lowmem_ft.errors import UserError
 from lowmem_ft.files import sha256_of
 from lowmem_ft.methods import build_method
@@ -234,7 +235,12 @@ def setup(config: RunConfig, show_progress: bool = False, group: Group = ONE) ->
         torch.cuda.set_device(device)
     method = build_method(config)
     method.group = group
-    model = load_model(resolved, method.weight_dtype(), trust_remote_code=config.trust_remote_code)
+    if group.several and method.name in SHARDED_METHODS:  # read by rank 0 only, sharded as it is sent
+        from lowmem_ft.distributed.fsdp import load_sharded
+
+        model = load_sharded(resolved, method.weight_dtype(), group, config.trust_remote_code)
+    else:
+        model = load_model(resolved, method.weight_dtype(), trust_remote_code=config.trust_remote_code)
     model_params = sum(p.numel() for p in model.parameters())
     prepare_model(config, method, model, device)
     if plan is not None and device.type == "cuda":  # before step 1 and before the job is written

@@ -86,6 +86,26 @@ if os.environ.get("RANK") == "1":
 """
 
 
+RANKS_THAT_READ_THE_MODEL = """\
+# each rank that reads the model's weights from disk notes its RANK
+import os
+
+import lowmem_ft.models
+import lowmem_ft.models.loading
+
+read = lowmem_ft.models.loading.load_model
+
+
+def load_model(*args, **kwargs):
+    with open(os.environ["MODEL_READERS"], "a") as note:
+        note.write(os.environ.get("RANK", "none") + " ")
+    return read(*args, **kwargs)
+
+
+lowmem_ft.models.load_model = lowmem_ft.models.loading.load_model = load_model
+"""
+
+
 def finished(proc: subprocess.Popen, code: int = 0) -> str:
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == code, err[-3000:]
@@ -242,14 +262,16 @@ def test_hift_on_two_ranks_stopped_resumes_on_two_or_on_one_alike(tmp_path, refe
     """HiFT's checkpoint of several ranks: the active group's state and every waiting group's (each
     rank's shard, from its host store) through DCP. Stopped by Ctrl-C with groups visited and one
     active, the job resumes on 2 ranks, and a copy of it on 1 process, both to the uninterrupted
-    one-process run's result."""
+    one-process run's result. Rank 0 alone reads the model from disk; rank 1 gets its shards from it."""
     job = tmp_path / "job"
     rec = stopped_by_ctrl_c(job, "hift", data_module, after_steps=3)
     assert 3 <= rec["last_checkpoint"]["step"] < 6
     copy = tmp_path / "copy"
     shutil.copytree(job, copy)
 
-    out = finished(ranks_run("resume", job, "-q"))
+    env = with_hook(tmp_path, RANKS_THAT_READ_THE_MODEL) | {"MODEL_READERS": str(tmp_path / "readers")}
+    out = finished(ranks_run("resume", job, "-q", env=env))
+    assert (tmp_path / "readers").read_text().split() == ["0"]
     assert_rank_0_speaks_once(out)
     assert_sharded(job / "checkpoints" / "step-000006")
     assert_same(job, references["hift"])

@@ -246,8 +246,13 @@ def test_plan_says_how_many_gpus_full_fine_tuning_needs_and_plans_one_rank_of_th
     rows = {c["name"]: c for c in data["components"]}
     assert rows["weights (fp32, 1/8 shard)"]["gpu_bytes"] == 4 * n // 8
     assert rows["optimizer states (AdamW fp32 m, v, 1/8 shard)"]["gpu_bytes"] == 8 * n // 8
-    # each rank a process of its own that loads the whole model on the host
-    assert data["host"]["peak_bytes"] >= 8 * 4 * n
+    # each rank a process of its own; rank 0 alone loads the whole model on the host, and sends it
+    loading = rows["model loading (by rank 0, sent to the others a tensor at a time)"]["host_bytes"]
+    runtime = rows["Python, torch, CUDA libraries"]["host_bytes"]
+    assert loading == 4 * n and data["host"]["peak_bytes"] == 8 * runtime + loading
+    # data-parallel ranks each load the model they hold whole
+    lora = build_plan("llama-2-7b", method="lora", gpu_mem="24GiB", cpu_mem="256GiB", nproc=8).plan
+    assert lora.host_peak_bytes >= 8 * 2 * n
     # the rank's slice of the global batch of 16: 2 sequences
     assert data["settings"]["micro_batch_size"] * data["settings"]["gradient_accumulation"] == 2
     code, out, _ = cli(capsys, *args, "--nproc", "8")

@@ -86,9 +86,7 @@ class Method(ABC):
         from lowmem_ft.engine.streaming import place_model
 
         if self.group.several and self.name in SHARDED_METHODS:
-            # fully_shard (in setup) moves each decoder layer to the device as it shards it: one
-            # layer at a time in full there, never the whole model (25 GiB in fp32 for a 7B model)
-            return
+            return  # sharded over the ranks as it was loaded, each rank's shards on its device
         self.streamer = place_model(model, device, self.config.streamed_layers or 0)
 
     @abstractmethod

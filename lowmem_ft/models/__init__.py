@@ -3,6 +3,7 @@
 from lowmem_ft.models.loading import (
     ResolvedModel,
     count_parameters,
+    empty_model,
     load_model,
     load_tokenizer,
     resolve_model,
@@ -16,6 +17,7 @@ __all__ = [
     "ResolvedModel",
     "count_parameters",
     "alias_config_path",
+    "empty_model",
     "load_model",
     "load_tokenizer",
     "resolve_model",

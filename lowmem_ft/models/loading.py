@@ -329,6 +329,19 @@ def load_model(
     return model
 
 
+def empty_model(
+    config: PretrainedConfig, dtype: torch.dtype, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """The model's modules with every tensor on the meta device: no memory and no random values,
+    for the ranks that receive their weights from another (distributed/fsdp.load_sharded). Its
+    buffers (rotary frequencies) are on the meta device too and must be filled like the weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with quiet_transformers(), torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
 def count_parameters(weights_dir: Path) -> int:
     """Values stored in the ``*.safetensors`` files (tied weights are stored once), from their
     headers alone: nothing is loaded."""

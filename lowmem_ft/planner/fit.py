@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from lowmem_ft.distributed.ranks import SHARDED_METHODS
 from lowmem_ft.planner.accounting import (
     Precision,
     activation_bytes,
@@ -56,24 +57,34 @@ class Fitter:
         tensor_peak = est.device_peak() + SMALL_TENSORS_BYTES
         host_fixed = sum(c.host_bytes for c in components)
         runtime = HOST_RUNTIME_BYTES[self.on_gpu]
+        ranks = self.request.ranks
+        # Sharded over several ranks, the model is read by rank 0 alone, which sends each tensor to
+        # the others (distributed/fsdp.load_sharded); otherwise each rank reads it whole.
+        loaded_once = ranks > 1 and self.request.method in SHARDED_METHODS
         if self.on_gpu:
             margin = int(ALLOCATOR_MARGIN * tensor_peak)
+            loading = (
+                "model loading (by rank 0, sent to the others a tensor at a time)"
+                if loaded_once
+                else "model loading (host copy before moving to the GPU)"
+            )
             components += [
                 Component("small tensors (step counters, norms, losses)", SMALL_TENSORS_BYTES),
                 Component("CUDA context and allocator margin", CUDA_CONTEXT_BYTES + margin),
-                Component(
-                    "model loading (host copy before moving to the GPU)", 0, load_bytes, note="transient"
-                ),
+                Component(loading, 0, load_bytes, note="transient"),
             ]
             gpu_peak = tensor_peak + CUDA_CONTEXT_BYTES + margin
             # Loading holds a host copy of the weights before they move to the GPU; the pinned stores
-            # (optimizer states, streamed units) are filled after that copy is gone. With several
-            # ranks each is a process of its own on this node, which loads the whole model.
-            host_peak = self.request.ranks * (runtime + max(load_bytes, host_fixed))
+            # (optimizer states, streamed units) are filled after that copy is gone. Several ranks
+            # are processes of their own on this node.
+            if loaded_once:
+                host_peak = ranks * runtime + max(load_bytes, ranks * host_fixed)
+            else:
+                host_peak = ranks * (runtime + max(load_bytes, host_fixed))
         else:  # training on the CPU: what would sit on the GPU sits in host memory
             components = [Component(c.name, 0, c.gpu_bytes + c.host_bytes, c.note) for c in components]
             gpu_peak = 0
-            host_peak = self.request.ranks * (runtime + host_fixed + tensor_peak)
+            host_peak = ranks * (runtime + host_fixed + tensor_peak)
         components.append(
             Component("Python, torch" + (", CUDA libraries" if self.on_gpu else ""), 0, runtime)
         )

@@ -27,10 +27,8 @@ class FullFineTuning(Method):
 
     def setup(self, model) -> None:
         config = self.config
-        if self.group.several:  # each rank keeps 1/N of the weights, gradients and AdamW state
-            from lowmem_ft.distributed.fsdp import shard_model
-
-            shard_model(model, self.group)  # before the optimizer: it must hold the shards
+        # With several ranks the model came sharded (distributed/fsdp.load_sharded): each rank keeps
+        # 1/N of the weights, and the optimizer made here 1/N of their gradients and AdamW state.
         model.requires_grad_(True)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(config.optimizer, self._params, config.lr, config.weight_decay)

@@ -84,10 +84,8 @@ class HiFT(Method):
 
     def setup(self, model) -> None:
         config = self.config
-        if self.group.several:  # (never with keep-8bit: RunConfig refuses it, the planner avoids it)
-            from lowmem_ft.distributed.fsdp import shard_model
-
-            shard_model(model, self.group)  # first: the groups below hold the sharded parameters
+        # With several ranks the model came sharded (distributed/fsdp.load_sharded), and the groups
+        # below hold the sharded parameters (never with keep-8bit: RunConfig refuses it).
         self._model = model
         units = model_units(model)
         # The planner's grouping (plan.py): every unit, or the decoder layers only (BAdam)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -179,9 +180,13 @@ def restore(s: Setup, scaler: torch.amp.GradScaler, job: Job, restored: Restored
         import torch.distributed.checkpoint as dcp
 
         directory = restored.path / SHARDS
-        s.method.load_sharded_state(
-            s.model, state.get("method", {}), lambda tree: dcp.load(tree, checkpoint_id=directory)
-        )
+
+        def read(tree: dict) -> None:
+            with warnings.catch_warnings():  # one process reading a sharded checkpoint is what we ask
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(tree, checkpoint_id=directory)
+
+        s.method.load_sharded_state(s.model, state.get("method", {}), read)
     s.batcher.load_state_dict(state["data"])
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])

@@ -287,7 +287,7 @@ def _fake_group(ranks: int):
     if dist.is_initialized():
         dist.destroy_process_group()
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
-    group = Group(Ranks(0, ranks, 0))
+    group = Group(Ranks(0, ranks, 0, ranks))
     group.device_mesh()  # made now, of real tensors: under fake tensors a mesh cannot be made
     return group
 

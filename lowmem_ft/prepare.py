@@ -235,14 +235,8 @@ def setup(config: RunConfig, show_progress: bool = False, group: Group = ONE) ->
         torch.cuda.set_device(device)
     method = build_method(config)
     method.group = group
-    if group.several and method.name in SHARDED_METHODS:  # read by rank 0 only, sharded as it is sent
-        from lowmem_ft.distributed.fsdp import load_sharded
-
-        model = load_sharded(resolved, method.weight_dtype(), group, config.trust_remote_code)
-    else:
-        model = load_model(resolved, method.weight_dtype(), trust_remote_code=config.trust_remote_code)
-    model_params = sum(p.numel() for p in model.parameters())
-    prepare_model(config, method, model, device)
+    model, model_params = load_placed_model(config, method, resolved, device, plan)
+    finish_model(config, method, model)
     if plan is not None and device.type == "cuda":  # before step 1 and before the job is written
         check_plan_fits_device(plan, device)
 
@@ -257,10 +251,45 @@ def setup(config: RunConfig, show_progress: bool = False, group: Group = ONE) ->
     )  # fmt: skip
 
 
+def load_placed_model(
+    config: RunConfig, method: Method, resolved: ResolvedModel, device: torch.device, plan: Plan | None
+) -> tuple[torch.nn.Module, int]:
+    """The model, loaded and on its device (``method.place``), and its parameter count as loaded
+    (before a method re-stores any weights: a quantised base).
+
+    With several ranks, ``full`` and ``hift`` read it once (distributed/fsdp.load_sharded). The
+    data-parallel methods hold it whole on every rank, and each rank holds a host copy of it while
+    it loads: the ranks of a node take turns, ``plan.loads_at_once`` at a time (as many copies as
+    the plan's host memory holds), each turn ending when its ranks have their model on the device.
+    """
+    group, dtype, remote = method.group, method.weight_dtype(), config.trust_remote_code
+    if group.several and method.name in SHARDED_METHODS:
+        from lowmem_ft.distributed.fsdp import load_sharded
+
+        model = load_sharded(resolved, dtype, group, remote)  # sharded on the device: nothing to place
+        return model, sum(p.numel() for p in model.parameters())
+    ranks = group.ranks
+    at_once = plan.loads_at_once if plan is not None else ranks.local_size
+    model, params = None, 0
+    for turn in range(math.ceil(ranks.local_size / at_once)):
+        if ranks.local_rank // at_once == turn:
+            model = load_model(resolved, dtype, trust_remote_code=remote)
+            params = sum(p.numel() for p in model.parameters())
+            method.place(model, device)
+        group.barrier()  # (one rank: none)
+    return model, params
+
+
 def prepare_model(config: RunConfig, method: Method, model: torch.nn.Module, device: torch.device) -> None:
-    """Weights onto the device (streamed layers' frozen weights stay in host memory), activation
-    checkpointing as planned, then the method marks what trains and builds its optimizer."""
+    """Weights onto the device (streamed layers' frozen weights stay in host memory), then
+    ``finish_model``."""
     method.place(model, device)
+    finish_model(config, method, model)
+
+
+def finish_model(config: RunConfig, method: Method, model: torch.nn.Module) -> None:
+    """Activation checkpointing as planned, then the method marks what trains and builds its
+    optimizer."""
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory

@@ -136,15 +136,50 @@ def references(tmp_path_factory, data_module) -> dict[str, Path]:
 
 # full and hift (FSDP2) are compared with one process by the two tests after this one, through a
 # stop and a resume on 2 ranks: each 2-rank run costs three processes' start, so not once more here.
+ONE_RANK_LOADS_AT_A_TIME = """\
+# the plan lets one rank load the model at a time (on the CPU all would load at once: the model they
+# load is the one they train), and each rank notes when its loading started and ended
+import os
+import time
+
+import lowmem_ft.models
+import lowmem_ft.models.loading
+from lowmem_ft.planner.fit import Fitter
+
+Fitter.loads_at_once = lambda self, estimate, load_bytes: 1
+read = lowmem_ft.models.loading.load_model
+
+
+def load_model(*args, **kwargs):
+    start = time.monotonic()
+    model = read(*args, **kwargs)
+    with open(os.environ["MODEL_LOADS"], "a") as note:
+        note.write(f"{os.environ.get('RANK', 'none')} {start} {time.monotonic()}\\n")
+    return model
+
+
+lowmem_ft.models.load_model = lowmem_ft.models.loading.load_model = load_model
+"""
+
+
 @pytest.mark.parametrize("method", [m for m in METHODS if m not in ("full", "hift")])
 def test_two_ranks_train_exactly_as_one_process(method, tmp_path, references, data_module):
-    job = tmp_path / "job"
-    out = finished(ranks_run("run", "tiny", data_module, "--out", job, "--nproc", 2, *METHODS[method], *ARGS))
+    """Data-parallel: every rank holds the model whole. Ranks whose plan lets one load the model at
+    a time (host memory for one copy) take turns: rank 1 starts when rank 0 is done."""
+    job, loads = tmp_path / "job", tmp_path / "loads"
+    env = with_hook(tmp_path, ONE_RANK_LOADS_AT_A_TIME) | {"MODEL_LOADS": str(loads)}
+    args = ["run", "tiny", data_module, "--out", job, "--nproc", 2, *METHODS[method], *ARGS]
+    out = finished(ranks_run(*args, env=env))
     assert_rank_0_speaks_once(out)
     assert "step 3: eval loss" in out
     rec = record(job)
     assert rec["status"] == "done" and rec["config"]["nproc"] == 2
     assert_same(job, references[method])
+    times = {
+        rank: (float(start), float(end))
+        for rank, start, end in map(str.split, loads.read_text().splitlines())
+    }
+    assert sorted(times) == ["0", "1"] and times["1"][0] >= times["0"][1], times
 
 
 def assert_rank_0_speaks_once(out: str) -> None:

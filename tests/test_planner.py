@@ -250,9 +250,14 @@ def test_plan_says_how_many_gpus_full_fine_tuning_needs_and_plans_one_rank_of_th
     loading = rows["model loading (by rank 0, sent to the others a tensor at a time)"]["host_bytes"]
     runtime = rows["Python, torch, CUDA libraries"]["host_bytes"]
     assert loading == 4 * n and data["host"]["peak_bytes"] == 8 * runtime + loading
-    # data-parallel ranks each load the model they hold whole
+    # data-parallel ranks each load the model they hold whole (a bf16 host copy each), as many at
+    # once as host memory holds beside the 8 processes; the others wait their turn
     lora = build_plan("llama-2-7b", method="lora", gpu_mem="24GiB", cpu_mem="256GiB", nproc=8).plan
-    assert lora.host_peak_bytes >= 8 * 2 * n
+    assert lora.loads_at_once == 8 and lora.host_peak_bytes == 8 * runtime + 8 * 2 * n
+    lora = build_plan("llama-2-7b", method="lora", gpu_mem="24GiB", cpu_mem="64GiB", nproc=8).plan
+    assert lora.fits and lora.loads_at_once == (64 * 2**30 - 8 * runtime) // (2 * n) == 3
+    assert lora.host_peak_bytes == 8 * runtime + 3 * 2 * n
+    assert "the 8 ranks load the model 3 at a time" in " ".join(lora.notes)
     # the rank's slice of the global batch of 16: 2 sequences
     assert data["settings"]["micro_batch_size"] * data["settings"]["gradient_accumulation"] == 2
     code, out, _ = cli(capsys, *args, "--nproc", "8")

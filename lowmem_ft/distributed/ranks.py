@@ -27,6 +27,7 @@ class Ranks:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    local_size: int = 1  # the ranks on this rank's node
 
     @classmethod
     def from_env(cls) -> Ranks:
@@ -34,7 +35,10 @@ class Ranks:
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size <= 1:
             return cls()
-        return cls(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+        return cls(
+            int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")),
+            int(os.environ.get("LOCAL_WORLD_SIZE", str(size))),
+        )  # fmt: skip
 
     @property
     def main(self) -> bool:

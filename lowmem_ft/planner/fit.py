@@ -63,11 +63,13 @@ class Fitter:
         loaded_once = ranks > 1 and self.request.method in SHARDED_METHODS
         if self.on_gpu:
             margin = int(ALLOCATOR_MARGIN * tensor_peak)
-            loading = (
-                "model loading (by rank 0, sent to the others a tensor at a time)"
-                if loaded_once
-                else "model loading (host copy before moving to the GPU)"
-            )
+            at_once = self.loads_at_once(est, load_bytes)
+            if loaded_once:
+                loading = "model loading (by rank 0, sent to the others a tensor at a time)"
+            elif at_once < ranks:
+                loading = f"model loading ({at_once} rank{'s' * (at_once > 1)} at a time, the others wait)"
+            else:
+                loading = "model loading (host copy before moving to the GPU)"
             components += [
                 Component("small tensors (step counters, norms, losses)", SMALL_TENSORS_BYTES),
                 Component("CUDA context and allocator margin", CUDA_CONTEXT_BYTES + margin),
@@ -79,8 +81,10 @@ class Fitter:
             # are processes of their own on this node.
             if loaded_once:
                 host_peak = ranks * runtime + max(load_bytes, ranks * host_fixed)
+            elif ranks > 1:  # (a rank that has loaded holds what it keeps while the next ones load)
+                host_peak = ranks * (runtime + host_fixed) + at_once * load_bytes
             else:
-                host_peak = ranks * (runtime + max(load_bytes, host_fixed))
+                host_peak = runtime + max(load_bytes, host_fixed)
         else:  # training on the CPU: what would sit on the GPU sits in host memory
             components = [Component(c.name, 0, c.gpu_bytes + c.host_bytes, c.note) for c in components]
             gpu_peak = 0
@@ -89,6 +93,17 @@ class Fitter:
             Component("Python, torch" + (", CUDA libraries" if self.on_gpu else ""), 0, runtime)
         )
         return gpu_peak, host_peak, components
+
+    def loads_at_once(self, est: Estimate, load_bytes: int) -> int:
+        """How many data-parallel ranks of the node load the model at the same time: as many host
+        copies as host memory holds beside what every rank keeps, at least one (prepare.py's
+        ranks take turns). All of them for the sharded methods, which read the model once, and on
+        the CPU, where the loaded model is the one that trains."""
+        ranks = self.request.ranks
+        if ranks == 1 or not self.on_gpu or self.request.method in SHARDED_METHODS or not load_bytes:
+            return ranks
+        kept = ranks * (HOST_RUNTIME_BYTES[True] + sum(c.host_bytes for c in est.components))
+        return max(1, min(ranks, (self.host_budget - kept) // load_bytes))
 
     def fits(self, gpu_peak: int, host_peak: int) -> bool:
         return (not self.on_gpu or gpu_peak <= self.gpu_budget) and host_peak <= self.host_budget

@@ -83,7 +83,13 @@ def make_plan(
         notes=notes,
         peak_phase=best.peak_phase(),
         ranks=request.ranks,
+        loads_at_once=fitter.loads_at_once(best, load_bytes),
     )
+    if plan.loads_at_once < plan.ranks:
+        plan.notes.append(
+            f"the {plan.ranks} ranks load the model {plan.loads_at_once} at a time: host memory holds "
+            f"{plan.loads_at_once} whole cop{'ies' if plan.loads_at_once > 1 else 'y'} while they load"
+        )
     if best.streamed_per_micro_batch and fitter.on_gpu:
         _compare_streaming_with_compute(plan, shape, request, best)
     if not fits:

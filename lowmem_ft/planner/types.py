@@ -133,6 +133,9 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     peak_phase: str = ""  # where in the step the GPU peak is, e.g. "end of forward, HiFT group embed"
     ranks: int = 1  # --nproc: GPU bytes are one rank's, host bytes the node's (every rank's process)
+    # Data-parallel ranks that load the model at the same time (host copies at once); the others
+    # wait their turn. All of them where loading needs no turns (Fitter.loads_at_once).
+    loads_at_once: int = 1
 
     def to_json(self) -> dict:
         data = asdict(self)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem_ft.distributed.fsdp import is_sharded
+from lowmem_ft.distributed.sharded import is_sharded
 from lowmem_ft.errors import DiskError, disk_fault
 from lowmem_ft.files import free_bytes
 from lowmem_ft.jobs import Job

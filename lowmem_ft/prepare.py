@@ -271,12 +271,14 @@ def load_placed_model(
     ranks = group.ranks
     at_once = plan.loads_at_once if plan is not None else ranks.local_size
     model, params = None, 0
-    for turn in range(math.ceil(ranks.local_size / at_once)):
+    turns = math.ceil(ranks.local_size / at_once)
+    for turn in range(turns):
         if ranks.local_rank // at_once == turn:
             model = load_model(resolved, dtype, trust_remote_code=remote)
             params = sum(p.numel() for p in model.parameters())
             method.place(model, device)
-        group.barrier()  # (one rank: none)
+        if turns > 1:
+            group.wait_long()  # for the ranks of this turn: a slow disk may take longer than a collective
     return model, params
 
 

@@ -28,7 +28,7 @@ from lowmem_ft.checkpoint import Restored
 from lowmem_ft.console import out_of_memory_message
 from lowmem_ft.data import Batcher, eval_batches
 from lowmem_ft.data.bulk import progress_bar
-from lowmem_ft.distributed.fsdp import full_value, is_sharded, reshard
+from lowmem_ft.distributed.sharded import full_value, is_sharded, reshard
 from lowmem_ft.errors import DiskError, UserError, disk_fault
 from lowmem_ft.files import write_json_atomic
 from lowmem_ft.finish import export_result, report_how_it_went

@@ -23,7 +23,7 @@ from lowmem_ft.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from lowmem_ft.distributed.fsdp import is_sharded
+from lowmem_ft.distributed.sharded import is_sharded
 from lowmem_ft.errors import UserError
 from lowmem_ft.jobs import Job
 from lowmem_ft.phases import phase

@@ -72,21 +72,3 @@ def shard_model(model: torch.nn.Module, group: Group) -> None:
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
-
-
-def reshard(model: torch.nn.Module) -> None:
-    """Free every gathered weight of a sharded model (no-op for one that is not): the next forward
-    gathers them again, with each parameter's requires_grad as it is then. The root stays gathered
-    after a forward, and a gathered parameter keeps the requires_grad it was gathered with."""
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
-
-
-def full_value(norm: torch.Tensor) -> float:
-    """A norm FSDP computed over sharded gradients (a replicated DTensor) as a number."""
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

@@ -24,12 +24,14 @@ from lowmem_ft.distributed.ranks import Ranks
 # A rank that stops answering (hung, not dead: a dead one is seen at once) fails the others'
 # collectives after this, and the launcher stops the job; the last checkpoint is intact.
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("LOWMEM_FT_COLLECTIVE_TIMEOUT", "600")))
+LONG_WAIT = datetime.timedelta(hours=3)  # Group.wait_long: a rank's turn to load a model
 
 
 class Group:
     def __init__(self, ranks: Ranks, device: torch.device = torch.device("cpu")):
         self.ranks, self.device = ranks, device
         self._mesh = None
+        self._patient = None  # wait_long's group
 
     @classmethod
     def join(cls, device: torch.device) -> Group:
@@ -91,6 +93,16 @@ class Group:
     def barrier(self) -> None:
         if self.several:
             dist.barrier()
+
+    def wait_long(self) -> None:
+        """A barrier that waits up to ``LONG_WAIT`` where the others give up after the collective
+        timeout (minutes): for ranks that wait while others load a model, which may take long from
+        a slow disk. Through a CPU (gloo) group of its own, made on first use."""
+        if not self.several:
+            return
+        if self._patient is None:
+            self._patient = dist.new_group(backend="gloo", timeout=LONG_WAIT)
+        dist.barrier(group=self._patient)
 
     def device_mesh(self):
         """A 1-D mesh of all ranks, for FSDP2's ``fully_shard`` (made once)."""

@@ -30,7 +30,7 @@ import random
 import torch
 from torch.distributed.tensor import DTensor
 
-from lowmem_ft.distributed.fsdp import reshard
+from lowmem_ft.distributed.sharded import reshard
 from lowmem_ft.engine.master_weights import MasterWeights
 from lowmem_ft.engine.state_store import OptimizerStateStore, local_part, shaped_like
 from lowmem_ft.methods.base import Method

@@ -19,6 +19,7 @@ from lowmem_ft.methods.sparse.plan import estimate_sparse
 from lowmem_ft.models.registry import ALIASES
 from lowmem_ft.planner import PlanRequest, build_plan, make_plan, read_config, shape_from_config
 from lowmem_ft.planner.accounting import Precision, checkpoint_bytes, shared_by_the_stack_bytes
+from lowmem_ft.sizes import format_bytes
 
 GiB = 1024**3
 
@@ -262,6 +263,14 @@ def test_plan_says_how_many_gpus_full_fine_tuning_needs_and_plans_one_rank_of_th
     assert data["settings"]["micro_batch_size"] * data["settings"]["gradient_accumulation"] == 2
     code, out, _ = cli(capsys, *args, "--nproc", "8")
     assert "ranks      8 (--nproc): GPU memory per rank, host memory per node" in out
+    # a node's host memory for that many ranks: each rank's runtime, and the model loaded once
+    code, out, _ = cli(
+        capsys, "plan", "llama-2-70b", "--method", "full", "--gpu-mem", "80GiB", "--cpu-mem", "300GiB"
+    )
+    n70 = 68_976_648_192
+    need = format_bytes(32 * runtime + 4 * n70)
+    advice = "32 such GPUs would hold it (--nproc 32 and --batch-size 32; docs/distributed.md)"
+    assert code == 3 and f"{advice}; on one node its 32 ranks need {need} of host RAM" in out, out
 
 
 def test_hift_on_several_ranks_plans_sharded_state_and_never_8_bit(capsys):

@@ -47,6 +47,7 @@ from torch.utils._pytree import tree_leaves
 
 from lowmem_ft.config import RunConfig
 from lowmem_ft.data.bulk import cycle_collector_paused
+from lowmem_ft.distributed.ranks import SHARDED_METHODS
 from lowmem_ft.engine import host_memory
 from lowmem_ft.phases import current_phase, phase
 from lowmem_ft.planner import Plan
@@ -229,7 +230,7 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
         model.train()
         with trace, host_memory.observe(trace.host_buffer):
             with phase("setup"):
-                if ranks > 1:  # as load_sharded does, from the host model rather than rank 0's
+                if ranks > 1 and method.name in SHARDED_METHODS:  # as load_sharded does, from the host model
                     from lowmem_ft.distributed.fsdp import shard_model
 
                     shard_model(model, method.group)

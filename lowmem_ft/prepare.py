@@ -269,7 +269,9 @@ def load_placed_model(
         model = load_sharded(resolved, dtype, group, remote)  # sharded on the device: nothing to place
         return model, sum(p.numel() for p in model.parameters())
     ranks = group.ranks
-    at_once = plan.loads_at_once if plan is not None else ranks.local_size
+    # Rank 0's count: each rank planned on its own, and host memory read a moment apart can differ
+    # (every rank must wait at the same turns)
+    at_once = group.broadcast(plan.loads_at_once if plan is not None else ranks.local_size)
     model, params = None, 0
     turns = math.ceil(ranks.local_size / at_once)
     for turn in range(turns):

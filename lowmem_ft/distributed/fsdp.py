@@ -27,6 +27,7 @@ def load_sharded(
 ) -> torch.nn.Module:
     """The model, sharded over ``group`` and on its device: read by rank 0 alone (module doc)."""
     whole = load_model(resolved, dtype, trust_remote_code=trust_remote_code) if group.main else None
+    group.wait_long()  # the others wait for it, which may take longer than a collective's timeout
     # Every rank builds the same modules from the same config; rank 0's saves the loaded model's
     # generation settings with the result.
     model = empty_model(whole.config if whole else resolved.config, dtype, trust_remote_code)

@@ -15,6 +15,7 @@ from lowmem_ft.errors import UserError
 from lowmem_ft.models import (
     ALIASES,
     alias_config_path,
+    empty_model,
     load_model,
     load_tokenizer,
     resolve_model,
@@ -113,6 +114,21 @@ def test_tiny_is_embedded_and_runs(tiny_loaded, tiny_dir):
         logits = model(**batch).logits
     assert logits.shape == (1, n, resolved.config.vocab_size)
     assert torch.isfinite(logits).all()
+
+
+def test_an_empty_model_has_the_loaded_ones_modules_and_no_memory(tiny_loaded):
+    """What the ranks of a sharded run build before rank 0 sends the weights: the same parameters
+    and buffers (the head still tied), all on the meta device; the config it was built from still
+    says the dtype the weights are stored in (the exported model's default)."""
+    resolved, model, _ = tiny_loaded
+    stored = resolved.config.dtype
+    empty = empty_model(resolved.config, torch.float32)
+    assert resolved.config.dtype == stored == torch.bfloat16
+    shapes = {name: t.shape for name, t in empty.state_dict().items()}
+    assert shapes == {name: t.shape for name, t in model.state_dict().items()}
+    assert [name for name, _ in empty.named_buffers()] == [name for name, _ in model.named_buffers()]
+    assert all(t.is_meta for t in [*empty.parameters(), *empty.buffers()])
+    assert empty.lm_head.weight is empty.model.embed_tokens.weight
 
 
 def test_local_directory(tmp_path, tiny_dir):

@@ -335,9 +335,14 @@ def empty_model(
     """The model's modules with every tensor on the meta device: no memory and no random values,
     for the ranks that receive their weights from another (distributed/fsdp.load_sharded). Its
     buffers (rotary frequencies) are on the meta device too and must be filled like the weights."""
+    import copy
+
     import torch
     from transformers import AutoModelForCausalLM
 
+    # A copy: from_config sets the config's dtype to ``dtype``, and the caller's config still says
+    # the dtype the weights are stored in (the default for the exported model: saving.py).
+    config = copy.deepcopy(config)
     with quiet_transformers(), torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
 

@@ -77,16 +77,21 @@ def spafit(variant: str):
     )
 
 
+# The micro-batch is fixed at 2, which fits without activation checkpointing: half the rows force it,
+# so that both paths run for the frozen-input methods (LoRA, SPAFIT, BitFit with frozen layers).
+CKPT = "--gradient-checkpointing"
 # name: (options, trainable values, may this tensor change?, result)
 METHODS = {
     "full": (["--method", "full", "--lr", "1e-3"], ALL_PARAMS, anything, "model"),
-    "hift": (["--method", "hift", "--units-per-group", "2", "--lr", "1e-3"], ALL_PARAMS, anything, "model"),
+    "hift": (["--method", "hift", "--units-per-group", "2", "--lr", "1e-3", CKPT], ALL_PARAMS, anything,
+             "model"),
     "sift": (["--method", "sift", "--sparsity", "0.05"], sparse_values(0.05), is_linear, "delta"),
     "random": (["--method", "random", "--sparsity", "0.05"], sparse_values(0.05), is_linear, "delta"),
-    "magnitude": (["--method", "magnitude", "--sparsity", "0.05"], sparse_values(0.05), is_linear, "delta"),
+    "magnitude": (["--method", "magnitude", "--sparsity", "0.05", CKPT], sparse_values(0.05), is_linear,
+                  "delta"),
     "bitfit": (["--method", "bitfit", "--lr", "1e-2"], LAYERS * NORMS + H, is_norm, "model"),
     "bitfit-added-biases-layers-2-5": (
-        ["--method", "bitfit", "--lr", "1e-2", "--add-biases", "--freeze-layers", "0-1"],
+        ["--method", "bitfit", "--lr", "1e-2", "--add-biases", "--freeze-layers", "0-1", CKPT],
         4 * NORMS + H + 4 * sum(out for out, _ in LINEARS.values()),
         bitfit_layers_2_5,
         "model",
@@ -94,13 +99,13 @@ METHODS = {
     "lora": (["--method", "lora", "--lora-rank", "4"], lora_values(4, list(LINEARS), LAYERS), is_linear,
              "adapter"),
     "qlora-attention": (
-        ["--method", "lora", "--lora-rank", "4", "--base-quant", "nf4", "--targets", "attention"],
+        ["--method", "lora", "--lora-rank", "4", "--base-quant", "nf4", "--targets", "attention", CKPT],
         lora_values(4, ATTENTION, LAYERS),
         lambda n: is_linear(n, ATTENTION),
         "adapter",
     ),
     "spafit-I": (
-        ["--method", "spafit", "--cutoffs", "2,4", "--lora-rank", "4"],
+        ["--method", "spafit", "--cutoffs", "2,4", "--lora-rank", "4", CKPT],
         2 * NORMS + lora_values(4, ATTENTION, 2),
         spafit("I"),
         "model",

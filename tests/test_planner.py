@@ -153,6 +153,19 @@ def test_sift_targets_change_what_is_counted():
         plan("sift", 48, targets="qproj")
 
 
+def test_a_fixed_micro_batch_that_fits_without_checkpointing_runs_without_it():
+    """Checkpointing buys a larger micro-batch; with the micro-batch fixed it would buy nothing and
+    cost a second forward. Where only checkpointing makes the fixed micro-batch fit, it is used."""
+    fixed = plan("full", 0, host_gib=200, model="qwen2.5-0.5b", micro_batch_size=2)
+    assert fixed.settings["micro_batch_size"] == 2 and fixed.settings["gradient_checkpointing"] is False
+    left_open = plan("full", 0, host_gib=200, model="qwen2.5-0.5b")
+    assert left_open.settings["micro_batch_size"] >= 4
+    assert left_open.settings["gradient_checkpointing"] is False
+    tight = plan("sift", 16, micro_batch_size=4, seq_len=4096)
+    assert tight.fits and tight.settings["gradient_checkpointing"] is True
+    assert not plan("sift", 16, micro_batch_size=4, seq_len=4096, gradient_checkpointing=False).fits
+
+
 def test_explicit_options_win_and_the_plan_says_whether_they_fit():
     forced = plan(
         "full", 0, host_gib=200, model="qwen2.5-0.5b", micro_batch_size=16, gradient_checkpointing=False

@@ -38,7 +38,9 @@ COMMON = [
 METHODS = {
     "full": ["--method", "full", "--lr", "1e-3", "--weight-decay", "0.01"],
     # offloaded optimizer states: every group but the active one waits in the host store
-    "hift": ["--method", "hift", "--units-per-group", "1", "--state-policy", "keep", "--order", "random"],
+    # with checkpointing, as a 7B run's plan has it (the micro-batch fixed at 2 fits without)
+    "hift": ["--method", "hift", "--units-per-group", "1", "--state-policy", "keep", "--order", "random"]
+    + ["--gradient-checkpointing"],
     "sift": ["--method", "sift", "--sparsity", "0.05", "--lr", "1e-2", "--selection-batches", "2"],
 }
 

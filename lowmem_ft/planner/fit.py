@@ -113,13 +113,19 @@ def first_fit(
     fitter: Fitter, request: PlanRequest, build, load_bytes: int, forced_checkpointing: bool = False
 ):
     """Largest micro-batch without checkpointing if it is at least 4 sequences (or the whole batch);
-    otherwise checkpointing with the largest micro-batch that fits. Returns (estimate, mb, ckpt) or None."""
+    otherwise checkpointing with the largest micro-batch that fits. A micro-batch the user fixed is
+    run without checkpointing whenever it fits so: checkpointing would only buy a larger micro-batch,
+    which is not open, at the price of a second forward. Returns (estimate, mb, ckpt) or None."""
     fallback = None
     for checkpointing in checkpointing_candidates(request, forced_checkpointing):
         for micro_batch in micro_batch_candidates(request):
             est = build(micro_batch, checkpointing)
             if fitter.fits(*fitter.totals(est, load_bytes)[:2]):
-                good_enough = checkpointing or micro_batch >= min(4, request.rank_batch_size)
+                good_enough = (
+                    checkpointing
+                    or request.micro_batch_size is not None
+                    or micro_batch >= min(4, request.rank_batch_size)
+                )
                 if good_enough:
                     return est, micro_batch, checkpointing
                 fallback = fallback or (est, micro_batch, checkpointing)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from lowmem_ft.distributed.group import Group
+from lowmem_ft.errors import UserError
 from lowmem_ft.models import ResolvedModel, empty_model, load_model
 from lowmem_ft.models.units import decoder_layers
 
@@ -26,17 +27,32 @@ def load_sharded(
     resolved: ResolvedModel, dtype: torch.dtype, group: Group, trust_remote_code: bool = False
 ) -> torch.nn.Module:
     """The model, sharded over ``group`` and on its device: read by rank 0 alone (module doc)."""
+    # Built empty first, on every rank: a model whose code cannot be built on the meta device (remote
+    # code that computes with its weights as it builds them) is said before rank 0 spends minutes
+    # reading the weights, not after.
+    model = _empty(resolved, dtype, trust_remote_code, group.ranks.size)
     whole = load_model(resolved, dtype, trust_remote_code=trust_remote_code) if group.main else None
     group.wait_long()  # the others wait for it, which may take longer than a collective's timeout
-    # Every rank builds the same modules from the same config; rank 0's saves the loaded model's
-    # generation settings with the result.
-    model = empty_model(whole.config if whole else resolved.config, dtype, trust_remote_code)
     if whole is not None:
+        # Rank 0's is the exported model: built from the loaded config (same modules), it saves the
+        # loaded model's config and generation settings with the result.
+        model = empty_model(whole.config, dtype, trust_remote_code)
         model.generation_config = whole.generation_config
     shard_model(model, group)
     model.to_empty(device=group.device)  # each rank's shards, not yet filled
     _receive_weights(model, whole)
     return model  # ``whole`` goes with this frame: rank 0 keeps its shards only
+
+
+def _empty(resolved: ResolvedModel, dtype: torch.dtype, trust_remote_code: bool, ranks: int):
+    try:
+        return empty_model(resolved.config, dtype, trust_remote_code)
+    except Exception as exc:
+        raise UserError(
+            f"--nproc {ranks} shards the model from an empty copy built on torch's meta device, and "
+            f"{resolved.name}'s code cannot build one ({type(exc).__name__}: {exc}); run it in one "
+            "process (without --nproc), or with a data-parallel method (--method lora)"
+        ) from exc
 
 
 def _receive_weights(model: torch.nn.Module, whole: torch.nn.Module | None) -> None:

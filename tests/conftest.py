@@ -3,13 +3,17 @@ or models built in-process from a config."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from lowmem_ft.pictures import LossPicture
+
 TINY_DIR = Path(__file__).resolve().parents[1] / "lowmem_ft" / "models" / "tiny"
+DRAW = LossPicture.draw
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -19,6 +23,28 @@ def _library_reports_on_stdout():
     from lowmem_ft.cli import report_to_console
 
     report_to_console()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _loss_pictures_only_where_looked_at():
+    """A run draws JOB/loss.png at its first checkpoint and at its end: about 0.4 s of CPU each,
+    and the suite runs most of its jobs in its own process. Only test_pictures.py, which looks at the
+    pictures, draws them (``loss_pictures_drawn``); the runs started as processes of their own (the
+    README's quick start among them) draw them as a user's run does."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LossPicture, "draw", _not_drawn)
+        yield
+
+
+def _not_drawn(picture) -> None:
+    picture._drawn_at, picture._behind = picture.clock(), False
+
+
+@contextlib.contextmanager
+def loss_pictures_drawn():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LossPicture, "draw", DRAW)
+        yield
 
 
 @pytest.fixture(scope="session")

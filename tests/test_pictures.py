@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import loss_pictures_drawn
 from test_cli import cli  # the CLI in-process: (exit code, stdout, stderr)
 from test_resume import COMMON, signal_at_step
 
@@ -22,6 +23,13 @@ pytest.importorskip("matplotlib")  # the test extra installs it; a bare install 
 
 BLUE, ORANGE, RED = (31, 119, 180), (255, 127, 14), (214, 39, 40)  # tab:blue, tab:orange, tab:red
 ARGS = [*COMMON, "--max-steps", "6", "--eval-every", "2", "--save-every", "2", "--lr", "1e-3"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drawn():
+    """Here runs draw their pictures (the suite's others do not: conftest.py)."""
+    with loss_pictures_drawn():
+        yield
 
 
 def pixels_of(png: Path, colour: tuple[int, int, int]) -> int:

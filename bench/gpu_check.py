@@ -91,11 +91,13 @@ class Report:
         self.save()
 
     def save(self) -> None:
+        # The docs first, then the JSON: a step the JSON holds is in the docs too, even when the run
+        # is killed between the two writes (a lent machine's time limit).
+        if self.docs is not None:
+            write_section(self.docs, SECTION, self.markdown())
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(self.data, indent=2) + "\n")
         tmp.replace(self.path)  # a reader (or a kill) never sees half a file
-        if self.docs is not None:
-            write_section(self.docs, SECTION, self.markdown())
 
     def markdown(self) -> str:
         device = self.data["device"] or "not measured (no GPU)"

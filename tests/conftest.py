@@ -47,29 +47,6 @@ def loss_pictures_drawn():
         yield
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _whole_loop_traces_start_with_the_session(request):
-    """test_looptrace.py's traces take about six minutes of one core and need nothing that other
-    tests make: where they are among the tests to run, they start at once in one worker process and
-    run while the other tests do (which leave the second core idle much of the time), and their
-    tests collect the results. Where nothing else runs, two worker processes."""
-    params = [
-        item.callspec.params
-        for item in request.session.items
-        if item.path.name == "test_looptrace.py" and hasattr(item, "callspec")
-    ]
-    cases = [p["case"] for p in params if "case" in p]
-    if not cases:
-        yield
-        return
-    import test_looptrace
-
-    alone = all(item.path.name == "test_looptrace.py" for item in request.session.items)
-    with test_looptrace.traces_started(cases, workers=2 if alone else 1) as results:
-        test_looptrace.STARTED.update(results)
-        yield
-
-
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     return TINY_DIR

@@ -4,16 +4,15 @@ tensors (lowmem_ft/looptrace.py) against the plan `lowmem-ft run` would follow o
 The plan's tensor peak (its GPU peak less the planned CUDA context and allocator margin) must be
 at least the traced peak (the plan holds) and at most 5% above it (it wastes nothing); the host
 buffers the engine pins must be the plan's host rows. Each case traces several optimizer steps,
-evaluation and checkpoint capture through 28-32 layers: 20-70 s each on one core, so they are
-marked slow (CI runs them; `-m "not slow"` skips them). A whole-suite run starts them with the
-session in one worker process (conftest.py), where they run beside the other tests (in two
-where nothing else runs). bench/plan_vs_trace.py runs the whole matrix.
+evaluation and checkpoint capture through 28-32 layers: 10-90 s each on one core,
+two at a time in worker processes, so they are marked slow
+(CI runs them; `-m "not slow"` skips them). bench/plan_vs_trace.py runs the whole matrix.
 """
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -69,8 +68,8 @@ CASES = {
 
 
 def _trace_case(case: str):
-    """One case in a fresh process of its own (``traces_started``): no trace depends on what an
-    earlier case left in its process."""
+    """One case in a fresh process of its own (the pool below): two cases run at once on two cores,
+    and no trace depends on what an earlier case left in its process."""
     model, budget, options = CASES[case]
     config = RunConfig.create(
         model=model, data=Path("trace.jsonl"), dtype="bf16", device="cpu", gpu_mem=budget, cpu_mem="1TiB",
@@ -79,30 +78,18 @@ def _trace_case(case: str):
     return trace_run(config)
 
 
-@contextlib.contextmanager
-def traces_started(cases: list[str], workers: int):
-    """The ``cases`` traced in ``workers`` processes of their own, from now on: {case: result}, each
-    result's ``get()`` waiting for it. Leaving ends the workers, even in the middle of a trace."""
-    pool = multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=1)
-    try:
-        yield {case: pool.apply_async(_trace_case, (case,)) for case in cases}
-    finally:
-        pool.terminate()
-        pool.join()
-
-
-STARTED: dict = {}  # the traces of the cases selected to run, started with the session (conftest.py)
-
-
 @pytest.fixture(scope="module")
 def traced():
-    return STARTED
+    """Every case submitted at once to two worker processes; each test waits for its own."""
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=2, mp_context=spawn, max_tasks_per_child=1) as pool:
+        yield {case: pool.submit(_trace_case, case) for case in CASES}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_plan_holds_for_the_whole_traced_loop_and_wastes_at_most_5_percent(case, traced):
     model = CASES[case][0]
-    plan, trace = traced[case].get()
+    plan, trace = traced[case].result()
     planned = (plan.gpu_peak_bytes - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_MARGIN)
     detail = (
         f"planned {planned / 2**30:.2f} GiB ({plan.peak_phase}), "

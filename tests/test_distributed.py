@@ -420,26 +420,13 @@ def test_a_rank_that_fails_to_set_up_is_said_once_as_one_process_says_it(case, t
 
 MODEL_CODE_THAT_CANNOT_BUILD_ON_META = """\
 # the model's code cannot be built on the meta device (remote code that computes with its weights as
-# it builds them fails so); each rank that reads the weights notes its RANK
-import os
-
-import lowmem_ft.models
-import lowmem_ft.models.loading
-
-read = lowmem_ft.models.loading.load_model
-
-
-def load_model(*args, **kwargs):
-    with open(os.environ["MODEL_READERS"], "a") as note:
-        note.write(os.environ.get("RANK", "none") + " ")
-    return read(*args, **kwargs)
+# it builds them fails so)
 
 
 def empty_model(*args, **kwargs):
     raise NotImplementedError("Cannot copy out of meta tensor; no data!")
 
 
-lowmem_ft.models.load_model = lowmem_ft.models.loading.load_model = load_model
 lowmem_ft.models.empty_model = lowmem_ft.models.loading.empty_model = empty_model
 """
 
@@ -447,7 +434,7 @@ lowmem_ft.models.empty_model = lowmem_ft.models.loading.empty_model = empty_mode
 def test_a_model_that_cannot_be_built_empty_is_refused_before_rank_0_reads_it(tmp_path, data):
     """Sharded ranks build the model on the meta device; a model whose code cannot is said in one
     line, with what would work, before any rank has read its weights."""
-    env = with_hook(tmp_path, MODEL_CODE_THAT_CANNOT_BUILD_ON_META)
+    env = with_hook(tmp_path, RANKS_THAT_READ_THE_MODEL + MODEL_CODE_THAT_CANNOT_BUILD_ON_META)
     env["MODEL_READERS"] = str(tmp_path / "readers")
     command = ["run", "tiny", data, "--out", tmp_path / "job", "--nproc", "2", "--method", "full", "-q"]
     ranks = subprocess.run(

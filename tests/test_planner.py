@@ -166,6 +166,33 @@ def test_a_fixed_micro_batch_that_fits_without_checkpointing_runs_without_it():
     assert not plan("sift", 16, micro_batch_size=4, seq_len=4096, gradient_checkpointing=False).fits
 
 
+def test_a_planner_may_choose_only_its_methods_planned_options(monkeypatch):
+    """What a method's planner chose reaches the run by option name: a name that is not one of the
+    method's planned options would be dropped without a word, so it is an error."""
+    from dataclasses import replace
+
+    from lowmem_ft.registry import MethodSpec
+
+    planner = MethodSpec.planner
+
+    def choosing_the_order_too(spec):
+        def planned(*args):
+            chosen = planner(spec)(*args)
+            return replace(chosen, chosen={**chosen.chosen, "order": "top-down"})
+
+        return planned
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MethodSpec, "planner", choosing_the_order_too)
+        with pytest.raises(ValueError, match=r"hift's planner chose \['order'\]"):
+            plan("hift", 24)
+    chosen = plan("hift", 24)
+    assert chosen.method_options.units_per_group == chosen.settings["units_per_group"]
+    assert chosen.method_options.state_policy == chosen.settings["state_policy"]
+    given = plan("hift", 24, units_per_group=2, state_policy="drop")
+    assert (given.method_options.units_per_group, given.method_options.state_policy) == (2, "drop")
+
+
 def test_explicit_options_win_and_the_plan_says_whether_they_fit():
     forced = plan(
         "full", 0, host_gib=200, model="qwen2.5-0.5b", micro_batch_size=16, gradient_checkpointing=False

@@ -33,6 +33,7 @@ from lowmem_ft.planner.types import (  # the data model: also imported from here
     Component,
     Estimate,
     Execution,
+    MethodPlan,
     Plan,
     PlanRequest,
 )
@@ -49,27 +50,26 @@ def make_plan(
 ) -> Plan:
     request = replace(request, on_gpu=gpu_budget > 0)  # what runs where, for the accounting
     fitter = Fitter(shape, request, gpu_budget, host_budget)
-    # The method's own planner (its package's plan.py): its best configuration's estimate, its
-    # choices (its options, by name, and what they come to: HiFT's groups, SIFT's passes), how a
-    # step is cut and run, the bytes loading the model takes on the host, and notes for the user.
-    planner = METHOD_SPECS[request.method].planner()
-    best, choices, execution, load_bytes, notes = planner(shape, request, fitter)
-    settings = {**choices, **execution.settings()}
+    # The method's own planner (its package's plan.py) chooses; this totals what it chose.
+    chosen: MethodPlan = METHOD_SPECS[request.method].planner()(shape, request, fitter)
+    planned = planned_options(request.method)
+    if not set(chosen.chosen) <= set(planned):
+        raise ValueError(
+            f"{request.method}'s planner chose {sorted(set(chosen.chosen) - set(planned))}, "
+            f"which are not among its planned options {planned}"
+        )
+    best, execution, load_bytes = chosen.estimate, chosen.execution, chosen.load_bytes
     gpu_peak, host_peak, components = fitter.totals(best, load_bytes)
     fits = fitter.fits(gpu_peak, host_peak)
     plan = Plan(
         fits=fits,
         method=request.method,
         device="cuda" if fitter.on_gpu else "cpu",
-        settings=settings,
+        settings={**chosen.chosen, **chosen.derived, **execution.settings()},
         execution=execution,
+        # the user's options, with the planner's values where they were left open
         method_options=replace(
-            request.options,
-            **{
-                option: choices[option]
-                for option in planned_options(request.method)
-                if option in choices and getattr(request.options, option) is None
-            },
+            request.options, **{k: v for k, v in chosen.chosen.items() if getattr(request.options, k) is None}
         ),
         components=components,
         gpu_budget_bytes=gpu_budget,
@@ -80,7 +80,7 @@ def make_plan(
         total_params=shape.params,
         traffic_bytes_per_step=best.traffic,
         link_bytes_per_s=link or ASSUMED_LINK_BYTES_PER_S,
-        notes=notes,
+        notes=list(chosen.notes),
         peak_phase=best.peak_phase(),
         ranks=request.ranks,
         loads_at_once=fitter.loads_at_once(best, load_bytes),

@@ -108,12 +108,27 @@ class Execution:
 
 
 @dataclass
+class MethodPlan:
+    """What a method's own planner (its package's plan.py) chose, for ``make_plan`` to total."""
+
+    estimate: Estimate  # its best configuration's bytes (or, where none fits, its smallest)
+    chosen: dict  # values for the method's planned options (option name: value); make_plan fills
+    # those the user left open into Plan.method_options
+    execution: Execution  # how a step is cut and run
+    load_bytes: int  # host bytes that loading the model takes
+    notes: list[str] = field(default_factory=list)
+    derived: dict = field(default_factory=dict)  # what the choices come to, shown after them
+    # (HiFT's number of groups and resident units); nothing reads them back
+
+
+@dataclass
 class Plan:
     fits: bool
     method: str
     device: str  # "cuda" or "cpu"
-    # Every choice, flat: the method's own (``choices``), then ``execution``'s. What `plan` prints
-    # and plan.json's "settings"; the recipe reads the two typed views below.
+    # Every choice, flat: the method's own (MethodPlan's ``chosen`` and ``derived``), then
+    # ``execution``'s. What `plan` prints and plan.json's "settings"; the recipe reads the two typed
+    # views below.
     settings: dict
     execution: Execution
     # The method's options with what the planner chose for those left open (None) filled in

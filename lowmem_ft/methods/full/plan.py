@@ -16,7 +16,7 @@ from lowmem_ft.planner.fit import (
 )
 from lowmem_ft.planner.shapes import ModelShape
 from lowmem_ft.planner.sharding import gathered_bytes, shard, unsharded_gradient_bytes
-from lowmem_ft.planner.types import Component, Estimate, PlanRequest
+from lowmem_ft.planner.types import Component, Estimate, MethodPlan, PlanRequest
 
 
 def estimate_full(shape: ModelShape, request: PlanRequest, micro_batch: int, checkpointing: bool) -> Estimate:
@@ -85,9 +85,9 @@ def _sharded(
     )  # fmt: skip
 
 
-def plan_full(shape: ModelShape, request: PlanRequest, fitter):
+def plan_full(shape: ModelShape, request: PlanRequest, fitter) -> MethodPlan:
     build = partial(estimate_full, shape, request)
     load = 4 * shape.params
     found = first_fit(fitter, request, build, load) or smallest(request, build)
     est, mb, ckpt = found
-    return est, {}, execution(request, mb, ckpt), load, []
+    return MethodPlan(est, {}, execution(request, mb, ckpt), load)

@@ -25,7 +25,14 @@ from lowmem_ft.planner.fit import (
 )
 from lowmem_ft.planner.shapes import ModelShape
 from lowmem_ft.planner.sharding import gathered_bytes, shard, unsharded_gradient_bytes
-from lowmem_ft.planner.types import DTYPE_NAMES, STREAM_BUFFERS, Component, Estimate, PlanRequest
+from lowmem_ft.planner.types import (
+    DTYPE_NAMES,
+    STREAM_BUFFERS,
+    Component,
+    Estimate,
+    MethodPlan,
+    PlanRequest,
+)
 
 
 def hift_groups(n_units: int, units_per_group: int, trained_units: str = "all") -> list[range]:
@@ -235,7 +242,7 @@ def units_per_group(options: HiFTOptions, n_units: int) -> int | None:
     return -(-n_units // options.groups)
 
 
-def plan_hift(shape: ModelShape, request: PlanRequest, fitter):
+def plan_hift(shape: ModelShape, request: PlanRequest, fitter) -> MethodPlan:
     n_units = len(shape.units)
     trained = len(hift_groups(n_units, 1, request.options.trained_units))  # units that train
     several = request.ranks > 1  # sharded fp32 weights, never streamed, no 8-bit state (method.py)
@@ -247,15 +254,12 @@ def plan_hift(shape: ModelShape, request: PlanRequest, fitter):
     given = units_per_group(request.options, trained)
     group_sizes = [given] if given else list(range(max_m, 0, -1))
 
-    def chosen(m, policy, streamed, mb, ckpt):
-        """HiFT's choices (and what they come to), and how a step is cut and run."""
-        choices = {
-            "units_per_group": m,
-            "groups": math.ceil(trained / m),
-            "state_policy": policy,
-            "resident_units": n_units - streamed,
-        }
-        return choices, execution(request, mb, ckpt, streamed)
+    def chosen(est, m, policy, streamed, mb, ckpt, notes=()) -> MethodPlan:
+        """HiFT's choices, how a step is cut and run, and what the choices come to."""
+        return MethodPlan(
+            est, {"units_per_group": m, "state_policy": policy}, execution(request, mb, ckpt, streamed), load,
+            list(notes), derived={"groups": math.ceil(trained / m), "resident_units": n_units - streamed},
+        )  # fmt: skip
 
     if request.options.stream and not several:  # every decoder layer streamed, as asked
         n_layers = len(shape.layer_units)
@@ -268,7 +272,7 @@ def plan_hift(shape: ModelShape, request: PlanRequest, fitter):
                 found = first_fit(fitter, request, build, load, forced_checkpointing=True)
                 if found:
                     est, mb, _ = found
-                    return est, *chosen(m, policy, n_layers, mb, True), load, [STREAMING_NOTE]
+                    return chosen(est, m, policy, n_layers, mb, True, [STREAMING_NOTE])
     # Prefer, in order: nothing streamed, then the richest state policy the host can hold, then
     # bigger groups. Streaming needs checkpointing (a streamed unit is rebuilt in the backward).
     for policy in policies:
@@ -279,14 +283,14 @@ def plan_hift(shape: ModelShape, request: PlanRequest, fitter):
             found = first_fit(fitter, request, build, load)
             if found:
                 est, mb, ckpt = found
-                return est, *chosen(m, policy, 0, mb, ckpt), load, []
+                return chosen(est, m, policy, 0, mb, ckpt)
     m = given or 1
     if several:  # the ranks do not stream: the cheapest unstreamed plan, to say what is short
         build = partial(
             estimate_hift, shape, request, units_per_group=m, state_policy=policies[-1], streamed_units=0
         )
         est, mb, ckpt = smallest(request, build)
-        return est, *chosen(m, policies[-1], 0, mb, ckpt), load, []
+        return chosen(est, m, policies[-1], 0, mb, ckpt)
     # Streaming: every micro-batch moves each streamed unit in twice, so a bigger micro-batch can be
     # worth more streamed units. Among the plans that fit, take the least host<->GPU traffic per step.
     n_layers = len(shape.layer_units)
@@ -301,10 +305,10 @@ def plan_hift(shape: ModelShape, request: PlanRequest, fitter):
                 candidates.append((found[0].traffic, streamed, found))
         if candidates:
             _, streamed, (est, mb, _) = min(candidates, key=lambda c: (c[0], c[1]))
-            return est, *chosen(m, policy, streamed, mb, True), load, [STREAMING_NOTE]
+            return chosen(est, m, policy, streamed, mb, True, [STREAMING_NOTE])
     policy = policies[-1]
     build = partial(
         estimate_hift, shape, request, units_per_group=m, state_policy=policy, streamed_units=n_layers
     )
     est, mb, _ = smallest(request, build)
-    return est, *chosen(m, policy, n_layers, mb, True), load, []
+    return chosen(est, m, policy, n_layers, mb, True)

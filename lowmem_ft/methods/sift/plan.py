@@ -4,23 +4,25 @@ window let its running scores fit."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from lowmem_ft.methods.sparse.plan import plan_sparse, sift_targets
 from lowmem_ft.planner.shapes import ModelShape
-from lowmem_ft.planner.types import Estimate, PlanRequest
+from lowmem_ft.planner.types import Estimate, MethodPlan, PlanRequest
 
 
-def plan_sift(shape: ModelShape, request: PlanRequest, fitter):
-    est, choices, steps, load, notes = plan_sparse(shape, request, fitter)
-    gpu_peak, host_peak, _ = fitter.totals(est, load)
+def plan_sift(shape: ModelShape, request: PlanRequest, fitter) -> MethodPlan:
+    planned = plan_sparse(shape, request, fitter)
+    gpu_peak, host_peak, _ = fitter.totals(planned.estimate, planned.load_bytes)
     spare = fitter.gpu_budget - gpu_peak if fitter.on_gpu else fitter.host_budget - host_peak
-    passes = choices["selection_passes"] = selection_passes(shape, request, est, max(0, spare))
+    passes = selection_passes(shape, request, planned.estimate, max(0, spare))
+    notes = list(planned.notes)
     if passes > 1:
         notes.append(
             f"selection scores of {request.options.selection_batches} micro-batches do not fit at once: "
             f"{passes} passes over them, each scoring a slice of the weights"
         )
-    return est, choices, steps, load, notes
+    return replace(planned, chosen={**planned.chosen, "selection_passes": passes}, notes=notes)
 
 
 def selection_passes(shape: ModelShape, request: PlanRequest, est: Estimate, spare: int) -> int:

@@ -5,12 +5,13 @@ norm terms) — and what it costs (structured/plan.py)."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from lowmem_ft.errors import UserError
 from lowmem_ft.methods.spafit.options import SpafitOptions
 from lowmem_ft.methods.structured.plan import plan_structured, shape_inputs
 from lowmem_ft.planner.shapes import ModelShape
-from lowmem_ft.planner.types import PlanRequest
+from lowmem_ft.planner.types import MethodPlan, PlanRequest
 from lowmem_ft.selections import (
     Selection,
     check_added_biases,
@@ -58,9 +59,9 @@ def select_spafit(options: SpafitOptions, terms, linears, n_layers: int, model_t
     return checked(Selection(tuple(trained), tuple(added), tuple(chosen), summary), "spafit")
 
 
-def plan_spafit(shape: ModelShape, request: PlanRequest, fitter):
+def plan_spafit(shape: ModelShape, request: PlanRequest, fitter) -> MethodPlan:
     options = request.options
     selection = select_spafit(options, *shape_inputs(shape))
-    est, choices, steps, load, notes = plan_structured(shape, request, fitter, selection, options.lora_rank)
+    planned = plan_structured(shape, request, fitter, selection, options.lora_rank)
     cutoffs = ",".join(map(str, spafit_cutoffs(options.cutoffs, shape.layers)))
-    return est, {"cutoffs": cutoffs, **choices}, steps, load, notes
+    return replace(planned, chosen={"cutoffs": cutoffs, **planned.chosen})

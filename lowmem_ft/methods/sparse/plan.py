@@ -22,7 +22,14 @@ from lowmem_ft.planner.fit import (
     smallest,
 )
 from lowmem_ft.planner.shapes import ModelShape
-from lowmem_ft.planner.types import DTYPE_NAMES, STREAM_BUFFERS, Component, Estimate, PlanRequest
+from lowmem_ft.planner.types import (
+    DTYPE_NAMES,
+    STREAM_BUFFERS,
+    Component,
+    Estimate,
+    MethodPlan,
+    PlanRequest,
+)
 
 SPARSITY_GRID = (0.10, 0.08, 0.05, 0.04, 0.03, 0.02, 0.01, 0.005, 0.002, 0.001)
 
@@ -111,7 +118,7 @@ def estimate_sparse(
 SIFT_DEFAULT_MAX_RATE = 0.05  # the SIFT paper's rate for 7B; more only on an unquantised base
 
 
-def plan_sparse(shape: ModelShape, request: PlanRequest, fitter):
+def plan_sparse(shape: ModelShape, request: PlanRequest, fitter) -> MethodPlan:
     """The rate rises with the budget: the largest rate up to 5% that any base precision allows,
     on the least-quantised base that reaches it; with room to spare, an unquantised base goes on
     up to 10%. The user's --sparsity or --base-quant pins that choice."""
@@ -164,10 +171,5 @@ def plan_sparse(shape: ModelShape, request: PlanRequest, fitter):
             rate, (est, mb, ckpt) = best_for(quant, above, streamed) or (rate, (est, mb, ckpt))
     # (streamed units are said only where streaming was asked for or needed)
     streamed_units = (streamed if quant == "none" else 0) if streamed else None
-    return (
-        est,
-        {"sparsity": rate, "base_quant": quant},
-        execution(request, mb, ckpt, streamed_units),
-        load,
-        notes,
-    )
+    steps = execution(request, mb, ckpt, streamed_units)
+    return MethodPlan(est, {"sparsity": rate, "base_quant": quant}, steps, load, notes)

@@ -17,7 +17,7 @@ from lowmem_ft.planner.fit import (
     smallest,
 )
 from lowmem_ft.planner.shapes import ModelShape
-from lowmem_ft.planner.types import DTYPE_NAMES, Component, Estimate, PlanRequest
+from lowmem_ft.planner.types import DTYPE_NAMES, Component, Estimate, MethodPlan, PlanRequest
 from lowmem_ft.selections import Selection
 
 
@@ -91,7 +91,7 @@ def plan_structured(
     selection: Selection,
     rank: int = 0,
     quants: list[str] | None = None,
-):
+) -> MethodPlan:
     """The micro-batch as for full fine-tuning, for what ``selection`` trains (LoRA adapters of
     ``rank``). ``quants``: the base precisions to try in order (LoRA: none, then NF4); the one chosen
     is among the settings. Without them, the base stays in the compute precision."""
@@ -102,5 +102,5 @@ def plan_structured(
         if found:
             break
     est, mb, ckpt = found or smallest(request, build)
-    choices = {"base_quant": quant} if quants else {}
-    return est, choices, execution(request, mb, ckpt), load, []
+    chosen = {"base_quant": quant} if quants else {}
+    return MethodPlan(est, chosen, execution(request, mb, ckpt), load)

@@ -99,6 +99,18 @@ def micro_batch_on_resume(requested: RunConfig, record: dict, nproc: int) -> int
     return micro_batch_size
 
 
+def checkpointing_on_resume(requested: RunConfig, record: dict) -> bool | None:
+    """Activation checkpointing for a resumed job: the user's choice, or None (the planner chooses).
+    After an out-of-memory retry, on if the job ran with it: the micro-batch it learned fitted with
+    checkpointing, and the planner, given that micro-batch as fixed, would drop it where its
+    estimate says the micro-batch fits so (the estimate that just ran out)."""
+    if requested.gradient_checkpointing is not None:
+        return requested.gradient_checkpointing
+    if record.get("micro_batch_size_after_oom") and record.get("config", {}).get("gradient_checkpointing"):
+        return True
+    return None
+
+
 def _prepare_resume(
     job: Job, overrides: dict, show_progress: bool = False, group: Group = ONE
 ) -> tuple[Setup, Restored | None]:
@@ -119,6 +131,7 @@ def _prepare_resume(
     changes = {
         "out": job.dir, **kept,
         "dtype": record.get("compute_dtype", requested.dtype), "micro_batch_size": micro_batch_size,
+        "gradient_checkpointing": checkpointing_on_resume(requested, record),
     }  # fmt: skip
     if "max_eval_examples" not in (record.get("requested") or record["config"]):
         changes["max_eval_examples"] = 0  # a job from before the cap evaluates on all it held out, as it did

@@ -26,7 +26,7 @@ from lowmem_ft import checkpoint as ckpt
 from lowmem_ft import train
 from lowmem_ft.config import RunConfig
 from lowmem_ft.jobs import JobLock, read_job
-from lowmem_ft.resume import micro_batch_on_resume
+from lowmem_ft.resume import checkpointing_on_resume, micro_batch_on_resume
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -410,6 +410,20 @@ def test_the_micro_batch_a_job_learned_from_running_out_is_bounded_by_each_ranks
     assert micro_batch_on_resume(requested, learned, nproc=1) == 4
     assert micro_batch_on_resume(requested, learned, nproc=4) == 2
     assert micro_batch_on_resume(requested.replace(micro_batch_size=1), learned, nproc=1) == 1
+
+
+def test_a_job_that_ran_out_of_memory_with_checkpointing_keeps_it_on_resume():
+    """The micro-batch a job learned fitted with the checkpointing it ran with; resumed, that
+    micro-batch is fixed, and the planner would run a fixed micro-batch without checkpointing
+    wherever its estimate (the one that ran out) says it fits."""
+    requested = RunConfig.create(model="tiny", data="d.jsonl", method="full", batch_size=8)
+    ran_with = {"micro_batch_size_after_oom": 1, "config": {"gradient_checkpointing": True}}
+    assert checkpointing_on_resume(requested, ran_with) is True
+    assert checkpointing_on_resume(requested, {"config": {"gradient_checkpointing": True}}) is None
+    ran_without = {"micro_batch_size_after_oom": 1, "config": {"gradient_checkpointing": False}}
+    assert checkpointing_on_resume(requested, ran_without) is None  # the planner may add it
+    given = requested.replace(gradient_checkpointing=False)
+    assert checkpointing_on_resume(given, ran_with) is False  # the user's word wins
 
 
 # -- the commands around a job ----------------------------------------------------------------------

@@ -26,11 +26,13 @@ def print_header(s: Setup, job: Job) -> None:
         evaluated = f"eval {len(d.eval):,} of {d.eval_available:,} {source} examples (chosen by --seed)"
     else:
         evaluated = f"{len(d.eval):,} eval examples"
+    stats = d.stats()
+    if stats is None:  # (data/lazy.py) a line says what it made when it is done
+        made = f"{len(d.train):,} train records (encoded as the run trains) / {evaluated}"
+    else:
+        made = f"{d.train.stats.examples:,} train / {evaluated}, {stats.describe(s.config.seq_len)}"
     log.info(
-        f"data       {s.config.data} ({d.format}): {len(d.train):,} train / {evaluated}, "
-        f"{d.stats.target_tokens:,} target tokens"
-        + (f", {d.stats.truncated} truncated to {s.config.seq_len} tokens" if d.stats.truncated else "")
-        + (f", {d.stats.dropped_no_target} dropped (no response left)" if d.stats.dropped_no_target else "")
+        f"data       {s.config.data} ({d.format}): {made}"
         + (f", {d.skipped_lines} bad lines skipped" if d.skipped_lines else "")
     )
     ranks = s.group.ranks.size

@@ -10,21 +10,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lowmem_ft.config import RunConfig, default_lr
-from lowmem_ft.data import (
-    Batcher,
-    Example,
-    TokenStats,
-    choose_eval_examples,
-    data_files,
-    pack_examples,
-    read_records,
-    split_eval,
-    tokenize_records,
-)
+from lowmem_ft.data import Batcher, Example, TokenStats, data_files, pack_examples, read_records
 from lowmem_ft.data.cache import read_cache, tokenizer_sha256, write_cache
+from lowmem_ft.data.lazy import LazyExamples
+from lowmem_ft.data.tokenize import as_table, choose_indices, encode_rendered, render_records, split_indices
 from lowmem_ft.distributed.group import ONE, Group
 from lowmem_ft.distributed.ranks import SHARDED_METHODS
 from lowmem_ft.errors import UserError
@@ -43,38 +36,72 @@ log = logging.getLogger(__name__)  # the CLI shows it (cli.report_to_console)
 
 @dataclass
 class Data:
-    train: Sequence[Example]  # an ExampleTable (data/tokenize.py) when read from a file
+    train: LazyExamples  # record i's example (empty: nothing to learn); a plain sequence is taken as encoded
     eval: Sequence[Example]  # what every evaluation runs on: at most --max-eval-examples
     format: str
-    stats: TokenStats
+    eval_stats: TokenStats  # the evaluated examples' counts (the training ones': train.stats)
     skipped_lines: int
-    eval_available: int | None = None  # evaluation examples --max-eval-examples chose from (None: eval's)
+    eval_available: int | None = None  # evaluation records --max-eval-examples chose from (None: eval's)
     cache_key: dict | None = None  # what the examples were made from (data/cache.py); None: not kept
     from_cache: bool = False  # read from the job's tokenised data, not from the data files
+    keep_dir: Path | None = None  # the job to keep the examples in once every one is encoded
+    reported: bool = False  # the background encoding's end was reported
 
     def __post_init__(self):
         if self.eval_available is None:
             self.eval_available = len(self.eval)
+        if not isinstance(self.train, LazyExamples):
+            table = as_table(self.train)
+            kept = int(np.count_nonzero(table.lengths()))
+            self.train = LazyExamples.encoded(table, TokenStats(examples=kept))
+
+    def stats(self) -> TokenStats | None:
+        """The counts of every example made, training and evaluation; None while the training
+        records are being encoded in the background, until ``report_when_encoded`` says they are
+        done (so that what the header and job.json say does not depend on the thread's speed)."""
+        if self.train.encoded_in_background and not self.reported:
+            return None
+        train, evaluated = asdict(self.train.stats), asdict(self.eval_stats)
+        return TokenStats(**{name: train[name] + evaluated[name] for name in train})
 
     def summary(self) -> dict:
+        stats = self.stats()
         return {
             "format": self.format,
-            "train_examples": len(self.train),
+            "train_records": len(self.train),
+            "train_examples": None if stats is None else self.train.stats.examples,  # (None: being encoded)
             "eval_examples": len(self.eval),
             "eval_examples_available": self.eval_available,
             "skipped_bad_lines": self.skipped_lines,
-            **{f"tokenize_{k}": v for k, v in asdict(self.stats).items()},
+            **({f"tokenize_{k}": v for k, v in asdict(stats).items()} if stats is not None else {}),
         }
 
     def keep_in(self, job_dir: Path) -> None:
-        """Keep the tokenised examples in the job, for `resume` (data/cache.py); already there when
-        they were read from it."""
-        if self.cache_key is not None and not self.from_cache:
-            summary = {
-                "format": self.format, "stats": asdict(self.stats), "skipped_lines": self.skipped_lines,
-                "eval_available": self.eval_available,
-            }  # fmt: skip
-            write_cache(job_dir, self.cache_key, {"train": self.train, "eval": self.eval}, summary)
+        """Keep the tokenised examples in the job, for `resume` (data/cache.py): now, or once the
+        background encoding is done (``report_when_encoded``); already there when they were read
+        from it."""
+        self.keep_dir = job_dir
+        if self.cache_key is None or self.from_cache or self.stats() is None:
+            return
+        summary = {
+            "format": self.format, "train_stats": asdict(self.train.stats),
+            "eval_stats": asdict(self.eval_stats), "skipped_lines": self.skipped_lines,
+            "eval_available": self.eval_available,
+        }  # fmt: skip
+        tables = {"train": self.train.table(), "eval": as_table(self.eval)}
+        write_cache(job_dir, self.cache_key, tables, summary)
+
+    def report_when_encoded(self, job, say, seq_len: int) -> None:
+        """Once the background encoding of the training records is done: what it made, said with
+        ``say`` and recorded in job.json, and the examples kept in the job. Between steps, on rank 0."""
+        if self.reported or not self.train.encoded_in_background or not self.train.done:
+            return  # (encoded before the first step: the header said it all)
+        self.reported = True
+        made = f"{self.train.stats.examples:,} examples, {self.train.stats.describe(seq_len)}"
+        say(f"data       every training record encoded: {made}")
+        job.update(data=self.summary())
+        if self.keep_dir is not None:
+            self.keep_in(self.keep_dir)
 
 
 @dataclass
@@ -99,35 +126,50 @@ class Setup:
 def load_data(config: RunConfig, tokenizer, show_progress: bool = False) -> Data:
     """The training and evaluation examples. When ``config.out`` is a job that kept its tokenised
     data (``Data.keep_in``) made from the same data, tokenizer and settings, they are read from there
-    (`resume`); otherwise from the data files, with progress bars unless ``show_progress`` is False."""
+    (`resume`); otherwise from the data files, with progress bars unless ``show_progress`` is False.
+
+    Every record is read and checked here. The evaluation records are encoded here; so are the
+    training records, up to ``ENCODE_FIRST`` of them (or all, with --pack), and more are encoded
+    in the background while the run trains (data/lazy.py).
+    """
     key = _data_key(config, tokenizer)
     if config.out is not None and key is not None and (kept := read_cache(config.out, key)) is not None:
         tables, summary = kept
         log.info(f"data       tokenised data read from {config.out}; the data files are not read again")
+        train = LazyExamples.encoded(tables["train"], TokenStats(**summary["train_stats"]))
         return Data(
-            tables["train"], tables["eval"], summary["format"], TokenStats(**summary["stats"]),
+            train, tables["eval"], summary["format"], TokenStats(**summary["eval_stats"]),
             summary["skipped_lines"], summary["eval_available"], key, from_cache=True,
         )  # fmt: skip
     records, fmt, skipped = read_records(config.data, config.format, config.skip_bad_lines, show_progress)
-    examples, stats = tokenize_records(records, fmt, tokenizer, config.seq_len, show_progress)
-    del records  # a million records are gigabytes of Python objects; the examples are a fraction
+    rendered = render_records(records, fmt, tokenizer, show_progress)
+    del records  # a million records are gigabytes of Python objects
     if config.eval_data is not None:
         # The evaluation file is detected on its own (it may be in another format than the training file).
         eval_records, eval_fmt, eval_skipped = read_records(
             config.eval_data, config.format, config.skip_bad_lines, show_progress
         )
-        eval_examples, _ = tokenize_records(eval_records, eval_fmt, tokenizer, config.seq_len, show_progress)
-        train_examples, skipped = examples, skipped + eval_skipped
+        train_rendered, held_out = rendered, render_records(eval_records, eval_fmt, tokenizer, show_progress)
+        skipped += eval_skipped
     else:
-        train_examples, eval_examples = split_eval(examples, config.eval_fraction, config.seed)
-    if config.pack:  # pack after the split, so no evaluation example leaks into a training row
-        train_examples = pack_examples(train_examples, config.seq_len)
-    if not train_examples:
+        train_indices, eval_indices = split_indices(len(rendered), config.eval_fraction, config.seed)
+        train_rendered = [rendered[i] for i in train_indices]
+        held_out = [rendered[i] for i in eval_indices]
+    del rendered
+    # The records left out of evaluation by the cap are neither encoded nor trained on: the cap
+    # changes what an evaluation costs, never what the run trains on.
+    chosen = choose_indices(len(held_out), config.max_eval_examples, config.seed)
+    evaluated = [held_out[i] for i in chosen]
+    eval_examples, eval_stats = encode_rendered(evaluated, tokenizer, config.seq_len, show_progress)
+    train = LazyExamples(train_rendered, tokenizer, config.seq_len)
+    if config.pack:  # packed rows follow the examples in order: every one is needed first
+        train = LazyExamples.encoded(pack_examples(train.table(show_progress), config.seq_len), train.stats)
+    elif len(train) <= ENCODE_FIRST:
+        train.encode_all(show_progress)
+    if not any(train[i].input_ids for i in range(len(train))):  # (stops at the first example there is)
         raise UserError(f"{config.data}: no training examples left after tokenization; check --seq-len")
-    # The examples left out of evaluation by the cap are not trained on either: the cap changes what
-    # an evaluation costs, never what the run trains on.
-    evaluated = choose_eval_examples(eval_examples, config.max_eval_examples, config.seed)
-    return Data(train_examples, evaluated, fmt, stats, skipped, len(eval_examples), key)
+    train.start()  # the rest, while the model loads and the run trains
+    return Data(train, eval_examples, fmt, eval_stats, skipped, len(held_out), key)
 
 
 def _data_key(config: RunConfig, tokenizer) -> dict | None:
@@ -142,6 +184,10 @@ def _data_key(config: RunConfig, tokenizer) -> dict | None:
         **{name: getattr(config, name) for name in _EXAMPLE_SETTINGS},
     }
 
+
+# Training records encoded before the first step, so that the run's header counts its examples:
+# a few seconds' work. Beyond it they are encoded while the run trains (a million take minutes).
+ENCODE_FIRST = 10_000
 
 # The options that change the examples made from the same data and tokenizer.
 _EXAMPLE_SETTINGS = (

@@ -149,6 +149,16 @@ def _prepare_resume(
     if group.several and config.nproc != group.ranks.size:  # torchrun's count is the count
         config = config.replace(nproc=group.ranks.size)
     s = setup(config, show_progress, group)  # the tokenised data the job kept, if it is still valid
+    then = record.get("data") or {}
+    if "train_records" not in then and then.get("train_examples", len(s.data.train)) != len(s.data.train):
+        # Until lazy encoding (data/lazy.py), batches were drawn over the examples left after
+        # truncation; now over the records, which differ where a record has nothing to learn.
+        raise UserError(
+            f"this job was started by an earlier lowmem-ft, which drew its batches over the "
+            f"{then['train_examples']} examples left of its {len(s.data.train)} training records; "
+            "this one draws them over the records, so it cannot continue on the same batches: "
+            "start the job again"
+        )
     if s.max_steps != record.get("max_steps"):
         raise UserError(
             f"this resume would train {s.max_steps} steps, the job was planned for "

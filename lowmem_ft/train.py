@@ -117,6 +117,7 @@ def execute(s: Setup, job: Job, restored: Restored | None, show_progress: bool) 
         job.update_if_possible(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
+        s.data.train.close()  # records still being encoded in the background: no longer needed
         job.close_logs()
         job.lock.release()
     return job
@@ -179,6 +180,8 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
             }
             bar.set_postfix({**postfix, **method.progress()}, refresh=False)
             bar.update(1)
+            if s.group.main:  # a large data set's counts, and its examples kept for resume
+                s.data.report_when_encoded(job, bar.write, config.seq_len)
 
             is_last = progress.step == s.max_steps
             if config.eval_every and progress.step % config.eval_every == 0 and not is_last:

@@ -351,3 +351,101 @@ def test_a_lone_surrogate_is_found_however_its_escape_is_written(escape, tmp_pat
         read_jsonl(path)
     path.write_text('{"text": "東京 \\ud83d\\ude42"}\n', encoding="utf-8")  # a pair is a character: 🙂
     assert read_jsonl(path)[0][0].data["text"] == "東京 🙂"
+
+
+# -- a large data set: encoded while the run trains (data/lazy.py) -----------------------------------------
+
+
+def rendered_records(tiny_tokenizer, n: int = 23):
+    """Prompt-completion records, some with a response cut away by seq-len 12 (nothing left to learn)."""
+    from lowmem_ft.data.tokenize import render_records
+
+    records = [
+        Record(line=i + 1, data={"prompt": "word " * (i % 4) * 5, "completion": f" answer {i}."}, path="d")
+        for i in range(n)
+    ]
+    return render_records(records, "prompt-completion", tiny_tokenizer)
+
+
+@pytest.mark.parametrize("in_background", [False, True])
+def test_lazy_examples_are_the_records_examples_however_they_are_encoded(
+    in_background, tiny_tokenizer, monkeypatch
+):
+    from lowmem_ft.data import lazy
+    from lowmem_ft.data.tokenize import encode_chunk, encode_rendered
+
+    rendered = rendered_records(tiny_tokenizer)
+    whole, stats = encode_rendered(rendered, tiny_tokenizer, 12)
+    assert 0 < stats.dropped_no_target < len(rendered)  # the data has both kinds
+    stats_ = tokenize_module.TokenStats()
+    one_by_one = [encode_chunk([r], tiny_tokenizer, 12, stats_, keep_dropped=True)[0] for r in rendered]
+    monkeypatch.setattr(lazy, "CHUNK", 4)
+    examples = lazy.LazyExamples(rendered, tiny_tokenizer, 12)
+    if in_background:
+        examples.start()
+    # asked for out of order, as a shuffled epoch asks: each record's own example, empty if dropped
+    for i in [17, 3, 22, 0, 9, 17, 4, 21, 1, 2, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 18, 19, 20]:
+        assert examples[i] == one_by_one[i], i
+    examples.encode_all()
+    examples.close()
+    assert examples.done and examples.stats == stats and stats.examples == len(whole)
+    table = examples.table()
+    assert len(table) == len(rendered)
+    assert [e for e in table if e.input_ids] == list(whole)
+
+
+def test_the_batcher_steps_over_empty_examples_in_its_seeded_order():
+    from lowmem_ft.data import Batcher
+
+    examples = [Example([i + 1], [i + 1]) if i % 3 else Example([], []) for i in range(10)]
+    batcher = Batcher(examples, batch_size=4, micro_batch_size=2, pad_id=0, seed=5)
+    # the reference: every epoch's permutation of the records, the empty ones left out, cut in fours
+    order = [
+        i
+        for epoch in range(4)
+        for i in torch.randperm(10, generator=torch.Generator().manual_seed(5 + epoch)).tolist()
+        if i % 3
+    ]
+    for step in range(6):
+        rows = torch.cat([mb["input_ids"] for mb in batcher.next_step()]).flatten().tolist()
+        assert rows == [i + 1 for i in order[4 * step : 4 * step + 4]]
+    with pytest.raises(ValueError, match="not empty"):
+        Batcher([Example([], [])] * 3, 2, 2, 0, 0).next_step()
+
+
+def test_a_large_data_set_trains_as_if_encoded_first_and_is_kept_once_encoded(
+    data, tmp_path, capsys, monkeypatch
+):
+    # Records whose response --seq-len 64 cuts away: dropped either way, and not at the same
+    # positions in the records as in the examples.
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    for i in (3, 20, 31):
+        rows.insert(i, {"prompt": "a b c d " * 40, "completion": " cut away."})
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    reference, job = tmp_path / "reference", tmp_path / "job"
+    code, out, err = cli(capsys, "run", "tiny", data, "--out", reference, *RUN, "-q")
+    assert code == 0, err
+    assert "dropped (no response left)" in out and "encoded as the run trains" not in out
+    monkeypatch.setattr("lowmem_ft.prepare.ENCODE_FIRST", 0)  # every data set is a large one,
+    monkeypatch.setattr("lowmem_ft.data.lazy.CHUNK", 4)  # of several chunks
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, 3)
+        code, out, err = cli(capsys, "run", "tiny", data, "--out", job, *RUN, "-q")
+    assert code == 130, err
+    assert "38 train records (encoded as the run trains) / eval 5 of 13 held-out examples" in out
+    assert "every training record encoded: 35 examples" in out and "3 dropped (no response left)" in out
+    summary = json.loads((job / "job.json").read_text())["data"]
+    assert summary == json.loads((reference / "job.json").read_text())["data"]
+    assert (job / "tokenized/examples.json").is_file()  # kept once encoded
+    shutil.rmtree(job / "tokenized")  # stopped before they were: encoded again, while it trains
+    # A job an earlier version started drew its batches over the 35 examples: not continued on others.
+    record = json.loads((job / "job.json").read_text())
+    earlier = {**record, "data": {k: v for k, v in record["data"].items() if k != "train_records"}}
+    (job / "job.json").write_text(json.dumps(earlier))
+    code, _, err = cli(capsys, "resume", job, "-q")
+    assert code != 0 and "drew its batches over the 35 examples left of its 38 training records" in err
+    (job / "job.json").write_text(json.dumps(record))
+    code, out, err = cli(capsys, "resume", job, "-q")
+    assert code == 0, err
+    assert "encoded as the run trains" in out
+    assert_same_result(job, reference)

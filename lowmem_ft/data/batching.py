@@ -31,6 +31,7 @@ class Batcher:
     Epoch e is a permutation drawn from torch.Generator seeded with seed + e; steps take consecutive
     slices of batch_size examples from the concatenation of epochs (the last slice of an epoch continues
     into the next epoch's permutation), each slice split into micro-batches of micro_batch_size.
+    An empty example (a record with nothing to learn, data/lazy.py) is stepped over.
 
     Because every permutation is a function of (seed, epoch), the state is just two integers, and a
     resumed run sees exactly the batches the interrupted run would have seen.
@@ -69,14 +70,19 @@ class Batcher:
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         """The micro-batches of one optimizer step: batch_size examples in all."""
         chosen: list[Example] = []
+        passed = 0  # empty examples stepped over since the last one taken
         while len(chosen) < self.batch_size:
             if self.position == len(self.examples):
                 self.epoch += 1
                 self.position = 0
                 self._order = self._permutation(self.epoch)
-            take = min(self.batch_size - len(chosen), len(self.examples) - self.position)
-            chosen += [self.examples[i] for i in self._order[self.position : self.position + take]]
-            self.position += take
+            example = self.examples[self._order[self.position]]
+            self.position += 1
+            if example.input_ids:
+                chosen.append(example)
+                passed = 0
+            elif (passed := passed + 1) > len(self.examples):  # (load_data refuses such data first)
+                raise ValueError("Batcher needs at least one example that is not empty")
         share = self.batch_size // self.ranks
         chosen = chosen[self.rank * share : (self.rank + 1) * share]
         return [

@@ -1,7 +1,8 @@
 """The tokenised data of a job, kept in the job directory so that `resume` does not read and tokenise
 the data again (minutes for a million records):
 
-    JOB/tokenized/examples.safetensors   the training and evaluation examples (ExampleTable's arrays)
+    JOB/tokenized/examples.safetensors   the training and evaluation examples (ExampleTable's arrays;
+                                         training: one per record, empty where nothing is left to learn)
     JOB/tokenized/examples.json          what they were made from (the key), what the run reports
                                          about them, and the sha256 of every array
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)  # the CLI shows it (cli.report_to_console)
 DIRECTORY = "tokenized"
 ARRAYS = "examples.safetensors"
 INDEX = "examples.json"
-VERSION = 1  # of this layout; a cache of another version is made again
+VERSION = 2  # of this layout; a cache of another version is made again (1: train held kept examples only)
 _FIELDS = ("input_ids", "trained", "starts")
 
 
@@ -106,7 +107,10 @@ def read_cache(job_dir: Path, key: dict) -> tuple[dict[str, ExampleTable], dict]
         return None  # none kept: a new job, or one from before caching, or one stopped while writing it
     try:
         index = json.loads((directory / INDEX).read_text(encoding="utf-8"))
-        saved = index.get("key", {}) if index.get("version") == VERSION else {}
+        if index.get("version") != VERSION:
+            log.info(f"data       the tokenised data in {directory} is of another layout; tokenising again")
+            return None
+        saved = index.get("key", {})
         if changed := [name for name in key if saved.get(name) != key[name]]:
             log.info(
                 f"data       the tokenised data in {directory} was made with another {', '.join(changed)}; "

@@ -41,6 +41,14 @@ class TokenStats:
     tokens: int = 0  # total tokens kept
     target_tokens: int = 0  # tokens that carry loss
 
+    def describe(self, seq_len: int) -> str:
+        """For the run's header."""
+        return (
+            f"{self.target_tokens:,} target tokens"
+            + (f", {self.truncated} truncated to {seq_len} tokens" if self.truncated else "")
+            + (f", {self.dropped_no_target} dropped (no response left)" if self.dropped_no_target else "")
+        )
+
 
 class ExampleTable(Sequence):
     """Examples stored flat. ``table[i]`` is an ``Example`` (lists, made when asked for), so the
@@ -132,28 +140,43 @@ def tokenize_records(
     templates often write it); EOS is appended, and trained iff the last content token is trained, so
     the model learns to stop after a response. It is not appended when the text already ends with it.
     """
+    return encode_rendered(render_records(records, fmt, tokenizer), tokenizer, seq_len, show_progress)
+
+
+def render_records(records: list[Record], fmt: str, tokenizer, show_progress: bool = False) -> list[Rendered]:
+    """Each record's text and trained spans (``formats.render``): every record is checked here, so
+    a bad one stops the run before its first step even when the encoding is left for later."""
+    rendered = []
+    with progress_bar(len(records), "rendering", "records", show_progress) as bar, cycle_collector_paused():
+        for record in records:
+            try:
+                rendered.append(render(record.data, fmt, tokenizer))
+            except DataError as error:  # raised without a location by the chat-template path
+                raise DataError(f"{record.location}: {error}") from None
+            bar.update(1)
+    return rendered
+
+
+def encode_rendered(
+    rendered: list[Rendered], tokenizer, seq_len: int, show_progress: bool = False
+) -> tuple[ExampleTable, TokenStats]:
+    """The examples of ``rendered`` (``tokenize_records``), ``CHUNK`` at a time, the dropped ones left out."""
     stats = TokenStats()
     tables = []
-    with progress_bar(len(records), "tokenising", "records", show_progress) as bar, cycle_collector_paused():
-        for start in range(0, len(records), CHUNK):
-            chunk = records[start : start + CHUNK]
-            tables.append(_tokenize_chunk(_render_all(chunk, fmt, tokenizer), tokenizer, seq_len, stats))
+    with progress_bar(len(rendered), "tokenising", "records", show_progress) as bar, cycle_collector_paused():
+        for start in range(0, len(rendered), CHUNK):
+            chunk = rendered[start : start + CHUNK]
+            tables.append(encode_chunk(chunk, tokenizer, seq_len, stats))
             bar.update(len(chunk))
     return ExampleTable.concat(tables), stats
 
 
-def _render_all(records: list[Record], fmt: str, tokenizer) -> list[Rendered]:
-    rendered = []
-    for record in records:
-        try:
-            rendered.append(render(record.data, fmt, tokenizer))
-        except DataError as error:  # raised without a location by the chat-template path
-            raise DataError(f"{record.location}: {error}") from None
-    return rendered
-
-
-def _tokenize_chunk(rendered: list[Rendered], tokenizer, seq_len: int, stats: TokenStats) -> ExampleTable:
+def encode_chunk(
+    rendered: Sequence[Rendered], tokenizer, seq_len: int, stats: TokenStats, keep_dropped: bool = False
+) -> ExampleTable:
     """The examples of ``rendered``, as ``tokenize_records`` describes; adds to ``stats``.
+    ``keep_dropped``: a text with nothing to learn is an empty example in its place (so that
+    example i is text i's), not left out.
 
     Everything after the tokenizer's call is done on whole arrays: a Python step per token would
     take longer than the tokenizer itself.
@@ -202,12 +225,14 @@ def _tokenize_chunk(rendered: list[Rendered], tokenizer, seq_len: int, stats: To
     targets = np.bincount(owner[keep], weights=out_trained[keep], minlength=len(texts)).astype(np.int64)
     kept = targets > 0
     keep &= kept[owner]
-    kept_lengths = np.minimum(full, seq_len)[kept]
+    kept_lengths = np.where(kept, np.minimum(full, seq_len), 0)
     stats.examples += int(kept.sum())
     stats.truncated += int((full[kept] > seq_len).sum())
     stats.dropped_no_target += int((~kept).sum())
     stats.tokens += int(kept_lengths.sum())
     stats.target_tokens += int(targets[kept].sum())
+    if not keep_dropped:
+        kept_lengths = kept_lengths[kept]
     return ExampleTable(out_ids[keep], out_trained[keep], np.concatenate([[0], np.cumsum(kept_lengths)]))
 
 
@@ -244,15 +269,14 @@ def pack_examples(examples: Sequence[Example], seq_len: int) -> ExampleTable:
     return ExampleTable(table.input_ids, table.trained, starts)
 
 
-def split_eval(examples: Sequence[Example], fraction: float, seed: int) -> tuple[ExampleTable, ExampleTable]:
-    """Split into (train, eval) with a seeded random choice of round(fraction * n) eval examples.
+def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (train, eval) indices of n items: a seeded random choice of round(fraction * n) for eval.
 
     At least one goes to eval when fraction > 0 and n >= 2, and at least one always stays in train.
     Both parts keep the original order, so the split does not depend on how examples are later shuffled.
     """
     if not 0 <= fraction < 1:
         raise ValueError(f"eval fraction must be in [0, 1), got {fraction}")
-    n = len(examples)
     n_eval = round(fraction * n)
     if fraction > 0 and n >= 2:
         n_eval = max(n_eval, 1)
@@ -261,14 +285,26 @@ def split_eval(examples: Sequence[Example], fraction: float, seed: int) -> tuple
     random.Random(seed).shuffle(indices)
     is_eval = np.zeros(n, bool)
     is_eval[indices[:n_eval]] = True
+    return np.flatnonzero(~is_eval), np.flatnonzero(is_eval)
+
+
+def split_eval(examples: Sequence[Example], fraction: float, seed: int) -> tuple[ExampleTable, ExampleTable]:
+    """``examples`` split into (train, eval) as ``split_indices`` splits their indices."""
     table = as_table(examples)
-    return table.select(np.flatnonzero(~is_eval)), table.select(np.flatnonzero(is_eval))
+    train, evaluation = split_indices(len(table), fraction, seed)
+    return table.select(train), table.select(evaluation)
+
+
+def choose_indices(n: int, limit: int, seed: int) -> np.ndarray:
+    """At most ``limit`` of ``range(n)`` (0: all), a seeded random choice kept in order: the same
+    seed evaluates on the same examples, in a resumed run too."""
+    if limit == 0 or n <= limit:
+        return np.arange(n)
+    return np.array(sorted(random.Random(seed).sample(range(n), limit)), np.int64)
 
 
 def choose_eval_examples(examples: Sequence[Example], limit: int, seed: int) -> Sequence[Example]:
-    """At most ``limit`` of the evaluation examples (0: all), a seeded random choice kept in order:
-    the same seed evaluates on the same examples, in a resumed run too."""
+    """At most ``limit`` of the evaluation examples, chosen as ``choose_indices`` chooses."""
     if limit == 0 or len(examples) <= limit:
         return examples
-    chosen = sorted(random.Random(seed).sample(range(len(examples)), limit))
-    return as_table(examples).select(chosen)
+    return as_table(examples).select(choose_indices(len(examples), limit, seed))

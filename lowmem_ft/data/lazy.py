@@ -4,7 +4,7 @@ Encoding a million records takes minutes on a small machine (docs/benchmarks.md)
 reads a few dozen records. So a large data set is rendered and checked before the first step
 (``tokenize.render_records``: a bad record still stops the run before it starts), and its token ids
 are made by a background thread, in record order, a chunk at a time; a record the run asks for
-before the thread reaches it is encoded at once, in the asking thread. Either way record i gives
+before the thread reaches it is encoded at once, on its own, in the asking thread. Either way record i gives
 the same example (a fast tokenizer encodes each text on its own), so the run trains on exactly what
 it would have trained on had everything been encoded first.
 
@@ -15,22 +15,24 @@ records, not examples.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Sequence
 
 from lowmem_ft.data.bulk import cycle_collector_paused, progress_bar
 from lowmem_ft.data.formats import Rendered
-from lowmem_ft.data.tokenize import Example, ExampleTable, TokenStats, encode_chunk
-
-# Records encoded at a time, by the thread or for a record asked for early. The thread holds the
-# tokenizer (not safe to call from two threads at once) for one chunk: about 40,000 tokens, some
-# 40 ms on 2 cores, the longest a training step can wait for it.
-CHUNK = 256
+from lowmem_ft.data.tokenize import CHUNK, Example, ExampleTable, TokenStats, encode_chunk
 
 
 class LazyExamples(Sequence):
     """Record i's example (``Example``; empty if it has nothing to learn) for ``len(self)`` records,
-    encoded on first use or ahead of it by ``start()``'s thread. ``stats`` is complete once ``done``."""
+    encoded on first use or ahead of it by ``start()``'s thread. ``stats`` is complete once ``done``.
+
+    The thread encodes ``tokenize.CHUNK`` records at a time with a copy of the tokenizer of its own
+    (a tokenizer is not safe to call from two threads at once), so a record asked for early is
+    encoded on its own with the caller's tokenizer, without waiting for the thread's chunk; the
+    thread encodes it again in its turn (and counts it then, once).
+    """
 
     def __init__(self, rendered: list[Rendered], tokenizer, seq_len: int):
         self._rendered: list[Rendered] | None = rendered  # freed once every chunk is encoded
@@ -39,7 +41,6 @@ class LazyExamples(Sequence):
         self._chunk = CHUNK  # records per entry of _chunks
         self._chunks: list[ExampleTable | None] = [None] * -(-self._size // CHUNK)
         self._left = len(self._chunks)
-        self._lock = threading.Lock()  # one caller of the tokenizer at a time; guards the counts
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failed: BaseException | None = None
@@ -60,8 +61,12 @@ class LazyExamples(Sequence):
         if not 0 <= index < self._size:
             raise IndexError(f"record {index} of {self._size}")
         chunk, offset = divmod(index, self._chunk)
-        table = self._chunks[chunk]  # (one read: the thread only ever fills an entry in)
-        return (table if table is not None else self._encode(chunk))[offset]
+        # (Reads of a list entry and an attribute are atomic. The thread fills an entry in before
+        # it drops the texts, so texts that are gone mean the entry is there.)
+        table, rendered = self._chunks[chunk], self._rendered
+        if table is None and rendered is not None:
+            return encode_chunk([rendered[index]], self._tokenizer, self._seq_len, TokenStats(), True)[0]
+        return (table if table is not None else self._chunks[chunk])[offset]
 
     @property
     def done(self) -> bool:
@@ -69,24 +74,29 @@ class LazyExamples(Sequence):
             raise self._failed
         return self._left == 0
 
-    def start(self) -> None:
-        """Encode every record in a background thread, in order."""
-        if self._left and self._thread is None:
-            self._thread = threading.Thread(target=self._encode_all, name="lowmem-ft encoding", daemon=True)
-            self._thread.start()
-
     @property
     def encoded_in_background(self) -> bool:
         return self._thread is not None
 
+    def start(self) -> None:
+        """Encode every record in a background thread, in order."""
+        if self._left and self._thread is None:
+            tokenizer = copy.deepcopy(self._tokenizer)  # the thread's own
+            self._thread = threading.Thread(
+                target=self._encode_all, args=(tokenizer,), name="lowmem-ft encoding", daemon=True
+            )
+            self._thread.start()
+
     def encode_all(self, show_progress: bool = False) -> None:
-        """Encode every record now, in this thread (with the background thread, if it runs), with
-        a progress bar unless ``show_progress`` is False."""
+        """Encode every record now, in this thread (after the background thread, if one runs),
+        with a progress bar unless ``show_progress`` is False."""
+        if self._thread is not None:
+            self._thread.join()
         bar = progress_bar(self._size, "tokenising", "records", show_progress)
         with bar, cycle_collector_paused():  # (not in the thread: the collector is the process's)
             for chunk in range(len(self._chunks)):
                 if self._chunks[chunk] is None:
-                    self._encode(chunk)
+                    self._encode(chunk, self._tokenizer)
                 bar.update(min(self._chunk, self._size - chunk * self._chunk))
 
     def close(self) -> None:
@@ -101,24 +111,22 @@ class LazyExamples(Sequence):
             self.encode_all(show_progress)
         return self._chunks[0] if len(self._chunks) == 1 else ExampleTable.concat(list(self._chunks))
 
-    def _encode_all(self) -> None:
+    def _encode_all(self, tokenizer) -> None:
         try:
             for chunk in range(len(self._chunks)):
                 if self._stop.is_set():
                     return
                 if self._chunks[chunk] is None:
-                    self._encode(chunk)
+                    self._encode(chunk, tokenizer)
         except BaseException as exc:  # said by the training thread, the next time it asks (``done``)
             self._failed = exc
 
-    def _encode(self, chunk: int) -> ExampleTable:
-        with self._lock:
-            if self._chunks[chunk] is None:
-                start = chunk * self._chunk
-                rendered = self._rendered[start : start + self._chunk]
-                table = encode_chunk(rendered, self._tokenizer, self._seq_len, self.stats, keep_dropped=True)
-                self._chunks[chunk] = table
-                self._left -= 1
-                if not self._left:
-                    self._rendered = None  # the texts are no longer needed: gigabytes for a million
-            return self._chunks[chunk]
+    def _encode(self, chunk: int, tokenizer) -> None:
+        """Fill chunk ``chunk`` in: one thread at a time (the background thread, or ``encode_all``
+        once it has ended)."""
+        start = chunk * self._chunk
+        rendered = self._rendered[start : start + self._chunk]
+        self._chunks[chunk] = encode_chunk(rendered, tokenizer, self._seq_len, self.stats, keep_dropped=True)
+        self._left -= 1
+        if not self._left:
+            self._rendered = None  # the texts are no longer needed: gigabytes for a million

@@ -237,7 +237,7 @@ def main() -> None:
             f"{args.records:,} short records (see the script's docstring), read and tokenised with the "
             "embedded `tiny` model's tokenizer, each in a process of its own.\n\n"
             f"{table}\n"
-            "A run starts training after the first of these rows (`load_data`): every record has been "
+            "A run starts training after the row in bold (`load_data`): every record has been "
             "read and checked, so a bad one still stops it before its first step. The tokenizer's own "
             "encoding (the floor row) is most of the rest, and runs in the background while the run "
             "trains: a GPU step reads a few dozen records, the encoding makes tens of thousands a "

@@ -678,3 +678,22 @@ def test_skip_bad_lines_with_nothing_valid(tmp_path):
     with pytest.raises(DataError) as excinfo:
         read_jsonl(path, skip_bad_lines=True)
     assert str(excinfo.value).startswith(f"{path}: no valid records (2 bad lines skipped); ")
+
+
+TURN = '{"role": "user", "content": "a"}'
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"messages": [' + TURN + ', {"role": "assistant", "content": "b", "content": "c"}]}',
+        '{"messages": [' + TURN + ', {"role": "assistant", "content": "\\ud800"}]}',
+    ],
+)
+def test_a_key_given_twice_or_a_lone_surrogate_deep_in_a_line_is_found_after_plain_lines(line, tmp_path):
+    # (a plain line skips the search for them: the line before must not make the next one skip it)
+    plain = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'
+    path = tmp_path / "data.jsonl"
+    path.write_text(f"{plain}\n{line}\n{plain}\n")
+    with pytest.raises(DataError, match=r"data\.jsonl:2: .*(appears twice|lone UTF-16 surrogate)"):
+        read_jsonl(path)

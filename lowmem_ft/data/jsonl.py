@@ -9,6 +9,7 @@ from pathlib import Path
 from lowmem_ft.data.bulk import cycle_collector_paused, progress_bar
 from lowmem_ft.data.records import (
     MAX_RECORD_BYTES,
+    DuplicateKeyObject,
     Record,
     RecordChecker,
     RecordError,
@@ -76,8 +77,13 @@ def read_lines(path: Path, lines: Iterable[bytes], checker: RecordChecker, bar) 
             # A lone surrogate can only be an escape (strict UTF-8 cannot encode one): without "\\ud"
             # in the line, its strings need no search for one.
             surrogates = b"\\ud" in line_bytes or b"\\uD" in line_bytes
+            duplicates = DuplicateKeyObject.made
             data = _parse_line(line_bytes, number == 1)
-            records.append(checker.record(data, path, number, "line", surrogates))
+            # Nothing for content_problem to find (a fifth of the reading time, walking every value)
+            # when the line has no such escape and gave no object with a key twice: its text is no
+            # longer than the line, which is no longer than a record may be.
+            checked = not surrogates and DuplicateKeyObject.made == duplicates
+            records.append(checker.record(data, path, number, "line", surrogates, checked))
         except RecordError as error:
             checker.bad(error, path, number, "line")
     bar.update(read - unreported)

@@ -55,10 +55,13 @@ class RecordChecker:
         self.skipped_units: set[str] = set()
         self._fixed_by: Record | None = None  # the record that fixed the format in auto mode
 
-    def record(self, data: object, path, number: int, unit: str, surrogates: bool = True) -> Record:
+    def record(
+        self, data: object, path, number: int, unit: str, surrogates: bool = True, checked: bool = False
+    ) -> Record:
         """`data` as a Record if it is a valid record of the data's format; RecordError says why not.
-        ``surrogates`` False: the reader knows its text holds no lone surrogate (see content_problem)."""
-        if (reason := content_problem(data, surrogates)) is not None:
+        ``surrogates`` False: the reader knows its text holds no lone surrogate (see content_problem).
+        ``checked``: the reader knows it has none of content_problem's problems at all."""
+        if not checked and (reason := content_problem(data, surrogates)) is not None:
             raise RecordError(reason)
         if not isinstance(data, dict):
             what = "line" if unit == "line" else "record"
@@ -117,9 +120,12 @@ class DuplicateKeyObject(dict):
     """A JSON object in which a key appeared twice. The parser keeps going (so the other records of a
     .json list are still read) and the record check refuses the record, naming the key."""
 
+    made = 0  # how many were made: a reader that compares it before and after a parse knows
+
     def __init__(self, pairs: list[tuple[str, object]], key: str):
         super().__init__(pairs)
         self.duplicate = key
+        DuplicateKeyObject.made += 1
 
 
 def json_object(pairs: list[tuple[str, object]]) -> dict:

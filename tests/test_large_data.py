@@ -184,6 +184,11 @@ def test_kept_data_reads_back_only_for_its_key(tmp_path, caplog):
         assert read_cache(tmp_path, {**KEY, "seq_len": 128, "pack": True}) is None
     assert "was made with another seq_len, pack; tokenising again" in caplog.text
     assert read_cache(tmp_path / "other", KEY) is None  # none kept: no word about it
+    index = tmp_path / "tokenized/examples.json"  # kept by a version whose layout was another
+    index.write_text(json.dumps({**json.loads(index.read_text()), "version": 1}))
+    with caplog.at_level(logging.INFO):
+        assert read_cache(tmp_path, KEY) is None
+    assert "is of another layout; tokenising again" in caplog.text
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "no-arrays", "bad-index"])

@@ -21,8 +21,9 @@ from lowmem_ft.errors import DataError
 
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy (and Hugging Face models) skip
 
-# Records rendered and tokenised at a time: one call of the fast tokenizer (which spreads a list over
-# the cores) per chunk, and its Python lists of ids and offsets for one chunk only in memory at once.
+# Records encoded at a time (here and by data/lazy.py's thread): one call of the fast tokenizer (which
+# spreads a list over the cores) per chunk, and its Python lists of ids and offsets for one chunk only
+# in memory at once.
 # 8,192 was as fast on 2 cores and took 200 MB more at the peak for 300,000 chat records.
 CHUNK = 2048
 
@@ -133,7 +134,7 @@ def tokenize_records(
     records: list[Record], fmt: str, tokenizer, seq_len: int, show_progress: bool = False
 ) -> tuple[ExampleTable, TokenStats]:
     """Render, tokenize and label each record; truncate to `seq_len`; drop examples with nothing to learn.
-    ``CHUNK`` records at a time, with a progress bar of the records done unless ``show_progress`` is False.
+    All are rendered, then encoded ``CHUNK`` at a time, with progress bars unless ``show_progress`` is False.
 
     A token carries loss iff its character span overlaps a span the format marks as trained (the
     response). BOS is prepended untrained unless the rendered text already starts with it (chat
@@ -148,12 +149,13 @@ def render_records(records: list[Record], fmt: str, tokenizer, show_progress: bo
     a bad one stops the run before its first step even when the encoding is left for later."""
     rendered = []
     with progress_bar(len(records), "rendering", "records", show_progress) as bar, cycle_collector_paused():
-        for record in records:
-            try:
-                rendered.append(render(record.data, fmt, tokenizer))
-            except DataError as error:  # raised without a location by the chat-template path
-                raise DataError(f"{record.location}: {error}") from None
-            bar.update(1)
+        for start in range(0, len(records), CHUNK):  # (an update of the bar per record costs more)
+            for record in records[start : start + CHUNK]:
+                try:
+                    rendered.append(render(record.data, fmt, tokenizer))
+                except DataError as error:  # raised without a location by the chat-template path
+                    raise DataError(f"{record.location}: {error}") from None
+            bar.update(min(CHUNK, len(records) - start))
     return rendered
 
 

@@ -88,6 +88,7 @@ class DeviceBytes(TorchDispatchMode):
         self._host: set[int] = set()  # id(storage) of the engine's host buffers (they live all run)
         self._last: tuple | None = None  # the latest allocation, and the peaks before it
         self.setup_done = False
+        self._aliasing: dict = {}  # operator -> whether an output may alias an input (_may_alias)
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def _add(self, storage) -> None:
@@ -149,11 +150,28 @@ class DeviceBytes(TorchDispatchMode):
             (tensor,) = args  # .item(), float(), int(), bool() of a fake tensor: no value to read
             return True if tensor.dtype == torch.bool else 1 if not tensor.is_floating_point() else 1.0
         out = func(*args, **(kwargs or {}))
-        inputs = {id(_storage(t)) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and id(_storage(t)) not in inputs:
-                self._add(_storage(t))
+        outputs = (
+            [out]
+            if isinstance(out, torch.Tensor)
+            else [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        )
+        if self._may_alias(func):  # an in-place op or a view: its output may be an input's storage
+            inputs = {id(_storage(t)) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            outputs = [t for t in outputs if id(_storage(t)) not in inputs]
+        for t in outputs:
+            self._add(_storage(t))
         return out
+
+    def _may_alias(self, func) -> bool:
+        """Whether an output of ``func`` may share an input's storage, by its schema (its returns'
+        alias annotations, as ``Tensor(a!)`` or ``Tensor(a)``). The others return new storages,
+        which need no look at the inputs: that look was a tenth of a trace's time."""
+        aliases = self._aliasing.get(func)
+        if aliases is None:
+            returns = getattr(getattr(func, "_schema", None), "returns", None)
+            aliases = returns is None or any(r.alias_info is not None for r in returns)
+            self._aliasing[func] = aliases
+        return aliases
 
     def resized(self, storage, nbytes: int) -> None:
         """FSDP frees a gathered weight by resizing its storage to 0 bytes and gathers it again

@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `-n 2` (README): two workers on two cores, one thread each, and so the processes they start.
+    # torch's OpenMP threads wait for work spinning: with more of them than cores, in-process runs
+    # took 2-7 times as long and the suite gained nothing from its second worker. (One thread
+    # changes no result: the ranks of test_distributed.py, one thread each, equal one process.)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 from lowmem_ft.pictures import LossPicture
 
@@ -77,8 +86,17 @@ def small_model():
     return LlamaForCausalLM(config)
 
 
+# The modules that take longest (about 6, 5 and 5 minutes of one core on the 2-core CI machine), first:
+# with `-n 2` (README), pytest-xdist hands each worker one module at a time in this order, and a
+# long module handed out last would leave one worker on it alone while the other is idle.
+LONGEST_FIRST = ("test_distributed.py", "test_looptrace.py", "test_resume.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA: skipped, with the reason shown, where there is none."""
+    """The longest modules first (above); tests marked `gpu` need CUDA: skipped, with the reason
+    shown, where there is none."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (stable: the rest keep their order)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -2,6 +2,8 @@
 
     python tests/fault_runner.py FAULT -- run tiny data.jsonl --out JOB ...
 
+or ``run(FAULT, ARGS, STDERR_FILE)`` in a process of its own (tests/processes.py).
+
 FAULT is one of:
     none                    run normally
     kill-in-write:N         SIGKILL this process while it writes its N-th checkpoint file (a torn
@@ -21,6 +23,16 @@ import sys
 
 def main() -> None:
     fault, args = sys.argv[1], sys.argv[sys.argv.index("--") + 1 :]
+    run(fault, args)
+
+
+def run(fault: str, args: list[str], stderr: str | None = None) -> None:
+    """The CLI with ``fault`` installed, in this process; ``stderr``: a file its output goes to
+    (standard output is dropped), for a process forked from tests/processes.py."""
+    if stderr is not None:
+        with open(os.devnull, "w") as null, open(stderr, "w") as err:
+            os.dup2(null.fileno(), 1)
+            os.dup2(err.fileno(), 2)
     if fault != "none":
         kind, n = fault.split(":")
         install(kind, int(n))

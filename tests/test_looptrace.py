@@ -11,10 +11,10 @@ two at a time in worker processes, so they are marked slow
 
 from __future__ import annotations
 
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import processes
 import pytest
 
 from lowmem_ft.config import RunConfig
@@ -79,17 +79,11 @@ def _trace_case(case: str):
     return trace_run(config)
 
 
-# Imported once, by the process each case's process is forked from (torch and transformers take
-# about 13 s to import on a 2-core CI machine: a seventh of the cases' time, were each to import them)
-PRELOADED = ["lowmem_ft.looptrace", "lowmem_ft.train", "transformers.models.llama.modeling_llama"]
-
-
 @pytest.fixture(scope="module")
 def traced():
-    """Every case submitted at once to two worker processes; each test waits for its own."""
-    fresh = multiprocessing.get_context("forkserver")
-    fresh.set_forkserver_preload(PRELOADED)
-    with ProcessPoolExecutor(max_workers=2, mp_context=fresh, max_tasks_per_child=1) as pool:
+    """Every case submitted at once to two worker processes; each test waits for its own. (Each
+    case's process forks from one that imported torch and transformers once: tests/processes.py.)"""
+    with ProcessPoolExecutor(max_workers=2, mp_context=processes.forked(), max_tasks_per_child=1) as pool:
         yield {case: pool.submit(_trace_case, case) for case in CASES}
 
 

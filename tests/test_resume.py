@@ -1,8 +1,9 @@
 """Resumable jobs: a job killed at any moment and resumed ends exactly where an uninterrupted one does.
 
-The kill tests run the CLI in separate processes (tests/fault_runner.py) and SIGKILL them, at random
-moments and in the middle of checkpoint writes; the others run in-process with the fault injected
-through monkeypatch (SIGINT sent to ourselves, a full disk, NaN losses, out-of-memory errors).
+The kill tests run the CLI in separate processes (tests/fault_runner.py, in processes forked as
+tests/processes.py makes them) and SIGKILL them, at random moments and in the middle of checkpoint
+writes; the others run in-process with the fault injected through monkeypatch (SIGINT sent to
+ourselves, a full disk, NaN losses, out-of-memory errors).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import fault_runner
+import processes
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -123,29 +126,29 @@ def test_killed_and_resumed_job_equals_an_uninterrupted_one(method, tmp_path, ca
     reference = reference(capsys, method, data)
 
     job, rng, kills = tmp_path / "job", random.Random(method), 0
-    command = run_args(method, data, job)
+    command, stderr = run_args(method, data, job), tmp_path / "stderr"
     for what, detail in KILLS[method]:
         fault = f"kill-{what}:{detail}" if what.endswith("write") else "none"
-        proc = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "fault_runner.py"), fault, "--", *command],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        # the CLI in a process of its own, with the fault installed (tests/fault_runner.py)
+        proc = processes.forked().Process(target=fault_runner.run, args=(fault, command, str(stderr)))
+        proc.start()
         if what in ("kill", "term"):
             start = steps_logged(job)
-            while proc.poll() is None and steps_logged(job) < start + detail:
+            while proc.is_alive() and steps_logged(job) < start + detail:
                 time.sleep(0.02)
             time.sleep(rng.uniform(0, 0.15))
-            proc.send_signal(signal.SIGKILL if what == "kill" else signal.SIGTERM)
-        _, err = proc.communicate(timeout=300)
-        if proc.returncode == 0:
+            os.kill(proc.pid, signal.SIGKILL if what == "kill" else signal.SIGTERM)
+        proc.join(timeout=300)
+        err = stderr.read_text()
+        if proc.exitcode == 0:
             break  # it finished before the fault; the rest of the test still holds
         kills += 1
         if what == "term":
-            assert proc.returncode == 130, err
+            assert proc.exitcode == 130, err
             rec = record(job)
             assert rec["status"] == "interrupted" and rec["last_checkpoint"]["step"] == rec["step"], err
         else:
-            assert proc.returncode == -signal.SIGKILL, err
+            assert proc.exitcode == -signal.SIGKILL, err
             assert read_job(job).status == "interrupted"  # "running", but no live process holds it
         if what.endswith("write"):  # killed inside a checkpoint write: its directory is unfinished
             assert list((job / "checkpoints").glob(".partial-step-*")), "the kill missed the write"

@@ -285,7 +285,10 @@ def _pinned_copies() -> dict:
 # -- step 2: the GPU test tier -----------------------------------------------------------------------------
 def gpu_tests(rehearse: bool) -> dict:
     env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    # `-o addopts=`: without pyproject's pytest-xdist options, which a GPU machine that has pytest but
+    # not the test extra would refuse
     pytest = ["-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider"]
+    pytest += ["-o", "addopts="]
     code, out, err = run_child(pytest, timeout=300, env=env)
     summary = (out.strip().splitlines() or [""])[-1]
     figures = {"pytest -m gpu": summary}

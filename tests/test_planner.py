@@ -313,6 +313,19 @@ def test_plan_says_how_many_gpus_full_fine_tuning_needs_and_plans_one_rank_of_th
     assert code == 3 and f"{advice}; on one node its 32 ranks need {need} of host RAM" in out, out
 
 
+def test_the_advice_of_a_plan_that_does_not_fit_is_made_once(monkeypatch):
+    """The plans the advice tries (other methods, more GPUs) need only whether they fit: advice of
+    their own, and of their trials in turn, made `plan llama-2-70b --gpu-mem 24GiB` take a minute."""
+    import lowmem_ft.planner.plan as planner
+
+    calls = []
+    advise = planner.shortfall
+    monkeypatch.setattr(planner, "shortfall", lambda *args: calls.append(1) or advise(*args))
+    plan = build_plan("llama-2-7b", method="full", gpu_mem="24GiB", cpu_mem="256GiB").plan
+    assert "--method hift would fit" in plan.shortfall and "8 such GPUs would hold it" in plan.shortfall
+    assert len(calls) == 1
+
+
 def test_hift_on_several_ranks_plans_sharded_state_and_never_8_bit(capsys):
     one = build_plan("llama-2-7b", method="hift", gpu_mem="16GiB", cpu_mem="40GiB").plan
     assert one.settings["state_policy"] == "keep-8bit"  # one process: the host holds only 8-bit state

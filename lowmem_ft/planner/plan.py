@@ -46,8 +46,16 @@ __all__ = [
 
 
 def make_plan(
-    shape: ModelShape, request: PlanRequest, gpu_budget: int, host_budget: int, link: float | None
+    shape: ModelShape,
+    request: PlanRequest,
+    gpu_budget: int,
+    host_budget: int,
+    link: float | None,
+    advise: bool = True,
 ) -> Plan:
+    """The plan of ``request`` on this machine; one that does not fit says what would
+    (``shortfall``), unless ``advise`` is False: the advice's own trial plans need only whether they
+    fit (their advice in turn, and its trials', made ``plan llama-2-70b`` take a minute)."""
     request = replace(request, on_gpu=gpu_budget > 0)  # what runs where, for the accounting
     fitter = Fitter(shape, request, gpu_budget, host_budget)
     # The method's own planner (its package's plan.py) chooses; this totals what it chose.
@@ -92,9 +100,9 @@ def make_plan(
         )
     if best.streamed_per_micro_batch and fitter.on_gpu:
         _compare_streaming_with_compute(plan, shape, request, best)
-    if not fits:
+    if not fits and advise:
         plan.shortfall = shortfall(
-            plan, request, lambda other: make_plan(shape, other, gpu_budget, host_budget, link)
+            plan, request, lambda other: make_plan(shape, other, gpu_budget, host_budget, link, advise=False)
         )
     return plan
 

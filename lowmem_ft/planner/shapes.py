@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 from lowmem_ft.errors import UserError
@@ -45,7 +46,7 @@ class Unit:
     terms: tuple[tuple[str, int], ...] = ()
     prefix: str = ""
 
-    @property
+    @cached_property
     def linear_params(self) -> int:
         return sum(rows * cols for _, rows, cols in self.linears)
 
@@ -68,13 +69,24 @@ class ModelShape:
     attention_dropout: bool = False  # GPT-2's attn_pdrop: on a CPU, attention keeps its scores
     logit_softcapping: bool = False  # Gemma-2's final_logit_softcapping: one more vocabulary-sized tensor
 
-    @property
+    # Computed once per shape (the shape is frozen): the planner's searches read them millions of
+    # times, and rebuilding them each time made `plan llama-2-70b` take a minute.
+    @cached_property
     def params(self) -> int:
         return sum(u.params for u in self.units)
 
-    @property
+    @cached_property
     def layer_units(self) -> tuple[Unit, ...]:
         return tuple(u for u in self.units if u.name.startswith("layer."))
+
+    @cached_property
+    def largest_layer_params(self) -> int:
+        return max((u.params for u in self.layer_units), default=0)
+
+    @cached_property
+    def largest_layer_linear(self) -> int:
+        """Elements of the largest weight matrix inside a decoder layer."""
+        return max((rows * cols for u in self.layer_units for _, rows, cols in u.linears), default=0)
 
     def named_terms(self) -> dict[str, int]:
         """{parameter name: numel} of the bias and norm weights, as the model names them."""

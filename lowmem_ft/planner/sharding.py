@@ -26,7 +26,7 @@ def shard(numel: int, ranks: int) -> int:
 
 
 def layer_params(shape: ModelShape) -> int:
-    return max((u.params for u in shape.layer_units), default=0)
+    return shape.largest_layer_params
 
 
 def root_params(shape: ModelShape) -> int:

@@ -87,7 +87,7 @@ def estimate_hift(
 
     # A 16-bit gradient lives until the post-accumulate hook has added it to its fp32 master's
     # gradient: the group's largest tensor once, beside the fp32 gradients (engine/master_weights.py).
-    layer_tensor = max((rows * cols for u in shape.layer_units for _, rows, cols in u.linears), default=0)
+    layer_tensor = shape.largest_layer_linear
 
     def units_of(g: int) -> set[int]:
         return set(groups[g])
@@ -141,16 +141,20 @@ def estimate_hift(
         outer = 0 if head_unit not in units_of(g) else 3 if shape.tied_embeddings else 1
         return unsharded_gradient_bytes(shape, outer, layers)
 
+    # The largest group, and the largest but that one: the largest other than any group g.
+    by_size = sorted(range(len(sizes)), key=sizes.__getitem__, reverse=True)
+
     def prefetch_of(g: int) -> int:
         # The next group's state arrives during this step: the one above in a bottom-up order (the
         # embedding's after the head's: the cycle wraps), below in a top-down one, any in a random
         # one. fp32 on the device whatever the policy.
         n = len(sizes)
-        following = {
-            "bottom-up": [sizes[(g + 1) % n]],
-            "top-down": [sizes[(g - 1) % n]],
-        }.get(request.options.order, [sizes[j] for j in range(n) if j != g])
-        return 0 if state_policy == "drop" or n == 1 else DEVICE_STATE_BYTES * shard(max(following), ranks)
+        if state_policy == "drop" or n == 1:
+            return 0
+        following = {"bottom-up": (g + 1) % n, "top-down": (g - 1) % n}.get(
+            request.options.order, by_size[0] if by_size[0] != g else by_size[1]
+        )
+        return DEVICE_STATE_BYTES * shard(sizes[following], ranks)
 
     def step_of(g: int) -> Estimate:
         prefetch = prefetch_of(g)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from functools import partial
+from functools import lru_cache, partial
 
 from lowmem_ft.choices import BASE_QUANTS
 from lowmem_ft.planner.accounting import (
@@ -34,7 +34,8 @@ from lowmem_ft.planner.types import (
 SPARSITY_GRID = (0.10, 0.08, 0.05, 0.04, 0.03, 0.02, 0.01, 0.005, 0.002, 0.001)
 
 
-def sift_targets(shape: ModelShape, targets: str = "all-linear") -> list[int]:
+@lru_cache(maxsize=32)  # the planner's searches ask for the same shape's targets thousands of times
+def sift_targets(shape: ModelShape, targets: str = "all-linear") -> tuple[int, ...]:
     """Sizes of the target weights ``--targets`` selects, by the module names the model would have,
     checked as the run checks them (methods/sparse/method.py): a tied LM head is the embedding's
     weight, the embeddings and norms are not linear layers."""
@@ -43,7 +44,14 @@ def sift_targets(shape: ModelShape, targets: str = "all-linear") -> list[int]:
     sizes = {name: rows * cols for name, (rows, cols) in shape.linears().items()}
     tied = ["lm_head"] if shape.tied_embeddings else []
     norms = [m for m in dict.fromkeys(n.rsplit(".", 1)[0] for n in shape.named_terms()) if m not in sizes]
-    return [sizes[name] for name in match_targets(list(sizes), targets, [*shape.embeddings, *norms], tied)]
+    chosen = match_targets(list(sizes), targets, [*shape.embeddings, *norms], tied)
+    return tuple(sizes[name] for name in chosen)
+
+
+@lru_cache(maxsize=256)
+def trainable_entries(targets: tuple[int, ...], sparsity: float) -> int:
+    """The entries all the target weights train at ``sparsity``, for each rate the search tries."""
+    return sum(sparse_entries(n, sparsity) for n in targets)
 
 
 def estimate_sparse(
@@ -61,7 +69,7 @@ def estimate_sparse(
     targets = sift_targets(shape, request.options.targets)
     target_params = sum(targets)
     other = shape.params - target_params
-    entries = sum(sparse_entries(n, sparsity) for n in targets)
+    entries = trainable_entries(targets, sparsity)
     target_bytes = int(QUANT_BYTES[base_quant] * target_params) if base_quant != "none" else w * target_params
     base = target_bytes + w * other
     # W + Δ in the forward, then in the backward W + Δ again and the dense weight gradient, one

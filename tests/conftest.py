@@ -86,7 +86,7 @@ def small_model():
     return LlamaForCausalLM(config)
 
 
-# The modules that take longest (about 6, 5 and 5 minutes of one core on the 2-core CI machine), first:
+# The modules that take longest (about 7, 5 and 4 minutes, measured on a 2-core machine like CI's), first:
 # with `-n 2` (README), pytest-xdist hands each worker one module at a time in this order, and a
 # long module handed out last would leave one worker on it alone while the other is idle.
 LONGEST_FIRST = ("test_distributed.py", "test_looptrace.py", "test_resume.py")

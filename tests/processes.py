@@ -1,8 +1,8 @@
 """Processes of their own for tests that kill a run or keep one case from another, made cheaply.
 
 Each is forked from one server process that imported torch, transformers and the package once
-(multiprocessing's "forkserver"): a fresh interpreter takes about 13 s to import them on the 2-core
-CI machine, more than most runs it would start take. A forked process starts from the state those
+(multiprocessing's "forkserver"): a fresh interpreter took about 13 s to import them on a 2-core
+machine like CI's, more than most runs it would start take. A forked process starts from the state those
 imports leave and nothing else: no test's work, no thread, no CUDA.
 """
 

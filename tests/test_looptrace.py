@@ -69,8 +69,8 @@ CASES = {
 
 def _trace_case(case: str):
     """One case in a fresh process of its own (the pool below, forked from one that imported the
-    libraries): two cases run at once on two cores,
-    and no trace depends on what an earlier case left in its process."""
+    libraries): two cases run at once on two cores, and no trace depends on what an earlier case
+    left in its process."""
     model, budget, options = CASES[case]
     config = RunConfig.create(
         model=model, data=Path("trace.jsonl"), dtype="bf16", device="cpu", gpu_mem=budget, cpu_mem="1TiB",

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from unittest import mock
 
@@ -43,7 +44,6 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from lowmem_ft.config import RunConfig
 from lowmem_ft.data.bulk import cycle_collector_paused
@@ -67,17 +67,27 @@ class LoopTrace:
     steps: list[int] = field(default_factory=list)  # the optimizer steps traced
 
 
+def _tensors(values) -> Iterator[torch.Tensor]:
+    """The tensors in an operator's arguments or results: tensors, and sequences of them (an ATen
+    schema nests no deeper), walked without pytree's generality (a tenth of the books' time)."""
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (tuple, list)):
+            yield from _tensors(value)
+
+
 def _storage(t: torch.Tensor):
     """The storage a tensor's bytes live in: a DTensor's (several ranks) is its local shard's."""
     return (t._local_tensor if isinstance(t, DTensor) else t).untyped_storage()
 
 
-class DeviceBytes(TorchDispatchMode):
-    """Live bytes of the storages created under this mode (and of those adopted), less the engine's
-    host buffers; the peak, and where in the loop it happened."""
+class DeviceBytes:
+    """Live bytes of the storages the loop's operators create (and of those adopted), less the
+    engine's host buffers; the peak, and where in the loop it happened. Fed by the dispatch mode
+    that runs the operators: fake tensors (_FakeDevice) or a GPU's (_RealDevice)."""
 
     def __init__(self, where=current_phase, device_type: str | None = None):
-        super().__init__()
         self.device_type = device_type  # count only storages on this device type (None: every one)
         self.where = where
         self.live = self.peak = 0
@@ -144,23 +154,20 @@ class DeviceBytes(TorchDispatchMode):
         self.phase_peaks = {"setup": self.live}
         self.setup_done = True
 
-    # -- the dispatch hook ---------------------------------------------------------------------------
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and self.device_type is None:
-            (tensor,) = args  # .item(), float(), int(), bool() of a fake tensor: no value to read
-            return True if tensor.dtype == torch.bool else 1 if not tensor.is_floating_point() else 1.0
-        out = func(*args, **(kwargs or {}))
-        outputs = (
-            [out]
-            if isinstance(out, torch.Tensor)
-            else [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        )
+    # -- what each operator made ---------------------------------------------------------------------
+    def record(self, func, args, kwargs, out) -> None:
+        """Count the new storages among the outputs of ``func(*args, **kwargs)``."""
+        if isinstance(out, torch.Tensor):
+            outputs = [out]
+        elif isinstance(out, (tuple, list)):
+            outputs = list(_tensors(out))
+        else:  # a scalar, a device
+            return
         if self._may_alias(func):  # an in-place op or a view: its output may be an input's storage
-            inputs = {id(_storage(t)) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            inputs = {id(_storage(t)) for t in _tensors((*args, *(kwargs or {}).values()))}
             outputs = [t for t in outputs if id(_storage(t)) not in inputs]
         for t in outputs:
             self._add(_storage(t))
-        return out
 
     def _may_alias(self, func) -> bool:
         """Whether an output of ``func`` may share an input's storage, by its schema (its returns'
@@ -187,6 +194,63 @@ class DeviceBytes(TorchDispatchMode):
             self.peak, self.peak_phase = self.live, self.where()
         name = self.where()
         self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), self.live)
+
+
+_LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
+_DEVICE = torch.ops.prim.device.default
+
+
+class _FakeDevice(FakeTensorMode):
+    """Fake tensors whose operators feed the books while ``recording``. One Python dispatch per
+    operator: the books as a mode of their own above FakeTensorMode made two, and that second one
+    took a fifth of a trace's time."""
+
+    def __init__(self):
+        super().__init__()
+        self.books: DeviceBytes | None = None
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def recording(self, books: DeviceBytes):
+        self.books = books
+        try:
+            yield
+        finally:
+            self.books = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _DEVICE:  # a tensor's .device, asked by C++ (most of a fake backward's operators)
+            return super().__torch_dispatch__(func, types, args, kwargs or {})
+        if func is _LOCAL_SCALAR:  # .item(), float(), int(), bool() of a fake tensor: no value to read
+            (tensor,) = args
+            return True if tensor.dtype == torch.bool else 1 if not tensor.is_floating_point() else 1.0
+        # FakeTensorMode runs some operators as decompositions, whose operators come through here
+        # again: only the outermost one's outputs are the loop's (a GPU runs the whole as one kernel).
+        self._depth += 1
+        try:
+            out = super().__torch_dispatch__(func, types, args, kwargs or {})
+            if out is NotImplemented:  # a DTensor's operator (several ranks): DTensor runs it on its
+                # local shards, whose operators come through here again, inside this one: the
+                # outputs counted are the DTensor operator's, as a mode above FakeTensorMode saw them
+                out = func(*args, **(kwargs or {}))
+        finally:
+            self._depth -= 1
+        if self.books is not None and not self._depth:
+            self.books.record(func, args, kwargs, out)
+        return out
+
+
+class _RealDevice(TorchDispatchMode):
+    """A GPU's real tensors: every operator feeds the books (which count CUDA storages only)."""
+
+    def __init__(self, books: DeviceBytes):
+        super().__init__()
+        self.books = books
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.books.record(func, args, kwargs, out)
+        return out
 
 
 class _NoJob:
@@ -235,7 +299,7 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
 
     trace.where = where
     resolved.config.use_cache = False
-    fake = contextlib.nullcontext() if on_gpu else FakeTensorMode()
+    fake = contextlib.nullcontext() if on_gpu else _FakeDevice()
     swap = (
         contextlib.nullcontext() if on_gpu else mock.patch("torch.utils.swap_tensors", _swap_fake_parameters)
     )
@@ -246,7 +310,8 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
         # model on the device; placing it there (all of it, or all but the streamed layers) is.
         model = _host_model(AutoModelForCausalLM, resolved.config, method.weight_dtype(), on_gpu)
         model.train()
-        with trace, host_memory.observe(trace.host_buffer):
+        recording = _RealDevice(trace) if on_gpu else fake.recording(trace)
+        with recording, host_memory.observe(trace.host_buffer):
             with phase("setup"):
                 if ranks > 1 and method.name in SHARDED_METHODS:  # as load_sharded does, from the host model
                     from lowmem_ft.distributed.fsdp import shard_model

@@ -1,8 +1,10 @@
 """Planned vs traced GPU memory of the whole training loop, at full 7B/8B size, without a GPU.
 
-    python bench/plan_vs_trace.py                              # the matrix (about an hour, 2 cores)
+    python bench/plan_vs_trace.py                              # the whole matrix (over an hour, 2 cores)
     python bench/plan_vs_trace.py --write docs/planner.md         # and record the table there
     python bench/plan_vs_trace.py --models llama-2-7b --methods hift --budgets 8 24
+    python bench/plan_vs_trace.py --models llama-2-7b --budgets 12 16 48 \
+        --write docs/planner.md --section plan-vs-trace-budgets   # a part, as a table of its own
 
 For each model, method (with its variants: HiFT's state policies, the sparse methods' bases,
 streamed or resident) and GPU budget, it asks the planner for a plan exactly as `lowmem-ft run`
@@ -41,7 +43,7 @@ from lowmem_ft.sizes import format_bytes
 
 SECTION = "plan-vs-trace"
 MODELS = ("llama-2-7b", "llama-3-8b", "qwen2.5-7b", "mistral-7b")
-BUDGETS = (8, 16, 24, 48)
+BUDGETS = (8, 12, 16, 24, 48)
 # name -> RunConfig options; the planner chooses everything else, as in `lowmem-ft run`.
 VARIANTS = {
     "full": {"method": "full"},
@@ -62,7 +64,7 @@ VARIANTS = {
     "bitfit": {"method": "bitfit"},
     "spafit": {"method": "spafit"},
 }
-# By default the first model gets every variant, the others these (an hour on 2 cores in all).
+# By default the first model gets every variant, the others these.
 CORE = ("hift keep", "hift --stream", "sift nf4", "lora")
 # Host RAM is not what this measures: a large one, so that the GPU alone decides the plan.
 HOST = "1TiB"
@@ -137,6 +139,9 @@ def main() -> None:
         "--other-budgets", nargs="+", type=int, help="GiB, for the other models [default: --budgets]"
     )
     parser.add_argument("--write", type=Path, help="put the table into this Markdown file")
+    parser.add_argument(
+        "--section", default=SECTION, help=f"the table's section of the --write file [default: {SECTION}]"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="cases traced side by side")
     args = parser.parse_args()
     cases = []
@@ -168,7 +173,7 @@ def main() -> None:
             f"and allocator margin ({ALLOCATOR_MARGIN:.0%}); *traced*: the largest live bytes of the "
             f"loop's tensors. {summary}.\n\n{table(rows)}"
         )
-        write_section(args.write, SECTION, body)
+        write_section(args.write, args.section, body)
         print(f"wrote {args.write}")
 
 

@@ -85,7 +85,7 @@ def _storage(t: torch.Tensor):
 class DeviceBytes:
     """Live bytes of the storages the loop's operators create (and of those adopted), less the
     engine's host buffers; the peak, and where in the loop it happened. Fed by the dispatch mode
-    that runs the operators: fake tensors (_FakeDevice) or a GPU's (_RealDevice)."""
+    that runs the operators: FakeDevice (fake tensors), or Recording (above any others)."""
 
     def __init__(self, where=current_phase, device_type: str | None = None):
         self.device_type = device_type  # count only storages on this device type (None: every one)
@@ -200,7 +200,7 @@ _LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
 _DEVICE = torch.ops.prim.device.default
 
 
-class _FakeDevice(FakeTensorMode):
+class FakeDevice(FakeTensorMode):
     """Fake tensors whose operators feed the books while ``recording``. One Python dispatch per
     operator: the books as a mode of their own above FakeTensorMode made two, and that second one
     took a fifth of a trace's time."""
@@ -225,7 +225,7 @@ class _FakeDevice(FakeTensorMode):
             (tensor,) = args
             return True if tensor.dtype == torch.bool else 1 if not tensor.is_floating_point() else 1.0
         # FakeTensorMode runs some operators as decompositions, whose operators come through here
-        # again: only the outermost one's outputs are the loop's (a GPU runs the whole as one kernel).
+        # again: only the outermost one's outputs are the loop's (a GPU runs the operator itself).
         self._depth += 1
         try:
             out = super().__torch_dispatch__(func, types, args, kwargs or {})
@@ -240,8 +240,9 @@ class _FakeDevice(FakeTensorMode):
         return out
 
 
-class _RealDevice(TorchDispatchMode):
-    """A GPU's real tensors: every operator feeds the books (which count CUDA storages only)."""
+class Recording(TorchDispatchMode):
+    """Every operator run under this mode feeds the books, whatever runs it: a GPU's real tensors
+    (the books count CUDA storages only), or fake tensors of a FakeTensorMode below it (tests)."""
 
     def __init__(self, books: DeviceBytes):
         super().__init__()
@@ -299,7 +300,7 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
 
     trace.where = where
     resolved.config.use_cache = False
-    fake = contextlib.nullcontext() if on_gpu else _FakeDevice()
+    fake = contextlib.nullcontext() if on_gpu else FakeDevice()
     swap = (
         contextlib.nullcontext() if on_gpu else mock.patch("torch.utils.swap_tensors", _swap_fake_parameters)
     )
@@ -310,7 +311,7 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
         # model on the device; placing it there (all of it, or all but the streamed layers) is.
         model = _host_model(AutoModelForCausalLM, resolved.config, method.weight_dtype(), on_gpu)
         model.train()
-        recording = _RealDevice(trace) if on_gpu else fake.recording(trace)
+        recording = Recording(trace) if on_gpu else fake.recording(trace)
         with recording, host_memory.observe(trace.host_buffer):
             with phase("setup"):
                 if ranks > 1 and method.name in SHARDED_METHODS:  # as load_sharded does, from the host model

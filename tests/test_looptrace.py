@@ -127,12 +127,12 @@ def test_a_host_buffer_never_counts_as_device_memory_even_for_the_instant_torch_
     engine/host_memory tells it what they are: the peak they raised in that instant is not real
     (it once put a traced 24 GiB HiFT plan 5.9 GiB over, in the save of a group's state)."""
     import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lowmem_ft.engine import host_memory
-    from lowmem_ft.looptrace import DeviceBytes
+    from lowmem_ft.looptrace import DeviceBytes, FakeDevice
 
-    with FakeTensorMode(), (trace := DeviceBytes()), host_memory.observe(trace.host_buffer):
+    fake, trace = FakeDevice(), DeviceBytes()
+    with fake, fake.recording(trace), host_memory.observe(trace.host_buffer):
         if host_first:
             host_memory.host_buffer(1 << 20, torch.float32, pin=False)
         kept = torch.empty(1000, dtype=torch.uint8)
@@ -150,12 +150,12 @@ def test_a_freed_host_buffer_does_not_hide_the_device_storage_that_gets_its_id()
     freed and then a device tensor allocated in its place must still count (without this, a
     traced peak once came out 1.3 GiB low, now and then)."""
     import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lowmem_ft.engine import host_memory
-    from lowmem_ft.looptrace import DeviceBytes
+    from lowmem_ft.looptrace import DeviceBytes, FakeDevice
 
-    with FakeTensorMode(), (trace := DeviceBytes()), host_memory.observe(trace.host_buffer):
+    fake, trace = FakeDevice(), DeviceBytes()
+    with fake, fake.recording(trace), host_memory.observe(trace.host_buffer):
         kept = []
         for _ in range(50):
             host_memory.host_buffer(1 << 10, torch.float32, pin=False)  # freed at once

@@ -2,7 +2,7 @@
 
 Two things need to know which phase is running: an out-of-memory error, which should say where it
 happened and what would fit (the micro-batch retry helps only in the forward/backward), and the
-memory trace (tests/looptrace.py), which reports the phase of each plan's peak.
+memory trace (lowmem_ft/looptrace.py), which reports the phase of each plan's peak.
 
     with phase("optimizer step"):
         method.optimizer.step()

@@ -13,7 +13,7 @@ page-locked in place with ``cudaHostRegister`` (what torch's own distributed-che
 does); the driver then copies from it asynchronously, as from any pinned memory.
 
 On a CPU-only machine nothing is pinned and the same code runs. ``observe`` lets the memory
-trace (tests/looptrace.py) see every host buffer, so it can tell host bytes from device bytes.
+trace (lowmem_ft/looptrace.py) see every host buffer, so it can tell host bytes from device bytes.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Planned vs traced GPU memory of the whole training loop, at full 7B/8B size, without a GPU.
 
-    python bench/plan_vs_trace.py                              # the whole matrix (over an hour, 2 cores)
+    python bench/plan_vs_trace.py                              # the whole matrix
     python bench/plan_vs_trace.py --write docs/planner.md         # and record the table there
     python bench/plan_vs_trace.py --models llama-2-7b --methods hift --budgets 8 24
     python bench/plan_vs_trace.py --models llama-2-7b --budgets 12 16 48 \

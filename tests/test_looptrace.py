@@ -161,3 +161,29 @@ def test_a_freed_host_buffer_does_not_hide_the_device_storage_that_gets_its_id()
             host_memory.host_buffer(1 << 10, torch.float32, pin=False)  # freed at once
             kept.append(torch.empty(1000, dtype=torch.uint8))
         assert trace.live == 50 * 1000
+
+
+def test_the_fake_device_counts_what_a_mode_above_fake_tensors_counts():
+    """FakeDevice feeds the books from inside FakeTensorMode (one dispatch per operator, not two):
+    a training step of a small Llama (forward, backward, AdamW) must give the books the same peak
+    and live bytes as the plain recording mode above an ordinary FakeTensorMode, its reference."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowmem_ft.looptrace import DeviceBytes, FakeDevice, Recording
+
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, dtype=torch.bfloat16,
+    )  # fmt: skip
+    counted = []
+    for fake in (FakeDevice(), FakeTensorMode()):
+        books = DeviceBytes()
+        with fake:
+            model, tokens = LlamaForCausalLM(config), torch.randint(0, 256, (2, 32))
+            with fake.recording(books) if isinstance(fake, FakeDevice) else Recording(books):
+                model(input_ids=tokens, labels=tokens).loss.backward()
+                torch.optim.AdamW(model.parameters(), foreach=True).step()
+        counted.append((books.peak, books.live))
+    assert counted[0] == counted[1] and counted[0][0] > 0, counted

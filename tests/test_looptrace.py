@@ -187,3 +187,48 @@ def test_the_fake_device_counts_what_a_mode_above_fake_tensors_counts():
                 torch.optim.AdamW(model.parameters(), foreach=True).step()
         counted.append((books.peak, books.live))
     assert counted[0] == counted[1] and counted[0][0] > 0, counted
+
+
+def _llama_shaped(directory: Path, layers: int) -> Path:
+    """A config of Llama-2's proportions, small: the planner reads its shape, the trace builds it."""
+    import json
+
+    directory.mkdir()
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+        "intermediate_size": 688, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "num_hidden_layers": layers, "vocab_size": 1000, "max_position_embeddings": 1024,
+        "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }  # fmt: skip
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"method": "bitfit"},  # every norm weight: its normalised input
+        {"method": "lora", "base_quant": "none"},  # all-linear: each adapter's 16-bit input, A's output
+        # the layers below N1 keep nothing; the layers above, LoRA on attention and their norms
+        {"method": "spafit", "cutoffs": "1,2", "variant": "II", "lora_rank": 32},
+    ],
+    ids=lambda options: options["method"],
+)
+def test_a_structured_methods_layer_keeps_what_the_plan_counts(options, tmp_path):
+    """What four more decoder layers add to the traced peak (not checkpointed, where a frozen base's
+    layers keep what their trained tensors need) is what they add to the plan, to a byte per token
+    and layer; and the plan holds."""
+    seq_len, micro_batch = 256, 4
+    planned, traced = {}, {}
+    for layers in (4, 8):
+        config = RunConfig.create(
+            model=str(_llama_shaped(tmp_path / f"l{layers}", layers)), data=Path("trace.jsonl"), dtype="bf16",
+            device="cpu", gpu_mem="48GiB", cpu_mem="1TiB", seq_len=seq_len, micro_batch_size=micro_batch,
+            gradient_checkpointing=False, **options,
+        )  # fmt: skip
+        plan, trace = trace_run(config)
+        planned[layers] = (plan.gpu_peak_bytes - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_MARGIN)
+        traced[layers] = trace.peak
+        assert trace.peak <= planned[layers], (layers, planned[layers], trace.peak)
+    per_token_and_layer = ((planned[8] - planned[4]) - (traced[8] - traced[4])) / (4 * seq_len * micro_batch)
+    assert abs(per_token_and_layer) <= 1, per_token_and_layer

@@ -267,6 +267,63 @@ def sift_activation_bytes(
     return (shape.layers * keeps.sparse - keeps.first) * tokens + outside
 
 
+@dataclass(frozen=True)
+class LayerTrains:
+    """What a structured selection (BitFit, LoRA, SPAFIT) trains in one decoder layer."""
+
+    norms: int = 0  # norm weights (each keeps its normalised input for its gradient)
+    adapter_inputs: tuple[int, ...] = ()  # input width of each LoRA-adapted linear layer
+
+
+# Per architecture, what a structured selection adds to a frozen layer on the gradient path, per
+# token: measured on the recipe's own loop (bench/plan_vs_trace.py, 4- and 8-layer models of
+# Llama-2's shape) for Llama-style blocks. Other architectures' norms and adapters have not been
+# traced: their layers are counted as a sparse run's, which keeps every linear layer's input.
+STRUCTURED_KEEPS = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def structured_activation_bytes(
+    shape: ModelShape,
+    seq_len: int,
+    micro_batch: int,
+    p: Precision,
+    checkpointing: bool,
+    trains: dict[int, LayerTrains],
+    rank: int,
+    final_norm_trains: bool,
+) -> int:
+    """Activations of a frozen base with a few trained tensors (``trains``: per decoder layer).
+
+    Nothing below the lowest layer that trains is on the gradient path: it keeps nothing, even
+    when checkpointed (non-reentrant checkpointing saves nothing for a layer without gradients).
+    From there up, a Llama-style layer keeps what a frozen one does (LayerKeeps.frozen), and
+
+        + e·h         per trained RMSNorm weight: its normalised input, in the compute dtype
+        + e·(in + r)  per LoRA adapter: its own 16-bit copy of its input (peft casts the input to the
+                      fp32 adapter's dtype, autocast casts it back, a new tensor per adapter) and
+                      the rank-r output of A
+
+    per token, less LayerKeeps.first in the lowest layer. In fp32 (no autocast) the adapters read
+    their linear layer's own input, so this is an upper bound there. Architectures not in
+    STRUCTURED_KEEPS keep what a sparse run's layers keep, plus the adapters."""
+    tokens = seq_len * micro_batch
+    lowest = min(trains, default=shape.layers)
+    on_path = shape.layers - lowest
+    outside = hift_outside_layers_bytes(shape, seq_len, tokens, False, p)
+    if final_norm_trains:
+        outside += p.compute_bytes * shape.hidden * tokens
+    if checkpointing:  # each layer's input from the lowest up, and the last layer's output
+        return (on_path + 1) * checkpoint_bytes(shape, tokens, p) * (on_path > 0) + outside
+    e, keeps = p.compute_bytes, layer_keeps(shape, seq_len, p)
+    adapters = sum(e * (width + rank) for t in trains.values() for width in t.adapter_inputs)
+    if shape.model_type in STRUCTURED_KEEPS:
+        norms = sum(t.norms for t in trains.values()) * e * shape.hidden
+        layers = on_path * keeps.frozen + norms + adapters
+    else:
+        layers = on_path * keeps.sparse + adapters
+    return (layers - keeps.first * (on_path > 0)) * tokens + outside
+
+
 def hift_outside_layers_bytes(
     shape: ModelShape, seq_len: int, tokens: int, head_trains: bool, p: Precision
 ) -> int:

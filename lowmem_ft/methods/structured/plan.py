@@ -6,8 +6,9 @@ from functools import partial
 
 from lowmem_ft.planner.accounting import (
     QUANT_BYTES,
+    LayerTrains,
     Precision,
-    sift_activation_bytes,
+    structured_activation_bytes,
 )
 from lowmem_ft.planner.fit import (
     accumulates,
@@ -18,13 +19,29 @@ from lowmem_ft.planner.fit import (
 )
 from lowmem_ft.planner.shapes import ModelShape
 from lowmem_ft.planner.types import DTYPE_NAMES, Component, Estimate, MethodPlan, PlanRequest
-from lowmem_ft.selections import Selection
+from lowmem_ft.selections import Selection, layer_index
 
 
 def shape_inputs(shape: ModelShape) -> tuple[dict, dict, int, str]:
     """What a structured method's ``select_*`` reads, from the shape the model would have: its bias
     and norm terms, its decoder layers' linear layers, its depth and its type."""
     return shape.named_terms(), shape.decoder_linears(), shape.layers, shape.model_type
+
+
+def trained_per_layer(selection: Selection, linears: dict[str, tuple[int, int]]) -> dict[int, LayerTrains]:
+    """{decoder layer: what trains in it}: its norm weights and its LoRA adapters' input widths (a
+    bias trains from its output's gradient alone and keeps nothing)."""
+    norms: dict[int, int] = {}
+    inputs: dict[int, list[int]] = {}
+    for name in (*selection.terms, *selection.added_biases):
+        if layer_index(name) is not None:
+            is_norm = name in selection.terms and not name.endswith(".bias")
+            norms[layer_index(name)] = norms.get(layer_index(name), 0) + is_norm
+    for name in selection.lora_targets:
+        inputs.setdefault(layer_index(name), []).append(linears[name][1])
+    return {
+        i: LayerTrains(norms.get(i, 0), tuple(inputs.get(i, ()))) for i in sorted(set(norms) | set(inputs))
+    }
 
 
 def estimate_structured(
@@ -47,26 +64,21 @@ def estimate_structured(
     if base_quant != "none":
         base -= int((w - QUANT_BYTES[base_quant]) * adapted)
     parts, _, loss, logits_grad, extra = activation_parts(shape, request, p, micro_batch, checkpointing)
-    # Every layer above the lowest trained one is on the gradient path with frozen weights: a sparse
-    # run's activations are an upper bound (it also keeps the linear layers' inputs). LoRA adds, per
-    # token and adapter, the rank-r output of A and, computing in 16 bits, the adapter's own 16-bit
-    # copy of its input (peft computes the adapters from an fp32 cast of it).
-    acts = sift_activation_bytes(shape, request.seq_len, micro_batch, p, checkpointing)
-    tokens = request.seq_len * micro_batch
-    per_adapter = {
-        n: p.compute_bytes * (rank + (linears[n][1] if p.compute_bytes == 2 else 0))
-        for n in selection.lora_targets
-    }
-    lora_acts = tokens * sum(per_adapter.values())
-    if checkpointing:  # only the layer being rebuilt keeps them
-        from lowmem_ft.selections import layer_index
-
-        per_layer: dict[int, int] = {}
-        for name, size in per_adapter.items():
-            per_layer[layer_index(name)] = per_layer.get(layer_index(name), 0) + size
-        extra += tokens * max(per_layer.values(), default=0)
-    else:
-        acts += lora_acts
+    trains = trained_per_layer(selection, linears)
+    final_norm_trains = any(layer_index(n) is None and not n.endswith(".bias") for n in selection.terms)
+    acts = structured_activation_bytes(
+        shape, request.seq_len, micro_batch, p, checkpointing, trains, rank, final_norm_trains
+    )
+    if p.compute_bytes == 2 and not checkpointing:
+        # autocast makes a 16-bit copy of each fp32 adapter weight (A and B), kept from the forward
+        # for the backward (objective.autocast: no weight cache, so a checkpointed layer's are made
+        # again when it is rebuilt)
+        acts += 2 * rank * sum(sum(linears[n]) for n in selection.lora_targets)
+    if checkpointing:  # the layer being rebuilt keeps its adapters' inputs and outputs too
+        tokens = request.seq_len * micro_batch
+        per_layer = [sum(t.adapter_inputs) + rank * len(t.adapter_inputs) for t in trains.values()]
+        widest = max(per_layer, default=0)
+        extra += tokens * p.compute_bytes * widest
     parts[0] = Component(parts[0].name, acts, note=parts[0].note)
     base_name = DTYPE_NAMES[w] + (f", {base_quant} where adapted" if base_quant != "none" else "")
     components = [

@@ -19,7 +19,7 @@ groups with the next group's state prefetched, SIFT's selection, evaluation and 
 The trace measures tensors, not the CUDA context or the allocator's fragmentation: those are the
 planner's constants (CUDA_CONTEXT_BYTES, ALLOCATOR_MARGIN), to be measured on a GPU
 (bench/gpu_check.py). QLoRA is not traced: bitsandbytes' Params4bit cannot wrap a fake
-tensor.
+tensor (tests/test_planner.py checks what it adds to LoRA's plan on real tensors).
 """
 
 from __future__ import annotations

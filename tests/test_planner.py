@@ -372,3 +372,77 @@ def test_sift_bytes_match_a_traced_step_within_5_percent(alias, dtype, seq_len, 
     if checkpointing:
         beside += checkpoint_bytes(shape, seq_len, Precision(request.compute_bytes, request.compute_bytes))
     assert est.activations - beside == pytest.approx(trace["activations"], rel=0.05)
+
+
+# -- QLoRA: what the loop trace cannot run (bitsandbytes' Params4bit cannot wrap a fake tensor) -----
+@pytest.mark.parametrize("shape", [(688, 256), (77, 100), (4096, 1024)])
+def test_qlora_base_bytes_are_what_bitsandbytes_stores(shape):
+    """Each quantised weight of QLoRA's base is counted as the bytes bitsandbytes really keeps for
+    it: the packed codes and every tensor of its quantisation state (double-quantised block scales)."""
+    from lowmem_ft.engine.quantised import quantise_linears_4bit
+    from lowmem_ft.planner.accounting import QUANT_BYTES, qlora_nf4_bytes
+
+    rows, cols = shape
+    model = torch.nn.Sequential(torch.nn.Linear(cols, rows, bias=False)).to(torch.bfloat16)
+    quantise_linears_4bit(model, ("0",), torch.device("cpu"), torch.bfloat16)
+    weight = model[0].weight
+
+    def state_bytes(state) -> int:
+        tensors = [getattr(state, name, None) for name in ("absmax", "code", "offset")]
+        nested = state_bytes(state.state2) if getattr(state, "nested", False) else 0
+        return sum(t.untyped_storage().nbytes() for t in tensors if isinstance(t, torch.Tensor)) + nested
+
+    stored = weight.untyped_storage().nbytes() + state_bytes(weight.quant_state)
+    assert stored == qlora_nf4_bytes(rows * cols)
+    if rows * cols >= 2**20:  # beyond the per-tensor code tables: less than NF4 with fp32 block scales
+        assert stored < 0.93 * QUANT_BYTES["nf4"] * rows * cols
+
+
+def test_a_qlora_layer_keeps_for_the_backward_what_a_lora_layer_keeps():
+    """The traced LoRA plans carry over to QLoRA: on the same model (bf16 under autocast, as a run
+    computes), the 4-bit base layers save no tensor for the backward that the 16-bit ones do not,
+    so QLoRA's activations are LoRA's; only the base's bytes differ (counted above)."""
+    import types
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowmem_ft.engine.quantised import quantise_linears_4bit
+    from lowmem_ft.methods.structured.method import add_lora, model_linears
+    from lowmem_ft.objective import autocast
+    from lowmem_ft.selections import Selection
+
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    tokens = torch.randint(0, 512, (2, 64))
+
+    def saved_for_backward(quantised: bool) -> list[tuple]:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        targets = tuple(model_linears(model))
+        if quantised:
+            quantise_linears_4bit(model, targets, torch.device("cpu"), torch.bfloat16)
+        model.requires_grad_(False)
+        add_lora(
+            model,
+            Selection((), (), targets, ""),
+            types.SimpleNamespace(lora_rank=8, lora_alpha=None, lora_dropout=0.0),
+        )
+        params = {p.untyped_storage()._cdata for p in model.parameters()}
+        saved: dict[int, tuple] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage()._cdata not in params:
+                saved.setdefault(t.untyped_storage()._cdata, (t.untyped_storage().nbytes(), t.dtype))
+            return t
+
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            autocast(torch.device("cpu"), torch.bfloat16),
+        ):
+            model(input_ids=tokens)
+        return sorted(saved.values(), key=str)
+
+    lora = saved_for_backward(quantised=False)
+    assert lora and saved_for_backward(quantised=True) == lora

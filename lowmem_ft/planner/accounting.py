@@ -36,6 +36,16 @@ SIFT_BYTES_PER_ENTRY = 4 + 4 + 8 + 4
 # Bytes per weight of a bitsandbytes-quantised base (engine/sparse_delta.py): blockwise int8 with an
 # fp32 absmax per 256 weights, NF4 with an fp32 absmax per 64. "none" is the compute dtype's size.
 QUANT_BYTES = {"int8": 1.0 + 4 / 256, "nf4": 0.5 + 4 / NF4_BLOCKSIZE}
+
+
+def qlora_nf4_bytes(numel: int) -> int:
+    """Bytes of one weight tensor of QLoRA's base (engine/quantised.py: bitsandbytes' Params4bit,
+    which quantises its block scales again by default, QLoRA's "double quantisation"): the 4-bit
+    codes, one 8-bit absmax per block of 64, an fp32 scale per 256 blocks, and per tensor the fp32
+    code tables of both (256 and 16 values) and an offset. 0.516 bytes per weight, where NF4 with
+    fp32 block scales (QUANT_BYTES, the sparse methods' base) takes 0.5625."""
+    blocks = math.ceil(numel / NF4_BLOCKSIZE)
+    return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * (256 + 16 + 1)
 # Optimizer-state bytes per parameter on the device: AdamW's fp32 m and v, whatever the policy (the
 # optimizer runs in fp32; a group stored in 8 bits is expanded to fp32 on arrival).
 DEVICE_STATE_BYTES = 8

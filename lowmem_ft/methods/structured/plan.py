@@ -5,9 +5,9 @@ from __future__ import annotations
 from functools import partial
 
 from lowmem_ft.planner.accounting import (
-    QUANT_BYTES,
     LayerTrains,
     Precision,
+    qlora_nf4_bytes,
     structured_activation_bytes,
 )
 from lowmem_ft.planner.fit import (
@@ -59,10 +59,10 @@ def estimate_structured(
     p = Precision(weight_bytes=w, compute_bytes=request.compute_bytes, on_gpu=request.on_gpu)
     linears = shape.decoder_linears()
     trainable = selection.count(shape.named_terms(), linears, rank)
-    adapted = sum(rows * cols for rows, cols in (linears[n] for n in selection.lora_targets))
     base = w * shape.params
-    if base_quant != "none":
-        base -= int((w - QUANT_BYTES[base_quant]) * adapted)
+    if base_quant == "nf4":  # QLoRA: the adapted layers' weights
+        adapted = [rows * cols for rows, cols in (linears[n] for n in selection.lora_targets)]
+        base += sum(qlora_nf4_bytes(n) - w * n for n in adapted)
     parts, _, loss, logits_grad, extra = activation_parts(shape, request, p, micro_batch, checkpointing)
     trains = trained_per_layer(selection, linears)
     final_norm_trains = any(layer_index(n) is None and not n.endswith(".bias") for n in selection.terms)
@@ -79,6 +79,10 @@ def estimate_structured(
         per_layer = [sum(t.adapter_inputs) + rank * len(t.adapter_inputs) for t in trains.values()]
         widest = max(per_layer, default=0)
         extra += tokens * p.compute_bytes * widest
+    if base_quant == "nf4":
+        # bitsandbytes' 4-bit matmul dequantises the whole weight for each input gradient (and, on
+        # the GPU, for a forward of many tokens): one 16-bit weight at a time, beside the backward
+        extra += w * max(adapted, default=0)
     parts[0] = Component(parts[0].name, acts, note=parts[0].note)
     base_name = DTYPE_NAMES[w] + (f", {base_quant} where adapted" if base_quant != "none" else "")
     components = [

@@ -46,6 +46,8 @@ def qlora_nf4_bytes(numel: int) -> int:
     fp32 block scales (QUANT_BYTES, the sparse methods' base) takes 0.5625."""
     blocks = math.ceil(numel / NF4_BLOCKSIZE)
     return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * (256 + 16 + 1)
+
+
 # Optimizer-state bytes per parameter on the device: AdamW's fp32 m and v, whatever the policy (the
 # optimizer runs in fp32; a group stored in 8 bits is expanded to fp32 on arrival).
 DEVICE_STATE_BYTES = 8
@@ -281,15 +283,17 @@ def sift_activation_bytes(
 class LayerTrains:
     """What a structured selection (BitFit, LoRA, SPAFIT) trains in one decoder layer."""
 
-    norms: int = 0  # norm weights (each keeps its normalised input for its gradient)
+    norm_widths: tuple[int, ...] = ()  # per trained norm weight, the values per token it normalises
     adapter_inputs: tuple[int, ...] = ()  # input width of each LoRA-adapted linear layer
 
 
-# Per architecture, what a structured selection adds to a frozen layer on the gradient path, per
-# token: measured on the recipe's own loop (bench/plan_vs_trace.py, 4- and 8-layer models of
-# Llama-2's shape) for Llama-style blocks. Other architectures' norms and adapters have not been
-# traced: their layers are counted as a sparse run's, which keeps every linear layer's input.
-STRUCTURED_KEEPS = {"llama", "mistral", "qwen2", "qwen3"}
+# Bytes per normalised value that a norm keeps for its weight's gradient, by architecture, on top of
+# what it keeps frozen: Llama's RMSNorm its normalised input in the compute dtype (e), Gemma's its
+# fp32 normalised input (the (1 + weight) scale is applied in fp32), a LayerNorm nothing (its input,
+# mean and inverse deviation, which it keeps frozen, give the weight's gradient too). Traced on the
+# recipe's loop (4- and 8-layer models of each architecture, tests/test_looptrace.py for Llama).
+def _norm_keeps(model_type: str, e: int) -> int:
+    return {"gemma2": 4, "gemma3_text": 4, "gpt_neox": 0, "opt": 0, "gpt2": 0}.get(model_type, e)
 
 
 def structured_activation_bytes(
@@ -306,32 +310,32 @@ def structured_activation_bytes(
 
     Nothing below the lowest layer that trains is on the gradient path: it keeps nothing, even
     when checkpointed (non-reentrant checkpointing saves nothing for a layer without gradients).
-    From there up, a Llama-style layer keeps what a frozen one does (LayerKeeps.frozen), and
+    From there up, a layer keeps what a frozen one does (LayerKeeps.frozen), and, per token,
 
-        + e·h         per trained RMSNorm weight: its normalised input, in the compute dtype
+        + e·width     per trained norm weight (Llama's RMSNorm; Gemma's: 4·width; LayerNorm: 0)
         + e·(in + r)  per LoRA adapter: its own 16-bit copy of its input (peft casts the input to the
                       fp32 adapter's dtype, autocast casts it back, a new tensor per adapter) and
                       the rank-r output of A
 
-    per token, less LayerKeeps.first in the lowest layer. In fp32 (no autocast) the adapters read
-    their linear layer's own input, so this is an upper bound there. Architectures not in
-    STRUCTURED_KEEPS keep what a sparse run's layers keep, plus the adapters."""
+    less LayerKeeps.first in the lowest layer (its input needs no gradient). A bias keeps nothing.
+    In fp32 (no autocast) the adapters read their linear layer's own input, so this is an upper
+    bound there."""
     tokens = seq_len * micro_batch
     lowest = min(trains, default=shape.layers)
     on_path = shape.layers - lowest
+    e = p.compute_bytes
     outside = hift_outside_layers_bytes(shape, seq_len, tokens, False, p)
     if final_norm_trains:
-        outside += p.compute_bytes * shape.hidden * tokens
+        outside += _norm_keeps(shape.model_type, e) * shape.hidden * tokens
     if checkpointing:  # each layer's input from the lowest up, and the last layer's output
         return (on_path + 1) * checkpoint_bytes(shape, tokens, p) * (on_path > 0) + outside
-    e, keeps = p.compute_bytes, layer_keeps(shape, seq_len, p)
+    keeps = layer_keeps(shape, seq_len, p)
+    norm_width = sum(sum(t.norm_widths) for t in trains.values())
     adapters = sum(e * (width + rank) for t in trains.values() for width in t.adapter_inputs)
-    if shape.model_type in STRUCTURED_KEEPS:
-        norms = sum(t.norms for t in trains.values()) * e * shape.hidden
-        layers = on_path * keeps.frozen + norms + adapters
-    else:
-        layers = on_path * keeps.sparse + adapters
-    return (layers - keeps.first * (on_path > 0)) * tokens + outside
+    per_token = on_path * keeps.frozen + _norm_keeps(shape.model_type, e) * norm_width + adapters
+    # Gemma's trained norms also keep their fp32 (1 + weight) scale: once, not per token (traced)
+    scales = 4 * norm_width if shape.model_type.startswith("gemma") else 0
+    return (per_token - keeps.first * (on_path > 0)) * tokens + scales + outside
 
 
 def hift_outside_layers_bytes(

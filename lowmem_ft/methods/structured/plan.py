@@ -28,19 +28,25 @@ def shape_inputs(shape: ModelShape) -> tuple[dict, dict, int, str]:
     return shape.named_terms(), shape.decoder_linears(), shape.layers, shape.model_type
 
 
-def trained_per_layer(selection: Selection, linears: dict[str, tuple[int, int]]) -> dict[int, LayerTrains]:
-    """{decoder layer: what trains in it}: its norm weights and its LoRA adapters' input widths (a
-    bias trains from its output's gradient alone and keeps nothing)."""
-    norms: dict[int, int] = {}
+def trained_per_layer(
+    selection: Selection, terms: dict[str, int], linears: dict[str, tuple[int, int]], shape: ModelShape
+) -> dict[int, LayerTrains]:
+    """{decoder layer: what trains in it}: the widths its trained norm weights normalise (q and k
+    norms: every head's values) and its LoRA adapters' input widths. A bias trains from its
+    output's gradient alone, but puts its layer on the gradient path."""
+    per_head = {"q_norm": shape.heads * shape.head_dim, "k_norm": shape.kv_heads * shape.head_dim}
+    norms: dict[int, list[int]] = {}
     inputs: dict[int, list[int]] = {}
     for name in (*selection.terms, *selection.added_biases):
         if layer_index(name) is not None:
-            is_norm = name in selection.terms and not name.endswith(".bias")
-            norms[layer_index(name)] = norms.get(layer_index(name), 0) + is_norm
+            widths = norms.setdefault(layer_index(name), [])
+            if name in terms and not name.endswith(".bias"):
+                widths.append(per_head.get(name.rsplit(".", 2)[-2], terms[name]))
     for name in selection.lora_targets:
         inputs.setdefault(layer_index(name), []).append(linears[name][1])
     return {
-        i: LayerTrains(norms.get(i, 0), tuple(inputs.get(i, ()))) for i in sorted(set(norms) | set(inputs))
+        i: LayerTrains(tuple(norms.get(i, ())), tuple(inputs.get(i, ())))
+        for i in sorted(set(norms) | set(inputs))
     }
 
 
@@ -64,7 +70,7 @@ def estimate_structured(
         adapted = [rows * cols for rows, cols in (linears[n] for n in selection.lora_targets)]
         base += sum(qlora_nf4_bytes(n) - w * n for n in adapted)
     parts, _, loss, logits_grad, extra = activation_parts(shape, request, p, micro_batch, checkpointing)
-    trains = trained_per_layer(selection, linears)
+    trains = trained_per_layer(selection, shape.named_terms(), linears, shape)
     final_norm_trains = any(layer_index(n) is None and not n.endswith(".bias") for n in selection.terms)
     acts = structured_activation_bytes(
         shape, request.seq_len, micro_batch, p, checkpointing, trains, rank, final_norm_trains

@@ -215,9 +215,9 @@ def _small_config(model_type: str, directory: Path, layers: int) -> Path:
 @pytest.mark.parametrize(
     ("model_type", "options"),
     [
-        ("llama", {"method": "bitfit"}),  # every norm weight: its normalised input
         ("llama", {"method": "lora", "base_quant": "none"}),  # all-linear: each adapter's input, A's output
-        # the layers below N1 keep nothing; the layers above, LoRA on attention and their norms
+        # the layers below N1 keep nothing; the layers above, their norms' normalised inputs (BitFit's
+        # keep-set) and LoRA on attention
         ("llama", {"method": "spafit", "cutoffs": "1,2", "variant": "II", "lora_rank": 32}),
         ("gemma2", {"method": "bitfit"}),  # four norms a layer, each keeping its fp32 normalised input
         ("gpt2", {"method": "lora", "base_quant": "none"}),  # Conv1D projections, LayerNorms

@@ -441,8 +441,43 @@ def test_a_qlora_layer_keeps_for_the_backward_what_a_lora_layer_keeps():
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
             autocast(torch.device("cpu"), torch.bfloat16),
         ):
-            model(input_ids=tokens)
+            logits = model(input_ids=tokens).logits
+        # bitsandbytes' autograd function may also keep tensors on its context, out of the hooks'
+        # sight (older versions kept the input there): they must be its weights, nothing else
+        nodes, seen, kept_on_context = [logits.grad_fn], set(), []
+        while nodes:
+            node = nodes.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if "MatMul4Bit" in type(node).__name__:
+                kept_on_context.append([t for t in getattr(node, "tensors", ()) if t is not None])
+            nodes.extend(next_node for next_node, _ in node.next_functions)
+        assert bool(kept_on_context) == quantised  # (none where a layer's input needs no gradient)
+        for tensors in kept_on_context:
+            assert all(t.untyped_storage()._cdata in params for t in tensors), [t.shape for t in tensors]
         return sorted(saved.values(), key=str)
 
     lora = saved_for_backward(quantised=False)
     assert lora and saved_for_backward(quantised=True) == lora
+
+
+def test_lora_dropout_is_planned_as_the_mask_a_gpus_fused_dropout_keeps():
+    """With --lora-dropout each adapter's dropout keeps a mask of its input for the backward: one
+    byte per value on a GPU (torch's fused dropout; its meta kernel says which dtype). The loop
+    trace cannot show it: on a CPU torch's dropout keeps an fp32 mask instead."""
+    mask = torch.native_dropout(torch.empty(2, device="meta"), 0.1, True)[1]
+    kept = {}
+    for dropout in (0.0, 0.1):
+        planned = plan(
+            "lora",
+            80,
+            micro_batch_size=2,
+            gradient_checkpointing=False,
+            base_quant="none",
+            lora_dropout=dropout,
+        )
+        kept[dropout] = next(c.gpu_bytes for c in planned.components if c.name.startswith("activations"))
+    shape = shape_from_config(read_config("llama-2-7b")[0])
+    inputs = sum(cols for _, cols in shape.decoder_linears().values())  # all-linear: every adapter's input
+    assert kept[0.1] - kept[0.0] == 2 * 512 * inputs * mask.element_size()

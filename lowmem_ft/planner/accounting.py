@@ -285,13 +285,15 @@ class LayerTrains:
 
     norm_widths: tuple[int, ...] = ()  # per trained norm weight, the values per token it normalises
     adapter_inputs: tuple[int, ...] = ()  # input width of each LoRA-adapted linear layer
+    terms: bool = False  # a norm weight or a bias trains in it
 
 
 # Bytes per normalised value that a norm keeps for its weight's gradient, by architecture, on top of
 # what it keeps frozen: Llama's RMSNorm its normalised input in the compute dtype (e), Gemma's its
 # fp32 normalised input (the (1 + weight) scale is applied in fp32), a LayerNorm nothing (its input,
 # mean and inverse deviation, which it keeps frozen, give the weight's gradient too). Traced on the
-# recipe's loop (4- and 8-layer models of each architecture, tests/test_looptrace.py for Llama).
+# recipe's loop (4- and 8-layer models of each architecture); tests/test_looptrace.py checks Llama,
+# Gemma-2 and GPT-2.
 def _norm_keeps(model_type: str, e: int) -> int:
     return {"gemma2": 4, "gemma3_text": 4, "gpt_neox": 0, "opt": 0, "gpt2": 0}.get(model_type, e)
 
@@ -317,7 +319,8 @@ def structured_activation_bytes(
                       fp32 adapter's dtype, autocast casts it back, a new tensor per adapter) and
                       the rank-r output of A
 
-    less LayerKeeps.first in the lowest layer (its input needs no gradient). A bias keeps nothing.
+    less LayerKeeps.first in the lowest layer (its input needs no gradient; not where a trained
+    LayerNorm keeps it anyway). A bias keeps nothing.
     In fp32 (no autocast) the adapters read their linear layer's own input, so this is an upper
     bound there."""
     tokens = seq_len * micro_batch
@@ -335,7 +338,12 @@ def structured_activation_bytes(
     per_token = on_path * keeps.frozen + _norm_keeps(shape.model_type, e) * norm_width + adapters
     # Gemma's trained norms also keep their fp32 (1 + weight) scale: once, not per token (traced)
     scales = 4 * norm_width if shape.model_type.startswith("gemma") else 0
-    return (per_token - keeps.first * (on_path > 0)) * tokens + scales + outside
+    # The lowest layer's input needs no gradient (LayerKeeps.first less), but a LayerNorm keeps its
+    # input, mean and inverse deviation whenever its weight or bias trains (traced)
+    first = (
+        keeps.first if on_path and not (_norm_keeps(shape.model_type, e) == 0 and trains[lowest].terms) else 0
+    )
+    return (per_token - first) * tokens + scales + outside
 
 
 def hift_outside_layers_bytes(

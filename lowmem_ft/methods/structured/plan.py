@@ -35,17 +35,18 @@ def trained_per_layer(
     norms: every head's values) and its LoRA adapters' input widths. A bias trains from its
     output's gradient alone, but puts its layer on the gradient path."""
     per_head = {"q_norm": shape.heads * shape.head_dim, "k_norm": shape.kv_heads * shape.head_dim}
-    norms: dict[int, list[int]] = {}
+    norms: dict[int, list[int]] = {}  # every layer where a norm weight or a bias trains
     inputs: dict[int, list[int]] = {}
-    for name in (*selection.terms, *selection.added_biases):
+    for name in (*selection.terms, *selection.added_biases):  # (added biases are not among ``terms``)
         if layer_index(name) is not None:
             widths = norms.setdefault(layer_index(name), [])
             if name in terms and not name.endswith(".bias"):
-                widths.append(per_head.get(name.rsplit(".", 2)[-2], terms[name]))
+                module = name.rsplit(".", 2)[-2]  # "...self_attn.q_norm.weight" -> "q_norm"
+                widths.append(per_head.get(module, terms[name]))
     for name in selection.lora_targets:
         inputs.setdefault(layer_index(name), []).append(linears[name][1])
     return {
-        i: LayerTrains(tuple(norms.get(i, ())), tuple(inputs.get(i, ())))
+        i: LayerTrains(tuple(norms.get(i, ())), tuple(inputs.get(i, ())), terms=i in norms)
         for i in sorted(set(norms) | set(inputs))
     }
 
@@ -65,9 +66,9 @@ def estimate_structured(
     p = Precision(weight_bytes=w, compute_bytes=request.compute_bytes, on_gpu=request.on_gpu)
     linears = shape.decoder_linears()
     trainable = selection.count(shape.named_terms(), linears, rank)
+    adapted = [rows * cols for rows, cols in (linears[n] for n in selection.lora_targets)]
     base = w * shape.params
     if base_quant == "nf4":  # QLoRA: the adapted layers' weights
-        adapted = [rows * cols for rows, cols in (linears[n] for n in selection.lora_targets)]
         base += sum(qlora_nf4_bytes(n) - w * n for n in adapted)
     parts, _, loss, logits_grad, extra = activation_parts(shape, request, p, micro_batch, checkpointing)
     trains = trained_per_layer(selection, shape.named_terms(), linears, shape)
@@ -80,14 +81,23 @@ def estimate_structured(
         # for the backward (objective.autocast: no weight cache, so a checkpointed layer's are made
         # again when it is rebuilt)
         acts += 2 * rank * sum(sum(linears[n]) for n in selection.lora_targets)
-    if checkpointing:  # the layer being rebuilt keeps its adapters' inputs and outputs too
-        tokens = request.seq_len * micro_batch
-        per_layer = [sum(t.adapter_inputs) + rank * len(t.adapter_inputs) for t in trains.values()]
-        widest = max(per_layer, default=0)
-        extra += tokens * p.compute_bytes * widest
+    # --lora-dropout: each adapter's dropout keeps its mask, a byte per input value (a GPU's fused
+    # dropout; the CPU's keeps it in the fp32 the adapter computes in)
+    mask_bytes = (1 if p.on_gpu else 4) * (getattr(request.options, "lora_dropout", 0) > 0)
+    tokens = request.seq_len * micro_batch
+    if not checkpointing:
+        acts += tokens * mask_bytes * sum(sum(t.adapter_inputs) for t in trains.values())
+    else:  # the layer being rebuilt keeps its adapters' inputs, outputs and masks too
+        per_layer = [
+            (p.compute_bytes + mask_bytes) * sum(t.adapter_inputs)
+            + p.compute_bytes * rank * len(t.adapter_inputs)
+            for t in trains.values()
+        ]
+        extra += tokens * max(per_layer, default=0)
     if base_quant == "nf4":
         # bitsandbytes' 4-bit matmul dequantises the whole weight for each input gradient (and, on
-        # the GPU, for a forward of many tokens): one 16-bit weight at a time, beside the backward
+        # the GPU, for a forward of many tokens): one 16-bit weight at a time. Counted at the end of
+        # backward; while activations are alive, the logits' gradient (far larger) covers it.
         extra += w * max(adapted, default=0)
     parts[0] = Component(parts[0].name, acts, note=parts[0].note)
     base_name = DTYPE_NAMES[w] + (f", {base_quant} where adapted" if base_quant != "none" else "")

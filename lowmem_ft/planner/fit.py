@@ -175,6 +175,9 @@ def activation_parts(
     extra = autocast_copy_bytes(shape, p) if p.autocast and not checkpointing else 0
     if checkpointing:
         extra += recompute_bytes(shape, request.seq_len, micro_batch, p)
+        # The top layer is rebuilt once the loss's backward has freed the logits' gradient, beside
+        # every layer's checkpointed input: the larger of the two meets the activations (as HiFT's)
+        logits_grad = max(logits_grad, extra)
     components = [
         Component(
             "activations" + (" (checkpointed)" if checkpointing else ""),

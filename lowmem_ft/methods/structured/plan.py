@@ -94,6 +94,10 @@ def estimate_structured(
             for t in trains.values()
         ]
         extra += tokens * max(per_layer, default=0)
+        # beside every checkpoint once the logits' gradient is gone (activation_parts). A trained
+        # layer's keep-set (recompute_bytes) is an upper bound for the frozen one rebuilt here, and
+        # covers its backward's own gradients (a frozen layer's count did not, on small models)
+        logits_grad = max(logits_grad, extra)
     if base_quant == "nf4":
         # bitsandbytes' 4-bit matmul dequantises the whole weight for each input gradient (and, on
         # the GPU, for a forward of many tokens): one 16-bit weight at a time. Counted at the end of

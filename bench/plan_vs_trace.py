@@ -5,6 +5,7 @@
     python bench/plan_vs_trace.py --models llama-2-7b --methods hift --budgets 8 24
     python bench/plan_vs_trace.py --models llama-2-7b --budgets 12 16 48 \
         --write docs/planner.md --section plan-vs-trace-budgets   # a part, as a table of its own
+    python bench/plan_vs_trace.py --cases 'mistral-7b:sift bf16:12' 'qwen2.5-7b:hift drop:16'  # these
 
 For each model, method (with its variants: HiFT's state policies, the sparse methods' bases,
 streamed or resident) and GPU budget, it asks the planner for a plan exactly as `lowmem-ft run`
@@ -143,9 +144,18 @@ def main() -> None:
         "--section", default=SECTION, help=f"the table's section of the --write file [default: {SECTION}]"
     )
     parser.add_argument("--jobs", type=int, default=2, help="cases traced side by side")
+    parser.add_argument(
+        "--cases", nargs="+", metavar="MODEL:VARIANT:GIB",
+        help="these cases only, e.g. 'mistral-7b:sift bf16:12' (rows to trace again after a change)",
+    )  # fmt: skip
     args = parser.parse_args()
     cases = []
-    for n, model in enumerate(args.models):
+    for case in args.cases or []:
+        model, variant, budget = case.rsplit(":", 2)
+        if variant not in VARIANTS:
+            parser.error(f"--cases {case!r}: no variant {variant!r}; the variants are {', '.join(VARIANTS)}")
+        cases.append((model, variant, int(budget)))
+    for n, model in enumerate([] if args.cases else args.models):
         chosen = args.methods or (list(VARIANTS) if n == 0 else list(CORE))
         variants = [v for v in VARIANTS if v in chosen or VARIANTS[v]["method"] in chosen]
         budgets = args.budgets if n == 0 else (args.other_budgets or args.budgets)

@@ -169,7 +169,7 @@ def trace_hift_step(config: dict, group: int, layers: int = 2, seq_len: int = 51
 def backward_extra_bytes(model, forward) -> int:
     """Peak bytes of the tensors the backward of ``forward()``'s loss creates, while it runs."""
     loss = forward()
-    from lowmem_ft.looptrace import DeviceBytes, Recording
+    from lowmem_ft.device_books import DeviceBytes, Recording
 
     tracker = DeviceBytes()
     with Recording(tracker):

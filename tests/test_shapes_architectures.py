@@ -22,7 +22,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lowmem_ft.models.units import decoder_layers, is_linear, linear_shape, model_units
 from lowmem_ft.planner import shape_from_config
-from lowmem_ft.planner.accounting import Precision, activation_bytes, layer_keeps
+from lowmem_ft.planner.accounting import Precision, activation_bytes
+from lowmem_ft.planner.layer_keeps import layer_keeps
 from lowmem_ft.planner.shapes import UnsupportedModel
 
 OPT = ARCHITECTURES["opt"]

@@ -187,6 +187,9 @@ class Estimate:
     # What of ``grads`` is summed across micro-batches (None: all of it). Sharded, the gradients a
     # layer makes in full are reduce-scattered into the shards, which alone carry the sum.
     summed_grads: int | None = None
+    # Between steps, evaluation's forwards (no gradients) beside what persists, and state made by the
+    # update: the loss's vocabulary-sized tensors (accounting.evaluation_bytes). 0: not counted.
+    evaluation: int = 0
 
     def moments(self) -> dict[str, int]:
         """Device bytes at the moments of a step that can be its peak."""
@@ -201,6 +204,11 @@ class Estimate:
                 "end of step": self.persistent + self.end_step_extra + self.made_by_update,
             }
             | ({"selection": self.selection} if self.selection else {})
+            | (
+                {"evaluation": self.persistent + self.made_by_update + self.evaluation}
+                if self.evaluation
+                else {}
+            )
             | (
                 {"head's gradient": self.persistent + summed + self.activations + self.head_gradient}
                 if self.head_gradient

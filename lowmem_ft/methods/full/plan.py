@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from lowmem_ft.planner.accounting import (
-    Precision,
-)
+from lowmem_ft.planner.accounting import Precision, evaluation_bytes
 from lowmem_ft.planner.fit import (
     accumulates,
     activation_parts,
@@ -54,6 +52,7 @@ def estimate_full(shape: ModelShape, request: PlanRequest, micro_batch: int, che
     return Estimate(
         components, 12 * n, acts, loss, logits_grad, 4 * n, max(extra, embedding_gradient), trainable=n,
         accumulating=accumulating, head_gradient=head_gradient,
+        evaluation=evaluation_bytes(shape, request.seq_len * micro_batch),
     )  # fmt: skip
 
 
@@ -81,7 +80,7 @@ def _sharded(
     return Estimate(
         components, 12 * shard(n, ranks) + gathered, acts, loss, logits_grad, 4 * shard(n, ranks) + unsharded,
         extra, trainable=n, accumulating=accumulates(request, micro_batch), head_gradient=head_gradient,
-        summed_grads=4 * shard(n, ranks),
+        summed_grads=4 * shard(n, ranks), evaluation=evaluation_bytes(shape, request.seq_len * micro_batch),
     )  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from lowmem_ft.planner.accounting import (
     DEVICE_STATE_BYTES,
     HOST_STATE_BYTES,
     Precision,
+    evaluation_bytes,
     hift_group_activation_bytes,
 )
 from lowmem_ft.planner.fit import (
@@ -172,6 +173,7 @@ def estimate_hift(
             trainable=sum(sizes), label=f"HiFT group {names[g]}",
             accumulating=accumulates(request, micro_batch), head_gradient=head_gradient(g),
             made_by_update=made_by_update, summed_grads=4 * shard(size, ranks) if ranks > 1 else None,
+            evaluation=evaluation_bytes(shape, tokens),
         )  # fmt: skip
 
     worst_group = max(range(len(sizes)), key=lambda g: step_of(g).device_peak())

@@ -7,6 +7,7 @@ from functools import partial
 from lowmem_ft.planner.accounting import (
     LayerTrains,
     Precision,
+    evaluation_bytes,
     qlora_nf4_bytes,
     structured_activation_bytes,
 )
@@ -117,6 +118,7 @@ def estimate_structured(
     return Estimate(
         components, base + 12 * trainable, acts, loss, logits_grad, 4 * trainable, extra, trainable=trainable,
         accumulating=accumulates(request, micro_batch),
+        evaluation=evaluation_bytes(shape, request.seq_len * micro_batch),
     )  # fmt: skip
 
 

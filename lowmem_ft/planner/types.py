@@ -190,6 +190,9 @@ class Estimate:
     # Between steps, evaluation's forwards (no gradients) beside what persists, and state made by the
     # update: the loss's vocabulary-sized tensors (accounting.evaluation_bytes). 0: not counted.
     evaluation: int = 0
+    # Several ranks: at the start of each forward, the root's all-gather buffer beside its gathered
+    # weights (planner/sharding.py), and the gradients summed so far. 0: no such moment.
+    root_regather: int = 0
 
     def moments(self) -> dict[str, int]:
         """Device bytes at the moments of a step that can be its peak."""
@@ -204,6 +207,11 @@ class Estimate:
                 "end of step": self.persistent + self.end_step_extra + self.made_by_update,
             }
             | ({"selection": self.selection} if self.selection else {})
+            | (
+                {"start of forward": self.persistent + summed + self.root_regather}
+                if self.root_regather
+                else {}
+            )
             | (
                 {"evaluation": self.persistent + self.made_by_update + self.evaluation}
                 if self.evaluation

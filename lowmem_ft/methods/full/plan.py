@@ -13,7 +13,7 @@ from lowmem_ft.planner.fit import (
     smallest,
 )
 from lowmem_ft.planner.shapes import ModelShape
-from lowmem_ft.planner.sharding import gathered_bytes, shard, unsharded_gradient_bytes
+from lowmem_ft.planner.sharding import gathered_bytes, root_regather_bytes, shard, unsharded_gradient_bytes
 from lowmem_ft.planner.types import Component, Estimate, MethodPlan, PlanRequest
 
 
@@ -81,6 +81,7 @@ def _sharded(
         components, 12 * shard(n, ranks) + gathered, acts, loss, logits_grad, 4 * shard(n, ranks) + unsharded,
         extra, trainable=n, accumulating=accumulates(request, micro_batch), head_gradient=head_gradient,
         summed_grads=4 * shard(n, ranks), evaluation=evaluation_bytes(shape, request.seq_len * micro_batch),
+        root_regather=root_regather_bytes(shape, request.seq_len * micro_batch),
     )  # fmt: skip
 
 

@@ -25,7 +25,7 @@ from lowmem_ft.planner.fit import (
     smallest,
 )
 from lowmem_ft.planner.shapes import ModelShape
-from lowmem_ft.planner.sharding import gathered_bytes, shard, unsharded_gradient_bytes
+from lowmem_ft.planner.sharding import gathered_bytes, root_regather_bytes, shard, unsharded_gradient_bytes
 from lowmem_ft.planner.types import (
     DTYPE_NAMES,
     STREAM_BUFFERS,
@@ -174,6 +174,7 @@ def estimate_hift(
             accumulating=accumulates(request, micro_batch), head_gradient=head_gradient(g),
             made_by_update=made_by_update, summed_grads=4 * shard(size, ranks) if ranks > 1 else None,
             evaluation=evaluation_bytes(shape, tokens),
+            root_regather=root_regather_bytes(shape, tokens) if ranks > 1 else 0,
         )  # fmt: skip
 
     worst_group = max(range(len(sizes)), key=lambda g: step_of(g).device_peak())

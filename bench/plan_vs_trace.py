@@ -151,7 +151,9 @@ def main() -> None:
     args = parser.parse_args()
     cases = []
     for case in args.cases or []:
-        model, variant, budget = case.rsplit(":", 2)
+        model, variant, budget = (case.rsplit(":", 2) + ["", ""])[:3]
+        if not budget.isdigit():
+            parser.error(f"--cases {case!r}: write MODEL:VARIANT:GIB, e.g. 'mistral-7b:sift bf16:12'")
         if variant not in VARIANTS:
             parser.error(f"--cases {case!r}: no variant {variant!r}; the variants are {', '.join(VARIANTS)}")
         cases.append((model, variant, int(budget)))

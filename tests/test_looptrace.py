@@ -5,7 +5,7 @@ The plan's tensor peak (its GPU peak less the planned CUDA context and allocator
 at least the traced peak (the plan holds) and at most 5% above it (it wastes nothing); the host
 buffers the engine pins must be the plan's host rows. Each case traces several optimizer steps,
 evaluation and checkpoint capture through the 32 layers of a 7B model (Qwen2.5-1.5B's width through 8
-layers): 20-90 s each on one core, two at a time in worker processes, so they are marked slow
+layers): 20-120 s each on one core, two at a time in worker processes, so they are marked slow
 (CI runs them; `-m "not slow"` skips them). bench/plan_vs_trace.py runs the whole matrix.
 """
 
@@ -33,7 +33,7 @@ CASES = {
     # parts and their sum at the end of backward (was 2.7% below). bench/plan_vs_trace.py traces
     # keep-8bit streamed, and BAdam's layers-only random-cycle order, on Llama-2-7B at every budget.
     # (Its width through 8 of its 28 layers, as two cases below: what they test is the embedding and
-    # the engine's paths, not depth, which the 7B cases have; a third of the time.)
+    # the engine's paths, not depth, which the 7B cases have, and each layer costs trace time.)
     "qwen2.5-1.5b hift keep-8bit 16GiB": (
         "qwen2.5-1.5b",
         "16GiB",

@@ -4,9 +4,11 @@ tensors (lowmem_ft/looptrace.py) against the plan `lowmem-ft run` would follow o
 The plan's tensor peak (its GPU peak less the planned CUDA context and allocator margin) must be
 at least the traced peak (the plan holds) and at most 5% above it (it wastes nothing); the host
 buffers the engine pins must be the plan's host rows. Each case traces several optimizer steps,
-evaluation and checkpoint capture through the 32 layers of a 7B model (Qwen2.5-1.5B's width through 8
-layers): 20-120 s each on one core, two at a time in worker processes, so they are marked slow
-(CI runs them; `-m "not slow"` skips them). bench/plan_vs_trace.py runs the whole matrix.
+evaluation and checkpoint capture at a 7B model's width, through all its layers or, where a case is
+about what one layer, the embedding or the root holds rather than depth, through a few (its
+``layers``): 10-90 s each on one core, two at a time in worker processes, so they are marked slow
+(CI runs them; `-m "not slow"` skips them). bench/plan_vs_trace.py runs the whole matrix at full
+depth (docs/planner.md).
 """
 
 from __future__ import annotations
@@ -43,9 +45,14 @@ CASES = {
     "llama-2-7b hift 8GiB": ("llama-2-7b", "8GiB", {"method": "hift"}),
     # SIFT's selection window, on an NF4 base
     "qwen2.5-7b sift nf4 12GiB": ("qwen2.5-7b", "12GiB", {"method": "sift", "base_quant": "nf4"}),
-    # streamed, checkpointed: a layer's dense weight gradient is made beside the layer its backward
-    # rebuilds and the checkpoints below (the plan took the larger of the two: 0.3% below its trace)
-    "mistral-7b sift bf16 12GiB": ("mistral-7b", "12GiB", {"method": "sift", "base_quant": "none"}),
+    # checkpointed: a layer's dense weight gradient is made beside the layer its backward rebuilds
+    # and the checkpoints below (the plan took the larger of the two: Mistral-7B streamed at 12 GiB
+    # was 0.3% below its trace; this plan, its width through 4 layers, 1.4% below)
+    "mistral-7b sift bf16 4 layers 5GiB": (
+        "mistral-7b",
+        "5GiB",
+        {"method": "sift", "base_quant": "none", "layers": 4},
+    ),
     # full fine-tuning under autocast, checkpointed, accumulating: no 16-bit weight copy outlives its
     # layer's forward, and the tied embedding's gradient parts meet the summed gradients
     "qwen2.5-1.5b full checkpointing 48GiB": (
@@ -65,10 +72,11 @@ CASES = {
     ),
     # at the start of each forward FSDP2 gathers the root again and keeps the all-gather's buffer
     # beside the weights copied out of it: the root twice (Qwen2.5-7B's is 4 GiB in fp32; it was not
-    # planned: 1.9% below the trace), in the groups and micro-batch that the 24 GiB plan had then
-    "qwen2.5-7b hift --nproc 4 root gathered again 26GiB": (
+    # planned: its 24 GiB plan was 1.9% below the trace), in the groups and micro-batch that plan had,
+    # its width through 4 layers (0.7% below without it): the root is what this case is about
+    "qwen2.5-7b hift --nproc 4 root gathered again 4 layers 20GiB": (
         "qwen2.5-7b",
-        "26GiB",
+        "20GiB",
         {
             "method": "hift",
             "nproc": 4,
@@ -76,6 +84,24 @@ CASES = {
             "micro_batch_size": 1,
             "gradient_checkpointing": True,
             "state_policy": "keep",
+            "layers": 4,
+        },  # fmt: skip
+    ),
+    # checkpointed, groups of several layers: beside the layer above's gradients (waiting for their
+    # reduce-scatter), the layer whose gradients are made is the one rebuilt, and it frees its
+    # activations as it makes them: the plan counted both (8.4% above this loop; Llama-2-7B's at
+    # 16 GiB, 5.5%). Its width through 8 layers: what a layer's backward holds is what it tests.
+    "llama-2-7b hift --nproc 4 groups of 3 checkpointed 8 layers 40GiB": (
+        "llama-2-7b",
+        "40GiB",
+        {
+            "method": "hift",
+            "nproc": 4,
+            "units_per_group": 3,
+            "state_policy": "keep",
+            "micro_batch_size": 4,
+            "gradient_checkpointing": True,
+            "layers": 8,
         },  # fmt: skip
     ),
     # a tied embedding's gradient, in full before the root's reduce-scatter (was 1.8% above the plan)
@@ -135,7 +161,7 @@ def test_the_plan_holds_for_the_whole_traced_loop_and_wastes_at_most_5_percent(c
         f"planned {planned / 2**30:.2f} GiB ({plan.peak_phase}), "
         f"traced {trace.peak / 2**30:.2f} GiB ({trace.peak_phase})"
     )
-    # Sharded plans are up to 5.5% above their trace so far (docs/distributed.md): a known gap.
+    # Sharded plans are up to 6.2% above their trace so far (Qwen2.5-7B HiFT at 24 GiB; docs/distributed.md).
     ranks = CASES[case][2].get("nproc", 1)
     assert trace.peak <= planned <= (1.05 if ranks == 1 else 1.06) * trace.peak, detail
     # Host: the streamed layers' buffers are the plan's streamed-weights row, to the byte; each
@@ -271,12 +297,12 @@ def _small_config(model_type: str, directory: Path, layers: int, vocab: int = 10
     ),
 )
 def test_a_structured_methods_layer_keeps_what_the_plan_counts(model_type, options, tmp_path):
-    """What four more decoder layers add to the traced peak (where a frozen base's layers keep what
+    """What two more decoder layers add to the traced peak (where a frozen base's layers keep what
     their trained tensors need; checkpointed, their inputs) is what they add to the plan, to a byte per token
     and layer; and the plan holds."""
     seq_len, micro_batch = 256, 4
     planned, traced = {}, {}
-    for layers in (4, 8):
+    for layers in (3, 5):
         config = RunConfig.create(
             model=str(_small_config(model_type, tmp_path / f"l{layers}", layers)), data=Path("trace.jsonl"),
             dtype="bf16", device="cpu", gpu_mem="48GiB", cpu_mem="1TiB", seq_len=seq_len,
@@ -287,7 +313,7 @@ def test_a_structured_methods_layer_keeps_what_the_plan_counts(model_type, optio
         traced[layers] = trace.peak
         assert trace.peak <= planned[layers], (layers, planned[layers], trace.peak)
     tokens = seq_len * micro_batch
-    per_token_and_layer = ((planned[8] - planned[4]) - (traced[8] - traced[4])) / (4 * tokens)
+    per_token_and_layer = ((planned[5] - planned[3]) - (traced[5] - traced[3])) / (2 * tokens)
     # (Gemma's trained norms: the fp32 (1 + weight) scale of each is counted, 1 KiB a norm here,
     # where the trace keeps two of a layer's four: the plan may be up to 4 KiB a layer above)
     assert -1 <= per_token_and_layer <= 1 + 4096 / tokens, per_token_and_layer

@@ -13,7 +13,13 @@ from lowmem_ft.planner.fit import (
     smallest,
 )
 from lowmem_ft.planner.shapes import ModelShape
-from lowmem_ft.planner.sharding import gathered_bytes, root_regather_bytes, shard, unsharded_gradient_bytes
+from lowmem_ft.planner.sharding import (
+    gathered_bytes,
+    rebuilt_beside_gradients,
+    root_regather_bytes,
+    shard,
+    unsharded_gradient_bytes,
+)
 from lowmem_ft.planner.types import Component, Estimate, MethodPlan, PlanRequest
 
 
@@ -40,6 +46,8 @@ def estimate_full(shape: ModelShape, request: PlanRequest, micro_batch: int, che
         # embedding's alone is less than the layers' gathered weights and gradients gone by then
         # (traced: Qwen2.5-1.5B, tied, was 1.8% above its plan without this; Llama-2/3 are not).
         embedding = 8 * head if shape.tied_embeddings else 0
+        if checkpointing and shape.layers >= 2:  # two layers' full gradients beside the rebuilt one
+            extra = rebuilt_beside_gradients(shape, extra, tokens)
         return _sharded(
             shape, request, micro_batch, parts, acts, loss, logits_grad, max(extra, embedding), head_gradient
         )

@@ -25,7 +25,13 @@ from lowmem_ft.planner.fit import (
     smallest,
 )
 from lowmem_ft.planner.shapes import ModelShape
-from lowmem_ft.planner.sharding import gathered_bytes, root_regather_bytes, shard, unsharded_gradient_bytes
+from lowmem_ft.planner.sharding import (
+    gathered_bytes,
+    rebuilt_beside_gradients,
+    root_regather_bytes,
+    shard,
+    unsharded_gradient_bytes,
+)
 from lowmem_ft.planner.types import (
     DTYPE_NAMES,
     STREAM_BUFFERS,
@@ -132,11 +138,14 @@ def estimate_hift(
         first_micro_batch = 0 if accumulates(request, micro_batch) else 4 * head
         return p.compute_bytes * shape.vocab * tokens + 2 * head + first_micro_batch
 
+    def trained_layers(g: int) -> int:
+        return sum(1 for u in groups[g] if 0 < u < len(shape.units) - 1)
+
     def unsharded(g: int) -> int:
         """Several ranks: the group's gradients made in full before FSDP reduce-scatters them."""
         if ranks == 1:
             return 0
-        layers = sum(1 for u in groups[g] if 0 < u < len(shape.units) - 1)
+        layers = trained_layers(g)
         # The head's (an untied embedding's comes when the layers' are gone: traced), a tied one's
         # parts and their sum (as full fine-tuning's, methods/full/plan.py), and two layers' at once
         outer = 0 if head_unit not in units_of(g) else 3 if shape.tied_embeddings else 1
@@ -167,9 +176,12 @@ def estimate_hift(
         made_by_update = state if state_policy == "drop" and request.options.switch_every == 1 else 0
         persistent = resident + buffers + own[g] + masters * size + state - made_by_update + prefetch
         kept, rebuilt = group_acts[g]
+        backward_extra = extra + late_gradients(g)
+        if ranks > 1 and checkpointing and trained_layers(g) >= 2:  # two layers' full gradients
+            backward_extra = rebuilt_beside_gradients(shape, extra, tokens)
         return Estimate(
             [], persistent, kept, loss, max(logits_grad, rebuilt), 4 * shard(size, ranks) + unsharded(g),
-            extra + late_gradients(g), end_step_extra=rounding,
+            backward_extra, end_step_extra=rounding,
             trainable=sum(sizes), label=f"HiFT group {names[g]}",
             accumulating=accumulates(request, micro_batch), head_gradient=head_gradient(g),
             made_by_update=made_by_update, summed_grads=4 * shard(size, ranks) if ranks > 1 else None,

@@ -26,6 +26,7 @@ tensor (tests/test_planner.py checks what it adds to LoRA's plan on real tensors
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import sys
 import time
@@ -110,6 +111,11 @@ def settings_text(settings: dict) -> str:
     return ", ".join(parts)
 
 
+def ratio_text(ratio: float) -> str:
+    """Three decimals, but a plan below its trace never shows as 1.000 (four, cut, not rounded)."""
+    return f"{math.floor(ratio * 10_000) / 10_000:.4f}" if 0.9995 <= ratio < 1 else f"{ratio:.3f}"
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| model | method | GPU | plan | planned | traced | ratio | plan's peak | traced peak |",
@@ -121,7 +127,7 @@ def table(rows: list[dict]) -> str:
             continue
         lines.append(
             f"| {r['model']} | {r['method']} | {r['budget']} GiB | {settings_text(r['settings'])} "
-            f"| {format_bytes(r['planned'])} | {format_bytes(r['traced'])} | {r['ratio']:.3f} "
+            f"| {format_bytes(r['planned'])} | {format_bytes(r['traced'])} | {ratio_text(r['ratio'])} "
             f"| {r['plan_phase']} | {r['trace_phase']} |"
         )
     return "\n".join(lines)
@@ -168,12 +174,12 @@ def main() -> None:
         rows = []
         for row in pool.map(run_case, *zip(*cases, strict=True)):
             rows.append(row)
-            shown = f"{row['ratio']:.3f} ({row['seconds']:.0f}s)" if row["fits"] else "does not fit"
+            shown = f"{ratio_text(row['ratio'])} ({row['seconds']:.0f}s)" if row["fits"] else "does not fit"
             print(f"{row['model']:12} {row['method']:15} {row['budget']:3} GiB  {shown}", flush=True)
     fitted = [r for r in rows if r["fits"]]
     summary = (
-        f"{len(fitted)} plans that fit, traced: planned/traced from {min(r['ratio'] for r in fitted):.3f} "
-        f"to {max(r['ratio'] for r in fitted):.3f}"
+        f"{len(fitted)} plans that fit, traced: planned/traced from "
+        f"{ratio_text(min(r['ratio'] for r in fitted))} to {ratio_text(max(r['ratio'] for r in fitted))}"
         if fitted
         else "no plan fits"
     )

@@ -104,6 +104,34 @@ CASES = {
             "layers": 8,
         },  # fmt: skip
     ),
+    # not checkpointed: FSDP2 holds fewer gathered weights at some moments than the two layers and the
+    # root the plan kept throughout (no layer while the loss runs and its backward starts, the top one
+    # at the head's gradient, not even the root at the optimizer step), and the loop's peak is the
+    # second layer's backward: the top layer's gradients wait for their reduce-scatter, the head's for
+    # the root's. The plan was 11.7% above this loop (Llama-3-8B's and Qwen2.5-7B's at 48 GiB, 5-6%).
+    # Its width through 4 layers: what a layer's backward holds is what it tests.
+    "llama-2-7b full --nproc 8 4 layers 48GiB": (
+        "llama-2-7b",
+        "48GiB",
+        {"method": "full", "nproc": 8, "micro_batch_size": 2, "layers": 4},
+    ),
+    # HiFT, not checkpointed, the embedding's group below frozen layers: at the forward's top layer
+    # FSDP2 holds three layers' weights gathered (it keeps the all-gather buffer of the layer below
+    # until the next copy-out) beside every activation below it, the loop's peak; the plan had the
+    # start of the backward there, with two (5.3% above this loop). Its width through 12 layers.
+    "llama-2-7b hift --nproc 4 embedding's group 12 layers 48GiB": (
+        "llama-2-7b",
+        "48GiB",
+        {
+            "method": "hift",
+            "nproc": 4,
+            "units_per_group": 4,
+            "state_policy": "keep",
+            "micro_batch_size": 4,
+            "gradient_checkpointing": False,
+            "layers": 12,
+        },  # fmt: skip
+    ),
     # a tied embedding's gradient, in full before the root's reduce-scatter (was 1.8% above the plan)
     "qwen2.5-1.5b full --nproc 4 checkpointing 16GiB": (
         "qwen2.5-1.5b",
@@ -161,9 +189,7 @@ def test_the_plan_holds_for_the_whole_traced_loop_and_wastes_at_most_5_percent(c
         f"planned {planned / 2**30:.2f} GiB ({plan.peak_phase}), "
         f"traced {trace.peak / 2**30:.2f} GiB ({trace.peak_phase})"
     )
-    # Sharded plans are up to 6.2% above their trace so far (Qwen2.5-7B HiFT at 24 GiB; docs/distributed.md).
-    ranks = CASES[case][2].get("nproc", 1)
-    assert trace.peak <= planned <= (1.05 if ranks == 1 else 1.06) * trace.peak, detail
+    assert trace.peak <= planned <= 1.05 * trace.peak, detail
     # Host: the streamed layers' buffers are the plan's streamed-weights row, to the byte; each
     # group's stored state is the state policy's bytes for that group.
     streamed = sum(c.host_bytes for c in plan.components if "streamed" in c.name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -481,3 +482,13 @@ def test_lora_dropout_is_planned_as_the_mask_a_gpus_fused_dropout_keeps():
     shape = shape_from_config(read_config("llama-2-7b")[0])
     inputs = sum(cols for _, cols in shape.decoder_linears().values())  # all-linear: every adapter's input
     assert kept[0.1] - kept[0.0] == 2 * 512 * inputs * mask.element_size()
+
+
+def test_the_plan_vs_trace_table_never_shows_a_plan_below_its_trace_as_1_000():
+    """bench/plan_vs_trace.py rounds ratios to three decimals; a plan 0.004% below its trace (as
+    Mistral-7B's sharded HiFT plans at 16 and 24 GiB were) must not read as one that holds."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from plan_vs_trace import ratio_text
+
+    assert ratio_text(0.99996) == "0.9999" and ratio_text(0.9995) == "0.9995"
+    assert ratio_text(1.00004) == "1.000" and ratio_text(1.0623) == "1.062" and ratio_text(0.9876) == "0.988"

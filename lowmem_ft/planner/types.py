@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from lowmem_ft.planner.accounting import GiB
+from lowmem_ft.planner.sharding import GATHERED_BY_MOMENT
 from lowmem_ft.registry import options_class
 
 if TYPE_CHECKING:
@@ -193,9 +194,28 @@ class Estimate:
     # Several ranks: at the start of each forward, the root's all-gather buffer beside its gathered
     # weights (planner/sharding.py), and the gradients summed so far. 0: no such moment.
     root_regather: int = 0
+    # Several ranks: ``persistent`` holds the root's weights (``gathered_root``) and two decoder
+    # layers' (``gathered_layer`` each) gathered beside the shards, which some moments have fewer of
+    # (sharding.GATHERED_BY_MOMENT).
+    gathered_root: int = 0
+    gathered_layer: int = 0
+    # Several ranks: while the backward runs through the decoder layers, what is alive beside what
+    # persists and the summed gradients (sharding.layers_backward_bytes). 0: no such moment.
+    layers_backward: int = 0
+    # ... and while the forward runs through them, the top layer's weights gathered beside the
+    # layer below's all-gather buffer (sharding.layers_forward_bytes). 0: no such moment.
+    layers_forward: int = 0
 
     def moments(self) -> dict[str, int]:
         """Device bytes at the moments of a step that can be its peak."""
+        moments = self._moments()
+        if self.gathered_root or self.gathered_layer:
+            for moment, (root, layers) in GATHERED_BY_MOMENT.items():
+                if moment in moments:
+                    moments[moment] -= (1 - root) * self.gathered_root + (2 - layers) * self.gathered_layer
+        return moments
+
+    def _moments(self) -> dict[str, int]:
         summed = (self.grads if self.summed_grads is None else self.summed_grads) if self.accumulating else 0
         return (
             {
@@ -220,6 +240,16 @@ class Estimate:
             | (
                 {"head's gradient": self.persistent + summed + self.activations + self.head_gradient}
                 if self.head_gradient
+                else {}
+            )
+            | (
+                {"decoder layers' backward": self.persistent + summed + self.layers_backward}
+                if self.layers_backward
+                else {}
+            )
+            | (
+                {"decoder layers' forward": self.persistent + summed + self.layers_forward}
+                if self.layers_forward
                 else {}
             )
         )

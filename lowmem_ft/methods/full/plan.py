@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from lowmem_ft.planner.accounting import Precision, evaluation_bytes
+from lowmem_ft.planner.accounting import Precision, autocast_copy_bytes, checkpoint_bytes, evaluation_bytes
 from lowmem_ft.planner.fit import (
     accumulates,
     activation_parts,
@@ -14,8 +14,15 @@ from lowmem_ft.planner.fit import (
 )
 from lowmem_ft.planner.shapes import ModelShape
 from lowmem_ft.planner.sharding import (
+    freed_before_the_layers_bytes,
     gathered_bytes,
+    head_gradient_bytes,
+    layer_kept_bytes,
+    layer_params,
+    layers_backward_bytes,
+    layers_forward_bytes,
     rebuilt_beside_gradients,
+    root_params,
     root_regather_bytes,
     shard,
     unsharded_gradient_bytes,
@@ -41,16 +48,7 @@ def estimate_full(shape: ModelShape, request: PlanRequest, micro_batch: int, che
     parts_alive = (3 if accumulating else 2) if shape.tied_embeddings else int(accumulating)
     embedding_gradient = 4 * head * parts_alive
     if request.ranks > 1:  # FSDP2: a rank's shards, and what is gathered beside them (sharding.py)
-        # A tied embedding's gradient in full before the root's reduce-scatter, at the end of the
-        # backward: its part and the sum with the head's (counted among the gradients). Untied, the
-        # embedding's alone is less than the layers' gathered weights and gradients gone by then
-        # (traced: Qwen2.5-1.5B, tied, was 1.8% above its plan without this; Llama-2/3 are not).
-        embedding = 8 * head if shape.tied_embeddings else 0
-        if checkpointing and shape.layers >= 2:  # two layers' full gradients beside the rebuilt one
-            extra = rebuilt_beside_gradients(shape, extra, tokens)
-        return _sharded(
-            shape, request, micro_batch, parts, acts, loss, logits_grad, max(extra, embedding), head_gradient
-        )
+        return _sharded(shape, request, micro_batch, checkpointing, p, parts, acts, loss, logits_grad, extra)
     components = [
         Component("weights (fp32 master)", 4 * n),
         Component("gradients (fp32)", 4 * n),
@@ -68,14 +66,33 @@ def _sharded(
     shape: ModelShape,
     request: PlanRequest,
     micro_batch: int,
-    parts,
-    acts,
-    loss,
-    logits_grad,
-    extra,
-    head_gradient,
+    checkpointing: bool,
+    p: Precision,
+    parts: list[Component],
+    acts: int,
+    loss: int,
+    logits_grad: int,
+    extra: int,
 ) -> Estimate:
-    n, ranks = shape.params, request.ranks
+    n, ranks, tokens = shape.params, request.ranks, request.seq_len * micro_batch
+    head = shape.vocab * shape.hidden
+    rebuilt = extra if checkpointing else 0
+    if checkpointing and shape.layers >= 2:  # two layers' full gradients beside the rebuilt one
+        extra = rebuilt_beside_gradients(shape, extra, tokens, p)
+    elif not checkpointing:  # the autocast copies are freed layer by layer, as the backward uses them
+        extra = autocast_copy_bytes(shape, p, layers=1)
+    # The end of the backward is the lowest layers' (two gathered, two layers' full gradients), then
+    # the embedding's: its gradient in full before the root's reduce-scatter (a tied one's part and
+    # its sum with the head's, counted among the gradients) beside the lowest layer's reduce-scatter
+    # input alone. Traced: Qwen2.5-1.5B, tied, was 1.8% above its plan without the embedding's
+    # gradient, and 5.6% above it with the layers counted beside it (N = 4, checkpointed).
+    embedding = (8 if shape.tied_embeddings else 4) * head - 3 * 4 * layer_params(shape)
+    kept = layer_kept_bytes(shape, request.seq_len, tokens, p, checkpointing)
+    alive = acts - freed_before_the_layers_bytes(shape, request.seq_len, tokens, p)
+    # the decoder layers' backward, the head's full gradient waiting for the root's reduce-scatter
+    layers_backward = 4 * head + layers_backward_bytes(
+        shape, alive, kept, rebuilt, tokens, shape.layers, ranks, p
+    )
     gathered, unsharded = gathered_bytes(shape), unsharded_gradient_bytes(shape)
     components = [
         Component(f"weights (fp32, 1/{ranks} shard)", 4 * shard(n, ranks)),
@@ -87,9 +104,13 @@ def _sharded(
     ]
     return Estimate(
         components, 12 * shard(n, ranks) + gathered, acts, loss, logits_grad, 4 * shard(n, ranks) + unsharded,
-        extra, trainable=n, accumulating=accumulates(request, micro_batch), head_gradient=head_gradient,
-        summed_grads=4 * shard(n, ranks), evaluation=evaluation_bytes(shape, request.seq_len * micro_batch),
-        root_regather=root_regather_bytes(shape, request.seq_len * micro_batch),
+        max(extra, embedding), trainable=n, accumulating=accumulates(request, micro_batch),
+        head_gradient=head_gradient_bytes(shape, request.seq_len, tokens, p),
+        summed_grads=4 * shard(n, ranks), evaluation=evaluation_bytes(shape, tokens),
+        root_regather=root_regather_bytes(shape, request.seq_len, micro_batch),
+        gathered_root=4 * root_params(shape), gathered_layer=4 * layer_params(shape),
+        layers_backward=layers_backward,
+        layers_forward=layers_forward_bytes(shape, alive, kept, checkpoint_bytes(shape, tokens, p)),
     )  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from lowmem_ft.planner.accounting import (
     DEVICE_STATE_BYTES,
     HOST_STATE_BYTES,
     Precision,
+    checkpoint_bytes,
     evaluation_bytes,
     hift_group_activation_bytes,
 )
@@ -26,8 +27,15 @@ from lowmem_ft.planner.fit import (
 )
 from lowmem_ft.planner.shapes import ModelShape
 from lowmem_ft.planner.sharding import (
+    freed_before_the_layers_bytes,
     gathered_bytes,
+    head_gradient_bytes,
+    layer_kept_bytes,
+    layer_params,
+    layers_backward_bytes,
+    layers_forward_bytes,
     rebuilt_beside_gradients,
+    root_params,
     root_regather_bytes,
     shard,
     unsharded_gradient_bytes,
@@ -121,6 +129,10 @@ def estimate_hift(
     tokens = request.seq_len * micro_batch
     head_unit = 0 if shape.tied_embeddings else len(shape.units) - 1
 
+    def trains_below_head(g: int) -> bool:
+        """Whether the group's backward goes below the head (its 16-bit copy is then kept for it)."""
+        return min(units_of(g)) < len(shape.units) - 1
+
     def head_gradient(g: int) -> int:
         """The head's weight gradient is made first in backward, while every activation is alive: the
         logits' 16-bit gradient, the head's 16-bit gradient and, on the first micro-batch, the fp32
@@ -128,11 +140,8 @@ def estimate_hift(
         if head_unit not in units_of(g):
             return 0
         head = shape.vocab * shape.hidden
-        if ranks > 1:
-            # Under autocast, in full: the head's matmul makes its 16-bit gradient from the logits'
-            # 16-bit gradient, which is gone when it is cast to the fp32 gradient (traced: counted
-            # together, Qwen2.5-1.5B's plan, N = 4, was 6.9% above its loop).
-            return p.compute_bytes * head + max(p.compute_bytes * shape.vocab * tokens, 4 * head)
+        if ranks > 1:  # in full, under autocast (sharding.head_gradient_bytes)
+            return head_gradient_bytes(shape, request.seq_len, tokens, p, copy_kept=trains_below_head(g))
         if w != 2:
             return 0
         first_micro_batch = 0 if accumulates(request, micro_batch) else 4 * head
@@ -150,6 +159,50 @@ def estimate_hift(
         # parts and their sum (as full fine-tuning's, methods/full/plan.py), and two layers' at once
         outer = 0 if head_unit not in units_of(g) else 3 if shape.tied_embeddings else 1
         return unsharded_gradient_bytes(shape, outer, layers)
+
+    def kept_activations(g: int) -> tuple[int, int, int]:
+        """Several ranks: the group's activations less the loss's (sharding.freed_before_the_layers_bytes),
+        and what one frozen layer on the gradient path and one trained layer keep of them."""
+        alive = group_acts[g][0] - freed_before_the_layers_bytes(
+            shape, request.seq_len, tokens, p, copy_kept=trains_below_head(g)
+        )
+        frozen = layer_kept_bytes(shape, request.seq_len, tokens, p, checkpointing, trained=False)
+        return max(0, alive), frozen, layer_kept_bytes(shape, request.seq_len, tokens, p, checkpointing)
+
+    def highest_trained_layer(g: int) -> int:
+        """The group's highest decoder layer counted from 1 (unit u is layer u - 1), 0 if it has none."""
+        return max((u for u in units_of(g) if 0 < u < len(shape.units) - 1), default=0)
+
+    def layers_forward(g: int) -> int:
+        """Several ranks: the forward through the decoder layers (sharding.layers_forward_bytes)."""
+        if ranks == 1:
+            return 0
+        alive, frozen, trained = kept_activations(g)
+        top = trained if highest_trained_layer(g) == shape.layers else frozen
+        return layers_forward_bytes(
+            shape, alive, top if trains_below_head(g) else 0, checkpoint_bytes(shape, tokens, p)
+        )
+
+    def layers_backward(g: int) -> int:
+        """Several ranks: the backward through the decoder layers, where the group has any below the
+        head. First the frozen layers above the group, with every activation the step keeps but the
+        loss's; then the group's own, with theirs alone (sharding.layers_backward_bytes). The head's
+        full gradient waits for the root's reduce-scatter through both."""
+        if ranks == 1 or not trains_below_head(g):
+            return 0
+        alive, frozen, trained = kept_activations(g)
+        above = shape.layers - highest_trained_layer(g)  # frozen layers above the group
+        rebuilt = group_acts[g][1] if checkpointing else 0
+        # a frozen layer's backward: its input's gradient and the one it passes down (fp32)
+        moment = alive + rebuilt + 2 * 4 * shape.hidden * tokens if above else 0
+        if layers := trained_layers(g):
+            moment = max(
+                moment,
+                layers_backward_bytes(
+                    shape, alive - above * frozen, trained, rebuilt, tokens, layers, ranks, p
+                ),
+            )
+        return moment + (4 * shape.vocab * shape.hidden if head_unit in units_of(g) else 0)
 
     # The largest group, and the largest but that one: the largest other than any group g.
     by_size = sorted(range(len(sizes)), key=sizes.__getitem__, reverse=True)
@@ -178,7 +231,7 @@ def estimate_hift(
         kept, rebuilt = group_acts[g]
         backward_extra = extra + late_gradients(g)
         if ranks > 1 and checkpointing and trained_layers(g) >= 2:  # two layers' full gradients
-            backward_extra = rebuilt_beside_gradients(shape, extra, tokens)
+            backward_extra = rebuilt_beside_gradients(shape, extra, tokens, p)
         return Estimate(
             [], persistent, kept, loss, max(logits_grad, rebuilt), 4 * shard(size, ranks) + unsharded(g),
             backward_extra, end_step_extra=rounding,
@@ -186,7 +239,11 @@ def estimate_hift(
             accumulating=accumulates(request, micro_batch), head_gradient=head_gradient(g),
             made_by_update=made_by_update, summed_grads=4 * shard(size, ranks) if ranks > 1 else None,
             evaluation=evaluation_bytes(shape, tokens),
-            root_regather=root_regather_bytes(shape, tokens) if ranks > 1 else 0,
+            root_regather=root_regather_bytes(shape, request.seq_len, micro_batch) if ranks > 1 else 0,
+            gathered_root=4 * root_params(shape) if ranks > 1 else 0,
+            gathered_layer=4 * layer_params(shape) if ranks > 1 else 0,
+            layers_backward=layers_backward(g),
+            layers_forward=layers_forward(g),
         )  # fmt: skip
 
     worst_group = max(range(len(sizes)), key=lambda g: step_of(g).device_peak())

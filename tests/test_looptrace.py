@@ -54,11 +54,12 @@ CASES = {
         {"method": "sift", "base_quant": "none", "layers": 4},
     ),
     # full fine-tuning under autocast, checkpointed, accumulating: no 16-bit weight copy outlives its
-    # layer's forward, and the tied embedding's gradient parts meet the summed gradients
-    "qwen2.5-1.5b full checkpointing 48GiB": (
+    # layer's forward, and the tied embedding's gradient parts meet the summed gradients (its width
+    # through 8 of its 28 layers: the embedding is what it tests)
+    "qwen2.5-1.5b full checkpointing 8 layers 48GiB": (
         "qwen2.5-1.5b",
         "48GiB",
-        {"method": "full", "micro_batch_size": 1, "gradient_checkpointing": True},
+        {"method": "full", "micro_batch_size": 1, "gradient_checkpointing": True, "layers": 8},
     ),
     # several ranks (FSDP2 on torch's fake process group): rank 0's shards, gathered weights and
     # gradients before their reduce-scatter, against the plan of one rank
@@ -132,11 +133,14 @@ CASES = {
             "layers": 12,
         },  # fmt: skip
     ),
-    # a tied embedding's gradient, in full before the root's reduce-scatter (was 1.8% above the plan)
-    "qwen2.5-1.5b full --nproc 4 checkpointing 16GiB": (
+    # a tied embedding's gradient, in full before the root's reduce-scatter (was 1.8% above the
+    # plan), beside the lowest layer's reduce-scatter input alone: the layers' gathered weights and
+    # gradients are gone by then (counted, the plan was 8.9% above this trace, 5.6% at full depth).
+    # Its width through 8 of its 28 layers.
+    "qwen2.5-1.5b full --nproc 4 checkpointing 8 layers 16GiB": (
         "qwen2.5-1.5b",
         "16GiB",
-        {"method": "full", "nproc": 4, "micro_batch_size": 1, "gradient_checkpointing": True},
+        {"method": "full", "nproc": 4, "micro_batch_size": 1, "gradient_checkpointing": True, "layers": 8},
     ),
     "mistral-7b lora 16GiB": ("mistral-7b", "16GiB", {"method": "lora", "base_quant": "none"}),
 }
@@ -190,6 +194,7 @@ def test_the_plan_holds_for_the_whole_traced_loop_and_wastes_at_most_5_percent(c
         f"traced {trace.peak / 2**30:.2f} GiB ({trace.peak_phase})"
     )
     assert trace.peak <= planned <= 1.05 * trace.peak, detail
+    ranks = CASES[case][2].get("nproc", 1)
     # Host: the streamed layers' buffers are the plan's streamed-weights row, to the byte; each
     # group's stored state is the state policy's bytes for that group.
     streamed = sum(c.host_bytes for c in plan.components if "streamed" in c.name)

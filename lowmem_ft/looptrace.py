@@ -23,9 +23,14 @@ What stands in for the GPU:
 HiFT visits, in the order a run takes them, the embedding, layers 0 and 1, the last layer and the
 head, then each of those again with state of its own and the next group's prefetched, as in every
 cycle after the first; other methods run two steps (the second has the state the first made).
-Each step has two micro-batches where the plan accumulates (the second is where gradients are
-summed; more repeat it), else one; evaluation one of the planned size, the selection window what
-the plan says. The books that count the bytes are lowmem_ft/device_books.py.
+Each traced step has two micro-batches where the plan accumulates (the second is where gradients
+are summed; more repeat it), else one; a step that is there only to make the optimizer state a
+later step holds (HiFT's first cycle, the other methods' first step) has one: it holds less, at
+every moment, than the later step that visits its group again with that state (its second
+micro-batch cost trace time; every case of tests/test_looptrace.py traces the same peak, to the
+byte, without it). Evaluation runs one micro-batch of the
+planned size, the selection window what the plan says. The books that count the bytes are
+lowmem_ft/device_books.py.
 
 On a real GPU (``trace_run(config, on_gpu=True)``, bench/gpu_check.py) the same loop runs on real
 tensors with random weights: the trace then counts CUDA storages only, and the caller reads CUDA's
@@ -61,7 +66,7 @@ class LoopTrace:
     host_buffer_bytes: int = 0  # host buffers of the engine (pinned on a GPU)
     # the engine's host bytes by owner: "streamed layers", and "state of group G" for HiFT
     host_detail: dict[str, int] = field(default_factory=dict)
-    steps: list[int] = field(default_factory=list)  # the optimizer steps traced
+    steps: list[int] = field(default_factory=list)  # the optimizer steps run, state-making first
 
 
 class _NoJob:
@@ -95,6 +100,7 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
     ranks = config.nproc
     several = config.batch_size // ranks > config.micro_batch_size
     config = config.replace(batch_size=(2 if several else 1) * config.micro_batch_size * ranks)
+    one_micro_batch = config.micro_batch_size * ranks  # the batch of a step that only makes state
     if ranks > 1 and on_gpu:
         raise ValueError("a trace of several ranks runs on fake tensors only (on_gpu=False)")
     method = build_method(config)
@@ -151,9 +157,10 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
                 gc.collect()
                 train.select_entries(s)
                 scaler = torch.amp.GradScaler(device.type, enabled=False)
-                steps = _steps_to_trace(method)
-                for step in steps:
+                making_state, steps = _steps_to_trace(method)
+                for step in making_state + steps:
                     gc.collect()
+                    batcher.batch_size = one_micro_batch if step in making_state else config.batch_size
                     train.train_step(s, _NoJob(), step, scaler, bar=None)
                 gc.collect()
                 train.evaluate(s)
@@ -168,7 +175,7 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
         detail[f"state of group {group}"] = sum(b.numel() * b.element_size() for b in buffers.values())
     traced = LoopTrace(
         trace.peak, trace.peak_phase, dict(trace.phase_peaks), host_buffer_bytes=trace.host_bytes,
-        host_detail=detail, steps=steps,
+        host_detail=detail, steps=making_state + steps,
     )  # fmt: skip
     return plan, traced
 
@@ -241,23 +248,25 @@ def _swap_fake_parameters(t1: torch.Tensor, t2: torch.Tensor) -> None:
 _real_swap = torch.utils.swap_tensors
 
 
-def _steps_to_trace(method) -> list[int]:
+def _steps_to_trace(method) -> tuple[list[int], list[int]]:
+    """The steps that only make the optimizer state that the traced steps start with (one
+    micro-batch each, module doc), and the traced steps, each in the order a run takes them."""
     groups = len(getattr(method, "groups", []))
     if not groups:
         # The first step creates the optimizer state, the second runs with it: every later step
         # repeats the second (a third step traced the same peak in every case of tests/test_looptrace.py).
-        return [0, 1]
+        return [0], [1]
     every = method.switch_every
     # By group, not by position (a random order puts them anywhere), in the order a real run takes
     # them. First cycle (no state yet): the lowest three groups (the embedding's keeps the whole
     # stack's activations), the last layer and the head. Second cycle, each with state of its own:
     # the lowest two, the last layer's and the head's, each with the state of the group after it
     # prefetched, so the first cycle also visits those (in bottom-up order they are among the
-    # first five). Four groups or fewer: three whole cycles.
+    # first five). Four groups or fewer: a whole cycle makes the state, two more are traced.
     if groups <= 4:
-        return [v * every for v in range(3 * groups)]
+        return [v * every for v in range(groups)], [v * every for v in range(groups, 3 * groups)]
     group_at = lambda visit: method.group_at(visit * every)  # noqa: E731
     second = [v for v in range(groups, 2 * groups) if group_at(v) in {0, 1, groups - 2, groups - 1}]
     first_wanted = {0, 1, 2, groups - 2, groups - 1} | {group_at(v + 1) for v in second}
     first = [v for v in range(groups) if group_at(v) in first_wanted]
-    return [v * every for v in first + second]
+    return [v * every for v in first], [v * every for v in second]

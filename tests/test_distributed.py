@@ -559,3 +559,47 @@ def test_the_launcher_reports_the_rank_that_failed_not_the_ones_that_lost_it():
     assert lost_a_peer(RuntimeError(gloo)) and lost_a_peer(torch.distributed.DistBackendError("NCCL error"))
     assert not lost_a_peer(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert not lost_a_peer(ValueError("transport"))
+
+
+@pytest.mark.parametrize("moment", ["while taking in its own failure", "while setting up"])
+def test_a_rank_stopped_by_the_agent_as_it_fails_itself_leaves_one_line_and_no_traceback(
+    moment, tmp_path, monkeypatch
+):
+    """The same bad input fails every rank at about the same moment. When another rank ends first,
+    the agent's SIGTERM (a KeyboardInterrupt here) can reach this one while it is taking in its own
+    failure: it still ends on one line (that it was interrupted; the launcher says the other rank's)
+    and its exit code, not with a traceback under the command's line (seen once in this module)."""
+    import signal as signals
+
+    from lowmem_ft import start
+    from lowmem_ft.cli import rank
+    from lowmem_ft.errors import UserError
+
+    class FailureCutShort(UserError):
+        def __str__(self) -> str:  # the moment the except clause formats the line: SIGTERM arrives
+            raise KeyboardInterrupt
+
+    def failing_run(config, show_progress):
+        if moment == "while setting up":
+            raise KeyboardInterrupt
+        raise FailureCutShort("unknown model 'no-such-model'")
+
+    ended = []
+    monkeypatch.setattr(start, "run", failing_run)
+    monkeypatch.setattr(rank, "end_with_the_launcher", lambda: None)
+    monkeypatch.setattr(rank, "end_rank", lambda code: ended.append(code) or sys.exit(code))
+    monkeypatch.delenv(rank.LAUNCHER_PID, raising=False)
+    payload = tmp_path / "payload.json"
+    payload.write_text('{"config": {}}')
+    monkeypatch.setattr("lowmem_ft.config.RunConfig.from_json", lambda raw: raw)
+    saved = {s: signals.getsignal(s) for s in (signals.SIGTERM, signals.SIGINT)}
+    try:
+        with pytest.raises(SystemExit):
+            rank.main(["run", str(payload), "--quiet"])
+    except KeyboardInterrupt:
+        pytest.fail("the rank ended with a traceback, not its line")
+    finally:
+        for number, handler in saved.items():
+            signals.signal(number, handler)
+    assert ended == [130]
+    assert (tmp_path / "rank-0.txt").read_text() == rank.INTERRUPTED

@@ -89,31 +89,43 @@ def main(argv: list[str]) -> None:
     # `lowmem-ft` itself does), it unwinds: a job rank 0 was creating is removed, not left half-written.
     # (Training has its own handler: it finishes the step and saves it.)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    ending: tuple[str, int] | None = None  # the line this rank ends with, and its exit code
     try:
-        if command == "run":
-            from lowmem_ft.config import RunConfig
-            from lowmem_ft.start import run
+        try:
+            if command == "run":
+                from lowmem_ft.config import RunConfig
+                from lowmem_ft.start import run
 
-            run(RunConfig.from_json(payload["config"]), show_progress=show_progress and ranks.main)
-        else:
-            from lowmem_ft.resume import resume
+                run(RunConfig.from_json(payload["config"]), show_progress=show_progress and ranks.main)
+            else:
+                from lowmem_ft.resume import resume
 
-            resume(Path(payload["job"]), payload["overrides"], show_progress=show_progress and ranks.main)
-    except RunInterrupted as exc:
-        end(str(exc), 130)
-    except KeyboardInterrupt:  # still setting up: Ctrl-C, or stopped because another rank failed
-        end("interrupted before training started; nothing was lost", 130)
-    except UserError as exc:  # the same bad input on every rank
-        end(f"error: {exc}", exc.exit_code)
-    except Exception as exc:  # one line (the job's error.log has rank 0's traceback), not N tracebacks
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        # a rank that failed only because another went away says so by its exit code: the
-        # launcher then reports the other (its error, or how it was killed), the cause
-        code = PEER_LOST if lost_a_peer(exc) else 1
-        end(f"error: rank {ranks.rank}: {type(exc).__name__}: {first_line}", code)
+                resume(Path(payload["job"]), payload["overrides"], show_progress=show_progress and ranks.main)
+        except RunInterrupted as exc:
+            ending = (str(exc), 130)
+        except KeyboardInterrupt:  # still setting up: Ctrl-C, or stopped because another rank failed
+            ending = (INTERRUPTED, 130)
+        except UserError as exc:  # the same bad input on every rank
+            ending = (f"error: {exc}", exc.exit_code)
+        except Exception as exc:  # one line (the job's error.log has rank 0's traceback), not N tracebacks
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            # a rank that failed only because another went away says so by its exit code: the
+            # launcher then reports the other (its error, or how it was killed), the cause
+            code = PEER_LOST if lost_a_peer(exc) else 1
+            ending = (f"error: rank {ranks.rank}: {type(exc).__name__}: {first_line}", code)
+    except KeyboardInterrupt:
+        # The same bad input fails every rank at about the same moment: the agent, seeing another
+        # rank end first, stopped this one while it was taking in its own failure (a traceback here
+        # once stood under the command's one line). The launcher says the other rank's line.
+        ending = ending or (INTERRUPTED, 130)
+    if ending is not None:
+        end(*ending)
     if not launcher_alive():
         leave_word("")
     end_rank(0)
+
+
+INTERRUPTED = "interrupted before training started; nothing was lost"
 
 
 if __name__ == "__main__":

@@ -126,14 +126,16 @@ class Checkpoints:
 
 
 def first_non_finite(tree, name: str = "") -> str | None:
-    """The name of the first floating-point tensor in ``tree`` with a NaN or Inf, else None. Checked
-    16M elements at a time: the check's own mask is then 16 MB, not the size of a 525M-entry head."""
+    """The name of the first floating-point tensor in ``tree`` with a NaN or Inf, else None. One
+    reduction a tensor: its smallest and largest value are NaN where any value is, and -Inf or Inf
+    where one is. (A mask of every value, as isfinite makes, would be the size of a 525M-entry head,
+    and made and read a chunk at a time it took four times as long: a tenth of a small run's time.)"""
     if isinstance(tree, torch.Tensor):
         tree = tree.to_local() if hasattr(tree, "to_local") else tree  # a rank's shard of a DTensor
         if tree.is_floating_point() and tree.numel():
-            for chunk in tree.detach().reshape(-1).split(1 << 24):
-                if not bool(torch.isfinite(chunk).all()):
-                    return name or "a tensor"
+            low, high = torch.aminmax(tree.detach())
+            if not bool(torch.isfinite(low) & torch.isfinite(high)):
+                return name or "a tensor"
         return None
     if isinstance(tree, dict):
         items = tree.items()

@@ -36,7 +36,8 @@ METHODS = {
     "hift": ["--method", "hift", "--units-per-group", "2"],
     "lora": ["--method", "lora", "--lora-dropout", "0"],
     "sift": ["--method", "sift", "--sparsity", "0.05", "--selection-batches", "2"],
-    "bitfit": ["--method", "bitfit"],
+    # SPAFIT trains LoRA adapters and BitFit's biases and norms through the one structured method
+    # that LoRA and BitFit are (methods/structured/): its ranks cover BitFit's, not run again here
     "spafit": ["--method", "spafit", "--lora-dropout", "0"],
 }
 

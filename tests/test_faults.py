@@ -200,6 +200,31 @@ def test_weights_gone_non_finite_are_never_checkpointed_and_the_stop_names_the_l
     assert Job.open(out).record["status"] == "failed"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_the_checkpoint_check_names_the_first_tensor_with_a_value_that_is_not_finite(dtype, bad):
+    """Wherever the value stands (the first entry, the last, alone among the largest finite values
+    of the dtype), the check finds it and names its tensor; finite state, and integer tensors
+    (step counters, 8-bit state), pass."""
+    from lowmem_ft.train_state import first_non_finite
+
+    largest = torch.finfo(dtype).max
+    for position in (0, -1, 7):
+        poisoned = torch.full((3, 5), largest, dtype=dtype)
+        poisoned.view(-1)[position] = bad
+        state = {
+            "weights": {"a": torch.zeros(4, dtype=dtype), "b": poisoned},
+            "method": {"state": [{"step": torch.tensor(3), "exp_avg": torch.ones(2, dtype=dtype)}]},
+        }
+        assert first_non_finite(state) == "weights.b", position
+        state["weights"]["b"] = poisoned.nan_to_num(0.0)
+        state["method"]["state"][0]["exp_avg_sq"] = torch.tensor([1.0, bad], dtype=dtype)
+        assert first_non_finite(state) == "method.state.0.exp_avg_sq"
+        del state["method"]["state"][0]["exp_avg_sq"]
+        state["method"]["quantised"] = torch.full((4,), 255, dtype=torch.uint8)
+        assert first_non_finite(state) is None
+
+
 # -- 5. metrics.jsonl is cut back, never padded --------------------------------------------------------
 def test_a_resume_cuts_metrics_back_but_never_pads_a_shorter_file(tmp_path):
     job = Job(tmp_path, {})

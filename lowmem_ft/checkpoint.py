@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lowmem_ft.errors import DiskError, disk_fault
-from lowmem_ft.files import free_bytes, sha256_of
+from lowmem_ft.files import free_bytes, fsync, fsync_path, sha256_of
 from lowmem_ft.sizes import format_bytes
 
 FORMAT = 1
@@ -129,26 +129,14 @@ def _write_file(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        fsync(f.fileno())
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write one safetensors shard and fsync it. (safetensors writes straight from the tensors'
     memory, several times faster than serialising to bytes in Python first.)"""
     save_file(tensors, path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path)
 
 
 def partial_dir(job_dir: Path, step: int) -> Path:
@@ -193,11 +181,11 @@ def save_checkpoint(
             files |= _listed(partial, partial / SHARDS)
         manifest = {"format": FORMAT, "step": step, "created": time.time(), "files": files}
         _write_file(partial / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-        _fsync_dir(partial)
+        fsync_path(partial)
         if final.exists():  # damaged (it failed verification): replace it
             shutil.rmtree(final)
         os.rename(partial, final)
-        _fsync_dir(root)
+        fsync_path(root)
     except Exception as exc:
         shutil.rmtree(partial, ignore_errors=True)
         # safetensors reports a full disk as its own SafetensorError, not as OSError

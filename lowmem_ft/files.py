@@ -13,6 +13,26 @@ from pathlib import Path
 from lowmem_ft.errors import UserError
 
 _HASH_CHUNK = 16 << 20
+FSYNC = "LOWMEM_FT_FSYNC"
+
+
+def fsync(fd: int) -> None:
+    """``os.fsync(fd)``: the bytes written are on disk when it returns, so a checkpoint, the job's
+    record or its kept data survive a power cut or a crash of the machine. ``LOWMEM_FT_FSYNC=0``
+    skips it, for tests and throwaway runs on a slow disk: what was written still survives the
+    process being killed at any moment (the kernel holds it), which is what resume needs; the
+    tests set it (tests/conftest.py), and a checkpoint-heavy test took a fifth less time."""
+    if os.environ.get(FSYNC, "1") != "0":
+        os.fsync(fd)
+
+
+def fsync_path(path: Path) -> None:
+    """``fsync`` of the file or directory at ``path`` (a directory: the names in it, after a rename)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sha256_of(paths: Iterable[Path]) -> str:
@@ -33,7 +53,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
             json.dump(data, f, indent=2)
             f.write("\n")
             f.flush()
-            os.fsync(f.fileno())
+            fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # the file it replaces is whole; the half-written one goes

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowmem_ft.errors import DiskError, UserError, disk_fault
-from lowmem_ft.files import read_json_object, write_json_atomic
+from lowmem_ft.files import fsync, read_json_object, write_json_atomic
 
 
 def software_versions() -> dict[str, str]:
@@ -94,7 +94,7 @@ class JobLock:
         self.stale_holder = read_lock(self.path.parent)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "started": _process_start(os.getpid())}).encode(), 0)
-        os.fsync(fd)
+        fsync(fd)
         self._fd = fd
 
     def release(self) -> None:

@@ -34,7 +34,7 @@ from lowmem_ft.resume import checkpointing_on_resume, micro_batch_on_resume
 REPO = Path(__file__).resolve().parents[1]
 
 COMMON = [
-    "--max-steps", "16", "--batch-size", "4", "--micro-batch-size", "2", "--seq-len", "64",
+    "--max-steps", "10", "--batch-size", "4", "--micro-batch-size", "2", "--seq-len", "64",
     "--eval-every", "5", "--save-every", "2", "--keep-checkpoints", "2", "--save-dtype", "fp32",
     "--eval-fraction", "0.1", "-q",
 ]  # fmt: skip
@@ -447,7 +447,7 @@ def test_run_on_an_unfinished_job_offers_to_resume_it(tmp_path, capsys, monkeypa
     code, _, err = cli(capsys, *run_args("full", data, job))
     assert (
         code == 2
-        and f"holds an unfinished job (interrupted at step 2/16); continue it with `lowmem-ft resume {job}`"
+        and f"holds an unfinished job (interrupted at step 2/10); continue it with `lowmem-ft resume {job}`"
         in err
     )
     assert (job / "job.json").read_text() == before
@@ -489,7 +489,7 @@ def test_jobs_lists_status_and_last_checkpoint(tmp_path, capsys, monkeypatch, da
     code, out, _ = cli(capsys, "jobs", tmp_path)
     header, row = out.splitlines()[:2]
     assert "CHECKPOINT" in header
-    assert row.split()[:4] == [str(job), "interrupted", "3/16", "step"] and row.split()[4] == "3"
+    assert row.split()[:4] == [str(job), "interrupted", "3/10", "step"] and row.split()[4] == "3"
     assert f"continue with `lowmem-ft resume {job}`" in out
     listed = json.loads(cli(capsys, "jobs", tmp_path, "--json")[1])
     assert listed[0]["checkpoint_step"] == 3 and listed[0]["status"] == "interrupted"

@@ -28,9 +28,8 @@ are summed; more repeat it), else one; a step that is there only to make the opt
 later step holds (HiFT's first cycle, the other methods' first step) has one: it holds less, at
 every moment, than the later step that visits its group again with that state (its second
 micro-batch cost trace time; every case of tests/test_looptrace.py traces the same peak, to the
-byte, without it). Evaluation runs one micro-batch of the
-planned size, the selection window what the plan says. The books that count the bytes are
-lowmem_ft/device_books.py.
+byte, without it). Evaluation runs one micro-batch of the planned size, the selection window what
+the plan says. The books that count the bytes are lowmem_ft/device_books.py.
 
 On a real GPU (``trace_run(config, on_gpu=True)``, bench/gpu_check.py) the same loop runs on real
 tensors with random weights: the trace then counts CUDA storages only, and the caller reads CUDA's

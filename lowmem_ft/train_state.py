@@ -129,7 +129,7 @@ def first_non_finite(tree, name: str = "") -> str | None:
     """The name of the first floating-point tensor in ``tree`` with a NaN or Inf, else None. One
     reduction a tensor: its smallest and largest value are NaN where any value is, and -Inf or Inf
     where one is. (A mask of every value, as isfinite makes, would be the size of a 525M-entry head,
-    and made and read a chunk at a time it took four times as long: a tenth of a small run's time.)"""
+    and made and read a chunk at a time it took four times as long.)"""
     if isinstance(tree, torch.Tensor):
         tree = tree.to_local() if hasattr(tree, "to_local") else tree  # a rank's shard of a DTensor
         if tree.is_floating_point() and tree.numel():

@@ -70,26 +70,16 @@ def main(argv: list[str]) -> None:
     else:
         logging.getLogger("lowmem_ft").setLevel(logging.WARNING)
 
-    def end(line: str, code: int) -> None:
-        # Leaving. The agent may signal again while this rank exits (it stops every rank when one
-        # fails): raised as KeyboardInterrupt in an exit handler, it would print a traceback under
-        # the command's one line. Now a SIGTERM just ends the process, and a Ctrl-C is ignored.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        leave_word(line)
-        end_rank(code)
-
     def leave_word(line: str) -> None:
         if launcher_alive():
             last_words_file(payload_file, ranks.rank).write_text(line)
         else:  # nobody is left to read it: the launcher's scratch directory (the payload) goes
             shutil.rmtree(payload_file.parent, ignore_errors=True)
 
-    # The agent stops the other ranks with SIGTERM when one fails. Raised as KeyboardInterrupt (as
-    # `lowmem-ft` itself does), it unwinds: a job rank 0 was creating is removed, not left half-written.
-    # (Training has its own handler: it finishes the step and saves it.)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    ending: tuple[str, int] | None = None  # the line this rank ends with, and its exit code
+    stop = StopOnce()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    ending = (INTERRUPTED, 130)  # the line this rank ends with, and its exit code; None: it trained
     try:
         try:
             if command == "run":
@@ -101,10 +91,9 @@ def main(argv: list[str]) -> None:
                 from lowmem_ft.resume import resume
 
                 resume(Path(payload["job"]), payload["overrides"], show_progress=show_progress and ranks.main)
+            ending = None
         except RunInterrupted as exc:
             ending = (str(exc), 130)
-        except KeyboardInterrupt:  # still setting up: Ctrl-C, or stopped because another rank failed
-            ending = (INTERRUPTED, 130)
         except UserError as exc:  # the same bad input on every rank
             ending = (f"error: {exc}", exc.exit_code)
         except Exception as exc:  # one line (the job's error.log has rank 0's traceback), not N tracebacks
@@ -113,16 +102,38 @@ def main(argv: list[str]) -> None:
             # launcher then reports the other (its error, or how it was killed), the cause
             code = PEER_LOST if lost_a_peer(exc) else 1
             ending = (f"error: rank {ranks.rank}: {type(exc).__name__}: {first_line}", code)
+        stop.leaving = True
     except KeyboardInterrupt:
-        # The same bad input fails every rank at about the same moment: the agent, seeing another
-        # rank end first, stopped this one while it was taking in its own failure (a traceback here
-        # once stood under the command's one line). The launcher says the other rank's line.
-        ending = ending or (INTERRUPTED, 130)
+        # Stopped while setting up (Ctrl-C, or the agent because another rank failed), or while this
+        # rank was taking in its own failure: the same bad input fails every rank at about the same
+        # moment, and the agent, seeing another end first, stops this one (a traceback here once
+        # stood under the command's one line). The launcher says the other rank's line.
+        pass
+    # From here on no stop raises (StopOnce): the rank is leaving, with the line it chose.
     if ending is not None:
-        end(*ending)
+        leave_word(ending[0])
+        end_rank(ending[1])
     if not launcher_alive():
         leave_word("")
     end_rank(0)
+
+
+class StopOnce:
+    """A rank's SIGTERM/SIGINT handler outside training (training has its own: it finishes the step
+    and saves it). The agent stops every rank with SIGTERM when one fails; the first stop raises
+    KeyboardInterrupt, as `lowmem-ft` does on Ctrl-C, and the rank unwinds (a job rank 0 was
+    creating is removed, not left half-written). Any later stop, or one arriving once the rank is
+    leaving, is ignored: a KeyboardInterrupt raised while the rank writes its last words or exits
+    would print a traceback under the command's one line (seen on CI), and a second one could
+    escape the clause that takes in the first. A rank that is leaving ends in moments anyway."""
+
+    def __init__(self) -> None:
+        self.leaving = False
+
+    def __call__(self, signum, frame) -> None:
+        if not self.leaving:
+            self.leaving = True
+            raise KeyboardInterrupt
 
 
 INTERRUPTED = "interrupted before training started; nothing was lost"

@@ -142,7 +142,13 @@ CASES = {
         "16GiB",
         {"method": "full", "nproc": 4, "micro_batch_size": 1, "gradient_checkpointing": True, "layers": 8},
     ),
-    "mistral-7b lora 16GiB": ("mistral-7b", "16GiB", {"method": "lora", "base_quant": "none"}),
+    # LoRA's frozen base and adapters through the whole loop, its width through 8 of its 32 layers (the
+    # full depth at 16 GiB is a row of docs/planner.md's bench/plan_vs_trace.py tables: 1.000)
+    "mistral-7b lora 8 layers 6GiB": (
+        "mistral-7b",
+        "6GiB",
+        {"method": "lora", "base_quant": "none", "layers": 8},
+    ),
 }
 
 

@@ -535,7 +535,7 @@ def test_a_full_disk_in_the_final_export_of_two_ranks_is_one_line_and_resume_wri
     assert "could not write the result to" in err and "the disk is full" in err, err
     assert f"lowmem-ft resume {job}" in err and "checkpoint step-000006 is intact" in err, err
     assert not (job / "model").exists()  # the half-written result is gone
-    code, out, err = cli_resume(job, "--nproc", "1")
+    code, _, err = cli_resume(job, "--nproc", "1")
     assert code == 0, err
     assert (job / "model" / "config.json").is_file() and record(job)["status"] == "done"
 

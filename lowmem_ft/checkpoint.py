@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lowmem_ft.errors import DiskError, disk_fault
-from lowmem_ft.files import free_bytes, fsync, fsync_path, sha256_of
+from lowmem_ft.files import free_bytes, fsync, fsync_path, readable_as_umask_allows, sha256_of
 from lowmem_ft.sizes import format_bytes
 
 FORMAT = 1
@@ -136,6 +136,7 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write one safetensors shard and fsync it. (safetensors writes straight from the tensors'
     memory, several times faster than serialising to bytes in Python first.)"""
     save_file(tensors, path)
+    readable_as_umask_allows(path)  # (as the checkpoint's JSON files are)
     fsync_path(path)
 
 

@@ -21,25 +21,17 @@ def print_header(s: Setup, job: Job) -> None:
     d = s.data
     log.info(f"model      {s.resolved.name} ({s.resolved.source}), {s.model_params:,} parameters")
     log.info(f"method     {s.method.name}: {s.method.summary}; {s.method.describe_trainable()}")
-    if d.eval_available > len(d.eval):  # --max-eval-examples chose among them
-        source = "--eval-data" if s.config.eval_data is not None else "held-out"
-        evaluated = f"eval {len(d.eval):,} of {d.eval_available:,} {source} examples (chosen by --seed)"
-    else:
-        evaluated = f"{len(d.eval):,} eval examples"
-    stats = d.stats()
-    if stats is None:  # (data/lazy.py) a line says what it made when it is done
-        made = f"{len(d.train):,} train records (encoded as the run trains) / {evaluated}"
-    else:
-        made = f"{d.train.stats.examples:,} train / {evaluated}, {stats.describe(s.config.seq_len)}"
     log.info(
-        f"data       {s.config.data} ({d.format}): {made}"
+        f"data       {s.config.data} ({d.format}): {d.describe(s.config)}"
         + (f", {d.skipped_lines} bad lines skipped" if d.skipped_lines else "")
     )
+    for warning in d.warnings(s.config):
+        log.warning(f"warning    {warning}")
     ranks = s.group.ranks.size
     per_rank = s.config.batch_size // ranks  # (one process: the whole batch)
     micro = min(s.config.micro_batch_size, per_rank)
     log.info(
-        f"training   {s.max_steps} steps of {s.config.batch_size} examples "
+        f"training   {s.max_steps} step{'s' if s.max_steps != 1 else ''} of {s.config.batch_size} examples "
         + (f"({ranks} ranks × " if ranks > 1 else "(")
         + f"{math.ceil(per_rank / micro)} × micro-batch {micro}), "
         f"lr {s.config.lr:g}"

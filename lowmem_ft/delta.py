@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lowmem_ft.errors import UserError
+from lowmem_ft.files import readable_as_umask_allows
 
 FORMAT = "lowmem-ft-delta"
 VERSION = 1
@@ -48,6 +49,7 @@ def save_delta(path: Path, entries: dict[str, tuple[torch.Tensor, torch.Tensor]]
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     save_file(tensors, partial, metadata={"lowmem_ft": json.dumps(header)})
+    readable_as_umask_allows(partial)
     partial.replace(path)  # never a half-written delta under the final name
     return path
 
@@ -104,6 +106,7 @@ def merge_into_files(delta: Delta, base_dir: Path, out_dir: Path, save_dtype: to
         with safe_open(shard, "pt") as handle:
             metadata = handle.metadata() or {"format": "pt"}
         save_file(tensors, out_dir / shard.name, metadata=metadata)
+        readable_as_umask_allows(out_dir / shard.name)
         del tensors
     if remaining:
         raise UserError(

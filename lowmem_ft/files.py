@@ -35,6 +35,30 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def readable_as_umask_allows(*paths: Path) -> None:
+    """Give each file at ``paths`` (a directory: its .safetensors files) the mode a plain ``open()``
+    would have given it. safetensors 0.8 writes through a temporary file that it creates with mode
+    0600 and renames into place (safetensors issue #782), so without this a model, delta or adapter
+    saved for a server that runs as another user (vLLM, a container) would be unreadable there,
+    beside a config.json that is not."""
+    mode = 0o666 & ~_umask()
+    for path in paths:
+        for file in sorted(path.glob("*.safetensors")) if path.is_dir() else [path]:
+            os.chmod(file, mode)
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (Linux): ``os.umask`` sets it, for a moment,
+    for every thread of the process (one of them may be writing a file)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return umask
+
+
 def sha256_of(paths: Iterable[Path]) -> str:
     """sha256 (hex) of the bytes of ``paths``, one after the other, read 16 MiB at a time."""
     digest = hashlib.sha256()

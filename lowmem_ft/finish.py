@@ -83,10 +83,8 @@ def report_how_it_went(s: Setup, job: Job, progress: Progress, final_eval: float
     if final_eval is not None and first_eval is not None:
         change = 100 * (final_eval - first_eval) / first_eval
         log.info(f"eval loss  {first_eval:.4f} → {final_eval:.4f} ({change:+.1f}%)")
-    if progress.skipped_steps:
-        log.info(
-            f"skipped    {len(progress.skipped_steps)} steps with a NaN/Inf loss: {progress.skipped_steps}"
-        )
+    if skipped := progress.skipped_steps:
+        log.info(f"skipped    {len(skipped)} step{'s' * (len(skipped) > 1)} with a NaN/Inf loss: {skipped}")
     if not s.method.exports_full_model:  # a delta or an adapter: small, merged into a full model on request
         size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.iterdir())
         log.info(f"saved      {out} ({format_bytes(size)})")

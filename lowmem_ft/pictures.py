@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowmem_ft.errors import UserError
+from lowmem_ft.errors import DiskError, UserError, disk_fault
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +42,47 @@ def _figure(width: float, height: float):
 
 
 def check_destination(out: Path) -> None:
-    """Refuse, in one line, a picture that could not be drawn or written to ``out``."""
+    """Refuse, in one line, a picture that could not be drawn or written to ``out``: checked before
+    any work (``plan --plot`` plans first, ``jobs --plot`` reads every job), by writing the
+    temporary file the picture will be written to, and removing it."""
     if not available():
         raise UserError(f"drawing needs matplotlib, which is not installed: {INSTALL_HINT}")
     if out.suffix.lower() != ".png":
         raise UserError(f"--plot {out}: pictures are PNG files; give a name ending in .png")
-    if not out.parent.is_dir():
+    if out.is_dir():
+        raise UserError(f"--plot {out}: that is a directory; give a file name ending in .png")
+    if not out.parent.exists():
         raise UserError(f"--plot {out}: the directory {out.parent} does not exist")
+    if not out.parent.is_dir():
+        raise UserError(f"--plot {out}: {out.parent} is a file, not a directory")
+    partial = _partial(out)
+    try:
+        partial.touch()
+        partial.unlink()
+    except OSError as exc:
+        raise UserError(
+            f"--plot {out}: cannot write there ({exc.strerror or exc}); give a path you can write to"
+        ) from None
+
+
+def _partial(out: Path) -> Path:
+    return out.with_name(f".{out.name}.partial")
 
 
 def _save(figure, out: Path) -> Path:
-    """Write ``figure`` to ``out`` (a .png) atomically."""
+    """Write ``figure`` to ``out`` (a .png) atomically: a failed write leaves no temporary file."""
     out = Path(out)
     check_destination(out)
-    partial = out.with_name(f".{out.name}.partial")
-    figure.savefig(partial, format="png", dpi=110)
-    os.replace(partial, out)
+    partial = _partial(out)
+    try:
+        figure.savefig(partial, format="png", dpi=110)
+        os.replace(partial, out)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        fault = disk_fault(exc)  # a full disk exits 4, as every write of the tool does
+        raise (DiskError if fault else UserError)(
+            f"could not write {out}: {fault or exc.strerror or exc}"
+        ) from None
     return out
 
 
@@ -122,20 +147,24 @@ def draw_loss(job_dir: Path, out: Path | None = None, title: str | None = None) 
     if curves.steps:
         ax.plot(curves.steps, curves.loss, color="tab:blue", alpha=0.25, linewidth=1)
         label = "training loss" + (f" (mean of {curves.window} steps)" if curves.window > 1 else "")
-        ax.plot(curves.steps, curves.smoothed_loss(), color="tab:blue", linewidth=2, label=label)
+        marker = _few(curves.steps)
+        ax.plot(
+            curves.steps, curves.smoothed_loss(), color="tab:blue", linewidth=2, label=label, marker=marker
+        )
     if curves.eval_steps:
         ax.plot(
             curves.eval_steps, curves.eval_loss, color="tab:orange", marker="o", linewidth=2,
             label="evaluation loss",
         )  # fmt: skip
-    ax.set_xlabel("optimizer step")
+    _steps_axis(ax)
     ax.set_ylabel("loss (per target token)")
     ax.grid(alpha=0.3)
     if curves.steps and any(lr is not None for lr in curves.lr):
         lr_axis = ax.twinx()
         lr_axis.plot(
-            curves.steps, curves.lr, color="tab:gray", linestyle="--", linewidth=1, label="learning rate"
-        )
+            curves.steps, curves.lr, color="tab:gray", linestyle="--", linewidth=1, label="learning rate",
+            marker=_few(curves.steps),
+        )  # fmt: skip
         lr_axis.set_ylabel("learning rate", color="tab:gray")
         lr_axis.tick_params(axis="y", colors="tab:gray")
         lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
@@ -148,6 +177,19 @@ def draw_loss(job_dir: Path, out: Path | None = None, title: str | None = None) 
         ax.text(0.5, 0.5, "no steps logged yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(title or job_dir.name)
     return _save(figure, out or job_dir / "loss.png")
+
+
+def _few(steps: list[int]) -> str | None:
+    """A marker on each point of a curve of a few steps: a line through one point is not drawn."""
+    return "o" if len(steps) <= 3 else None
+
+
+def _steps_axis(ax) -> None:
+    """Optimizer steps, whole numbers on the axis (matplotlib would put 0.2 between steps 0 and 1)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 class LossPicture:
@@ -198,15 +240,18 @@ def draw_comparison(jobs: list[tuple[str, Path]], out: Path) -> Path:
     if not jobs:
         raise UserError("no jobs to draw; give job directories or a directory holding them")
     figure = _figure(12, 4.8)
-    eval_ax, train_ax = figure.subplots(1, 2)
+    eval_ax, train_ax = figure.subplots(1, 2, sharex=True)  # (one step alone would get a scale of its own)
     for label, directory in jobs:
         curves = Curves.read(directory / "metrics.jsonl")
         (line,) = eval_ax.plot(curves.eval_steps, curves.eval_loss, marker="o", markersize=3, label=label)
-        train_ax.plot(curves.steps, curves.smoothed_loss(), color=line.get_color(), label=label)
+        train_ax.plot(
+            curves.steps, curves.smoothed_loss(), color=line.get_color(), label=label,
+            marker=_few(curves.steps),
+        )  # fmt: skip
     titles = ("evaluation loss", "training loss (moving average over a tenth of the run)")
     for ax, what in zip((eval_ax, train_ax), titles, strict=True):
         ax.set_title(what)
-        ax.set_xlabel("optimizer step")
+        _steps_axis(ax)
         ax.set_ylabel("loss (per target token)")
         ax.grid(alpha=0.3)
     eval_ax.legend(fontsize="small")

@@ -91,14 +91,50 @@ class Data:
         tables = {"train": self.train.table(), "eval": as_table(self.eval)}
         write_cache(job_dir, self.cache_key, tables, summary)
 
-    def report_when_encoded(self, job, say, seq_len: int) -> None:
+    def describe(self, config: RunConfig) -> str:
+        """What the examples are, for the run's data line: the counts of every example made
+        (training and evaluation) once they are known."""
+        source = "--eval-data" if config.eval_data is not None else "held-out"
+        if 0 < config.max_eval_examples < self.eval_available:
+            chosen = f"{len(self.eval):,} of {self.eval_available:,} {source} examples (chosen by --seed)"
+            evaluated = f"eval {chosen}"
+        else:
+            evaluated = f"{len(self.eval):,} eval examples"
+        stats = self.stats()
+        if stats is None:  # (data/lazy.py) report_when_encoded says it when they are done
+            return f"{len(self.train):,} train records (encoded as the run trains) / {evaluated}"
+        return f"{self.train.stats.examples:,} train / {evaluated}, {stats.describe(config.seq_len)}"
+
+    def warnings(self, config: RunConfig) -> list[str]:
+        """What the counts say is likely a mistake, once they are known: most examples dropped (their
+        response starts beyond --seq-len), or no evaluation example left."""
+        stats, said = self.stats(), []
+        if stats is None:
+            return said
+        longer = f"a larger --seq-len than {config.seq_len} keeps them"
+        if stats.dropped_no_target > stats.examples:
+            made = stats.examples + stats.dropped_no_target
+            said.append(
+                f"{stats.dropped_no_target:,} of {made:,} examples dropped: nothing to learn from is left "
+                f"within their first {config.seq_len} tokens; {longer}"
+            )
+        if not self.eval and self.eval_available:
+            said.append(
+                f"no evaluation: none of the {self.eval_available:,} evaluation examples has anything to "
+                f"learn from within its first {config.seq_len} tokens; {longer}"
+            )
+        return said
+
+    def report_when_encoded(self, job, say, config: RunConfig) -> None:
         """Once the background encoding of the training records is done: what it made, said with
-        ``say`` and recorded in job.json, and the examples kept in the job. Between steps, on rank 0."""
+        ``say`` as the header would have said it, and recorded in job.json, and the examples kept
+        in the job. Between steps, on rank 0."""
         if self.reported or not self.train.encoded_in_background or not self.train.done:
             return  # (encoded before the first step: the header said it all)
         self.reported = True
-        made = f"{self.train.stats.examples:,} examples, {self.train.stats.describe(seq_len)}"
-        say(f"data       every training record encoded: {made}")
+        say(f"data       every training record encoded: {self.describe(config)}")
+        for warning in self.warnings(config):
+            say(f"warning    {warning}")
         job.update(data=self.summary())
         if self.keep_dir is not None:
             self.keep_in(self.keep_dir)

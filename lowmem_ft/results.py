@@ -77,6 +77,11 @@ def find_result(job_dir: Path) -> tuple[str, Path]:
     """The mergeable result of a job: ("delta", its delta file) or ("adapter", its LoRA adapter
     directory); the job directory or the file/directory itself may be given."""
     if job_dir.is_file():
+        if job_dir.suffix != ".safetensors":
+            instead = "a job directory, its delta.safetensors or its adapter directory"
+            if (job_dir.parent / "job.json").is_file():
+                instead = f"the job directory {job_dir.parent}"
+            raise UserError(f"{job_dir}: a file that is not a sparse delta (.safetensors); give {instead}")
         return "delta", job_dir
     if (job_dir / ADAPTER_META).is_file():
         return "adapter", job_dir

@@ -181,7 +181,7 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
             bar.set_postfix({**postfix, **method.progress()}, refresh=False)
             bar.update(1)
             if s.group.main:  # a large data set's counts, and its examples kept for resume
-                s.data.report_when_encoded(job, bar.write, config.seq_len)
+                s.data.report_when_encoded(job, bar.write, config)
 
             is_last = progress.step == s.max_steps
             if config.eval_every and progress.step % config.eval_every == 0 and not is_last:

@@ -285,6 +285,38 @@ def test_readme_quick_start_as_a_subprocess_learns(tmp_path):
     assert (tmp_path / "job" / "loss.png").stat().st_size > 10_000  # the picture README shows
 
 
+def test_an_option_of_the_job_given_to_resume_says_that_resume_keeps_it(tmp_path, capsys):
+    code, out, err = cli(capsys, "resume", tmp_path, "--lr", "1e-4")
+    assert code == 2 and out == ""
+    assert err.startswith(  # (then "see 'lowmem-ft resume --help'", the program's name as it was run)
+        "error: --lr is a setting of the job, which resume keeps as it was; to train with another, start a "
+        "new job with `lowmem-ft run`; see '"
+    ) and err.strip().endswith(" resume --help'")
+    code, _, err = cli(capsys, "resume", tmp_path, "--no-such-option")  # not a run option either
+    assert code == 2 and err.startswith("error: No such option: --no-such-option")
+
+
+def test_a_run_that_drops_most_of_its_examples_says_so(tmp_path, capsys):
+    """--seq-len 64 on the example data: most prompts fill it, so their responses are cut away and
+    the examples dropped, the held-out ones all. The run goes on, and says so in two warnings."""
+    data = REPO / "examples" / "python-qa.jsonl"
+    code, out, err = cli(
+        capsys, "run", "tiny", data, "--out", tmp_path / "job", "--seq-len", "64", "--max-steps", "1"
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[2].startswith(f"data       {data} (alpaca): 5 train / 0 eval examples, ") and (
+        "433 dropped (no response left)" in lines[2]
+    )
+    assert lines[3:5] == [
+        "warning    433 of 438 examples dropped: nothing to learn from is left within their first 64 tokens; "
+        "a larger --seq-len than 64 keeps them",
+        "warning    no evaluation: none of the 44 evaluation examples has anything to learn from within its "
+        "first 64 tokens; a larger --seq-len than 64 keeps them",
+    ]
+    assert lines[5].startswith("training   1 step of 16 examples")
+
+
 @pytest.mark.slow
 def test_sigterm_marks_the_job_interrupted_and_exits_130(tmp_path, small_data):
     """SIGTERM (a scheduler, `kill`) during training: the job says 'interrupted', exit code 130."""

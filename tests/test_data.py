@@ -492,6 +492,12 @@ MALFORMED = {
         2,
         "invalid JSON (Expecting ',' delimiter",
     ),
+    "unterminated string": (
+        _line({"text": "a"}) + b'{"text": "b',  # (the last line, cut short)
+        "auto",
+        2,
+        "invalid JSON (Unterminated string starting at column 10); each line",
+    ),
     "json list": (b'["a", "b"]\n', "auto", 1, "JSON is a list, not an object"),
     "json string": (b'"just text"\n', "auto", 1, "JSON is a string, not an object"),
     "not utf-8": (_line({"text": "a"}) + b'{"text": "caf\xe9"}\n', "auto", 2, "not valid UTF-8"),
@@ -556,13 +562,41 @@ MALFORMED = {
         _line({"messages": [C, {**A, "tool_calls": [{"function": {"arguments": {}}}]}]}),
         "auto",
         1,
-        "messages[1].tool_calls[0].function.name is null; it must be the name of the tool called",
+        "messages[1].tool_calls[0].function.name is missing; it must be the name of the tool called",
     ),
-    "tool call arguments not an object": (
+    "tool call with an empty name": (
+        _line({"messages": [C, {**A, "tool_calls": [{"function": {"name": " ", "arguments": {}}}]}]}),
+        "auto",
+        1,
+        "messages[1].tool_calls[0].function.name is empty; it must be the name of the tool called",
+    ),
+    "tool call arguments, a string that is not JSON": (
         _line({"messages": [C, {**A, "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]}),
         "auto",
         1,
-        "messages[1].tool_calls[0].function.arguments is a string; it must be an object of arguments",
+        "messages[1].tool_calls[0].function.arguments is a string that is not valid JSON (Expecting "
+        "property name enclosed in double quotes: line 1 column 2 (char 1)); it must hold an object of "
+        "arguments in JSON",
+    ),
+    "tool call arguments, a string holding a list": (
+        _line({"messages": [C, {**A, "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}]}),
+        "auto",
+        1,
+        "messages[1].tool_calls[0].function.arguments is a string holding a list in JSON; it must hold an "
+        "object",
+    ),
+    "tool call arguments missing": (
+        _line({"messages": [C, {**A, "tool_calls": [{"function": {"name": "f"}}]}]}),
+        "auto",
+        1,
+        "messages[1].tool_calls[0].function.arguments is missing; it must be an object of arguments, or a "
+        "string holding one in JSON ({} for none)",
+    ),
+    "tool call arguments a number": (
+        _line({"messages": [C, {**A, "tool_calls": [{"function": {"name": "f", "arguments": 5}}]}]}),
+        "auto",
+        1,
+        "messages[1].tool_calls[0].function.arguments is a number; it must be an object of arguments",
     ),
     "tool call id not a string": (
         _line({"messages": [C, A, {"role": "tool", "content": "r", "tool_call_id": 7}]}),

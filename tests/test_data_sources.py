@@ -132,8 +132,10 @@ def test_directory_files_are_read_in_name_order(tmp_path, caplog):
     (tmp_path / ".hidden.jsonl").write_text("not read")
     (tmp_path / "old").mkdir()
     with caplog.at_level(logging.INFO, logger="lowmem_ft"):
+        assert data_path_problem(tmp_path) is None and data_files(tmp_path)  # (checked, hashed: not said)
         records, fmt, skipped = read_records(tmp_path)
     assert [r.data["text"] for r in records] == ["a1", "b1", "b2", "c1"]
+    assert caplog.text.count("leaving out") == 1  # said once, as the data is read
     assert records[1].location == f"{tmp_path / 'b.jsonl'}:1"
     assert records[0].location == f"{tmp_path / 'a.json'}: record 1"
     assert "reading 3 data files, leaving out README.md, old" in caplog.text

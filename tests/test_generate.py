@@ -202,7 +202,9 @@ def test_chat_in_the_default_headers_continues_what_training_rendered(tiny_token
         (["tiny", "--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0"),
         (["tiny", "--prompt", "x", "--temperature", "1", "--top-p", "0"], "--top-p must be in (0, 1]"),
         (["tiny", "--prompt", "x", "--temperature", "1", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
-        (["tiny", "--prompt", "x", "--top-p", "0.9"], "--top-p only apply to sampling; add --temperature"),
+        (["tiny", "--prompt", "x", "--top-p", "0.9"], "--top-p only applies to sampling; add --temperature"),
+        (["tiny", "--prompt", "x", "--seed", "3"], "--seed only applies to sampling; add --temperature"),
+        (["tiny", "--prompt", "x", "--top-k", "3", "--top-p", "0.5"], "--top-p and --top-k only apply to"),
         (["tiny", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
         (["tiny", "--prompt", "x", "--max-new-tokens", "2000"], "would pass the 1,024 positions"),
         (["tiny", "--prompt", "x", "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
@@ -222,6 +224,19 @@ def test_paths_that_are_no_job_and_no_model_are_refused(tmp_path, capsys):
     assert code == 2 and "neither a lowmem-ft job (no job.json) nor a Hugging Face model" in err
     code, _, err = cli(capsys, "generate", tmp_path / "missing", "--prompt", "x")
     assert code == 2 and "no such job or model directory" in err and len(err.strip().splitlines()) == 1
+    # a mistyped relative path looks like a hub id ("org/name"): neither is there
+    code, _, err = cli(capsys, "generate", "runz/job-1", "--prompt", "x")
+    assert code == 2 and err.startswith(
+        "error: no directory runz/job-1 here, and weights for runz/job-1 are not"
+    )
+    # a file that is not a delta: not read as one
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a"}\n')
+    code, _, err = cli(capsys, "generate", data, "--prompt", "x")
+    assert code == 2 and err.strip() == (
+        f"error: {data}: a file that is not a sparse delta (.safetensors); give a job directory, its "
+        "delta.safetensors or its adapter directory"
+    )
 
 
 def test_an_unfinished_job_is_refused_in_one_line(tmp_path, capsys):
@@ -287,3 +302,16 @@ def test_the_readme_generate_command_runs(jobs, capsys):
     assert (program, command) == ("lowmem-ft", "generate") and options[0] == "--prompt"
     code, out, err = cli(capsys, command, jobs["full"], *options, *NEW)
     assert code == 0 and out.strip(), err
+
+
+def test_every_file_a_job_writes_is_as_readable_as_its_umask_allows(jobs):
+    """safetensors 0.8 creates its files 0600 (its issue #782): a model, delta or adapter saved for a
+    server that runs as another user would be unreadable there. Every file of these jobs (results,
+    merged exports, checkpoints, kept data) has the mode ``open()`` gives a new file here."""
+    from lowmem_ft.files import _umask
+
+    expected = 0o666 & ~_umask()
+    files = [f for job in jobs.values() for f in job.parent.rglob("*") if f.is_file()]
+    assert {f.suffix for f in files} >= {".safetensors", ".json"}
+    wrong = {str(f.relative_to(f.parents[1])): oct(f.stat().st_mode & 0o777) for f in files}
+    assert {f: mode for f, mode in wrong.items() if mode != oct(expected)} == {}

@@ -431,6 +431,7 @@ def test_a_large_data_set_trains_as_if_encoded_first_and_is_kept_once_encoded(
     code, out, err = cli(capsys, "run", "tiny", data, "--out", reference, *RUN, "-q")
     assert code == 0, err
     assert "dropped (no response left)" in out and "encoded as the run trains" not in out
+    header = next(line for line in out.splitlines() if line.startswith("data  ")).split("): ", 1)[1]
     monkeypatch.setattr("lowmem_ft.prepare.ENCODE_FIRST", 0)  # every data set is a large one,
     monkeypatch.setattr("lowmem_ft.data.lazy.CHUNK", 4)  # of several chunks
     with monkeypatch.context() as patch:
@@ -438,7 +439,9 @@ def test_a_large_data_set_trains_as_if_encoded_first_and_is_kept_once_encoded(
         code, out, err = cli(capsys, "run", "tiny", data, "--out", job, *RUN, "-q")
     assert code == 130, err
     assert "38 train records (encoded as the run trains) / eval 5 of 13 held-out examples" in out
-    assert "every training record encoded: 35 examples" in out and "3 dropped (no response left)" in out
+    # said as the header of the run that encoded them first says it (and a resume's, read from the job)
+    assert f"every training record encoded: {header}\n" in out and "3 dropped (no response left)" in header
+    assert header.startswith("35 train / eval 5 of 13 held-out examples (chosen by --seed), ")
     summary = json.loads((job / "job.json").read_text())["data"]
     assert summary == json.loads((reference / "job.json").read_text())["data"]
     assert (job / "tokenized/examples.json").is_file()  # kept once encoded

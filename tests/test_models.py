@@ -191,7 +191,9 @@ def test_alias_found_in_cache_uses_cached_config(tmp_path, tiny_dir):
 
 
 def test_hub_id_not_in_cache(tmp_path):
-    with pytest.raises(UserError, match="org/absent are not in the local Hugging Face cache"):
+    with pytest.raises(
+        UserError, match="no directory org/absent here, and weights for org/absent are not in the local"
+    ):
         resolve_model("org/absent", require_weights=False, cache_dir=tmp_path)
 
 

@@ -161,7 +161,7 @@ def test_jobs_plot_compares_the_jobs_curves(tmp_path, capsys, finished_job):
     png = tmp_path / "compare.png"
     code, out, err = cli(capsys, "jobs", finished_job.parent, finished_job, "--plot", png)
     assert code == 0, err
-    assert f"plot       {png} (1 jobs)" in out  # the same job given twice is drawn once
+    assert f"plot       {png} (1 job)" in out  # the same job given twice is drawn once
     assert pixels_of(png, BLUE) > 300
 
 
@@ -171,16 +171,70 @@ def test_jobs_plot_compares_the_jobs_curves(tmp_path, capsys, finished_job):
         (["plan", "tiny", "--plot", "plan.svg"], "pictures are PNG files; give a name ending in .png"),
         (["plan", "tiny", "--plot", "nowhere/plan.png"], "the directory nowhere does not exist"),
         (["jobs", "empty", "--plot", "jobs.png"], "no jobs under empty to draw"),
+        (["plan", "tiny", "--plot", "empty"], "--plot empty: pictures are PNG files"),
+        (
+            ["plan", "tiny", "--plot", "a-directory.png"],
+            "that is a directory; give a file name ending in .png",
+        ),
+        (
+            ["jobs", "empty", "--plot", "a-file/jobs.png"],
+            "--plot a-file/jobs.png: a-file is a file, not a directory",
+        ),
+        (
+            ["jobs", "nowhere"],
+            "nowhere: no such directory; give directories holding jobs, or job directories",
+        ),
+        (["jobs", "a-file"], "a-file: not a directory; give directories holding jobs"),
         (["run", "tiny", "DATA", "--log", "wandb"], "--log 'wandb' is not known; give csv, tensorboard"),
     ],
 )
 def test_bad_picture_and_log_options_are_one_line(args, message, tmp_path, capsys, monkeypatch, data):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
+    (tmp_path / "a-directory.png").mkdir()
+    (tmp_path / "a-file").write_text("")
     code, out, err = cli(capsys, *[data if a == "DATA" else a for a in args])
     assert code == 2 and err.strip() == f"error: {err.strip().removeprefix('error: ')}"
     assert message in err and len(err.strip().splitlines()) == 1
+    assert out == ""  # checked before any work: no plan, no table printed above the error
     assert not (tmp_path / "runs").exists()
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_a_picture_that_cannot_be_written_is_one_line_before_any_work_and_leaves_nothing(
+    tmp_path, capsys, monkeypatch
+):
+    """A directory the user cannot write to (checked by writing there: root passes any permission
+    test): one line, exit 2; a write that fails half way (a full disk): one line, exit 4; no
+    temporary file either way."""
+    real_touch = Path.touch
+
+    def touch(path, *args, **kwargs):
+        if path.parent.name == "read-only":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_touch(path, *args, **kwargs)
+
+    (tmp_path / "read-only").mkdir()
+    monkeypatch.setattr(Path, "touch", touch)
+    for command in (["plan", "llama-2-7b", "--gpu-mem", "24GiB"], ["jobs", tmp_path]):
+        code, out, err = cli(capsys, *command, "--plot", tmp_path / "read-only" / "p.png")
+        assert code == 2 and out == "", err
+        assert err.strip() == (
+            f"error: --plot {tmp_path / 'read-only' / 'p.png'}: cannot write there (Permission denied); "
+            "give a path you can write to"
+        )
+
+    from matplotlib.figure import Figure
+
+    def full_disk(self, path, **kwargs):
+        Path(path).write_bytes(b"half a picture")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    code, out, err = cli(capsys, "plan", "tiny", "--plot", tmp_path / "plan.png")
+    assert code == 4, err  # (DiskError's code: a full disk)
+    assert err.strip() == f"error: could not write {tmp_path / 'plan.png'}: the disk is full"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["read-only"]
 
 
 def test_without_matplotlib_a_job_still_runs_and_says_how_to_draw(tmp_path, capsys, monkeypatch):

@@ -360,7 +360,7 @@ def test_a_skipped_step_changes_nothing_and_the_run_goes_on(method, tmp_path, ca
         "--keep-checkpoints", "9",
     ]  # fmt: skip
     code, out, _ = cli(capsys, *args)
-    assert code == 0 and "skipped    1 steps with a NaN/Inf loss: [3]" in out
+    assert code == 0 and "skipped    1 step with a NaN/Inf loss: [3]" in out
     assert record(job)["skipped_steps"] == [3]
     before, after = (ckpt.load_checkpoint(job / "checkpoints" / f"step-00000{i}") for i in (2, 3))
     for name, weight in before["weights"].items():

@@ -87,6 +87,21 @@ def main(argv: list[str] | None = None) -> NoReturn:
     sys.exit(code)
 
 
+def _kept_by_resume(exc, ctx) -> str | None:
+    """For an option of `run` given to `resume` (``--lr``), what resume does with it, rather than
+    "no such option"."""
+    option = getattr(exc, "option_name", None)
+    run = ctx.parent.command.commands.get("run") if ctx is not None and ctx.parent is not None else None
+    if ctx is None or ctx.info_name != "resume" or option is None or run is None:
+        return None
+    if not any(option in param.opts for param in run.params):
+        return None
+    return (
+        f"{option} is a setting of the job, which resume keeps as it was; to train with another, "
+        "start a new job with `lowmem-ft run`"
+    )
+
+
 def _command(argv: list[str] | None) -> int:
     """Run the command; its exit code."""
     from lowmem_ft.hardware import configure_cuda_allocator
@@ -108,7 +123,7 @@ def _command(argv: list[str] | None) -> int:
     except typer.TyperException as exc:  # usage errors: unknown option, bad value, missing argument
         ctx = getattr(exc, "ctx", None)
         hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
-        typer.echo(f"error: {exc.format_message().rstrip('.')}{hint}", err=True)
+        typer.echo(f"error: {_kept_by_resume(exc, ctx) or exc.format_message().rstrip('.')}{hint}", err=True)
         return getattr(exc, "exit_code", 2)
     except Exception as exc:  # a bug or a failure during training: one line, details in error.log
         typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)

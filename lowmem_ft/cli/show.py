@@ -108,6 +108,10 @@ def jobs(
         from lowmem_ft import pictures
 
         pictures.check_destination(plot)
+    for root in roots or []:  # (the default, runs/, may not exist yet: "no jobs under runs")
+        if not root.is_dir():
+            wrong = "not a directory" if root.exists() else "no such directory"
+            raise UserError(f"{root}: {wrong}; give directories holding jobs, or job directories")
     roots = roots or [Path("runs")]
     found = sorted(
         {j.path.resolve(): j for root in roots for j in list_jobs(root)}.values(), key=lambda j: j.updated
@@ -152,4 +156,4 @@ def jobs(
         elif j.status == "interrupted":
             typer.echo(f"{j.path}: interrupted; continue with `lowmem-ft resume {j.path}`")
     if plot is not None:
-        typer.echo(f"plot       {plot} ({len(found)} jobs)")
+        typer.echo(f"plot       {plot} ({len(found)} job{'s' if len(found) > 1 else ''})")

@@ -25,7 +25,7 @@ import numpy as np
 
 from lowmem_ft.data.tokenize import ExampleTable
 from lowmem_ft.errors import disk_fault
-from lowmem_ft.files import free_bytes, fsync_path, write_json_atomic
+from lowmem_ft.files import free_bytes, fsync_path, readable_as_umask_allows, write_json_atomic
 from lowmem_ft.sizes import format_bytes
 
 log = logging.getLogger(__name__)  # the CLI shows it (cli.report_to_console)
@@ -81,6 +81,7 @@ def write_cache(job_dir: Path, key: dict, tables: dict[str, ExampleTable], summa
         directory.mkdir(exist_ok=True)
         (directory / INDEX).unlink(missing_ok=True)  # no moment with an index for other arrays
         save_file(arrays, str(tmp))
+        readable_as_umask_allows(tmp)
         fsync_path(tmp)
         os.replace(tmp, directory / ARRAYS)
         write_json_atomic(directory / INDEX, index)

@@ -202,13 +202,28 @@ def _check_tool_calls(calls: object, where: str) -> str | None:
             return f'{where}[{j}] has no "function" object; each call must be {TOOL_CALL_SHAPE}'
         name = function.get("name")
         if not isinstance(name, str) or not name.strip():
-            return f"{where}[{j}].function.name is {json_type(name)}; it must be the name of the tool called"
-        if tool_arguments(function.get("arguments")) is None:
-            return (
-                f"{where}[{j}].function.arguments is {json_type(function.get('arguments'))}; it must be an "
-                "object of arguments, or a string holding one in JSON"
-            )
+            got = "is missing" if "name" not in function else f"is {json_type(name)}"
+            if isinstance(name, str):
+                got = "is empty"
+            return f"{where}[{j}].function.name {got}; it must be the name of the tool called"
+        arguments = function.get("arguments")
+        if tool_arguments(arguments) is None:
+            return f"{where}[{j}].function.arguments {_not_arguments(arguments, 'arguments' in function)}"
     return None
+
+
+def _not_arguments(arguments: object, given: bool) -> str:
+    """Why ``arguments`` (not a tool call's arguments, ``tool_arguments``) are not, and what would be."""
+    wanted = "an object of arguments, or a string holding one in JSON"
+    if not given:
+        return f"is missing; it must be {wanted} ({{}} for none)"
+    if not isinstance(arguments, str):
+        return f"is {json_type(arguments)}; it must be {wanted}"
+    try:
+        parsed = json.loads(arguments)
+    except ValueError as error:
+        return f"is a string that is not valid JSON ({error}); it must hold an object of arguments in JSON"
+    return f"is a string holding {json_type(parsed)} in JSON; it must hold an object of arguments"
 
 
 def tool_arguments(arguments: object) -> dict | None:

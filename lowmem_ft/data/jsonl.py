@@ -104,12 +104,16 @@ def _parse_line(line_bytes: bytes, first: bool) -> object:
     try:
         return _DECODER.decode(text)
     except json.JSONDecodeError as error:
-        raise RecordError(
-            f"invalid JSON ({error.msg} at column {error.colno}); each line must be one JSON object"
-        ) from None
+        raise RecordError(f"invalid JSON ({where(error)}); each line must be one JSON object") from None
     except RecursionError:
         raise RecordError("JSON nested too deeply to read (about 1,000 levels or more)") from None
     except ValueError as error:  # an integer of more than 4,300 digits
         if "integer string conversion" in str(error):
             raise RecordError("a number has more than 4,300 digits; write it as a string") from None
         raise RecordError(str(error)) from None
+
+
+def where(error: json.JSONDecodeError) -> str:
+    """What json found wrong and at which column ("Unterminated string starting at column 3": its
+    message for that one ends in "at" already)."""
+    return f"{error.msg.removesuffix(' at')} at column {error.colno}"

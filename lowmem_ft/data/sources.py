@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from lowmem_ft.data.bulk import cycle_collector_paused, progress_bar
-from lowmem_ft.data.jsonl import read_lines
+from lowmem_ft.data.jsonl import read_lines, where
 from lowmem_ft.data.records import Record, RecordChecker, RecordError, check_format_name, json_object
 from lowmem_ft.errors import DataError
 
@@ -53,7 +53,7 @@ def read_records(
     check_format_name(fmt, path)
     checker = RecordChecker(fmt, skip_bad_lines)
     records: list[Record] = []
-    sources = _sources(path)
+    sources = _sources(path, say_left_out=True)
     total = sum(f.stat().st_size for f in data_files(path))
     with progress_bar(total, "reading", "B", show_progress) as bar, cycle_collector_paused():
         for kind, source in sources:
@@ -83,16 +83,18 @@ def data_files(path: Path) -> list[Path]:
     return files
 
 
-def _sources(path: Path) -> list[tuple[str, Path]]:
+def _sources(path: Path, say_left_out: bool = False) -> list[tuple[str, Path]]:
     """What reading ``path`` means, as (reader, path) pairs in read order; a DataError says why ``path``
-    cannot be data. Looks at names only, so it is quick however large the data."""
+    cannot be data. Looks at names only, so it is quick however large the data. ``say_left_out``:
+    log which files of a directory are not data (once, as the data is read: options are checked,
+    and the data hashed, before that)."""
     if not path.exists():
         raise DataError(f"{path}: no such file or directory; check the path")
     if path.is_dir():
         if (dataset := _saved_dataset(path)) is not None:
             sources = [("dataset", dataset)]
         else:
-            sources = _directory_files(path)
+            sources = _directory_files(path, say_left_out)
     elif not path.is_file():  # a FIFO or a device: it may never end, and cannot be hashed for resume
         raise DataError(f"{path}: is not a regular file (a pipe or a device); save the data to a .jsonl file")
     elif (reason := _OTHER_FORMATS.get(path.suffix.lower())) is not None:
@@ -133,11 +135,11 @@ def _saved_dataset(path: Path) -> Path | None:
     return path / "train"
 
 
-def _directory_files(path: Path) -> list[tuple[str, Path]]:
+def _directory_files(path: Path, say_left_out: bool) -> list[tuple[str, Path]]:
     entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
     files = [p for p in entries if p.suffix.lower() in DATA_SUFFIXES and p.is_file()]
     if files:
-        if ignored := [p.name for p in entries if p not in files]:
+        if say_left_out and (ignored := [p.name for p in entries if p not in files]):
             shown = ", ".join(ignored[:3]) + (f" and {len(ignored) - 3} more" if len(ignored) > 3 else "")
             log.info(f"data       {path}: reading {len(files)} data files, leaving out {shown}")
         return [(_reader_for(p), p) for p in files]
@@ -182,7 +184,7 @@ def _read_json(path: Path, checker: RecordChecker, bar) -> list[Record]:
         items = json.loads(text, object_pairs_hook=json_object)
     except json.JSONDecodeError as error:
         raise DataError(
-            f"{path}:{error.lineno}: invalid JSON ({error.msg} at column {error.colno}); a .json file "
+            f"{path}:{error.lineno}: invalid JSON ({where(error)}); a .json file "
             "must hold one list of records, [{...}, {...}], or one record per line"
         ) from None
     except RecursionError:

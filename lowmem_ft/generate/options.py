@@ -49,13 +49,17 @@ class GenerateOptions:
         )
         need(self.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {self.top_k}")
         if self.temperature == 0:
-            sampled = [
-                flag for flag, off in (("--top-p", self.top_p == 1), ("--top-k", self.top_k == 0)) if not off
-            ]
+            given = (
+                ("--top-p", self.top_p != 1),
+                ("--top-k", self.top_k != 0),
+                ("--seed", self.seed is not None),
+            )
+            sampled = [flag for flag, on in given if on]
+            one = len(sampled) == 1
             need(
                 not sampled,
-                f"{', '.join(sampled)} only apply to sampling; add --temperature T (e.g. 0.7), "
-                "or leave them out for greedy decoding",
+                f"{' and '.join(sampled)} only {'applies' if one else 'apply'} to sampling; add "
+                f"--temperature T (e.g. 0.7), or leave {'it' if one else 'them'} out for greedy decoding",
             )
         need(
             self.dtype in ("auto", *DTYPES),

@@ -83,7 +83,8 @@ def resolve_model(
     if HUB_ID_RE.match(spec):
         snapshot = _find_snapshot(spec, spec, require_weights, allow_download, cache_dir)
         if snapshot is None:  # not cached: without its config.json we cannot even plan
-            raise UserError(_not_cached_message(spec, None))
+            # (a mistyped relative path, "runs/typo", looks like a hub id: say that it is neither)
+            raise UserError(f"no directory {spec} here, and " + _not_cached_message(spec, None))
         config = _load_config(snapshot, spec, trust_remote_code)
         weights_dir = _weights_dir_or_fail(snapshot, spec, require_weights, hub_id=spec)
         return ResolvedModel(spec, spec.rsplit("/", 1)[1], "hf-cache", spec, config, weights_dir)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from lowmem_ft.files import readable_as_umask_allows
 from lowmem_ft.models.loading import ResolvedModel, quiet_transformers
 
 
@@ -24,6 +25,7 @@ def save_hf_model(
     model.config.dtype = save_dtype
     with quiet_transformers():  # no per-shard progress bar in the middle of our output
         model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    readable_as_umask_allows(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+from lowmem_ft.files import readable_as_umask_allows
 from lowmem_ft.methods.lora.plan import select_lora
 from lowmem_ft.methods.structured.method import StructuredMethod
 from lowmem_ft.results import ADAPTER_DIR, ADAPTER_META, base_metadata
@@ -35,6 +36,7 @@ class LoRA(StructuredMethod):
         # adapter_config.json + adapter_model.safetensors (fp32); the embeddings did not train, and
         # peft would otherwise look the base up on the hub to find out.
         self.peft_model.save_pretrained(out, save_embedding_layers=False)
+        readable_as_umask_allows(out)
         _sort_lists(out / "adapter_config.json")
         meta = {
             **base_metadata(self.name, base, self.config.method_options),

@@ -202,7 +202,7 @@ def load_data(config: RunConfig, tokenizer, show_progress: bool = False) -> Data
         train = LazyExamples.encoded(pack_examples(train.table(show_progress), config.seq_len), train.stats)
     elif len(train) <= ENCODE_FIRST:
         train.encode_all(show_progress)
-    if not any(train[i].input_ids for i in range(len(train))):  # (stops at the first example there is)
+    if not train.any_example():
         raise UserError(f"{config.data}: no training examples left after tokenization; check --seq-len")
     train.start()  # the rest, while the model loads and the run trains
     return Data(train, eval_examples, fmt, eval_stats, skipped, len(held_out), key)
@@ -308,7 +308,18 @@ def setup(config: RunConfig, show_progress: bool = False, group: Group = ONE) ->
     config, plan = plan_run(config, resolved)
     tokenizer = load_tokenizer(resolved, trust_remote_code=config.trust_remote_code)
     data = load_data(config, tokenizer, show_progress)
+    try:
+        return _set_up_model(config, plan, resolved, tokenizer, data, lr_is_default, group)
+    except BaseException:
+        data.train.close()  # the records' background encoding ends with the run that needed it
+        raise
 
+
+def _set_up_model(
+    config: RunConfig, plan: Plan | None, resolved: ResolvedModel, tokenizer, data: Data, lr_is_default: bool,
+    group: Group,
+) -> Setup:  # fmt: skip
+    """``setup`` once the data is read: the model, the method and the batches."""
     torch.manual_seed(config.seed)
     device, compute_dtype = config.resolved_device(), config.compute_dtype()
     if group.several:

@@ -149,6 +149,15 @@ def _prepare_resume(
     if group.several and config.nproc != group.ranks.size:  # torchrun's count is the count
         config = config.replace(nproc=group.ranks.size)
     s = setup(config, show_progress, group)  # the tokenised data the job kept, if it is still valid
+    try:
+        return _continue(s, job, record, group)
+    except BaseException:
+        s.data.train.close()  # the records' background encoding ends with the run that needed it
+        raise
+
+
+def _continue(s: Setup, job: Job, record: dict, group: Group) -> tuple[Setup, Restored | None]:
+    """``_prepare_resume`` once the run is set up: checks that it is the job's run, and the job's state."""
     then = record.get("data") or {}
     if "train_records" not in then and then.get("train_examples", len(s.data.train)) != len(s.data.train):
         # Until lazy encoding (data/lazy.py), batches were drawn over the examples left after

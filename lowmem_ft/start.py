@@ -57,6 +57,7 @@ def _run(config: RunConfig, show_progress: bool, group: Group) -> Job:
         return execute(s, job, None, False)
     # --out is claimed first: of two runs given the same one, exactly one goes on.
     lock = claim_new_job(config.out) if config.out else None
+    s = None
     try:
         s = setup(config, show_progress, group)  # raises UserError on bad input, before anything is written
         out_dir = config.out or default_out_dir(config, s.resolved.name)
@@ -78,6 +79,8 @@ def _run(config: RunConfig, show_progress: bool, group: Group) -> Job:
         if s.plan is not None:
             write_json_atomic(job.dir / "plan.json", s.plan.to_json())
     except BaseException as exc:
+        if s is not None:
+            s.data.train.close()  # the records' background encoding ends with the run that needed it
         if lock is not None:
             abandon_new_job(lock)  # a job that never started leaves nothing behind
         if (reason := disk_fault(exc)) is not None:

@@ -117,9 +117,11 @@ def execute(s: Setup, job: Job, restored: Restored | None, show_progress: bool) 
         job.update_if_possible(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        s.data.train.close()  # records still being encoded in the background: no longer needed
         job.close_logs()
         job.lock.release()
+        # Records still being encoded in the background are no longer needed; last, as it waits
+        # for the chunk being encoded (a second Ctrl-C then leaves the logs and the lock done).
+        s.data.train.close()
     return job
 
 

@@ -9,6 +9,7 @@ import json
 import logging
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,6 +224,17 @@ def test_a_full_disk_costs_only_the_kept_data(tmp_path, caplog, monkeypatch):
     assert list((tmp_path / "tokenized").iterdir()) == []
 
 
+def test_a_stop_while_the_kept_data_is_written_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def stopped(arrays, path):
+        Path(path).write_bytes(b"x" * 1000)  # half of it written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("safetensors.numpy.save_file", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        write_cache(tmp_path, KEY, kept_tables(), {})
+    assert list((tmp_path / "tokenized").iterdir()) == []
+
+
 # -- a run: progress bars, the evaluation cap, resume ----------------------------------------------------
 
 
@@ -397,6 +409,65 @@ def test_lazy_examples_are_the_records_examples_however_they_are_encoded(
     table = examples.table()
     assert len(table) == len(rendered)
     assert [e for e in table if e.input_ids] == list(whole)
+    # from then on the examples are that one table: the chunks are not kept beside it (a million
+    # records' tokens twice), and each record is still its own example
+    assert examples._chunks == [table] and examples.table() is table
+    assert [examples[i] for i in range(len(rendered))] == one_by_one
+
+
+def test_a_data_set_that_seq_len_empties_is_refused_after_a_call_a_chunk(tiny_tokenizer, monkeypatch):
+    """Every response cut away: the check that some record has something to learn encodes whole
+    chunks (one tokenizer call each), not a record at a time; a chunk it encoded is not encoded
+    again by the thread, and a record that has something makes it stop there."""
+    from lowmem_ft.data import lazy
+    from lowmem_ft.data.tokenize import encode_rendered
+
+    empty = [r for r in rendered_records(tiny_tokenizer) if not encode_rendered([r], tiny_tokenizer, 12)[0]]
+    rendered = (empty * 9)[:9]  # nothing to learn in any of them
+    calls = []
+    real = lazy.encode_chunk
+    monkeypatch.setattr(
+        lazy, "encode_chunk", lambda chunk, *a, **k: calls.append(len(chunk)) or real(chunk, *a, **k)
+    )
+    monkeypatch.setattr(lazy, "CHUNK", 4)
+    assert not lazy.LazyExamples(rendered, tiny_tokenizer, 12).any_example()
+    assert calls == [4] * (len(rendered) // 4) + [len(rendered) % 4] * (len(rendered) % 4 > 0)
+
+    calls.clear()
+    examples = lazy.LazyExamples(rendered[:8] + rendered_records(tiny_tokenizer)[:8], tiny_tokenizer, 12)
+    assert examples.any_example() and calls == [4, 4, 4]  # stopped at the first chunk with one
+    examples.start()
+    examples.close()
+    assert examples.done and calls == [4, 4, 4, 4]  # the thread encoded the fourth only
+
+
+def test_the_background_encoding_stops_when_set_up_fails_after_the_data_and_says_its_own_failure(
+    data, tiny_tokenizer, monkeypatch
+):
+    from lowmem_ft import prepare
+    from lowmem_ft.config import RunConfig
+    from lowmem_ft.data import lazy
+
+    monkeypatch.setattr(prepare, "ENCODE_FIRST", 0)
+    monkeypatch.setattr(lazy, "CHUNK", 2)
+    started = []
+    real_start = lazy.LazyExamples.start
+    monkeypatch.setattr(lazy.LazyExamples, "start", lambda self: started.append(self) or real_start(self))
+
+    def no_model(*args, **kwargs):
+        raise RuntimeError("the model could not be loaded")
+
+    monkeypatch.setattr(prepare, "load_placed_model", no_model)
+    with pytest.raises(RuntimeError, match="the model could not be loaded"):
+        prepare.setup(RunConfig.create(model="tiny", data=data, seq_len=64))
+    (examples,) = started
+    assert examples._stop.is_set() and not examples._thread.is_alive()
+
+    # a failure in the thread, even one that is no Exception (a tokenizer's panic), is said as an error
+    examples = lazy.LazyExamples(rendered_records(tiny_tokenizer), tiny_tokenizer, 12)
+    examples._failed = BaseException("panicked")
+    with pytest.raises(RuntimeError, match="encoding the training records failed: BaseException"):
+        assert examples.done
 
 
 def test_the_batcher_steps_over_empty_examples_in_its_seeded_order():

@@ -85,11 +85,11 @@ def write_cache(job_dir: Path, key: dict, tables: dict[str, ExampleTable], summa
         fsync_path(tmp)
         os.replace(tmp, directory / ARRAYS)
         write_json_atomic(directory / INDEX, index)
-    except Exception as exc:
+    except BaseException as exc:  # (a Ctrl-C as well: hundreds of MB are not left in the job)
+        tmp.unlink(missing_ok=True)
         reason = disk_fault(exc) or (exc.strerror if isinstance(exc, OSError) else None)
         if reason is None:
             raise
-        tmp.unlink(missing_ok=True)
         log.info(
             f"data       could not keep the tokenised data in {directory}: {reason}; "
             "resume will tokenise again"

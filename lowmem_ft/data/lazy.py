@@ -71,13 +71,24 @@ class LazyExamples(Sequence):
 
     @property
     def done(self) -> bool:
-        if self._failed is not None:
-            raise self._failed
+        if self._failed is not None:  # (a tokenizer's panic is a BaseException: a plain error here)
+            raise RuntimeError(f"encoding the training records failed: {self._failed!r}") from self._failed
         return self._left == 0
 
     @property
     def encoded_in_background(self) -> bool:
         return self._thread is not None
+
+    def any_example(self) -> bool:
+        """Whether any record has something to learn. Before ``start()``: chunks are encoded here, in
+        order, until one has (the thread does not encode them again), so a data set that --seq-len
+        empties says so after one batched call a chunk, not one call a record."""
+        for chunk in range(len(self._chunks)):
+            if self._chunks[chunk] is None:
+                self._encode(chunk, self._tokenizer)
+            if self._chunks[chunk].lengths().any():
+                return True
+        return False
 
     def start(self) -> None:
         """Encode every record in a background thread, in order."""
@@ -116,7 +127,10 @@ class LazyExamples(Sequence):
         """Every record's example in one table (empty ones included), encoded now if need be."""
         if self._left:
             self.encode_all(show_progress)
-        return self._chunks[0] if len(self._chunks) == 1 else ExampleTable.concat(list(self._chunks))
+        if len(self._chunks) != 1:  # one table from now on, each chunk freed as it is copied into it
+            parts, self._chunks = self._chunks, [None]  # (concat empties parts: no other reference)
+            self._chunks, self._chunk = [ExampleTable.concat(parts)], max(self._size, 1)
+        return self._chunks[0]
 
     def _encode_all(self, tokenizer) -> None:
         try:

@@ -76,6 +76,10 @@ class RunConfig:
     # model access
     allow_download: bool = False
     trust_remote_code: bool = False
+    # The day a chat template writes into the text it renders (Llama-3's "Today Date: ..."): the
+    # job's first day (ISO), kept by resume so that its examples are the ones the run started with.
+    # Set by `run`, not an option; None (a job from before it): the day the data is rendered.
+    chat_date: str | None = None
 
     def __post_init__(self):
         if self.method_options is None and self.method in METHOD_NAMES:  # an unknown one: validate says so
@@ -228,6 +232,10 @@ class RunConfig:
             f"--keep-checkpoints must be at least 1 (the newest is always kept), got {self.keep_checkpoints}",
         )
         need(self.max_bad_steps >= 1, f"--max-bad-steps must be at least 1, got {self.max_bad_steps}")
+        need(
+            self.chat_date is None or _iso_date(self.chat_date),
+            f"job.json: chat_date {self.chat_date!r} is not a date",
+        )
         from lowmem_ft.metric_logs import log_problem
 
         problem = log_problem(self.log)
@@ -285,3 +293,13 @@ def default_lr(method: str, params: int) -> float:
 
 # The options every run has (the method's own are in its options class)
 _COMMON = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name != "method_options")
+
+
+def _iso_date(text: object) -> bool:
+    from datetime import date
+
+    try:
+        date.fromisoformat(text)
+    except (TypeError, ValueError):
+        return False
+    return True

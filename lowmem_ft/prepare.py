@@ -8,6 +8,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -178,14 +179,18 @@ def load_data(config: RunConfig, tokenizer, show_progress: bool = False) -> Data
             summary["skipped_lines"], summary["eval_available"], key, from_cache=True,
         )  # fmt: skip
     records, fmt, skipped = read_records(config.data, config.format, config.skip_bad_lines, show_progress)
-    rendered = render_records(records, fmt, tokenizer, show_progress)
+    day = date.fromisoformat(config.chat_date) if config.chat_date else None
+    rendered = render_records(records, fmt, tokenizer, show_progress, day)
     del records  # a million records are gigabytes of Python objects
     if config.eval_data is not None:
         # The evaluation file is detected on its own (it may be in another format than the training file).
         eval_records, eval_fmt, eval_skipped = read_records(
             config.eval_data, config.format, config.skip_bad_lines, show_progress
         )
-        train_rendered, held_out = rendered, render_records(eval_records, eval_fmt, tokenizer, show_progress)
+        train_rendered, held_out = (
+            rendered,
+            render_records(eval_records, eval_fmt, tokenizer, show_progress, day),
+        )
         skipped += eval_skipped
     else:
         train_indices, eval_indices = split_indices(len(rendered), config.eval_fraction, config.seed)
@@ -227,7 +232,7 @@ ENCODE_FIRST = 10_000
 
 # The options that change the examples made from the same data and tokenizer.
 _EXAMPLE_SETTINGS = (
-    "format", "skip_bad_lines", "seq_len", "pack", "eval_fraction", "seed", "max_eval_examples",
+    "format", "skip_bad_lines", "seq_len", "pack", "eval_fraction", "seed", "max_eval_examples", "chat_date",
 )  # fmt: skip
 
 

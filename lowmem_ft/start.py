@@ -4,7 +4,7 @@ resume.py is the other way in."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 
 from lowmem_ft.config import RunConfig
@@ -34,6 +34,8 @@ def run(config: RunConfig, show_progress: bool = True) -> Job | None:
     """A new job: plan, load, train, checkpoint, export. With --nproc N, this process starts N ranks
     (distributed/launch.py) that each come back here, as a rank, and returns None when they end."""
     ranks = Ranks.from_env()
+    if config.chat_date is None:  # the job's first day: what chat templates write, on resume too
+        config = config.replace(chat_date=date.today().isoformat())
     if config.nproc > 1 and not ranks.several:
         from lowmem_ft.distributed.launch import launch
 

@@ -370,7 +370,7 @@ def test_every_option_is_declared_once_and_plan_takes_what_the_planner_reads():
 
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
     # arguments, what the plan decides, and the method's options (declared by each method)
-    internal = {"model", "data", "streamed_layers", "method_options"}
+    internal = {"model", "data", "streamed_layers", "method_options", "chat_date"}
     assert set(RUN_OPTIONS) == set(fields) - internal
     method_options = option_fields()
     assert not set(method_options) & set(fields), "a method option shadows a common one"

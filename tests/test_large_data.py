@@ -528,3 +528,63 @@ def test_a_large_data_set_trains_as_if_encoded_first_and_is_kept_once_encoded(
     assert code == 0, err
     assert "encoded as the run trains" in out
     assert_same_result(job, reference)
+
+
+# A template that writes the day, as Llama-3's ("Today Date: 05 Dec 2026"), from transformers' clock
+DATED = (
+    '{{ "Today: " + strftime_now("%d %b %Y") + "\\n" }}'
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+)
+
+
+def test_a_chat_template_writes_the_jobs_first_day_and_resume_renders_the_same(
+    tiny_tokenizer, tmp_path, capsys, monkeypatch
+):
+    """The day a template writes is part of the text trained on: a job renders its records with its
+    first day (recorded by `run` in job.json), and a resume on another day, which renders them again
+    (a stop before the kept data was written, here: none kept), renders the same text."""
+    import datetime
+
+    from lowmem_ft import prepare
+    from lowmem_ft.data.tokenize import render_records
+
+    tokenizer = with_template(tiny_tokenizer, DATED)
+    records = [Record(line=1, data={"messages": CONVERSATION[:3]}, path="d")]
+    text = lambda day: render_records(records, "chat", tokenizer, day=day)[0].text  # noqa: E731
+    assert text(datetime.date(2024, 7, 26)).startswith("Today: 26 Jul 2024\n")
+    assert text(None).startswith(f"Today: {datetime.date.today():%d %b %Y}\n")  # (the template's own)
+
+    from conftest import TINY_DIR
+
+    model = tmp_path / "tiny-dated"
+    shutil.copytree(TINY_DIR, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": DATED}))
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": CONVERSATION}) + "\n" for _ in range(12)))
+    rendered_on = []
+    real = prepare.render_records
+    monkeypatch.setattr(prepare, "render_records", lambda *a, **k: rendered_on.append(a[-1]) or real(*a, **k))
+    monkeypatch.setattr(prepare, "write_cache", lambda *args: None)  # nothing kept: resume renders again
+    job, args = tmp_path / "job", ["--max-steps", "2", "--seq-len", "64", "-q", "--eval-fraction", "0"]
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, 1)
+        code, _, err = cli(capsys, "run", model, data, "--out", job, *args)
+    assert code == 130, err
+    first_day = json.loads((job / "job.json").read_text())["requested"]["chat_date"]
+    assert first_day == datetime.date.today().isoformat() and rendered_on == [datetime.date.today()]
+    record = json.loads((job / "job.json").read_text())
+    record["requested"]["chat_date"] = record["config"]["chat_date"] = "2024-07-26"  # "started then"
+    (job / "job.json").write_text(json.dumps(record))
+    code, _, err = cli(capsys, "resume", job, "-q")
+    assert code == 0, err
+    assert rendered_on[1:] == [datetime.date(2024, 7, 26)]
+
+
+def test_a_chat_date_that_is_not_a_date_is_one_line(data):
+    from lowmem_ft.config import RunConfig
+    from lowmem_ft.errors import UserError
+
+    RunConfig.create(model="tiny", data=data, chat_date="2026-12-05").validate()
+    with pytest.raises(UserError, match="job.json: chat_date 'tomorrow' is not a date"):
+        RunConfig.create(model="tiny", data=data, chat_date="tomorrow").validate()

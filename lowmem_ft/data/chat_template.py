@@ -3,12 +3,46 @@ other shapes): the text, and which of it each assistant turn is, to train on."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from datetime import date, datetime
+
 from lowmem_ft.errors import DataError
 
 USE_A_TOOL_MODEL = (
     "use a model whose chat template supports tools (an instruct model such as Qwen2.5-Instruct or "
     "Llama-3.1-Instruct)"
 )
+
+
+@contextlib.contextmanager
+def templates_dated(day: date | None) -> Iterator[None]:
+    """While records render: the day chat templates write is ``day`` (None: the clock's). A template
+    reads it from transformers' ``strftime_now`` (Llama-3's "Today Date: 26 Jul 2024"), and so from
+    the clock, which would make a resume on another day train on other text than the run it
+    continues. transformers passes a template only plain data (no function of ours), so what can be
+    set is its clock: its module's ``datetime``, for the moment the records render. (The background
+    encoding does not render. A template that stops reading that clock is caught by
+    tests/test_large_data.py.)"""
+    if day is None:
+        yield
+        return
+    from transformers.utils import chat_template_utils as templates
+
+    if getattr(templates, "datetime", None) is not datetime:
+        yield
+        return
+
+    class OnThatDay(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls.combine(day, datetime.min.time(), tzinfo=tz)
+
+    templates.datetime = OnThatDay
+    try:
+        yield
+    finally:
+        templates.datetime = datetime
 
 
 def render_with_chat_template(

@@ -10,11 +10,13 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import date
 from itertools import chain
 
 import numpy as np
 
 from lowmem_ft.data.bulk import cycle_collector_paused, progress_bar
+from lowmem_ft.data.chat_template import templates_dated
 from lowmem_ft.data.formats import Rendered, render
 from lowmem_ft.data.records import Record
 from lowmem_ft.errors import DataError
@@ -144,11 +146,15 @@ def tokenize_records(
     return encode_rendered(render_records(records, fmt, tokenizer), tokenizer, seq_len, show_progress)
 
 
-def render_records(records: list[Record], fmt: str, tokenizer, show_progress: bool = False) -> list[Rendered]:
-    """Each record's text and trained spans (``formats.render``): every record is checked here, so
-    a bad one stops the run before its first step even when the encoding is left for later."""
+def render_records(
+    records: list[Record], fmt: str, tokenizer, show_progress: bool = False, day: date | None = None
+) -> list[Rendered]:
+    """Each record's text and trained spans (``formats.render``; ``day``: the date a chat template
+    writes): every record is checked here, so a bad one stops the run before its first step even
+    when the encoding is left for later."""
     rendered = []
-    with progress_bar(len(records), "rendering", "records", show_progress) as bar, cycle_collector_paused():
+    bar = progress_bar(len(records), "rendering", "records", show_progress)
+    with bar, cycle_collector_paused(), templates_dated(day):
         for start in range(0, len(records), CHUNK):  # (an update of the bar per record costs more)
             for record in records[start : start + CHUNK]:
                 try:

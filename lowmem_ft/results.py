@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lowmem_ft.delta import DELTA_FILE
 from lowmem_ft.errors import UserError
+from lowmem_ft.files import read_json_object
 
 
 def base_metadata(method: str, base, options) -> dict:
@@ -94,13 +95,15 @@ def find_result(job_dir: Path) -> tuple[str, Path]:
     job_file = job_dir / "job.json"
     if not job_file.is_file():
         raise UserError(f"{job_dir}: not a lowmem-ft job directory (no job.json)")
-    record = json.loads(job_file.read_text())
-    method = record.get("config", {}).get("method", "?")
+    record = read_json_object(job_file, "job record")
+    config = record.get("config")
+    method = config.get("method", "?") if isinstance(config, dict) else "?"
     if (job_dir / "model").is_dir():
         raise UserError(
             f"{job_dir} was trained with --method {method}; its full model is already in {job_dir / 'model'}"
         )
+    status = record.get("status", "?")
+    resume = f"; `lowmem-ft resume {job_dir}` continues it" if status in ("interrupted", "failed") else ""
     raise UserError(
-        f"{job_dir} has no result yet (status: {record.get('status', '?')}); "
-        "it is written when the job finishes"
+        f"{job_dir} has no result yet (status: {status}); it is written when the job finishes{resume}"
     )

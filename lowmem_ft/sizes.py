@@ -59,6 +59,10 @@ def parse_size(text: str, flag: str) -> int:
     size = int(value.to_integral_value())
     if size <= 0:
         raise _not_a_size(text, flag)
+    if unit == "" and size < 1 << 20:  # "--gpu-mem 24" is 24 bytes: a unit was left out
+        raise UserError(  # (a budget under a MiB means nothing)
+            f"{flag} {text!r} has no unit, so it means {size} bytes; write it like {text.strip()}GiB"
+        )
     return size
 
 

@@ -161,6 +161,8 @@ def test_export_merge_refuses_early_when_the_disk_clearly_cannot_hold_the_model(
         (["--gpu-mem", "-1GiB"], "--gpu-mem '-1GiB' is not a memory size"),
         (["--gpu-mem", "abc"], "--gpu-mem 'abc' is not a memory size"),
         (["--gpu-mem", "0"], "--gpu-mem '0' is not a memory size"),
+        (["--gpu-mem", "24"], "--gpu-mem '24' has no unit, so it means 24 bytes; write it like 24GiB"),
+        (["--cpu-mem", "48.5"], "--cpu-mem '48.5' has no unit, so it means 48 bytes; write it like 48.5GiB"),
         (["--gpu-mem", "nanGiB"], "--gpu-mem 'nanGiB' is not a memory size"),
         (["--cpu-mem", "infGiB"], "--cpu-mem 'infGiB' is not a memory size"),
     ],

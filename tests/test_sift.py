@@ -411,6 +411,16 @@ def test_export_explains_what_it_cannot_do(tmp_path, capsys):
     assert code == 2 and "its full model is already in" in err
     code, _, err = cli_run(capsys, "export", job, "--merge")
     assert code == 2 and "--merge needs --out" in err
+    stopped = tmp_path / "stopped-job"
+    stopped.mkdir()
+    (stopped / "job.json").write_text('{"status": "interrupted", "config": {"method": "sift"}}')
+    code, _, err = cli_run(capsys, "export", stopped)
+    assert code == 2 and err.strip().endswith(f"`lowmem-ft resume {stopped}` continues it")
+    (stopped / "job.json").write_text("[1]")  # damaged: one line, as resume says it
+    code, _, err = cli_run(capsys, "export", stopped)
+    assert code == 2 and err.strip() == (
+        f"error: {stopped / 'job.json'}: holds a JSON list, not the JSON object a job record is"
+    )
 
 
 def cli_run(capsys, *args):

@@ -138,6 +138,19 @@ def test_sift_selection_window_is_scored_in_passes_that_fit():
     passes = [plan("sift", gib, selection_batches=4).settings["selection_passes"] for gib in (8, 12, 24)]
     assert passes == sorted(passes, reverse=True) and passes[0] > passes[-1] >= 1
     assert any("passes over them" in note for note in plan("sift", 8, selection_batches=4).notes)
+    # the user's --selection-passes is the plan's (the run uses it), and fewer than fit is said
+    needed = plan("sift", 24, selection_batches=4).settings["selection_passes"]
+    assert needed > 1
+    fewer = plan("sift", 24, selection_batches=4, selection_passes=needed - 1)
+    assert fewer.settings["selection_passes"] == needed - 1
+    assert any(
+        note.startswith(f"--selection-passes {needed - 1}: the selection scores need {needed}")
+        for note in fewer.notes
+    )
+    assert (
+        plan("sift", 24, selection_batches=4, selection_passes=needed + 2).settings["selection_passes"]
+        == needed + 2
+    )
 
 
 def test_sift_targets_change_what_is_counted():

@@ -15,9 +15,15 @@ def plan_sift(shape: ModelShape, request: PlanRequest, fitter) -> MethodPlan:
     planned = plan_sparse(shape, request, fitter)
     gpu_peak, host_peak, _ = fitter.totals(planned.estimate, planned.load_bytes)
     spare = fitter.gpu_budget - gpu_peak if fitter.on_gpu else fitter.host_budget - host_peak
-    passes = selection_passes(shape, request, planned.estimate, max(0, spare))
+    needed = selection_passes(shape, request, planned.estimate, max(0, spare))
+    passes = request.options.selection_passes or needed  # the user's, when given: the run uses it
     notes = list(planned.notes)
-    if passes > 1:
+    if passes < needed:
+        notes.append(
+            f"--selection-passes {passes}: the selection scores need {needed} passes to fit beside the rest; "
+            "with fewer the selection may run out of memory before training starts"
+        )
+    elif passes > 1:
         notes.append(
             f"selection scores of {request.options.selection_batches} micro-batches do not fit at once: "
             f"{passes} passes over them, each scoring a slice of the weights"

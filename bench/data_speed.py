@@ -11,7 +11,7 @@ the English of Python's own documentation (``pydoc_data``) at the frequency they
 
 Each file is then measured in a process of its own, so its peak RSS is the loading's alone, as a
 run loads it, with the embedded ``tiny`` model's tokenizer (a byte-level BPE of 4,096 tokens):
-``prepare.load_data`` reads and checks every line, renders every record, encodes the evaluation set
+``run_data.load_data`` reads and checks every line, renders every record, encodes the evaluation set
 and returns, which is when a run loads its model and starts training; the rest of the records are
 encoded in the background meanwhile (lowmem_ft/data/lazy.py; seq-len 512), and the script waits for
 them as a GPU run would, asleep. Then it keeps the examples in a job directory and reads them back as
@@ -89,11 +89,11 @@ def peak_rss() -> int:
 
 
 def measure(path: Path) -> dict:
-    """What a run does with the file: ``prepare.load_data`` (read and check every record, render
+    """What a run does with the file: ``run_data.load_data`` (read and check every record, render
     it, encode the evaluation set and the first records) until it returns, when the run would go on
     to load the model and train; then the background encoding of the rest, waited for as a GPU run
     waits for its steps (this thread mostly asleep)."""
-    from lowmem_ft import prepare
+    from lowmem_ft import run_data
     from lowmem_ft.config import RunConfig
     from lowmem_ft.data import render
     from lowmem_ft.data.cache import read_cache, write_cache
@@ -111,13 +111,13 @@ def measure(path: Path) -> dict:
 
         return call
 
-    prepare.read_records = timed("read", prepare.read_records)
-    prepare.render_records = timed("render", prepare.render_records)
+    run_data.read_records = timed("read", run_data.read_records)
+    run_data.render_records = timed("render", run_data.render_records)
     tokenizer = load_tokenizer(resolve_model("tiny"))
     config = RunConfig.create(model="tiny", data=path, seq_len=512)
     rss_before = peak_rss()
     cpu, started = time.process_time(), time.perf_counter()
-    data = prepare.load_data(config, tokenizer)
+    data = run_data.load_data(config, tokenizer)
     first_step_s = time.perf_counter() - started
     while not data.train.done:
         time.sleep(0.05)

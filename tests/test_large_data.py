@@ -335,7 +335,7 @@ def test_resume_reads_the_kept_data_and_evaluates_on_the_same_examples(
     assert (job / "tokenized/examples.json").is_file()
     with monkeypatch.context() as patch:
         if kept:  # the data files are not read again
-            patch.setattr("lowmem_ft.prepare.read_records", lambda *a, **k: pytest.fail("read again"))
+            patch.setattr("lowmem_ft.run_data.read_records", lambda *a, **k: pytest.fail("read again"))
         else:  # a job from before the cache: tokenised again, and kept this time
             shutil.rmtree(job / "tokenized")
         code, out, err = cli(capsys, "resume", job, "-q")
@@ -444,11 +444,11 @@ def test_a_data_set_that_seq_len_empties_is_refused_after_a_call_a_chunk(tiny_to
 def test_the_background_encoding_stops_when_set_up_fails_after_the_data_and_says_its_own_failure(
     data, tiny_tokenizer, monkeypatch
 ):
-    from lowmem_ft import prepare
+    from lowmem_ft import prepare, run_data
     from lowmem_ft.config import RunConfig
     from lowmem_ft.data import lazy
 
-    monkeypatch.setattr(prepare, "ENCODE_FIRST", 0)
+    monkeypatch.setattr(run_data, "ENCODE_FIRST", 0)
     monkeypatch.setattr(lazy, "CHUNK", 2)
     started = []
     real_start = lazy.LazyExamples.start
@@ -503,7 +503,7 @@ def test_a_large_data_set_trains_as_if_encoded_first_and_is_kept_once_encoded(
     assert code == 0, err
     assert "dropped (no response left)" in out and "encoded as the run trains" not in out
     header = next(line for line in out.splitlines() if line.startswith("data  ")).split("): ", 1)[1]
-    monkeypatch.setattr("lowmem_ft.prepare.ENCODE_FIRST", 0)  # every data set is a large one,
+    monkeypatch.setattr("lowmem_ft.run_data.ENCODE_FIRST", 0)  # every data set is a large one,
     monkeypatch.setattr("lowmem_ft.data.lazy.CHUNK", 4)  # of several chunks
     with monkeypatch.context() as patch:
         signal_at_step(patch, 3)
@@ -545,7 +545,7 @@ def test_a_chat_template_writes_the_jobs_first_day_and_resume_renders_the_same(
     (a stop before the kept data was written, here: none kept), renders the same text."""
     import datetime
 
-    from lowmem_ft import prepare
+    from lowmem_ft import run_data
     from lowmem_ft.data.tokenize import render_records
 
     tokenizer = with_template(tiny_tokenizer, DATED)
@@ -563,9 +563,10 @@ def test_a_chat_template_writes_the_jobs_first_day_and_resume_renders_the_same(
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": CONVERSATION}) + "\n" for _ in range(12)))
     rendered_on = []
-    real = prepare.render_records
-    monkeypatch.setattr(prepare, "render_records", lambda *a, **k: rendered_on.append(a[-1]) or real(*a, **k))
-    monkeypatch.setattr(prepare, "write_cache", lambda *args: None)  # nothing kept: resume renders again
+    real = run_data.render_records
+    rendered = lambda *a, **k: rendered_on.append(a[-1]) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(run_data, "render_records", rendered)
+    monkeypatch.setattr(run_data, "write_cache", lambda *args: None)  # nothing kept: resume renders again
     job, args = tmp_path / "job", ["--max-steps", "2", "--seq-len", "64", "-q", "--eval-fraction", "0"]
     with monkeypatch.context() as patch:
         signal_at_step(patch, 1)

@@ -7,7 +7,7 @@ the data again (minutes for a million records):
                                          about them, and the sha256 of every array
 
 They are used only if the key matches: the data's sha256, the tokenizer's, and every setting that
-changes the examples (the caller, prepare.load_data, makes the key). A cache that was made otherwise,
+changes the examples (the caller, run_data.load_data, makes the key). A cache that was made otherwise,
 or that cannot be read or does not verify, is left alone with a log line, and the data is tokenised
 again. The arrays are written first and the index last, each atomically, so a job stopped in the
 middle of writing has no index, or the old one, which the new arrays' sha256 no longer match.

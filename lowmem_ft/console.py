@@ -27,6 +27,11 @@ def print_header(s: Setup, job: Job) -> None:
     )
     for warning in d.warnings(s.config):
         log.warning(f"warning    {warning}")
+    if s.config.gpu_mem is not None and s.device.type != "cuda":  # (the planner plans host memory alone)
+        log.warning(
+            f"warning    --gpu-mem {s.config.gpu_mem} is a GPU's budget, and this run trains on the "
+            f"{s.device.type.upper()}: it plans for host memory (--cpu-mem sets that budget)"
+        )
     ranks = s.group.ranks.size
     per_rank = s.config.batch_size // ranks  # (one process: the whole batch)
     micro = min(s.config.micro_batch_size, per_rank)

@@ -96,7 +96,8 @@ class Data:
 
     def warnings(self, config: RunConfig) -> list[str]:
         """What the counts say is likely a mistake, once they are known: most examples dropped (their
-        response starts beyond --seq-len), or no evaluation example left."""
+        response starts beyond --seq-len), fewer examples than a step takes, or no evaluation example
+        left."""
         stats, said = self.stats(), []
         if stats is None:
             return said
@@ -106,6 +107,13 @@ class Data:
             said.append(
                 f"{stats.dropped_no_target:,} of {made:,} examples dropped: nothing to learn from is left "
                 f"within their first {config.seq_len} tokens; {longer}"
+            )
+        examples = self.train.stats.examples
+        if 0 < examples < config.batch_size:  # the batcher goes on into the next epochs to fill a step
+            said.append(
+                f"each step's {config.batch_size} examples repeat the {examples:,} training examples "
+                f"(each about {config.batch_size / examples:.0f} times); --batch-size {examples} takes "
+                "each once a step"
             )
         if not self.eval and self.eval_available:
             said.append(

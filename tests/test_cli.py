@@ -296,25 +296,29 @@ def test_an_option_of_the_job_given_to_resume_says_that_resume_keeps_it(tmp_path
     assert code == 2 and err.startswith("error: No such option: --no-such-option")
 
 
-def test_a_run_that_drops_most_of_its_examples_says_so(tmp_path, capsys):
+def test_a_run_says_in_warnings_what_is_likely_a_mistake(tmp_path, capsys):
     """--seq-len 64 on the example data: most prompts fill it, so their responses are cut away and
-    the examples dropped, the held-out ones all. The run goes on, and says so in two warnings."""
+    the examples dropped, the held-out ones all; the five left are fewer than a step's 16; --gpu-mem
+    on a run that trains on the CPU. The run goes on, and says each in a warning."""
     data = REPO / "examples" / "python-qa.jsonl"
-    code, out, err = cli(
-        capsys, "run", "tiny", data, "--out", tmp_path / "job", "--seq-len", "64", "--max-steps", "1"
-    )
+    args = ["--seq-len", "64", "--max-steps", "1", "--device", "cpu", "--gpu-mem", "8GiB"]
+    code, out, err = cli(capsys, "run", "tiny", data, "--out", tmp_path / "job", *args)
     assert code == 0, err
     lines = out.splitlines()
     assert lines[2].startswith(f"data       {data} (alpaca): 5 train / 0 eval examples, ") and (
         "433 dropped (no response left)" in lines[2]
     )
-    assert lines[3:5] == [
+    assert lines[3:7] == [
         "warning    433 of 438 examples dropped: nothing to learn from is left within their first 64 tokens; "
         "a larger --seq-len than 64 keeps them",
+        "warning    each step's 16 examples repeat the 5 training examples (each about 3 times); "
+        "--batch-size 5 takes each once a step",
         "warning    no evaluation: none of the 44 evaluation examples has anything to learn from within its "
         "first 64 tokens; a larger --seq-len than 64 keeps them",
+        "warning    --gpu-mem 8GiB is a GPU's budget, and this run trains on the CPU: it plans for host "
+        "memory (--cpu-mem sets that budget)",
     ]
-    assert lines[5].startswith("training   1 step of 16 examples")
+    assert lines[7].startswith("training   1 step of 16 examples")
 
 
 @pytest.mark.slow

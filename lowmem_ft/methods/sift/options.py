@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lowmem_ft.choices import SELECTION_SCORES
+from lowmem_ft.errors import UserError
 from lowmem_ft.methods.options import at_least, option
 from lowmem_ft.methods.sparse.options import SparseOptions
 
@@ -30,3 +31,13 @@ class SiftOptions(SparseOptions):
         check=at_least(1),
         planned=True,
     )
+
+    def check(self) -> None:
+        super().check()
+        if (self.selection_passes or 1) > 1 and self.selection_batches == 1:
+            # One micro-batch's gradient chooses the entries as it is: no running scores to slice.
+            raise UserError(
+                f"--selection-passes {self.selection_passes} slices the running scores of several selection "
+                "micro-batches, and --selection-batches is 1 (it needs none); give --selection-batches "
+                "above 1, or leave --selection-passes out"
+            )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lowmem_ft.errors import UserError
 from lowmem_ft.methods.options import MethodOptions, base_quant, option, stream, targets
 
 
@@ -25,3 +26,13 @@ class SparseOptions(MethodOptions):
     targets: str = targets()
     base_quant: str | None = base_quant()
     stream: bool = stream()
+
+    def check(self) -> None:
+        # The streaming engine moves 16-bit weights; a quantised base is small enough to stay on the
+        # GPU, so with both only the norms would be streamed (what the plan calls no streaming).
+        if self.stream and self.base_quant not in (None, "none"):
+            raise UserError(
+                f"--stream streams a 16-bit base from host memory, and a {self.base_quant} base stays on the "
+                f"GPU (it is {self.base_quant}'s way to fit); give one of --stream and --base-quant "
+                f"{self.base_quant}"
+            )

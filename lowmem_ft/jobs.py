@@ -74,10 +74,7 @@ class JobLock:
                 raise UserError(
                     f"--out {self.path.parent} is taken by another run (process {pid}); choose a new --out"
                 ) from None
-            raise UserError(
-                f"{self.path.parent} is being run by process {pid}; wait for it to finish, or stop it "
-                f"(kill {pid}) and run `lowmem-ft resume {self.path.parent}`"
-            ) from None
+            raise UserError(_being_run_by(self.path.parent, pid)) from None
         if new_job:
             try:
                 check_new_job_directory(self.path.parent)  # another run may have made it a job meanwhile
@@ -167,6 +164,18 @@ def lock_is_held(directory: Path) -> bool:
         return False
     started = _process_start(holder.get("pid"))
     return started is not None and abs(started - holder.get("started", 0)) < 1.0
+
+
+def being_run(directory: Path) -> str | None:
+    """The line that says which live process runs the job, or None when none does."""
+    return _being_run_by(directory, read_lock(directory)["pid"]) if lock_is_held(directory) else None
+
+
+def _being_run_by(directory: Path, pid) -> str:
+    return (
+        f"{directory} is being run by process {pid}; wait for it to finish, or stop it (kill {pid}) and "
+        f"run `lowmem-ft resume {directory}`"
+    )
 
 
 def _process_start(pid: int | None) -> float | None:

@@ -305,6 +305,9 @@ def test_a_live_job_refuses_a_second_process_and_a_stale_lock_is_taken_over(
     holder.acquire()  # as a live process running the job would
     code, _, err = cli(capsys, "resume", job)
     assert code == 2 and f"is being run by process {os.getpid()}" in err
+    # `run --out` on it names the process too (not "continue it with resume", which would be refused)
+    code, _, err = cli(capsys, *run_args("full", data, job))
+    assert code == 2 and f"--out {job} is being run by process {os.getpid()}; wait for it" in err, err
     holder.release()
 
     # A process that held the lock and died: its pid is in the file, but no one holds the flock.

@@ -87,7 +87,7 @@ def _interactive() -> bool:
 
 def _offer_resume(out: Path, config, quiet: bool) -> None:
     """`run --out DIR` where DIR already holds a job: offer to resume it, never overwrite it."""
-    from lowmem_ft.jobs import read_job
+    from lowmem_ft.jobs import being_run, read_job
     from lowmem_ft.resume import resume as resume_training
     from lowmem_ft.resume import settings_that_differ
 
@@ -96,6 +96,8 @@ def _offer_resume(out: Path, config, quiet: bool) -> None:
         raise UserError(f"--out {out} holds a job.json that cannot be read; choose a new --out")
     if info.status == "done":
         raise UserError(f"--out {out} holds a finished job; choose a new --out")
+    if running := being_run(out):  # (its job.json says "running" too, and resume would be refused)
+        raise UserError(f"--out {running}; or choose a new --out")
     where = f"{info.status} at step {info.step}/{info.max_steps}"
     if not _interactive():
         raise UserError(

@@ -174,6 +174,26 @@ def test_random_cycle_order_is_redrawn_every_cycle(small_model):
     assert [fixed.group_at(s) for s in range(2 * n * 4)] != steps  # --order random keeps its order
 
 
+def test_trained_units_layers_trains_the_decoder_layers_and_freezes_embedding_and_head(small_model):
+    """BAdam's setting (--trained-units layers): over a whole cycle every decoder layer changes, the
+    embedding and the head do not, and the run's header says so."""
+    before = copy.deepcopy(small_model)
+    units = model_units(small_model)
+    method = build_method(config(units_per_group=2, trained_units="layers"))
+    method.setup(small_model)
+    n_layers = len(units) - 2
+    assert len(method.groups) == -(-n_layers // 2) and method.trainable_count() == sum(
+        p.numel() for unit in units[1:-1] for p in unit.params
+    )
+    assert method.summary.startswith("the decoder layers (embedding and head frozen, as BAdam)")
+    run_method(small_model, config(units_per_group=2, trained_units="layers"), batches(small_model, 4))
+    trained = dict(small_model.named_parameters())
+    for name, weight in before.named_parameters():
+        frozen = "embed" in name or "lm_head" in name or name == "model.norm.weight"
+        assert torch.equal(weight, trained[name]) == frozen, name
+    assert build_method(config()).summary.startswith("all parameters")
+
+
 def test_switch_every_keeps_a_group_for_k_steps(small_model):
     method = build_method(config(units_per_group=1, switch_every=3))
     method.setup(small_model)

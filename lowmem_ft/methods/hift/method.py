@@ -75,6 +75,15 @@ class HiFT(Method):
         self._all_params: list[torch.nn.Parameter] = []
         self._model: torch.nn.Module | None = None  # from setup()
 
+    @property
+    def summary(self) -> str:
+        if self.options.trained_units == "layers":  # (the registry's line says all parameters)
+            return (
+                "the decoder layers (embedding and head frozen, as BAdam), one group of layers per step, "
+                "optimizer state of the others in host memory"
+            )
+        return super().summary
+
     def weight_dtype(self) -> torch.dtype:
         if self.group.several:  # sharded fp32 weights, as `full` (module doc): no masters to keep
             return torch.float32

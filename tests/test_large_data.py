@@ -176,6 +176,20 @@ def kept_tables() -> dict[str, ExampleTable]:
     return {"train": train, "eval": ExampleTable.from_examples([Example([1, 9], [-100, 9])])}
 
 
+def test_the_tokenizer_digest_changes_with_any_special_token(tiny_tokenizer):
+    """The kept data's key: a chat template is rendered with the tokenizer's special tokens (bos,
+    eos, unk, pad), so a tokenizer that names another one makes other examples, and its digest
+    differs, even where the vocabulary is the same (an existing token named as the pad)."""
+    from lowmem_ft.data.cache import tokenizer_sha256
+
+    digest = tokenizer_sha256(tiny_tokenizer)
+    assert tokenizer_sha256(copy.deepcopy(tiny_tokenizer)) == digest
+    for name in ("pad_token", "unk_token"):
+        other = copy.deepcopy(tiny_tokenizer)
+        setattr(other, name, "</s>")
+        assert tokenizer_sha256(other) != digest, name
+
+
 def test_kept_data_reads_back_only_for_its_key(tmp_path, caplog):
     write_cache(tmp_path, KEY, kept_tables(), {"format": "text"})
     tables, summary = read_cache(tmp_path, KEY)

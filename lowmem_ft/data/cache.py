@@ -48,8 +48,7 @@ def tokenizer_sha256(tokenizer) -> str | None:
         type(tokenizer).__name__,
         backend.to_str(),
         getattr(tokenizer, "chat_template", None),
-        tokenizer.bos_token,
-        tokenizer.eos_token,
+        tokenizer.special_tokens_map,  # bos, eos, unk, pad and the additional ones a template may write
         getattr(tokenizer, "split_special_tokens", None),
     ]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()

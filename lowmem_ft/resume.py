@@ -16,14 +16,14 @@ from pathlib import Path
 from lowmem_ft.checkpoint import Restored, latest_checkpoint, remove_partial
 from lowmem_ft.config import RunConfig
 from lowmem_ft.console import print_header
-from lowmem_ft.data.sources import data_files
 from lowmem_ft.distributed.group import ONE, Group
 from lowmem_ft.distributed.ranks import Ranks
 from lowmem_ft.errors import UserError
-from lowmem_ft.files import sha256_of, write_json_atomic
+from lowmem_ft.files import write_json_atomic
 from lowmem_ft.jobs import FollowerJob, Job
 from lowmem_ft.prepare import Setup, setup
 from lowmem_ft.registry import kept_on_resume
+from lowmem_ft.run_data import data_digests
 from lowmem_ft.train import execute
 
 log = logging.getLogger(__name__)  # the CLI shows it (cli.report_to_console)
@@ -141,11 +141,14 @@ def _prepare_resume(
         log.info(
             f"device     the job ran on {record.get('device')}; it continues on {config.resolved_device()}"
         )
-    if "data_sha256" in record and sha256_of(data_files(config.data)) != record["data_sha256"]:
-        raise UserError(
-            f"{config.data} changed since the job started; resuming needs the same data "
-            "(start a new job to train on the new file)"
-        )
+    now = data_digests(config)
+    files = (("data_sha256", config.data, "data"), ("eval_data_sha256", config.eval_data, "--eval-data"))
+    for name, path, what in files:  # (a job from before the eval data's digest was kept has none)
+        if record.get(name) is not None and now[name] != record[name]:
+            raise UserError(
+                f"{path} changed since the job started; resuming needs the same {what} "
+                "(start a new job to train on the new file)"
+            )
     if group.several and config.nproc != group.ranks.size:  # torchrun's count is the count
         config = config.replace(nproc=group.ranks.size)
     s = setup(config, show_progress, group)  # the tokenised data the job kept, if it is still valid

@@ -190,14 +190,22 @@ def load_data(config: RunConfig, tokenizer, show_progress: bool = False) -> Data
     return Data(train, eval_examples, fmt, eval_stats, skipped, len(held_out), key)
 
 
+def data_digests(config: RunConfig) -> dict:
+    """The data's and --eval-data's digests: what job.json records, so that `resume` can refuse
+    files that changed, and part of the kept data's key."""
+    return {
+        "data_sha256": sha256_of(data_files(config.data)),
+        "eval_data_sha256": sha256_of(data_files(config.eval_data)) if config.eval_data else None,
+    }
+
+
 def _data_key(config: RunConfig, tokenizer) -> dict | None:
     """Everything the examples depend on: what ``Data.keep_in`` keeps them under."""
     tokenizer_digest = tokenizer_sha256(tokenizer)
     if tokenizer_digest is None:
         return None
     return {
-        "data_sha256": sha256_of(data_files(config.data)),
-        "eval_data_sha256": sha256_of(data_files(config.eval_data)) if config.eval_data else None,
+        **data_digests(config),
         "tokenizer_sha256": tokenizer_digest,
         **{name: getattr(config, name) for name in _EXAMPLE_SETTINGS},
     }

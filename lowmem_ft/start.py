@@ -9,14 +9,14 @@ from pathlib import Path
 
 from lowmem_ft.config import RunConfig
 from lowmem_ft.console import print_header
-from lowmem_ft.data.sources import data_files
 from lowmem_ft.distributed.group import ONE, Group
 from lowmem_ft.distributed.ranks import Ranks
 from lowmem_ft.errors import DiskError, disk_fault
-from lowmem_ft.files import sha256_of, write_json_atomic
+from lowmem_ft.files import write_json_atomic
 from lowmem_ft.jobs import FollowerJob, Job, abandon_new_job, claim_new_job
 from lowmem_ft.precision import dtype_name
 from lowmem_ft.prepare import setup
+from lowmem_ft.run_data import data_digests
 from lowmem_ft.train import execute
 
 
@@ -75,7 +75,7 @@ def _run(config: RunConfig, show_progress: bool, group: Group) -> Job:
             model_source=s.resolved.source,
             hub_id=s.resolved.hub_id,
             data=s.data.summary(),
-            data_sha256=sha256_of(data_files(config.data)),
+            **data_digests(config),
             trainable_parameters=s.method.trainable_count(),
         )
         if s.plan is not None:

@@ -476,8 +476,20 @@ def test_resume_refuses_what_it_cannot_resume(tmp_path, capsys, monkeypatch, dat
     job = interrupted_job(tmp_path, capsys, monkeypatch, data)
     data.write_text(data.read_text() + json.dumps({"prompt": "new", "completion": " row"}) + "\n")
     code, _, err = cli(capsys, "resume", job)
-    assert code == 2 and "changed since the job started" in err
+    assert code == 2 and f"{data} changed since the job started; resuming needs the same data" in err
     assert record(job)["status"] == "interrupted"
+
+    held_out = tmp_path / "eval.jsonl"  # the evaluation file too: the eval losses must stay comparable
+    held_out.write_text(data.read_text())
+    with_eval = tmp_path / "with-eval"
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, 1)
+        assert cli(capsys, *run_args("full", data, with_eval, "--eval-data", str(held_out)))[0] == 130
+    held_out.write_text(held_out.read_text() + json.dumps({"prompt": "new", "completion": " row"}) + "\n")
+    code, _, err = cli(capsys, "resume", with_eval)
+    assert code == 2 and f"{held_out} changed since the job started; resuming needs the same --eval-data" in (
+        err
+    )
 
     done = tmp_path / "done"
     assert cli(capsys, *run_args("full", data, done, "--max-steps", "1"))[0] == 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lowmem_ft.errors import DiskError, UserError, disk_fault
-from lowmem_ft.files import free_bytes
+from lowmem_ft.files import check_can_create, free_bytes
 from lowmem_ft.models.saving import model_dtype_on_disk, save_hf_model
 from lowmem_ft.results import ADAPTER_META, find_result
 from lowmem_ft.sizes import format_bytes
@@ -44,7 +44,9 @@ def _check_out(out: Path, save_dtype: str) -> None:
     if save_dtype != "auto" and save_dtype not in DTYPES:
         raise UserError(f"--save-dtype must be auto, fp32, bf16 or fp16, got {save_dtype!r}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out} already exists and is not empty; choose a new directory or remove it")
+        what = "is not empty" if out.is_dir() else "is a file"
+        raise UserError(f"--out {out} already exists and {what}; choose a new directory or remove it")
+    check_can_create(out, "--out")  # before the merge, which may take minutes
 
 
 @contextlib.contextmanager
@@ -63,8 +65,11 @@ def _writing_merged(out: Path, needed: int) -> Iterator[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
         (partial / _PARTIAL_MARK).write_text(str(os.getpid()))
-    except OSError as exc:
-        raise DiskError(f"could not write the merged model to {out}: {disk_fault(exc) or exc}") from None
+    except OSError as exc:  # --out was checked; only a disk fault or a race lands here
+        fault = disk_fault(exc)
+        raise (DiskError if fault else UserError)(
+            f"could not write the merged model to {out}: {fault or exc.strerror or exc}"
+        ) from None
     try:
         yield partial
         (partial / _PARTIAL_MARK).unlink()

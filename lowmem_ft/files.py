@@ -1,5 +1,6 @@
 """Reading and writing files safely: JSON objects a user may have damaged, atomic JSON writes, free
-space before a large write, and checksums. Torch-free, at the bottom of the package."""
+space before a large write, whether a path can be created, and checksums. Torch-free, at the bottom
+of the package."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from lowmem_ft.errors import UserError
+from lowmem_ft.errors import DiskError, UserError, disk_fault
 
 _HASH_CHUNK = 16 << 20
 FSYNC = "LOWMEM_FT_FSYNC"
@@ -101,6 +102,29 @@ def read_json_object(path, what: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path}: holds a JSON {type(data).__name__}, not the JSON object a {what} is")
     return data
+
+
+def check_can_create(out: Path, flag: str) -> None:
+    """Refuse, in one line naming ``flag``, an ``out`` that could not be created: the nearest of its
+    parents that exists (the others would be made) is a file, or this process cannot write in it.
+    Found out by writing there (an empty file, removed at once), before any long work: root passes
+    any permission test, and ACLs and read-only mounts answer only to a write. A full disk is
+    DiskError (exit 4), as every write of the tool reports it."""
+    place = Path(out).parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise UserError(f"{flag} {out}: {place} is a file, not a directory")
+    probe = place / f".{Path(out).name}.lowmem-ft-probe-{os.getpid()}"
+    try:
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as exc:
+        fault = disk_fault(exc)
+        raise (DiskError if fault else UserError)(
+            f"{flag} {out}: cannot write under {place} ({fault or exc.strerror or exc}); "
+            "give a path you can write to"
+        ) from None
 
 
 def free_bytes(path) -> int | None:

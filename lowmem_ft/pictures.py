@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowmem_ft.errors import DiskError, UserError, disk_fault
+from lowmem_ft.files import check_can_create
 
 log = logging.getLogger(__name__)
 
@@ -43,26 +44,16 @@ def _figure(width: float, height: float):
 
 def check_destination(out: Path) -> None:
     """Refuse, in one line, a picture that could not be drawn or written to ``out``: checked before
-    any work (``plan --plot`` plans first, ``jobs --plot`` reads every job), by writing the
-    temporary file the picture will be written to, and removing it."""
+    any work (``plan --plot`` plans first, ``jobs --plot`` reads every job)."""
     if not available():
         raise UserError(f"drawing needs matplotlib, which is not installed: {INSTALL_HINT}")
     if out.suffix.lower() != ".png":
         raise UserError(f"--plot {out}: pictures are PNG files; give a name ending in .png")
     if out.is_dir():
         raise UserError(f"--plot {out}: that is a directory; give a file name ending in .png")
-    if not out.parent.exists():
+    if not out.parent.exists():  # (a picture is a file: its directory is not made for it)
         raise UserError(f"--plot {out}: the directory {out.parent} does not exist")
-    if not out.parent.is_dir():
-        raise UserError(f"--plot {out}: {out.parent} is a file, not a directory")
-    partial = _partial(out)
-    try:
-        partial.touch()
-        partial.unlink()
-    except OSError as exc:
-        raise UserError(
-            f"--plot {out}: cannot write there ({exc.strerror or exc}); give a path you can write to"
-        ) from None
+    check_can_create(out, "--plot")
 
 
 def _partial(out: Path) -> Path:

@@ -122,6 +122,49 @@ def test_export_merge_leaves_a_users_directory_named_like_its_temporary_one_alon
     assert sorted(p.name for p in tmp_path.iterdir() if "merged" in p.name) == ["merged", "merged.partial"]
 
 
+def test_export_merge_to_an_out_it_cannot_write_is_one_line_exit_2_before_the_merge(
+    tmp_path, capsys, sparse_job, monkeypatch
+):
+    """Before, an --out under a file was a raw "[Errno 17] File exists" with a full disk's exit code,
+    an existing file was "not empty", and a directory the user cannot write to was found only once
+    the merge was done (minutes at 7B): now one line, exit 2, before the base is even hashed."""
+    import lowmem_ft.export as export
+
+    def merge_started(*args, **kwargs):
+        raise AssertionError("the merge started before --out was checked")
+
+    monkeypatch.setattr(export, "check_base", merge_started)
+    real_touch = Path.touch
+
+    def touch(path, *args, **kwargs):  # root writes anywhere: refused as a user without the right is
+        if path.parent.name == "read-only":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_touch(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "touch", touch)
+    (tmp_path / "a-file").write_text("the user's")
+    (tmp_path / "read-only").mkdir()
+    cases = [
+        (tmp_path / "a-file" / "merged", f"{tmp_path / 'a-file'} is a file, not a directory"),
+        (tmp_path / "a-file", "already exists and is a file; choose a new directory"),
+        (
+            tmp_path / "read-only" / "new" / "merged",
+            f"cannot write under {tmp_path / 'read-only'} (Permission",
+        ),
+    ]
+    if os.geteuid() != 0:  # a real permission, where the tests do not run as root
+        (tmp_path / "locked").mkdir(mode=0o555)
+        cases.append(
+            (tmp_path / "locked" / "merged", f"cannot write under {tmp_path / 'locked'} (Permission")
+        )
+    for out, message in cases:
+        code, stdout, err = cli(capsys, "export", sparse_job, "--merge", "--out", out)
+        assert code == 2 and stdout == "", err
+        assert one_line(err).startswith(f"error: --out {out}") and message in err, err
+    assert (tmp_path / "a-file").read_text() == "the user's"
+    assert not list((tmp_path / "read-only").iterdir()) and not list(tmp_path.glob(".*"))
+
+
 def test_export_merge_onto_a_full_disk_is_one_line_exit_4_and_leaves_nothing(
     tmp_path, capsys, sparse_job, monkeypatch
 ):

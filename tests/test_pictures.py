@@ -220,8 +220,8 @@ def test_a_picture_that_cannot_be_written_is_one_line_before_any_work_and_leaves
         code, out, err = cli(capsys, *command, "--plot", tmp_path / "read-only" / "p.png")
         assert code == 2 and out == "", err
         assert err.strip() == (
-            f"error: --plot {tmp_path / 'read-only' / 'p.png'}: cannot write there (Permission denied); "
-            "give a path you can write to"
+            f"error: --plot {tmp_path / 'read-only' / 'p.png'}: cannot write under {tmp_path / 'read-only'} "
+            "(Permission denied); give a path you can write to"
         )
 
     from matplotlib.figure import Figure

@@ -327,6 +327,15 @@ def test_plan_says_how_many_gpus_full_fine_tuning_needs_and_plans_one_rank_of_th
     assert code == 3 and f"{advice}; on one node its 32 ranks need {need} of host RAM" in out, out
 
 
+@pytest.mark.parametrize("method", ["bitfit", "spafit"])
+def test_a_method_that_keeps_the_whole_base_says_which_method_would_fit(method):
+    """BitFit and SPAFIT train little but hold the 16-bit base on the GPU: at 6 GiB a 7B model does
+    not fit with them, and the advice names the methods that quantise or stream the base."""
+    result = plan(method, 6)
+    assert not result.fits and result.shortfall.endswith("; --method lora would fit; --method sift would fit")
+    assert plan("lora", 6).fits and plan("sift", 6).fits  # (what the advice says, checked)
+
+
 def test_the_advice_of_a_plan_that_does_not_fit_is_made_once(monkeypatch):
     """The plans the advice tries (other methods, more GPUs) need only whether they fit: advice of
     their own, and of their trials in turn, made `plan llama-2-70b --gpu-mem 24GiB` take a minute."""

@@ -10,6 +10,16 @@ from lowmem_ft.planner.types import Plan, PlanRequest
 from lowmem_ft.registry import planned_options
 from lowmem_ft.sizes import format_bytes
 
+# The methods to suggest when a method does not fit with any of its own choices: the closest in what
+# they train, that need less memory. BitFit and SPAFIT train little but keep the whole 16-bit base on
+# the GPU, where LoRA and SIFT can quantise (or stream) it.
+_INSTEAD = {
+    "full": ("hift", "sift"),
+    "hift": ("sift", "lora"),
+    "bitfit": ("lora", "sift"),
+    "spafit": ("lora", "sift"),
+}
+
 
 def shortfall(plan: Plan, request: PlanRequest, replan: Callable[[PlanRequest], Plan]) -> str:
     """What is short, by how much, and what would fit instead (``replan``: the same machine's plan
@@ -50,8 +60,8 @@ def shortfall(plan: Plan, request: PlanRequest, replan: Callable[[PlanRequest], 
             )
             break
     fixed_on_this_gpu = bool(alternatives)  # with the same method: no need for more GPUs
-    if not alternatives and request.method == "full":
-        for method in ("hift", "sift"):
+    if not alternatives:
+        for method in _INSTEAD.get(request.method, ()):
             # its own defaults for its options
             other = PlanRequest(
                 method, request.seq_len, request.batch_size, request.compute_bytes, ranks=request.ranks

@@ -268,6 +268,14 @@ def test_plan_cli_json_has_the_documented_fields(capsys):
     assert sum(c["gpu_bytes"] for c in data["components"]) >= data["gpu"]["peak_bytes"] * 0.5
 
 
+def test_spafit_default_cutoffs_scale_the_papers_to_the_depth_as_documented():
+    from lowmem_ft.methods.spafit.plan import spafit_cutoffs
+
+    # docs/methods.md: 4 and 9 of 24 layers, rounded half to even
+    assert [spafit_cutoffs(None, n) for n in (24, 32, 28, 6)] == [(4, 9), (5, 12), (5, 10), (1, 2)]
+    assert spafit_cutoffs("0,3", 6) == (0, 3)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -28,7 +28,8 @@ PAPER_CUTOFFS, PAPER_LAYERS = (4, 9), 24
 
 
 def spafit_cutoffs(spec: str | None, n_layers: int) -> tuple[int, int]:
-    """N1, N2 from ``--cutoffs N1,N2``, or the paper's 4 and 9 of 24 layers scaled to this depth."""
+    """N1, N2 from ``--cutoffs N1,N2``, or the paper's 4 and 9 of 24 layers scaled to this depth
+    (rounded half to even, as docs/methods.md says: 28 layers give 5,10)."""
     if spec is None:
         return tuple(round(c * n_layers / PAPER_LAYERS) for c in PAPER_CUTOFFS)
     match = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", spec)

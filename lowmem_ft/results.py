@@ -67,11 +67,10 @@ def describe_result(kind: str, path: Path) -> list[tuple[str, str]]:
                 f"{meta.get('trainable', 0):,} values",
             ),
         ]
-    base = (
-        f"{meta.get('base_model')} ({meta.get('base_quant')} during training), "
-        f"weights sha256 {str(meta.get('base_weights_sha256'))[:16]}…"
-    )
-    return [*lines, ("base", base)]
+    quant = meta.get("base_quant") or "none"
+    trained_on = "not quantised in training" if quant == "none" else f"{quant} in training"
+    digest = str(meta.get("base_weights_sha256"))[:16]
+    return [*lines, ("base", f"{meta.get('base_model')} ({trained_on}), weights sha256 {digest}…")]
 
 
 def find_result(job_dir: Path) -> tuple[str, Path]:

@@ -114,6 +114,10 @@ def test_export_merge_leaves_a_users_directory_named_like_its_temporary_one_alon
     mine = tmp_path / "merged.partial"
     mine.mkdir()
     (mine / "notes.txt").write_text("the user's")
+    code, out, err = cli(capsys, "export", sparse_job)  # what the delta is, first
+    assert code == 0 and out.splitlines()[2].startswith(
+        "base       tiny (not quantised in training), weights sha256 "
+    )
     code, _, err = cli(capsys, "export", sparse_job, "--merge", "--out", tmp_path / "merged")
     assert code == 0, err
     assert (mine / "notes.txt").read_text() == "the user's"

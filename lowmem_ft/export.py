@@ -152,5 +152,5 @@ def merge_adapter(path: Path, out: Path, base: str | None, save_dtype: str) -> t
         warnings.simplefilter("ignore")
         merged = PeftModel.from_pretrained(model, path).merge_and_unload()
     with _writing_merged(out, _merged_bytes(resolved, DTYPES.get(save_dtype))) as partial:
-        save_hf_model(merged, load_tokenizer(resolved), partial, dtype)
+        save_hf_model(merged, load_tokenizer(resolved), partial, dtype, resolved.weights_dir)
     return out, meta

@@ -45,7 +45,9 @@ def export_result(s: Setup, job: Job, save_dtype: torch.dtype) -> Path:
     if s.group.main:
         try:
             if gathered is not None:
-                written = save_hf_model(s.model, s.tokenizer, job.dir / "model", save_dtype, gathered)
+                written = save_hf_model(
+                    s.model, s.tokenizer, job.dir / "model", save_dtype, s.resolved.weights_dir, gathered
+                )
             else:
                 written = s.method.export(s.model, s.tokenizer, job.dir, save_dtype, s.resolved)
             outcome = ("written", str(written))

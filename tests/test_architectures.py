@@ -7,6 +7,7 @@ final evaluation loss. docs/models.md shows the matrix."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,7 +40,10 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(files):
-    return {name: build_model(name, files / "models" / name) for name in ARCHITECTURES}
+    built = {name: build_model(name, files / "models" / name) for name in ARCHITECTURES}
+    for name, directory in built.items():  # the terms a model comes with, as Llama's do
+        (Path(directory) / "LICENSE.txt").write_text(f"{name}'s license\n")
+    return built
 
 
 def eval_loss_with_transformers(model_dir, base_dir, eval_file) -> float:
@@ -78,6 +82,9 @@ def test_method_trains_exports_and_reloads_on_architecture(architecture, method,
         assert cli("export", job, "--merge", "--out", result) == 0
     loss = eval_loss_with_transformers(result, base, files / "eval.jsonl")
     assert loss == pytest.approx(record["eval_loss"], rel=1e-4)
+    # The base's terms travel with what was made from it (the adapter too)
+    copies = [result / "LICENSE.txt"] + ([job / "adapter" / "LICENSE.txt"] if method == "lora" else [])
+    assert all(copy.read_text() == f"{architecture}'s license\n" for copy in copies)
 
 
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))

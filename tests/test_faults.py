@@ -359,7 +359,7 @@ def test_a_full_disk_during_the_final_export_keeps_the_checkpoint_and_resume_wri
 
     real = saving.save_hf_model
 
-    def full(model, tokenizer, out_dir, dtype):
+    def full(model, tokenizer, out_dir, *args):
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "model-00001.safetensors").write_bytes(b"half")
         raise FULL

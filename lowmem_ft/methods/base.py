@@ -168,4 +168,4 @@ class Method(ABC):
         model directory ``job_dir/model``. ``base`` is the model the run started from."""
         from lowmem_ft.models.saving import save_hf_model
 
-        return save_hf_model(model, tokenizer, job_dir / "model", save_dtype)
+        return save_hf_model(model, tokenizer, job_dir / "model", save_dtype, base.weights_dir)

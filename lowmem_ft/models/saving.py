@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -9,11 +11,34 @@ import torch
 from lowmem_ft.files import readable_as_umask_allows
 from lowmem_ft.models.loading import ResolvedModel, quiet_transformers
 
+# A fine-tuned model is a derivative of its base, and the base's terms travel with it: Llama 2's and
+# Llama 3's licenses ask for a copy of the agreement (LICENSE, USE_POLICY.md) with every copy of a
+# derived model. The base's README and other files describe the base, not this model: not copied.
+_NOTICE = re.compile(r"(licen[cs]e|notice|use_policy|copying)([._-].*)?", re.IGNORECASE)
+
+
+def copy_notices(base_dir: Path | None, out_dir: Path) -> list[str]:
+    """Copy the base model's license and notice files into ``out_dir``; returns their names."""
+    if base_dir is None:
+        return []
+    copied = []
+    for path in sorted(Path(base_dir).iterdir()):
+        if path.is_file() and _NOTICE.fullmatch(path.name):
+            shutil.copy2(path, out_dir / path.name)
+            copied.append(path.name)
+    return copied
+
 
 def save_hf_model(
-    model: torch.nn.Module, tokenizer, out_dir: Path, save_dtype: torch.dtype, state: dict | None = None
+    model: torch.nn.Module,
+    tokenizer,
+    out_dir: Path,
+    save_dtype: torch.dtype,
+    base_dir: Path | None,
+    state: dict | None = None,
 ) -> Path:
-    """Save ``model`` and ``tokenizer`` so ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads them.
+    """Save ``model`` and ``tokenizer`` so ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads them,
+    with the license files of the base model in ``base_dir`` (``copy_notices``).
 
     Tensors are cast one at a time into the state dict that is written, so the peak extra memory
     is one copy of the model in ``save_dtype``, not a second model object. ``state``: the weights
@@ -27,6 +52,7 @@ def save_hf_model(
         model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
     readable_as_umask_allows(out_dir)
     tokenizer.save_pretrained(out_dir)
+    copy_notices(base_dir, out_dir)
     return out_dir
 
 

@@ -10,6 +10,7 @@ import json
 from lowmem_ft.files import readable_as_umask_allows
 from lowmem_ft.methods.lora.plan import select_lora
 from lowmem_ft.methods.structured.method import StructuredMethod
+from lowmem_ft.models.saving import copy_notices
 from lowmem_ft.results import ADAPTER_DIR, ADAPTER_META, base_metadata
 
 
@@ -44,6 +45,7 @@ class LoRA(StructuredMethod):
             "trainable": self.trainable_count(),
         }
         (out / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
+        copy_notices(base.weights_dir, out)  # an adapter of a Llama is a derivative of it too
         return out
 
 

@@ -128,7 +128,7 @@ class StructuredMethod(Method):
             model = self.peft_model.merge_and_unload()  # W + (α/r)·BA, into the base's own weights
         if self.selection.added_biases:
             _declare_added_biases(model)
-        return save_hf_model(model, tokenizer, job_dir / "model", save_dtype)
+        return save_hf_model(model, tokenizer, job_dir / "model", save_dtype, base.weights_dir)
 
 
 def add_lora(model, selection: Selection, options) -> object:

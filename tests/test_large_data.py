@@ -319,6 +319,42 @@ def test_reading_tokenising_and_evaluation_show_progress_unless_quiet(
     assert all(on == {not quiet} for on in shown.values()), shown
 
 
+@pytest.mark.parametrize("columns", [0, 100])
+def test_bars_are_drawn_on_a_terminal_that_says_it_has_no_size(columns):
+    """A pseudo-terminal never given a size (`docker exec -t`, some CI runners) says 0 columns and 0
+    rows, and tqdm then draws nothing at all; the tool's bars draw 80 columns there."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    code = (
+        "from tqdm import tqdm\nfrom lowmem_ft.data.bulk import bar_size\n"
+        "for _ in tqdm(range(3), desc='training', **bar_size()): pass\n"
+    )
+    master, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24 if columns else 0, columns, 0, 0))
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=terminal, stderr=terminal, stdin=terminal)
+    os.close(terminal)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # (the child has gone: the terminal's other end is closed)
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(master)
+    assert child.wait() == 0
+    last = drawn.decode().replace("\r\n", "\r").split("\r")[-2]  # the bar as it was left
+    assert last.startswith("training: 100%") and "3/3" in last, drawn
+    assert len(last) == (80 if columns == 0 else min(len(last), columns)), last
+
+
 def test_evaluation_runs_micro_batch_by_micro_batch_without_gradients(data, tmp_path, capsys, monkeypatch):
     from lowmem_ft import train
 

@@ -2,14 +2,16 @@
 
 ``progress_bar``: tqdm on stderr, shown unless the run is quiet (``-q``), like the training bar, and
 only for work that takes more than a moment; it is cleared when done, so the run's own lines stay
-together. ``cycle_collector_paused``: Python's cycle collector held off while records are made and
-tokenised.
+together. ``bar_size``: how large every bar of the tool is. ``cycle_collector_paused``: Python's
+cycle collector held off while records are made and tokenised.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import os
+import sys
 
 
 def progress_bar(total: int, desc: str, unit: str, show: bool, unit_scale: bool = True):
@@ -19,8 +21,21 @@ def progress_bar(total: int, desc: str, unit: str, show: bool, unit_scale: bool 
 
     return tqdm(
         total=total, desc=desc, unit=unit, unit_scale=unit_scale, leave=False, delay=0.5,
-        disable=not show, dynamic_ncols=True,
+        disable=not show, **bar_size(),
     )  # fmt: skip
+
+
+def bar_size() -> dict:
+    """tqdm's size options: the terminal's, followed as it is resized; 80 columns where the terminal
+    says it has none, and 20 rows where it says it has none (a pseudo-terminal never given a size:
+    `docker exec -t`, some CI runners), where tqdm would draw nothing at all."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):  # not a terminal (a pipe, a file): tqdm's own way
+        return {"dynamic_ncols": True}
+    if size.columns and size.lines:
+        return {"dynamic_ncols": True}
+    return {"ncols": size.columns or 80, "nrows": size.lines or 20}
 
 
 @contextlib.contextmanager

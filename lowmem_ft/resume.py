@@ -13,11 +13,11 @@ import logging
 import os
 from pathlib import Path
 
-from lowmem_ft.checkpoint import Restored, latest_checkpoint, remove_partial
+from lowmem_ft.checkpoint import SHARDS, Restored, latest_checkpoint, list_checkpoints, remove_partial
 from lowmem_ft.config import RunConfig
 from lowmem_ft.console import print_header
 from lowmem_ft.distributed.group import ONE, Group
-from lowmem_ft.distributed.ranks import Ranks
+from lowmem_ft.distributed.ranks import SHARDED_METHODS, Ranks
 from lowmem_ft.errors import UserError
 from lowmem_ft.files import write_json_atomic
 from lowmem_ft.jobs import FollowerJob, Job
@@ -43,6 +43,7 @@ def resume(job_dir: Path, overrides: dict | None = None, show_progress: bool = T
             from lowmem_ft.distributed.launch import launch
 
             _refuse_done(job_dir, record)
+            _refuse_one_process_checkpoint(job_dir, record["config"]["method"])
             launch("resume", {"job": str(job_dir.resolve()), "overrides": overrides}, nproc, show_progress)
             return None
     group = ONE
@@ -59,6 +60,18 @@ def _refuse_done(job_dir: Path, record: dict) -> None:
         raise UserError(
             f"{job_dir} is done (step {record.get('step')}/{record.get('max_steps')}); "
             f"its result is {record.get('output')}; there is nothing to resume"
+        )
+
+
+def _refuse_one_process_checkpoint(job_dir: Path, method: str) -> None:
+    """Before any rank starts: ranks that shard the model (full, hift) cannot read one process's
+    checkpoint, whose weights are whole (train_state.restore says so too, but in the ranks, after
+    the job has been taken)."""
+    checkpoints = list_checkpoints(job_dir)
+    if method in SHARDED_METHODS and checkpoints and not (checkpoints[-1] / SHARDS).is_dir():
+        raise UserError(
+            f"{checkpoints[-1]} was written by one process, and only one can resume from it; resume "
+            f"with --nproc 1 (a checkpoint of several ranks resumes on any number)"
         )
 
 

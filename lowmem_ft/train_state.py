@@ -171,7 +171,7 @@ def restore(s: Setup, scaler: torch.amp.GradScaler, job: Job, restored: Restored
         if is_sharded(s.model):
             raise UserError(
                 f"{restored.path} was written by one process, and only one can resume from it; "
-                "resume without --nproc (a checkpoint of several ranks resumes on any number)"
+                "resume with --nproc 1 (a checkpoint of several ranks resumes on any number)"
             )
         params, weights = dict(s.model.named_parameters()), state["weights"]
         with torch.no_grad():

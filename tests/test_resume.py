@@ -466,6 +466,21 @@ def test_run_on_an_unfinished_job_offers_to_resume_it(tmp_path, capsys, monkeypa
     assert record(job)["status"] == "done" and record(job)["config"]["lr"] == 1e-3
 
 
+def test_resume_on_ranks_that_shard_refuses_one_process_checkpoint_before_taking_the_job(
+    tmp_path, capsys, monkeypatch, data
+):
+    """`full` checkpointed by one process holds whole weights, which sharded ranks cannot read: a
+    resume with --nproc 2 is refused in one line before any rank starts, and the job stays as it
+    was (it was taken, marked failed and recorded with --nproc 2, so that even the resume the line
+    advised failed the same way)."""
+    job = interrupted_job(tmp_path, capsys, monkeypatch, data)
+    before = (job / "job.json").read_text()
+    code, _, err = cli(capsys, "resume", job, "--nproc", "2")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "was written by one process, and only one can resume from it; resume with --nproc 1" in err
+    assert (job / "job.json").read_text() == before
+
+
 def test_resume_refuses_what_it_cannot_resume(tmp_path, capsys, monkeypatch, data):
     code, _, err = cli(capsys, "resume", tmp_path / "nothing")
     assert code == 2 and "no such directory" in err

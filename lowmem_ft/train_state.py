@@ -4,10 +4,12 @@ written: a checkpoint is where a stopped run is told to go back to."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -113,7 +115,8 @@ class Checkpoints:
 
             def write_shards(directory: Path) -> None:
                 group.barrier()  # rank 0 has made the (empty) checkpoint directory
-                dcp.save(sharded, checkpoint_id=directory)
+                with what_dcp_caught():
+                    dcp.save(sharded, checkpoint_id=directory)
 
         if group.main:
             path = save_checkpoint(self.job.dir, step, state, keep, write_shards)
@@ -123,6 +126,25 @@ class Checkpoints:
             path = final
         group.barrier()  # rank 0 has written the manifest: the checkpoint is complete
         return path
+
+
+@contextlib.contextmanager
+def what_dcp_caught() -> Iterator[None]:
+    """torch.distributed.checkpoint wraps what a rank raised while it wrote or read its shards (a
+    second Ctrl-C's KeyboardInterrupt, a full disk's OSError) in a CheckpointException, a
+    BaseException that the recipe's handlers (train.execute) do not know: the command ended in
+    tracebacks and left the job "running". The exception itself is raised instead, a
+    KeyboardInterrupt before any other, as one process would raise it."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as exc:
+        raised = [failure for failure, _ in exc.failures.values()]
+        if not raised:
+            raise
+        interrupt = next((e for e in raised if isinstance(e, KeyboardInterrupt)), None)
+        raise (interrupt or raised[0]) from exc
 
 
 def first_non_finite(tree, name: str = "") -> str | None:
@@ -186,7 +208,8 @@ def restore(s: Setup, scaler: torch.amp.GradScaler, job: Job, restored: Restored
         def read(tree: dict) -> None:
             with warnings.catch_warnings():  # one process reading a sharded checkpoint is what we ask
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(tree, checkpoint_id=directory)
+                with what_dcp_caught():
+                    dcp.load(tree, checkpoint_id=directory)
 
         s.method.load_sharded_state(s.model, state.get("method", {}), read)
     s.batcher.load_state_dict(state["data"])

@@ -193,3 +193,30 @@ def test_a_checkpoint_the_disk_clearly_cannot_hold_is_refused_before_writing(tmp
     with pytest.raises(ckpt.CheckpointWriteError, match=r"needs 3\.9 KiB and 1000 B is free"):
         ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(1000)}, keep=2)
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_what_a_rank_raised_in_a_sharded_checkpoint_is_raised_as_itself():
+    """torch.distributed.checkpoint wraps a rank's KeyboardInterrupt (a second Ctrl-C while the
+    shards are written) or OSError (a full disk) in a CheckpointException, which no handler of the
+    recipe knew: the ranks ended in tracebacks and the job stayed "running". Unwrapped, a second
+    Ctrl-C is one (before any other rank's error), and a full disk is the OSError it was."""
+    import errno
+
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    from lowmem_ft.train_state import what_dcp_caught
+
+    def failing(*raised):
+        with what_dcp_caught():
+            raise CheckpointException(
+                "save failed", {rank: _wrap_exception(e) for rank, e in enumerate(raised)}
+            )
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(KeyboardInterrupt):
+        failing(full, KeyboardInterrupt())
+    with pytest.raises(OSError) as caught:
+        failing(full)
+    assert caught.value is full
+    with pytest.raises(CheckpointException):  # nothing to unwrap: as it was
+        failing()

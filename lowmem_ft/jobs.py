@@ -148,6 +148,16 @@ def abandon_new_job(lock: JobLock) -> None:
             made.rmdir()
 
 
+def record_failure(directory: Path, error: str) -> None:
+    """Record ``error`` as why the job in ``directory`` failed, if there is a job there that did
+    not end otherwise (ranks that failed while setting up made none)."""
+    if (directory / "job.json").is_file():
+        with contextlib.suppress(UserError, OSError, ValueError):
+            job = Job.open(directory)
+            if job.record.get("status") in ("running", "failed"):
+                job.update_if_possible(status="failed", error=error)
+
+
 def read_lock(directory: Path) -> dict | None:
     """The pid and start time written by the process that holds (or held) the job's lock."""
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from functools import partial
 from pathlib import Path
 
 from lowmem_ft.checkpoint import SHARDS, Restored, latest_checkpoint, list_checkpoints, remove_partial
@@ -20,7 +21,7 @@ from lowmem_ft.distributed.group import ONE, Group
 from lowmem_ft.distributed.ranks import SHARDED_METHODS, Ranks
 from lowmem_ft.errors import UserError
 from lowmem_ft.files import write_json_atomic
-from lowmem_ft.jobs import FollowerJob, Job
+from lowmem_ft.jobs import FollowerJob, Job, record_failure
 from lowmem_ft.prepare import Setup, setup
 from lowmem_ft.registry import kept_on_resume
 from lowmem_ft.run_data import data_digests
@@ -44,7 +45,8 @@ def resume(job_dir: Path, overrides: dict | None = None, show_progress: bool = T
 
             _refuse_done(job_dir, record)
             _refuse_one_process_checkpoint(job_dir, record["config"]["method"])
-            launch("resume", {"job": str(job_dir.resolve()), "overrides": overrides}, nproc, show_progress)
+            payload = {"job": str(job_dir.resolve()), "overrides": overrides}
+            launch("resume", payload, nproc, show_progress, job_dir, partial(record_failure, job_dir))
             return None
     group = ONE
     if ranks.several:

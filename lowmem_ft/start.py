@@ -5,6 +5,7 @@ resume.py is the other way in."""
 from __future__ import annotations
 
 from datetime import date, datetime
+from functools import partial
 from pathlib import Path
 
 from lowmem_ft.config import RunConfig
@@ -13,7 +14,8 @@ from lowmem_ft.distributed.group import ONE, Group
 from lowmem_ft.distributed.ranks import Ranks
 from lowmem_ft.errors import DiskError, disk_fault
 from lowmem_ft.files import write_json_atomic
-from lowmem_ft.jobs import FollowerJob, Job, abandon_new_job, claim_new_job
+from lowmem_ft.jobs import FollowerJob, Job, abandon_new_job, claim_new_job, record_failure
+from lowmem_ft.models import resolve_model
 from lowmem_ft.precision import dtype_name
 from lowmem_ft.prepare import setup
 from lowmem_ft.run_data import data_digests
@@ -40,7 +42,14 @@ def run(config: RunConfig, show_progress: bool = True) -> Job | None:
         from lowmem_ft.distributed.launch import launch
 
         config.validate()  # one line for a mistake, before N ranks would each say it
-        launch("run", {"config": portable(config.to_json())}, config.nproc, show_progress)
+        if config.out is None:  # chosen here: this process says, and records, how the job ended
+            resolved = resolve_model(
+                config.model, allow_download=config.allow_download, trust_remote_code=config.trust_remote_code
+            )
+            name = resolved.name
+            config = config.replace(out=default_out_dir(config, name))
+        payload = {"config": portable(config.to_json())}
+        launch("run", payload, config.nproc, show_progress, config.out, partial(record_failure, config.out))
         return None
     if ranks.several and config.nproc != ranks.size:  # started by torchrun: its count is the count
         config = config.replace(nproc=ranks.size)

@@ -233,6 +233,9 @@ def test_two_ranks_stopped_then_killed_resume_to_the_same_result(tmp_path, refer
     _, err = proc.communicate(timeout=300)
     # one line: the agent's SIGTERM to the rank left standing is not announced as a stop
     assert proc.returncode == 1 and len(err.strip().splitlines()) == 1 and "was killed (SIGKILL)" in err, err
+    assert f"(`lowmem-ft resume {job}` continues it)" in err  # the job named, as one process names it
+    # the job records the cause, not rank 0's broken collective ("Connection closed by peer")
+    assert record(job)["status"] == "failed" and record(job)["error"] == err.strip().removeprefix("error: ")
     assert (tmp_path / "torn").read_text() == "__1_0.distcp", "the kill missed the checkpoint write"
     assert record(job)["last_checkpoint"]["step"] == last  # the torn one does not count
     assert [p.name for p in (job / "checkpoints").iterdir() if p.name.startswith("step-")] == [

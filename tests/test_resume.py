@@ -523,6 +523,10 @@ def test_jobs_lists_status_and_last_checkpoint(tmp_path, capsys, monkeypatch, da
     assert f"continue with `lowmem-ft resume {job}`" in out
     listed = json.loads(cli(capsys, "jobs", tmp_path, "--json")[1])
     assert listed[0]["checkpoint_step"] == 3 and listed[0]["status"] == "interrupted"
+    # a failed job is resumed as an interrupted one is: said where its error does not say it
+    (job / "job.json").write_text(json.dumps({**record(job), "status": "failed", "error": "RuntimeError: x"}))
+    out = cli(capsys, "jobs", tmp_path)[1]
+    assert f"{job}: failed: RuntimeError: x; `lowmem-ft resume {job}` continues it" in out
 
 
 def test_a_resume_that_is_interrupted_again_and_resumed_again_still_matches(

@@ -152,7 +152,8 @@ def jobs(
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
     for j in found:
         if j.status == "failed" and j.error:
-            typer.echo(f"{j.path}: failed: {j.error}")
+            again = "" if "lowmem-ft resume" in j.error else f"; `lowmem-ft resume {j.path}` continues it"
+            typer.echo(f"{j.path}: failed: {j.error}{again}")
         elif j.status == "interrupted":
             typer.echo(f"{j.path}: interrupted; continue with `lowmem-ft resume {j.path}`")
     if plot is not None:

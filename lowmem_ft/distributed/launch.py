@@ -18,15 +18,24 @@ import os
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lowmem_ft.errors import UserError
 
 
-def launch(command: str, payload: dict, nproc: int, show_progress: bool) -> None:
+def launch(
+    command: str,
+    payload: dict,
+    nproc: int,
+    show_progress: bool,
+    job_dir: Path,
+    on_failure: Callable[[str], None],
+) -> None:
     """Run ``python -m lowmem_ft.cli.rank COMMAND PAYLOAD.json`` on ``nproc`` ranks;
-    ``payload``: what the worker's command needs (a run's configuration, a job to resume)."""
+    ``payload``: what the worker's command needs (a run's configuration, a job to resume), for the
+    job in ``job_dir``. ``on_failure(line)``: told the line that says why the ranks failed (the job
+    records it: rank 0, whose collectives broke when another rank went away, recorded only that)."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -56,15 +65,21 @@ def launch(command: str, payload: dict, nproc: int, show_progress: bool) -> None
         except ChildFailedError as exc:
             rank, failure = _cause(exc.failures)  # the others were stopped because of it
             if failure.exitcode > 0:  # the rank ended on a line of its own (an error, "interrupted")
-                words = _last_words(payload_file, rank)
-                _say(words or f"error: rank {rank} stopped with exit code {failure.exitcode}")
+                line = (
+                    _last_words(payload_file, rank)
+                    or f"error: rank {rank} stopped with exit code {failure.exitcode}"
+                )
                 code = 1 if failure.exitcode == PEER_LOST else failure.exitcode
-                raise UserError("", exit_code=code) from None
-            raise UserError(
-                f"rank {rank} was killed ({failure.signal_name()}); the other ranks were stopped; the "
-                "job's last checkpoint is intact (`lowmem-ft resume JOB` continues it)",
-                exit_code=1,
-            ) from None
+            else:
+                line = (
+                    f"error: rank {rank} was killed ({failure.signal_name()}); the other ranks were stopped; "
+                    f"the job's last checkpoint is intact (`lowmem-ft resume {job_dir}` continues it)"
+                )
+                code = 1
+            if code != 130:  # (an interrupted job says so itself)
+                on_failure(line.removeprefix("error: "))
+            _say(line)
+            raise UserError("", exit_code=code) from None
 
 
 LAUNCHER_PID = "LOWMEM_FT_LAUNCHER_PID"

@@ -250,6 +250,23 @@ def test_version_and_help(capsys):
     assert code == 0 and "Examples:" in stdout and "--micro-batch-size" in stdout
 
 
+@pytest.mark.parametrize("command", ["run", "resume", "plan", "export", "generate", "jobs"])
+def test_the_help_examples_are_shown_as_written_on_a_narrow_terminal(command, capsys, monkeypatch):
+    """Each example a line of its own, whole, however narrow the terminal: a rewrapped example broke
+    mid-option (`--micro-` / `batch-size 2`) and could not be pasted."""
+    from lowmem_ft.cli import generate, show, training
+
+    epilog = {
+        "run": training.RUN_EPILOG, "resume": training.RESUME_EPILOG, "plan": training.PLAN_EPILOG,
+        "export": show.EXPORT_EPILOG, "generate": generate.GENERATE_EPILOG, "jobs": show.JOBS_EPILOG,
+    }[command]  # fmt: skip
+    monkeypatch.setenv("COLUMNS", "60")
+    code, stdout, _ = cli(capsys, command, "--help")
+    shown = [line.strip() for line in stdout.splitlines()]
+    written = [line.strip() for line in epilog.splitlines() if line.startswith("  ")]  # the commands
+    assert code == 0 and written and all(line in shown for line in written), (written, stdout)
+
+
 def readme_quick_start_args() -> list[str]:
     """The arguments of `lowmem-ft` in the README's first set-up command."""
     for line in (REPO / "README.md").read_text().splitlines():

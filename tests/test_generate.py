@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -199,6 +200,8 @@ def test_chat_in_the_default_headers_continues_what_training_rendered(tiny_token
         (["tiny", "--chat"], "has none (nor was the job trained on chat data); use --prompt TEXT"),
         (["tiny"], "give --prompt TEXT, or --chat"),
         (["tiny", "--prompt", "x", "--chat"], "--prompt and --chat exclude each other"),
+        (["tiny", "--chat", "--raw"], "--raw only applies to --prompt; --chat writes each message"),
+        (["tiny", "--prompt", "x", "--base", "tiny"], "--base only applies to a sparse delta or a LoRA"),
         (["tiny", "--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0"),
         (["tiny", "--prompt", "x", "--temperature", "1", "--top-p", "0"], "--top-p must be in (0, 1]"),
         (["tiny", "--prompt", "x", "--temperature", "1", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
@@ -247,6 +250,13 @@ def test_an_unfinished_job_is_refused_in_one_line(tmp_path, capsys):
     code, _, err = cli(capsys, "generate", job, "--prompt", "x")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "has no result yet (status interrupted, step 1 of 4)" in err and f"lowmem-ft resume {job}" in err
+    from lowmem_ft.jobs import JobLock
+
+    holder = JobLock(job)  # running: said as resume says it, not "resume finishes it" (it would be refused)
+    holder.acquire()
+    code, _, err = cli(capsys, "generate", job, "--prompt", "x")
+    holder.release()
+    assert code == 2 and f"when the job finishes: {job} is being run by process {os.getpid()}; wait" in err
 
 
 def test_a_delta_is_refused_on_another_base(jobs, tmp_path, capsys):

@@ -104,10 +104,13 @@ def _kept_by_resume(exc, ctx) -> str | None:
 
 def _command(argv: list[str] | None) -> int:
     """Run the command; its exit code."""
+    from lowmem_ft.distributed.ranks import Ranks
     from lowmem_ft.hardware import configure_cuda_allocator
 
     configure_cuda_allocator()  # before anything initialises CUDA: the allocator reads it once
     report_to_console()
+    if not Ranks.from_env().main:  # a rank torchrun started: rank 0 says it (the others would repeat it)
+        logging.getLogger("lowmem_ft").setLevel(logging.WARNING)
     # SIGTERM (kill, a scheduler stopping us) is treated like Ctrl-C: the job records 'interrupted'.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

@@ -6,20 +6,16 @@ import sys
 
 import typer
 
+from lowmem_ft.cli.examples import examples
 from lowmem_ft.cli.options import option
 from lowmem_ft.errors import UserError
 
-GENERATE_EPILOG = """\
-Examples:
-
-  lowmem-ft generate runs/full -p "Explain the bytes.strip method."
-
-  lowmem-ft generate runs/sift -p "Describe heapq.heapify." --temperature 0.7
-
-  lowmem-ft generate qwen2.5-0.5b --chat        # needs a chat template
-
-  echo "What is a heap?" | lowmem-ft generate runs/chat-job --chat
-"""
+GENERATE_EPILOG = examples(
+    'lowmem-ft generate runs/full -p "Explain the bytes.strip method."',
+    'lowmem-ft generate runs/sift -p "Describe heapq.heapify." --temperature 0.7',
+    "lowmem-ft generate qwen2.5-0.5b --chat        # needs a chat template",
+    'echo "What is a heap?" | lowmem-ft generate runs/chat-job --chat',
+)
 
 
 def generate(
@@ -39,8 +35,9 @@ def generate(
     chat: bool = typer.Option(
         False,
         "--chat",
-        help="Chat: read messages from stdin, one a line, until an empty line, 'exit' or the end of input; "
-        "the conversation is kept. Needs the tokenizer's chat template (or a job trained on chat data).",
+        help="Chat: read messages from stdin, one a line, until an empty line, 'exit', 'quit' or the end "
+        "of input; the conversation is kept. Needs the tokenizer's chat template (or a job trained on "
+        "chat data).",
     ),
     max_new_tokens: int = typer.Option(256, help="Stop after this many new tokens (or at end-of-sequence)."),
     temperature: float = typer.Option(0.0, help="0 = greedy (the likeliest token each time); > 0 samples."),
@@ -65,6 +62,8 @@ def generate(
         raise UserError("give --prompt TEXT, or --chat to talk")
     if prompt is not None and chat:
         raise UserError("--prompt and --chat exclude each other; give one of them")
+    if raw and chat:  # (each message is written in the chat format: there is no raw way to chat)
+        raise UserError("--raw only applies to --prompt; --chat writes each message in the chat format")
     options = GenerateOptions(
         max_new_tokens=max_new_tokens,
         temperature=temperature,

@@ -9,6 +9,7 @@ stopped rank 0 before it could say it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,11 +18,28 @@ import signal
 import sys
 from pathlib import Path
 
-from torch.distributed.elastic.multiprocessing.errors import record
-
-from lowmem_ft.distributed.group import end_rank, lost_a_peer
 from lowmem_ft.distributed.launch import LAUNCHER_PID, PEER_LOST, last_words_file
 from lowmem_ft.distributed.ranks import Ranks
+
+INTERRUPTED = "interrupted before training started; nothing was lost"
+
+
+def stopped_while_starting(signum, frame) -> None:
+    """A stop while the rank is still importing torch (seconds): the agent passing on a Ctrl-C, or
+    stopping this rank because another failed. The rank ends at once, leaving the line one process
+    says (the launcher says rank 0's), not a traceback of the import it interrupted."""
+    with contextlib.suppress(OSError, IndexError):
+        last_words_file(Path(sys.argv[2]), Ranks.from_env().rank).write_text(INTERRUPTED)
+    os._exit(130)
+
+
+if __name__ == "__main__":  # before torch is imported (below); main() then stops as a rank does
+    for _stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(_stop, stopped_while_starting)
+
+from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
+
+from lowmem_ft.distributed.group import end_rank, lost_a_peer  # noqa: E402
 
 
 def end_with_the_launcher() -> None:
@@ -134,9 +152,6 @@ class StopOnce:
         if not self.leaving:
             self.leaving = True
             raise KeyboardInterrupt
-
-
-INTERRUPTED = "interrupted before training started; nothing was lost"
 
 
 if __name__ == "__main__":

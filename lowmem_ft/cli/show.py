@@ -8,17 +8,14 @@ from pathlib import Path
 
 import typer
 
+from lowmem_ft.cli.examples import examples
 from lowmem_ft.errors import UserError
 
-EXPORT_EPILOG = """\
-Examples:
-
-  lowmem-ft export runs/sift                              # what the delta holds
-
-  lowmem-ft export runs/sift --merge --out merged/        # a full Hugging Face model
-
-  lowmem-ft export runs/sift --merge --out merged/ --base /data/llama-2-7b --save-dtype bf16
-"""
+EXPORT_EPILOG = examples(
+    "lowmem-ft export runs/sift                              # what the delta holds",
+    "lowmem-ft export runs/sift --merge --out merged/        # a full Hugging Face model",
+    "lowmem-ft export runs/sift --merge --out merged/ --base /data/llama-2-7b --save-dtype bf16",
+)
 
 
 def export(
@@ -83,13 +80,10 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s ago"
 
 
-JOBS_EPILOG = """\
-Examples:
-
-  lowmem-ft jobs                                        # the jobs under runs/
-
-  lowmem-ft jobs runs/sift runs/lora --plot compare.png # their loss curves in one picture
-"""
+JOBS_EPILOG = examples(
+    "lowmem-ft jobs                                        # the jobs under runs/",
+    "lowmem-ft jobs runs/sift runs/lora --plot compare.png # their loss curves in one picture",
+)
 
 
 def jobs(

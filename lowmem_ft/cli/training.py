@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from lowmem_ft.cli.examples import examples
 from lowmem_ft.cli.options import (
     PLAN_OPTIONS,
     QUIET,
@@ -19,20 +20,14 @@ from lowmem_ft.cli.options import (
 from lowmem_ft.config import RunConfig
 from lowmem_ft.errors import UserError
 
-RUN_EPILOG = """\
-Examples:
-
-  lowmem-ft run tiny examples/python-qa.jsonl                      # the embedded model, on CPU
-
-  lowmem-ft run tiny examples/python-qa.jsonl --max-steps 20 --lr 1e-3 --out runs/try
-
-  lowmem-ft run ./my-llama-dir data.jsonl --eval-data dev.jsonl --seq-len 1024
-
-  lowmem-ft run llama-2-7b chat.jsonl --format chat --batch-size 32 --micro-batch-size 2 \
-      --gradient-checkpointing
-
-  lowmem-ft run tiny examples/python-qa.jsonl --method sift --sparsity 0.01 --lr 1e-3
-"""
+RUN_EPILOG = examples(
+    "lowmem-ft run tiny examples/python-qa.jsonl                      # the embedded model, on CPU",
+    "lowmem-ft run tiny examples/python-qa.jsonl --max-steps 20 --lr 1e-3 --out runs/try",
+    "lowmem-ft run ./my-llama-dir data.jsonl --eval-data dev.jsonl --seq-len 1024",
+    "lowmem-ft run llama-2-7b chat.jsonl --format chat --batch-size 32 --micro-batch-size 2 \\\n"
+    "    --gradient-checkpointing",
+    "lowmem-ft run tiny examples/python-qa.jsonl --method sift --sparsity 0.01 --lr 1e-3",
+)
 
 
 @with_parameters(
@@ -112,16 +107,12 @@ def _offer_resume(out: Path, config, quiet: bool) -> None:
     _training(lambda: resume_training(out, show_progress=not quiet))
 
 
-RESUME_EPILOG = """\
-Examples:
-
-  lowmem-ft resume runs/tiny-hift-20261122-101500
-
-  lowmem-ft resume runs/big --gpu-mem 20GiB --micro-batch-size 2     # on a smaller GPU
-
-The job continues from its newest checkpoint that verifies (or from step 0 if it has none), with
-its own settings, planned again for this machine.
-"""
+RESUME_EPILOG = examples(
+    "lowmem-ft resume runs/tiny-hift-20261122-101500",
+    "lowmem-ft resume runs/big --gpu-mem 20GiB --micro-batch-size 2     # on a smaller GPU",
+    after="The job continues from its newest checkpoint that verifies (or from step 0 if it has none), "
+    "with its own settings, planned again for this machine.",
+)
 
 
 def resume(
@@ -156,19 +147,13 @@ def resume(
     _training(lambda: resume_training(job_dir, overrides, show_progress=not quiet))
 
 
-PLAN_EPILOG = """\
-Examples:
-
-  lowmem-ft plan llama-2-7b --method full --gpu-mem 24GiB             # does it fit a 24 GB card?
-
-  lowmem-ft plan llama-2-7b --method hift --gpu-mem 8GiB --cpu-mem 64GiB
-
-  lowmem-ft plan qwen2.5-7b --method sift --gpu-mem 16GiB --seq-len 2048 --json
-
-  lowmem-ft plan llama-3-8b --method hift --gpu-mem 24GiB --plot plan.png   # draw it
-
-Exit code 0 when the plan fits, 3 when it does not.
-"""
+PLAN_EPILOG = examples(
+    "lowmem-ft plan llama-2-7b --method full --gpu-mem 24GiB             # does it fit a 24 GB card?",
+    "lowmem-ft plan llama-2-7b --method hift --gpu-mem 8GiB --cpu-mem 64GiB",
+    "lowmem-ft plan qwen2.5-7b --method sift --gpu-mem 16GiB --seq-len 2048 --json",
+    "lowmem-ft plan llama-3-8b --method hift --gpu-mem 24GiB --plot plan.png   # draw it",
+    after="Exit code 0 when the plan fits, 3 when it does not.",
+)
 
 
 @with_parameters(

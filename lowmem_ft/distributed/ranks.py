@@ -76,7 +76,7 @@ def nproc_problem(
             "give --state-policy keep or drop"
         )
     if streams:
-        return f"--nproc {nproc} cannot stream layers from host memory; drop --stream / --streamed-layers"
+        return f"--nproc {nproc} cannot stream layers from host memory; drop --stream"
     if batch_size % nproc:
         return (
             f"--batch-size {batch_size} does not split evenly over {nproc} ranks; give a multiple of {nproc}"

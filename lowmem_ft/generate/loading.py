@@ -53,6 +53,11 @@ def load_weights(target: str, options: GenerateOptions, dtype: torch.dtype) -> L
 
 
 def _load_model(spec: str, options: GenerateOptions, dtype: torch.dtype, job_dir: Path | None) -> Loaded:
+    if options.base is not None:  # (a whole model has no base to apply anything to)
+        raise UserError(
+            f"--base only applies to a sparse delta or a LoRA adapter, and {spec} is a whole model; "
+            "leave --base out"
+        )
     resolved = _resolve(spec, options)
     model = load_model(resolved, dtype, trust_remote_code=options.trust_remote_code)
     what = "the job's model, " if job_dir is not None else f"{resolved.source} model, "
@@ -87,11 +92,14 @@ def _refuse_unfinished(job_dir: Path) -> None:
 
     if (job_dir / DELTA_FILE).is_file() or (job_dir / ADAPTER_DIR).is_dir():
         return
+    from lowmem_ft.jobs import being_run
+
     record = job_record(job_dir)
     status, step, steps = record.get("status", "?"), record.get("step", "?"), record.get("max_steps", "?")
+    when = being_run(job_dir) or f"`lowmem-ft resume {job_dir}` finishes it"
     raise UserError(
         f"{job_dir} has no result yet (status {status}, step {step} of {steps}); its model is written "
-        f"when the job finishes: `lowmem-ft resume {job_dir}` finishes it"
+        f"when the job finishes: {when}"
     )
 
 

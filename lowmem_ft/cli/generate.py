@@ -98,7 +98,10 @@ def generate(
     while True:
         if interactive:
             typer.echo("> ", nl=False, err=True)
-        message = sys.stdin.readline().strip()
+        line = sys.stdin.readline()
+        if interactive and not line.endswith("\n"):  # Ctrl-D: end the prompt's line, for the shell's
+            typer.echo(err=True)
+        message = line.strip()
         if not message or message.lower() in CHAT_EXIT_WORDS:
             break
         conversation.reply(message, show)

@@ -148,14 +148,18 @@ def abandon_new_job(lock: JobLock) -> None:
             made.rmdir()
 
 
-def record_failure(directory: Path, error: str) -> None:
-    """Record ``error`` as why the job in ``directory`` failed, if there is a job there that did
-    not end otherwise (ranks that failed while setting up made none)."""
-    if (directory / "job.json").is_file():
-        with contextlib.suppress(UserError, OSError, ValueError):
-            job = Job.open(directory)
-            if job.record.get("status") in ("running", "failed"):
-                job.update_if_possible(status="failed", error=error)
+def record_failure(directory: Path, error: str, since: float) -> None:
+    """Record ``error`` as why the job in ``directory`` failed, where ranks started at ``since``
+    (time.time()) took it: job.json written since then, saying the job runs or failed, and no live
+    process holding it. Ranks refused before they took it (another process runs it, the data
+    changed) leave it as it was, and so does this."""
+    record = directory / "job.json"
+    with contextlib.suppress(UserError, OSError, ValueError):
+        if record.stat().st_mtime < since or lock_is_held(directory):
+            return
+        job = Job.open(directory)
+        if job.record.get("status") in ("running", "failed"):
+            job.update_if_possible(status="failed", error=error)
 
 
 def read_lock(directory: Path) -> dict | None:
@@ -170,15 +174,20 @@ def lock_is_held(directory: Path) -> bool:
     """Whether a live process holds the job's lock (pid alive *and* the same process start time,
     so a recycled pid does not count)."""
     holder = read_lock(directory)
-    if not holder:
-        return False
+    return bool(holder) and _alive_as_recorded(holder)
+
+
+def _alive_as_recorded(holder: dict) -> bool:
     started = _process_start(holder.get("pid"))
     return started is not None and abs(started - holder.get("started", 0)) < 1.0
 
 
 def being_run(directory: Path) -> str | None:
     """The line that says which live process runs the job, or None when none does."""
-    return _being_run_by(directory, read_lock(directory)["pid"]) if lock_is_held(directory) else None
+    holder = read_lock(directory)  # (read once: the holder may let go in the meantime)
+    if not holder or not _alive_as_recorded(holder):
+        return None
+    return _being_run_by(directory, holder.get("pid", "?"))
 
 
 def _being_run_by(directory: Path, pid) -> str:

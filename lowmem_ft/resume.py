@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from functools import partial
 from pathlib import Path
 
@@ -46,7 +47,14 @@ def resume(job_dir: Path, overrides: dict | None = None, show_progress: bool = T
             _refuse_done(job_dir, record)
             _refuse_one_process_checkpoint(job_dir, record["config"]["method"])
             payload = {"job": str(job_dir.resolve()), "overrides": overrides}
-            launch("resume", payload, nproc, show_progress, job_dir, partial(record_failure, job_dir))
+            launch(
+                "resume",
+                payload,
+                nproc,
+                show_progress,
+                job_dir,
+                partial(record_failure, job_dir, since=time.time()),
+            )
             return None
     group = ONE
     if ranks.several:
@@ -70,9 +78,10 @@ def _refuse_one_process_checkpoint(job_dir: Path, method: str) -> None:
     checkpoint, whose weights are whole (train_state.restore says so too, but in the ranks, after
     the job has been taken)."""
     checkpoints = list_checkpoints(job_dir)
-    if method in SHARDED_METHODS and checkpoints and not (checkpoints[-1] / SHARDS).is_dir():
+    newest = checkpoints[0] if checkpoints else None  # (what resume continues from, if it verifies)
+    if method in SHARDED_METHODS and newest is not None and not (newest / SHARDS).is_dir():
         raise UserError(
-            f"{checkpoints[-1]} was written by one process, and only one can resume from it; resume "
+            f"{newest} was written by one process, and only one can resume from it; resume "
             f"with --nproc 1 (a checkpoint of several ranks resumes on any number)"
         )
 

@@ -108,11 +108,17 @@ class Data:
                 f"{stats.dropped_no_target:,} of {made:,} examples dropped: nothing to learn from is left "
                 f"within their first {config.seq_len} tokens; {longer}"
             )
-        examples = self.train.stats.examples
-        if 0 < examples < config.batch_size:  # the batcher goes on into the next epochs to fill a step
+        # What a step draws from (data/batching.py): the examples with something to learn, or the rows
+        # they were packed into. With fewer, the batcher goes on into the next epochs to fill a step.
+        drawn, what = (
+            (len(self.train), "packed rows")
+            if config.pack
+            else (self.train.stats.examples, "training examples")
+        )
+        if 0 < drawn < config.batch_size:
             said.append(
-                f"each step's {config.batch_size} examples repeat the {examples:,} training examples "
-                f"(each about {config.batch_size / examples:.0f} times); --batch-size {examples} takes "
+                f"each step's {config.batch_size} examples repeat the {drawn:,} {what} "
+                f"({config.batch_size / drawn:.1f} times each on average); --batch-size {drawn} takes "
                 "each once a step"
             )
         if not self.eval and self.eval_available:

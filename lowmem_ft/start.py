@@ -4,6 +4,7 @@ resume.py is the other way in."""
 
 from __future__ import annotations
 
+import time
 from datetime import date, datetime
 from functools import partial
 from pathlib import Path
@@ -49,7 +50,14 @@ def run(config: RunConfig, show_progress: bool = True) -> Job | None:
             name = resolved.name
             config = config.replace(out=default_out_dir(config, name))
         payload = {"config": portable(config.to_json())}
-        launch("run", payload, config.nproc, show_progress, config.out, partial(record_failure, config.out))
+        launch(
+            "run",
+            payload,
+            config.nproc,
+            show_progress,
+            config.out,
+            partial(record_failure, config.out, since=time.time()),
+        )
         return None
     if ranks.several and config.nproc != ranks.size:  # started by torchrun: its count is the count
         config = config.replace(nproc=ranks.size)

@@ -328,7 +328,7 @@ def test_a_run_says_in_warnings_what_is_likely_a_mistake(tmp_path, capsys):
     assert lines[3:7] == [
         "warning    433 of 438 examples dropped: nothing to learn from is left within their first 64 tokens; "
         "a larger --seq-len than 64 keeps them",
-        "warning    each step's 16 examples repeat the 5 training examples (each about 3 times); "
+        "warning    each step's 16 examples repeat the 5 training examples (3.2 times each on average); "
         "--batch-size 5 takes each once a step",
         "warning    no evaluation: none of the 44 evaluation examples has anything to learn from within its "
         "first 64 tokens; a larger --seq-len than 64 keeps them",
@@ -336,6 +336,22 @@ def test_a_run_says_in_warnings_what_is_likely_a_mistake(tmp_path, capsys):
         "memory (--cpu-mem sets that budget)",
     ]
     assert lines[7].startswith("training   1 step of 16 examples")
+
+
+def test_packed_rows_fewer_than_a_step_are_said_as_rows(tmp_path, capsys):
+    """With --pack a step draws packed rows, not examples: 13 examples packed into 3 rows of 512
+    tokens are repeated about 5 times a step, which --batch-size 13 would not cure."""
+    data = tmp_path / "few.jsonl"
+    data.write_text(
+        "".join((REPO / "examples" / "python-qa.jsonl").read_text().splitlines(keepends=True)[:14])
+    )
+    args = ["--pack", "--seq-len", "512", "--eval-fraction", "0.1", "--max-steps", "1", "-q"]
+    code, out, err = cli(capsys, "run", "tiny", data, "--out", tmp_path / "job", *args)
+    assert code == 0, err
+    (warning,) = [line for line in out.splitlines() if "repeat" in line]
+    rows = int(warning.split("repeat the ")[1].split()[0])
+    said = f"each step's 16 examples repeat the {rows} packed rows ({16 / rows:.1f} times each on average)"
+    assert warning == f"warning    {said}; --batch-size {rows} takes each once a step" and rows < 13
 
 
 @pytest.mark.slow

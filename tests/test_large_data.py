@@ -188,6 +188,11 @@ def test_the_tokenizer_digest_changes_with_any_special_token(tiny_tokenizer):
         other = copy.deepcopy(tiny_tokenizer)
         setattr(other, name, "</s>")
         assert tokenizer_sha256(other) != digest, name
+    other = copy.deepcopy(tiny_tokenizer)
+    other.add_special_tokens(
+        {"additional_special_tokens": ["</s>"]}
+    )  # an extra one, already in the vocabulary
+    assert tokenizer_sha256(other) != digest
 
 
 def test_kept_data_reads_back_only_for_its_key(tmp_path, caplog):

@@ -28,7 +28,8 @@ from test_cli import cli  # the CLI in-process: (exit code, stdout, stderr)
 from lowmem_ft import checkpoint as ckpt
 from lowmem_ft import train
 from lowmem_ft.config import RunConfig
-from lowmem_ft.jobs import JobLock, read_job
+from lowmem_ft.errors import UserError
+from lowmem_ft.jobs import Job, JobLock, read_job
 from lowmem_ft.resume import checkpointing_on_resume, micro_batch_on_resume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -479,6 +480,46 @@ def test_resume_on_ranks_that_shard_refuses_one_process_checkpoint_before_taking
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "was written by one process, and only one can resume from it; resume with --nproc 1" in err
     assert (job / "job.json").read_text() == before
+
+
+def test_the_sharded_ranks_look_at_the_newest_checkpoint_before_they_start(tmp_path):
+    """A job of two ranks, resumed on one, then interrupted, holds a sharded checkpoint and a newer
+    one-process one (--keep-checkpoints 2): resume continues from the newer, which ranks that shard
+    cannot read; the other way round they can."""
+    from lowmem_ft.checkpoint import SHARDS
+    from lowmem_ft.resume import _refuse_one_process_checkpoint
+
+    (tmp_path / "checkpoints" / "step-000002" / SHARDS).mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-000004").mkdir()
+    with pytest.raises(UserError, match="step-000004 was written by one process"):
+        _refuse_one_process_checkpoint(tmp_path, "full")
+    _refuse_one_process_checkpoint(tmp_path, "lora")  # (data-parallel ranks read whole weights)
+    (tmp_path / "checkpoints" / "step-000006" / SHARDS).mkdir(parents=True)
+    _refuse_one_process_checkpoint(tmp_path, "full")
+
+
+def test_a_failure_of_ranks_is_recorded_only_in_a_job_they_took(tmp_path):
+    """The launcher records the failed rank's line in job.json only where its ranks took the job:
+    not in a job another live process runs, nor in one the ranks refused before taking it (its own
+    status and error stay)."""
+    import time
+
+    from lowmem_ft.jobs import record_failure
+
+    job = Job.create(tmp_path / "job", {}, status="failed", error="the first failure")
+    job.lock.release()
+    before = time.time() + 1  # ranks that started after job.json was last written: they did not take it
+    record_failure(job.dir, "refused: the data changed", since=before)
+    assert record(job.dir)["error"] == "the first failure"
+    since = time.time() - 1
+    holder = JobLock(job.dir)
+    holder.acquire()  # a live process runs it
+    record_failure(job.dir, "refused: it is being run", since=since)
+    assert record(job.dir)["error"] == "the first failure"
+    holder.release()
+    Job.open(job.dir).update(status="running")  # taken by the ranks, one of which was then killed
+    record_failure(job.dir, "rank 1 was killed (SIGKILL)", since=since)
+    assert record(job.dir)["status"] == "failed" and record(job.dir)["error"] == "rank 1 was killed (SIGKILL)"
 
 
 def test_resume_refuses_what_it_cannot_resume(tmp_path, capsys, monkeypatch, data):

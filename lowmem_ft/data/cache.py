@@ -48,7 +48,10 @@ def tokenizer_sha256(tokenizer) -> str | None:
         type(tokenizer).__name__,
         backend.to_str(),
         getattr(tokenizer, "chat_template", None),
-        tokenizer.special_tokens_map,  # bos, eos, unk, pad and the additional ones a template may write
+        tokenizer.special_tokens_map,  # bos, eos, unk, pad: a chat template may write them
+        # and the extra ones (transformers 5's name; 4.x called them additional)
+        getattr(tokenizer, "extra_special_tokens", None)
+        or getattr(tokenizer, "additional_special_tokens", None),
         getattr(tokenizer, "split_special_tokens", None),
     ]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()

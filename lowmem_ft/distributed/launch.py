@@ -71,11 +71,13 @@ def launch(
                 )
                 code = 1 if failure.exitcode == PEER_LOST else failure.exitcode
             else:
-                line = (
-                    f"error: rank {rank} was killed ({failure.signal_name()}); the other ranks were stopped; "
+                then = (
                     f"the job's last checkpoint is intact (`lowmem-ft resume {job_dir}` continues it)"
+                    if (job_dir / "job.json").is_file()
+                    else "no job was made; run the command again"  # (killed while setting up)
                 )
-                code = 1
+                killed = f"rank {rank} was killed ({failure.signal_name()}); the other ranks were stopped"
+                line, code = f"error: {killed}; {then}", 1
             if code != 130:  # (an interrupted job says so itself)
                 on_failure(line.removeprefix("error: "))
             _say(line)

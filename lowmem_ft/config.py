@@ -84,6 +84,10 @@ class RunConfig:
     def __post_init__(self):
         if self.method_options is None and self.method in METHOD_NAMES:  # an unknown one: validate says so
             object.__setattr__(self, "method_options", options_class(self.method)())
+        for name in ("data", "eval_data", "out"):  # `--out=~/x` reaches us unexpanded: not a ./~ directory
+            value = getattr(self, name)
+            if value is not None and str(value).startswith("~"):
+                object.__setattr__(self, name, Path(value).expanduser())
 
     @classmethod
     def create(cls, **values) -> RunConfig:

@@ -18,20 +18,31 @@ from lowmem_ft.results import ADAPTER_META, find_result
 from lowmem_ft.sizes import format_bytes
 
 
-def check_base(spec: str | None, expected: str | None, what: str):
-    """The base model to merge into, refused unless its weights hash as the ones trained on."""
+def check_base(meta: dict, given: str | None, what: str, trust_remote_code: bool = False):
+    """The base model to merge into (``given`` with --base, else the one ``meta`` names), refused
+    unless its weights hash as the ones trained on; and whether its code may run (the run was
+    allowed to, or ``trust_remote_code``). Returns both."""
     from lowmem_ft.models import resolve_model, weights_hash
 
+    spec, expected = given or meta.get("base_model"), meta.get("base_weights_sha256")
+    trusted = trust_remote_code or bool(meta.get("base_trust_remote_code"))
     if not spec:
         raise UserError(f"the {what} does not name its base model; give it with --base")
-    resolved = resolve_model(spec)
+    try:
+        resolved = resolve_model(spec, trust_remote_code=trusted)
+    except UserError:
+        # A local base named relative to where the run started: found where the run found it
+        recorded = meta.get("base_weights_dir")
+        if given or not recorded or not Path(recorded).is_dir():
+            raise
+        spec, resolved = recorded, resolve_model(recorded, trust_remote_code=trusted)
     found = weights_hash(resolved.weights_dir)
     if expected != found:
         raise UserError(
             f"{spec} ({resolved.weights_dir}) is not the base this {what} was trained from: its weights "
             f"hash to {found[:12]}…, the {what} expects {str(expected)[:12]}…; pass the original with --base"
         )
-    return resolved
+    return resolved, trusted
 
 
 # Written into each merge's own temporary directory: only directories holding it are ever removed.
@@ -124,9 +135,7 @@ def merge_delta(path: Path, out: Path, base: str | None, save_dtype: str) -> tup
 
     delta = read_delta(path)
     _check_out(out, save_dtype)
-    resolved = check_base(
-        base or delta.meta.get("base_model"), delta.meta.get("base_weights_sha256"), "delta"
-    )
+    resolved, _ = check_base(delta.meta, base, "delta")  # (merged file by file: no model code runs)
     with _writing_merged(out, _merged_bytes(resolved, DTYPES.get(save_dtype))) as partial:
         merge_into_files(delta, resolved.weights_dir, partial, DTYPES.get(save_dtype))
     return out, delta.meta
@@ -145,12 +154,14 @@ def merge_adapter(path: Path, out: Path, base: str | None, save_dtype: str) -> t
 
     meta = json.loads((path / ADAPTER_META).read_text())
     _check_out(out, save_dtype)
-    resolved = check_base(base or meta.get("base_model"), meta.get("base_weights_sha256"), "adapter")
+    resolved, trusted = check_base(meta, base, "adapter")
     dtype = DTYPES.get(save_dtype) or model_dtype_on_disk(resolved)
-    model = load_model(resolved, dtype)
+    model = load_model(resolved, dtype, trust_remote_code=trusted)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         merged = PeftModel.from_pretrained(model, path).merge_and_unload()
     with _writing_merged(out, _merged_bytes(resolved, DTYPES.get(save_dtype))) as partial:
-        save_hf_model(merged, load_tokenizer(resolved), partial, dtype, resolved.weights_dir)
+        save_hf_model(
+            merged, load_tokenizer(resolved, trust_remote_code=trusted), partial, dtype, resolved.weights_dir
+        )
     return out, meta

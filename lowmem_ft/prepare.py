@@ -123,12 +123,31 @@ def setup(config: RunConfig, show_progress: bool = False, group: Group = ONE) ->
     lr_is_default = config.lr is None
     config, plan = plan_run(config, resolved)
     tokenizer = load_tokenizer(resolved, trust_remote_code=config.trust_remote_code)
+    _check_vocabulary(resolved, tokenizer)
     data = load_data(config, tokenizer, show_progress)
     try:
         return _set_up_model(config, plan, resolved, tokenizer, data, lr_is_default, group)
     except BaseException:
         data.train.close()  # the records' background encoding ends with the run that needed it
         raise
+
+
+def _check_vocabulary(resolved: ResolvedModel, tokenizer) -> None:
+    """A tokenizer whose vocabulary, or the special tokens the tool writes (bos, eos, pad), reaches
+    beyond the model's embedding rows makes ids that index nothing: the run would fail at its first
+    step with an IndexError, after the job was made. (An added token beyond them that the data never
+    writes is harmless: some tokenizer classes add an unknown token of their own.)"""
+    config = resolved.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = getattr(text, "vocab_size", None)
+    written = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    largest = max([tokenizer.vocab_size - 1] + [i for i in written if i is not None])
+    if rows and largest >= rows:
+        raise UserError(
+            f"{resolved.name}: its tokenizer makes ids up to {largest:,} and the model's embedding has "
+            f"{rows:,} rows, so ids from {rows:,} on have none; give the tokenizer this model was trained "
+            "with (or resize the model's embeddings to the tokenizer first)"
+        )
 
 
 def _set_up_model(

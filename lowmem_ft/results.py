@@ -15,10 +15,11 @@ from lowmem_ft.errors import UserError
 from lowmem_ft.files import read_json_object
 
 
-def base_metadata(method: str, base, options) -> dict:
+def base_metadata(method: str, base, options, trust_remote_code: bool) -> dict:
     """What a delta or an adapter records about its base (``base``: models.ResolvedModel), so that
-    `export --merge` finds it and refuses any other (the sha256 of its weights). ``options``: the
-    method's (its --base-quant and --targets)."""
+    `export --merge` and `generate` find it (from any directory) and refuse any other (the sha256 of
+    its weights), running its own code where the run did. ``options``: the method's (its
+    --base-quant and --targets)."""
     from lowmem_ft.models import weights_hash
 
     return {
@@ -28,6 +29,7 @@ def base_metadata(method: str, base, options) -> dict:
         "base_hub_id": base.hub_id,
         "base_weights_dir": str(base.weights_dir),
         "base_weights_sha256": weights_hash(base.weights_dir),
+        "base_trust_remote_code": trust_remote_code,
         "base_quant": options.base_quant or "none",
         "targets": options.targets,
     }

@@ -108,6 +108,78 @@ def sparse_job(tmp_path, capsys, data) -> Path:
     return job
 
 
+@pytest.mark.parametrize("method", ["sift", "lora"])
+def test_a_result_of_a_base_named_by_a_relative_path_merges_and_generates_from_anywhere(
+    method, tmp_path, capsys, data, monkeypatch
+):
+    """`run my-model ...` names the base as typed; `export --merge` and `generate` run from another
+    directory found no `my-model` there and said "unknown model": they find it where the run did
+    (its weights still hash the same)."""
+    import shutil
+
+    from conftest import TINY_DIR
+
+    shutil.copytree(TINY_DIR, tmp_path / "my-model")
+    monkeypatch.chdir(tmp_path)
+    args = ["--method", method, *([] if method == "lora" else ["--sparsity", "0.05"]), *FAST]
+    code, _, err = cli(capsys, "run", "my-model", data, "--out", tmp_path / "job", *args)
+    assert code == 0, err
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = cli(capsys, "export", tmp_path / "job", "--merge", "--out", tmp_path / "merged")
+    assert code == 0 and (tmp_path / "merged" / "config.json").is_file(), err
+    code, out, err = cli(capsys, "generate", tmp_path / "job", "--prompt", "x", "--max-new-tokens", "2")
+    assert code == 0, err
+
+
+def test_a_model_saved_in_bf16_says_bf16_in_its_config(tmp_path, capsys, data):
+    """A bf16 base's fine-tuned model is written in bf16 (--save-dtype auto), and its config says so:
+    save_pretrained wrote the training parameters' float32, so transformers loaded it in fp32."""
+    import shutil
+
+    import torch
+    from conftest import TINY_DIR
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(TINY_DIR, dtype=torch.bfloat16).save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY_DIR / name, base / name)
+    code, _, err = cli(capsys, "run", base, data, "--out", tmp_path / "job", *FAST)
+    assert code == 0, err
+    model = tmp_path / "job" / "model"
+    assert json.loads((model / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(model / "model.safetensors", "pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()}  # noqa: SIM118 == {"BF16"}
+    assert AutoModelForCausalLM.from_pretrained(model, dtype="auto").dtype == torch.bfloat16
+
+
+def test_a_tokenizer_larger_than_the_models_embedding_is_refused_before_a_job_exists(tmp_path, capsys, data):
+    """Its ids beyond the embedding's rows index nothing: the run made the job, then failed at its
+    first step with "IndexError: index out of range in self", and `jobs` advised a resume."""
+    import shutil
+
+    from conftest import TINY_DIR
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = tmp_path / "small-vocab"
+    config = AutoConfig.from_pretrained(TINY_DIR)
+    config.vocab_size, config.num_hidden_layers = 1000, 1
+    AutoModelForCausalLM.from_config(config).save_pretrained(model)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY_DIR / name, model / name)
+    capsys.readouterr()  # (save_pretrained's progress bar)
+    code, _, err = cli(capsys, "run", model, data, "--out", tmp_path / "job", *FAST)
+    assert code == 2 and one_line(err) == (
+        "error: small-vocab: its tokenizer makes ids up to 4,095 and the model's embedding has 1,000 rows, "
+        "so ids from 1,000 on have none; give the tokenizer this model was trained with (or resize the "
+        "model's embeddings to the tokenizer first)"
+    )
+    assert not (tmp_path / "job").exists()
+
+
 def test_export_merge_leaves_a_users_directory_named_like_its_temporary_one_alone(
     tmp_path, capsys, sparse_job
 ):

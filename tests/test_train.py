@@ -134,3 +134,22 @@ def test_default_learning_rate_by_method_and_model_size():
     assert default_lr("full", 70e9) == 1e-5 and default_lr("full", 1e3) == 1e-3  # the bounds
     assert default_lr("spafit", 1e3) == 1e-2
     assert default_lr("full", 5_401_856) == 7.2e-4  # the embedded model
+
+
+def test_paths_given_with_a_tilde_mean_the_home_directory(tmp_path, monkeypatch):
+    """`--out=~/runs/x` (and a quoted `~/data.jsonl`) reach the tool unexpanded by the shell: they
+    made a directory named `~` in the current one (a trap for a later `rm -rf ~`)."""
+    from pathlib import Path
+
+    from lowmem_ft.config import RunConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = RunConfig.create(
+        model="tiny", data=Path("~/data.jsonl"), out=Path("~/runs/x"), eval_data="~/e.jsonl"
+    )
+    assert (config.data, config.out, config.eval_data) == (
+        tmp_path / "data.jsonl",
+        tmp_path / "runs" / "x",
+        tmp_path / "e.jsonl",
+    )
+    assert RunConfig.create(model="tiny", data=Path("data/~x.jsonl")).data == Path("data/~x.jsonl")

@@ -37,6 +37,7 @@ def export(
     from lowmem_ft.export import merge_result
     from lowmem_ft.results import describe_result, find_result
 
+    job_dir, out = job_dir.expanduser(), out.expanduser() if out is not None else None  # (`--out=~/m`)
     if not merge:
         given = [flag for flag, value in (("--out", out), ("--base", base)) if value is not None]
         given += ["--save-dtype"] if save_dtype != "auto" else []

@@ -144,7 +144,7 @@ def resume(
         "save_every": save_every, "save_every_minutes": save_every_minutes,
         "keep_checkpoints": keep_checkpoints, "max_bad_steps": max_bad_steps, "log": log, "nproc": nproc,
     }  # fmt: skip
-    _training(lambda: resume_training(job_dir, overrides, show_progress=not quiet))
+    _training(lambda: resume_training(job_dir.expanduser(), overrides, show_progress=not quiet))
 
 
 PLAN_EPILOG = examples(

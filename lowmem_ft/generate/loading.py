@@ -115,21 +115,21 @@ def _resolve(spec: str, options: GenerateOptions) -> ResolvedModel:
     )
 
 
-def _check_base(meta: dict, options: GenerateOptions, what: str) -> ResolvedModel:
+def _check_base(meta: dict, options: GenerateOptions, what: str) -> tuple[ResolvedModel, bool]:
     # export's check, so that generate and `export --merge` accept and refuse the same bases. It
     # reads every byte of the base (a 7B model: tens of seconds): applying a delta to another base
     # would give plausible-looking nonsense, which is worse than waiting.
     from lowmem_ft.export import check_base
 
-    return check_base(options.base or meta.get("base_model"), meta.get("base_weights_sha256"), what)
+    return check_base(meta, options.base, what, options.trust_remote_code)
 
 
 def _load_delta(path: Path, options: GenerateOptions, dtype: torch.dtype) -> Loaded:
     from lowmem_ft.delta import merged_weight, read_delta
 
     delta = read_delta(path)
-    resolved = _check_base(delta.meta, options, "delta")
-    model = load_model(resolved, dtype, trust_remote_code=options.trust_remote_code)
+    resolved, trusted = _check_base(delta.meta, options, "delta")
+    model = load_model(resolved, dtype, trust_remote_code=trusted)
     shapes = delta.meta.get("shapes", {})
     for name, (indices, values) in delta.entries.items():
         try:
@@ -145,7 +145,7 @@ def _load_delta(path: Path, options: GenerateOptions, dtype: torch.dtype) -> Loa
             weight.copy_(merged_weight(name, weight, indices, values, shapes))
     return Loaded(
         model,
-        load_tokenizer(resolved, trust_remote_code=options.trust_remote_code),
+        load_tokenizer(resolved, trust_remote_code=trusted),
         [
             (
                 "model",
@@ -163,15 +163,15 @@ def _load_adapter(path: Path, options: GenerateOptions, dtype: torch.dtype) -> L
     from lowmem_ft.results import ADAPTER_META
 
     meta = json.loads((path / ADAPTER_META).read_text())
-    resolved = _check_base(meta, options, "adapter")
-    model = load_model(resolved, dtype, trust_remote_code=options.trust_remote_code)
+    resolved, trusted = _check_base(meta, options, "adapter")
+    model = load_model(resolved, dtype, trust_remote_code=trusted)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's notes on merging into low-precision weights
         # Merged, not kept beside the base: generation then runs at the base model's speed.
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
     return Loaded(
         model,
-        load_tokenizer(resolved, trust_remote_code=options.trust_remote_code),
+        load_tokenizer(resolved, trust_remote_code=trusted),
         [
             ("model", f"{resolved.spec} ({_count(model)} parameters) + the LoRA adapter {path}, merged"),
             *_base_quant_note(meta),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -50,6 +51,14 @@ def save_hf_model(
     model.config.dtype = save_dtype
     with quiet_transformers():  # no per-shard progress bar in the middle of our output
         model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    # save_pretrained writes the dtype of the model's parameters (fp32 in training), not that of the
+    # weights it was given: from_pretrained(dtype="auto") would load a bf16 export in fp32, twice
+    # the memory, and a fine-tune of it would save fp32 weights.
+    config_file = out_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    written = str(save_dtype).removeprefix("torch.")
+    config.update({key: written for key in ("dtype", "torch_dtype") if key in config} or {"dtype": written})
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     readable_as_umask_allows(out_dir)
     tokenizer.save_pretrained(out_dir)
     copy_notices(base_dir, out_dir)

@@ -40,7 +40,7 @@ class LoRA(StructuredMethod):
         readable_as_umask_allows(out)
         _sort_lists(out / "adapter_config.json")
         meta = {
-            **base_metadata(self.name, base, self.config.method_options),
+            **base_metadata(self.name, base, self.config.method_options, self.config.trust_remote_code),
             "lora_targets": len(self.selection.lora_targets),
             "trainable": self.trainable_count(),
         }

@@ -212,7 +212,7 @@ class SparseIncrement(Method):
         from lowmem_ft.results import base_metadata
 
         meta = {
-            **base_metadata(self.name, base, self.options),
+            **base_metadata(self.name, base, self.options, self.config.trust_remote_code),
             "sparsity": self.rate,
             "shapes": {
                 f"{name}.weight": list(layer.base.shape)  # as stored (GPT-2's Conv1D: in, out)

@@ -180,6 +180,42 @@ def test_a_tokenizer_larger_than_the_models_embedding_is_refused_before_a_job_ex
     assert not (tmp_path / "job").exists()
 
 
+def test_a_model_built_by_transformers_class_is_written_without_the_code_map_it_did_not_use(
+    tmp_path, capsys, data
+):
+    """A Llama whose config.json names code of its own (`auto_map`), trained without
+    --trust-remote-code, is built by transformers' Llama class; its result kept the `auto_map` but
+    not the code, so `from_pretrained(..., trust_remote_code=True)` failed on a missing file."""
+    import shutil
+
+    from conftest import TINY_DIR
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "mapped"
+    shutil.copytree(TINY_DIR, base)
+    config = json.loads((base / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_mine.MineForCausalLM"}
+    (base / "config.json").write_text(json.dumps(config))
+    code, _, err = cli(capsys, "run", base, data, "--out", tmp_path / "job", *FAST)
+    assert code == 0, err
+    model = tmp_path / "job" / "model"
+    assert "auto_map" not in json.loads((model / "config.json").read_text())
+    AutoModelForCausalLM.from_pretrained(model, trust_remote_code=True)
+
+
+def test_a_model_directory_without_a_tokenizer_is_one_line(tmp_path, capsys, data):
+    """transformers guessed on and ended on five lines about sentencepiece or tiktoken."""
+    import shutil
+
+    from conftest import TINY_DIR
+
+    model = tmp_path / "no-tokenizer"
+    shutil.copytree(TINY_DIR, model, ignore=shutil.ignore_patterns("tokenizer*"))
+    code, _, err = cli(capsys, "run", model, data, "--out", tmp_path / "job", *FAST)
+    assert code == 2 and one_line(err).startswith(f"error: {model}: no tokenizer in {model} (tokenizer.json")
+    assert not (tmp_path / "job").exists()
+
+
 def test_export_merge_leaves_a_users_directory_named_like_its_temporary_one_alone(
     tmp_path, capsys, sparse_job
 ):

@@ -285,16 +285,32 @@ def _require_weights_dir(resolved: ResolvedModel) -> Path:
     return resolved.weights_dir
 
 
+# What a Hugging Face tokenizer is saved as (fast, sentencepiece, BPE vocabularies, tiktoken)
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+    "tokenizer.tiktoken",
+)  # fmt: skip
+
+
 def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token guaranteed when the model has an eos token."""
     from transformers import AutoTokenizer
 
     weights_dir = _require_weights_dir(resolved)
+    if not any((weights_dir / name).is_file() for name in _TOKENIZER_FILES):
+        # (transformers then goes on to guess, and ends on a few lines about sentencepiece)
+        raise UserError(
+            f"{resolved.spec}: no tokenizer in {weights_dir} (tokenizer.json, tokenizer_config.json, "
+            "tokenizer.model or vocab.json); copy the tokenizer files of the model it was made from into it"
+        )
     with quiet_transformers():
         try:
             tokenizer = AutoTokenizer.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
-            raise UserError(f"{resolved.spec}: cannot load the tokenizer from {weights_dir}: {exc}") from None
+            reason = " ".join(str(exc).split())  # (one line)
+            raise UserError(
+                f"{resolved.spec}: cannot load the tokenizer from {weights_dir}: {reason}"
+            ) from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         # Llama and Mistral ship without a pad token but batches need one. Padded positions are
         # excluded by the attention mask and from the loss, so reusing eos changes no result;

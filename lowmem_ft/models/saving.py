@@ -30,6 +30,15 @@ def copy_notices(base_dir: Path | None, out_dir: Path) -> list[str]:
     return copied
 
 
+def _code_is_here(auto_map: dict, directory: Path) -> bool:
+    """Whether every module ``auto_map`` names ("modeling_x.Class", "repo--modeling_x.Class") is a
+    file in ``directory``; True for an empty map."""
+    references = [
+        r for value in auto_map.values() for r in (value if isinstance(value, list) else [value]) if r
+    ]
+    return all((directory / (ref.split("--")[-1].rsplit(".", 1)[0] + ".py")).is_file() for ref in references)
+
+
 def save_hf_model(
     model: torch.nn.Module,
     tokenizer,
@@ -58,6 +67,11 @@ def save_hf_model(
     config = json.loads(config_file.read_text())
     written = str(save_dtype).removeprefix("torch.")
     config.update({key: written for key in ("dtype", "torch_dtype") if key in config} or {"dtype": written})
+    if not _code_is_here(config.get("auto_map", {}), out_dir):
+        # The base named its own code, but transformers' class was used (its model_type is known, and
+        # --trust-remote-code was not given): without the code files, from_pretrained(...,
+        # trust_remote_code=True) of the result would fail. Without auto_map it loads either way.
+        del config["auto_map"]
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     readable_as_umask_allows(out_dir)
     tokenizer.save_pretrained(out_dir)

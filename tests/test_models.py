@@ -181,6 +181,9 @@ def test_hub_id_found_in_cache(tmp_path, tiny_dir):
     assert resolved.weights_dir == snapshot
     # A snapshot passed as a directory is named after its repository, not its commit hash.
     assert resolve_model(str(snapshot)).name == "name"
+    # A link to it is named as the user named it (the job directory is called after it)
+    (tmp_path / "llama-mine").symlink_to(snapshot)
+    assert resolve_model(str(tmp_path / "llama-mine")).name == "llama-mine"
 
 
 def test_alias_found_in_cache_uses_cached_config(tmp_path, tiny_dir):

@@ -99,12 +99,15 @@ def resolve_model(
 def _resolve_local(
     spec: str, directory: Path, require_weights: bool, trust_remote_code: bool
 ) -> ResolvedModel:
-    directory = directory.resolve()
+    given, directory = directory, directory.resolve()
     if not (directory / "config.json").is_file():
         raise UserError(f"{spec}: not a Hugging Face model directory (no config.json)")
     config = _load_config(directory, spec, trust_remote_code)
     weights_dir = _weights_dir_or_fail(directory, spec, require_weights)
-    return ResolvedModel(spec, _local_name(directory), "local", None, config, weights_dir)
+    # Named as the user named it (a symlink `llama-mine` to a snapshot named by its hash), unless
+    # that is no name ("." or "..")
+    name = _local_name(given) if given.name not in ("", ".", "..") else _local_name(directory)
+    return ResolvedModel(spec, name, "local", None, config, weights_dir)
 
 
 def _local_name(directory: Path) -> str:

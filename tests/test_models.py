@@ -236,7 +236,7 @@ def test_pickle_only_directory_is_refused(tmp_path, tiny_dir):
     [
         ({"model_type": "t5"}, "not a causal language model"),
         ({"model_type": "custom", "auto_map": {"AutoModelForCausalLM": "m.M"}}, "--trust-remote-code"),
-        ({"model_type": "no-such-type"}, "not supported by transformers"),
+        ({"model_type": "no-such-type"}, "no code of its own .auto_map.; a newer transformers may know"),
     ],
 )
 def test_unsupported_model_types(tmp_path, config, expected):

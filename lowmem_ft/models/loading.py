@@ -252,7 +252,8 @@ def _load_config(location: Path, label: str, trust_remote_code: bool) -> Pretrai
 
         raise UserError(
             f"{label}: model type '{model_type}' is not supported by transformers {transformers.__version__} "
-            "(AutoModelForCausalLM); upgrade transformers"
+            "(AutoModelForCausalLM), and its config.json names no code of its own (auto_map); a newer "
+            "transformers may know it, or its repository's code files and auto_map are missing"
         )
     try:
         # trust_remote_code is passed explicitly, False unless the user asked, so transformers never prompts.

@@ -17,9 +17,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)  # the CLI shows it (cli.report_to_console)
 
 
+def _end_of_sequence_mismatch(s: Setup) -> str | None:
+    """Training ends each example with the tokenizer's end-of-sequence token, and transformers'
+    generate stops at the ones the model's generation config names: where they differ, the fine-tuned
+    model runs on past where it learned to stop."""
+    taught = s.tokenizer.eos_token_id
+    config = getattr(s.model, "generation_config", None)
+    stops = getattr(config, "eos_token_id", None)
+    stops = [stops] if isinstance(stops, int) else list(stops or [])
+    if taught is None or not stops or taught in stops:
+        return None
+    return (
+        f"examples end with the tokenizer's end-of-sequence token {taught}, and the model's generation "
+        f"config stops at {', '.join(map(str, stops))}: generation will not stop where training taught; "
+        "make eos_token_id agree (config.json, generation_config.json)"
+    )
+
+
 def print_header(s: Setup, job: Job) -> None:
     d = s.data
     log.info(f"model      {s.resolved.name} ({s.resolved.source}), {s.model_params:,} parameters")
+    if (mismatch := _end_of_sequence_mismatch(s)) is not None:
+        log.warning(f"warning    {mismatch}")
     log.info(f"method     {s.method.name}: {s.method.summary}; {s.method.describe_trainable()}")
     log.info(
         f"data       {s.config.data} ({d.format}): {d.describe(s.config)}"

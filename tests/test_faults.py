@@ -216,6 +216,28 @@ def test_a_model_directory_without_a_tokenizer_is_one_line(tmp_path, capsys, dat
     assert not (tmp_path / "job").exists()
 
 
+def test_a_model_whose_end_of_sequence_differs_from_its_tokenizers_is_warned_about(tmp_path, capsys, data):
+    """Training ends each example with the tokenizer's eos; generation stops at the generation
+    config's: where they differ, the result runs on past where it learned to stop."""
+    import shutil
+
+    from conftest import TINY_DIR
+
+    model = tmp_path / "other-eos"
+    shutil.copytree(TINY_DIR, model)
+    generation = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": 3}))
+    code, out, err = cli(capsys, "run", model, data, "--out", tmp_path / "job", *FAST)
+    assert code == 0, err
+    assert out.splitlines()[1] == (
+        "warning    examples end with the tokenizer's end-of-sequence token 1, and the model's generation "
+        "config stops at 3: generation will not stop where training taught; make eos_token_id agree "
+        "(config.json, generation_config.json)"
+    )
+    code, out, _ = cli(capsys, "run", TINY_DIR, data, "--out", tmp_path / "job2", *FAST)
+    assert code == 0 and "end-of-sequence" not in out
+
+
 def test_export_merge_leaves_a_users_directory_named_like_its_temporary_one_alone(
     tmp_path, capsys, sparse_job
 ):

@@ -21,28 +21,35 @@ from lowmem_ft.sizes import format_bytes
 def check_base(meta: dict, given: str | None, what: str, trust_remote_code: bool = False):
     """The base model to merge into (``given`` with --base, else the one ``meta`` names), refused
     unless its weights hash as the ones trained on; and whether its code may run (the run was
-    allowed to, or ``trust_remote_code``). Returns both."""
+    allowed to, or ``trust_remote_code``). Returns both.
+
+    Without --base, the base is also looked for where the run found it (``base_weights_dir``): a
+    local base named by a relative path (``run my-model ...``) names nothing, or another model, when
+    export or generate runs in another directory."""
     from lowmem_ft.models import resolve_model, weights_hash
 
-    spec, expected = given or meta.get("base_model"), meta.get("base_weights_sha256")
+    expected = meta.get("base_weights_sha256")
     trusted = trust_remote_code or bool(meta.get("base_trust_remote_code"))
-    if not spec:
+    named = given or meta.get("base_model")
+    if not named:
         raise UserError(f"the {what} does not name its base model; give it with --base")
-    try:
-        resolved = resolve_model(spec, trust_remote_code=trusted)
-    except UserError:
-        # A local base named relative to where the run started: found where the run found it
-        recorded = meta.get("base_weights_dir")
-        if given or not recorded or not Path(recorded).is_dir():
-            raise
-        spec, resolved = recorded, resolve_model(recorded, trust_remote_code=trusted)
-    found = weights_hash(resolved.weights_dir)
-    if expected != found:
-        raise UserError(
+    recorded = None if given else meta.get("base_weights_dir")
+    candidates = [named] + ([recorded] if recorded and Path(recorded).is_dir() else [])
+    refusal = None
+    for spec in candidates:
+        try:
+            resolved = resolve_model(spec, trust_remote_code=trusted)
+        except UserError as exc:
+            refusal = refusal or exc
+            continue
+        found = weights_hash(resolved.weights_dir)
+        if found == expected:
+            return resolved, trusted
+        refusal = refusal or UserError(
             f"{spec} ({resolved.weights_dir}) is not the base this {what} was trained from: its weights "
             f"hash to {found[:12]}…, the {what} expects {str(expected)[:12]}…; pass the original with --base"
         )
-    return resolved, trusted
+    raise refusal
 
 
 # Written into each merge's own temporary directory: only directories holding it are ever removed.

@@ -80,6 +80,13 @@ class Data:
         tables = {"train": self.train.table(), "eval": as_table(self.eval)}
         write_cache(job_dir, self.cache_key, tables, summary)
 
+    def digests(self, config: RunConfig) -> dict:
+        """The data's and --eval-data's digests (``data_digests``), as the kept data's key already
+        holds them: the files are not read a second time (a large one takes seconds)."""
+        if self.cache_key is not None:
+            return {name: self.cache_key[name] for name in ("data_sha256", "eval_data_sha256")}
+        return data_digests(config)
+
     def describe(self, config: RunConfig) -> str:
         """What the examples are, for the run's data line: the counts of every example made
         (training and evaluation) once they are known."""

@@ -19,7 +19,6 @@ from lowmem_ft.jobs import FollowerJob, Job, abandon_new_job, claim_new_job, rec
 from lowmem_ft.models import resolve_model
 from lowmem_ft.precision import dtype_name
 from lowmem_ft.prepare import setup
-from lowmem_ft.run_data import data_digests
 from lowmem_ft.train import execute
 
 
@@ -92,7 +91,7 @@ def _run(config: RunConfig, show_progress: bool, group: Group) -> Job:
             model_source=s.resolved.source,
             hub_id=s.resolved.hub_id,
             data=s.data.summary(),
-            **data_digests(config),
+            **s.data.digests(config),
             trainable_parameters=s.method.trainable_count(),
         )
         if s.plan is not None:

@@ -127,6 +127,15 @@ def test_a_result_of_a_base_named_by_a_relative_path_merges_and_generates_from_a
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
+    if method == "lora":  # and where `my-model` is another model: its hash tells them apart
+        from safetensors.torch import load_file, save_file
+
+        shutil.copytree(TINY_DIR, elsewhere / "my-model")
+        weights = load_file(elsewhere / "my-model" / "model.safetensors")
+        save_file(
+            {name: tensor + 1 for name, tensor in weights.items()},
+            elsewhere / "my-model" / "model.safetensors",
+        )
     code, _, err = cli(capsys, "export", tmp_path / "job", "--merge", "--out", tmp_path / "merged")
     assert code == 0 and (tmp_path / "merged" / "config.json").is_file(), err
     code, out, err = cli(capsys, "generate", tmp_path / "job", "--prompt", "x", "--max-new-tokens", "2")

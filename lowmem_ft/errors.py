@@ -42,3 +42,13 @@ def disk_fault(exc: BaseException) -> str | None:
         return _DISK_FAULTS[exc.errno]
     found = re.search(r"os error (\d+)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
     return _DISK_FAULTS.get(int(found.group(1))) if found else None
+
+
+def cannot_write_where_asked(exc: OSError, what: str, instead: str) -> UserError:
+    """The error for a place the user named (--out, --plot, a job to resume) that refused a first,
+    empty write: DiskError (exit 4) for a full disk or quota, as every write of the tool reports
+    it; a plain UserError (exit 2) for a read-only file system or a missing right, which are the
+    place chosen, not a disk that filled up. The line: "WHAT (what the system said); INSTEAD"."""
+    fault = disk_fault(exc)
+    full = fault is not None and exc.errno != 30  # (EROFS: read-only)
+    return (DiskError if full else UserError)(f"{what} ({fault or exc.strerror or exc}); {instead}")

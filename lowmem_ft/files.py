@@ -11,7 +11,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from lowmem_ft.errors import DiskError, UserError, disk_fault
+from lowmem_ft.errors import UserError, cannot_write_where_asked
 
 _HASH_CHUNK = 16 << 20
 FSYNC = "LOWMEM_FT_FSYNC"
@@ -108,8 +108,8 @@ def check_can_create(out: Path, flag: str) -> None:
     """Refuse, in one line naming ``flag``, an ``out`` that could not be created: the nearest of its
     parents that exists (the others would be made) is a file, or this process cannot write in it.
     Found out by writing there (an empty file, removed at once), before any long work: root passes
-    any permission test, and ACLs and read-only mounts answer only to a write. A full disk is
-    DiskError (exit 4), as every write of the tool reports it."""
+    any permission test, and ACLs and read-only mounts answer only to a write
+    (``errors.cannot_write_where_asked``: exit 2, or 4 for a full disk)."""
     place = Path(out).parent
     while not place.exists() and place != place.parent:
         place = place.parent
@@ -120,11 +120,8 @@ def check_can_create(out: Path, flag: str) -> None:
         probe.touch(exist_ok=False)
         probe.unlink()
     except OSError as exc:
-        fault = disk_fault(exc)
-        raise (DiskError if fault else UserError)(
-            f"{flag} {out}: cannot write under {place} ({fault or exc.strerror or exc}); "
-            "give a path you can write to"
-        ) from None
+        what = f"{flag} {out}: cannot write under {place}"
+        raise cannot_write_where_asked(exc, what, "give a path you can write to") from None
 
 
 def free_bytes(path) -> int | None:

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowmem_ft.errors import DiskError, UserError, disk_fault
+from lowmem_ft.errors import UserError, cannot_write_where_asked, disk_fault
 from lowmem_ft.files import fsync, read_json_object, write_json_atomic
 
 
@@ -63,7 +63,14 @@ class JobLock:
         """Take the lock, or say who holds it. ``new_job``: the directory must also hold nothing but
         the lock once it is ours (checked under the lock, so two runs given the same ``--out`` cannot
         both find it free)."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # (a read-only mount, no right to write there, a full disk)
+            if new_job:
+                what, instead = f"cannot write in --out {self.path.parent}", "give a path you can write to"
+            else:
+                what, instead = f"cannot write in the job {self.path.parent}", "copy it somewhere writable"
+            raise cannot_write_where_asked(exc, what, instead) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -127,9 +134,8 @@ def claim_new_job(directory: Path) -> JobLock:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        if (reason := disk_fault(exc)) is not None:
-            raise DiskError(f"could not create --out {directory}: {reason}; nothing was written") from None
-        raise UserError(f"cannot create --out {directory}: {exc.strerror or exc}") from None
+        what = f"cannot create --out {directory}"
+        raise cannot_write_where_asked(exc, what, "give a path you can write to") from None
     lock = JobLock(directory)
     lock.created = created
     lock.acquire(new_job=True)  # refused: the directory is another run's now, left as it is

@@ -111,11 +111,14 @@ def streaming(config: RunConfig, resolved: ResolvedModel, planned: int) -> dict:
     return {"streamed_layers": layers, **({"gradient_checkpointing": True} if layers else {})}
 
 
-def setup(config: RunConfig, show_progress: bool = False, group: Group = ONE) -> Setup:
+def setup(
+    config: RunConfig, show_progress: bool = False, group: Group = ONE, digests: dict | None = None
+) -> Setup:
     """``config``: the run as asked for. ``Setup.config`` is the resolved run, the plan's choices
     filled in, which everything after this reads. ``show_progress``: bars while data is read and
     tokenised. ``group``: the job's ranks, each of which sets up the same run (its own slice of
-    every batch)."""
+    every batch). ``digests``: the data files' (``run_data.data_digests``), where the caller has
+    them already (`resume` checks them first), so that large files are not read twice for them."""
     config.validate()
     resolved = resolve_model(
         config.model, allow_download=config.allow_download, trust_remote_code=config.trust_remote_code
@@ -124,7 +127,7 @@ def setup(config: RunConfig, show_progress: bool = False, group: Group = ONE) ->
     config, plan = plan_run(config, resolved)
     tokenizer = load_tokenizer(resolved, trust_remote_code=config.trust_remote_code)
     _check_vocabulary(resolved, tokenizer)
-    data = load_data(config, tokenizer, show_progress)
+    data = load_data(config, tokenizer, show_progress, digests)
     try:
         return _set_up_model(config, plan, resolved, tokenizer, data, lr_is_default, group)
     except BaseException:

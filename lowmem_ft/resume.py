@@ -65,11 +65,17 @@ def resume(job_dir: Path, overrides: dict | None = None, show_progress: bool = T
         group.leave()
 
 
+def _result_in(job_dir: Path, record: dict) -> Path | None:
+    """Where the job's result is now: a run writes it in the job directory, which may have been
+    moved or copied since (job.json holds the path it was written to)."""
+    return job_dir / Path(record["output"]).name if record.get("output") else None
+
+
 def _refuse_done(job_dir: Path, record: dict) -> None:
     if record.get("status") == "done":
         raise UserError(
             f"{job_dir} is done (step {record.get('step')}/{record.get('max_steps')}); "
-            f"its result is {record.get('output')}; there is nothing to resume"
+            f"its result is {_result_in(job_dir, record)}; there is nothing to resume"
         )
 
 
@@ -175,7 +181,7 @@ def _prepare_resume(
             )
     if group.several and config.nproc != group.ranks.size:  # torchrun's count is the count
         config = config.replace(nproc=group.ranks.size)
-    s = setup(config, show_progress, group)  # the tokenised data the job kept, if it is still valid
+    s = setup(config, show_progress, group, now)  # the tokenised data the job kept, if it is still valid
     try:
         return _continue(s, job, record, group)
     except BaseException:

@@ -150,16 +150,17 @@ class Data:
             self.keep_in(self.keep_dir)
 
 
-def load_data(config: RunConfig, tokenizer, show_progress: bool = False) -> Data:
+def load_data(config: RunConfig, tokenizer, show_progress: bool = False, digests: dict | None = None) -> Data:
     """The training and evaluation examples. When ``config.out`` is a job that kept its tokenised
     data (``Data.keep_in``) made from the same data, tokenizer and settings, they are read from there
     (`resume`); otherwise from the data files, with progress bars unless ``show_progress`` is False.
 
     Every record is read and checked here. The evaluation records are encoded here; so are the
     training records, up to ``ENCODE_FIRST`` of them (or all, with --pack), and more are encoded
-    in the background while the run trains (data/lazy.py).
+    in the background while the run trains (data/lazy.py). ``digests``: ``data_digests(config)``,
+    where the caller has it already.
     """
-    key = _data_key(config, tokenizer)
+    key = _data_key(config, tokenizer, digests)
     if config.out is not None and key is not None and (kept := read_cache(config.out, key)) is not None:
         tables, summary = kept
         log.info(f"data       tokenised data read from {config.out}; the data files are not read again")
@@ -212,13 +213,13 @@ def data_digests(config: RunConfig) -> dict:
     }
 
 
-def _data_key(config: RunConfig, tokenizer) -> dict | None:
+def _data_key(config: RunConfig, tokenizer, digests: dict | None) -> dict | None:
     """Everything the examples depend on: what ``Data.keep_in`` keeps them under."""
     tokenizer_digest = tokenizer_sha256(tokenizer)
     if tokenizer_digest is None:
         return None
     return {
-        **data_digests(config),
+        **(digests or data_digests(config)),
         "tokenizer_sha256": tokenizer_digest,
         **{name: getattr(config, name) for name in _EXAMPLE_SETTINGS},
     }

@@ -83,6 +83,46 @@ def test_an_out_left_holding_only_a_lock_by_a_killed_run_is_free_again(tmp_path,
     assert Job.open(out).record["status"] == "done"
 
 
+def test_an_out_or_a_job_on_a_read_only_file_system_is_one_line_exit_2(tmp_path, capsys, data, monkeypatch):
+    """A read-only mount (a dataset volume, a container's image) is a place the user chose, not a
+    disk that filled up: exit 2, saying what would work. Before, an --out that existed there was
+    "OSError: [Errno 30]" with exit 1, one that did not was exit 4, a full disk's code."""
+    read_only = tmp_path / "mounted"
+    (read_only / "job").mkdir(parents=True)
+    (read_only / "empty").mkdir()
+    (read_only / "job" / "job.json").write_text(json.dumps({"status": "interrupted", "config": {}}))
+    real_open, real_mkdir = os.open, Path.mkdir
+
+    def refused(path):
+        if read_only in Path(path).parents:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(
+        os, "open", lambda path, *args, **kwargs: refused(path) or real_open(path, *args, **kwargs)
+    )
+    monkeypatch.setattr(
+        Path, "mkdir", lambda path, *a, **k: (path.exists() or refused(path)) or real_mkdir(path, *a, **k)
+    )
+    new_job, write = "give a path you can write to", "copy it somewhere writable"
+    cases = [
+        (
+            ["run", "tiny", data, "--out", read_only / "new", *FAST],
+            f"cannot create --out {read_only / 'new'}",
+            new_job,
+        ),
+        (
+            ["run", "tiny", data, "--out", read_only / "empty", *FAST],
+            f"cannot write in --out {read_only / 'empty'}",
+            new_job,
+        ),
+        (["resume", read_only / "job"], f"cannot write in the job {read_only / 'job'}", write),
+    ]
+    for args, said, instead in cases:
+        code, _, err = cli(capsys, *args)
+        assert code == 2 and one_line(err) == f"error: {said} (the file system is read-only); {instead}", err
+    assert sorted(p.name for p in read_only.rglob("*")) == ["empty", "job", "job.json"]
+
+
 def test_a_full_disk_when_the_job_is_created_leaves_nothing_behind(tmp_path, capsys, data, monkeypatch):
     import lowmem_ft.jobs as jobs
 
@@ -282,17 +322,24 @@ def test_export_merge_to_an_out_it_cannot_write_is_one_line_exit_2_before_the_me
     def touch(path, *args, **kwargs):  # root writes anywhere: refused as a user without the right is
         if path.parent.name == "read-only":
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        if path.parent.name == "read-only-mount":
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
         return real_touch(path, *args, **kwargs)
 
     monkeypatch.setattr(Path, "touch", touch)
     (tmp_path / "a-file").write_text("the user's")
     (tmp_path / "read-only").mkdir()
+    (tmp_path / "read-only-mount").mkdir()
     cases = [
         (tmp_path / "a-file" / "merged", f"{tmp_path / 'a-file'} is a file, not a directory"),
         (tmp_path / "a-file", "already exists and is a file; choose a new directory"),
         (
             tmp_path / "read-only" / "new" / "merged",
             f"cannot write under {tmp_path / 'read-only'} (Permission",
+        ),
+        (  # a read-only mount is a place the user chose, not a disk that filled up: exit 2, not 4
+            tmp_path / "read-only-mount" / "merged",
+            f"cannot write under {tmp_path / 'read-only-mount'} (the file system is read-only)",
         ),
     ]
     if os.geteuid() != 0:  # a real permission, where the tests do not run as root

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -550,7 +551,10 @@ def test_resume_refuses_what_it_cannot_resume(tmp_path, capsys, monkeypatch, dat
     done = tmp_path / "done"
     assert cli(capsys, *run_args("full", data, done, "--max-steps", "1"))[0] == 0
     code, _, err = cli(capsys, "resume", done)
-    assert code == 2 and "is done (step 1/1)" in err
+    assert code == 2 and f"is done (step 1/1); its result is {done / 'model'}; there is nothing" in err
+    shutil.copytree(done, tmp_path / "copied")  # named where it is now, not where it was written
+    code, _, err = cli(capsys, "resume", tmp_path / "copied")
+    assert code == 2 and f"its result is {tmp_path / 'copied' / 'model'}; there is nothing" in err
     code, _, err = cli(capsys, *run_args("full", data, done))
     assert code == 2 and "holds a finished job" in err
 
@@ -588,8 +592,13 @@ def test_a_resume_that_is_interrupted_again_and_resumed_again_still_matches(
 def test_resume_replans_and_says_what_changed(tmp_path, capsys, monkeypatch, data, reference):
     reference = reference(capsys, "full", data)
     job = interrupted_job(tmp_path, capsys, monkeypatch, data, step=4)
+    import lowmem_ft.run_data as run_data
+
+    hashed, sha256_of = [], run_data.sha256_of
+    monkeypatch.setattr(run_data, "sha256_of", lambda files: hashed.append(list(files)) or sha256_of(files))
     code, out, err = cli(capsys, "resume", job, "--micro-batch-size", "1", "-q")
     assert code == 0, err
+    assert hashed == [[data]]  # read once for its digest (it read the data twice: seconds for a large file)
     assert "plan       changed for this machine: micro_batch_size 2 → 1" in out
     assert json.loads((job / "plan.json").read_text())["settings"]["micro_batch_size"] == 1
     # The same examples per step in smaller pieces: equal up to the order of summation.

@@ -148,6 +148,13 @@ def _prepare_resume(
     if job.lock.stale_holder:
         log.info(f"lock       taken over from process {job.lock.stale_holder.get('pid')}, which is gone")
     requested = RunConfig.from_json(record.get("requested") or record["config"])
+    try:
+        requested.validate()
+    except UserError as error:  # its advice names options that resume does not take
+        raise UserError(
+            f"this job was started with settings this lowmem-ft refuses: {error}; resume keeps a job's "
+            "settings, so start a new job with `lowmem-ft run`"
+        ) from None
     # What the method trains and how is part of the result, so the job's choices are kept, even
     # those the planner made for the first machine; so is the precision (HiFT keeps bf16 weights
     # on a GPU). Only how a step is cut into micro-batches and whether activations are recomputed

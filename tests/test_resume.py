@@ -531,6 +531,21 @@ def test_resume_refuses_what_it_cannot_resume(tmp_path, capsys, monkeypatch, dat
     assert code == 2 and "not a job directory" in err
 
     job = interrupted_job(tmp_path, capsys, monkeypatch, data)
+    # a job an earlier lowmem-ft started with settings this one refuses (as --stream with an NF4
+    # base now is): its advice would name options resume does not take
+    old = tmp_path / "old-settings"
+    shutil.copytree(job, old)
+    (old / "job.json").write_text(
+        json.dumps({**record(job), "requested": {**record(job)["requested"], "seq_len": 0}})
+    )
+    code, _, err = cli(capsys, "resume", old)
+    assert code == 2 and err.startswith(
+        "error: this job was started with settings this lowmem-ft refuses: --seq-len"
+    )
+    assert err.rstrip().endswith(
+        "; resume keeps a job's settings, so start a new job with `lowmem-ft run`"
+    ), err
+
     data.write_text(data.read_text() + json.dumps({"prompt": "new", "completion": " row"}) + "\n")
     code, _, err = cli(capsys, "resume", job)
     assert code == 2 and f"{data} changed since the job started; resuming needs the same data" in err

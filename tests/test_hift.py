@@ -405,3 +405,54 @@ def test_the_host_copy_of_a_saved_group_is_complete_before_anyone_reads_it():
     store.group_state(0)
     assert Event.waited == 2
     assert 0 in store._saved_events, "prefetch still orders its copy after the write-back"
+
+
+def test_a_checkpoint_after_a_switch_that_prefetches_the_saved_group_still_waits_for_its_copy(monkeypatch):
+    """Two groups (or a random order that draws the group it just left): one begin_step saves group
+    0's state (copied out on the side stream) and prefetches it back for the next step; the
+    checkpoint after the step reads group 0's host copy. Prefetch took the write-back's event away,
+    so the checkpoint read the pinned buffer while the copy could still be going on. And a restore
+    replaces a group's host buffers only once no copy reads or writes them. The CUDA branches are
+    taken here with stand-ins for the stream, its events and record_stream."""
+    import contextlib
+
+    from lowmem_ft.engine.state_store import OptimizerStateStore
+    from lowmem_ft.methods.optimizers import make_optimizer
+
+    said = []
+
+    class Event:
+        def record(self, stream):
+            said.append("event recorded")
+
+        def synchronize(self):
+            said.append("host waits for the event")
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+        def wait_event(self, event):
+            said.append("stream waits for the event")
+
+        def synchronize(self):
+            said.append("host waits for the stream")
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: None)
+    param = torch.nn.Parameter(torch.randn(64, 64))
+    optimizer = make_optimizer("adamw", [param], 1e-3, 0.0)
+    param.grad = torch.randn_like(param)
+    optimizer.step()
+    store = OptimizerStateStore("keep", torch.device("cpu"))
+    store._stream = Stream()  # as on a GPU
+    store.save(0, optimizer, [param])
+    store.prefetch(0)
+    assert said == ["event recorded", "stream waits for the event", "event recorded"]
+    exported = store.export(0)
+    assert said[-1] == "host waits for the event"
+    said.clear()
+    store.put(0, exported)  # a restore: the old buffers go only after the stream is done with them
+    assert said == ["host waits for the stream"] and 0 not in store._prefetched

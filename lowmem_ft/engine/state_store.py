@@ -161,8 +161,7 @@ class OptimizerStateStore:
             sizes[dtype] = sizes.get(dtype, 0) + shape.numel()
         buffers = self._flat.get(group, {})
         if {d: b.numel() for d, b in buffers.items()} != sizes:
-            for buffer in buffers.values():
-                release(buffer)
+            self._release(buffers)
             buffers = {d: host_buffer(n, d, pin=self.on_cuda) for d, n in sizes.items()}
         self._flat[group] = buffers
         views: list[dict[str, torch.Tensor]] = [{} for _ in states]
@@ -172,6 +171,14 @@ class OptimizerStateStore:
             views[i][key] = buffers[dtype][start : start + shape.numel()].view(shape)
             offsets[dtype] = start + shape.numel()
         return views
+
+    def _release(self, buffers: dict[torch.dtype, torch.Tensor]) -> None:
+        """Unpin and drop a group's host buffers: once no copy on the side stream reads or writes
+        them (a save's copy out, a prefetch's copy in), or it would go on into freed memory."""
+        if self._stream is not None and buffers:
+            self._stream.synchronize()
+        for buffer in buffers.values():
+            release(buffer)
 
     # -- in: host -> device -----------------------------------------------------------------------
     def prefetch(self, group: int) -> None:
@@ -192,8 +199,9 @@ class OptimizerStateStore:
             for state in self._host[group]
         ]
         if stream is not None:
-            if group in self._saved_events:
-                stream.wait_event(self._saved_events.pop(group))  # its last write-back must be complete
+            if group in self._saved_events:  # its last write-back must be complete. (The event
+                # stays: a checkpoint taken after this switch reads the host copy, and waits on it.)
+                stream.wait_event(self._saved_events[group])
             stream.wait_stream(main)  # the destinations exist before the side stream writes them
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for dtype, buffer in self._flat[group].items():  # the whole group in one copy per dtype
@@ -260,7 +268,8 @@ class OptimizerStateStore:
     def _copied_out(self, group: int) -> None:
         """Wait until ``group``'s last save has landed in host memory: on a GPU its copy runs on the
         side stream, and a reader on the host (a checkpoint taken right after the save) would see
-        what the buffer held before. The event stays: prefetch orders its own copy after it."""
+        what the buffer held before. The event stays (prefetch only waits on it): a later
+        checkpoint of the same state waits on it again, at no cost once it has passed."""
         event = self._saved_events.get(group)
         if event is not None:
             event.synchronize()
@@ -293,8 +302,8 @@ class OptimizerStateStore:
             for value in state.values():
                 if _in_flat_buffer(value):
                     sizes[value.dtype] = sizes.get(value.dtype, 0) + value.numel()
-        for buffer in self._flat.get(group, {}).values():
-            release(buffer)
+        self._release(self._flat.get(group, {}))
+        self._prefetched.pop(group, None)  # a device copy of the state this replaces
         buffers = self._flat[group] = {d: host_buffer(n, d, pin=self.on_cuda) for d, n in sizes.items()}
         offsets = dict.fromkeys(sizes, 0)
         stored = []

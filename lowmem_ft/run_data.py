@@ -193,11 +193,15 @@ def load_data(config: RunConfig, tokenizer, show_progress: bool = False, digests
     chosen = choose_indices(len(held_out), config.max_eval_examples, config.seed)
     evaluated = [held_out[i] for i in chosen]
     eval_examples, eval_stats = encode_rendered(evaluated, tokenizer, config.seq_len, show_progress)
-    train = LazyExamples(train_rendered, tokenizer, config.seq_len)
-    if config.pack:  # packed rows follow the examples in order: every one is needed first
-        train = LazyExamples.encoded(pack_examples(train.table(show_progress), config.seq_len), train.stats)
-    elif len(train) <= ENCODE_FIRST:
-        train.encode_all(show_progress)
+    if config.pack:  # packed rows follow the examples in order: every one is needed first, whole
+        # (rows are cut from the stream of examples, so an example longer than a row goes on in the
+        # next: cut to --seq-len first, all but its first row's worth would be lost)
+        whole = LazyExamples(train_rendered, tokenizer, UNTRUNCATED)
+        train = LazyExamples.encoded(pack_examples(whole.table(show_progress), config.seq_len), whole.stats)
+    else:
+        train = LazyExamples(train_rendered, tokenizer, config.seq_len)
+        if len(train) <= ENCODE_FIRST:
+            train.encode_all(show_progress)
     if not train.any_example():
         raise UserError(f"{config.data}: no training examples left after tokenization; check --seq-len")
     train.start()  # the rest, while the model loads and the run trains
@@ -224,6 +228,9 @@ def _data_key(config: RunConfig, tokenizer, digests: dict | None) -> dict | None
         **{name: getattr(config, name) for name in _EXAMPLE_SETTINGS},
     }
 
+
+# An example's length limit where none applies (--pack cuts rows from the whole examples).
+UNTRUNCATED = 2**62
 
 # Training records encoded before the first step, so that the run's header counts its examples:
 # a few seconds' work. Beyond it they are encoded while the run trains (a million take minutes).

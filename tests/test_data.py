@@ -6,6 +6,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -342,6 +343,25 @@ def test_truncation_and_dropping_counts(tiny_tokenizer):
     assert tiny_tokenizer.eos_token_id not in examples[1].input_ids
     assert stats.tokens == sum(len(e.input_ids) for e in examples)
     assert stats.target_tokens == sum(label != -100 for e in examples for label in e.labels)
+
+
+def test_pack_cuts_rows_from_whole_examples_not_from_examples_cut_to_a_row(tmp_path, tiny_tokenizer):
+    """--pack: an example longer than --seq-len goes on in the next row. Each was cut to --seq-len
+    before packing, so ten 200-token texts at --seq-len 32 trained on 10 rows of their first 32
+    tokens (84% of the text lost, and every end of text with it)."""
+    from lowmem_ft.config import RunConfig
+    from lowmem_ft.run_data import load_data
+
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"text": f"{i} " + "word " * 150}) + "\n" for i in range(10)))
+    config = RunConfig.create(model="tiny", data=path, seq_len=4096, eval_fraction=0)
+    whole = load_data(config, tiny_tokenizer)
+    packed = load_data(config.replace(seq_len=32, pack=True), tiny_tokenizer)
+    tokens = whole.train.table().input_ids
+    rows = packed.train.table()
+    assert np.array_equal(rows.input_ids, tokens) and rows.trained.sum() == whole.train.table().trained.sum()
+    assert set(rows.lengths()[:-1]) == {32} and len(rows) == -(-len(tokens) // 32)
+    assert packed.train.stats.truncated == 0
 
 
 def test_pack_examples_keeps_tokens_and_labels():

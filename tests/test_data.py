@@ -482,6 +482,17 @@ def test_read_jsonl_happy_path(tmp_path):
 def test_forced_format_is_used(tmp_path):
     path = write_jsonl(tmp_path, [{"text": "a"}, {"text": "b"}])
     assert read_jsonl(path, fmt="text")[1] == "text"
+    # a record that has every field of the forced format is read as it, whatever else it holds
+    # (tatsu-lab/alpaca's rows: instruction, input, output and the prompt rendered as "text");
+    # before, --format text was refused as "line is alpaca format"
+    rows = [{"instruction": f"Double {i}.", "input": "", "output": f"{2 * i}", "text": f"Double {i}: {2 * i}"}
+            for i in range(3)]  # fmt: skip
+    path = write_jsonl(tmp_path, rows, name="tatsu.jsonl")
+    for fmt in ("text", "alpaca"):
+        assert read_jsonl(path, fmt=fmt)[1] == fmt
+    assert detect_format(rows[0]) == "alpaca"  # without --format: as before
+    with pytest.raises(DataError, match="line is alpaca format but --format chat was given"):
+        read_jsonl(path, fmt="chat")
 
 
 def test_tool_use_and_sharegpt_records_are_read(tmp_path):

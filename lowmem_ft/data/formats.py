@@ -85,9 +85,13 @@ class Rendered:
     train_spans: tuple[tuple[int, int], ...]
 
 
-def detect_format(record: dict) -> str | None:
-    """The format whose identifying fields are all present, or None. Unknown extra keys are ignored."""
+def detect_format(record: dict, forced: str | None = None) -> str | None:
+    """The format whose identifying fields are all present, or None. Unknown extra keys are ignored.
+    ``forced`` (--format NAME) wins where its fields are all there, whatever else the record holds
+    (tatsu-lab/alpaca's rows carry a ready-made "text" beside instruction, input and output)."""
     keys = record.keys()
+    if forced is not None and keys >= _REQUIRED_KEY_SETS[forced]:
+        return forced
     for fmt, required in _REQUIRED_KEY_SETS.items():
         if keys >= required:
             return fmt

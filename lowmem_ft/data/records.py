@@ -68,7 +68,7 @@ class RecordChecker:
             raise RecordError(
                 f'JSON is {json_type(data)}, not an object; each {what} must be one {{"...": ...}} object'
             )
-        detected = detect_format(data)
+        detected = detect_format(data, self.forced)
         if detected is None:
             raise RecordError(unknown_shape_reason(data))
         if self.format is not None and detected != self.format:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+import shlex
+from dataclasses import asdict, dataclass
 
 import torch
 
+from lowmem_ft.choices import flag
 from lowmem_ft.config import RunConfig, default_lr
 from lowmem_ft.data import Batcher
 from lowmem_ft.distributed.group import ONE, Group
@@ -18,7 +20,7 @@ from lowmem_ft.errors import UserError
 from lowmem_ft.methods import build_method
 from lowmem_ft.methods.base import Method
 from lowmem_ft.models import ResolvedModel, count_parameters, load_model, load_tokenizer, resolve_model
-from lowmem_ft.planner import Plan, build_plan, planned_as_given
+from lowmem_ft.planner import PLANNED_AS_GIVEN, Plan, build_plan, planned_as_given
 from lowmem_ft.planner.shapes import UnsupportedModel
 from lowmem_ft.precision import dtype_name
 from lowmem_ft.preflight import check_plan_fits_device
@@ -83,7 +85,7 @@ def plan_run(
     if not plan.fits:
         raise UserError(
             f"{resolved.name} with --method {config.method} does not fit this machine: {plan.shortfall} "
-            f"(`lowmem-ft plan {config.model} --method {config.method}` shows the breakdown)"
+            f"(`{_plan_command(config, device)}` shows the breakdown)"
         )
     chosen = {
         "micro_batch_size": plan.execution.micro_batch_size,
@@ -95,6 +97,29 @@ def plan_run(
             chosen[option] = getattr(plan.method_options, option)
     resolved_run = config.replace(**chosen, **learning_rate(config, plan.total_params))
     return resolved_run.replace(**streaming(resolved_run, resolved, plan.execution.streamed_units or 0)), plan
+
+
+def _plan_command(config: RunConfig, device: torch.device) -> str:
+    """The `lowmem-ft plan` command that plans the run asked for: with the options given that the
+    planner reads (without them it plans another run, which may well fit)."""
+    default = RunConfig.create(model=config.model, data=config.data, method=config.method)
+    words = ["lowmem-ft", "plan", config.model, "--method", config.method]
+    if device.type == "cpu" and torch.cuda.is_available():
+        words += ["--gpu", "none"]
+    common = [
+        name for name in PLANNED_AS_GIVEN if name != "method" and (name != "gpu_mem" or device.type == "cuda")
+    ]
+    given = {name: (getattr(config, name), getattr(default, name)) for name in (*common, "dtype")}
+    defaults = asdict(default.method_options)
+    given |= {name: (value, defaults.get(name)) for name, value in asdict(config.method_options).items()}
+    for name, (value, unset) in given.items():
+        if value is None or value == unset:
+            continue
+        if isinstance(value, bool):
+            words.append(flag(name) if value else flag(name).replace("--", "--no-", 1))
+        else:
+            words += [flag(name), str(value)]
+    return shlex.join(words)
 
 
 def learning_rate(config: RunConfig, params: int) -> dict:

@@ -107,10 +107,19 @@ def test_hift_run_follows_the_plan_and_shows_the_active_group(tmp_path, capsys, 
 
 def test_run_that_cannot_fit_the_memory_budget_is_refused_before_writing(tmp_path, capsys, small_data):
     out = tmp_path / "job"
-    code, _, err = cli(capsys, "run", "tiny", small_data, "--out", out, "--cpu-mem", "200MiB")
+    args = ["--cpu-mem", "200MiB", "--method", "sift", "--sparsity", "0.01", "--no-gradient-checkpointing"]
+    code, _, err = cli(capsys, "run", "tiny", small_data, "--out", out, *args, "--device", "cpu")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "does not fit this machine: needs" in err and "more host RAM" in err
     assert not out.exists()
+    # the plan it points to is this run's (it named only the method: a plan that fitted)
+    (command,) = re.findall(r"`(lowmem-ft plan [^`]*)` shows the breakdown", err)
+    assert command.split()[2:] == [
+        "tiny", "--method", "sift", "--cpu-mem", "200MiB", "--no-gradient-checkpointing",
+        "--sparsity", "0.01",
+    ]  # fmt: skip
+    code, out, _ = cli(capsys, *command.split()[1:])
+    assert code == 3 and "fits       NO: needs" in out
 
 
 def test_exported_model_loads_with_transformers_and_generates(tmp_path, capsys, small_data, tiny_tokenizer):

@@ -185,6 +185,11 @@ def activation_parts(
             note=f"micro-batch {micro_batch} × {request.seq_len} tokens",
         ),
         Component("loss logits (transient)", loss, note="logits and their fp32 copy while the loss runs"),
+        Component(
+            "backward: logits' gradient" + (" or a rebuilt layer" if checkpointing else "") + " (transient)",
+            logits_grad,
+            note="the larger, beside the activations" if checkpointing else "beside the activations",
+        ),
     ]
     if p.autocast:
         components.append(

@@ -17,7 +17,7 @@ from lowmem_ft.data import Example, TokenStats, data_files, pack_examples, read_
 from lowmem_ft.data.cache import read_cache, tokenizer_sha256, write_cache
 from lowmem_ft.data.lazy import LazyExamples
 from lowmem_ft.data.tokenize import as_table, choose_indices, encode_rendered, render_records, split_indices
-from lowmem_ft.errors import UserError
+from lowmem_ft.errors import DataError, UserError
 from lowmem_ft.files import sha256_of
 
 log = logging.getLogger(__name__)  # the CLI shows it (cli.report_to_console)
@@ -175,9 +175,12 @@ def load_data(config: RunConfig, tokenizer, show_progress: bool = False, digests
     del records  # a million records are gigabytes of Python objects
     if config.eval_data is not None:
         # The evaluation file is detected on its own (it may be in another format than the training file).
-        eval_records, eval_fmt, eval_skipped = read_records(
-            config.eval_data, config.format, config.skip_bad_lines, show_progress
-        )
+        try:
+            eval_records, eval_fmt, eval_skipped = read_records(
+                config.eval_data, config.format, config.skip_bad_lines, show_progress
+            )
+        except DataError as error:  # said as a missing --eval-data file is (config.py)
+            raise DataError(f"{error} (given as --eval-data)") from None
         train_rendered, held_out = (
             rendered,
             render_records(eval_records, eval_fmt, tokenizer, show_progress, day),

@@ -364,6 +364,19 @@ def test_pack_cuts_rows_from_whole_examples_not_from_examples_cut_to_a_row(tmp_p
     assert packed.train.stats.truncated == 0
 
 
+def test_a_problem_with_the_eval_data_says_it_was_given_as_eval_data(tmp_path, tiny_tokenizer):
+    from lowmem_ft.config import RunConfig
+    from lowmem_ft.run_data import load_data
+
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    train.write_text(json.dumps({"text": "a b c"}) + "\n")
+    held_out.write_text(json.dumps({"prompt": "a"}) + "\n")
+    with pytest.raises(DataError) as error:
+        load_data(RunConfig.create(model="tiny", data=train, eval_data=held_out), tiny_tokenizer)
+    assert str(error.value).startswith(f"{held_out}:1: no known format")
+    assert str(error.value).endswith(" (given as --eval-data)")
+
+
 def test_pack_examples_keeps_tokens_and_labels():
     # the first two tokens of each example untrained, like a prompt; a label is its token's id
     examples = [

@@ -257,6 +257,14 @@ def test_parquet_errors_name_the_record(tmp_path):
     path = write_parquet(tmp_path / "data.parquet", [{"text": "a"}, {"text": " "}])
     assert error_of(path).startswith(f'{path}: record 2: "text" is empty')
     assert read_records(path, skip_bad_lines=True)[2] == 1
+    # no rows: said as an empty .json list is (it blamed --skip-bad-lines, which was not given)
+    pyarrow = pytest.importorskip("pyarrow")
+    empty = pyarrow.table({"instruction": pyarrow.array([], pyarrow.string())})
+    pytest.importorskip("pyarrow.parquet").write_table(empty, tmp_path / "empty.parquet")
+    assert (
+        error_of(tmp_path / "empty.parquet")
+        == f"{tmp_path / 'empty.parquet'}: holds no records; it must hold at least one record"
+    )
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     assert error_of(tmp_path / "broken.parquet").startswith(
         f"{tmp_path / 'broken.parquet'}: cannot be read as Parquet"
@@ -277,6 +285,11 @@ def test_saved_dataset_errors_name_the_record(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_list([{"text": "a"}, {"text": ""}]).save_to_disk(tmp_path / "ds")
     assert error_of(tmp_path / "ds").startswith(f'{tmp_path / "ds"}: record 2: "text" is empty')
+    datasets.Dataset.from_dict({"text": []}).save_to_disk(tmp_path / "none")  # (an IndexError in datasets)
+    assert (
+        error_of(tmp_path / "none")
+        == f"{tmp_path / 'none'}: the saved dataset has no records; it must hold at least one"
+    )
 
 
 def test_saved_dataset_dict_reads_its_train_split(tmp_path, caplog):

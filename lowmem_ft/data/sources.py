@@ -231,6 +231,10 @@ def _read_dataset(path: Path, checker: RecordChecker, bar) -> list[Record]:
         log.info(f"data       {path.parent} is a saved DatasetDict; reading its train split")
     try:
         dataset = datasets.load_from_disk(str(path))
+    except IndexError:  # (datasets' own failure on a saved dataset of no rows: it has no data file)
+        if not list(path.glob("*.arrow")):
+            raise DataError(f"{path}: the saved dataset has no records; it must hold at least one") from None
+        raise
     except (OSError, ValueError, KeyError) as error:
         raise DataError(f"{path}: cannot be read as a saved dataset ({error}); save it again") from None
     bar.update(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()))
@@ -241,6 +245,8 @@ _READERS = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, 
 
 
 def _check_rows(path: Path, rows: list, checker: RecordChecker) -> list[Record]:
+    if not rows:  # (said as an empty .json list is; not "no valid records" after skipping none)
+        raise DataError(f"{path}: holds no records; it must hold at least one record")
     records = []
     for number, row in enumerate(rows, start=1):
         try:

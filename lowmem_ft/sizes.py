@@ -40,6 +40,10 @@ _UNITS = {
 _SIZE_RE = re.compile(r"(\d+\.?\d*|\.\d+)(e[+-]?\d{1,2})?\s*([a-z]*)")
 
 
+# More memory than any one machine has (1 EiB): a larger budget is a typo.
+MOST_MEMORY = 1 << 60
+
+
 def parse_size(text: str, flag: str) -> int:
     """Parse a memory size from the command line into bytes.
 
@@ -50,15 +54,20 @@ def parse_size(text: str, flag: str) -> int:
 
     ``flag`` names the option in the error message.
     """
-    match = _SIZE_RE.fullmatch(text.strip().lower())
+    match = _SIZE_RE.fullmatch(text.strip().lower().removeprefix("-"))
     if match is None or match.group(3) not in _UNITS:
         raise _not_a_size(text, flag)
     number, exponent, unit = match.groups()
     # Decimal keeps byte counts above 2**53 exact, where float would round them.
     value = Decimal(number + (exponent or "")) * _UNITS[unit]
     size = int(value.to_integral_value())
-    if size <= 0:
-        raise _not_a_size(text, flag)
+    if size <= 0 or text.strip().startswith("-"):
+        what = "negative" if text.strip().startswith("-") and size else "less than a byte"
+        raise UserError(f"{flag} {text!r} is {what}; give the memory to plan for, like 24GiB")
+    if size > MOST_MEMORY:  # (a typo: 1e30 bytes printed as 909494701772928256.0 TiB)
+        raise UserError(
+            f"{flag} {text!r} is {size / 2**50:,.0f} PiB, more than a machine holds; write it like 24GiB"
+        )
     if unit == "" and size < 1 << 20:  # "--gpu-mem 24" is 24 bytes: a unit was left out
         raise UserError(  # (a budget under a MiB means nothing)
             f"{flag} {text!r} has no unit, so it means {size} bytes; write it like {text.strip()}GiB"

@@ -128,6 +128,11 @@ class Data:
                 f"({config.batch_size / drawn:.1f} times each on average); --batch-size {drawn} takes "
                 "each once a step"
             )
+        if not self.eval_available and config.eval_data is None and config.eval_fraction > 0:
+            said.append(  # (split_indices holds one out of two records or more)
+                f"no evaluation: one record is too few to hold any out for --eval-fraction "
+                f"{config.eval_fraction}; give more records, or --eval-data"
+            )
         if not self.eval and self.eval_available:
             said.append(
                 f"no evaluation: none of the {self.eval_available:,} evaluation examples has anything to "

@@ -377,6 +377,24 @@ def test_a_problem_with_the_eval_data_says_it_was_given_as_eval_data(tmp_path, t
     assert str(error.value).endswith(" (given as --eval-data)")
 
 
+def test_one_record_holds_none_out_and_a_warning_says_so(tmp_path, tiny_tokenizer):
+    from lowmem_ft.config import RunConfig
+    from lowmem_ft.run_data import load_data
+
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"prompt": "Say hi.", "completion": " Hi."}) + "\n")
+    config = RunConfig.create(model="tiny", data=path, batch_size=1)
+    data = load_data(config, tiny_tokenizer)
+    assert len(data.eval) == 0 and data.warnings(config) == [
+        "no evaluation: one record is too few to hold any out for --eval-fraction 0.1; give more records, "
+        "or --eval-data"
+    ]
+    assert (
+        load_data(config.replace(eval_fraction=0), tiny_tokenizer).warnings(config.replace(eval_fraction=0))
+        == []
+    )
+
+
 def test_pack_examples_keeps_tokens_and_labels():
     # the first two tokens of each example untrained, like a prompt; a label is its token's id
     examples = [

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,29 @@ def test_an_out_or_a_job_on_a_read_only_file_system_is_one_line_exit_2(tmp_path,
         code, _, err = cli(capsys, *args)
         assert code == 2 and one_line(err) == f"error: {said} (the file system is read-only); {instead}", err
     assert sorted(p.name for p in read_only.rglob("*")) == ["empty", "job", "job.json"]
+
+
+def test_a_run_whose_output_is_no_longer_read_goes_on_to_the_end(tmp_path, data, monkeypatch):
+    """`lowmem-ft run ... 2>&1 | head`: once head has its lines, every write to the pipe fails. Each
+    of the run's lines printed a logging traceback, and the progress bar's next refresh failed the
+    job with BrokenPipeError. Now the run is unread and finishes."""
+    import io
+
+    from lowmem_ft.cli import _command
+
+    class ReaderGone(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ReaderGone())
+    monkeypatch.setattr(sys, "stderr", ReaderGone())
+    args = [arg for arg in FAST if arg != "-q"]  # the progress bar drawn
+    code = _command(["run", "tiny", str(data), "--out", str(tmp_path / "job"), *args])
+    monkeypatch.undo()
+    assert code == 0 and Job.open(tmp_path / "job").record["status"] == "done"
 
 
 def test_a_full_disk_when_the_job_is_created_leaves_nothing_behind(tmp_path, capsys, data, monkeypatch):

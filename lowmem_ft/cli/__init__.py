@@ -9,7 +9,9 @@ generate.py (generate); the options several of them share in options.py.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import sys
 from typing import NoReturn
@@ -63,8 +65,19 @@ class _Console(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             typer.echo(self.format(record))
+        except BrokenPipeError:  # `lowmem-ft run ... | head`: the run goes on, unread (each line
+            _stdout_gone()  # printed a logging traceback of its own)
         except Exception:
             self.handleError(record)
+
+
+def _stdout_gone() -> None:
+    """Standard output's reader has gone (a pipe closed early): what is written to it from now on,
+    and its flush at exit, go nowhere instead of raising BrokenPipeError."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def report_to_console() -> None:
@@ -123,6 +136,9 @@ def _command(argv: list[str] | None) -> int:
     except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
+    except BrokenPipeError:  # what the command printed was not all read (`| head`): nothing to say
+        _stdout_gone()
+        return 0
     except typer.TyperException as exc:  # usage errors: unknown option, bad value, missing argument
         ctx = getattr(exc, "ctx", None)
         hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""

@@ -602,6 +602,18 @@ MALFORMED = {
         1,
         "messages[1].content is null; it must be a string",
     ),
+    "chat message without content": (  # (said "is null" before: the key is not there at all)
+        _line({"messages": [C, {"role": "assistant"}]}),
+        "auto",
+        1,
+        "messages[1].content is missing; it must be a string",
+    ),
+    "sharegpt turn without value": (
+        _line({"conversations": [{"from": "human", "text": "hi"}]}),
+        "auto",
+        1,
+        "conversations[0].value is missing; it must be a string",
+    ),
     "tool calls from a user": (
         _line({"messages": [{**C, "tool_calls": [CALL]}, A]}),
         "auto",

@@ -162,7 +162,8 @@ def _check_chat(messages: object) -> str | None:
         content = message.get("content")
         # OpenAI's format writes "content": null (or leaves it out) on a turn that only calls tools.
         if not isinstance(content, str) and not (content is None and calls):
-            return f"messages[{i}].content is {json_type(content)}; it must be a string"
+            got = "is missing" if "content" not in message else f"is {json_type(content)}"
+            return f"messages[{i}].content {got}; it must be a string"
         for key in ("tool_call_id", "name"):
             if role == "tool" and message.get(key) is not None and not isinstance(message[key], str):
                 return f"messages[{i}].{key} is {json_type(message[key])}; it must be a string"
@@ -191,7 +192,8 @@ def _check_sharegpt(turns: object) -> str | None:
             known = ", ".join(f'"{name}"' for name in SHAREGPT_ROLES)
             return f"conversations[{i}] {got}; it must be one of {known}"
         if not isinstance(turn.get("value"), str):
-            return f"conversations[{i}].value is {json_type(turn.get('value'))}; it must be a string"
+            got = "is missing" if "value" not in turn else f"is {json_type(turn['value'])}"
+            return f"conversations[{i}].value {got}; it must be a string"
     if not any(SHAREGPT_ROLES[t["from"]] == "assistant" and t["value"].strip() for t in turns):
         return 'no "gpt" turn with text; at least one assistant reply is needed to learn from'
     return None

@@ -46,6 +46,13 @@ def print_header(s: Setup, job: Job) -> None:
     )
     for warning in d.warnings(s.config):
         log.warning(f"warning    {warning}")
+    context = getattr(s.resolved.config, "max_position_embeddings", None)
+    if isinstance(context, int) and s.config.seq_len > context:
+        log.warning(
+            f"warning    --seq-len {s.config.seq_len} is longer than {s.resolved.name}'s context "
+            f"({context} positions, max_position_embeddings): it never saw positions beyond it; "
+            f"--seq-len {context} stays within it"
+        )
     if s.config.gpu_mem is not None and s.device.type != "cuda":  # (the planner plans host memory alone)
         log.warning(
             f"warning    --gpu-mem {s.config.gpu_mem} is a GPU's budget, and this run trains on the "

@@ -347,6 +347,16 @@ def test_a_run_says_in_warnings_what_is_likely_a_mistake(tmp_path, capsys):
     assert lines[7].startswith("training   1 step of 16 examples")
 
 
+def test_a_seq_len_beyond_the_models_context_is_warned_about(tmp_path, capsys, small_data):
+    args = ["--seq-len", "2048", "--max-steps", "1", "--batch-size", "2", "-q"]
+    code, out, err = cli(capsys, "run", "tiny", small_data, "--out", tmp_path / "job", *args)
+    assert code == 0, err
+    assert (
+        "warning    --seq-len 2048 is longer than tiny's context (1024 positions, max_position_embeddings): "
+        "it never saw positions beyond it; --seq-len 1024 stays within it"
+    ) in out.splitlines()
+
+
 def test_packed_rows_fewer_than_a_step_are_said_as_rows(tmp_path, capsys):
     """With --pack a step draws packed rows, not examples: 13 examples packed into 3 rows of 512
     tokens are repeated about 5 times a step, which --batch-size 13 would not cure."""

@@ -16,7 +16,15 @@ from lowmem_ft.config import RunConfig
 from lowmem_ft.data import Example, TokenStats, data_files, pack_examples, read_records
 from lowmem_ft.data.cache import read_cache, tokenizer_sha256, write_cache
 from lowmem_ft.data.lazy import LazyExamples
-from lowmem_ft.data.tokenize import as_table, choose_indices, encode_rendered, render_records, split_indices
+from lowmem_ft.data.tokenize import (
+    CHUNK,
+    as_table,
+    choose_indices,
+    encode_chunk,
+    encode_rendered,
+    render_records,
+    split_indices,
+)
 from lowmem_ft.errors import DataError, UserError
 from lowmem_ft.files import sha256_of
 
@@ -211,9 +219,26 @@ def load_data(config: RunConfig, tokenizer, show_progress: bool = False, digests
         if len(train) <= ENCODE_FIRST:
             train.encode_all(show_progress)
     if not train.any_example():
-        raise UserError(f"{config.data}: no training examples left after tokenization; check --seq-len")
+        raise UserError(_nothing_to_learn(config, train_rendered, tokenizer))
     train.start()  # the rest, while the model loads and the run trains
     return Data(train, eval_examples, fmt, eval_stats, skipped, len(held_out), key)
+
+
+def _nothing_to_learn(config: RunConfig, rendered: list, tokenizer) -> str:
+    """Why no training record made an example (each has nothing to learn within its first --seq-len
+    tokens), and the --seq-len that keeps half of them, from the first ``CHUNK`` records."""
+    table = encode_chunk(rendered[:CHUNK], tokenizer, UNTRUNCATED, TokenStats())
+    trained = np.flatnonzero(table.trained)  # token positions that carry loss, in order
+    owners = np.searchsorted(table.starts, trained, side="right") - 1
+    examples, first = np.unique(owners, return_index=True)  # each example's first trained token
+    reaches = np.sort(trained[first] - table.starts[examples] + 1)  # the --seq-len that keeps it
+    records = f"{len(rendered):,} training record{'s' * (len(rendered) != 1)}"
+    within = f"within its first {config.seq_len} tokens"
+    said = f"{config.data}: none of its {records} has anything to learn from {within}"
+    if not len(reaches):
+        return f"{said}; check the data"
+    half = int(reaches[(len(reaches) - 1) // 2])  # the least that keeps at least half
+    return f"{said} (the responses start after them); --seq-len {half} keeps half of them"
 
 
 def data_digests(config: RunConfig) -> dict:

@@ -395,6 +395,33 @@ def test_one_record_holds_none_out_and_a_warning_says_so(tmp_path, tiny_tokenize
     )
 
 
+def test_a_seq_len_that_leaves_nothing_to_learn_says_which_would(tmp_path, tiny_tokenizer):
+    """Every response starts beyond --seq-len: the error says so, and gives the --seq-len that keeps
+    half of them (it said "check --seq-len")."""
+    import re
+
+    from lowmem_ft.config import RunConfig
+    from lowmem_ft.errors import UserError
+    from lowmem_ft.run_data import load_data
+
+    path = tmp_path / "long-prompts.jsonl"
+    rows = [{"instruction": "Tell me a story. " * (2 + i), "output": f"Story {i}."} for i in range(12)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = RunConfig.create(model="tiny", data=path, seq_len=30, eval_fraction=0)
+    with pytest.raises(UserError) as error:
+        load_data(config, tiny_tokenizer)
+    said = str(error.value)
+    assert said.startswith(
+        f"{path}: none of its 12 training records has anything to learn from within its first 30 tokens "
+        "(the responses start after them); --seq-len "
+    ) and said.endswith(" keeps half of them")
+    seq_len = int(re.search(r"--seq-len (\d+) keeps", said).group(1))
+    kept = load_data(config.replace(seq_len=seq_len), tiny_tokenizer).train.stats.examples
+    assert (
+        kept >= 6 and load_data(config.replace(seq_len=seq_len - 1), tiny_tokenizer).train.stats.examples < 6
+    )
+
+
 def test_pack_examples_keeps_tokens_and_labels():
     # the first two tokens of each example untrained, like a prompt; a label is its token's id
     examples = [

@@ -535,6 +535,13 @@ def test_read_jsonl_happy_path(tmp_path):
     assert skipped == 0
     assert [r.line for r in records] == [1, 4]
     assert records[1].data["completion"] == "d"
+    # two such files joined with `cat`: the second one's mark is mid-file (it was "invalid JSON")
+    joined = tmp_path / "joined.jsonl"
+    joined.write_bytes(path.read_bytes() + b'\xef\xbb\xbf{"prompt": "e", "completion": "f"}\n')
+    assert [r.data["prompt"] for r in read_jsonl(joined)[0]] == ["a", "c", "e"]
+    (tmp_path / "mark-only.jsonl").write_bytes(b"\xef\xbb\xbf\n")
+    with pytest.raises(DataError, match="mark-only.jsonl: file has only blank lines"):
+        read_jsonl(tmp_path / "mark-only.jsonl")
 
 
 def test_forced_format_is_used(tmp_path):

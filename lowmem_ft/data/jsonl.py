@@ -64,6 +64,8 @@ def read_lines(path: Path, lines: Iterable[bytes], checker: RecordChecker, bar) 
         if number % _PROGRESS_EVERY == 0:
             bar.update(read - unreported)
             unreported = read
+        if line_bytes.startswith(_BOM):  # some editors write one first; `cat` of two such files, mid-file
+            line_bytes = line_bytes[len(_BOM) :]
         # A record's line starts with "{"; only another line may be blank (strip copies the line).
         if not line_bytes.startswith(b"{") and not line_bytes.strip():
             continue
@@ -78,7 +80,7 @@ def read_lines(path: Path, lines: Iterable[bytes], checker: RecordChecker, bar) 
             # in the line, its strings need no search for one.
             surrogates = b"\\ud" in line_bytes or b"\\uD" in line_bytes
             duplicates = DuplicateKeyObject.made
-            data = _parse_line(line_bytes, number == 1)
+            data = _parse_line(line_bytes)
             # Nothing for content_problem to find (a fifth of the reading time, walking every value)
             # when the line has no such escape and gave no object with a key twice: its text is no
             # longer than the line, which is no longer than a record may be.
@@ -93,10 +95,12 @@ def read_lines(path: Path, lines: Iterable[bytes], checker: RecordChecker, bar) 
     return records
 
 
-def _parse_line(line_bytes: bytes, first: bool) -> object:
+_BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark
+
+
+def _parse_line(line_bytes: bytes) -> object:
     try:
-        # utf-8-sig on line 1 drops the byte-order mark some Windows editors write.
-        text = line_bytes.decode("utf-8-sig" if first else "utf-8")
+        text = line_bytes.decode("utf-8")
     except UnicodeDecodeError as error:
         raise RecordError(
             f"not valid UTF-8 (byte {error.start + 1} of the line); save the file as UTF-8"

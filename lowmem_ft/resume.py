@@ -208,6 +208,13 @@ def _continue(s: Setup, job: Job, record: dict, group: Group) -> tuple[Setup, Re
             "this one draws them over the records, so it cannot continue on the same batches: "
             "start the job again"
         )
+    if then.get("train_records", len(s.data.train)) != len(s.data.train):  # (--pack's rows, before
+        # they were cut from whole examples: where the job kept no tokenised data to read them from)
+        raise UserError(
+            f"this job drew its batches from {then['train_records']:,} training rows, and this "
+            f"lowmem-ft makes {len(s.data.train):,} of the same data, so it cannot continue on the same "
+            "batches: start the job again"
+        )
     if s.max_steps != record.get("max_steps"):
         raise UserError(
             f"this resume would train {s.max_steps} steps, the job was planned for "

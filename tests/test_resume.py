@@ -546,6 +546,23 @@ def test_resume_refuses_what_it_cannot_resume(tmp_path, capsys, monkeypatch, dat
         "; resume keeps a job's settings, so start a new job with `lowmem-ft run`"
     ), err
 
+    # the same data made into other rows than the job drew from (--pack's, cut from examples cut to
+    # --seq-len first, where the job kept no tokenised data): not the same batches
+    rows = tmp_path / "other-rows"
+    shutil.copytree(job, rows)
+    then = record(job)["data"]
+    (rows / "job.json").write_text(json.dumps({**record(job), "data": {**then, "train_records": 99}}))
+    code, _, err = cli(capsys, "resume", rows)
+    made = then["train_records"]
+    assert (
+        code == 2
+        and (
+            f"this job drew its batches from 99 training rows, and this lowmem-ft makes {made} of the same "
+            "data, so it cannot continue on the same batches: start the job again"
+        )
+        in err
+    )
+
     data.write_text(data.read_text() + json.dumps({"prompt": "new", "completion": " row"}) + "\n")
     code, _, err = cli(capsys, "resume", job)
     assert code == 2 and f"{data} changed since the job started; resuming needs the same data" in err

@@ -126,8 +126,8 @@ def test_an_out_or_a_job_on_a_read_only_file_system_is_one_line_exit_2(tmp_path,
 
 def test_a_run_whose_output_is_no_longer_read_goes_on_to_the_end(tmp_path, data, monkeypatch):
     """`lowmem-ft run ... 2>&1 | head`: once head has its lines, every write to the pipe fails. Each
-    of the run's lines printed a logging traceback, and the progress bar's next refresh failed the
-    job with BrokenPipeError. Now the run is unread and finishes."""
+    of the run's lines printed a logging traceback, and the progress bar's next refresh, or the next
+    evaluation's line, failed the job with BrokenPipeError. Now the run is unread and finishes."""
     import io
 
     from lowmem_ft.cli import _command
@@ -141,7 +141,11 @@ def test_a_run_whose_output_is_no_longer_read_goes_on_to_the_end(tmp_path, data,
 
     monkeypatch.setattr(sys, "stdout", ReaderGone())
     monkeypatch.setattr(sys, "stderr", ReaderGone())
-    args = [arg for arg in FAST if arg != "-q"]  # the progress bar drawn
+    args = [
+        *(arg for arg in FAST if arg != "-q"),
+        "--eval-every",
+        "1",
+    ]  # the bar drawn, lines written under it
     code = _command(["run", "tiny", str(data), "--out", str(tmp_path / "job"), *args])
     monkeypatch.undo()
     assert code == 0 and Job.open(tmp_path / "job").record["status"] == "done"

@@ -65,19 +65,51 @@ class _Console(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             typer.echo(self.format(record))
-        except BrokenPipeError:  # `lowmem-ft run ... | head`: the run goes on, unread (each line
-            _stdout_gone()  # printed a logging traceback of its own)
         except Exception:
             self.handleError(record)
 
 
-def _stdout_gone() -> None:
-    """Standard output's reader has gone (a pipe closed early): what is written to it from now on,
-    and its flush at exit, go nowhere instead of raising BrokenPipeError."""
-    with contextlib.suppress(OSError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+class _MayGoUnread:
+    """Standard output or error while a command runs. When the reader of the pipe it writes to has
+    gone (`lowmem-ft run ... | head`, `2>&1 | head`), what is written from then on goes nowhere and
+    the command goes on: a run whose lines nobody reads still finishes (it failed with
+    BrokenPipeError at the progress bar's next refresh, or the next evaluation's line)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+
+    def _gone(self) -> None:
+        """The stream's descriptor onto /dev/null: its later writes, and its flush at exit, succeed."""
+        with contextlib.suppress(OSError, ValueError):  # (no descriptor: a test's captured stream)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+
+    def __getattr__(self, name: str):  # encoding, isatty, fileno, buffer: the stream's own
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _output_that_may_go_unread():
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _MayGoUnread(sys.stdout), _MayGoUnread(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
 
 
 def report_to_console() -> None:
@@ -128,7 +160,8 @@ def _command(argv: list[str] | None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         # Without standalone mode, typer returns (not raises) the code of `typer.Exit`.
-        code = app(args=argv, standalone_mode=False)
+        with _output_that_may_go_unread():
+            code = app(args=argv, standalone_mode=False)
     except UserError as exc:
         if str(exc):  # (empty: said already, by the rank that failed)
             typer.echo(f"error: {exc}", err=True)
@@ -136,9 +169,6 @@ def _command(argv: list[str] | None) -> int:
     except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
-    except BrokenPipeError:  # what the command printed was not all read (`| head`): nothing to say
-        _stdout_gone()
-        return 0
     except typer.TyperException as exc:  # usage errors: unknown option, bad value, missing argument
         ctx = getattr(exc, "ctx", None)
         hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""

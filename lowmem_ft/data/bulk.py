@@ -26,46 +26,16 @@ def progress_bar(total: int, desc: str, unit: str, show: bool, unit_scale: bool 
 
 
 def bar_size() -> dict:
-    """tqdm's size options, and the stream it draws on (standard error, ``_BarStream``): the
-    terminal's size, followed as it is resized; 80 columns where the terminal says it has none, and
-    20 rows where it says it has none (a pseudo-terminal never given a size: `docker exec -t`, some
-    CI runners), where tqdm would draw nothing at all."""
+    """tqdm's size options: the terminal's, followed as it is resized; 80 columns where the terminal
+    says it has none, and 20 rows where it says it has none (a pseudo-terminal never given a size:
+    `docker exec -t`, some CI runners), where tqdm would draw nothing at all."""
     try:
         size = os.get_terminal_size(sys.stderr.fileno())
     except (OSError, ValueError, AttributeError):  # not a terminal (a pipe, a file): tqdm's own way
-        return {"dynamic_ncols": True, "file": _BarStream()}
+        return {"dynamic_ncols": True}
     if size.columns and size.lines:
-        return {"dynamic_ncols": True, "file": _BarStream()}
-    return {"ncols": size.columns or 80, "nrows": size.lines or 20, "file": _BarStream()}
-
-
-class _BarStream:
-    """Standard error for a progress bar, which a run does not fail for: once its reader has gone
-    (`lowmem-ft run ... 2>&1 | head`), standard error goes nowhere and the run goes on (the job
-    failed with BrokenPipeError at the bar's next refresh)."""
-
-    def write(self, text: str) -> int:
-        try:
-            return sys.stderr.write(text)
-        except BrokenPipeError:
-            _stderr_gone()
-            return len(text)
-
-    def flush(self) -> None:
-        try:
-            sys.stderr.flush()
-        except BrokenPipeError:
-            _stderr_gone()
-
-    def __getattr__(self, name: str):  # encoding, isatty, fileno: standard error's
-        return getattr(sys.stderr, name)
-
-
-def _stderr_gone() -> None:
-    with contextlib.suppress(OSError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stderr.fileno())
-        os.close(devnull)
+        return {"dynamic_ncols": True}
+    return {"ncols": size.columns or 80, "nrows": size.lines or 20}
 
 
 @contextlib.contextmanager

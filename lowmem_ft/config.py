@@ -129,10 +129,11 @@ class RunConfig:
         """--stream (HiFT and the sparse methods take it)."""
         return bool(getattr(self.method_options, "stream", False))
 
-    def validate(self, data_files: bool = True, count_gpus: bool = True) -> None:
+    def validate(self, data_files: bool = True, count_gpus: bool = True, device: bool = True) -> None:
         """Every option's check, in one place (``run``, ``plan`` and ``resume`` all come here);
         ``data_files``: also that the data files can be read (``plan`` has none); ``count_gpus``:
-        also that --nproc has as many GPUs here (``plan`` may describe another machine)."""
+        also that --nproc has as many GPUs here (``plan`` may describe another machine);
+        ``device``: also that --device is here (``resume`` checks a job's options without them first)."""
         from lowmem_ft.data import FORMAT_NAMES
 
         def need(ok: bool, message: str) -> None:
@@ -211,7 +212,7 @@ class RunConfig:
             self.save_dtype in ("auto", *DTYPE_NAMES),
             f"--save-dtype must be auto, fp32, bf16 or fp16, got {self.save_dtype!r}",
         )
-        problem = device_problem(self.device)
+        problem = device_problem(self.device) if device else None
         need(problem is None, problem)
         from lowmem_ft.distributed.ranks import nproc_problem
 

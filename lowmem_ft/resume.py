@@ -148,8 +148,8 @@ def _prepare_resume(
     if job.lock.stale_holder:
         log.info(f"lock       taken over from process {job.lock.stale_holder.get('pid')}, which is gone")
     requested = RunConfig.from_json(record.get("requested") or record["config"])
-    try:
-        requested.validate()
+    try:  # (what this machine has, and the data files, are checked once the overrides are in)
+        requested.validate(data_files=False, count_gpus=False, device=False)
     except UserError as error:  # its advice names options that resume does not take
         raise UserError(
             f"this job was started with settings this lowmem-ft refuses: {error}; resume keeps a job's "

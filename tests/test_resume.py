@@ -545,6 +545,11 @@ def test_resume_refuses_what_it_cannot_resume(tmp_path, capsys, monkeypatch, dat
     assert err.rstrip().endswith(
         "; resume keeps a job's settings, so start a new job with `lowmem-ft run`"
     ), err
+    # what is not a setting (the data file moved away, this machine's GPUs) is said as it was
+    gone = {**record(job)["requested"], "data": str(tmp_path / "gone.jsonl")}
+    (old / "job.json").write_text(json.dumps({**record(job), "requested": gone}))
+    code, _, err = cli(capsys, "resume", old)
+    assert code == 2 and err.startswith(f"error: {tmp_path / 'gone.jsonl'}: no such file or directory"), err
 
     # the same data made into other rows than the job drew from (--pack's, cut from examples cut to
     # --seq-len first, where the job kept no tokenised data): not the same batches

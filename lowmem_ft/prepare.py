@@ -85,7 +85,7 @@ def plan_run(
     if not plan.fits:
         raise UserError(
             f"{resolved.name} with --method {config.method} does not fit this machine: {plan.shortfall} "
-            f"(`{_plan_command(config, device)}` shows the breakdown)"
+            f"(`{_plan_command(config, device, result.budget.gpu_bytes)}` shows the breakdown)"
         )
     chosen = {
         "micro_batch_size": plan.execution.micro_batch_size,
@@ -99,16 +99,17 @@ def plan_run(
     return resolved_run.replace(**streaming(resolved_run, resolved, plan.execution.streamed_units or 0)), plan
 
 
-def _plan_command(config: RunConfig, device: torch.device) -> str:
+def _plan_command(config: RunConfig, device: torch.device, gpu_bytes: int) -> str:
     """The `lowmem-ft plan` command that plans the run asked for: with the options given that the
-    planner reads (without them it plans another run, which may well fit)."""
+    planner reads (without them it plans another run, which may well fit). ``gpu_bytes``: the GPU
+    budget the run planned with (`plan` looks at the first GPU: another one's is given as a size)."""
     default = RunConfig.create(model=config.model, data=config.data, method=config.method)
     words = ["lowmem-ft", "plan", config.model, "--method", config.method]
     if device.type == "cpu" and torch.cuda.is_available():
         words += ["--gpu", "none"]
-    common = [
-        name for name in PLANNED_AS_GIVEN if name != "method" and (name != "gpu_mem" or device.type == "cuda")
-    ]
+    if device.type == "cuda" and (device.index or 0) > 0 and config.gpu_mem is None:
+        words += ["--gpu-mem", str(gpu_bytes)]  # (bytes: exactly the budget; parse_size reads them)
+    common = [*(["gpu_mem"] if device.type == "cuda" else []), *PLANNED_AS_GIVEN[1:]]  # ([0]: method)
     given = {name: (getattr(config, name), getattr(default, name)) for name in (*common, "dtype")}
     defaults = asdict(default.method_options)
     given |= {name: (value, defaults.get(name)) for name, value in asdict(config.method_options).items()}

@@ -122,6 +122,21 @@ def test_run_that_cannot_fit_the_memory_budget_is_refused_before_writing(tmp_pat
     assert code == 3 and "fits       NO: needs" in out
 
 
+def test_the_plan_command_of_a_run_on_another_gpu_plans_with_that_gpus_budget():
+    """`plan` looks at the first GPU: a run on cuda:1 points to a plan with cuda:1's budget given."""
+    import torch
+
+    from lowmem_ft.config import RunConfig
+    from lowmem_ft.prepare import _plan_command
+
+    config = RunConfig.create(model="llama-2-7b", data="d.jsonl", method="lora", seq_len=4096)
+    said = _plan_command(config, torch.device("cuda", 1), 25_000_000_000)
+    assert said == "lowmem-ft plan llama-2-7b --method lora --gpu-mem 25000000000 --seq-len 4096"
+    assert "--gpu-mem" not in _plan_command(config, torch.device("cuda", 0), 25_000_000_000)
+    given = config.replace(gpu_mem="20GiB")
+    assert _plan_command(given, torch.device("cuda", 1), 1).split()[5:7] == ["--gpu-mem", "20GiB"]
+
+
 def test_exported_model_loads_with_transformers_and_generates(tmp_path, capsys, small_data, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 

@@ -1,5 +1,7 @@
 """Errors that reach the user as one line, never as a traceback."""
 
+import errno
+
 
 class UserError(Exception):
     """Something the user can fix: bad input, a missing model, an impossible budget.
@@ -50,5 +52,5 @@ def cannot_write_where_asked(exc: OSError, what: str, instead: str) -> UserError
     it; a plain UserError (exit 2) for a read-only file system or a missing right, which are the
     place chosen, not a disk that filled up. The line: "WHAT (what the system said); INSTEAD"."""
     fault = disk_fault(exc)
-    full = fault is not None and exc.errno != 30  # (EROFS: read-only)
+    full = fault is not None and exc.errno != errno.EROFS
     return (DiskError if full else UserError)(f"{what} ({fault or exc.strerror or exc}); {instead}")

@@ -235,8 +235,8 @@ def _nothing_to_learn(config: RunConfig, rendered: list, tokenizer) -> str:
     records = f"{len(rendered):,} training record{'s' * (len(rendered) != 1)}"
     within = f"within its first {config.seq_len} tokens"
     said = f"{config.data}: none of its {records} has anything to learn from {within}"
-    if not len(reaches):
-        return f"{said}; check the data"
+    if not len(reaches):  # (no response at all: --seq-len is not why)
+        return f"{config.data}: none of its {records} has a response to learn from; check the data"
     half = int(reaches[(len(reaches) - 1) // 2])  # the least that keeps at least half
     return f"{said} (the responses start after them); --seq-len {half} keeps half of them"
 

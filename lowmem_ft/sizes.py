@@ -61,13 +61,12 @@ def parse_size(text: str, flag: str) -> int:
     # Decimal keeps byte counts above 2**53 exact, where float would round them.
     value = Decimal(number + (exponent or "")) * _UNITS[unit]
     size = int(value.to_integral_value())
-    if size <= 0 or text.strip().startswith("-"):
-        what = "negative" if text.strip().startswith("-") and size else "less than a byte"
-        raise UserError(f"{flag} {text!r} is {what}; give the memory to plan for, like 24GiB")
+    if text.strip().startswith("-") and value != 0:
+        raise UserError(f"{flag} {text!r} is negative; give the memory to plan for, like 24GiB")
+    if size <= 0:
+        raise UserError(f"{flag} {text!r} is less than a byte; give the memory to plan for, like 24GiB")
     if size > MOST_MEMORY:  # (a typo: 1e30 bytes printed as 909494701772928256.0 TiB)
-        raise UserError(
-            f"{flag} {text!r} is {size / 2**50:,.0f} PiB, more than a machine holds; write it like 24GiB"
-        )
+        raise UserError(f"{flag} {text!r} is over 1 EiB, more than a machine holds; write it like 24GiB")
     if unit == "" and size < 1 << 20:  # "--gpu-mem 24" is 24 bytes: a unit was left out
         raise UserError(  # (a budget under a MiB means nothing)
             f"{flag} {text!r} has no unit, so it means {size} bytes; write it like {text.strip()}GiB"

@@ -64,8 +64,8 @@ NOT_SIZES = ["", "   ", "abc", "GiB", "24XB", "24GiBs", "1.2.3G", "--1GiB", "inf
 WRONG_SIZES = {
     "0": "is less than a byte", "0GiB": "is less than a byte", "0.1B": "is less than a byte",  # (rounds to 0)
     "-1GiB": "is negative", "-24": "is negative",
-    "1e30": "is 888,178,419,700,125 PiB, more than a machine holds",  # accepted, printed as "...TiB" before
-    "99999999999999999999GiB": "PiB, more than a machine holds",
+    "1e30": "is over 1 EiB, more than a machine holds",  # accepted, printed as "...TiB" before
+    "99999999999999999999GiB": "is over 1 EiB, more than a machine holds", "-0.1B": "is negative",
 }  # fmt: skip
 
 

@@ -139,16 +139,14 @@ def test_a_run_whose_output_is_no_longer_read_goes_on_to_the_end(tmp_path, data,
         def flush(self):
             raise BrokenPipeError(errno.EPIPE, "Broken pipe")
 
-    monkeypatch.setattr(sys, "stdout", ReaderGone())
-    monkeypatch.setattr(sys, "stderr", ReaderGone())
-    args = [
-        *(arg for arg in FAST if arg != "-q"),
-        "--eval-every",
-        "1",
-    ]  # the bar drawn, lines written under it
-    code = _command(["run", "tiny", str(data), "--out", str(tmp_path / "job"), *args])
-    monkeypatch.undo()
-    assert code == 0 and Job.open(tmp_path / "job").record["status"] == "done"
+    args = [*(arg for arg in FAST if arg != "-q"), "--eval-every", "1"]  # the bar, lines under it
+    for stream in (None, ReaderGone()):  # None: no output at all (`>&- 2>&-`), as Python sets it
+        monkeypatch.setattr(sys, "stdout", stream)
+        monkeypatch.setattr(sys, "stderr", stream)
+        job = tmp_path / f"job-{stream is None}"
+        code = _command(["run", "tiny", str(data), "--out", str(job), *args])
+        monkeypatch.undo()
+        assert code == 0 and Job.open(job).record["status"] == "done", (stream, Job.open(job).record.get("error"))
 
 
 def test_a_full_disk_when_the_job_is_created_leaves_nothing_behind(tmp_path, capsys, data, monkeypatch):

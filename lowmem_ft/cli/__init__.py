@@ -104,8 +104,8 @@ class _MayGoUnread:
 
 @contextlib.contextmanager
 def _output_that_may_go_unread():
-    saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _MayGoUnread(sys.stdout), _MayGoUnread(sys.stderr)
+    saved = sys.stdout, sys.stderr  # (None where the descriptor was closed: `>&-`, left as it is)
+    sys.stdout, sys.stderr = (_MayGoUnread(stream) if stream is not None else None for stream in saved)
     try:
         yield
     finally:

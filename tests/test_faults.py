@@ -132,21 +132,30 @@ def test_a_run_whose_output_is_no_longer_read_goes_on_to_the_end(tmp_path, data,
 
     from lowmem_ft.cli import _command
 
-    class ReaderGone(io.StringIO):
+    class Unwritable(io.StringIO):
+        def __init__(self, code):
+            super().__init__()
+            self.code = code
+
         def write(self, text):
-            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+            raise OSError(self.code, os.strerror(self.code))
 
         def flush(self):
-            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+            raise OSError(self.code, os.strerror(self.code))
 
     args = [*(arg for arg in FAST if arg != "-q"), "--eval-every", "1"]  # the bar, lines under it
-    for stream in (None, ReaderGone()):  # None: no output at all (`>&- 2>&-`), as Python sets it
+    # None: no output at all (`>&- 2>&-`, as Python sets it); EPIPE: the pipe's reader has gone;
+    # EBADF: standard error closed alone (`2>&-`), which failed the run with "Bad file descriptor"
+    for name, stream in (
+        ("none", None),
+        ("pipe", Unwritable(errno.EPIPE)),
+        ("closed", Unwritable(errno.EBADF)),
+    ):
         monkeypatch.setattr(sys, "stdout", stream)
         monkeypatch.setattr(sys, "stderr", stream)
-        job = tmp_path / f"job-{stream is None}"
-        code = _command(["run", "tiny", str(data), "--out", str(job), *args])
+        code = _command(["run", "tiny", str(data), "--out", str(tmp_path / name), *args])
         monkeypatch.undo()
-        assert code == 0 and Job.open(job).record["status"] == "done", (stream, Job.open(job).record.get("error"))
+        assert code == 0 and Job.open(tmp_path / name).record["status"] == "done", name
 
 
 def test_a_full_disk_when_the_job_is_created_leaves_nothing_behind(tmp_path, capsys, data, monkeypatch):

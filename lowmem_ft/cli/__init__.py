@@ -10,6 +10,7 @@ generate.py (generate); the options several of them share in options.py.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -81,18 +82,22 @@ class _MayGoUnread:
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
-            self._gone()
+        except OSError as error:
+            self._gone(error)
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except BrokenPipeError:
-            self._gone()
+        except OSError as error:
+            self._gone(error)
 
-    def _gone(self) -> None:
-        """The stream's descriptor onto /dev/null: its later writes, and its flush at exit, succeed."""
+    def _gone(self, error: OSError) -> None:
+        """The stream's descriptor onto /dev/null: its later writes, and its flush at exit, succeed.
+        For a pipe whose reader has gone, or a descriptor closed before the command started
+        (`2>&-`); any other error (a full disk under `> log`) is raised."""
+        if error.errno not in (errno.EPIPE, errno.EBADF):
+            raise error
         with contextlib.suppress(OSError, ValueError):  # (no descriptor: a test's captured stream)
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self._stream.fileno())

@@ -461,10 +461,16 @@ def test_run_on_an_unfinished_job_offers_to_resume_it(tmp_path, capsys, monkeypa
     import lowmem_ft.cli.training as cli_module
 
     monkeypatch.setattr(cli_module, "_interactive", lambda: True)
-    monkeypatch.setattr(cli_module.typer, "confirm", lambda *a, **k: True)
+    said_before_asking = []
+    monkeypatch.setattr(
+        cli_module.typer,
+        "confirm",
+        lambda *a, **k: said_before_asking.append(capsys.readouterr().out) or True,
+    )
     code, out, err = cli(capsys, *run_args("full", data, job, "--lr", "5e-3"))
     assert code == 0, err
-    assert "this command's differ in --lr" in out and "resume     from step-000002" in out
+    assert "this command's differ in --lr" in said_before_asking[0]  # (it came after the answer)
+    assert "resume     from step-000002" in out
     assert record(job)["status"] == "done" and record(job)["config"]["lr"] == 1e-3
 
 

@@ -92,7 +92,10 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
         "Save a checkpoint every M minutes; 0 = by steps only. (Also at the end and on Ctrl-C.)",
     ),
     "keep_checkpoints": ((), "Checkpoints kept in JOB/checkpoints; older ones are deleted."),
-    "max_bad_steps": ((), "Stop after this many steps in a row with a NaN/Inf loss (each one is skipped)."),
+    "max_bad_steps": (
+        (),
+        "Stop after this many steps in a row with a NaN/Inf loss or gradient norm (each one is skipped).",
+    ),
     "log": (
         (),
         "Also log the metrics as csv (JOB/metrics.csv), tensorboard (JOB/tensorboard/) or both: "

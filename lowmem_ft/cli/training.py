@@ -99,11 +99,11 @@ def _offer_resume(out: Path, config, quiet: bool) -> None:
             f"--out {out} holds an unfinished job ({where}); continue it with `lowmem-ft resume {out}`, "
             "or choose a new --out"
         )
-    if not typer.confirm(f"{out} holds an unfinished job ({where}). Resume it?", default=True):
-        raise UserError(f"--out {out} holds a job; choose a new --out")
-    differ = settings_that_differ(out, config)
+    differ = settings_that_differ(out, config)  # said before the question: its answer depends on it
     if differ:
         typer.echo(f"note       the job keeps its own settings; this command's differ in {', '.join(differ)}")
+    if not typer.confirm(f"{out} holds an unfinished job ({where}). Resume it?", default=True):
+        raise UserError(f"--out {out} holds a job; choose a new --out")
     _training(lambda: resume_training(out, show_progress=not quiet))
 
 

@@ -1,7 +1,7 @@
 """Fit a fine-tuning method into a machine: choose settings, account every byte, say what is short.
 
 ``make_plan(shape, request, budget)`` is the whole planner. It is pure arithmetic over the model's
-shape (no weights, no torch), so `lowmem-ft plan` answers in well under a second and `run` uses
+shape (no weights, no torch), so `lowmem-ft plan` answers in a second or two and `run` uses
 exactly the same numbers to set itself up.
 
 Peak memory is not the sum of all components: gradients appear while activations are freed. The

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from lowmem_ft.checkpoint import Restored
 from lowmem_ft.console import out_of_memory_message
 from lowmem_ft.data import Batcher, eval_batches
-from lowmem_ft.data.bulk import bar_size, progress_bar
+from lowmem_ft.data.bulk import bar_size, no_stderr, progress_bar
 from lowmem_ft.distributed.sharded import full_value, is_sharded, reshard
 from lowmem_ft.errors import DiskError, UserError, disk_fault
 from lowmem_ft.files import write_json_atomic
@@ -154,8 +154,8 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
         if select_entries(s):
             checkpoints.save(progress)  # a long selection is not repeated after a stop
         bar = tqdm(
-            total=s.max_steps, initial=progress.step, desc="training", unit="step", disable=not show_progress,
-            **bar_size(),
+            total=s.max_steps, initial=progress.step, desc="training", unit="step",
+            disable=not show_progress or no_stderr(), **bar_size(),
         )  # fmt: skip
         if not s.group.main:  # what rank 0 says (evaluations, retries), the others would repeat
             bar.write = lambda *args, **kwargs: None

@@ -21,8 +21,14 @@ def progress_bar(total: int, desc: str, unit: str, show: bool, unit_scale: bool 
 
     return tqdm(
         total=total, desc=desc, unit=unit, unit_scale=unit_scale, leave=False, delay=0.5,
-        disable=not show, **bar_size(),
+        disable=not show or no_stderr(), **bar_size(),
     )  # fmt: skip
+
+
+def no_stderr() -> bool:
+    """Standard error was closed before the command started (`2>&-`: Python sets it to None), where
+    tqdm would fail at its first refresh: the bars are not drawn."""
+    return sys.stderr is None
 
 
 def bar_size() -> dict:

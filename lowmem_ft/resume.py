@@ -18,6 +18,7 @@ from pathlib import Path
 from lowmem_ft.checkpoint import SHARDS, Restored, latest_checkpoint, list_checkpoints, remove_partial
 from lowmem_ft.config import RunConfig
 from lowmem_ft.console import print_header
+from lowmem_ft.devices import device_problem
 from lowmem_ft.distributed.group import ONE, Group
 from lowmem_ft.distributed.ranks import SHARDED_METHODS, Ranks
 from lowmem_ft.errors import UserError
@@ -155,6 +156,11 @@ def _prepare_resume(
             f"this job was started with settings this lowmem-ft refuses: {error}; resume keeps a job's "
             "settings, so start a new job with `lowmem-ft run`"
         ) from None
+    if (problem := device_problem(requested.device)) is not None:  # (its advice: a --device to give)
+        raise UserError(
+            f"{problem.split('; ')[0]} (this job was started with it, and resume keeps a job's device); "
+            "resume it on a machine that has it"
+        )
     # What the method trains and how is part of the result, so the job's choices are kept, even
     # those the planner made for the first machine; so is the precision (HiFT keeps bf16 weights
     # on a GPU). Only how a step is cut into micro-batches and whether activations are recomputed

@@ -155,7 +155,10 @@ def test_a_run_whose_output_is_no_longer_read_goes_on_to_the_end(tmp_path, data,
         monkeypatch.setattr(sys, "stderr", stream)
         code = _command(["run", "tiny", str(data), "--out", str(tmp_path / name), *args])
         monkeypatch.undo()
-        assert code == 0 and Job.open(tmp_path / name).record["status"] == "done", (name, Job.open(tmp_path / name).record.get("error"))
+        assert code == 0 and Job.open(tmp_path / name).record["status"] == "done", (
+            name,
+            Job.open(tmp_path / name).record.get("error"),
+        )
 
 
 def test_a_full_disk_when_the_job_is_created_leaves_nothing_behind(tmp_path, capsys, data, monkeypatch):

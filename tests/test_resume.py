@@ -551,6 +551,15 @@ def test_resume_refuses_what_it_cannot_resume(tmp_path, capsys, monkeypatch, dat
     assert err.rstrip().endswith(
         "; resume keeps a job's settings, so start a new job with `lowmem-ft run`"
     ), err
+    # a device this machine does not have: its usual advice ("use --device cpu") is not for resume
+    on_a_gpu = {**record(job)["requested"], "device": "cuda"}
+    (old / "job.json").write_text(json.dumps({**record(job), "requested": on_a_gpu}))
+    if not torch.cuda.is_available():
+        code, _, err = cli(capsys, "resume", old)
+        assert code == 2 and err.strip() == (
+            "error: --device cuda was asked for but no CUDA device is visible (this job was started with it, "
+            "and resume keeps a job's device); resume it on a machine that has it"
+        )
     # what is not a setting (the data file moved away, this machine's GPUs) is said as it was
     gone = {**record(job)["requested"], "data": str(tmp_path / "gone.jsonl")}
     (old / "job.json").write_text(json.dumps({**record(job), "requested": gone}))

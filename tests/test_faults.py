@@ -143,7 +143,19 @@ def test_a_run_whose_output_is_no_longer_read_goes_on_to_the_end(tmp_path, data,
         def flush(self):
             raise OSError(self.code, os.strerror(self.code))
 
-    args = [*(arg for arg in FAST if arg != "-q"), "--eval-every", "1"]  # the bar, lines under it
+    # the bar drawn, and an evaluation's line written under it after step 1 of 2
+    args = [
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--micro-batch-size",
+        "2",
+        "--seq-len",
+        "64",
+        "--eval-every",
+        "1",
+    ]
     # None: no output at all (`>&- 2>&-`, as Python sets it); EPIPE: the pipe's reader has gone;
     # EBADF: standard error closed alone (`2>&-`), which failed the run with "Bad file descriptor"
     for name, stream in (

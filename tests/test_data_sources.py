@@ -271,6 +271,28 @@ def test_parquet_errors_name_the_record(tmp_path):
     )
 
 
+def test_empty_parquet_part_files_of_a_directory_are_left_out(tmp_path, caplog):
+    """Dask and Spark write a part file of no rows where a partition is empty: the directory is read
+    without it (it was refused whole); a directory of nothing but such files is refused."""
+    pyarrow = pytest.importorskip("pyarrow")
+    parquet = pytest.importorskip("pyarrow.parquet")
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    parquet.write_table(
+        pyarrow.table({"text": pyarrow.array([], pyarrow.string())}), parts / "part-0.parquet"
+    )
+    write_parquet(parts / "part-1.parquet", [{"text": "a"}, {"text": "b"}])
+    with caplog.at_level("INFO", logger="lowmem_ft"):
+        records, fmt, _ = read_records(parts)
+    assert [r.data["text"] for r in records] == ["a", "b"] and fmt == "text"
+    assert f"{parts / 'part-0.parquet'}: no records; left out" in caplog.text
+    (parts / "part-1.parquet").unlink()
+    parquet.write_table(
+        pyarrow.table({"text": pyarrow.array([], pyarrow.string())}), parts / "part-2.parquet"
+    )
+    assert error_of(parts) == f"{parts}: none of its files holds a record; it must hold at least one"
+
+
 def test_saved_dataset(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_list(CHAT_ROWS).save_to_disk(tmp_path / "ds")

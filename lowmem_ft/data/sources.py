@@ -55,10 +55,23 @@ def read_records(
     records: list[Record] = []
     sources = _sources(path, say_left_out=True)
     total = sum(f.stat().st_size for f in data_files(path))
+    empty: list[_NoRecords] = []
     with progress_bar(total, "reading", "B", show_progress) as bar, cycle_collector_paused():
         for kind, source in sources:
-            records += _READERS[kind](source, checker, bar)
+            try:
+                records += _READERS[kind](source, checker, bar)
+            except _NoRecords as error:  # a part file of none (Dask and Spark write them): left out
+                if len(sources) == 1:
+                    raise
+                log.info(f"data       {source}: no records; left out")
+                empty.append(error)
+    if len(empty) == len(sources):
+        raise DataError(f"{path}: none of its files holds a record; it must hold at least one") from None
     return checker.finish(records, path)
+
+
+class _NoRecords(DataError):
+    """A Parquet file or saved dataset of no rows."""
 
 
 def data_path_problem(path: Path) -> str | None:
@@ -233,7 +246,7 @@ def _read_dataset(path: Path, checker: RecordChecker, bar) -> list[Record]:
         dataset = datasets.load_from_disk(str(path))
     except IndexError:  # (datasets' own failure on a saved dataset of no rows: it has no data file)
         if not list(path.glob("*.arrow")):
-            raise DataError(f"{path}: the saved dataset has no records; it must hold at least one") from None
+            raise _NoRecords(f"{path}: the saved dataset has no records; it must hold at least one") from None
         raise
     except (OSError, ValueError, KeyError) as error:
         raise DataError(f"{path}: cannot be read as a saved dataset ({error}); save it again") from None
@@ -246,7 +259,7 @@ _READERS = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, 
 
 def _check_rows(path: Path, rows: list, checker: RecordChecker) -> list[Record]:
     if not rows:  # (said as an empty .json list is; not "no valid records" after skipping none)
-        raise DataError(f"{path}: holds no records; it must hold at least one record")
+        raise _NoRecords(f"{path}: holds no records; it must hold at least one record")
     records = []
     for number, row in enumerate(rows, start=1):
         try:

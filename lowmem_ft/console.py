@@ -42,7 +42,7 @@ def print_header(s: Setup, job: Job) -> None:
     log.info(f"method     {s.method.name}: {s.method.summary}; {s.method.describe_trainable()}")
     log.info(
         f"data       {s.config.data} ({d.format}): {d.describe(s.config)}"
-        + (f", {d.skipped_lines} bad lines skipped" if d.skipped_lines else "")
+        + (f", {d.skipped_lines} bad line{'s' * (d.skipped_lines != 1)} skipped" if d.skipped_lines else "")
     )
     for warning in d.warnings(s.config):
         log.warning(f"warning    {warning}")

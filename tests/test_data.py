@@ -820,6 +820,10 @@ def test_skip_bad_lines_with_nothing_valid(tmp_path):
     with pytest.raises(DataError) as excinfo:
         read_jsonl(path, skip_bad_lines=True)
     assert str(excinfo.value).startswith(f"{path}: no valid records (2 bad lines skipped); ")
+    path.write_bytes(b"[1]\n")
+    with pytest.raises(DataError) as excinfo:
+        read_jsonl(path, skip_bad_lines=True)
+    assert str(excinfo.value).startswith(f"{path}: no valid records (1 bad line skipped); ")  # (was "lines")
 
 
 TURN = '{"role": "user", "content": "a"}'

@@ -90,7 +90,7 @@ class RecordChecker:
     def finish(self, records: list[Record], path) -> tuple[list[Record], str, int]:
         """The readers' return value: (records, format, bad records skipped); an error if none is left."""
         if not records:
-            noun = "lines" if self.skipped_units <= {"line"} else "records"
+            noun = ("line" if self.skipped_units <= {"line"} else "record") + "s" * (self.skipped != 1)
             raise DataError(
                 f"{path}: no valid records ({self.skipped} bad {noun} skipped); "
                 "run without --skip-bad-lines to see what is wrong with the first one"

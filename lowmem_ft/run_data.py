@@ -233,12 +233,15 @@ def _nothing_to_learn(config: RunConfig, rendered: list, tokenizer) -> str:
     examples, first = np.unique(owners, return_index=True)  # each example's first trained token
     reaches = np.sort(trained[first] - table.starts[examples] + 1)  # the --seq-len that keeps it
     records = f"{len(rendered):,} training record{'s' * (len(rendered) != 1)}"
-    within = f"within its first {config.seq_len} tokens"
-    said = f"{config.data}: none of its {records} has anything to learn from {within}"
     if not len(reaches):  # (no response at all: --seq-len is not why)
         return f"{config.data}: none of its {records} has a response to learn from; check the data"
     half = int(reaches[(len(reaches) - 1) // 2])  # the least that keeps at least half
-    return f"{said} (the responses start after them); --seq-len {half} keeps half of them"
+    judged = f" (judged from the first {CHUNK:,})" if len(rendered) > CHUNK else ""
+    return (
+        f"{config.data}: none of its {records} has anything to learn from within its first "
+        f"{config.seq_len} tokens (the responses start after them); --seq-len {half} keeps half of "
+        f"them{judged}"
+    )
 
 
 def data_digests(config: RunConfig) -> dict:

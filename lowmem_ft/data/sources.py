@@ -55,17 +55,17 @@ def read_records(
     records: list[Record] = []
     sources = _sources(path, say_left_out=True)
     total = sum(f.stat().st_size for f in data_files(path))
-    empty: list[_NoRecords] = []
+    empty = 0  # files of no records, left out
     with progress_bar(total, "reading", "B", show_progress) as bar, cycle_collector_paused():
         for kind, source in sources:
             try:
                 records += _READERS[kind](source, checker, bar)
-            except _NoRecords as error:  # a part file of none (Dask and Spark write them): left out
+            except _NoRecords:  # a part file of none (Dask and Spark write them): left out
                 if len(sources) == 1:
                     raise
                 log.info(f"data       {source}: no records; left out")
-                empty.append(error)
-    if len(empty) == len(sources):
+                empty += 1
+    if empty == len(sources):
         raise DataError(f"{path}: none of its files holds a record; it must hold at least one") from None
     return checker.finish(records, path)
 

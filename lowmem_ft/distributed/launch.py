@@ -1,10 +1,10 @@
 """`--nproc N`: start N ranks on this machine through torchrun's own agent (torch.distributed
-.elastic), each running ``python -m lowmem_ft.cli.rank``, and wait for them.
+.elastic), each running ``python -m lowmem_ft.rank``, and wait for them.
 
 The options were checked here, in one process, before any rank starts: a mistake is one line, not
 N. Rank 0 prints (the ranks share this terminal); a rank that fails makes the agent stop the others
 at once (a dead rank's peers see their collectives fail), and this process exits non-zero with the
-line the first rank to fail ended with (cli/rank.py leaves it here), said once, as one process
+line the first rank to fail ended with (rank.py leaves it here), said once, as one process
 would say it. The job directory and its last checkpoint stay as they were: `lowmem-ft resume JOB`
 continues.
 """
@@ -32,7 +32,7 @@ def launch(
     job_dir: Path,
     on_failure: Callable[[str], None],
 ) -> None:
-    """Run ``python -m lowmem_ft.cli.rank COMMAND PAYLOAD.json`` on ``nproc`` ranks;
+    """Run ``python -m lowmem_ft.rank COMMAND PAYLOAD.json`` on ``nproc`` ranks;
     ``payload``: what the worker's command needs (a run's configuration, a job to resume), for the
     job in ``job_dir``. ``on_failure(line)``: told the line that says why the ranks failed (the job
     records it: rank 0, whose collectives broke when another rank went away, recorded only that)."""
@@ -52,8 +52,8 @@ def launch(
         # each rank gets its share of the cores (torch would give every rank all of them)
         threads = max(1, (os.cpu_count() or 1) // nproc)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-        os.environ[LAUNCHER_PID] = str(os.getpid())  # the ranks end with this process (cli/rank.py)
-        args = ["-u", "-m", "lowmem_ft.cli.rank", command, str(payload_file)]
+        os.environ[LAUNCHER_PID] = str(os.getpid())  # the ranks end with this process (rank.py)
+        args = ["-u", "-m", "lowmem_ft.rank", command, str(payload_file)]
         args += [] if show_progress else ["--quiet"]
         try:
             with _agent_quiet():
@@ -99,7 +99,7 @@ def _cause(failures: dict) -> tuple:
 
 
 def last_words_file(payload_file: Path, rank: int) -> Path:
-    """Where rank ``rank`` leaves the line it ended with (cli/rank.py writes it, launch() says it)."""
+    """Where rank ``rank`` leaves the line it ended with (rank.py writes it, launch() says it)."""
     return payload_file.with_name(f"rank-{rank}.txt")
 
 

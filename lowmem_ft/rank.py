@@ -1,25 +1,21 @@
-"""One rank of a job started by `--nproc N` (launch.py): ``python -m lowmem_ft.cli.rank
+"""One rank of a job started by `--nproc N` (distributed/launch.py): ``python -m lowmem_ft.rank
 run|resume PAYLOAD.json [--quiet]``. It runs what `lowmem-ft run` / `resume` would, as a rank;
 only rank 0 prints its progress (the others' output would repeat it N times).
 
 A rank's last words (an error, "interrupted ...") are not printed but written next to the payload
 (``rank-K.txt``): the launcher prints those of the rank that ended first, once. Printed here, the
 same bad input would be said N times, or not at all when another rank failed first and the agent
-stopped rank 0 before it could say it."""
+stopped rank 0 before it could say it.
+
+A module of the package's top level, not of ``lowmem_ft.cli``: ``python -m`` imports the package
+around a module first, and the command line's (Typer and the rest, a third of a second) would run
+before this module could say how a stop while starting ends."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
 import os
-import shutil
 import signal
 import sys
-from pathlib import Path
-
-from lowmem_ft.distributed.launch import LAUNCHER_PID, PEER_LOST, last_words_file
-from lowmem_ft.distributed.ranks import Ranks
 
 INTERRUPTED = "interrupted before training started; nothing was lost"
 
@@ -28,18 +24,32 @@ def stopped_while_starting(signum, frame) -> None:
     """A stop while the rank is still importing torch (seconds): the agent passing on a Ctrl-C, or
     stopping this rank because another failed. The rank ends at once, leaving the line one process
     says (the launcher says rank 0's), not a traceback of the import it interrupted."""
-    with contextlib.suppress(OSError, IndexError):
+    try:  # (what it needs may be the very import interrupted, half done: the line is then not left)
+        from pathlib import Path
+
+        from lowmem_ft.distributed.launch import last_words_file
+        from lowmem_ft.distributed.ranks import Ranks
+
         last_words_file(Path(sys.argv[2]), Ranks.from_env().rank).write_text(INTERRUPTED)
+    except Exception:
+        pass
     os._exit(130)
 
 
-if __name__ == "__main__":  # before torch is imported (below); main() then stops as a rank does
+if __name__ == "__main__":  # first, before anything is imported (below); main() then stops as a rank does
     for _stop in (signal.SIGTERM, signal.SIGINT):
         signal.signal(_stop, stopped_while_starting)
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
 from lowmem_ft.distributed.group import end_rank, lost_a_peer  # noqa: E402
+from lowmem_ft.distributed.launch import LAUNCHER_PID, PEER_LOST, last_words_file  # noqa: E402
+from lowmem_ft.distributed.ranks import Ranks  # noqa: E402
 
 
 def end_with_the_launcher() -> None:

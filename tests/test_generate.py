@@ -126,10 +126,38 @@ def test_sampling_is_transformers_sampling_with_the_same_seed(capsys, tiny_token
     code, out, err = cli(capsys, *args, "--seed", "3", *NEW)
     assert code == 0, err
     torch.manual_seed(3)
-    sampled = _greedy(TINY_DIR, _ids(tiny_tokenizer, "import"), do_sample=True, temperature=0.9, top_p=0.95)
+    sampled = _greedy(
+        TINY_DIR, _ids(tiny_tokenizer, "import"), do_sample=True, temperature=0.9, top_p=0.95, top_k=0
+    )
     assert out == sampled + "\n"
     assert cli(capsys, *args, "--seed", "3", *NEW)[1] == out
     assert "sampled, temperature 0.9, top-p 0.95, seed 3" in err
+
+
+def test_a_models_own_sampling_settings_change_nothing_the_options_decide(tmp_path, capsys, tiny_tokenizer):
+    """Instruct models ship sampling settings in generation_config.json, and transformers fills every
+    setting left unset from them, then from its own defaults (top-k 50). Greedy stays plain greedy
+    (no repetition penalty, no n-gram ban), and sampled with --top-k 0 draws from every token."""
+    shipped = tmp_path / "instruct"
+    shutil.copytree(TINY_DIR, shipped)
+    config_file = shipped / "generation_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, min_p=0.1, repetition_penalty=1.5)
+    config_file.write_text(json.dumps({**config, "no_repeat_ngram_size": 3}))
+    ids = _ids(tiny_tokenizer, "def f(x):")
+
+    code, out, err = cli(capsys, "generate", shipped, "--prompt", "def f(x):", "--max-new-tokens", "24")
+    assert code == 0, err
+    assert out == _greedy(TINY_DIR, ids, max_new_tokens=24) + "\n"
+
+    args = ["--prompt", "def f(x):", "--temperature", "2", "--seed", "7", *NEW]
+    code, out, err = cli(capsys, "generate", shipped, *args)
+    assert code == 0, err
+    torch.manual_seed(7)
+    whole = _greedy(TINY_DIR, ids, do_sample=True, temperature=2.0, top_k=0, top_p=1.0)
+    torch.manual_seed(7)
+    top_50 = _greedy(TINY_DIR, ids, do_sample=True, temperature=2.0, top_k=50, top_p=1.0)
+    assert out == whole + "\n" and whole != top_50
 
 
 def test_tokens_stream_as_they_are_generated():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -148,16 +147,23 @@ class Generator:
         return streamer.text
 
     def _generation_config(self):
-        o = self.options
-        # The model's own (its end-of-sequence ids, above all); what the user chose decides sampling.
-        config = copy.deepcopy(self.model.generation_config)
+        """What ``generate`` is told: the model's own end, padding and start ids, and for the rest
+        what the user chose, spelled out. transformers fills every field left unset (None) from the
+        model's generation_config.json, then from its own defaults: an Instruct model's shipped
+        top-k, top-p or repetition penalty would change a greedy answer, and an unset top-k would
+        be 50, not off."""
+        from transformers import GenerationConfig
+
+        o, model_config = self.options, self.model.generation_config
+        sampled = o.temperature > 0
+        config = GenerationConfig(**_NEUTRAL)
+        for name in _TOKEN_IDS:
+            setattr(config, name, getattr(model_config, name, None))
         config.max_new_tokens = o.max_new_tokens
-        config.max_length = None
-        config.do_sample = o.temperature > 0
-        # Unset when greedy, so a model's own sampling defaults neither apply nor draw warnings.
-        config.temperature = o.temperature if o.temperature > 0 else None
-        config.top_p = o.top_p if o.temperature > 0 else None
-        config.top_k = o.top_k if o.temperature > 0 and o.top_k > 0 else None
+        config.do_sample = sampled
+        if sampled:  # (greedy keeps the neutral values: set otherwise, transformers warns they go unused)
+            config.temperature, config.top_p, config.top_k = o.temperature, o.top_p, o.top_k  # top-k 0: off
+            config.min_p = 0.0
         config.pad_token_id = self.tokenizer.pad_token_id
         if config.eos_token_id is None:
             config.eos_token_id = self.tokenizer.eos_token_id
@@ -181,6 +187,18 @@ class Generator:
             # Once, just before the first draw: the session's draws then follow from the seed alone,
             # as `torch.manual_seed(seed); model.generate(...)` would (loading a LoRA adapter draws too).
             torch.manual_seed(self.options.seed)
+
+
+# The ids generation starts, stops and pads with: the only fields taken from the model's own.
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+# Every way of choosing the next token that a model's generation_config.json may set, set to what
+# leaves the model's distribution as it is (plain greedy, or sampling from all of it): what
+# lowmem-ft's options say is then all that applies. (Token lists a model forces or bans stay its own.)
+_NEUTRAL = dict(
+    num_beams=1, temperature=1.0, top_k=50, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0,
+    eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+    min_length=0, length_penalty=1.0, renormalize_logits=False, remove_invalid_values=False,
+)  # fmt: skip
 
 
 @dataclass

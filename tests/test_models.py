@@ -116,6 +116,29 @@ def test_tiny_is_embedded_and_runs(tiny_loaded, tiny_dir):
     assert torch.isfinite(logits).all()
 
 
+def test_a_saved_model_writes_a_tied_embedding_once_as_its_base_does(tiny_loaded, tiny_dir, tmp_path):
+    """The embedded model ties its head to its input embedding (as most small models do): the saved
+    model holds the tensor once, like the base (a second copy was a fifth of tiny's file), and loads
+    tied, with the weights it was given."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from lowmem_ft.models.saving import save_hf_model
+
+    resolved, model, tokenizer = tiny_loaded
+    assert resolved.config.tie_word_embeddings
+    out = save_hf_model(model, tokenizer, tmp_path / "saved", torch.bfloat16, tiny_dir)
+
+    def names(directory: Path) -> set[str]:
+        with safe_open(directory / "model.safetensors", "pt") as f:
+            return set(f.keys())
+
+    assert names(out) == names(tiny_dir)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
+
+
 def test_an_empty_model_has_the_loaded_ones_modules_and_no_memory(tiny_loaded):
     """What the ranks of a sharded run build before rank 0 sends the weights: the same parameters
     and buffers (the head still tied), all on the meta device; the config it was built from still

@@ -56,7 +56,7 @@ def save_hf_model(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     state = model.state_dict() if state is None else state
-    state = {name: t.detach().to("cpu", save_dtype) for name, t in state.items()}
+    state = _cast_keeping_ties(state, save_dtype)
     model.config.dtype = save_dtype
     with quiet_transformers():  # no per-shard progress bar in the middle of our output
         model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
@@ -77,6 +77,21 @@ def save_hf_model(
     tokenizer.save_pretrained(out_dir)
     copy_notices(base_dir, out_dir)
     return out_dir
+
+
+def _cast_keeping_ties(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``state`` on the host in ``dtype``, one tensor at a time. A tensor a model ties under two names
+    (the input embedding and the output head of most small models) stays one tensor: save_pretrained
+    then writes it once, as the base has it, where two copies would add the embedding's size again."""
+    cast: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, tensor in state.items():
+        storage = tensor.untyped_storage().data_ptr()
+        key = (tensor.device, storage, tensor.storage_offset(), tensor.shape, tensor.stride())
+        if tensor.device.type == "meta" or key not in cast:
+            cast[key] = tensor.detach().to("cpu", dtype)
+        out[name] = cast[key]
+    return out
 
 
 def model_dtype_on_disk(resolved: ResolvedModel) -> torch.dtype:

@@ -114,6 +114,7 @@ def execute(s: Setup, job: Job, restored: Restored | None, show_progress: bool) 
         with contextlib.suppress(OSError):
             name = "error.log" if s.group.main else f"error-rank{s.group.ranks.rank}.log"
             (job.dir / name).write_text(traceback.format_exc())
+            exc.traceback_file = job.dir / name  # (the command line names it)
         job.update_if_possible(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:

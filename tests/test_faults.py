@@ -485,6 +485,26 @@ def test_weights_gone_non_finite_are_never_checkpointed_and_the_stop_names_the_l
     assert Job.open(out).record["status"] == "failed"
 
 
+def test_a_bug_during_training_fails_the_job_and_names_its_error_log(tmp_path, capsys, data, monkeypatch):
+    """Something that is not the user's input (a bug) fails the job: one line, then where the
+    traceback is, the job's error.log."""
+    import lowmem_ft.train as train
+
+    def broken_step(*args, **kwargs):
+        raise RuntimeError("an engine bug")
+
+    monkeypatch.setattr(train, "train_step", broken_step)
+    out = tmp_path / "job"
+    code, _, err = cli(capsys, "run", "tiny", data, "--out", out, *FAST)
+    assert code == 1
+    assert err.strip().splitlines()[-2:] == [
+        "error: RuntimeError: an engine bug",
+        f"the traceback is in {out / 'error.log'} (please include it if you report this)",
+    ]
+    assert "in broken_step" in (out / "error.log").read_text()
+    assert Job.open(out).record["status"] == "failed"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_the_checkpoint_check_names_the_first_tensor_with_a_value_that_is_not_finite(dtype, bad):

@@ -230,7 +230,10 @@ def test_chat_in_the_default_headers_continues_what_training_rendered(tiny_token
         (["tiny", "--prompt", "x", "--chat"], "--prompt and --chat exclude each other"),
         (["tiny", "--chat", "--raw"], "--raw only applies to --prompt; --chat writes each message"),
         (["tiny", "--prompt", "x", "--base", "tiny"], "--base only applies to a sparse delta or a LoRA"),
-        (["tiny", "--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0"),
+        (["tiny", "--prompt", "x", "--temperature", "-1"], "--temperature must be 0 (greedy) or a finite"),
+        (["tiny", "--prompt", "x", "--temperature", "inf"], "--temperature must be 0 (greedy) or a finite"),
+        (["tiny", "--prompt", "x", "--temperature", "nan"], "--temperature must be 0 (greedy) or a finite"),
+        (["tiny", "--prompt", "x", "--temperature", "1e-38"], "value from 0.001 (e.g. 0.7 to sample)"),
         (["tiny", "--prompt", "x", "--temperature", "1", "--top-p", "0"], "--top-p must be in (0, 1]"),
         (["tiny", "--prompt", "x", "--temperature", "1", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
         (["tiny", "--prompt", "x", "--top-p", "0.9"], "--top-p only applies to sampling; add --temperature"),
@@ -247,6 +250,24 @@ def test_bad_input_is_one_line_and_exit_code_2(args, says, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: ") and says in err
     assert out == ""
+
+
+def test_a_failure_outside_a_job_keeps_its_traceback_and_names_it(capsys, monkeypatch, tmp_path):
+    """A bug met outside a job (here in generate) is one line, and the traceback is kept in a file
+    that line names: there is no job directory, with its error.log, to keep it in."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # (read again from TMPDIR)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+
+    monkeypatch.setattr(Generator, "generate_ids", broken)
+    code, out, err = cli(capsys, "generate", "tiny", "--prompt", "x", *NEW)
+    assert code == 1, err
+    said, named = err.strip().splitlines()[-2:]  # (after the lines saying what was loaded)
+    assert said == "error: RuntimeError: probability tensor contains either inf, nan or element < 0"
+    kept = Path(named.split("the traceback is in ")[1].split(" (")[0])
+    assert kept.parent == tmp_path and "Traceback" in kept.read_text() and "in broken" in kept.read_text()
 
 
 def test_paths_that_are_no_job_and_no_model_are_refused(tmp_path, capsys):

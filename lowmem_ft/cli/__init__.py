@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 import typer
@@ -152,6 +153,21 @@ def _kept_by_resume(exc, ctx) -> str | None:
     )
 
 
+def _keep_traceback() -> Path | None:
+    """The traceback of the exception being handled, in a file of the temporary directory (a job
+    keeps its own in its error.log; a failure outside a job, in `generate` or `export`, had none)."""
+    import tempfile
+    import traceback
+
+    try:
+        handle, name = tempfile.mkstemp(prefix="lowmem-ft-error-", suffix=".log")
+        with os.fdopen(handle, "w") as out:
+            out.write(traceback.format_exc())
+    except OSError:
+        return None
+    return Path(name)
+
+
 def _command(argv: list[str] | None) -> int:
     """Run the command; its exit code."""
     from lowmem_ft.distributed.ranks import Ranks
@@ -179,8 +195,10 @@ def _command(argv: list[str] | None) -> int:
         hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
         typer.echo(f"error: {_kept_by_resume(exc, ctx) or exc.format_message().rstrip('.')}{hint}", err=True)
         return getattr(exc, "exit_code", 2)
-    except Exception as exc:  # a bug or a failure during training: one line, details in error.log
+    except Exception as exc:  # a bug or a failure during training: one line, the traceback in a file
         typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
-        typer.echo("the job directory's error.log has the traceback, if a job was created", err=True)
+        kept = getattr(exc, "traceback_file", None) or _keep_traceback()
+        if kept is not None:
+            typer.echo(f"the traceback is in {kept} (please include it if you report this)", err=True)
         return 1
     return code if isinstance(code, int) else 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ OnText = Callable[[str], None]  # receives each piece of the reply as it becomes
 
 # Words that end `--chat`, besides an empty line and the end of input.
 CHAT_EXIT_WORDS = ("exit", "quit")
+MIN_TEMPERATURE = 1e-3  # a sampling temperature's least (0 is greedy)
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,12 @@ class GenerateOptions:
                 raise UserError(message)
 
         need(self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        # (inf samples every token alike, whatever the model says; below 1e-3 sampling is greedy in
+        # all but name, and far below it the scaled logits overflow into NaN)
         need(
-            self.temperature >= 0,
-            f"--temperature must be >= 0 (0 = greedy, e.g. 0.7 to sample), got {self.temperature}",
+            self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < math.inf,
+            f"--temperature must be 0 (greedy) or a finite value from {MIN_TEMPERATURE:g} (e.g. 0.7 to "
+            f"sample), got {self.temperature}",
         )
         need(
             0 < self.top_p <= 1,

@@ -226,27 +226,38 @@ class LossPicture:
 
 # -- several jobs ---------------------------------------------------------------------------------
 def draw_comparison(jobs: list[tuple[str, Path]], out: Path) -> Path:
-    """Evaluation loss (left) and smoothed training loss (right) of several jobs, one colour each;
-    ``jobs`` holds (label, job directory)."""
+    """Evaluation loss (left) and smoothed training loss (right) of several jobs, each its own colour
+    and line (``_looks``), with one legend below both; ``jobs`` holds (label, job directory)."""
     if not jobs:
         raise UserError("no jobs to draw; give job directories or a directory holding them")
-    figure = _figure(12, 4.8)
+    rows = -(-len(jobs) // 3)  # the legend's rows, three jobs to a row, below the panels
+    figure = _figure(12, 4.8 + 0.22 * rows)
     eval_ax, train_ax = figure.subplots(1, 2, sharex=True)  # (one step alone would get a scale of its own)
-    for label, directory in jobs:
+    for (label, directory), (color, style) in zip(jobs, _looks(len(jobs)), strict=True):
         curves = Curves.read(directory / "metrics.jsonl")
-        (line,) = eval_ax.plot(curves.eval_steps, curves.eval_loss, marker="o", markersize=3, label=label)
-        train_ax.plot(
-            curves.steps, curves.smoothed_loss(), color=line.get_color(), label=label,
-            marker=_few(curves.steps),
-        )  # fmt: skip
+        look = dict(color=color, linestyle=style, label=label)
+        eval_ax.plot(curves.eval_steps, curves.eval_loss, marker="o", markersize=3, **look)
+        train_ax.plot(curves.steps, curves.smoothed_loss(), marker=_few(curves.steps), **look)
     titles = ("evaluation loss", "training loss (moving average over a tenth of the run)")
     for ax, what in zip((eval_ax, train_ax), titles, strict=True):
         ax.set_title(what)
         _steps_axis(ax)
         ax.set_ylabel("loss (per target token)")
         ax.grid(alpha=0.3)
-    eval_ax.legend(fontsize="small")
+    handles, labels = eval_ax.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncol=min(len(jobs), 3), fontsize="small")
     return _save(figure, out)
+
+
+def _looks(n: int) -> list[tuple]:
+    """``n`` (colour, line style) pairs, no two alike: ten colours for up to ten jobs, twenty for up to
+    twenty, then the twenty again in dashed, dotted and dash-dotted lines (matplotlib's own cycle
+    comes back to its first colour at the eleventh)."""
+    from matplotlib import colormaps
+
+    colors = colormaps["tab10" if n <= 10 else "tab20"].colors
+    styles = ("-", "--", ":", "-.")
+    return [(colors[i % len(colors)], styles[(i // len(colors)) % len(styles)]) for i in range(n)]
 
 
 # -- a plan ---------------------------------------------------------------------------------------

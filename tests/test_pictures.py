@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,35 @@ def test_jobs_plot_compares_the_jobs_curves(tmp_path, capsys, finished_job):
     assert code == 0, err
     assert f"plot       {png} (1 job)" in out  # the same job given twice is drawn once
     assert pixels_of(png, BLUE) > 300
+
+
+def test_many_jobs_are_each_told_apart_in_the_comparison(tmp_path, capsys, finished_job, monkeypatch):
+    """24 jobs, two by two of the same name in two experiments: each has a colour and line of its
+    own (matplotlib's cycle repeats at the eleventh), a label naming its experiment, and the legend
+    sits in the picture, clear of both panels (inside the left one, it ran off the top)."""
+    for experiment in ("exp1", "exp2"):
+        for i in range(12):
+            shutil.copytree(finished_job, tmp_path / experiment / f"job-{i:02d}")
+    figures = []
+    monkeypatch.setattr(pictures, "_save", lambda figure, out: figures.append(figure) or out)
+    code, out, err = cli(capsys, "jobs", tmp_path / "exp1", tmp_path / "exp2", "--plot", tmp_path / "all.png")
+    assert code == 0, err
+    (figure,) = figures
+    lines = [line for ax in figure.axes for line in ax.get_lines()]
+    looks = {(line.get_color(), line.get_linestyle()) for line in figure.axes[0].get_lines()}
+    assert len(lines) == 48 and len(looks) == 24
+    (legend,) = figure.legends
+    labels = [text.get_text() for text in legend.get_texts()]
+    assert len(set(labels)) == 24 and "exp1/job-00 (full)" in labels and "exp2/job-00 (full)" in labels
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)  # laid out and drawn as savefig draws it
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    box = legend.get_window_extent(renderer)
+    assert figure.bbox.x0 <= box.x0 and box.x1 <= figure.bbox.x1
+    assert figure.bbox.y0 <= box.y0 and box.y1 <= figure.bbox.y1
+    assert all(not box.overlaps(ax.get_tightbbox(renderer)) for ax in figure.axes)
 
 
 @pytest.mark.parametrize(

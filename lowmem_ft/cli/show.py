@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -115,7 +116,10 @@ def jobs(
     if plot is not None:
         if not found:
             raise UserError(f"no jobs under {root} to draw")
-        pictures.draw_comparison([(f"{j.path.name} ({j.method})", j.path) for j in found], plot)
+        names = distinct_names([j.path.resolve() for j in found])
+        pictures.draw_comparison(
+            [(f"{name} ({j.method})", j.path) for name, j in zip(names, found, strict=True)], plot
+        )
     if as_json:
         typer.echo(json.dumps([j.to_json() for j in found], indent=2))
         return
@@ -153,3 +157,12 @@ def jobs(
             typer.echo(f"{j.path}: interrupted; continue with `lowmem-ft resume {j.path}`")
     if plot is not None:
         typer.echo(f"plot       {plot} ({len(found)} job{'s' if len(found) > 1 else ''})")
+
+
+def distinct_names(paths: list[Path]) -> list[str]:
+    """What tells each of ``paths`` apart, for a legend: the part below their common directory
+    (``exp1/sift`` and ``exp2/sift``, where the last part alone would say ``sift`` twice)."""
+    if len(paths) == 1:
+        return [paths[0].name]
+    common = Path(os.path.commonpath(paths))
+    return [str(p.relative_to(common)) if p != common else p.name for p in paths]

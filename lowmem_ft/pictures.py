@@ -290,6 +290,8 @@ def draw_plan(plan: dict, model_name: str, out: Path) -> Path:
         ax.set_xlim(0, max(budget, peak, *sizes) * 1.05)
         ax.set_xlabel(f"{where} memory (GiB)")
         at = f", at {plan['peak_phase']}" if where == "GPU" and plan.get("peak_phase") else ""
+        if where == "host" and plan.get("ranks", 1) > 1:  # the bars are one rank's, as the table's rows
+            at = f", the node's {plan['ranks']} ranks together (the bars: one rank's)"
         ax.set_title(f"{where}: peak {peak:.1f} GiB of {budget:.1f} GiB{at}", fontsize="medium", loc="left")
         ax.tick_params(axis="y", labelsize="small")
         ax.grid(axis="x", alpha=0.3)

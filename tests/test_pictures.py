@@ -168,6 +168,18 @@ def test_jobs_plot_compares_the_jobs_curves(tmp_path, capsys, finished_job):
     assert pixels_of(png, BLUE) > 300
 
 
+def test_a_plan_of_several_ranks_says_its_host_bars_are_one_ranks(tmp_path, capsys, monkeypatch):
+    """The host rows are one rank's, the host peak the node's: the picture says so, or its peak line
+    stands far from every bar for no reason it gives."""
+    figures = []
+    monkeypatch.setattr(pictures, "_save", lambda figure, out: figures.append(figure) or out)
+    args = ["--method", "full", "--nproc", "8", "--gpu-mem", "24GiB", "--cpu-mem", "256GiB"]
+    code, out, err = cli(capsys, "plan", "llama-2-7b", *args, "--plot", tmp_path / "p.png")
+    assert code == 0, err
+    gpu, host = (ax.get_title(loc="left") for ax in figures[0].axes)
+    assert host.endswith("the node's 8 ranks together (the bars: one rank's)") and "ranks" not in gpu
+
+
 def test_many_jobs_are_each_told_apart_in_the_comparison(tmp_path, capsys, finished_job, monkeypatch):
     """24 jobs, two by two of the same name in two experiments: each has a colour and line of its
     own (matplotlib's cycle repeats at the eleventh), a label naming its experiment, and the legend

@@ -324,7 +324,8 @@ def test_plan_says_how_many_gpus_full_fine_tuning_needs_and_plans_one_rank_of_th
     # the rank's slice of the global batch of 16: 2 sequences
     assert data["settings"]["micro_batch_size"] * data["settings"]["gradient_accumulation"] == 2
     code, out, _ = cli(capsys, *args, "--nproc", "8")
-    assert "ranks      8 (--nproc): GPU memory per rank, host memory per node" in out
+    said = "ranks      8 (--nproc): GPU memory per rank; host rows per rank (a model loaded once, once), "
+    assert said + "the host peak and budget the node's, its 8 ranks together" in out
     # a node's host memory for that many ranks: each rank's runtime, and the model loaded once
     code, out, _ = cli(
         capsys, "plan", "llama-2-70b", "--method", "full", "--gpu-mem", "80GiB", "--cpu-mem", "300GiB"

@@ -18,7 +18,11 @@ def render_plan(plan: Plan, model_name: str, budget_line: str) -> str:
         "",
     ]
     if plan.ranks > 1:
-        lines.insert(2, f"ranks      {plan.ranks} (--nproc): GPU memory per rank, host memory per node")
+        lines.insert(
+            2,
+            f"ranks      {plan.ranks} (--nproc): GPU memory per rank; host rows per rank (a model loaded "
+            f"once, once), the host peak and budget the node's, its {plan.ranks} ranks together",
+        )
     width = max(len(c.name) for c in plan.components) + 2
     lines.append(f"{'component'.ljust(width)}{'GPU':>12}{'host':>12}  note")
     for c in plan.components:

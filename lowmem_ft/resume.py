@@ -73,10 +73,20 @@ def _result_in(job_dir: Path, record: dict) -> Path | None:
 
 
 def _refuse_done(job_dir: Path, record: dict) -> None:
-    if record.get("status") == "done":
+    """A finished job is not trained again. Its result, if gone since (deleted, or lost with a disk),
+    is written again from the checkpoint of its last step, which resume continues from as from any."""
+    if record.get("status") != "done":
+        return
+    result = _result_in(job_dir, record)
+    if result is None or result.exists():
         raise UserError(
             f"{job_dir} is done (step {record.get('step')}/{record.get('max_steps')}); "
-            f"its result is {_result_in(job_dir, record)}; there is nothing to resume"
+            f"its result is {result}; there is nothing to resume"
+        )
+    if not list_checkpoints(job_dir):
+        raise UserError(
+            f"{job_dir} is done, but its result {result} is gone and no checkpoint is left to write it "
+            "from; start the job again with `lowmem-ft run`"
         )
 
 
@@ -102,6 +112,7 @@ def _resume(job_dir: Path, overrides: dict, show_progress: bool, group: Group) -
     job = Job.open(job_dir)
     record = job.record
     _refuse_done(job_dir, record)
+    result_gone = record.get("status") == "done"  # (and a checkpoint to write it from: _refuse_done)
     job.lock.acquire()  # refuses a job that a live process is running
     try:
         remove_partial(job.dir)  # (before the other ranks look for checkpoints)
@@ -111,6 +122,8 @@ def _resume(job_dir: Path, overrides: dict, show_progress: bool, group: Group) -
         job.lock.release()
         raise
     print_header(s, job)
+    if result_gone:
+        log.info(f"result     {_result_in(job_dir, record)} is gone: written again from the last checkpoint")
     if restored is None:
         log.info("resume     no valid checkpoint: starting over from step 0 with the job's settings")
     else:

@@ -308,6 +308,37 @@ def test_an_unfinished_job_is_refused_in_one_line(tmp_path, capsys):
     assert code == 2 and f"when the job finishes: {job} is being run by process {os.getpid()}; wait" in err
 
 
+@pytest.mark.parametrize("method", ["full", "sift"])
+def test_a_done_jobs_result_that_is_gone_is_written_again_by_resume(method, jobs, tmp_path, capsys):
+    """A finished job whose result was deleted since: generate says resume writes it again, not that
+    the job is unfinished; resume writes it from the last step's checkpoint, the same bytes; with no
+    checkpoint left, resume says so in one line, not "there is nothing to resume"."""
+    from lowmem_ft.delta import DELTA_FILE
+
+    job = tmp_path / method
+    shutil.copytree(jobs[method], job)
+    result = job / ("model" if method == "full" else DELTA_FILE)
+    written = (result / "model.safetensors" if method == "full" else result).read_bytes()
+    shutil.rmtree(result) if result.is_dir() else result.unlink()
+
+    code, _, err = cli(capsys, "generate", job, "--prompt", "x")
+    assert code == 2 and err.strip() == (
+        f"error: {job} is done, but its result ({result.name}) is not there; `lowmem-ft resume {job}` "
+        "writes it again from the job's last checkpoint"
+    )
+    code, _, err = cli(capsys, "resume", job)
+    assert code == 0, err  # (the job is quiet: -q)
+    assert (result / "model.safetensors" if method == "full" else result).read_bytes() == written
+
+    shutil.rmtree(result) if result.is_dir() else result.unlink()
+    shutil.rmtree(job / "checkpoints")
+    code, _, err = cli(capsys, "resume", job)
+    assert code == 2 and err.strip() == (
+        f"error: {job} is done, but its result {result} is gone and no checkpoint is left to write it "
+        "from; start the job again with `lowmem-ft run`"
+    )
+
+
 def test_a_delta_is_refused_on_another_base(jobs, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(TINY_DIR, other)

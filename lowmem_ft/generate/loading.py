@@ -96,6 +96,11 @@ def _refuse_unfinished(job_dir: Path) -> None:
 
     record = job_record(job_dir)
     status, step, steps = record.get("status", "?"), record.get("step", "?"), record.get("max_steps", "?")
+    if status == "done":  # it had one: deleted or moved since (resume writes it again, or says why not)
+        raise UserError(
+            f"{job_dir} is done, but its result ({Path(record.get('output') or 'model').name}) is not "
+            f"there; `lowmem-ft resume {job_dir}` writes it again from the job's last checkpoint"
+        )
     when = being_run(job_dir) or f"`lowmem-ft resume {job_dir}` finishes it"
     raise UserError(
         f"{job_dir} has no result yet (status {status}, step {step} of {steps}); its model is written "

@@ -398,8 +398,15 @@ def read_job(directory: Path) -> JobInfo | None:
     )
 
 
-def list_jobs(root: Path) -> list[JobInfo]:
-    """Jobs directly under ``root`` (and ``root`` itself if it is a job), oldest first."""
+def list_jobs(root: Path) -> tuple[list[JobInfo], list[Path]]:
+    """Jobs directly under ``root`` (and ``root`` itself if it is a job), oldest first; and the
+    directories holding a job.json that is not a readable job record (damaged), to be said."""
     candidates = [root] + (sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else [])
-    jobs = [info for info in map(read_job, candidates) if info is not None]
-    return sorted(jobs, key=lambda j: j.updated)
+    jobs, damaged = [], []
+    for directory in candidates:
+        info = read_job(directory)
+        if info is not None:
+            jobs.append(info)
+        elif (directory / "job.json").exists():
+            damaged.append(directory)
+    return sorted(jobs, key=lambda j: j.updated), damaged

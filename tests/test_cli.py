@@ -191,6 +191,11 @@ def test_jobs_lists_finished_job_as_done(tmp_path, capsys, small_data):
     assert row.split()[1:3] == ["done", "4/4"]
     code, stdout, _ = cli(capsys, "jobs", root, "--json")
     assert json.loads(stdout)[0]["status"] == "done"
+    (root / "b").mkdir()  # a job whose record was damaged is not left out without a word
+    (root / "b" / "job.json").write_text("{bad")
+    code, stdout, err = cli(capsys, "jobs", root, "--json")
+    assert code == 0 and [job["status"] for job in json.loads(stdout)] == ["done"]
+    assert f"warning    {root / 'b'} is left out: its job.json cannot be read as a job record" in err
 
 
 def test_default_job_directory_is_under_runs(tmp_path, capsys, small_data, monkeypatch):

@@ -109,9 +109,15 @@ def jobs(
             wrong = "not a directory" if root.exists() else "no such directory"
             raise UserError(f"{root}: {wrong}; give directories holding jobs, or job directories")
     roots = roots or [Path("runs")]
-    found = sorted(
-        {j.path.resolve(): j for root in roots for j in list_jobs(root)}.values(), key=lambda j: j.updated
-    )
+    listed = [list_jobs(root) for root in roots]
+    unique = {j.path.resolve(): j for jobs, _ in listed for j in jobs}  # (a job given twice: once)
+    found = sorted(unique.values(), key=lambda j: j.updated)
+    for directory in (directory for _, damaged in listed for directory in damaged):  # (stderr: --json)
+        typer.echo(
+            f"warning    {directory} is left out: its job.json cannot be read as a job record "
+            f"(`lowmem-ft resume {directory}` says what is wrong)",
+            err=True,
+        )
     root = " ".join(map(str, roots))
     if plot is not None:
         if not found:

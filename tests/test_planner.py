@@ -370,6 +370,17 @@ def test_hift_on_several_ranks_plans_sharded_state_and_never_8_bit(capsys):
     assert code == 2 and "cannot keep HiFT's waiting state in 8 bits" in err
 
 
+def test_a_plan_on_the_cpu_speaks_of_no_gpu_link_and_no_pinning(capsys):
+    """On the CPU nothing crosses a host<->GPU link and nothing is pinned (pinning is for copies to a
+    GPU): the plan says neither, where HiFT's plan on a GPU says both."""
+    code, out, err = cli(capsys, "plan", "tiny", "--method", "hift")  # (no GPU here: planned for the CPU)
+    assert code == 0 and "on cpu" in out, err
+    assert "traffic" not in out and "pinned" not in out
+    code, out, err = cli(capsys, "plan", "tiny", "--method", "hift", "--gpu-mem", "8GiB")
+    assert code == 0 and "on cuda" in out, err
+    assert "host<->GPU per optimizer step" in out and "pinned host memory" in out
+
+
 def test_plan_needs_no_weights():
     with pytest.raises(UserError, match="unknown model"):
         build_plan("no-such-model")

@@ -30,6 +30,10 @@ from lowmem_ft.planner.types import (
 )
 
 
+def _unpinned(note: str) -> str:
+    return note.replace("in pinned host memory", "in host memory").replace("pinned host memory", "")
+
+
 def micro_batch_candidates(request: PlanRequest) -> list[int]:
     if request.micro_batch_size:
         return [request.micro_batch_size]
@@ -86,7 +90,10 @@ class Fitter:
             else:
                 host_peak = runtime + max(load_bytes, host_fixed)
         else:  # training on the CPU: what would sit on the GPU sits in host memory
-            components = [Component(c.name, 0, c.gpu_bytes + c.host_bytes, c.note) for c in components]
+            # (nothing is pinned: pinning is for copies to a GPU)
+            components = [
+                Component(c.name, 0, c.gpu_bytes + c.host_bytes, _unpinned(c.note)) for c in components
+            ]
             gpu_peak = 0
             host_peak = ranks * (runtime + host_fixed + tensor_peak)
         components.append(

@@ -40,7 +40,7 @@ def render_plan(plan: Plan, model_name: str, budget_line: str) -> str:
     fraction = plan.trainable_params / plan.total_params if plan.total_params else None
     share = "-" if fraction is None else f"{fraction:.2%}" if fraction >= 1e-3 else f"{fraction:.4%}"
     lines.append(f"trainable  {plan.trainable_params:,} of {plan.total_params:,} parameters ({share})")
-    if plan.traffic_bytes_per_step:
+    if plan.traffic_bytes_per_step and plan.device == "cuda":  # (on the CPU nothing crosses a link)
         seconds = plan.traffic_bytes_per_step / plan.link_bytes_per_s
         lines.append(
             f"traffic    {format_bytes(plan.traffic_bytes_per_step)} host<->GPU per optimizer step "

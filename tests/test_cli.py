@@ -474,3 +474,20 @@ def test_the_command_line_starts_without_torch():
     code = "import sys, lowmem_ft.cli, lowmem_ft.cli.training; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_bitsandbytes_advice_to_trust_remote_kernels_is_not_shown(caplog):
+    """bitsandbytes' warning that it could not fetch a kernel from the hub ("set trust_remote_code=
+    True") reads as advice about lowmem-ft's own flag: it is dropped; its other warnings are not."""
+    import logging
+
+    import lowmem_ft  # noqa: F401  (the filter is installed with the package)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...",
+            "Set trust_remote_code=True",
+        )
+        logger.warning("another warning")
+    assert [r.getMessage() for r in caplog.records] == ["another warning"]

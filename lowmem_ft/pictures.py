@@ -147,14 +147,14 @@ def draw_loss(job_dir: Path, out: Path | None = None, title: str | None = None) 
             curves.eval_steps, curves.eval_loss, color="tab:orange", marker="o", linewidth=2,
             label="evaluation loss",
         )  # fmt: skip
-    _steps_axis(ax)
+    _steps_axis(ax, curves.steps, curves.eval_steps)
     ax.set_ylabel("loss (per target token)")
     ax.grid(alpha=0.3)
     if curves.steps and any(lr is not None for lr in curves.lr):
         lr_axis = ax.twinx()
         lr_axis.plot(
             curves.steps, curves.lr, color="tab:gray", linestyle="--", linewidth=1, label="learning rate",
-            marker=_few(curves.steps),
+            marker="x" if _few(curves.steps) else None,  # (a cross: a dot would hide the loss's dot)
         )  # fmt: skip
         lr_axis.set_ylabel("learning rate", color="tab:gray")
         lr_axis.tick_params(axis="y", colors="tab:gray")
@@ -175,12 +175,18 @@ def _few(steps: list[int]) -> str | None:
     return "o" if len(steps) <= 3 else None
 
 
-def _steps_axis(ax) -> None:
-    """Optimizer steps, whole numbers on the axis (matplotlib would put 0.2 between steps 0 and 1)."""
+def _steps_axis(ax, *steps: list[int]) -> None:
+    """Optimizer steps, whole numbers on the axis (matplotlib would put 0.2 between steps 0 and 1).
+    ``steps``: the steps drawn; where they are one step (or none), the axis spans a step either side
+    (matplotlib's would span a tenth of a step, with no whole number on it)."""
     from matplotlib.ticker import MaxNLocator
 
     ax.set_xlabel("optimizer step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    drawn = [step for some in steps for step in some]
+    if not drawn or max(drawn) == min(drawn):
+        middle = drawn[0] if drawn else 0
+        ax.set_xlim(middle - 1, middle + 1)
 
 
 class LossPicture:
@@ -239,14 +245,20 @@ def draw_comparison(jobs: list[tuple[str, Path]], out: Path) -> Path:
         eval_ax.plot(curves.eval_steps, curves.eval_loss, marker="o", markersize=3, **look)
         train_ax.plot(curves.steps, curves.smoothed_loss(), marker=_few(curves.steps), **look)
     titles = ("evaluation loss", "training loss (moving average over a tenth of the run)")
+    every_step = [step for _, directory in jobs for step in _all_steps(directory)]
     for ax, what in zip((eval_ax, train_ax), titles, strict=True):
         ax.set_title(what)
-        _steps_axis(ax)
+        _steps_axis(ax, every_step)
         ax.set_ylabel("loss (per target token)")
         ax.grid(alpha=0.3)
     handles, labels = eval_ax.get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside lower center", ncol=min(len(jobs), 3), fontsize="small")
     return _save(figure, out)
+
+
+def _all_steps(directory: Path) -> list[int]:
+    curves = Curves.read(directory / "metrics.jsonl")
+    return curves.steps + curves.eval_steps
 
 
 def _looks(n: int) -> list[tuple]:

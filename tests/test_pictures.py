@@ -180,6 +180,25 @@ def test_a_plan_of_several_ranks_says_its_host_bars_are_one_ranks(tmp_path, caps
     assert host.endswith("the node's 8 ranks together (the bars: one rank's)") and "ranks" not in gpu
 
 
+@pytest.mark.parametrize(
+    "logged", [[{"step": 1, "loss": 4.9, "lr": 7e-4}], [{"step": 0, "eval_loss": 4.6}], []]
+)
+def test_a_job_of_one_step_or_none_gets_whole_steps_on_its_axis(logged, tmp_path, monkeypatch):
+    """A job of one step (or stopped before its first) is drawn on an axis of whole steps around it,
+    not from -0.05 to 0.05 with no step on it; the comparison of such jobs too."""
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in logged))
+    figures = []
+    monkeypatch.setattr(pictures, "_save", lambda figure, out: figures.append(figure) or out)
+    pictures.draw_loss(job)
+    pictures.draw_comparison([("job", job)], tmp_path / "compare.png")
+    step = logged[0]["step"] if logged else 0
+    assert [ax.get_xlim() for figure in figures for ax in figure.axes] == [(step - 1, step + 1)] * sum(
+        len(figure.axes) for figure in figures
+    )
+
+
 def test_many_jobs_are_each_told_apart_in_the_comparison(tmp_path, capsys, finished_job, monkeypatch):
     """24 jobs, two by two of the same name in two experiments: each has a colour and line of its
     own (matplotlib's cycle repeats at the eleventh), a label naming its experiment, and the legend

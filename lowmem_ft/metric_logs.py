@@ -44,18 +44,26 @@ def log_problem(value: str) -> str | None:
     return None
 
 
+def _logged(metrics: Path) -> list[dict]:
+    """The records of a metrics.jsonl (a torn last line of a killed run left out)."""
+    records = []
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
 class CsvLog:
     def __init__(self, job_dir: Path):
         self.path = job_dir / "metrics.csv"
         with open(self.path, "w", newline="") as f:  # rewritten from metrics.jsonl: a resume cut it back
             writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
             writer.writeheader()
-            metrics = job_dir / "metrics.jsonl"
-            for line in metrics.read_text().splitlines() if metrics.is_file() else []:
-                try:
-                    writer.writerow(json.loads(line))
-                except (ValueError, TypeError, AttributeError):
-                    continue  # a torn last line of a killed run
+            writer.writerows(_logged(job_dir / "metrics.jsonl"))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", newline="") as f:  # flushed per line, like metrics.jsonl
@@ -69,8 +77,14 @@ class TensorBoardLog:
     def __init__(self, job_dir: Path, first_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
+        directory = job_dir / "tensorboard"
+        # A job that had none (`resume --log tensorboard` on a job run without it) gets what it has
+        # logged so far, as the CSV does, not a curve that starts where the resume did.
+        logged = [] if directory.exists() else _logged(job_dir / "metrics.jsonl")
         # A resumed job logs again from first_step: events a killed run wrote from there are purged.
-        self.writer = SummaryWriter(str(job_dir / "tensorboard"), purge_step=first_step)
+        self.writer = SummaryWriter(str(directory), purge_step=first_step)
+        for record in logged:
+            self.write(record)
 
     def write(self, record: dict) -> None:
         for key, tag in TAGS.items():

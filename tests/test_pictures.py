@@ -145,6 +145,25 @@ def test_a_resumed_job_logs_each_step_once(tmp_path, capsys, monkeypatch, data, 
         assert [s for s, _ in resumed[tag]] == [s for s, _ in reference[tag]], tag
 
 
+def test_logs_first_asked_for_by_resume_hold_the_steps_before_it(
+    tmp_path, capsys, monkeypatch, data, finished_job
+):
+    """A job run without --log and resumed with --log csv,tensorboard: both logs hold every step
+    from the first, as the finished job's do, not only the steps after the resume."""
+    job = tmp_path / "job"
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, 3, count=2)
+        code, _, _ = cli(capsys, "run", "tiny", data, "--out", job, *ARGS)
+    assert code == 130 and not (job / "tensorboard").exists()
+    code, _, err = cli(capsys, "resume", job, "--log", "csv,tensorboard", "-q")
+    assert code == 0, err
+    with open(job / "metrics.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(metrics(job))
+    reference, resumed = tensorboard_scalars(finished_job), tensorboard_scalars(job)
+    for tag in ("train/loss", "eval/loss", "train/lr"):
+        assert [s for s, _ in resumed[tag]] == [s for s, _ in reference[tag]], tag
+
+
 def test_plan_plot_draws_the_memory_against_the_budget(tmp_path, capsys):
     png = tmp_path / "plan.png"
     # (--cpu-mem: the host budget is otherwise what this machine has free now, less beside other tests)

@@ -105,8 +105,7 @@ def main(argv: list[str]) -> None:
             shutil.rmtree(payload_file.parent, ignore_errors=True)
 
     stop = StopOnce()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop)
+    stop.install()
     ending = (INTERRUPTED, 130)  # the line this rank ends with, and its exit code; None: it trained
     try:
         try:
@@ -153,15 +152,35 @@ class StopOnce:
     creating is removed, not left half-written). Any later stop, or one arriving once the rank is
     leaving, is ignored: a KeyboardInterrupt raised while the rank writes its last words or exits
     would print a traceback under the command's one line (seen on CI), and a second one could
-    escape the clause that takes in the first. A rank that is leaving ends in moments anyway."""
+    escape the clause that takes in the first. A rank that is leaving ends in moments anyway.
+
+    A stop can also arrive while a finalizer runs (an object's ``__del__``, as tqdm's bars have, or a
+    weakref callback), where Python cannot raise: it prints "Exception ignored in ..." under the
+    command's line, and the rank would go on as if never stopped. ``unraisable`` (installed as
+    ``sys.unraisablehook``) takes such a KeyboardInterrupt and asks for the stop again a moment
+    later (SIGALRM), once the finalizer has returned, where it can raise (seen on CI)."""
 
     def __init__(self) -> None:
         self.leaving = False
+        self._signal: int | None = None
 
     def __call__(self, signum, frame) -> None:
         if not self.leaving:
-            self.leaving = True
+            self.leaving, self._signal = True, signum
             raise KeyboardInterrupt
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
+            signal.signal(sig, self)
+        sys.unraisablehook = self.unraisable
+
+    def unraisable(self, unraisable) -> None:
+        if unraisable.exc_type is KeyboardInterrupt and self._signal is not None:
+            # (not a signal now: its handler would run here, inside this hook, and be lost again)
+            self.leaving, self._signal = False, None
+            signal.setitimer(signal.ITIMER_REAL, 0.01)
+            return
+        sys.__unraisablehook__(unraisable)
 
 
 if __name__ == "__main__":

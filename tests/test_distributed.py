@@ -606,6 +606,7 @@ signal.signal = spy
         ("while taking in its own failure", "interrupted", 130),
         ("as it leaves", "error: unknown model 'no-such-model'", 2),
         ("twice, as it fails and as it leaves", "interrupted", 130),
+        ("while a finalizer runs, where Python cannot raise", "interrupted", 130),
     ],
 )
 def test_a_rank_stopped_by_the_agent_as_it_fails_itself_leaves_one_line_and_no_traceback(
@@ -629,9 +630,16 @@ def test_a_rank_stopped_by_the_agent_as_it_fails_itself_leaves_one_line_and_no_t
                 agent_stops_this_rank()
             return "unknown model 'no-such-model'"
 
+    class StoppedWhileFinalised:  # (tqdm's bars have a __del__: seen on CI)
+        def __del__(self):
+            agent_stops_this_rank()
+
     def failing_run(config, show_progress):
         if moment == "while setting up":
             agent_stops_this_rank()
+        if "finalizer" in moment:
+            StoppedWhileFinalised()  # dropped at once: its __del__ runs here
+            time.sleep(2)  # setting up goes on: the stop must still come
         raise FailureCutShort("unknown model")
 
     def last_words_file(payload_file, rank_number):
@@ -648,7 +656,8 @@ def test_a_rank_stopped_by_the_agent_as_it_fails_itself_leaves_one_line_and_no_t
     payload = tmp_path / "payload.json"
     payload.write_text('{"config": {}}')
     monkeypatch.setattr("lowmem_ft.config.RunConfig.from_json", lambda raw: raw)
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)}
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # (the rank installs its own)
     try:
         with pytest.raises(SystemExit):
             rank.main(["run", str(payload), "--quiet"])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lowmem_ft.config import RunConfig
 from lowmem_ft.console import print_header
+from lowmem_ft.data.cache import DIRECTORY as KEPT_DATA
 from lowmem_ft.distributed.group import ONE, Group
 from lowmem_ft.distributed.ranks import Ranks
 from lowmem_ft.errors import DiskError, disk_fault
@@ -96,11 +97,13 @@ def _run(config: RunConfig, show_progress: bool, group: Group) -> Job:
         )
         if s.plan is not None:
             write_json_atomic(job.dir / "plan.json", s.plan.to_json())
+        s.data.keep_in(job.dir)  # for resume: the data is not read and tokenised again
+        print_header(s, job)
     except BaseException as exc:
         if s is not None:
             s.data.train.close()  # the records' background encoding ends with the run that needed it
         if lock is not None:
-            abandon_new_job(lock)  # a job that never started leaves nothing behind
+            abandon_new_job(lock, made=[KEPT_DATA])  # a job that never started leaves nothing behind
         if (reason := disk_fault(exc)) is not None:
             where = config.out or "runs/"
             raise DiskError(
@@ -109,8 +112,6 @@ def _run(config: RunConfig, show_progress: bool, group: Group) -> Job:
             ) from None
         raise
     group.broadcast(str(job.dir))  # the other ranks follow this job
-    s.data.keep_in(job.dir)  # for resume: the data is not read and tokenised again
-    print_header(s, job)
     return execute(s, job, None, show_progress)
 
 

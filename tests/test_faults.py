@@ -459,6 +459,27 @@ def test_values_that_are_not_finite_or_not_sizes_are_refused_on_any_machine(
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_ctrl_c_as_the_new_job_is_being_made_leaves_nothing_behind(tmp_path, capsys, data, monkeypatch):
+    """Ctrl-C after the job's record, plan and kept data are written but before its first step
+    (here: as its header prints): "nothing was lost" holds, and nothing is left behind to block the
+    same command (it left a job 'running' at step 0 and its kept data)."""
+    import lowmem_ft.start as start
+
+    out = tmp_path / "job"
+
+    def interrupted_header(s, job):
+        assert (out / "job.json").is_file() and (out / "tokenized").is_dir()  # (made, then Ctrl-C)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(start, "print_header", interrupted_header)
+        code, _, err = cli(capsys, "run", "tiny", data, "--out", out, *FAST)
+    assert code == 130 and "interrupted before training started; nothing was lost" in err
+    assert not out.exists()
+    code, _, err = cli(capsys, "run", "tiny", data, "--out", out, *FAST)
+    assert code == 0, err
+
+
 # -- 4. a checkpoint is good only if it is finite ----------------------------------------------------
 def test_weights_gone_non_finite_are_never_checkpointed_and_the_stop_names_the_last_good_one(
     tmp_path, capsys, data, monkeypatch

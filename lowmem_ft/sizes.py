@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from decimal import Decimal
 
@@ -12,6 +13,17 @@ def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def format_bytes_up(n: float) -> str:
+    """``n`` (>= 0) as ``format_bytes`` writes it, rounded up, not to the nearest: a shortfall said
+    "needs 2.5 GiB more" must be met by 2.5 GiB more (2.52 GiB said 2.5 left the user 25 MiB short)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        shown = math.ceil(n) if unit == "B" else math.ceil(round(n * 10, 6)) / 10
+        if shown < 1024 or unit == "TiB":
+            return f"{shown:.0f} {unit}" if unit == "B" else f"{shown:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
 

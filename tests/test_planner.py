@@ -381,6 +381,34 @@ def test_a_plan_on_the_cpu_speaks_of_no_gpu_link_and_no_pinning(capsys):
     assert "host<->GPU per optimizer step" in out and "pinned host memory" in out
 
 
+@pytest.mark.parametrize(
+    "model, method, gpu_mem",
+    [("llama-2-7b", "bitfit", "12GiB"), ("llama-2-7b", "full", "24GiB"), ("llama-2-13b", "lora", "8GiB"),
+     ("qwen2.5-7b", "bitfit", "16GiB"), ("llama-3-8b", "lora", "4GiB")],
+)  # fmt: skip
+def test_a_budget_raised_by_the_shortfall_said_fits(model, method, gpu_mem):
+    """ "needs X more GPU memory" is rounded up: the budget raised by X, as written, fits (rounded to
+    the nearest, 2.52 GiB was said 2.5 and the raised budget was still short)."""
+    import re
+
+    from lowmem_ft.sizes import parse_size
+
+    plan = build_plan(model, method=method, gpu_mem=gpu_mem, cpu_mem="256GiB").plan
+    assert not plan.fits
+    more = re.search(r"needs ([\d.]+ [KMGT]iB) more GPU memory", plan.shortfall).group(1)
+    raised = parse_size(gpu_mem, "--gpu-mem") + parse_size(more.replace(" ", ""), "--gpu-mem")
+    assert build_plan(model, method=method, gpu_mem=str(raised), cpu_mem="256GiB").plan.fits
+
+
+def test_a_size_rounded_up_is_never_below_it():
+    from lowmem_ft.sizes import format_bytes_up, parse_size
+
+    for n in (1, 1023, 1024, 1025, 2_705_000_000, 2**30 - 1, 25 * 2**20 + 1, 1023.96 * 2**20):
+        shown = format_bytes_up(n)
+        assert parse_size(shown.replace(" ", ""), "--gpu-mem") >= n, (n, shown)
+    assert format_bytes_up(2.52 * 2**30) == "2.6 GiB" and format_bytes_up(2.5 * 2**30) == "2.5 GiB"
+
+
 def test_plan_needs_no_weights():
     with pytest.raises(UserError, match="unknown model"):
         build_plan("no-such-model")

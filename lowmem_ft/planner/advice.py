@@ -8,7 +8,7 @@ from dataclasses import replace
 from lowmem_ft.distributed.ranks import SHARDED_METHODS
 from lowmem_ft.planner.types import Plan, PlanRequest
 from lowmem_ft.registry import planned_options
-from lowmem_ft.sizes import format_bytes
+from lowmem_ft.sizes import format_bytes, format_bytes_up
 
 # The methods to suggest when a method does not fit with any of its own choices: the closest in what
 # they train, that need less memory. BitFit and SPAFIT train little but keep the whole 16-bit base on
@@ -27,9 +27,9 @@ def shortfall(plan: Plan, request: PlanRequest, replan: Callable[[PlanRequest], 
 
     parts = []
     if plan.device == "cuda" and plan.gpu_peak_bytes > plan.gpu_budget_bytes:
-        parts.append(f"needs {format_bytes(plan.gpu_peak_bytes - plan.gpu_budget_bytes)} more GPU memory")
+        parts.append(f"needs {format_bytes_up(plan.gpu_peak_bytes - plan.gpu_budget_bytes)} more GPU memory")
     if plan.host_peak_bytes > plan.host_budget_bytes:
-        parts.append(f"needs {format_bytes(plan.host_peak_bytes - plan.host_budget_bytes)} more host RAM")
+        parts.append(f"needs {format_bytes_up(plan.host_peak_bytes - plan.host_budget_bytes)} more host RAM")
     message = " and ".join(parts) or "does not fit"
     alternatives = []
     policy_given = getattr(request.options, "state_policy", None)  # HiFT's

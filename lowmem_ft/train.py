@@ -199,7 +199,10 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
             if is_last or s.group.any(checkpoints.due(progress.step)):  # (one clock decides)
                 checkpoints.save(progress)
         bar.close()
-        if progress.step < s.max_steps:  # a stop request, on this rank or another
+        # A stop request, on this rank or another; also one that came during the last step, which
+        # the loop's test no longer asks about: the final evaluation and export (minutes for a 7B
+        # model) are left to resume, as the user asked, not run after it.
+        if progress.step < s.max_steps or s.group.any(stop.signal is not None):
             checkpoints.save(progress)
             job.update(status="interrupted", stopped_by=stop.signal or "a signal to another rank")
             picture.catch_up()  # up to the step it stopped at

@@ -480,6 +480,27 @@ def test_a_ctrl_c_as_the_new_job_is_being_made_leaves_nothing_behind(tmp_path, c
     assert code == 0, err
 
 
+def test_a_ctrl_c_in_the_last_step_stops_there_and_resume_finishes_alike(tmp_path, capsys, data, monkeypatch):
+    """Ctrl-C during the last step was announced ("finishing this step and saving a checkpoint"), then
+    the final evaluation and export ran anyway (minutes for a 7B model) and the job ended done. It
+    stops after the step's checkpoint, interrupted; resume then writes the same result."""
+    from test_resume import signal_at_step
+
+    out, reference = tmp_path / "job", tmp_path / "reference"
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, 3)  # FAST's last step
+        code, _, err = cli(capsys, "run", "tiny", data, "--out", out, *FAST)
+    assert code == 130, err
+    record = Job.open(out).record
+    assert record["status"] == "interrupted" and record["last_checkpoint"]["step"] == 3
+    assert not (out / "model").exists()
+    code, _, err = cli(capsys, "resume", out)
+    assert code == 0 and Job.open(out).record["status"] == "done", err
+    assert cli(capsys, "run", "tiny", data, "--out", reference, *FAST)[0] == 0
+    written = (out / "model" / "model.safetensors").read_bytes()
+    assert written == (reference / "model" / "model.safetensors").read_bytes()
+
+
 # -- 4. a checkpoint is good only if it is finite ----------------------------------------------------
 def test_weights_gone_non_finite_are_never_checkpointed_and_the_stop_names_the_last_good_one(
     tmp_path, capsys, data, monkeypatch

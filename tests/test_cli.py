@@ -491,3 +491,39 @@ def test_bitsandbytes_advice_to_trust_remote_kernels_is_not_shown(caplog):
         )
         logger.warning("another warning")
     assert [r.getMessage() for r in caplog.records] == ["another warning"]
+
+
+def test_a_ctrl_c_while_the_command_line_imports_is_one_line(tmp_path):
+    """Ctrl-C while `lowmem-ft` is still importing (torch, Typer: a second or two) ends it with one
+    line and exit code 130, not a traceback of the import it interrupted. Here it comes as Typer is
+    imported."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal, sys\n"
+        "class Trip:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'typer':\n"
+        "            sys.meta_path.remove(self)\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.meta_path.insert(0, Trip())\n"
+    )
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
+    done = subprocess.run(
+        [sys.executable, "-m", "lowmem_ft", "plan", "tiny"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 130 and done.stderr == "interrupted while starting; nothing was done\n"
+
+
+def test_a_ctrl_c_that_no_command_takes_in_is_said(capsys, monkeypatch):
+    """Typer ends a command that a Ctrl-C interrupts with exit code 130 and not a word; lowmem-ft
+    says it was interrupted (a run says more: where its job stands)."""
+    import lowmem_ft.planner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lowmem_ft.planner, "build_plan", interrupted)
+    code, out, err = cli(capsys, "plan", "tiny")
+    assert code == 130 and err == "interrupted\n" and out == ""

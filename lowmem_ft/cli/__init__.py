@@ -179,6 +179,7 @@ def _command(argv: list[str] | None) -> int:
         logging.getLogger("lowmem_ft").setLevel(logging.WARNING)
     # SIGTERM (kill, a scheduler stopping us) is treated like Ctrl-C: the job records 'interrupted'.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (__main__ had its own, for the imports)
     try:
         # Without standalone mode, typer returns (not raises) the code of `typer.Exit`.
         with _output_that_may_go_unread():
@@ -201,4 +202,6 @@ def _command(argv: list[str] | None) -> int:
         if kept is not None:
             typer.echo(f"the traceback is in {kept} (please include it if you report this)", err=True)
         return 1
+    if code == 130:  # a Ctrl-C that no command took in itself: typer ends it without a word
+        typer.echo("interrupted", err=True)
     return code if isinstance(code, int) else 0

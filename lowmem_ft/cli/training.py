@@ -70,10 +70,10 @@ def _training(start) -> None:
         start()
     except RunInterrupted as exc:
         typer.echo(str(exc), err=True)
-        raise typer.Exit(130) from None
+        raise UserError("", exit_code=130) from None  # (said: the command ends with nothing more)
     except KeyboardInterrupt:  # still setting up: no training state was written
         typer.echo("interrupted before training started; nothing was lost", err=True)
-        raise typer.Exit(130) from None
+        raise UserError("", exit_code=130) from None
 
 
 def _interactive() -> bool:

@@ -26,6 +26,7 @@ from lowmem_ft.precision import dtype_name
 from lowmem_ft.preflight import check_plan_fits_device
 from lowmem_ft.registry import planned_options
 from lowmem_ft.run_data import Data, load_data
+from lowmem_ft.sizes import format_bytes, format_bytes_up, parse_size
 
 log = logging.getLogger(__name__)  # the CLI shows it (cli.report_to_console)
 
@@ -137,6 +138,24 @@ def streaming(config: RunConfig, resolved: ResolvedModel, planned: int) -> dict:
     return {"streamed_layers": layers, **({"gradient_checkpointing": True} if layers else {})}
 
 
+def _check_host_budget(config: RunConfig) -> None:
+    """A run's --cpu-mem is memory of this machine: more than it has would let the planner keep in
+    host memory what does not fit there (HiFT's waiting optimizer state, 8 bytes a parameter), and
+    the system would kill the run without a word, hours in. (`plan` plans for any machine.)"""
+    if config.cpu_mem is None:
+        return
+    import psutil
+
+    machine = psutil.virtual_memory().total
+    if parse_size(config.cpu_mem, "--cpu-mem") > machine:
+        most = format_bytes_up(machine, rounding=math.floor)
+        raise UserError(
+            f"--cpu-mem {config.cpu_mem} is more than this machine's {format_bytes(machine)} of memory; "
+            f"give at most {most.replace(' ', '')}, or leave --cpu-mem out to plan with what is free "
+            "(`lowmem-ft plan` plans for another machine)"
+        )
+
+
 def setup(
     config: RunConfig, show_progress: bool = False, group: Group = ONE, digests: dict | None = None
 ) -> Setup:
@@ -146,6 +165,7 @@ def setup(
     every batch). ``digests``: the data files' (``run_data.data_digests``), where the caller has
     them already (`resume` checks them first), so that large files are not read twice for them."""
     config.validate()
+    _check_host_budget(config)
     resolved = resolve_model(
         config.model, allow_download=config.allow_download, trust_remote_code=config.trust_remote_code
     )

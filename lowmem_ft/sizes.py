@@ -17,11 +17,12 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def format_bytes_up(n: float) -> str:
+def format_bytes_up(n: float, rounding=math.ceil) -> str:
     """``n`` (>= 0) as ``format_bytes`` writes it, rounded up, not to the nearest: a shortfall said
-    "needs 2.5 GiB more" must be met by 2.5 GiB more (2.52 GiB said 2.5 left the user 25 MiB short)."""
+    "needs 2.5 GiB more" must be met by 2.5 GiB more (2.52 GiB said 2.5 left the user 25 MiB short).
+    ``rounding=math.floor``: rounded down, for a most ("give at most 23.4 GiB")."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        shown = math.ceil(n) if unit == "B" else math.ceil(round(n * 10, 6)) / 10
+        shown = rounding(n) if unit == "B" else rounding(round(n * 10, 6)) / 10
         if shown < 1024 or unit == "TiB":
             return f"{shown:.0f} {unit}" if unit == "B" else f"{shown:.1f} {unit}"
         n /= 1024

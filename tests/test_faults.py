@@ -501,6 +501,25 @@ def test_a_ctrl_c_in_the_last_step_stops_there_and_resume_finishes_alike(tmp_pat
     assert written == (reference / "model" / "model.safetensors").read_bytes()
 
 
+def test_run_refuses_a_host_budget_larger_than_the_machine(tmp_path, capsys, data, monkeypatch):
+    """--cpu-mem is this machine's memory for `run`: more than it has would let the plan keep in host
+    memory what does not fit there, and the system kill the run hours in. (`plan` takes any size.)"""
+    import collections
+
+    import psutil
+
+    memory = collections.namedtuple("memory", "total available")(int(7.96 * 2**30), 6 * 2**30)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory)
+    out = tmp_path / "job"
+    code, _, err = cli(capsys, "run", "tiny", data, "--out", out, "--cpu-mem", "16GiB", *FAST)
+    assert code == 2 and not out.exists()
+    assert err.strip() == (
+        "error: --cpu-mem 16GiB is more than this machine's 8.0 GiB of memory; give at most 7.9GiB, or "
+        "leave --cpu-mem out to plan with what is free (`lowmem-ft plan` plans for another machine)"
+    )
+    assert cli(capsys, "plan", "tiny", "--cpu-mem", "16GiB")[0] == 0
+
+
 # -- 4. a checkpoint is good only if it is finite ----------------------------------------------------
 def test_weights_gone_non_finite_are_never_checkpointed_and_the_stop_names_the_last_good_one(
     tmp_path, capsys, data, monkeypatch

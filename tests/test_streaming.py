@@ -185,6 +185,23 @@ def test_sift_plans_streaming_when_asked_or_when_nothing_else_fits():
     assert not resident.settings.get("streamed_units")
 
 
+@pytest.mark.parametrize("method, extra", [("hift", {}), ("sift", {"micro_batch_size": 1})])
+def test_the_planner_does_not_stream_without_checkpointing_or_a_gpu(method, extra):
+    """A streamed layer is rebuilt in the backward, so streaming needs activation checkpointing: with
+    --no-gradient-checkpointing the plan once streamed anyway, said checkpointing was off and counted
+    un-checkpointed activations and one crossing a layer (a run then switched it on). Now it streams
+    nothing and says what would fit. On the CPU there is no GPU to stream to."""
+    budget = dict(gpu_mem="12GiB" if method == "hift" else "8GiB", cpu_mem="64GiB", **extra)
+    refused = build_plan("llama-2-7b", method=method, gradient_checkpointing=False, **budget).plan
+    assert not refused.fits and not refused.settings.get("streamed_units")
+    assert refused.settings["gradient_checkpointing"] is False
+    assert "leaving --gradient-checkpointing to the planner would fit" in refused.shortfall
+    left = build_plan("llama-2-7b", method=method, **budget).plan  # (hift streams; sift quantises)
+    assert left.fits and left.settings["gradient_checkpointing"]
+    on_cpu = build_plan("llama-2-7b", method=method, gpu="none", cpu_mem="28GiB", **extra).plan
+    assert not on_cpu.settings.get("streamed_units")
+
+
 def test_stream_keeps_the_plan_s_other_choices(tmp_path, capsys, data):
     """`--stream` changes where weights live, not what trains: with everything left to the planner,
     HiFT gets the same groups and state policy, and the same losses, as without it."""

@@ -34,6 +34,14 @@ def _unpinned(note: str) -> str:
     return note.replace("in pinned host memory", "in host memory").replace("pinned host memory", "")
 
 
+def can_stream(request: PlanRequest) -> bool:
+    """Whether the planner may stream layers when they do not fit resident: one process on a GPU
+    (the ranks do not stream; on the CPU the host holds everything anyway), with activation
+    checkpointing allowed (a streamed layer is rebuilt in the backward: --no-gradient-checkpointing
+    rules streaming out, where the plan once streamed anyway and said checkpointing was off)."""
+    return request.ranks == 1 and request.on_gpu and request.gradient_checkpointing is not False
+
+
 def micro_batch_candidates(request: PlanRequest) -> list[int]:
     if request.micro_batch_size:
         return [request.micro_batch_size]

@@ -21,6 +21,7 @@ from lowmem_ft.planner.fit import (
     STREAMING_NOTE,
     accumulates,
     activation_parts,
+    can_stream,
     execution,
     first_fit,
     smallest,
@@ -361,7 +362,7 @@ def plan_hift(shape: ModelShape, request: PlanRequest, fitter) -> MethodPlan:
                 est, mb, ckpt = found
                 return chosen(est, m, policy, 0, mb, ckpt)
     m = given or 1
-    if several:  # the ranks do not stream: the cheapest unstreamed plan, to say what is short
+    if not can_stream(request):  # the cheapest unstreamed plan, to say what is short
         build = partial(
             estimate_hift, shape, request, units_per_group=m, state_policy=policies[-1], streamed_units=0
         )

@@ -18,6 +18,7 @@ from lowmem_ft.planner.fit import (
     STREAMING_NOTE,
     accumulates,
     activation_parts,
+    can_stream,
     execution,
     first_fit,
     smallest,
@@ -160,9 +161,8 @@ def plan_sparse(shape: ModelShape, request: PlanRequest, fitter) -> MethodPlan:
     if request.options.stream:
         quants = ["none"] if request.options.base_quant in (None, "none") else quants
     results = {quant: best_for(quant, capped) for quant in quants}
-    if not any(results.values()) and not streamed and "none" in quants and request.ranks == 1:
-        # Not even a quantised base fits: stream an unquantised one, as few layers as will do (one
-        # process only: the ranks do not stream).
+    if not any(results.values()) and not streamed and "none" in quants and can_stream(request):
+        # Not even a quantised base fits: stream an unquantised one, as few layers as will do.
         for n in range(1, n_layers + 1):
             result = best_for("none", capped, n)
             if result:

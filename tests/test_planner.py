@@ -409,6 +409,34 @@ def test_a_size_rounded_up_is_never_below_it():
     assert format_bytes_up(2.52 * 2**30) == "2.6 GiB" and format_bytes_up(2.5 * 2**30) == "2.5 GiB"
 
 
+@pytest.mark.parametrize(
+    "change, said",
+    [({"num_hidden_layers": None}, "num_hidden_layers is missing"),
+     ({"hidden_size": "4096"}, "hidden_size is '4096'"),
+     ({"num_attention_heads": None}, "num_attention_heads is None"),
+     ({"hidden_size": -4096}, "hidden_size is -4096")],
+)  # fmt: skip
+def test_a_damaged_model_config_is_one_line_naming_the_size(change, said, tmp_path, capsys):
+    """A config.json with a size missing, written as text, null or negative: one line naming it (it
+    was a KeyError, or a plan of negative gigabytes that fitted)."""
+    configs = Path(__file__).resolve().parents[1] / "lowmem_ft" / "models" / "configs"
+    config = json.loads((configs / "llama-2-7b.json").read_text())
+    config.update({key: value for key, value in change.items() if value is not None or "missing" not in said})
+    for key in [key for key, value in change.items() if value is None and "missing" in said]:
+        del config[key]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code, out, err = cli(capsys, "plan", tmp_path, "--method", "hift", "--gpu-mem", "24GiB")
+    assert (
+        code == 2
+        and out == ""
+        and err.strip()
+        == (
+            f"error: the model's config.json: {said}; it must be a positive whole number (is the file "
+            "damaged? transformers' AutoConfig.from_pretrained reads what it should hold)"
+        )
+    )
+
+
 def test_plan_needs_no_weights():
     with pytest.raises(UserError, match="unknown model"):
         build_plan("no-such-model")

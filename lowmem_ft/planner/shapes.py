@@ -248,6 +248,24 @@ ARCHITECTURES: dict[str, Architecture] = {
 }  # fmt: skip
 
 
+def _check_sizes(c: dict, arch: Architecture) -> None:
+    """The sizes a shape is made of are positive whole numbers: a damaged config.json (a size
+    missing, written as text, null or negative) is one line naming it, not a KeyError or a plan of
+    negative gigabytes that "fits"."""
+    needed = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
+    optional = ("intermediate_size", "num_key_value_heads", "head_dim")  # (None: derived)
+    needed += [key for key in optional if c.get(key) is not None]
+    needed += ["max_position_embeddings"] if arch.position_offset is not None else []
+    for key in needed:
+        value = c.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            said = "is missing" if key not in c else f"is {value!r}"
+            raise UserError(
+                f"the model's config.json: {key} {said}; it must be a positive whole number (is the "
+                "file damaged? transformers' AutoConfig.from_pretrained reads what it should hold)"
+            )
+
+
 def shape_from_config(config: dict) -> ModelShape:
     """The model's units and sizes from its config (``config.json`` as a dict, or a transformers
     config's ``to_dict()``); UnsupportedModel for an architecture the planner has no row for."""
@@ -261,6 +279,7 @@ def shape_from_config(config: dict) -> ModelShape:
     for theirs, ours in arch.renames.items():
         if theirs in c:
             c[ours] = c[theirs]
+    _check_sizes(c, arch)
     h = c["hidden_size"]
     i = c["intermediate_size"] or 4 * h  # GPT-2's n_inner is None by default: 4 × hidden
     n_layers = c["num_hidden_layers"]

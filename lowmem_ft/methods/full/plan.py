@@ -54,7 +54,15 @@ def estimate_full(shape: ModelShape, request: PlanRequest, micro_batch: int, che
         Component("gradients (fp32)", 4 * n),
         Component("optimizer states (AdamW fp32 m, v)", 8 * n),
         *parts,
+        # (shown, as the peak counts them: the rows then account for a peak "at head's gradient")
+        Component(
+            "head's gradient as the backward makes it (transient)",
+            head_gradient,
+            note="beside the activations",
+        ),
     ]
+    if embedding_gradient > extra:
+        components.append(Component("embedding's gradient as it is summed (transient)", embedding_gradient))
     return Estimate(
         components, 12 * n, acts, loss, logits_grad, 4 * n, max(extra, embedding_gradient), trainable=n,
         accumulating=accumulating, head_gradient=head_gradient,

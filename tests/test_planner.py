@@ -437,6 +437,17 @@ def test_a_damaged_model_config_is_one_line_naming_the_size(change, said, tmp_pa
     )
 
 
+@pytest.mark.parametrize("model", ["llama-2-7b", "llama-3-8b", "qwen2.5-7b", "qwen2.5-1.5b"])
+def test_a_plans_gpu_peak_is_accounted_for_by_its_rows(model):
+    """The peak is the largest moment, never more than every row together: a peak above the sum of
+    the rows (full fine-tuning's head gradient, once) could not be read from the table."""
+    from lowmem_ft.registry import METHOD_SPECS
+
+    for method in METHOD_SPECS:
+        plan = build_plan(model, method=method, gpu_mem="48GiB", cpu_mem="256GiB").plan
+        assert plan.gpu_peak_bytes <= sum(c.gpu_bytes for c in plan.components), (model, method)
+
+
 def test_plan_needs_no_weights():
     with pytest.raises(UserError, match="unknown model"):
         build_plan("no-such-model")

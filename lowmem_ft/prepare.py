@@ -157,14 +157,19 @@ def _check_host_budget(config: RunConfig) -> None:
 
 
 def setup(
-    config: RunConfig, show_progress: bool = False, group: Group = ONE, digests: dict | None = None
+    config: RunConfig,
+    show_progress: bool = False,
+    group: Group = ONE,
+    digests: dict | None = None,
+    kept_data: bool = False,
 ) -> Setup:
     """``config``: the run as asked for. ``Setup.config`` is the resolved run, the plan's choices
     filled in, which everything after this reads. ``show_progress``: bars while data is read and
     tokenised. ``group``: the job's ranks, each of which sets up the same run (its own slice of
     every batch). ``digests``: the data files' (``run_data.data_digests``), where the caller has
-    them already (`resume` checks them first), so that large files are not read twice for them."""
-    config.validate()
+    them already (`resume` checks them first), so that large files are not read twice for them.
+    ``kept_data``: a data file is gone, and the examples the job kept stand in for it (`resume`)."""
+    config.validate(data_files=not kept_data)
     _check_host_budget(config)
     resolved = resolve_model(
         config.model, allow_download=config.allow_download, trust_remote_code=config.trust_remote_code

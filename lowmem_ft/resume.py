@@ -18,6 +18,7 @@ from pathlib import Path
 from lowmem_ft.checkpoint import SHARDS, Restored, latest_checkpoint, list_checkpoints, remove_partial
 from lowmem_ft.config import RunConfig
 from lowmem_ft.console import print_header
+from lowmem_ft.data.cache import DIRECTORY as KEPT_DATA
 from lowmem_ft.devices import device_problem
 from lowmem_ft.distributed.group import ONE, Group
 from lowmem_ft.distributed.ranks import SHARDED_METHODS, Ranks
@@ -197,8 +198,9 @@ def _prepare_resume(
         log.info(
             f"device     the job ran on {record.get('device')}; it continues on {config.resolved_device()}"
         )
-    now = data_digests(config)
     files = (("data_sha256", config.data, "data"), ("eval_data_sha256", config.eval_data, "--eval-data"))
+    kept = _kept_data_digests(job, record, files)
+    now = kept or data_digests(config)
     for name, path, what in files:  # (a job from before the eval data's digest was kept has none)
         if record.get(name) is not None and now[name] != record[name]:
             raise UserError(
@@ -207,12 +209,31 @@ def _prepare_resume(
             )
     if group.several and config.nproc != group.ranks.size:  # torchrun's count is the count
         config = config.replace(nproc=group.ranks.size)
-    s = setup(config, show_progress, group, now)  # the tokenised data the job kept, if it is still valid
+    # the tokenised data the job kept, if it is still valid
+    s = setup(config, show_progress, group, now, kept_data=kept is not None)
     try:
         return _continue(s, job, record, group)
     except BaseException:
         s.data.train.close()  # the records' background encoding ends with the run that needed it
         raise
+
+
+def _kept_data_digests(job: Job, record: dict, files: tuple) -> dict | None:
+    """Where a data file the job was started on is gone (moved, deleted, or on another machine): the
+    digests the job recorded, so that the tokenised examples it kept (``JOB/tokenized``, verified
+    by their own sha256 when read) are what it resumes on, as they would be with the file in place.
+    None when every file is there (they are hashed and compared as usual)."""
+    gone = [(path, what) for name, path, what in files if path is not None and not Path(path).exists()]
+    if not gone:
+        return None
+    path, what = gone[0]
+    if not (job.dir / KEPT_DATA).is_dir() or record.get("data_sha256") is None:
+        raise UserError(
+            f"{path} ({what}) is gone, and {job.dir} kept no tokenised examples to resume on; put the "
+            f"file back at {path}"
+        )
+    log.info(f"data       {path} is gone: resuming on the examples the job kept ({job.dir / KEPT_DATA})")
+    return {"data_sha256": record["data_sha256"], "eval_data_sha256": record.get("eval_data_sha256")}
 
 
 def _continue(s: Setup, job: Job, record: dict, group: Group) -> tuple[Setup, Restored | None]:

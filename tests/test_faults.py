@@ -520,6 +520,35 @@ def test_run_refuses_a_host_budget_larger_than_the_machine(tmp_path, capsys, dat
     assert cli(capsys, "plan", "tiny", "--cpu-mem", "16GiB")[0] == 0
 
 
+def test_a_job_whose_data_file_is_gone_resumes_on_the_examples_it_kept(tmp_path, capsys, data, monkeypatch):
+    """The data file moved or deleted after the job started (or the job resumed on another machine):
+    the job kept its tokenised examples, so it resumes on them, to the result an uninterrupted run
+    writes. Without them, one line says to put the file back."""
+    import shutil
+
+    from test_resume import signal_at_step
+
+    out, reference = tmp_path / "job", tmp_path / "reference"
+    assert cli(capsys, "run", "tiny", data, "--out", reference, *FAST)[0] == 0
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, 2)
+        assert cli(capsys, "run", "tiny", data, "--out", out, *FAST)[0] == 130
+    kept = tmp_path / "kept"
+    shutil.copytree(out, kept)
+    data.rename(tmp_path / "moved.jsonl")
+    code, _, err = cli(capsys, "resume", out)
+    assert code == 0, err
+    written = (out / "model" / "model.safetensors").read_bytes()
+    assert written == (reference / "model" / "model.safetensors").read_bytes()
+
+    shutil.rmtree(kept / "tokenized")
+    code, _, err = cli(capsys, "resume", kept)
+    assert code == 2 and err.strip() == (
+        f"error: {data} (data) is gone, and {kept} kept no tokenised examples to resume on; put the "
+        f"file back at {data}"
+    )
+
+
 # -- 4. a checkpoint is good only if it is finite ----------------------------------------------------
 def test_weights_gone_non_finite_are_never_checkpointed_and_the_stop_names_the_last_good_one(
     tmp_path, capsys, data, monkeypatch

@@ -560,11 +560,16 @@ def test_resume_refuses_what_it_cannot_resume(tmp_path, capsys, monkeypatch, dat
             "error: --device cuda was asked for but no CUDA device is visible (this job was started with it, "
             "and resume keeps a job's device); resume it on a machine that has it"
         )
-    # what is not a setting (the data file moved away, this machine's GPUs) is said as it was
+    # what is not a setting (the data file moved away, this machine's GPUs) is said as it was; a job
+    # that kept its tokenised examples resumes on them (tests/test_faults.py), this one kept none
     gone = {**record(job)["requested"], "data": str(tmp_path / "gone.jsonl")}
     (old / "job.json").write_text(json.dumps({**record(job), "requested": gone}))
+    shutil.rmtree(old / "tokenized")
     code, _, err = cli(capsys, "resume", old)
-    assert code == 2 and err.startswith(f"error: {tmp_path / 'gone.jsonl'}: no such file or directory"), err
+    assert code == 2 and err.strip() == (
+        f"error: {tmp_path / 'gone.jsonl'} (data) is gone, and {old} kept no tokenised examples to resume "
+        f"on; put the file back at {tmp_path / 'gone.jsonl'}"
+    ), err
 
     # the same data made into other rows than the job drew from (--pack's, cut from examples cut to
     # --seq-len first, where the job kept no tokenised data): not the same batches

@@ -251,6 +251,8 @@ def draw_comparison(jobs: list[tuple[str, Path]], out: Path) -> Path:
         _steps_axis(ax, every_step)
         ax.set_ylabel("loss (per target token)")
         ax.grid(alpha=0.3)
+        if not any(len(line.get_xdata()) for line in ax.get_lines()):  # (as loss.png says it)
+            ax.text(0.5, 0.5, "nothing logged yet", ha="center", va="center", transform=ax.transAxes)
     handles, labels = eval_ax.get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside lower center", ncol=min(len(jobs), 3), fontsize="small")
     return _save(figure, out)

@@ -213,6 +213,10 @@ def test_a_job_of_one_step_or_none_gets_whole_steps_on_its_axis(logged, tmp_path
     pictures.draw_loss(job)
     pictures.draw_comparison([("job", job)], tmp_path / "compare.png")
     step = logged[0]["step"] if logged else 0
+    comparison = figures[1]  # an empty panel says so, as loss.png does
+    said = [[text.get_text() for text in ax.texts] for ax in comparison.axes]
+    trained, evaluated = any("loss" in line for line in logged), any("eval_loss" in line for line in logged)
+    assert said == [[] if evaluated else ["nothing logged yet"], [] if trained else ["nothing logged yet"]]
     assert [ax.get_xlim() for figure in figures for ax in figure.axes] == [(step - 1, step + 1)] * sum(
         len(figure.axes) for figure in figures
     )

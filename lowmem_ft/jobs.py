@@ -143,15 +143,15 @@ def claim_new_job(directory: Path) -> JobLock:
     return lock
 
 
-def abandon_new_job(lock: JobLock, made: list[str] = ()) -> None:
+def abandon_new_job(lock: JobLock, directories: tuple[str, ...] = ()) -> None:
     """A new job that never started (bad input, Ctrl-C, a full disk during setup): remove what it
-    wrote (its record, plan and lock, and the directories ``made`` names, such as its kept data),
+    wrote (its record, plan and lock, and the ``directories`` it made in it, such as its kept data),
     and the directory if it made it; nothing else is touched."""
     lock.release()
     directory = lock.path.parent
     for name in _NEW_JOB_FILES:
         (directory / name).unlink(missing_ok=True)
-    for name in made:
+    for name in directories:
         shutil.rmtree(directory / name, ignore_errors=True)
     for made in lock.created:  # only if empty: anything else in them is not ours to delete
         with contextlib.suppress(OSError):

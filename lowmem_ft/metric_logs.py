@@ -84,13 +84,17 @@ class TensorBoardLog:
         # A resumed job logs again from first_step: events a killed run wrote from there are purged.
         self.writer = SummaryWriter(str(directory), purge_step=first_step)
         for record in logged:
-            self.write(record)
+            self._add(record)
+        self.writer.flush()
 
     def write(self, record: dict) -> None:
+        self._add(record)
+        self.writer.flush()  # a killed run keeps what it logged, as metrics.jsonl does
+
+    def _add(self, record: dict) -> None:
         for key, tag in TAGS.items():
             if record.get(key) is not None:
                 self.writer.add_scalar(tag, record[key], record["step"])
-        self.writer.flush()  # a killed run keeps what it logged, as metrics.jsonl does
 
     def close(self) -> None:
         self.writer.close()

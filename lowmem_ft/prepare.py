@@ -26,7 +26,7 @@ from lowmem_ft.precision import dtype_name
 from lowmem_ft.preflight import check_plan_fits_device
 from lowmem_ft.registry import planned_options
 from lowmem_ft.run_data import Data, load_data
-from lowmem_ft.sizes import format_bytes, format_bytes_up, parse_size
+from lowmem_ft.sizes import format_bytes, format_bytes_down, parse_size
 
 log = logging.getLogger(__name__)  # the CLI shows it (cli.report_to_console)
 
@@ -148,7 +148,7 @@ def _check_host_budget(config: RunConfig) -> None:
 
     machine = psutil.virtual_memory().total
     if parse_size(config.cpu_mem, "--cpu-mem") > machine:
-        most = format_bytes_up(machine, rounding=math.floor)
+        most = format_bytes_down(machine)
         raise UserError(
             f"--cpu-mem {config.cpu_mem} is more than this machine's {format_bytes(machine)} of memory; "
             f"give at most {most.replace(' ', '')}, or leave --cpu-mem out to plan with what is free "

@@ -17,10 +17,18 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def format_bytes_up(n: float, rounding=math.ceil) -> str:
+def format_bytes_up(n: float) -> str:
     """``n`` (>= 0) as ``format_bytes`` writes it, rounded up, not to the nearest: a shortfall said
-    "needs 2.5 GiB more" must be met by 2.5 GiB more (2.52 GiB said 2.5 left the user 25 MiB short).
-    ``rounding=math.floor``: rounded down, for a most ("give at most 23.4 GiB")."""
+    "needs 2.5 GiB more" must be met by 2.5 GiB more (2.52 GiB said 2.5 left the user 25 MiB short)."""
+    return _format_bytes_rounded(n, math.ceil)
+
+
+def format_bytes_down(n: float) -> str:
+    """``n`` (>= 0) as ``format_bytes`` writes it, rounded down: a most ("give at most 23.4 GiB")."""
+    return _format_bytes_rounded(n, math.floor)
+
+
+def _format_bytes_rounded(n: float, rounding) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         shown = rounding(n) if unit == "B" else rounding(round(n * 10, 6)) / 10
         if shown < 1024 or unit == "TiB":

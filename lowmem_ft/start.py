@@ -103,7 +103,7 @@ def _run(config: RunConfig, show_progress: bool, group: Group) -> Job:
         if s is not None:
             s.data.train.close()  # the records' background encoding ends with the run that needed it
         if lock is not None:
-            abandon_new_job(lock, made=[KEPT_DATA])  # a job that never started leaves nothing behind
+            abandon_new_job(lock, directories=(KEPT_DATA,))  # a job that never started leaves nothing behind
         if (reason := disk_fault(exc)) is not None:
             where = config.out or "runs/"
             raise DiskError(

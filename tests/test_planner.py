@@ -407,6 +407,9 @@ def test_a_size_rounded_up_is_never_below_it():
         shown = format_bytes_up(n)
         assert parse_size(shown.replace(" ", ""), "--gpu-mem") >= n, (n, shown)
     assert format_bytes_up(2.52 * 2**30) == "2.6 GiB" and format_bytes_up(2.5 * 2**30) == "2.5 GiB"
+    from lowmem_ft.sizes import format_bytes_down
+
+    assert format_bytes_down(2.58 * 2**30) == "2.5 GiB" and format_bytes_down(1023.99 * 2**20) == "1023.9 MiB"
 
 
 @pytest.mark.parametrize(

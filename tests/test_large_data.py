@@ -134,19 +134,54 @@ RECORD_SETS = {
 }
 
 
+def sentencepiece_style_tokenizer():
+    """A tokenizer made the way Llama-2's and Mistral's are (spaces as "▁", a "▁" in front, bytes for
+    what the vocabulary lacks), trained here on the record sets' own text: its offsets are not the
+    byte-level ones of the embedded model's."""
+    from tokenizers import Tokenizer, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *bytes_])
+    # (json.dumps writes "東" as "\\u6771": the vocabulary lacks it, and its bytes stand in for it)
+    backend.train_from_iterator([json.dumps(rows) for rows, _ in RECORD_SETS.values()], trainer)
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+
+
+def truncating_tokenizer(tiny_tokenizer):
+    """The embedded tokenizer with truncation and padding switched on in its Rust tokenizer (a
+    tokenizer.json can ship them so); the Python wrapper switches them off for each call."""
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.backend_tokenizer.enable_truncation(max_length=5)
+    tokenizer.backend_tokenizer.enable_padding(length=600)
+    return tokenizer
+
+
+TOKENIZERS = {
+    "byte-level": lambda tiny: tiny,
+    "sentencepiece-style": lambda tiny: sentencepiece_style_tokenizer(),
+    "truncating": truncating_tokenizer,
+}
+
+
 @pytest.mark.parametrize("chunk", [2, 8192])  # several chunks, and one
 @pytest.mark.parametrize("seq_len", [512, 24, 9])  # nothing cut; cut; most responses cut away
 @pytest.mark.parametrize("name", list(RECORD_SETS))
+@pytest.mark.parametrize("kind", list(TOKENIZERS))
 def test_tokenising_gives_the_ids_and_labels_the_per_record_code_gave(
-    name, seq_len, chunk, tiny_tokenizer, monkeypatch
+    kind, name, seq_len, chunk, tiny_tokenizer, monkeypatch
 ):
     rows, template = RECORD_SETS[name]
-    tokenizer = with_template(tiny_tokenizer, template) if template else tiny_tokenizer
+    tokenizer = TOKENIZERS[kind](tiny_tokenizer)
+    tokenizer = with_template(tokenizer, template) if template else tokenizer
     records = [Record(i + 1, row, "data.jsonl") for i, row in enumerate(rows * 3)]
     fmt = detect_format(rows[0])
-    expected = reference_tokenize(records, fmt, tokenizer, seq_len)
     monkeypatch.setattr(tokenize_module, "CHUNK", chunk)
     table, stats = tokenize_records(records, fmt, tokenizer, seq_len)
+    expected = reference_tokenize(records, fmt, tokenizer, seq_len)  # (after: it resets the Rust tokenizer)
     assert isinstance(table, ExampleTable)
     assert list(table) == expected
     assert stats.examples == len(expected) and stats.dropped_no_target == len(records) - len(expected)

@@ -190,19 +190,12 @@ def encode_chunk(
     take longer than the tokenizer itself.
     """
     texts = [r.text for r in rendered]
-    # One batched call: fast tokenizers encode a list in parallel, far quicker than one call per text.
-    encodings = tokenizer(
-        texts,
-        add_special_tokens=False,
-        return_offsets_mapping=True,
-        return_attention_mask=False,
-        return_token_type_ids=False,
-    )
-    lengths = np.fromiter(map(len, encodings["input_ids"]), np.int64, count=len(texts))
+    ids_lists, offsets_lists = _encode_texts(texts, tokenizer)
+    lengths = np.fromiter(map(len, ids_lists), np.int64, count=len(texts))
     total = int(lengths.sum())
-    ids = np.fromiter(chain.from_iterable(encodings["input_ids"]), np.int64, count=total)
+    ids = np.fromiter(chain.from_iterable(ids_lists), np.int64, count=total)
     offsets = np.fromiter(
-        chain.from_iterable(chain.from_iterable(encodings["offset_mapping"])), np.int64, count=2 * total
+        chain.from_iterable(chain.from_iterable(offsets_lists)), np.int64, count=2 * total
     ).reshape(total, 2)
     trained = _overlaps_trained_span(offsets, lengths, rendered)
 
@@ -242,6 +235,34 @@ def encode_chunk(
     if not keep_dropped:
         kept_lengths = kept_lengths[kept]
     return ExampleTable(out_ids[keep], out_trained[keep], np.concatenate([[0], np.cumsum(kept_lengths)]))
+
+
+def _encode_texts(texts: list[str], tokenizer) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Each text's token ids and their character ranges, special tokens not added: what
+    ``tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)`` gives.
+
+    One batched call: a fast tokenizer encodes a list on every core. Its Rust tokenizer is called
+    directly where the Python wrapper would only set it as it is (no truncation, no padding, special
+    tokens kept whole when the wrapper keeps them): the wrapper then turns every encoding into a
+    dictionary of lists we would not read: 3.3 s for 20,000 Alpaca records, 2.9 s without.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (
+        backend is not None
+        and backend.truncation is None
+        and backend.padding is None
+        and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))
+    ):
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings], [e.offsets for e in encodings]
+    encodings = tokenizer(
+        texts,
+        add_special_tokens=False,
+        return_offsets_mapping=True,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )
+    return encodings["input_ids"], encodings["offset_mapping"]
 
 
 def _overlaps_trained_span(offsets: np.ndarray, lengths: np.ndarray, rendered: list[Rendered]) -> np.ndarray:

@@ -238,10 +238,10 @@ def main() -> None:
             "embedded `tiny` model's tokenizer, each in a process of its own.\n\n"
             f"{table}\n"
             "A run starts training after the row in bold (`load_data`): every record has been "
-            "read and checked, so a bad one still stops it before its first step. The tokenizer's own "
-            "encoding (the floor row) is most of the rest, and runs in the background while the run "
-            "trains: a GPU step reads a few dozen records, the encoding makes tens of thousands a "
-            "second. `resume` reads the kept examples instead. The encoding spreads over the cores "
+            "read and checked, so a bad one still stops it before its first step. The rest runs in "
+            "the background while the run trains (a GPU step reads a few dozen records, the encoding "
+            "makes thousands a second): the tokenizer's own encoding (the floor row), and its results "
+            "turned into arrays, which holds Python's lock and so keeps to one core. `resume` reads the kept examples instead. The encoding spreads over the cores "
             'that are free: "cores busy" says how many were.\n'
         )
         write_section(args.write, "data-speed", markdown)

@@ -241,8 +241,9 @@ def main() -> None:
             "read and checked, so a bad one still stops it before its first step. The rest runs in "
             "the background while the run trains (a GPU step reads a few dozen records, the encoding "
             "makes thousands a second): the tokenizer's own encoding (the floor row), and its results "
-            "turned into arrays, which holds Python's lock and so keeps to one core. `resume` reads the kept examples instead. The encoding spreads over the cores "
-            'that are free: "cores busy" says how many were.\n'
+            "turned into arrays, which holds Python's lock and so keeps to one core. `resume` reads "
+            "the kept examples instead. The encoding spreads over the cores that are free: "
+            '"cores busy" says how many were.\n'
         )
         write_section(args.write, "data-speed", markdown)
         print(f"written to {args.write}")

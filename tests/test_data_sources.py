@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY_DIR
 
 from lowmem_ft.data import data_files, data_path_problem, read_jsonl, read_records
 from lowmem_ft.errors import DataError
@@ -353,3 +356,74 @@ def test_saved_dataset_without_the_library(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     assert data_path_problem(tmp_path) == f"reading {tmp_path} {NEEDS_DATASETS}"
     assert error_of(tmp_path) == f"reading {tmp_path} {NEEDS_DATASETS}"
+
+
+# --- every container and format, trained on ---------------------------------------------------------------
+
+TRAIN = ["--max-steps", "2", "--batch-size", "4", "--micro-batch-size", "4", "--seq-len", "64", "-q"]
+PAIRS = [
+    {"prompt": f"Count to {i}.", "completion": f" {', '.join(map(str, range(1, i + 2)))}."} for i in range(16)
+]
+
+
+def trained_losses(capsys, out: Path, model, data: Path) -> list[float]:
+    """Run ``lowmem-ft run`` on ``data``; the job's training losses, step by step."""
+    from test_cli import cli
+
+    code, _, err = cli(capsys, "run", model, data, "--out", out, *TRAIN)
+    assert code == 0, err
+    assert json.loads((out / "job.json").read_text())["status"] == "done"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [m["loss"] for m in lines if "loss" in m]
+
+
+def test_every_container_trains_as_its_jsonl_does(tmp_path, capsys):
+    """A .json list, a .parquet file, a directory of .jsonl files and a saved dataset holding the
+    records of a .jsonl file train on exactly what it does: the same losses, step by step."""
+    datasets = pytest.importorskip("datasets")
+    (tmp_path / "parts").mkdir()
+    write_jsonl(tmp_path / "parts" / "a.jsonl", PAIRS[:7])
+    write_jsonl(tmp_path / "parts" / "b.jsonl", PAIRS[7:])
+    datasets.Dataset.from_list(PAIRS).save_to_disk(tmp_path / "saved")
+    containers = {
+        "json": write_json(tmp_path / "data.json", PAIRS),
+        "parquet": write_parquet(tmp_path / "data.parquet", PAIRS),
+        "directory": tmp_path / "parts",
+        "saved dataset": tmp_path / "saved",
+    }
+    expected = trained_losses(
+        capsys, tmp_path / "jobs" / "jsonl", "tiny", write_jsonl(tmp_path / "data.jsonl", PAIRS)
+    )
+    assert len(expected) == 2
+    for name, path in containers.items():
+        assert trained_losses(capsys, tmp_path / "jobs" / name, "tiny", path) == expected, name
+
+
+def test_sharegpt_and_tool_calls_train(tmp_path, capsys):
+    """ShareGPT conversations train as the same conversations in OpenAI's shape do; conversations
+    with tools, tool calls and tool results train on a model whose chat template writes them."""
+    from test_data import CONVERSATION, SHAREGPT, TOOL_CONVERSATION, TOOL_TEMPLATE, TOOLS
+
+    def numbered(messages, key):  # 8 conversations that differ
+        return [[{**m, key: f"{m[key]} ({i})"} for m in messages] for i in range(8)]
+
+    sharegpt = write_jsonl(
+        tmp_path / "sharegpt.jsonl", [{"conversations": c} for c in numbered(SHAREGPT, "value")]
+    )
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in numbered(CONVERSATION, "content")])
+    assert trained_losses(capsys, tmp_path / "sharegpt", "tiny", sharegpt) == trained_losses(
+        capsys, tmp_path / "chat", "tiny", chat
+    )
+
+    model = tmp_path / "tiny-with-tools"
+    shutil.copytree(TINY_DIR, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TOOL_TEMPLATE}))
+    tools = write_jsonl(tmp_path / "tools.jsonl", [{"messages": TOOL_CONVERSATION, "tools": TOOLS}] * 8)
+    losses = trained_losses(capsys, tmp_path / "tools", model, tools)
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    from test_cli import cli
+
+    code, _, err = cli(capsys, "run", "tiny", tools, "--out", tmp_path / "refused", *TRAIN)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "tool" in err, err
+    assert not (tmp_path / "refused").exists()

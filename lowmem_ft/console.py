@@ -108,7 +108,10 @@ def out_of_memory_message(s: Setup, job: Job, exc: OutOfMemoryIn) -> str:
     smaller = format_bytes(0.9 * budget).replace(" ", "") if budget else "SIZE"
     last = job.record.get("last_checkpoint")
     where = f"from {last['dir']}" if last else "from the start (no checkpoint was saved yet)"
+    advice = ADVICE[exc.phase]
+    if exc.phase == "forward/backward" and s.config.micro_batch_size <= 1:
+        advice = ADVICE["forward/backward, micro-batch 1"]
     return (
         f"out of GPU memory in {exc.phase} at step {job.record.get('step', 0) + 1}; the job can continue "
-        f"{where}: {ADVICE[exc.phase].format(job=job.dir, smaller=smaller)}"
+        f"{where}: {advice.format(job=job.dir, smaller=smaller)}"
     )

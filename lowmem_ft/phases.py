@@ -28,6 +28,10 @@ ADVICE = {
     "`lowmem-ft resume {job} --gpu-mem {smaller}`",
     "forward/backward": "resume with --micro-batch-size 1 or a smaller budget: "
     "`lowmem-ft resume {job} --gpu-mem {smaller}`",
+    # (the retry halves the micro-batch down to 1; past that only a plan that keeps less will do)
+    "forward/backward, micro-batch 1": "even micro-batch 1 does not fit; resume with a smaller budget, "
+    "so that the planner keeps less on the GPU (or says what would fit): "
+    "`lowmem-ft resume {job} --gpu-mem {smaller}`",
     "gradients": "resume with a smaller budget: `lowmem-ft resume {job} --gpu-mem {smaller}`",
     "optimizer step": "resume with a smaller budget: `lowmem-ft resume {job} --gpu-mem {smaller}`",
     "end step": "resume with a smaller budget: `lowmem-ft resume {job} --gpu-mem {smaller}`",

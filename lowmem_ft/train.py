@@ -95,7 +95,7 @@ def execute(s: Setup, job: Job, restored: Restored | None, show_progress: bool) 
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, the last checkpoint stays valid
         job.update_if_possible(status="interrupted")
         raise RunInterrupted(job) from None
-    except UserError as exc:  # diverged, disk full, out of memory at micro-batch 1: one line
+    except UserError as exc:  # diverged, disk full: one line
         job.update_if_possible(status="failed", error=str(exc))
         raise
     except OutOfMemoryIn as exc:  # the last checkpoint is intact: say where, and what would fit
@@ -317,11 +317,8 @@ def accumulate_gradients(s: Setup, job: Job, step: int, scaler, bar) -> tuple[fl
         if s.device.type == "cuda":
             torch.cuda.empty_cache()
         old = s.config.micro_batch_size
-        if old <= 1:
-            raise UserError(
-                f"out of GPU memory at step {step + 1} even with micro-batch 1; use "
-                "--gradient-checkpointing, a shorter --seq-len, or a GPU with more free memory"
-            )
+        if old <= 1:  # (said, with what would fit, where the job records how it ended: execute)
+            raise OutOfMemoryIn("forward/backward", "even with micro-batch 1")
         new = old // 2
         # A new resolved run, recorded in the job (below), not an edit of the old one.
         s.config = s.config.replace(micro_batch_size=new)

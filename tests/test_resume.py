@@ -410,6 +410,36 @@ def test_out_of_memory_retries_the_step_with_a_smaller_micro_batch(tmp_path, cap
     assert_same_result(job, reference, evaluations=False)
 
 
+def test_out_of_memory_at_micro_batch_1_names_the_phase_and_the_job_resumes_exactly(
+    tmp_path, capsys, monkeypatch, data, reference
+):
+    """Past the retry (micro-batch 1 already), the forward/backward's out-of-memory error is said as
+    every phase's is: one line with the phase, where the job can continue from and a command
+    `resume` takes; the job resumes to the uninterrupted run's result."""
+    reference = reference(capsys, "full", data, "--micro-batch-size", "1")
+    job, real_loss_sum, calls = tmp_path / "job", train.loss_sum, [0]
+
+    def loss_sum(model, batch, device, dtype):
+        calls[0] += model.training
+        if model.training and calls[0] == 4 * 4 + 2:  # step 5's second micro-batch (4 a step)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real_loss_sum(model, batch, device, dtype)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "loss_sum", loss_sum)
+        code, out, err = cli(capsys, *run_args("full", data, job, "--micro-batch-size", "1"))
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith(
+        "error: out of GPU memory in forward/backward at step 5; the job can continue from "
+    )
+    assert "even micro-batch 1 does not fit" in line and f"`lowmem-ft resume {job} --gpu-mem " in line, line
+    assert record(job)["status"] == "failed" and record(job)["out_of_memory_in"] == "forward/backward"
+    code, out, err = cli(capsys, "resume", str(job), "-q")
+    assert code == 0, err
+    assert_same_result(job, reference)
+
+
 def test_the_micro_batch_a_job_learned_from_running_out_is_bounded_by_each_ranks_share_on_resume():
     """After an out-of-memory retry the job resumes with at most the micro-batch that fitted; resumed
     on more ranks, at most each rank's share of the batch (a larger one would be refused as given)."""

@@ -204,6 +204,12 @@ def _check_vocabulary(resolved: ResolvedModel, tokenizer) -> None:
         )
 
 
+def measures_free_memory(device: torch.device) -> bool:
+    """Whether the pre-flight check can ask ``device`` what is free (a GPU can; a CPU's memory is the
+    host's, planned from psutil). A seam: the tests fake a device that answers."""
+    return device.type == "cuda"
+
+
 def _set_up_model(
     config: RunConfig, plan: Plan | None, resolved: ResolvedModel, tokenizer, data: Data, lr_is_default: bool,
     group: Group,
@@ -219,7 +225,7 @@ def _set_up_model(
     method.group = group
     model, model_params = load_placed_model(config, method, resolved, device, plan)
     finish_model(config, method, model)
-    if plan is not None and device.type == "cuda":  # before step 1 and before the job is written
+    if plan is not None and measures_free_memory(device):  # before step 1 and before the job is written
         check_plan_fits_device(plan, device)
 
     batcher = Batcher(

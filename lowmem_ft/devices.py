@@ -56,3 +56,9 @@ def compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def measures_free_memory(device: torch.device) -> bool:
+    """Whether ``device`` can be asked what is free before work is placed on it: a GPU can; a CPU's
+    memory is the host's, planned from psutil. A seam: the tests fake a device that answers."""
+    return device.type == "cuda"

@@ -14,6 +14,7 @@ import torch
 from lowmem_ft.choices import flag
 from lowmem_ft.config import RunConfig, default_lr
 from lowmem_ft.data import Batcher
+from lowmem_ft.devices import measures_free_memory
 from lowmem_ft.distributed.group import ONE, Group
 from lowmem_ft.distributed.ranks import SHARDED_METHODS
 from lowmem_ft.errors import UserError
@@ -202,12 +203,6 @@ def _check_vocabulary(resolved: ResolvedModel, tokenizer) -> None:
             f"{rows:,} rows, so ids from {rows:,} on have none; give the tokenizer this model was trained "
             "with (or resize the model's embeddings to the tokenizer first)"
         )
-
-
-def measures_free_memory(device: torch.device) -> bool:
-    """Whether the pre-flight check can ask ``device`` what is free (a GPU can; a CPU's memory is the
-    host's, planned from psutil). A seam: the tests fake a device that answers."""
-    return device.type == "cuda"
 
 
 def _set_up_model(

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,8 +21,8 @@ from lowmem_ft.errors import UserError
 from lowmem_ft.generate import (
     GenerateOptions,
     Generator,
-    check_fits,
     generation_memory,
+    layers_to_stream,
     load_generator,
     render_chat,
 )
@@ -359,9 +360,82 @@ def test_generation_memory_counts_the_weights_and_the_kv_cache():
     assert memory.weights == 2000
     assert memory.kv_cache == 2 * 6 * 2 * 64 * 100 * 2
     assert memory.total == memory.weights + memory.kv_cache + CUDA_CONTEXT_BYTES
-    check_fits(memory, memory.total, torch.device("cuda"), 100)  # exactly enough
-    with pytest.raises(UserError, match=r"KV cache for 100 tokens .* lower --max-new-tokens"):
-        check_fits(memory, memory.total - 1, torch.device("cuda"), 100)
+
+
+def test_layers_to_stream_is_the_fewest_that_make_the_rest_fit():
+    """Streaming n layers frees their weights and costs a ring of two of the largest of them."""
+    memory = generation_memory(SimpleNamespace(num_attention_heads=1, hidden_size=1), 600, torch.float32, 0)
+    layers = [100, 100, 100, 100, 100]  # 500 of the 2,400 bytes of weights
+    total = memory.total
+    assert layers_to_stream(memory, layers, total) == 0  # exactly enough: nothing streamed
+    # 1 and 2 layers streamed save nothing (a ring of 200 bytes for 100 or 200); 3 save 100 bytes
+    assert layers_to_stream(memory, layers, total - 1) == 3
+    assert layers_to_stream(memory, layers, total - 100) == 3
+    assert layers_to_stream(memory, layers, total - 101) == 4
+    assert layers_to_stream(memory, layers, total - 300) == 5
+    assert layers_to_stream(memory, layers, total - 301) is None
+
+
+def placed_on_a_fake_gpu(monkeypatch, free_bytes: int, **options) -> Generator:
+    """A generator of the embedded model on the CPU, placed as on a GPU with ``free_bytes`` free:
+    the streaming engine runs its CPU path (host-to-host copies), so what the layers compute is
+    what a GPU run's would be."""
+    from lowmem_ft.generate import generator as generator_module
+
+    monkeypatch.setattr(generator_module, "measures_free_memory", lambda device: True)
+    monkeypatch.setattr(generator_module, "free_gpu_bytes", lambda device: free_bytes)
+    return load_generator("tiny", GenerateOptions(device="cpu", **options))
+
+
+def test_a_model_whose_weights_do_not_fit_streams_layers_and_answers_the_same(monkeypatch):
+    from lowmem_ft.planner.plan import CUDA_CONTEXT_BYTES
+
+    options = {"max_new_tokens": 12}
+    expected = load_generator("tiny", GenerateOptions(device="cpu", **options)).complete(PROMPT)
+    reference = load_generator("tiny", GenerateOptions(device="cpu", **options))
+    tokens = len(reference.prompt_ids(PROMPT)) + 12
+    weights = sum(p.numel() * p.element_size() for p in reference.model.parameters())
+    memory = generation_memory(reference.model.config, weights // 4, torch.float32, tokens)
+    assert memory.weights == weights
+    free = CUDA_CONTEXT_BYTES + memory.kv_cache + int(0.8 * weights)  # a fifth of the weights too many
+
+    generator = placed_on_a_fake_gpu(monkeypatch, free, **options)
+    assert generator.complete(PROMPT) == expected
+    streamer = generator.streamer
+    layer_bytes = [sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in streamer.layers]
+    n = len(streamer.streamed)
+    # The fewest layers that fit: what is left on the device and the ring fit, with one layer fewer not.
+    held = lambda k: memory.total - sum(layer_bytes[:k]) + 2 * max(layer_bytes[:k], default=0)  # noqa: E731
+    assert streamer.streamed == list(range(n)) and held(n) <= free < held(n - 1)
+    assert streamer.copies >= n * 12  # each layer crossed at every token's forward
+    note = dict(generator.describe())["memory"]
+    assert (
+        note.startswith(f"{n} of {len(layer_bytes)} decoder layers stay in host memory") and "slower" in note
+    )
+    assert generator.complete(PROMPT) == expected  # and again, the layers still streamed
+
+
+def test_a_generation_that_does_not_fit_even_streamed_is_refused_in_one_line(monkeypatch, capsys):
+    from lowmem_ft.generate import generator as generator_module
+
+    monkeypatch.setattr(generator_module, "measures_free_memory", lambda device: True)
+    monkeypatch.setattr(generator_module, "free_gpu_bytes", lambda device: 2**20)
+    code, out, err = cli(capsys, "generate", "tiny", "--prompt", PROMPT, "--device", "cpu", *NEW)
+    assert code == 2 and out == ""
+    (line,) = err.strip().splitlines()
+    assert "even with every decoder layer left in host memory" in line and "1.0 MiB is free" in line, line
+
+
+def test_generate_says_when_layers_stream(monkeypatch, capsys):
+    from lowmem_ft.generate import generator as generator_module
+    from lowmem_ft.planner.plan import CUDA_CONTEXT_BYTES
+
+    monkeypatch.setattr(generator_module, "measures_free_memory", lambda device: True)
+    monkeypatch.setattr(generator_module, "free_gpu_bytes", lambda device: CUDA_CONTEXT_BYTES + 16 * 2**20)
+    code, out, err = cli(capsys, "generate", "tiny", "--prompt", PROMPT, "--device", "cpu", *NEW)
+    assert code == 0 and out.strip(), err
+    header = err.splitlines()
+    assert header[-1].startswith("memory     ") and "decoder layers stay in host memory" in header[-1], err
 
 
 def test_on_a_gpu_the_model_is_refused_before_it_moves_when_it_cannot_fit(monkeypatch):

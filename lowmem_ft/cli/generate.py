@@ -81,6 +81,8 @@ def generate(
     # Checked before anything is shown: bad input is one line.
     prompt_ids = generator.prompt_ids(prompt) if prompt is not None else None
     conversation = generator.conversation() if chat else None
+    if prompt_ids is not None:  # (a chat's first message decides where its model goes)
+        generator.place(len(prompt_ids))
     # What was loaded goes to stderr: stdout carries only the generated text, for pipes and files.
     for label, text in generator.describe(chat):
         typer.echo(f"{label:<10} {text}", err=True)
@@ -104,8 +106,11 @@ def generate(
         message = line.strip()
         if not message or message.lower() in CHAT_EXIT_WORDS:
             break
+        placed_before = generator.placement
         conversation.reply(message, show)
         typer.echo()
+        if generator.placement != placed_before:  # the first message placed the model so
+            typer.echo(f"memory     {generator.placement}", err=True)
     if conversation.dropped:
         typer.echo(
             f"note       the {conversation.dropped} oldest exchanges were left out to stay within "

@@ -18,15 +18,17 @@ gets the prompt as it is. Prompts are tokenized as training tokenized examples (
 BOS in front unless the text starts with it), for the same reason.
 
 The model waits on the host until the first prompt: on a GPU, its weights and a KV cache for that
-prompt and ``max_new_tokens`` are checked against the free memory first (``check_fits``).
+prompt and ``max_new_tokens`` are checked against the free memory first; where the weights do not
+fit, as many decoder layers as need be stay in host memory and are streamed through the GPU at
+each forward (``layers_to_stream``; engine/streaming.py), as training streams them.
 """
 
 from lowmem_ft.generate.generator import Conversation, Generator, load_generator
-from lowmem_ft.generate.memory import GenerationMemory, check_fits, generation_memory
+from lowmem_ft.generate.memory import GenerationMemory, generation_memory, layers_to_stream
 from lowmem_ft.generate.options import CHAT_EXIT_WORDS, GenerateOptions
 from lowmem_ft.generate.prompts import render_chat
 
 __all__ = [
-    "CHAT_EXIT_WORDS", "Conversation", "GenerateOptions", "GenerationMemory", "Generator", "check_fits",
-    "generation_memory", "load_generator", "render_chat",
+    "CHAT_EXIT_WORDS", "Conversation", "GenerateOptions", "GenerationMemory", "Generator",
+    "generation_memory", "layers_to_stream", "load_generator", "render_chat",
 ]  # fmt: skip

@@ -7,13 +7,24 @@ from dataclasses import dataclass, field
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from lowmem_ft.devices import measures_free_memory
+from lowmem_ft.engine.streaming import N_BUFFERS, LayerStreamer, place_model
 from lowmem_ft.errors import UserError
 from lowmem_ft.generate.loading import job_record, load_weights
-from lowmem_ft.generate.memory import check_fits, generation_memory
+from lowmem_ft.generate.memory import generation_memory, layers_to_stream, refuse
 from lowmem_ft.generate.options import GenerateOptions, OnText
 from lowmem_ft.generate.prompts import PromptStyle, encode, prompt_style, render_chat
 from lowmem_ft.hardware import detect_budget
+from lowmem_ft.models.units import decoder_layers
 from lowmem_ft.precision import dtype_name
+from lowmem_ft.sizes import format_bytes
+
+
+def free_gpu_bytes(device: torch.device) -> int:
+    """NVML's free memory on ``device``, read before CUDA starts (as the planner reads it); torch's
+    where NVML has no answer."""
+    budget = detect_budget(cuda_index=device.index or 0)
+    return budget.gpu_bytes if budget.gpu is not None else torch.cuda.mem_get_info(device)[0]
 
 
 # -- generating -----------------------------------------------------------------------------------
@@ -64,6 +75,8 @@ class Generator:
     dtype: torch.dtype
     style: PromptStyle
     lines: list[tuple[str, str]]
+    placement: str | None = None  # how the model was placed, where the reader should know (layers streamed)
+    streamer: LayerStreamer | None = field(default=None, repr=False)  # where layers are streamed
     _placed: bool = field(default=False, repr=False)
 
     def describe(self, chat: bool = False) -> list[tuple[str, str]]:
@@ -80,6 +93,7 @@ class Generator:
             ("device", f"{self.device} {dtype_name(self.dtype)}"),
             ("prompt", self.style.describe(chat)),
             ("decoding", f"{how}, at most {o.max_new_tokens} new tokens"),
+            *([("memory", self.placement)] if self.placement else []),
         ]
 
     def _encode_prompt(self, prompt: str) -> list[int]:
@@ -169,19 +183,37 @@ class Generator:
             config.eos_token_id = self.tokenizer.eos_token_id
         return config
 
+    def place(self, prompt_tokens: int) -> None:
+        """Place the model for a prompt of ``prompt_tokens`` tokens and ``max_new_tokens`` more (done
+        by the first generation if not before; a GPU's free memory decides how)."""
+        self._place(prompt_tokens + self.options.max_new_tokens)
+
     def _place(self, tokens: int) -> None:
-        """Move the model to its device at the first prompt, once it is known to fit there."""
+        """Move the model to its device at the first prompt, once it is known to fit there; where
+        its weights do not, the decoder layers that do not stay in host memory and are streamed
+        through the device at each forward, by the engine training streams them with."""
         if self._placed:
             return
-        if self.device.type == "cuda":
+        streamed = 0
+        if measures_free_memory(self.device):
             params = sum(p.numel() for p in self.model.parameters())
             memory = generation_memory(self.model.config, params, self.dtype, tokens)
-            # NVML's free memory, read before CUDA starts (as the planner reads it); torch's where
-            # NVML has no answer.
-            budget = detect_budget(cuda_index=self.device.index or 0)
-            free = budget.gpu_bytes if budget.gpu is not None else torch.cuda.mem_get_info(self.device)[0]
-            check_fits(memory, free, self.device, tokens)
-        self.model.to(self.device)
+            free = free_gpu_bytes(self.device)
+            if memory.total > free:
+                layers = decoder_layers(self.model)
+                layer_bytes = [
+                    sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers
+                ]
+                streamed = layers_to_stream(memory, layer_bytes, free)
+                if streamed is None:
+                    least = memory.total - sum(layer_bytes) + N_BUFFERS * max(layer_bytes)
+                    refuse(memory, free, self.device, tokens, least)
+                self.placement = (
+                    f"{streamed} of {len(layers)} decoder layers stay in host memory and cross to "
+                    f"{self.device} at each token (slower): the weights ({format_bytes(memory.weights)}) "
+                    f"and a KV cache for {tokens:,} tokens do not fit the {format_bytes(free)} free there"
+                )
+        self.streamer = place_model(self.model, self.device, streamed)
         self._placed = True
         if self.options.seed is not None:
             # Once, just before the first draw: the session's draws then follow from the seed alone,

@@ -1,5 +1,5 @@
-"""Whether a generation fits the GPU: the weights, a KV cache for the prompt and the new tokens,
-the CUDA context."""
+"""Whether a generation fits the GPU (the weights, a KV cache for the prompt and the new tokens,
+the CUDA context), and how many decoder layers to stream from host memory where it does not."""
 
 from __future__ import annotations
 
@@ -44,13 +44,31 @@ def generation_memory(config, params: int, dtype: torch.dtype, tokens: int) -> G
     )
 
 
-def check_fits(memory: GenerationMemory, free_bytes: int, device: torch.device, tokens: int) -> None:
-    """A one-line UserError when the weights and KV cache cannot fit in the device's free memory."""
-    if memory.total <= free_bytes:
-        return
+def layers_to_stream(memory: GenerationMemory, layer_bytes: list[int], free_bytes: int) -> int | None:
+    """How many decoder layers, from the bottom, to leave in host memory and stream through the
+    GPU at each forward (engine/streaming.py, as training streams them) so that the other weights,
+    the streaming ring (``N_BUFFERS`` of the largest streamed layer), the KV cache and the context
+    fit in ``free_bytes``. ``layer_bytes``: each layer's weights. 0 when everything fits on the
+    device; None when not even streaming every layer does.
+
+    Streamed, every new token reads those layers' weights across the host link once: far slower
+    than resident weights, but the model answers where its training fitted."""
+    from lowmem_ft.engine.streaming import N_BUFFERS
+
+    for n in range(len(layer_bytes) + 1):
+        ring = N_BUFFERS * max(layer_bytes[:n], default=0)
+        if memory.total - sum(layer_bytes[:n]) + ring <= free_bytes:
+            return n
+    return None
+
+
+def refuse(memory: GenerationMemory, free_bytes: int, device: torch.device, tokens: int, least: int) -> None:
+    """The one-line UserError for a generation that does not fit ``device`` even with every decoder
+    layer streamed, which needs ``least`` bytes there."""
     raise UserError(
-        f"generating needs about {format_bytes(memory.total)} on {device} (weights "
-        f"{format_bytes(memory.weights)}, KV cache for {tokens:,} tokens {format_bytes(memory.kv_cache)}, "
-        f"CUDA context {format_bytes(memory.context)}) and {format_bytes(free_bytes)} is free; "
-        "free the GPU, lower --max-new-tokens, use --dtype bf16, or --device cpu"
+        f"generating needs about {format_bytes(least)} on {device} even with every decoder layer left in "
+        f"host memory (all the weights: {format_bytes(memory.weights)}; KV cache for {tokens:,} tokens "
+        f"{format_bytes(memory.kv_cache)}, CUDA context {format_bytes(memory.context)}) and "
+        f"{format_bytes(free_bytes)} is free; free the GPU, lower --max-new-tokens, use --dtype bf16, "
+        "or --device cpu"
     )

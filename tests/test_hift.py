@@ -357,6 +357,23 @@ def test_stochastic_rounding_in_chunks_is_exact_and_unbiased():
     assert out[:-3].float().mean().item() == pytest.approx(1.0 + 0.3 * spacing, abs=0.02 * spacing)
 
 
+def test_stochastic_rounding_of_the_largest_tensor_holds_one_chunk_of_temporaries():
+    """Issue 14's second finding: rounding Llama-3-8B's embedding (525M values) back to bf16 at the
+    end of a step held the random integers, the sum and the masked result of the whole tensor at
+    once (about 12 bytes a value: 5.9 GiB). Traced on fake tensors at that size, the rounding adds
+    one chunk's random integers (4 bytes a value of the chunk) to what the master and the weight hold."""
+    from lowmem_ft.device_books import DeviceBytes, FakeDevice
+    from lowmem_ft.engine import ROUNDING_CHUNK
+
+    fake, books = FakeDevice(), DeviceBytes()
+    with fake:
+        master = torch.empty(128_256 * 4096, dtype=torch.float32)
+        weight = torch.empty(128_256 * 4096, dtype=torch.bfloat16)
+        with fake.recording(books):  # (counts what is allocated from here on: the temporaries)
+            round_to_bf16_stochastically_(weight, master, None)
+    assert books.peak == 4 * ROUNDING_CHUNK  # one chunk of int32 noise; nothing the size of the tensor
+
+
 def test_state_store_keeps_a_group_in_one_exactly_sized_host_buffer():
     """One flat host buffer per group and dtype, of exactly the bytes of its state (pinned on a
     GPU through engine/host_memory.py, which rounds nothing up); a save reuses it."""

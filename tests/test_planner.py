@@ -604,3 +604,32 @@ def test_the_plan_vs_trace_table_never_shows_a_plan_below_its_trace_as_1_000():
 
     assert ratio_text(0.99996) == "0.9999" and ratio_text(0.9995) == "0.9995"
     assert ratio_text(1.00004) == "1.000" and ratio_text(1.0623) == "1.062" and ratio_text(0.9876) == "0.988"
+
+
+def test_8_bit_kept_state_changes_only_host_bytes():
+    """Issue 14's first finding: the GPU holds kept state as fp32 whatever the host keeps (the
+    active group's AdamW moments, and the next group's, dequantised on arrival). With the same
+    choices, `keep` and `keep-8bit` plan the same GPU bytes, row by row; only the host row differs:
+    a byte per value and a 4-byte scale per 256 (bitsandbytes' blockwise 8-bit), against 4 bytes."""
+    from lowmem_ft.planner import build_plan
+
+    def plan_of(policy):
+        return build_plan(
+            "llama-3-8b", method="hift", state_policy=policy, units_per_group=2, micro_batch_size=1,
+            gpu_mem="24GiB", cpu_mem="256GiB",
+        ).plan  # fmt: skip
+
+    keep, eight_bit = plan_of("keep"), plan_of("keep-8bit")
+    # (the rows come in the same order; the state row's name says its policy)
+    assert [c.gpu_bytes for c in keep.components] == [c.gpu_bytes for c in eight_bit.components]
+    assert keep.gpu_peak_bytes == eight_bit.gpu_peak_bytes
+    rows = {c.name: c for c in eight_bit.components}
+    master = rows["active group: fp32 master copy"].gpu_bytes  # 4 bytes a value of the largest group
+    assert rows["active group: optimizer states (AdamW fp32 m, v)"].gpu_bytes == 2 * master
+    assert rows["next group: optimizer states (prefetch)"].gpu_bytes > 1.99 * master  # fp32, not 8-bit
+    kept = [
+        next(c.host_bytes for c in plan.components if c.name.startswith("optimizer states of all"))
+        for plan in (keep, eight_bit)
+    ]
+    values = kept[0] / 8  # fp32 m and v: 8 bytes a value
+    assert kept[1] == pytest.approx(2 * values * (1 + 4 / 256), rel=1e-3)

@@ -34,6 +34,7 @@ def round_to_bf16_stochastically_(
         # Adding noise below the 16 kept bits and truncating rounds up with probability = the remainder.
         noise.add_(part).bitwise_and_(-65536)  # -65536 == 0xFFFF0000: sign, exponent, 7 mantissa bits
         out[start : start + chunk].copy_(noise.view(torch.float32))  # exact: the dropped bits are zero
+        del noise  # before the next chunk's is drawn: one chunk of temporaries at a time, as planned
 
 
 class MasterWeights:

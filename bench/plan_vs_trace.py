@@ -15,7 +15,8 @@ groups with the next group's state prefetched, SIFT's selection, evaluation and 
 
     planned   the plan's GPU peak less the planned CUDA context and allocator margin: its tensors
     traced    the largest live bytes of the traced tensors, anywhere in the loop
-    ratio     planned / traced: never below 1 (the plan holds), at most 1.05 (it wastes nothing)
+    ratio     planned / traced: never below 1 (the plan holds), at most 1.05 (it wastes nothing);
+              a case outside that is printed and the script exits with 1 (after writing the table)
 
 The trace measures tensors, not the CUDA context or the allocator's fragmentation: those are the
 planner's constants (CUDA_CONTEXT_BYTES, ALLOCATOR_MARGIN), to be measured on a GPU
@@ -193,6 +194,12 @@ def main() -> None:
         )
         write_section(args.write, args.section, body)
         print(f"wrote {args.write}")
+    # The promise: never below the trace (the plan holds), at most 5% above it (it wastes nothing).
+    outside = [r for r in fitted if not 1 <= r["ratio"] <= 1.05]
+    for r in outside:
+        print(f"OUTSIDE [1, 1.05]: {r['model']} {r['method']} {r['budget']} GiB: {ratio_text(r['ratio'])}")
+    if outside:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

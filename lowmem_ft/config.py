@@ -26,6 +26,15 @@ if TYPE_CHECKING:  # torch only where a run needs it: the command line starts wi
     from lowmem_ft.methods.options import MethodOptions
 
 
+SEED_RANGE = "a 64-bit integer, from -2**63 to 2**63 - 1"
+
+
+def seed_in_range(seed: int) -> bool:
+    """Whether ``seed`` is a 64-bit signed integer: torch.manual_seed takes -2**63 to 2**64 - 1, and
+    the recipe seeds with ``seed + epoch`` and ``seed + 1``, which stay in torch's range."""
+    return -(2**63) <= seed < 2**63
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: str
@@ -162,6 +171,7 @@ class RunConfig:
             f"--format {self.format!r} is not known; choose auto or one of: {', '.join(FORMAT_NAMES)}",
         )
         need(self.seq_len >= 8, f"--seq-len must be at least 8 tokens, got {self.seq_len}")
+        need(seed_in_range(self.seed), f"--seed must be {SEED_RANGE}, got {self.seed}")
         need(0.0 <= self.eval_fraction < 1.0, f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         need(
             self.eval_every >= 0,

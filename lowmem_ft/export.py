@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lowmem_ft.errors import DiskError, UserError, disk_fault
-from lowmem_ft.files import check_can_create, free_bytes
+from lowmem_ft.files import check_can_create, free_bytes, read_json_object
 from lowmem_ft.models.saving import model_dtype_on_disk, save_hf_model
 from lowmem_ft.results import ADAPTER_META, find_result
 from lowmem_ft.sizes import format_bytes
@@ -151,22 +151,16 @@ def merge_delta(path: Path, out: Path, base: str | None, save_dtype: str) -> tup
 def merge_adapter(path: Path, out: Path, base: str | None, save_dtype: str) -> tuple[Path, dict]:
     """peft's merge: the base loaded in the precision it is saved in, W += (α/r)·BA in fp32 and
     rounded once. A QLoRA adapter is merged into the original weights, not the NF4 ones."""
-    import json
-    import warnings
-
-    from peft import PeftModel
 
     from lowmem_ft.models import load_model, load_tokenizer
+    from lowmem_ft.models.loading import merge_lora_adapter
     from lowmem_ft.precision import DTYPES
 
-    meta = json.loads((path / ADAPTER_META).read_text())
+    meta = read_json_object(path / ADAPTER_META, "LoRA adapter's lowmem-ft record")
     _check_out(out, save_dtype)
     resolved, trusted = check_base(meta, base, "adapter")
     dtype = DTYPES.get(save_dtype) or model_dtype_on_disk(resolved)
-    model = load_model(resolved, dtype, trust_remote_code=trusted)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        merged = PeftModel.from_pretrained(model, path).merge_and_unload()
+    merged = merge_lora_adapter(load_model(resolved, dtype, trust_remote_code=trusted), path)
     with _writing_merged(out, _merged_bytes(resolved, DTYPES.get(save_dtype))) as partial:
         save_hf_model(
             merged, load_tokenizer(resolved, trust_remote_code=trusted), partial, dtype, resolved.weights_dir

@@ -527,3 +527,69 @@ def test_a_ctrl_c_that_no_command_takes_in_is_said(capsys, monkeypatch):
     monkeypatch.setattr(lowmem_ft.planner, "build_plan", interrupted)
     code, out, err = cli(capsys, "plan", "tiny")
     assert code == 130 and err == "interrupted\n" and out == ""
+
+
+@pytest.mark.parametrize(
+    "args, said",
+    [
+        (["run", "tiny", ""], 'an argument is empty ("")'),
+        (["run", "tiny", "DATA", "--eval-data", ""], "--eval-data was given an empty value"),
+        (["run", "tiny", "DATA", "--out="], "--out was given an empty value"),
+        (["plan", "tiny", "--freeze-layers", ""], "--freeze-layers was given an empty value"),
+    ],
+)
+def test_an_empty_argument_is_refused_not_read_as_the_current_folder(
+    args, said, tmp_path, capsys, small_data
+):
+    """pathlib reads "" as ".": `run tiny ""` trained on every file of the current folder, and
+    `--eval-data ""` evaluated on a set that held the training file itself."""
+    args = [str(small_data) if a == "DATA" else a for a in args]
+    code, out, err = cli(capsys, *args)
+    assert code == 2 and out == ""
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"error: {said}"), line
+    assert list(tmp_path.iterdir()) == [small_data]
+
+
+def test_a_path_the_user_can_mend_is_one_line(tmp_path, capsys, small_data, monkeypatch):
+    """Permissions, a file where a folder should be, a read-only file system: one line naming the
+    path, exit code 2 (not a traceback). Any other OSError is still reported as a fault."""
+    import errno as errno_module
+
+    from lowmem_ft import start
+
+    def denied(config, show_progress):
+        raise PermissionError(errno_module.EACCES, "Permission denied", str(tmp_path / "nox" / "job.json"))
+
+    monkeypatch.setattr(start, "run", denied)
+    code, _, err = cli(capsys, "run", "tiny", small_data, "--out", tmp_path / "nox" / "job")
+    (line,) = err.strip().splitlines()
+    path = tmp_path / "nox" / "job.json"
+    assert (
+        code == 2 and line == f"error: {path}: permission denied; check the path and its folders' permissions"
+    )
+
+    def broken(config, show_progress):
+        raise OSError(errno_module.EIO, "Input/output error", "x")
+
+    monkeypatch.setattr(start, "run", broken)
+    code, _, err = cli(capsys, "run", "tiny", small_data, "--out", tmp_path / "job")
+    assert code == 1 and "the traceback is in" in err
+
+
+@pytest.mark.parametrize("command", ["run", "generate"])
+@pytest.mark.parametrize("seed", [str(2**63), str(-(2**63) - 1), "99999999999999999999"])
+def test_a_seed_beyond_64_bits_is_one_line(command, seed, capsys, small_data):
+    """It reached torch.manual_seed, whose overflow was a traceback."""
+    args = (
+        ["run", "tiny", small_data, "--max-steps", "1"]
+        if command == "run"
+        else ["generate", "tiny", "-p", "x"]
+    )
+    code, _, err = cli(
+        capsys, *args, *(["--temperature", "0.5"] if command == "generate" else []), "--seed", seed
+    )
+    assert (
+        code == 2
+        and err.strip() == f"error: --seed must be a 64-bit integer, from -2**63 to 2**63 - 1, got {seed}"
+    )

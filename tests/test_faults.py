@@ -846,3 +846,31 @@ def test_a_bad_option_fails_the_same_way_on_run_plan_and_resume(args, message, t
         code, _, err = cli(capsys, *command)
         assert code == 2 and message in one_line(err), (name, err)
     assert not (tmp_path / "other").exists()
+
+
+# -- a damaged model directory ---------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["weights cut short", "a size that is text", "weights of other shapes"])
+def test_a_damaged_model_directory_is_one_line_and_no_job(damage, tmp_path, capsys, data):
+    """`plan` reads only config.json; `run` also loads the weights: a file cut short, a config.json
+    value the model class cannot take, or weights that do not fit the config are one line naming
+    the directory, exit code 2, and no job left behind."""
+    import shutil
+
+    from conftest import TINY_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(TINY_DIR, model)
+    weights, config_file = model / "model.safetensors", model / "config.json"
+    config = json.loads(config_file.read_text())
+    if damage == "weights cut short":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "a size that is text":
+        config_file.write_text(json.dumps({**config, "rms_norm_eps": "small"}))
+    else:
+        config_file.write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
+    out = tmp_path / "job"
+    code, _, err = cli(capsys, "run", model, data, "--out", out, *FAST)
+    assert code == 2, err
+    line = one_line(err)
+    assert str(model) in line, line
+    assert not out.exists()

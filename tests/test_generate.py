@@ -479,3 +479,26 @@ def test_every_file_a_job_writes_is_as_readable_as_its_umask_allows(jobs):
     assert {f.suffix for f in files} >= {".safetensors", ".json"}
     wrong = {str(f.relative_to(f.parents[1])): oct(f.stat().st_mode & 0o777) for f in files}
     assert {f: mode for f, mode in wrong.items() if mode != oct(expected)} == {}
+
+
+@pytest.mark.parametrize("damage", ["adapter config", "adapter weights", "model weights"])
+def test_a_damaged_result_is_one_line_in_generate_and_export(jobs, tmp_path, capsys, damage):
+    """A result's files cut short or broken (a copy interrupted, a disk fault): one line naming what
+    cannot be read, exit code 2, for `generate` and `export --merge` alike."""
+    job = tmp_path / "job"
+    shutil.copytree(jobs["full" if damage == "model weights" else "lora"], job)
+    file = {
+        "adapter config": job / "adapter" / "adapter_config.json",
+        "adapter weights": job / "adapter" / "adapter_model.safetensors",
+        "model weights": job / "model" / "model.safetensors",
+    }[damage]
+    file.write_bytes(file.read_bytes()[: len(file.read_bytes()) // 2])
+    commands = [["generate", job, "--prompt", PROMPT, *NEW]]
+    if damage != "model weights":
+        commands.append(["export", job, "--merge", "--out", tmp_path / "merged"])
+    for command in commands:
+        code, out, err = cli(capsys, *command)
+        assert code == 2 and out == "", err
+        (line,) = err.strip().splitlines()
+        assert "look damaged" in line and ("LoRA adapter" in line or "cannot load the weights" in line), line
+    assert not (tmp_path / "merged").exists()

@@ -168,6 +168,56 @@ def _keep_traceback() -> Path | None:
     return Path(name)
 
 
+def _unexpected(exc: Exception) -> int:
+    """A bug or a failure during training: one line, the traceback in a file."""
+    typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+    kept = getattr(exc, "traceback_file", None) or _keep_traceback()
+    if kept is not None:
+        typer.echo(f"the traceback is in {kept} (please include it if you report this)", err=True)
+    return 1
+
+
+# Errors of a path the user gave (or its folder) that the user can mend: said as what they are.
+_PATH_ERRORS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ELOOP,
+    errno.EROFS,
+    errno.ENAMETOOLONG,
+}
+
+
+def _path_problem(exc: OSError) -> str | None:
+    """One line for an OSError about a path the user can mend (permissions, a file where a folder
+    should be, a read-only file system), or None for any other."""
+    if exc.errno not in _PATH_ERRORS or not exc.filename:
+        return None
+    return (
+        f"{exc.filename}: {(exc.strerror or str(exc)).lower()}; check the path and its folders' permissions"
+    )
+
+
+# Options whose empty value means something: an empty prompt generates from the start of a text.
+_MAY_BE_EMPTY = ("--prompt", "-p")
+
+
+def _empty_argument(args: list[str]) -> str | None:
+    """What an empty argument ("") was given for, in one line, or None. To pathlib an empty path is
+    the current folder: `run tiny ""` read every file there, and `--eval-data ""` evaluated on the
+    training file among them."""
+    for i, arg in enumerate(args):
+        before = args[i - 1] if i else ""
+        if arg == "" and before not in _MAY_BE_EMPTY:
+            if before.startswith("-"):
+                return f"{before} was given an empty value; give one (see --help)"
+            return 'an argument is empty (""); give a path, a name or a value in its place (see --help)'
+        if arg.startswith("--") and arg.endswith("=") and arg[:-1] not in _MAY_BE_EMPTY:
+            return f"{arg[:-1]} was given an empty value; give one (see --help)"
+    return None
+
+
 def _command(argv: list[str] | None) -> int:
     """Run the command; its exit code."""
     from lowmem_ft.distributed.ranks import Ranks
@@ -181,6 +231,9 @@ def _command(argv: list[str] | None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # (__main__ had its own, for the imports)
     try:
+        empty = _empty_argument(sys.argv[1:] if argv is None else argv)
+        if empty is not None:
+            raise UserError(empty)
         # Without standalone mode, typer returns (not raises) the code of `typer.Exit`.
         with _output_that_may_go_unread():
             code = app(args=argv, standalone_mode=False)
@@ -196,12 +249,14 @@ def _command(argv: list[str] | None) -> int:
         hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
         typer.echo(f"error: {_kept_by_resume(exc, ctx) or exc.format_message().rstrip('.')}{hint}", err=True)
         return getattr(exc, "exit_code", 2)
-    except Exception as exc:  # a bug or a failure during training: one line, the traceback in a file
-        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
-        kept = getattr(exc, "traceback_file", None) or _keep_traceback()
-        if kept is not None:
-            typer.echo(f"the traceback is in {kept} (please include it if you report this)", err=True)
-        return 1
+    except OSError as exc:
+        problem = _path_problem(exc)
+        if problem is None:
+            return _unexpected(exc)
+        typer.echo(f"error: {problem}", err=True)
+        return 2
+    except Exception as exc:
+        return _unexpected(exc)
     if code == 130:  # a Ctrl-C that no command took in itself: typer ends it without a word
         typer.echo("interrupted", err=True)
     return code if isinstance(code, int) else 0

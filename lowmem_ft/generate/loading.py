@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lowmem_ft.errors import UserError
+from lowmem_ft.files import read_json_object
 from lowmem_ft.generate.options import GenerateOptions
 from lowmem_ft.models import ResolvedModel, load_model, load_tokenizer, resolve_model
 
@@ -163,17 +162,13 @@ def _load_delta(path: Path, options: GenerateOptions, dtype: torch.dtype) -> Loa
 
 
 def _load_adapter(path: Path, options: GenerateOptions, dtype: torch.dtype) -> Loaded:
-    from peft import PeftModel
-
+    from lowmem_ft.models.loading import merge_lora_adapter
     from lowmem_ft.results import ADAPTER_META
 
-    meta = json.loads((path / ADAPTER_META).read_text())
+    meta = read_json_object(path / ADAPTER_META, "LoRA adapter's lowmem-ft record")
     resolved, trusted = _check_base(meta, options, "adapter")
-    model = load_model(resolved, dtype, trust_remote_code=trusted)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft's notes on merging into low-precision weights
-        # Merged, not kept beside the base: generation then runs at the base model's speed.
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    # Merged, not kept beside the base: generation then runs at the base model's speed.
+    model = merge_lora_adapter(load_model(resolved, dtype, trust_remote_code=trusted), path)
     return Loaded(
         model,
         load_tokenizer(resolved, trust_remote_code=trusted),

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowmem_ft.config import SEED_RANGE, seed_in_range
 from lowmem_ft.devices import compute_dtype, device_problem, resolve_device
 from lowmem_ft.errors import UserError
 from lowmem_ft.precision import DTYPES
@@ -53,6 +54,10 @@ class GenerateOptions:
             f"--top-p must be in (0, 1] (1 = off, e.g. 0.9 keeps the likeliest 90%), got {self.top_p}",
         )
         need(self.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {self.top_k}")
+        need(
+            self.seed is None or seed_in_range(self.seed),
+            f"--seed must be {SEED_RANGE}, got {self.seed}",
+        )
         if self.temperature == 0:
             given = (
                 ("--top-p", self.top_p != 1),

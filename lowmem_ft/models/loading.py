@@ -255,11 +255,14 @@ def _load_config(location: Path, label: str, trust_remote_code: bool) -> Pretrai
             "(AutoModelForCausalLM), and its config.json names no code of its own (auto_map); a newer "
             "transformers may know it, or its repository's code files and auto_map are missing"
         )
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         # trust_remote_code is passed explicitly, False unless the user asked, so transformers never prompts.
         return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{label}: cannot load config: {exc}") from None
+    except (OSError, ValueError, TypeError, StrictDataclassError) as exc:  # (a value of the wrong type)
+        reason = " ".join(str(exc).split())  # (one line)
+        raise UserError(f"{label}: cannot load config: {reason}; correct {config_file}") from None
 
 
 @contextlib.contextmanager
@@ -330,7 +333,10 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     weights_dir = _require_weights_dir(resolved)
-    with quiet_transformers():
+    with (
+        quiet_transformers(),
+        damaged_files_said(f"{resolved.spec}: cannot load the weights in {weights_dir}"),
+    ):
         model, info = AutoModelForCausalLM.from_pretrained(
             weights_dir,
             dtype=dtype,
@@ -348,6 +354,35 @@ def load_model(
             f"({len(missing)} tensors missing or of the wrong shape, e.g. {shown})"
         )
     return model
+
+
+@contextlib.contextmanager
+def damaged_files_said(what: str) -> Iterator[None]:
+    """A damaged file read inside (a safetensors file cut short, a config.json whose values are not
+    what the model class needs, weights of other shapes, broken JSON) said in one line: ``what``,
+    the library's reason, and what would work. Only while reading files the user gave: a bug
+    elsewhere keeps its traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, KeyError) as exc:
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__  # (one line)
+        raise UserError(
+            f"{what}: {reason}; the files look damaged or do not belong together: copy them again "
+            "(or give the model they were made from)"
+        ) from None
+
+
+def merge_lora_adapter(model: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
+    """``model`` with the peft LoRA adapter in ``adapter_dir`` merged in (W += (α/r)·BA)."""
+    import warnings
+
+    from peft import PeftModel
+
+    with warnings.catch_warnings(), damaged_files_said(f"cannot read the LoRA adapter in {adapter_dir}"):
+        warnings.simplefilter("ignore")  # peft's notes on merging into low-precision weights
+        return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
 
 
 def empty_model(

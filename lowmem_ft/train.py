@@ -152,7 +152,7 @@ def train(s: Setup, job: Job, show_progress: bool, restored: Restored | None = N
                 job.log(step=0, eval_loss=progress.eval_loss)
                 job.update(eval_loss_start=progress.eval_loss, eval_loss=progress.eval_loss)
         model.train()
-        if select_entries(s):
+        if select_entries(s, stop):
             checkpoints.save(progress)  # a long selection is not repeated after a stop
         bar = tqdm(
             total=s.max_steps, initial=progress.step, desc="training", unit="step",
@@ -370,16 +370,26 @@ def _count_bad_step(s: Setup, job: Job, progress: Progress, result: StepResult, 
         )
 
 
-def select_entries(s: Setup) -> bool:
+def select_entries(s: Setup, stop: StopRequest | None = None) -> bool:
     """Let a method that chooses its trainable entries from data (SIFT) look at its selection
     window: micro-batches drawn with their own seed, so the training order is the same as any
-    other method's. Their gradients choose; they are never applied. Returns whether it selected."""
+    other method's. Their gradients choose; they are never applied. Returns whether it selected.
+
+    A stop asked for (``stop``) during the window stops it at the next micro-batch, one process:
+    nothing of it is kept, and resume selects again, the same entries (a window at 7B is minutes;
+    it ran on to its end, and a window longer than the data has no end in sight). Several ranks
+    sum their scores at the end and stop together after it."""
     n = s.method.selection_batches()
     if not n:
         return False
     started = time.perf_counter()
     micro = s.config.micro_batch_size
     draw = Batcher(s.data.train, micro, micro, s.tokenizer.pad_token_id, s.config.seed + 1)
+    if n > draw.steps_per_epoch:
+        log.warning(
+            f"selection  --selection-batches {n} is more micro-batches than the training data makes "
+            f"({draw.steps_per_epoch} of {micro}): the window sees examples more than once"
+        )
     window = [draw.next_step()[0] for _ in range(n)]
     n_targets = max(1, sum(target_count(mb) for mb in window))
     scaler = torch.amp.GradScaler(s.device.type, enabled=s.compute_dtype == torch.float16)
@@ -391,6 +401,8 @@ def select_entries(s: Setup) -> bool:
     share += [None] * (math.ceil(n / ranks) - len(share))
 
     def backward(batch: dict | None) -> None:
+        if stop is not None and stop.signal is not None and not s.group.several:
+            raise KeyboardInterrupt  # the job is recorded as interrupted (execute)
         # Scaled like a training step; fp16 needs loss scaling so small gradients do not vanish.
         loss = loss_sum(s.model, window[0] if batch is None else batch, s.device, s.compute_dtype)
         scaler.scale(loss * (0.0 if batch is None else 1.0) / n_targets).backward()

@@ -440,6 +440,35 @@ def test_out_of_memory_at_micro_batch_1_names_the_phase_and_the_job_resumes_exac
     assert_same_result(job, reference)
 
 
+def test_a_stop_during_the_selection_window_stops_it_and_the_job_resumes_exactly(
+    tmp_path, capsys, monkeypatch, data, reference
+):
+    """SIGTERM in SIFT's selection window stops it at the next micro-batch (it ran on to the
+    window's end, minutes at 7B); resume selects again and ends as the uninterrupted run."""
+    from lowmem_ft.phases import current_phase
+
+    window = ["--selection-batches", "6"]
+    reference = reference(capsys, "sift", data, *window)
+    job, real_loss_sum, selected = tmp_path / "job", train.loss_sum, []
+
+    def loss_sum(model, batch, device, dtype):
+        if current_phase() == "selection":
+            selected.append(1)
+            if len(selected) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss_sum(model, batch, device, dtype)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "loss_sum", loss_sum)
+        code, out, err = cli(capsys, *run_args("sift", data, job, *window))
+    assert code == 130, err
+    assert len(selected) == 2  # the third micro-batch of the window was not run
+    assert record(job)["status"] == "interrupted"
+    code, out, err = cli(capsys, "resume", str(job), "-q")
+    assert code == 0, err
+    assert_same_result(job, reference)
+
+
 def test_the_micro_batch_a_job_learned_from_running_out_is_bounded_by_each_ranks_share_on_resume():
     """After an out-of-memory retry the job resumes with at most the micro-batch that fitted; resumed
     on more ranks, at most each rank's share of the batch (a larger one would be refused as given)."""

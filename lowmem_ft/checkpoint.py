@@ -161,12 +161,15 @@ def save_checkpoint(
     if final.is_dir() and verify_checkpoint(final) is None:
         return final  # the same step's state, already safely on disk
 
-    def refused(reason: str) -> CheckpointWriteError:
+    def refused(reason: str, disk: bool = True) -> CheckpointWriteError:
+        """``disk``: the disk is full (or read-only); otherwise something in the way (a file where
+        a folder should be), which freeing space would not mend."""
         previous = next((p.name for p in list_checkpoints(job_dir) if verify_checkpoint(p) is None), None)
+        mend = "free space" if disk else f"move what is in the way in {root}"
         return CheckpointWriteError(
             f"could not write checkpoint {final.name} to {root}: {reason}; "
             + (f"the previous checkpoint {previous} is intact" if previous else "there is no earlier one")
-            + f"; free space and run `lowmem-ft resume {job_dir}`"
+            + f"; {mend} and run `lowmem-ft resume {job_dir}`"
         )
 
     needed, free = _state_bytes(state), free_bytes(root)
@@ -195,7 +198,7 @@ def save_checkpoint(
             raise
         if disk_fault(exc) == "the disk is full":
             reason += f" (the checkpoint needs about {format_bytes(needed)})"
-        raise refused(reason) from exc
+        raise refused(reason, disk=disk_fault(exc) is not None) from exc
     _apply_retention(job_dir, keep, newest=final)
     return final
 

@@ -105,9 +105,14 @@ def execute(s: Setup, job: Job, restored: Restored | None, show_progress: bool) 
     except Exception as exc:
         reason = disk_fault(exc)
         if reason is not None:  # a write this recipe does not wrap itself
+            kept = (
+                "its last checkpoint is intact"
+                if job.record.get("last_checkpoint")
+                else "no checkpoint was saved yet (resume starts from the beginning)"
+            )
             message = (
-                f"could not write to {job.dir}: {reason}; its last checkpoint is intact; free space "
-                f"and run `lowmem-ft resume {job.dir}`"
+                f"could not write to {job.dir}: {reason}; {kept}; "
+                f"free space and run `lowmem-ft resume {job.dir}`"
             )
             job.update_if_possible(status="failed", error=message)
             raise DiskError(message) from None

@@ -671,7 +671,10 @@ def test_a_full_disk_while_logging_leaves_no_torn_line_and_is_one_line_exit_4(
     out = tmp_path / "job"
     code, _, err = cli(capsys, "run", "tiny", data, "--out", out, *FAST)
     assert code == 4
-    assert f"could not write to {out}: the disk is full" in one_line(err)
+    line = one_line(err)
+    assert f"could not write to {out}: the disk is full" in line
+    # (no checkpoint before the third line of metrics: it said "its last checkpoint is intact")
+    assert "no checkpoint was saved yet (resume starts from the beginning)" in line, line
     for line in (out / "metrics.jsonl").read_text().splitlines():
         json.loads(line)
 

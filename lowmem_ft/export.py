@@ -40,7 +40,14 @@ def check_base(meta: dict, given: str | None, what: str, trust_remote_code: bool
         try:
             resolved = resolve_model(spec, trust_remote_code=trusted)
         except UserError as exc:
-            refusal = refusal or exc
+            if given:
+                refusal = refusal or exc
+            else:  # the base the job recorded is gone (moved, deleted): say which, and the way out
+                where = f" ({meta['base_weights_dir']})" if meta.get("base_weights_dir") else ""
+                refusal = refusal or UserError(
+                    f"the {what}'s base model {named}{where} cannot be found ({exc}); if it was moved, "
+                    "give it with --base DIR (its weights must be the ones trained on)"
+                )
             continue
         found = weights_hash(resolved.weights_dir)
         if found == expected:

@@ -569,6 +569,15 @@ def test_a_path_the_user_can_mend_is_one_line(tmp_path, capsys, small_data, monk
         code == 2 and line == f"error: {path}: permission denied; check the path and its folders' permissions"
     )
 
+    def full(config, show_progress):  # a write the tool does not wrap itself (resume's plan.json was one)
+        raise OSError(errno_module.ENOSPC, "No space left on device", "job/plan.json")
+
+    monkeypatch.setattr(start, "run", full)
+    code, _, err = cli(capsys, "run", "tiny", small_data, "--out", tmp_path / "job")
+    assert (
+        code == 4 and err == "error: job/plan.json: the disk is full; free space and run the command again\n"
+    )
+
     def broken(config, show_progress):
         raise OSError(errno_module.EIO, "Input/output error", "x")
 

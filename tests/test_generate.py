@@ -502,3 +502,23 @@ def test_a_damaged_result_is_one_line_in_generate_and_export(jobs, tmp_path, cap
         (line,) = err.strip().splitlines()
         assert "look damaged" in line and ("LoRA adapter" in line or "cannot load the weights" in line), line
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_delta_whose_base_was_moved_says_so_and_takes_it_with_base(tmp_path, capsys, monkeypatch):
+    """The base a SIFT job recorded (a local directory) was moved: generate and export name it and
+    the way out (--base), rather than "unknown model"; given with --base, it is used."""
+    base = tmp_path / "mbase"
+    shutil.copytree(TINY_DIR, base)
+    data = write_records(
+        tmp_path / "d.jsonl", [{"prompt": f"Q{i}", "completion": f" A{i}."} for i in range(8)]
+    )
+    monkeypatch.chdir(tmp_path)  # the base named as the user would: a relative path
+    job = tmp_path / "job"
+    _main("run", "mbase", data, "--method", "sift", "--out", job, *JOB_ARGS)
+    base.rename(tmp_path / "moved")
+    for command in (["generate", job, "--prompt", "Q1", *NEW], ["export", job, "--merge", "--out", "m"]):
+        code, _, err = cli(capsys, *command)
+        (line,) = err.strip().splitlines()
+        assert code == 2 and "the delta's base model mbase" in line and "give it with --base" in line, line
+    code, out, err = cli(capsys, "generate", job, "--prompt", "Q1", "--base", tmp_path / "moved", *NEW)
+    assert code == 0 and out.strip(), err

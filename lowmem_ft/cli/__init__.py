@@ -22,7 +22,7 @@ import typer
 
 import lowmem_ft
 from lowmem_ft.cli import generate, show, training
-from lowmem_ft.errors import UserError
+from lowmem_ft.errors import DiskError, UserError, disk_fault
 
 app = typer.Typer(
     name="lowmem-ft",
@@ -250,6 +250,11 @@ def _command(argv: list[str] | None) -> int:
         typer.echo(f"error: {_kept_by_resume(exc, ctx) or exc.format_message().rstrip('.')}{hint}", err=True)
         return getattr(exc, "exit_code", 2)
     except OSError as exc:
+        fault = disk_fault(exc)
+        if fault is not None and exc.errno != errno.EROFS:  # (writes the tool does not wrap itself)
+            where = f"{exc.filename}: " if exc.filename else ""
+            typer.echo(f"error: {where}{fault}; free space and run the command again", err=True)
+            return DiskError.exit_code
         problem = _path_problem(exc)
         if problem is None:
             return _unexpected(exc)

@@ -192,8 +192,8 @@ def _not_cached_message(hub_id: str, alias: ModelAlias | None) -> str:
     gated = "  (gated: accept the licence on the hub first)" if alias and alias.gated else ""
     return (
         f"weights for {label} are not in the local Hugging Face cache; download them with: "
-        f"hf download {hub_id} {includes}{gated}, or rerun with --allow-download, "
-        "or pass a local model directory"
+        f"hf download {hub_id} {includes}{gated}, or pass a local model directory "
+        "(`run` and `generate` also take --allow-download)"
     )
 
 

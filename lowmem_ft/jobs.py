@@ -411,6 +411,10 @@ def list_jobs(root: Path) -> tuple[list[JobInfo], list[Path]]:
         info = read_job(directory)
         if info is not None:
             jobs.append(info)
-        elif (directory / "job.json").exists():
+            continue
+        try:
+            if (directory / "job.json").exists():
+                damaged.append(directory)
+        except OSError:  # a folder this user may not look into (mode 000): said, like a damaged one
             damaged.append(directory)
     return sorted(jobs, key=lambda j: j.updated), damaged

@@ -181,7 +181,7 @@ def test_run_reads_a_directory_of_data_files_and_records_their_hash(tmp_path, ca
     assert not (tmp_path / "job2").exists()
 
 
-def test_jobs_lists_finished_job_as_done(tmp_path, capsys, small_data):
+def test_jobs_lists_finished_job_as_done(tmp_path, capsys, small_data, monkeypatch):
     root = tmp_path / "runs"
     assert cli(capsys, "run", "tiny", small_data, "--out", root / "a", *FAST)[0] == 0
     code, stdout, _ = cli(capsys, "jobs", root)
@@ -196,6 +196,19 @@ def test_jobs_lists_finished_job_as_done(tmp_path, capsys, small_data):
     code, stdout, err = cli(capsys, "jobs", root, "--json")
     assert code == 0 and [job["status"] for job in json.loads(stdout)] == ["done"]
     assert f"warning    {root / 'b'} is left out: its job.json cannot be read as a job record" in err
+    # A folder this user may not look into (mode 000; root's tests cannot chmod it away): left out
+    # with the same warning, not the whole listing lost to a PermissionError.
+    (root / "c").mkdir()
+    real_exists = Path.exists
+
+    def exists(self, *args, **kwargs):
+        if self == root / "c" / "job.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_exists(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", exists)
+    code, stdout, err = cli(capsys, "jobs", root)
+    assert code == 0 and "done" in stdout and f"warning    {root / 'c'} is left out" in err, err
 
 
 def test_default_job_directory_is_under_runs(tmp_path, capsys, small_data, monkeypatch):

@@ -90,22 +90,29 @@ class Curves:
 
     @classmethod
     def read(cls, metrics: Path) -> Curves:
-        """The curves of a metrics.jsonl; a torn last line (a run killed while writing) is skipped."""
+        """The curves of a metrics.jsonl. A line that is not a record of numbers is skipped: a torn
+        last line (a run killed while writing), or a file edited or damaged by hand (bytes that
+        are not UTF-8, a loss that is text)."""
         curves = cls()
         if not metrics.is_file():
             return curves
-        for line in metrics.read_text().splitlines():
+
+        def number(value) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool)
+
+        for line in metrics.read_text(errors="replace").splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if not isinstance(record, dict) or "step" not in record:
+            if not isinstance(record, dict) or not number(record.get("step")):
                 continue
-            if record.get("loss") is not None and not record.get("skipped"):
+            loss, lr = record.get("loss"), record.get("lr")
+            if number(loss) and not record.get("skipped"):
                 curves.steps.append(record["step"])
-                curves.loss.append(record["loss"])
-                curves.lr.append(record.get("lr"))
-            if record.get("eval_loss") is not None:
+                curves.loss.append(loss)
+                curves.lr.append(lr if number(lr) else None)
+            if number(record.get("eval_loss")):
                 curves.eval_steps.append(record["step"])
                 curves.eval_loss.append(record["eval_loss"])
         return curves

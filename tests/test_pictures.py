@@ -342,3 +342,15 @@ def test_curves_skip_a_torn_last_line(tmp_path):
     curves = pictures.Curves.read(tmp_path / "metrics.jsonl")
     assert curves.steps == [1] and curves.loss == [2.0]
     assert pictures.draw_loss(tmp_path).is_file()
+
+
+def test_curves_skip_lines_damaged_by_hand(tmp_path, capsys):
+    """Bytes that are not UTF-8 and a loss that is text made `jobs --plot` a traceback."""
+    (tmp_path / "metrics.jsonl").write_bytes(
+        b'{"step": 1, "loss": 2.0, "lr": 0.1}\n\xff\xfe{"step": 2}\n{"step": 3, "loss": "abc", "lr": 0.1}\n'
+        b'{"step": 4, "loss": 1.5, "lr": "x", "eval_loss": 1.7}\n{"step": true, "loss": 1.0}\n'
+    )
+    curves = pictures.Curves.read(tmp_path / "metrics.jsonl")
+    assert (curves.steps, curves.loss, curves.lr) == ([1, 4], [2.0, 1.5], [0.1, None])
+    assert (curves.eval_steps, curves.eval_loss) == ([4], [1.7])
+    assert pictures.draw_loss(tmp_path).is_file()

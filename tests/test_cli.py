@@ -615,3 +615,12 @@ def test_a_seed_beyond_64_bits_is_one_line(command, seed, capsys, small_data):
         code == 2
         and err.strip() == f"error: --seed must be a 64-bit integer, from -2**63 to 2**63 - 1, got {seed}"
     )
+
+
+def test_a_name_that_is_not_utf8_is_refused_before_anything_is_done(tmp_path, capsys, small_data):
+    """A non-UTF-8 --out (bytes 0xff arrive as a lone surrogate) trained to the end and then failed
+    writing the result's records, leaving a half-written model."""
+    out = str(tmp_path) + "/o_\udcff"
+    code, _, err = cli(capsys, "run", "tiny", small_data, "--out", out, *FAST)
+    assert code == 2 and "is not a UTF-8 name" in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == [small_data]

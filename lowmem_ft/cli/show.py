@@ -90,7 +90,10 @@ JOBS_EPILOG = examples(
 
 def jobs(
     roots: list[Path] | None = typer.Argument(
-        None, help="Directories holding job directories, or job directories. [default: runs]"
+        None,
+        metavar="ROOTS",
+        help="Directories holding job directories, or job directories. [default: runs]",
+        show_default=False,
     ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
     plot: Path | None = typer.Option(

@@ -183,7 +183,13 @@ def _base_quant_note(meta: dict) -> list[tuple[str, str]]:
     quant = meta.get("base_quant", "none")
     if quant == "none":
         return []
-    return [("note", f"trained on a {quant} base; applied to the original weights, as `export --merge` does")]
+    article = "an" if quant in ("int8", "nf4") else "a"  # (said "an int8", "an en-ef-four")
+    return [
+        (
+            "note",
+            f"trained on {article} {quant} base; applied to the original weights, as `export --merge` does",
+        )
+    ]
 
 
 def _count(model: torch.nn.Module) -> str:

@@ -229,7 +229,15 @@ class Job:
     def open(cls, directory: Path) -> Job:
         """An existing job directory, to resume."""
         if not (directory / "job.json").is_file():
-            what = "no such directory" if not directory.exists() else "no job.json, so not a job directory"
+            if directory.name == "job.json" and directory.is_file():
+                raise UserError(f"{directory}: give the job's directory, {directory.parent}")
+            what = (
+                "no such directory"
+                if not directory.exists()
+                else "a file, not a job directory"
+                if directory.is_file()
+                else "no job.json, so not a job directory"
+            )
             raise UserError(f"{directory}: {what}; `lowmem-ft jobs` lists the jobs under runs/")
         record = read_json_object(directory / "job.json", "job record")
         if not isinstance(record.get("config"), dict):

@@ -624,3 +624,17 @@ def test_a_name_that_is_not_utf8_is_refused_before_anything_is_done(tmp_path, ca
     code, _, err = cli(capsys, "run", "tiny", small_data, "--out", out, *FAST)
     assert code == 2 and "is not a UTF-8 name" in err and len(err.strip().splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == [small_data]
+
+
+def test_resume_of_a_file_says_what_to_give(tmp_path, capsys):
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "job.json").write_text("{}")
+    code, _, err = cli(capsys, "resume", tmp_path / "job" / "job.json")
+    assert (
+        code == 2
+        and err.strip()
+        == f"error: {tmp_path / 'job' / 'job.json'}: give the job's directory, {tmp_path / 'job'}"
+    )
+    (tmp_path / "afile").write_text("x")
+    code, _, err = cli(capsys, "resume", tmp_path / "afile")
+    assert code == 2 and f"{tmp_path / 'afile'}: a file, not a job directory" in err

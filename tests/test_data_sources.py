@@ -427,3 +427,16 @@ def test_sharegpt_and_tool_calls_train(tmp_path, capsys):
     code, _, err = cli(capsys, "run", "tiny", tools, "--out", tmp_path / "refused", *TRAIN)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "tool" in err, err
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_compressed_file_with_a_data_name_is_refused_as_what_it_is(tmp_path):
+    """By its first bytes: it was "not valid UTF-8 (byte 2 of the line)" on line 1."""
+    import gzip
+    import zipfile
+
+    packed = tmp_path / "data.jsonl"
+    packed.write_bytes(gzip.compress(b'{"text": "a"}\n'))
+    assert error_of(packed) == f"{packed}: gzip-compressed files are not read; decompress it first"
+    with zipfile.ZipFile(tmp_path / "z.jsonl", "w") as archive:
+        archive.writestr("data.jsonl", '{"text": "a"}\n')
+    assert error_of(tmp_path / "z.jsonl").startswith(f"{tmp_path / 'z.jsonl'}: archives are not read")

@@ -74,6 +74,25 @@ class _NoRecords(DataError):
     """A Parquet file or saved dataset of no rows."""
 
 
+# The first bytes of compressed and archived files: one named data.jsonl is refused as what it is, not
+# as "not valid UTF-8" on its first line.
+_MAGIC = {
+    b"\x1f\x8b": "gzip-" + _COMPRESSED, b"BZh": "bzip2-" + _COMPRESSED, b"\xfd7zXZ\x00": "xz-" + _COMPRESSED,
+    b"\x28\xb5\x2f\xfd": "zstd-" + _COMPRESSED, b"PK\x03\x04": _OTHER_FORMATS[".zip"],
+}  # fmt: skip
+
+
+def _packed_inside(path: Path) -> str | None:
+    """Why ``path`` cannot be read as it is, by its first bytes (a compressed file or an archive
+    whatever its name), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        return None  # (said when it is read)
+    return next((reason for magic, reason in _MAGIC.items() if head.startswith(magic)), None)
+
+
 def data_path_problem(path: Path) -> str | None:
     """What is wrong with ``path`` as training data, in one line, or None if it can be read (its
     records are checked only when read). Reads no data and imports neither torch nor ``datasets``."""
@@ -110,7 +129,7 @@ def _sources(path: Path, say_left_out: bool = False) -> list[tuple[str, Path]]:
             sources = _directory_files(path, say_left_out)
     elif not path.is_file():  # a FIFO or a device: it may never end, and cannot be hashed for resume
         raise DataError(f"{path}: is not a regular file (a pipe or a device); save the data to a .jsonl file")
-    elif (reason := _OTHER_FORMATS.get(path.suffix.lower())) is not None:
+    elif (reason := _OTHER_FORMATS.get(path.suffix.lower()) or _packed_inside(path)) is not None:
         raise DataError(f"{path}: {reason}")
     else:
         sources = [(_reader_for(path), path)]

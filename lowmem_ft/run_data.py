@@ -187,6 +187,15 @@ def load_data(config: RunConfig, tokenizer, show_progress: bool = False, digests
     rendered = render_records(records, fmt, tokenizer, show_progress, day)
     del records  # a million records are gigabytes of Python objects
     if config.eval_data is not None:
+        shared = {p.resolve() for p in data_files(config.data)} & {
+            p.resolve() for p in data_files(config.eval_data)
+        }
+        if shared:  # (a warning: evaluating on what trains is a choice, but rarely a wanted one)
+            log.warning(
+                f"warning    --eval-data shares {len(shared)} file(s) with the training data "
+                f"({sorted(shared)[0]}): its losses say how well the model fits what it trains on, "
+                "not how it does on examples it never saw"
+            )
         # The evaluation file is detected on its own (it may be in another format than the training file).
         try:
             eval_records, eval_fmt, eval_skipped = read_records(

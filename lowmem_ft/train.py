@@ -392,7 +392,7 @@ def select_entries(s: Setup, stop: StopRequest | None = None) -> bool:
     draw = Batcher(s.data.train, micro, micro, s.tokenizer.pad_token_id, s.config.seed + 1)
     if n > draw.steps_per_epoch:
         log.warning(
-            f"selection  --selection-batches {n} is more micro-batches than the training data makes "
+            f"warning    --selection-batches {n} is more micro-batches than the training data makes "
             f"({draw.steps_per_epoch} of {micro}): the window sees examples more than once"
         )
     window = [draw.next_step()[0] for _ in range(n)]

@@ -638,3 +638,11 @@ def test_resume_of_a_file_says_what_to_give(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     code, _, err = cli(capsys, "resume", tmp_path / "afile")
     assert code == 2 and f"{tmp_path / 'afile'}: a file, not a job directory" in err
+
+
+def test_eval_data_that_is_the_training_data_is_warned_about(tmp_path, capsys, small_data):
+    code, out, err = cli(
+        capsys, "run", "tiny", small_data, "--eval-data", small_data, "--out", tmp_path / "j", *FAST
+    )
+    assert code == 0, err
+    assert f"warning    --eval-data shares 1 file(s) with the training data ({small_data})" in out + err

@@ -633,3 +633,19 @@ def test_8_bit_kept_state_changes_only_host_bytes():
     ]
     values = kept[0] / 8  # fp32 m and v: 8 bytes a value
     assert kept[1] == pytest.approx(2 * values * (1 + 4 / 256), rel=1e-3)
+
+
+def test_a_plan_with_under_half_a_gib_to_spare_says_it_is_a_bet():
+    """Issue 14's fifth finding: the CUDA context and the allocator's fragmentation are constants
+    not measured on this GPU, so a plan that leaves less than THIN_SPARE_BYTES says so."""
+    from dataclasses import replace
+
+    from lowmem_ft.planner import build_plan
+    from lowmem_ft.planner.plan import THIN_SPARE_BYTES
+    from lowmem_ft.planner.report import render_plan
+
+    plan = build_plan("llama-2-7b", method="hift", gpu_mem="24GiB", cpu_mem="256GiB").plan
+    assert plan.fits and THIN_SPARE_BYTES == 2**29
+    for spare, said in ((THIN_SPARE_BYTES - 1, True), (THIN_SPARE_BYTES, False)):
+        shown = render_plan(replace(plan, gpu_peak_bytes=plan.gpu_budget_bytes - spare), "llama-2-7b", "")
+        assert ("a bet on the CUDA context and the allocator's fragmentation" in shown) == said, spare

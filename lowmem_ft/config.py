@@ -26,15 +26,6 @@ if TYPE_CHECKING:  # torch only where a run needs it: the command line starts wi
     from lowmem_ft.methods.options import MethodOptions
 
 
-def _utf8(text: str) -> bool:
-    """Whether ``text`` is UTF-8 (a file name that is not arrives with lone surrogates in it)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 SEED_RANGE = "a 64-bit integer, from -2**63 to 2**63 - 1"
 
 
@@ -180,10 +171,12 @@ class RunConfig:
             f"--format {self.format!r} is not known; choose auto or one of: {', '.join(FORMAT_NAMES)}",
         )
         need(self.seq_len >= 8, f"--seq-len must be at least 8 tokens, got {self.seq_len}")
+        from lowmem_ft.data.records import utf8_encodable
+
         for given_as, path in (("DATA", self.data), ("--eval-data", self.eval_data), ("--out", self.out)):
             # A name that is not UTF-8 trained to the end and then failed writing the job's records.
             need(
-                path is None or _utf8(str(path)),
+                path is None or utf8_encodable(str(path)),
                 f"{given_as} {str(path)!r} is not a UTF-8 name; the job's records are UTF-8 JSON: rename it",
             )
         need(seed_in_range(self.seed), f"--seed must be {SEED_RANGE}, got {self.seed}")

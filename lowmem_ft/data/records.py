@@ -151,7 +151,7 @@ def content_problem(data: object, surrogates: bool = True) -> str | None:
             return f"key {value.duplicate!r} appears twice in one object; keep one of them"
         if isinstance(value, str):
             size += len(value)
-            if not value.isascii() and not _encodable(value):
+            if not value.isascii() and not utf8_encodable(value):
                 return (
                     f"{where} holds a lone UTF-16 surrogate (an escape like \\ud800 with no pair), which "
                     "is not text; fix or remove it"
@@ -173,7 +173,7 @@ def _plainly_fine(data: object, surrogates: bool) -> bool:
         value = stack.pop()
         if isinstance(value, str):
             size += len(value)
-            if surrogates and not value.isascii() and not _encodable(value):
+            if surrogates and not value.isascii() and not utf8_encodable(value):
                 return False
         elif isinstance(value, dict):
             if isinstance(value, DuplicateKeyObject):
@@ -197,7 +197,9 @@ def _walk(data):
             stack.extend(reversed([(f"item {i}", item) for i, item in enumerate(value)]))
 
 
-def _encodable(text: str) -> bool:
+def utf8_encodable(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8: text decoded from bytes that were not (a file name,
+    a JSON string with a lone surrogate escape) holds lone surrogates, which cannot."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -217,7 +217,8 @@ class RunConfig:
             "--stream needs activation checkpointing (a streamed layer is rebuilt in the backward); "
             "drop --no-gradient-checkpointing",
         )
-        need(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
+        # (--max-steps decides the length when given: --epochs is then not read, as its help says)
+        need(self.epochs > 0 or self.max_steps is not None, f"--epochs must be positive, got {self.epochs}")
         need(
             self.max_steps is None or self.max_steps >= 1,
             f"--max-steps must be at least 1, got {self.max_steps}",

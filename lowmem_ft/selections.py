@@ -49,7 +49,12 @@ def parse_layer_ranges(spec: str, n_layers: int) -> set[int]:
                 f"(layers are numbered 0 to {n_layers - 1})"
             )
         first, last = int(match.group(1)), int(match.group(2) or match.group(1))
-        if first > last or last >= n_layers:
+        if first > last:
+            raise UserError(
+                f"--freeze-layers {spec!r}: {item.strip()} runs backwards; write the lower layer first "
+                f"({last}-{first})"
+            )
+        if last >= n_layers:
             raise UserError(
                 f"--freeze-layers {spec!r}: {item.strip()} is not a range within the model's layers "
                 f"0-{n_layers - 1}"

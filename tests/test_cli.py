@@ -646,3 +646,16 @@ def test_eval_data_that_is_the_training_data_is_warned_about(tmp_path, capsys, s
     )
     assert code == 0, err
     assert f"warning    --eval-data shares 1 file(s) with the training data ({small_data})" in out + err
+
+
+def test_epochs_are_not_read_when_max_steps_is_given(tmp_path, capsys, small_data):
+    """`--epochs` is ignored when `--max-steps` is given, as its help says: 0 was refused."""
+    code, _, err = cli(capsys, "run", "tiny", small_data, "--out", tmp_path / "j", *FAST, "--epochs", "0")
+    assert code == 0, err
+    code, _, err = cli(capsys, "run", "tiny", small_data, "--out", tmp_path / "k", "--epochs", "0", "-q")
+    assert code == 2 and "--epochs must be positive, got 0" in err
+
+
+def test_a_backwards_layer_range_says_so(capsys, small_data):
+    code, _, err = cli(capsys, "plan", "tiny", "--method", "lora", "--freeze-layers", "3-1")
+    assert code == 2 and "3-1 runs backwards; write the lower layer first (1-3)" in err, err

@@ -659,3 +659,13 @@ def test_epochs_are_not_read_when_max_steps_is_given(tmp_path, capsys, small_dat
 def test_a_backwards_layer_range_says_so(capsys, small_data):
     code, _, err = cli(capsys, "plan", "tiny", "--method", "lora", "--freeze-layers", "3-1")
     assert code == 2 and "3-1 runs backwards; write the lower layer first (1-3)" in err, err
+
+
+def test_a_symlink_loop_is_one_line(tmp_path, capsys, small_data):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for args in (
+        ["run", "tiny", tmp_path / "loop"],
+        ["run", "tiny", small_data, "--out", tmp_path / "loop" / "j"],
+    ):
+        code, _, err = cli(capsys, *args, *FAST)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

@@ -260,6 +260,11 @@ def _command(argv: list[str] | None) -> int:
             return _unexpected(exc)
         typer.echo(f"error: {problem}", err=True)
         return 2
+    except RuntimeError as exc:
+        if not str(exc).startswith("Symlink loop"):  # (pathlib's resolve(): a link that points to itself)
+            return _unexpected(exc)
+        typer.echo(f"error: {exc}; mend the link", err=True)
+        return 2
     except Exception as exc:
         return _unexpected(exc)
     if code == 130:  # a Ctrl-C that no command took in itself: typer ends it without a word

@@ -133,6 +133,27 @@ class RunConfig:
         common = {name: getattr(self, name) for name in _COMMON}
         return {**common, **(dataclasses.asdict(self.method_options) if self.method_options else {})}
 
+    def unused_options(self) -> list[str]:
+        """Options given a value that this run does not read, each said in a line (a warning in the
+        header: a value set and silently unused is a run the user did not ask for)."""
+        default = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+        changed = lambda name: getattr(self, name) != default[name]  # noqa: E731
+        unused = []
+        if self.eval_data is not None and changed("eval_fraction"):
+            unused.append(
+                f"--eval-fraction {self.eval_fraction} is not used: --eval-data is the evaluation set"
+            )
+        if self.schedule == "constant" and changed("min_lr_ratio"):
+            unused.append(
+                f"--min-lr-ratio {self.min_lr_ratio} is not used: --schedule constant does not decay"
+            )
+        if self.eval_data is None and self.eval_fraction == 0 and changed("eval_every"):
+            unused.append(
+                f"--eval-every {self.eval_every} is not used: there is no evaluation set (--eval-fraction 0 "
+                "and no --eval-data)"
+            )
+        return unused
+
     @property
     def streams_every_layer(self) -> bool:
         """--stream (HiFT and the sparse methods take it)."""

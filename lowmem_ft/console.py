@@ -53,6 +53,8 @@ def print_header(s: Setup, job: Job) -> None:
             f"({context} positions, max_position_embeddings): it never saw positions beyond it; "
             f"--seq-len {context} stays within it"
         )
+    for unused in s.config.unused_options():
+        log.warning(f"warning    {unused}")
     if s.config.gpu_mem is not None and s.device.type != "cuda":  # (the planner plans host memory alone)
         log.warning(
             f"warning    --gpu-mem {s.config.gpu_mem} is a GPU's budget, and this run trains on the "

@@ -669,3 +669,27 @@ def test_a_symlink_loop_is_one_line(tmp_path, capsys, small_data):
     ):
         code, _, err = cli(capsys, *args, *FAST)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "options, said",
+    [
+        (
+            ["--eval-data", "DATA", "--eval-fraction", "0.3"],
+            "--eval-fraction 0.3 is not used: --eval-data is",
+        ),
+        (
+            ["--schedule", "constant", "--min-lr-ratio", "0.5"],
+            "--min-lr-ratio 0.5 is not used: --schedule constant",
+        ),
+        (
+            ["--eval-fraction", "0", "--eval-every", "2"],
+            "--eval-every 2 is not used: there is no evaluation set",
+        ),
+    ],
+)
+def test_an_option_the_run_does_not_read_is_warned_about(options, said, tmp_path, capsys, small_data):
+    options = [str(small_data) if o == "DATA" else o for o in options]
+    code, out, err = cli(capsys, "run", "tiny", small_data, "--out", tmp_path / "j", *FAST, *options)
+    assert code == 0, err
+    assert f"warning    {said}" in out + err

@@ -15,7 +15,7 @@ from lowmem_ft.data.cache import DIRECTORY as KEPT_DATA
 from lowmem_ft.distributed.group import ONE, Group
 from lowmem_ft.distributed.ranks import Ranks
 from lowmem_ft.errors import DiskError, disk_fault
-from lowmem_ft.files import write_json_atomic
+from lowmem_ft.files import free_bytes, write_json_atomic
 from lowmem_ft.jobs import FollowerJob, Job, abandon_new_job, claim_new_job, record_failure
 from lowmem_ft.models import resolve_model
 from lowmem_ft.precision import dtype_name
@@ -80,6 +80,8 @@ def _run(config: RunConfig, show_progress: bool, group: Group) -> Job:
     try:
         s = setup(config, show_progress, group)  # raises UserError on bad input, before anything is written
         out_dir = config.out or default_out_dir(config, s.resolved.name)
+        if not group.several:  # (several ranks write a sharded checkpoint, each its part)
+            _check_disk_holds_a_checkpoint(s, out_dir)
         lock = lock or claim_new_job(out_dir)
         job = Job.create(
             out_dir,
@@ -113,6 +115,22 @@ def _run(config: RunConfig, show_progress: bool, group: Group) -> Job:
         raise
     group.broadcast(str(job.dir))  # the other ranks follow this job
     return execute(s, job, None, show_progress)
+
+
+def _check_disk_holds_a_checkpoint(s, out_dir: Path) -> None:
+    """Refuse, before step 1, a job whose disk cannot hold even the weights a checkpoint keeps (a
+    lower bound: their optimizer state comes on top). Otherwise every step until the first
+    checkpoint is trained for nothing, and `resume` trains them again."""
+    from lowmem_ft.sizes import format_bytes
+
+    least = sum(t.numel() * t.element_size() for t in s.method.changed_weights(s.model).values())
+    free = free_bytes(out_dir)
+    if free is not None and free < least:
+        raise DiskError(
+            f"{out_dir}: its disk has {format_bytes(free)} free and a checkpoint of this run holds at "
+            f"least {format_bytes(least)} (the weights it trains; their optimizer state comes on top); "
+            "free space or choose another --out"
+        )
 
 
 def portable(config_json: dict) -> dict:

@@ -877,3 +877,19 @@ def test_a_damaged_model_directory_is_one_line_and_no_job(damage, tmp_path, caps
     line = one_line(err)
     assert str(model) in line, line
     assert not out.exists()
+
+
+def test_a_disk_that_cannot_hold_a_checkpoint_is_refused_before_step_1(tmp_path, capsys, data, monkeypatch):
+    """A new user's tour, 20-128 KiB free: every step was trained, then the 62 MiB checkpoint refused
+    (and resume trained them again). The weights a checkpoint keeps are known before step 1."""
+    from lowmem_ft import start
+
+    monkeypatch.setattr(start, "free_bytes", lambda path: 4 * 2**20)
+    out = tmp_path / "job"
+    code, _, err = cli(capsys, "run", "tiny", data, "--out", out, *FAST)
+    assert code == 4, err
+    line = one_line(err)
+    assert f"{out}: its disk has 4.0 MiB free and a checkpoint of this run holds at least " in line, line
+    assert not out.exists()
+    code, _, err = cli(capsys, "run", "tiny", data, "--out", out, "--method", "lora", *FAST)
+    assert code == 0, err  # a LoRA checkpoint keeps its adapters: they fit

@@ -893,3 +893,20 @@ def test_a_disk_that_cannot_hold_a_checkpoint_is_refused_before_step_1(tmp_path,
     assert not out.exists()
     code, _, err = cli(capsys, "run", "tiny", data, "--out", out, "--method", "lora", *FAST)
     assert code == 0, err  # a LoRA checkpoint keeps its adapters: they fit
+
+
+def test_weights_that_may_not_be_read_are_a_permission_problem_not_damage(
+    tmp_path, capsys, data, monkeypatch
+):
+    import transformers
+
+    weights = tmp_path / "model" / "model.safetensors"
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(weights))
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", denied)
+    code, _, err = cli(capsys, "run", "tiny", data, "--out", tmp_path / "job", *FAST)
+    line = one_line(err)
+    assert code == 2 and f"{weights}: permission denied" in line and "damaged" not in line, line
+    assert not (tmp_path / "job").exists()

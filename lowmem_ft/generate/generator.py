@@ -8,7 +8,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from lowmem_ft.devices import measures_free_memory
-from lowmem_ft.engine.streaming import N_BUFFERS, LayerStreamer, place_model
+from lowmem_ft.engine.streaming import LayerStreamer, place_model
 from lowmem_ft.errors import UserError
 from lowmem_ft.generate.loading import job_record, load_weights
 from lowmem_ft.generate.memory import generation_memory, layers_to_stream, refuse
@@ -206,8 +206,7 @@ class Generator:
                 ]
                 streamed = layers_to_stream(memory, layer_bytes, free)
                 if streamed is None:
-                    least = memory.total - sum(layer_bytes) + N_BUFFERS * max(layer_bytes)
-                    refuse(memory, free, self.device, tokens, least)
+                    refuse(memory, free, self.device, tokens, layer_bytes)
                 self.placement = (
                     f"{streamed} of {len(layers)} decoder layers stay in host memory and cross to "
                     f"{self.device} at each token (slower): the weights ({format_bytes(memory.weights)}) "

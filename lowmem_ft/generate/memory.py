@@ -53,18 +53,24 @@ def layers_to_stream(memory: GenerationMemory, layer_bytes: list[int], free_byte
 
     Streamed, every new token reads those layers' weights across the host link once: far slower
     than resident weights, but the model answers where its training fitted."""
+    return next((n for n in range(len(layer_bytes) + 1) if held(memory, layer_bytes, n) <= free_bytes), None)
+
+
+def held(memory: GenerationMemory, layer_bytes: list[int], streamed: int) -> int:
+    """Bytes on the device with the first ``streamed`` decoder layers in host memory: everything
+    else, and the ring of ``N_BUFFERS`` buffers of the largest streamed layer they cross into."""
     from lowmem_ft.engine.streaming import N_BUFFERS
 
-    for n in range(len(layer_bytes) + 1):
-        ring = N_BUFFERS * max(layer_bytes[:n], default=0)
-        if memory.total - sum(layer_bytes[:n]) + ring <= free_bytes:
-            return n
-    return None
+    ring = N_BUFFERS * max(layer_bytes[:streamed], default=0)
+    return memory.total - sum(layer_bytes[:streamed]) + ring
 
 
-def refuse(memory: GenerationMemory, free_bytes: int, device: torch.device, tokens: int, least: int) -> None:
+def refuse(
+    memory: GenerationMemory, free_bytes: int, device: torch.device, tokens: int, layer_bytes: list[int]
+) -> None:
     """The one-line UserError for a generation that does not fit ``device`` even with every decoder
-    layer streamed, which needs ``least`` bytes there."""
+    layer streamed."""
+    least = held(memory, layer_bytes, len(layer_bytes))
     raise UserError(
         f"generating needs about {format_bytes(least)} on {device} even with every decoder layer left in "
         f"host memory (all the weights: {format_bytes(memory.weights)}; KV cache for {tokens:,} tokens "

@@ -366,6 +366,8 @@ def damaged_files_said(what: str) -> Iterator[None]:
 
     try:
         yield
+    except PermissionError:
+        raise  # (not damage: said as a path the user can mend, by the command line)
     except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, KeyError) as exc:
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__  # (one line)
         raise UserError(

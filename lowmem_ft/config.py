@@ -101,7 +101,8 @@ class RunConfig:
     @classmethod
     def create(cls, **values) -> RunConfig:
         """A run from option values by name, the method's options among them (as the command line
-        and job.json give them). An option of another method is refused unless it has its default."""
+        and job.json give them). An option of another method is refused, whatever its value: the
+        command line passes only the method options the user gave (cli.options.given)."""
         common = {name: values.pop(name) for name in _COMMON if name in values}
         method = common.get("method", "full")
         known = option_fields()
@@ -111,8 +112,8 @@ class RunConfig:
         if method not in METHOD_NAMES:
             return cls(**common)
         taken = options_class(method).names()
-        for name, value in values.items():
-            if name not in taken and value != known[name].default:
+        for name in values:
+            if name not in taken:
                 takers = methods_taking(name)
                 raise UserError(
                     f"{flag(name)} applies to --method {' / '.join(takers)}, not {method}"
@@ -311,8 +312,9 @@ class RunConfig:
     @classmethod
     def from_json(cls, saved: dict) -> RunConfig:
         """The configuration a job directory recorded (options added since then take defaults)."""
-        known = {*_COMMON, *option_fields()}
-        values = {k: v for k, v in saved.items() if k in known}
+        method = saved.get("method", "full")
+        own = options_class(method).names() if method in METHOD_NAMES else ()
+        values = {k: v for k, v in saved.items() if k in _COMMON or k in own}
         for key in ("data", "eval_data", "out"):
             if values.get(key) is not None:
                 values[key] = Path(values[key])

@@ -145,19 +145,35 @@ def option(name: str, default=dataclasses.MISSING, help: str | None = None) -> t
 
 
 def with_parameters(parameters: dict[str, tuple[object, object]]) -> Callable:
-    """Give ``function(**values)`` the signature typer reads: one keyword parameter per entry,
+    """Give ``function(context, **values)`` the signature typer reads: the command's context (to
+    tell an option given from its default), then one keyword parameter per entry,
     ``name: (type, typer.Option or typer.Argument)``."""
 
     def wrap(function: Callable) -> Callable:
         function.__signature__ = inspect.Signature(
             [
-                inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind)
-                for name, (kind, info) in parameters.items()
+                inspect.Parameter("context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
+                *[
+                    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind)
+                    for name, (kind, info) in parameters.items()
+                ],
             ]
         )
         return function
 
     return wrap
+
+
+def given(context: typer.Context, options: dict) -> dict:
+    """The options of a command, less the method options the user did not give: those are refused
+    for a method that does not take them whatever their value (`--method full --order bottom-up`,
+    HiFT's default order, is as wrong as `--order top-down`), and a method that does take them has
+    its own defaults (its options.py), which the shared flag's shown default may not be."""
+    return {
+        name: value
+        for name, value in options.items()
+        if name not in METHOD_OPTIONS or context.get_parameter_source(name).name != "DEFAULT"
+    }
 
 
 def run_config_options(names) -> dict[str, tuple[object, object]]:

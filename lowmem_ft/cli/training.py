@@ -13,6 +13,7 @@ from lowmem_ft.cli.options import (
     PLAN_OPTIONS,
     QUIET,
     RUN_PARAMETERS,
+    given,
     option,
     run_config_options,
     with_parameters,
@@ -51,11 +52,11 @@ RUN_EPILOG = examples(
         "quiet": QUIET,
     }
 )
-def run(quiet: bool, **options) -> None:
+def run(context: typer.Context, quiet: bool, **options) -> None:
     """Fine-tune MODEL on DATA and write a job directory with metrics, checkpoints and the result."""
     from lowmem_ft.start import run as run_training
 
-    config = RunConfig.create(**options)
+    config = RunConfig.create(**given(context, options))
     if config.out is not None and (config.out / "job.json").exists():
         _offer_resume(config.out, config, quiet)
         return
@@ -182,13 +183,15 @@ PLAN_EPILOG = examples(
         ),
     }
 )
-def plan(model: str, gpu: str | None, as_json: bool, plot: Path | None, **options) -> None:
+def plan(
+    context: typer.Context, model: str, gpu: str | None, as_json: bool, plot: Path | None, **options
+) -> None:
     """Plan a fine-tune for this machine (or one you describe) without loading any weights."""
     from lowmem_ft.planner import build_plan, planned_as_given, render_plan
 
     # The same options as `run`, checked by the same code (one message per mistake, either command)
     # and passed to the planner the way `run` passes them.
-    config = RunConfig.create(model=model, data=Path("plan"), **options)
+    config = RunConfig.create(model=model, data=Path("plan"), **given(context, options))
     config.validate(data_files=False, count_gpus=False)
     if plot is not None:
         from lowmem_ft import pictures

@@ -10,7 +10,10 @@ it is about, so an error tells the user what to change.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -310,11 +313,20 @@ class RunConfig:
         return {k: str(v) if isinstance(v, Path) else v for k, v in self.option_values().items()}
 
     @classmethod
-    def from_json(cls, saved: dict) -> RunConfig:
-        """The configuration a job directory recorded (options added since then take defaults)."""
+    def from_json(cls, saved: dict, where: Path | str = "job.json") -> RunConfig:
+        """The configuration a job directory recorded (options added since then take defaults).
+        A value of the wrong type (job.json edited by hand) is refused naming it and ``where`` it
+        is, before any code compares it with a number."""
         method = saved.get("method", "full")
-        own = options_class(method).names() if method in METHOD_NAMES else ()
-        values = {k: v for k, v in saved.items() if k in _COMMON or k in own}
+        own = options_class(method) if method in METHOD_NAMES else None
+        types = {**_COMMON_TYPES, **(typing.get_type_hints(own) if own else {})}
+        values = {k: v for k, v in saved.items() if k in types}
+        for key, value in values.items():
+            if (expected := _json_type_problem(value, types[key])) is not None:
+                raise UserError(
+                    f'{where}: "{key}" is {json.dumps(value)}, where {expected} belongs (was it edited?); '
+                    "put such a value back, or start a new job with `lowmem-ft run`"
+                )
         for key in ("data", "eval_data", "out"):
             if values.get(key) is not None:
                 values[key] = Path(values[key])
@@ -340,6 +352,35 @@ def default_lr(method: str, params: int) -> float:
 
 # The options every run has (the method's own are in its options class)
 _COMMON = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name != "method_options")
+_COMMON_TYPES = {
+    name: kind
+    for name, kind in typing.get_type_hints(RunConfig, localns={"MethodOptions": object}).items()
+    if name in _COMMON
+}
+_JSON_NAMES = {
+    bool: "true or false",
+    int: "a whole number",
+    float: "a number",
+    str: "a string",
+    Path: "a path",
+}
+
+
+def _json_type_problem(value: object, kind: object) -> str | None:
+    """What belongs where a job.json value of option type ``kind`` (``int``, ``float | None``, ...)
+    is, if ``value`` (as JSON read it) is not that; None if it is."""
+    kinds = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    for one in kinds:
+        if (
+            (one is type(None) and value is None)
+            or (one is bool and isinstance(value, bool))
+            or (one is int and isinstance(value, int) and not isinstance(value, bool))
+            or (one is float and isinstance(value, int | float) and not isinstance(value, bool))
+            or (one in (str, Path) and isinstance(value, str))
+        ):
+            return None
+    names = [_JSON_NAMES[one] for one in kinds if one in _JSON_NAMES]
+    return " or ".join(names + (["null"] if type(None) in kinds else []))
 
 
 def _iso_date(text: object) -> bool:

@@ -60,7 +60,9 @@ def resume(job_dir: Path, overrides: dict | None = None, show_progress: bool = T
             return None
     group = ONE
     if ranks.several:
-        group = Group.join(RunConfig.from_json(Job.open(job_dir).record["config"]).resolved_device())
+        group = Group.join(
+            RunConfig.from_json(Job.open(job_dir).record["config"], job_dir / "job.json").resolved_device()
+        )
     try:
         return _resume(job_dir, overrides, show_progress, group)
     finally:
@@ -162,7 +164,7 @@ def _prepare_resume(
     record = job.record
     if job.lock.stale_holder:
         log.info(f"lock       taken over from process {job.lock.stale_holder.get('pid')}, which is gone")
-    requested = RunConfig.from_json(record.get("requested") or record["config"])
+    requested = RunConfig.from_json(record.get("requested") or record["config"], job.dir / "job.json")
     try:  # (what this machine has, and the data files, are checked once the overrides are in)
         requested.validate(data_files=False, count_gpus=False, device=False)
     except UserError as error:  # its advice names options that resume does not take
@@ -281,7 +283,8 @@ NOTED_SETTINGS = ("model", "data", "method", "lr", "batch_size", "max_steps", "e
 def settings_that_differ(job_dir: Path, config: RunConfig) -> list[str]:
     """The flags of ``config`` (a new `run` aimed at an existing job) whose values differ from
     those the job was started with; the job keeps its own."""
-    saved = RunConfig.from_json(json.loads((job_dir / "job.json").read_text()).get("requested", {}))
+    record = job_dir / "job.json"
+    saved = RunConfig.from_json(json.loads(record.read_text()).get("requested", {}), record)
     return [
         "--" + key.replace("_", "-")
         for key in NOTED_SETTINGS

@@ -792,6 +792,24 @@ def test_a_job_record_that_is_not_one_is_one_line_naming_it(content, message, tm
     assert code == 0 and "Traceback" not in out + err
 
 
+def test_a_job_record_edited_to_a_wrong_type_is_one_line_naming_the_value(tmp_path, capsys, data):
+    job = tmp_path / "job"
+    assert cli(capsys, "run", "tiny", data, "--out", job, "--method", "hift", *FAST)[0] == 0
+    original = json.loads((job / "job.json").read_text())
+    edits = [
+        ("batch_size", "two", '"batch_size" is "two", where a whole number belongs'),
+        ("lr", "fast", '"lr" is "fast", where a number or null belongs'),
+        ("seq_len", None, '"seq_len" is null, where a whole number belongs'),
+        ("units_per_group", 1.5, '"units_per_group" is 1.5, where a whole number or null belongs'),
+        ("pack", "yes", '"pack" is "yes", where true or false belongs'),
+    ]
+    for key, value, message in edits:  # (a traceback in resume before)
+        requested = {**original["requested"], key: value}
+        (job / "job.json").write_text(json.dumps({**original, "status": "failed", "requested": requested}))
+        code, _, err = cli(capsys, "resume", job)
+        assert code == 2 and f"{job / 'job.json'}: {message}" in one_line(err), (key, err)
+
+
 # -- 10. exported files do not depend on the process ----------------------------------------------------
 def test_a_lora_adapter_config_lists_its_modules_in_a_fixed_order(tmp_path, capsys, data):
     job = tmp_path / "lora"

@@ -2,8 +2,9 @@
 
 `lowmem-ft run` promises that a plan which says "fits" fits for the whole loop. This module checks
 the promise on a CPU: it runs **the recipe's own code** — ``plan_run``, ``prepare_model``,
-``select_entries``, ``train_step`` (begin step, micro-batches with gradient accumulation, gradient
-reduction and clipping, the optimizer step, end of step), ``evaluate`` and ``capture`` — on a model
+``select_entries`` (SIFT's selection window), ``train_step`` (begin step, micro-batches with
+gradient accumulation, gradient reduction and clipping, the optimizer step, end of step),
+``evaluate`` and ``capture`` — on a model
 built from the alias's shipped config at its full depth and width, under ``FakeTensorMode``: every
 tensor has a shape, a dtype and a storage size, but no memory. A dispatch mode records the live
 bytes of every storage at every allocation, the peak, and the phase of the loop it happened in
@@ -85,7 +86,7 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
     FSDP2 shards, gathers and frees as it would on N GPUs."""
     from transformers import AutoModelForCausalLM
 
-    from lowmem_ft import prepare, train, train_state
+    from lowmem_ft import prepare, selection_window, train, train_state
     from lowmem_ft.data import TokenStats
     from lowmem_ft.data.batching import Batcher
     from lowmem_ft.data.tokenize import Example
@@ -154,7 +155,7 @@ def trace_run(config: RunConfig, on_gpu: bool = False) -> tuple[Plan, LoopTrace]
             # between steps and never within one, the trace sees the worst case every time.
             with cycle_collector_paused():  # gc.collect() below, between steps
                 gc.collect()
-                train.select_entries(s)
+                selection_window.select_entries(s)
                 scaler = torch.amp.GradScaler(device.type, enabled=False)
                 making_state, steps = _steps_to_trace(method)
                 for step in making_state + steps:

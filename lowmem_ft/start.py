@@ -16,7 +16,8 @@ from lowmem_ft.distributed.group import ONE, Group
 from lowmem_ft.distributed.ranks import Ranks
 from lowmem_ft.errors import DiskError, disk_fault
 from lowmem_ft.files import free_bytes, write_json_atomic
-from lowmem_ft.jobs import FollowerJob, Job, abandon_new_job, claim_new_job, record_failure
+from lowmem_ft.job_lock import abandon_new_job, claim_new_job
+from lowmem_ft.jobs import FollowerJob, Job, record_failure
 from lowmem_ft.models import resolve_model
 from lowmem_ft.precision import dtype_name
 from lowmem_ft.prepare import setup

@@ -16,7 +16,8 @@ from safetensors import SafetensorError
 from test_cli import cli  # the CLI in-process: (exit code, stdout, stderr)
 
 from lowmem_ft.errors import UserError
-from lowmem_ft.jobs import Job, abandon_new_job, claim_new_job
+from lowmem_ft.job_lock import abandon_new_job, claim_new_job
+from lowmem_ft.jobs import Job
 
 FAST = ["--max-steps", "3", "--batch-size", "4", "--micro-batch-size", "2", "--seq-len", "64", "-q"]
 FULL = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
@@ -59,9 +60,9 @@ def test_a_run_whose_out_another_run_has_claimed_is_refused_and_names_that_proce
 def test_a_run_that_finds_the_out_made_a_job_while_it_waited_for_the_lock_is_refused(tmp_path, monkeypatch):
     """The race itself: the directory is free when looked at, another run makes it a job before
     this one has the lock; the check under the lock refuses, and the other job is left whole."""
-    import lowmem_ft.jobs as jobs
+    import lowmem_ft.job_lock as job_lock
 
-    out, real_check = tmp_path / "job", jobs.check_new_job_directory
+    out, real_check = tmp_path / "job", job_lock.check_new_job_directory
 
     def other_run_finishes_meanwhile(directory):
         real_check(directory)
@@ -69,7 +70,7 @@ def test_a_run_that_finds_the_out_made_a_job_while_it_waited_for_the_lock_is_ref
             directory.mkdir(exist_ok=True)
             (directory / "job.json").write_text('{"config": {}}')
 
-    monkeypatch.setattr(jobs, "check_new_job_directory", other_run_finishes_meanwhile)
+    monkeypatch.setattr(job_lock, "check_new_job_directory", other_run_finishes_meanwhile)
     with pytest.raises(UserError, match="holds a job; continue it with `lowmem-ft resume"):
         claim_new_job(out)
     assert (out / "job.json").read_text() == '{"config": {}}'
@@ -835,7 +836,10 @@ def test_a_lora_adapter_config_lists_its_modules_in_a_fixed_order(tmp_path, caps
         (["--method", "full", "--order", "top-down"], "--order applies to --method hift, not full"),
         # refused at the value the method that takes it defaults to, too (this passed before)
         (["--method", "full", "--order", "bottom-up"], "--order applies to --method hift, not full"),
-        (["--method", "bitfit", "--lora-rank", "8"], "--lora-rank applies to --method lora / spafit, not bitfit"),
+        (
+            ["--method", "bitfit", "--lora-rank", "8"],
+            "--lora-rank applies to --method lora / spafit, not bitfit",
+        ),
         (["--method", "full", "--state-policy", "drop"], "--state-policy applies to --method hift, not full"),
         (
             ["--method", "full", "--sparsity", "0.1"],

@@ -300,7 +300,7 @@ def test_an_unfinished_job_is_refused_in_one_line(tmp_path, capsys):
     code, _, err = cli(capsys, "generate", job, "--prompt", "x")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "has no result yet (status interrupted, step 1 of 4)" in err and f"lowmem-ft resume {job}" in err
-    from lowmem_ft.jobs import JobLock
+    from lowmem_ft.job_lock import JobLock
 
     holder = JobLock(job)  # running: said as resume says it, not "resume finishes it" (it would be refused)
     holder.acquire()

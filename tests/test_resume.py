@@ -30,7 +30,8 @@ from lowmem_ft import checkpoint as ckpt
 from lowmem_ft import train
 from lowmem_ft.config import RunConfig
 from lowmem_ft.errors import UserError
-from lowmem_ft.jobs import Job, JobLock, read_job
+from lowmem_ft.job_lock import JobLock
+from lowmem_ft.jobs import Job, read_job
 from lowmem_ft.resume import checkpointing_on_resume, micro_batch_on_resume
 
 REPO = Path(__file__).resolve().parents[1]

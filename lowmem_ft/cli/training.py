@@ -83,7 +83,8 @@ def _interactive() -> bool:
 
 def _offer_resume(out: Path, config, quiet: bool) -> None:
     """`run --out DIR` where DIR already holds a job: offer to resume it, never overwrite it."""
-    from lowmem_ft.jobs import being_run, read_job
+    from lowmem_ft.job_lock import being_run
+    from lowmem_ft.jobs import read_job
     from lowmem_ft.resume import resume as resume_training
     from lowmem_ft.resume import settings_that_differ
 

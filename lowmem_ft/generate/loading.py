@@ -91,7 +91,7 @@ def _refuse_unfinished(job_dir: Path) -> None:
 
     if (job_dir / DELTA_FILE).is_file() or (job_dir / ADAPTER_DIR).is_dir():
         return
-    from lowmem_ft.jobs import being_run
+    from lowmem_ft.job_lock import being_run
 
     record = job_record(job_dir)
     status, step, steps = record.get("status", "?"), record.get("step", "?"), record.get("max_steps", "?")

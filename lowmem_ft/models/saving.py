@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from lowmem_ft.files import readable_as_umask_allows
-from lowmem_ft.models.loading import ResolvedModel, quiet_transformers
+from lowmem_ft.models.loading import quiet_transformers
+from lowmem_ft.models.resolve import ResolvedModel
 
 # A fine-tuned model is a derivative of its base, and the base's terms travel with it: Llama 2's and
 # Llama 3's licenses ask for a copy of the agreement (LICENSE, USE_POLICY.md) with every copy of a

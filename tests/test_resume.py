@@ -446,11 +446,12 @@ def test_a_stop_during_the_selection_window_stops_it_and_the_job_resumes_exactly
 ):
     """SIGTERM in SIFT's selection window stops it at the next micro-batch (it ran on to the
     window's end, minutes at 7B); resume selects again and ends as the uninterrupted run."""
+    from lowmem_ft import selection_window
     from lowmem_ft.phases import current_phase
 
     window = ["--selection-batches", "6"]
     reference = reference(capsys, "sift", data, *window)
-    job, real_loss_sum, selected = tmp_path / "job", train.loss_sum, []
+    job, real_loss_sum, selected = tmp_path / "job", selection_window.loss_sum, []
 
     def loss_sum(model, batch, device, dtype):
         if current_phase() == "selection":
@@ -460,7 +461,7 @@ def test_a_stop_during_the_selection_window_stops_it_and_the_job_resumes_exactly
         return real_loss_sum(model, batch, device, dtype)
 
     with monkeypatch.context() as patch:
-        patch.setattr(train, "loss_sum", loss_sum)
+        patch.setattr(selection_window, "loss_sum", loss_sum)
         code, out, err = cli(capsys, *run_args("sift", data, job, *window))
     assert code == 130, err
     assert len(selected) == 2  # the third micro-batch of the window was not run

@@ -119,18 +119,18 @@ def _run(config: RunConfig, show_progress: bool, group: Group) -> Job:
 
 
 def _check_disk_holds_a_checkpoint(s, out_dir: Path) -> None:
-    """Refuse, before step 1, a job whose disk cannot hold even the weights a checkpoint keeps (a
-    lower bound: their optimizer state comes on top). Otherwise every step until the first
-    checkpoint is trained for nothing, and `resume` trains them again."""
+    """Refuse, before step 1, a job whose disk cannot hold one checkpoint: the weights it changes and
+    the optimizer state of everything that trains (``Method.checkpoint_bytes``). Otherwise every step
+    until the first checkpoint is trained for nothing, and `resume` trains them again."""
     from lowmem_ft.sizes import format_bytes
 
-    least = sum(t.numel() * t.element_size() for t in s.method.changed_weights(s.model).values())
+    least = s.method.checkpoint_bytes(s.model)
     free = free_bytes(out_dir)
     if free is not None and free < least:
         raise DiskError(
             f"{out_dir}: its disk has {format_bytes(free)} free and a checkpoint of this run holds at "
-            f"least {format_bytes(least)} (the weights it trains; their optimizer state comes on top); "
-            "free space or choose another --out"
+            f"least {format_bytes(least)} (the weights it changes and their optimizer state); free "
+            "space or choose another --out"
         )
 
 

@@ -920,6 +920,40 @@ def test_a_disk_that_cannot_hold_a_checkpoint_is_refused_before_step_1(tmp_path,
     assert code == 0, err  # a LoRA checkpoint keeps its adapters: they fit
 
 
+@pytest.mark.parametrize(
+    "method",
+    [
+        ["--method", "full"],
+        ["--method", "full", "--optimizer", "sgd"],
+        ["--method", "hift", "--units-per-group", "8", "--state-policy", "keep"],  # one group: all have state
+        ["--method", "sift", "--sparsity", "0.05"],
+        ["--method", "lora"],
+        ["--method", "bitfit"],
+    ],
+    ids=lambda args: "-".join(args[1::2]),
+)
+def test_the_size_a_checkpoint_is_refused_on_is_what_it_holds_less_its_small_parts(
+    method, tmp_path, capsys, data, monkeypatch
+):
+    """The free-space check before step 1 counts the optimizer state too (it counted only the
+    weights, so a disk between the two filled up at the first checkpoint, after every step before
+    it): its figure is at most the checkpoint's size on disk, and short of it only by what is small."""
+    from lowmem_ft import start
+
+    estimated, check = [], start._check_disk_holds_a_checkpoint
+    monkeypatch.setattr(
+        start,
+        "_check_disk_holds_a_checkpoint",
+        lambda s, out: (estimated.append(s.method.checkpoint_bytes(s.model)), check(s, out)),
+    )
+    out = tmp_path / "job"
+    code, _, err = cli(capsys, "run", "tiny", data, "--out", out, *method, *FAST)
+    assert code == 0, err
+    (checkpoint,) = sorted((out / "checkpoints").iterdir())[-1:]
+    on_disk = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
+    assert 0.97 * on_disk - 64 * 2**10 <= estimated[0] <= on_disk, (estimated, on_disk)
+
+
 def test_weights_that_may_not_be_read_are_a_permission_problem_not_damage(
     tmp_path, capsys, data, monkeypatch
 ):

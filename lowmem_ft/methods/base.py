@@ -29,6 +29,7 @@ to the method; a method asks the engine, it does not copy tensors itself.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,7 @@ import torch
 
 from lowmem_ft.distributed.group import ONE
 from lowmem_ft.distributed.ranks import SHARDED_METHODS
+from lowmem_ft.methods.optimizers import STATE_BYTES_PER_VALUE
 from lowmem_ft.registry import METHOD_SPECS
 
 if TYPE_CHECKING:
@@ -133,6 +135,17 @@ class Method(ABC):
         """The model's parameters that training may have changed, by name, for checkpoints (the
         rest is reloaded from the base model on resume). Default: all of them."""
         return dict(model.named_parameters())
+
+    def checkpoint_bytes(self, model: torch.nn.Module) -> int:
+        """What a checkpoint of this run holds at the least once every value that trains has its
+        optimizer state: the changed weights and that state. Checked against the free disk before
+        step 1 (start.py); the small things (data order, random states, counters) are left out."""
+        weights = sum(t.numel() * t.element_size() for t in self.changed_weights(model).values())
+        return weights + math.ceil(self.trainable_count() * self.state_bytes_per_trained_value())
+
+    def state_bytes_per_trained_value(self) -> float:
+        """The bytes a checkpoint's method state holds per trainable value: its optimizer's state."""
+        return STATE_BYTES_PER_VALUE[self.config.optimizer]
 
     def state_dict(self) -> dict:
         """Method state for checkpoints (optimizer state included). Tensors may be references to

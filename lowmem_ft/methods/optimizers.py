@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import torch
 
+# The state each optimizer keeps per trainable value, in bytes: AdamW's m and v, SGD's momentum and
+# Adagrad's sum, all fp32 (every method trains fp32 values: HiFT's are its fp32 masters); 8-bit
+# AdamW's two one-byte moments (its per-block scales, 1/64 more, left out).
+STATE_BYTES_PER_VALUE = {"adamw": 8, "sgd": 4, "adagrad": 4, "adamw8bit": 2}
+
 
 def decay_groups(params: list[torch.nn.Parameter], weight_decay: float, decay_1d: bool = False) -> list[dict]:
     """Parameter groups: no weight decay on norms and biases (1-D tensors), as is usual.

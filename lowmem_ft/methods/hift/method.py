@@ -187,6 +187,12 @@ class HiFT(Method):
         return {"group": f"{self.position}/{len(self.groups)} {self.group_names[self.active]}"}
 
     # -- checkpoints --------------------------------------------------------------------------------
+    def state_bytes_per_trained_value(self) -> float:
+        """Every group's optimizer state, as the state policy keeps it: fp32, 8 bits (one byte per
+        fp32 value and a scale per block of 256), or none but the active group's (left out)."""
+        per_value = super().state_bytes_per_trained_value()
+        return {"keep": per_value, "keep-8bit": per_value / 4 * (1 + 4 / 256), "drop": 0.0}[self.store.policy]
+
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: the order, which group is active, every group's
         optimizer state (the active one from its optimizer, the others from the host store), and

@@ -181,6 +181,10 @@ class SparseIncrement(Method):
     def changed_weights(self, model) -> dict[str, torch.Tensor]:
         return {}  # the base never changes; the increment is in state_dict
 
+    def state_bytes_per_trained_value(self) -> float:
+        """Each entry's int32 index and fp32 value are method state too, beside the optimizer's."""
+        return 4 + 4 + super().state_bytes_per_trained_value()
+
     def state_dict(self) -> dict:
         return {
             "selected": self.selected,

@@ -146,11 +146,17 @@ def partial_dir(job_dir: Path, step: int) -> Path:
 
 
 def save_checkpoint(
-    job_dir: Path, step: int, state: dict, keep: int, write_shards: Callable[[Path], None] | None = None
+    job_dir: Path,
+    step: int,
+    state: dict,
+    keep: int,
+    write_shards: Callable[[Path], None] | None = None,
+    shard_bytes: int = 0,
 ) -> Path:
     """Write ``state`` as checkpoint ``step`` atomically; keep the ``keep`` newest checkpoints.
     ``write_shards(directory)``: with several ranks, writes their shards (SHARDS, through
-    torch.distributed.checkpoint) into the checkpoint before its manifest, which lists them too.
+    torch.distributed.checkpoint) into the checkpoint before its manifest, which lists them too;
+    ``shard_bytes``: the size of those shards, every rank's, for the free-space check and messages.
 
     Raises CheckpointWriteError (with the previous checkpoints intact) if the disk is full or
     not writable.
@@ -172,7 +178,7 @@ def save_checkpoint(
             + f"; {mend} and run `lowmem-ft resume {job_dir}`"
         )
 
-    needed, free = _state_bytes(state), free_bytes(root)
+    needed, free = state_bytes(state) + shard_bytes, free_bytes(root)
     if free is not None and needed > free:  # refused before a byte is written
         raise refused(f"it needs {format_bytes(needed)} and {format_bytes(free)} is free")
     try:
@@ -203,14 +209,15 @@ def save_checkpoint(
     return final
 
 
-def _state_bytes(state) -> int:
-    """Bytes the tensors of ``state`` take on disk (the JSON beside them is small)."""
+def state_bytes(state) -> int:
+    """Bytes the tensors of ``state`` take on disk (the JSON beside them is small); a sharded
+    tensor (DTensor) counts whole, every rank's shard."""
     if isinstance(state, torch.Tensor):
         return state.numel() * state.element_size()
     if isinstance(state, dict):
-        return sum(_state_bytes(v) for v in state.values())
+        return sum(state_bytes(v) for v in state.values())
     if isinstance(state, list | tuple):
-        return sum(_state_bytes(v) for v in state)
+        return sum(state_bytes(v) for v in state)
     return 0
 
 

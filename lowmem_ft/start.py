@@ -81,8 +81,7 @@ def _run(config: RunConfig, show_progress: bool, group: Group) -> Job:
     try:
         s = setup(config, show_progress, group)  # raises UserError on bad input, before anything is written
         out_dir = config.out or default_out_dir(config, s.resolved.name)
-        if not group.several:  # (several ranks write a sharded checkpoint, each its part)
-            _check_disk_holds_a_checkpoint(s, out_dir)
+        _check_disk_holds_a_checkpoint(s, out_dir)  # (several ranks: their shards' sum, on this disk)
         lock = lock or claim_new_job(out_dir)
         job = Job.create(
             out_dir,

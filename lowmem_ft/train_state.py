@@ -23,6 +23,7 @@ from lowmem_ft.checkpoint import (
     checkpoints_dir,
     partial_dir,
     save_checkpoint,
+    state_bytes,
     verify_checkpoint,
 )
 from lowmem_ft.distributed.sharded import is_sharded
@@ -106,12 +107,13 @@ class Checkpoints:
         final = checkpoints_dir(self.job.dir) / checkpoint_name(step)
         if group.broadcast(group.main and final.is_dir() and verify_checkpoint(final) is None):
             return final  # the same step's state, already safely on disk (after a resume)
-        write_shards = None
+        write_shards, shard_bytes = None, 0
         if is_sharded(s.model):
             import torch.distributed.checkpoint as dcp
 
             state.pop("weights")
             state["method"], sharded = s.method.sharded_state(s.model)
+            shard_bytes = state_bytes(sharded)  # (it said only rank 0's small state when a disk filled)
 
             def write_shards(directory: Path) -> None:
                 group.barrier()  # rank 0 has made the (empty) checkpoint directory
@@ -119,7 +121,7 @@ class Checkpoints:
                     dcp.save(sharded, checkpoint_id=directory)
 
         if group.main:
-            path = save_checkpoint(self.job.dir, step, state, keep, write_shards)
+            path = save_checkpoint(self.job.dir, step, state, keep, write_shards, shard_bytes)
         else:
             if write_shards is not None:
                 write_shards(partial_dir(self.job.dir, step) / SHARDS)

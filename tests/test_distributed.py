@@ -546,6 +546,46 @@ def test_a_full_disk_in_the_final_export_of_two_ranks_is_one_line_and_resume_wri
     assert (job / "model" / "config.json").is_file() and record(job)["status"] == "done"
 
 
+RANK_0_DISK_HOLDS_2_MIB = """\
+# rank 0 (which writes a checkpoint's manifest and checks the free space) finds 2 MiB free
+import os
+
+if os.environ.get("RANK") == "0":
+    import lowmem_ft.checkpoint as checkpoint
+
+    checkpoint.free_bytes = lambda path: 2 * 2**20
+"""
+
+
+def test_a_disk_too_small_for_a_sharded_checkpoint_is_refused_naming_every_rank_s_shards(
+    tmp_path, data_module
+):
+    """FSDP2 (full): the checkpoint's size counted only rank 0's small state (data order, random
+    states), not the ranks' shards of weights and optimizer state: a disk that cannot hold them was
+    written to until it was full, and the message gave a size under a MiB. Now the free-space check
+    before the first byte refuses it, with the shards' size (tiny in fp32: 21 MiB of weights, 41 MiB
+    of AdamW state, and its tied head's 4 MiB again: DCP's tree lists the tied weight under both names)."""
+    job, env = tmp_path / "job", with_hook(tmp_path, RANK_0_DISK_HOLDS_2_MIB)
+    proc = ranks_run("run", "tiny", data_module, "--out", job, "--nproc", 2, *METHODS["full"], *ARGS, env=env)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 4 and len(err.strip().splitlines()) == 1, err[-3000:]
+    assert "could not write checkpoint step-000002" in err and "and 2.0 MiB is free" in err, err
+    needed = float(err.split("it needs ")[1].split(" MiB")[0])
+    assert 65 < needed < 67, err  # 5.4M fp32 values x (4 + 8) bytes = 61.8 MiB, + 4 MiB, + the small state
+    assert not list((job / "checkpoints").glob("step-*"))
+
+
+def test_a_disk_too_small_for_a_sharded_checkpoint_is_refused_before_step_1(tmp_path, data_module):
+    """The check before step 1 (one process's until now) with several ranks: rank 0 refuses, on the
+    sum of every rank's shards, before the job is written; the other ranks end with it."""
+    job, env = tmp_path / "job", with_hook(tmp_path, RANK_0_DISK_HOLDS_2_MIB.replace("checkpoint", "start"))
+    proc = ranks_run("run", "tiny", data_module, "--out", job, "--nproc", 2, *METHODS["full"], *ARGS, env=env)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 4 and len(err.strip().splitlines()) == 1, err[-3000:]
+    assert f"{job}: its disk has 2.0 MiB free and a checkpoint of this run holds at least 61.8 MiB" in err
+    assert not job.exists()
+
+
 def test_the_launcher_reports_the_rank_that_failed_not_the_ones_that_lost_it():
     """Ranks that fail in the same look of the agent: the one whose collective broke because the
     other had gone (its exit code PEER_LOST) is passed over, whichever the clock lists first; of

@@ -258,8 +258,16 @@ def test_bad_data_is_one_line_exit_2_and_no_job_directory(case, tmp_path, capsys
         (["run", "tiny", "DATA", "--method", "magic"], "--method 'magic' is not known"),
         (["run", "tiny", "DATA", "--format", "csv"], "--format 'csv' is not known"),
         (["run", "tiny", "DATA", "--no-such-flag"], "No such option"),
-        (["run", "tiny", "DATA", "--max-steps", "many"], "Invalid value for '--max-steps'"),
-        (["run"], "Missing argument 'model'"),
+        (
+            ["run", "tiny", "DATA", "--max-steps", "many"],
+            "--max-steps 'many' is not a whole number; see 'lowmem-ft run",
+        ),
+        (["run", "tiny", "DATA", "--lr=fast"], "--lr 'fast' is not a number; see 'lowmem-ft run --help'"),
+        (["run"], "Missing argument 'MODEL'; see 'lowmem-ft run --help'"),
+        (
+            ["run", "tiny", "DATA", "--gpu-mem"],
+            "Option '--gpu-mem' requires an argument; see 'lowmem-ft run --help'",
+        ),
         (["run", "tiny", "DATA", "--sparsity", "0.01"], "--sparsity applies to --method sift"),
         (["run", "tiny", "DATA", "--method", "sift", "--targets", "qproj"], "matches no linear layer"),
         (["run", "tiny", "DATA", "--method", "sift", "--targets", "lm_head"], "shares its weight"),

@@ -153,6 +153,27 @@ def _kept_by_resume(exc, ctx) -> str | None:
     )
 
 
+# typer's own words for a value that is not a number (pydantic's), and ours
+_NOT_A_NUMBER = {
+    "Input should be a valid integer": "is not a whole number",
+    "Input should be a valid number": "is not a number",
+}
+
+
+def _not_a_number(exc, args: list[str]) -> str | None:
+    """``--max-steps x``: "'x' is not a whole number", with the value as given, rather than
+    typer's "Input should be a valid integer, unable to parse string as an integer"."""
+    param, message = getattr(exc, "param", None), getattr(exc, "message", "")
+    said = next((ours for theirs, ours in _NOT_A_NUMBER.items() if message.startswith(theirs)), None)
+    if param is None or said is None or not param.opts:
+        return None
+    for i, arg in enumerate(args):
+        name, equals, value = arg.partition("=")
+        if name in param.opts and (equals or i + 1 < len(args)):
+            return f"{param.opts[0]} {(value if equals else args[i + 1])!r} {said}"
+    return None
+
+
 def _keep_traceback() -> Path | None:
     """The traceback of the exception being handled, in a file of the temporary directory (a job
     keeps its own in its error.log; a failure outside a job, in `generate` or `export`, had none)."""
@@ -218,6 +239,13 @@ def _empty_argument(args: list[str]) -> str | None:
     return None
 
 
+def _command_path(args: list[str]) -> str:
+    """``lowmem-ft COMMAND`` for the command ``args`` name (a usage error that click raises before
+    the command's context exists: an option's missing value), or ``lowmem-ft``."""
+    names = {command.name or command.callback.__name__ for command in app.registered_commands}
+    return f"lowmem-ft {args[0]}" if args and args[0] in names else "lowmem-ft"
+
+
 def _command(argv: list[str] | None) -> int:
     """Run the command; its exit code."""
     from lowmem_ft.distributed.ranks import Ranks
@@ -230,13 +258,14 @@ def _command(argv: list[str] | None) -> int:
     # SIGTERM (kill, a scheduler stopping us) is treated like Ctrl-C: the job records 'interrupted'.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # (__main__ had its own, for the imports)
+    args = sys.argv[1:] if argv is None else argv
     try:
-        empty = _empty_argument(sys.argv[1:] if argv is None else argv)
+        empty = _empty_argument(args)
         if empty is not None:
             raise UserError(empty)
         # Without standalone mode, typer returns (not raises) the code of `typer.Exit`.
         with _output_that_may_go_unread():
-            code = app(args=argv, standalone_mode=False)
+            code = app(args=argv, prog_name="lowmem-ft", standalone_mode=False)
     except UserError as exc:
         if str(exc):  # (empty: said already, by the rank that failed)
             typer.echo(f"error: {exc}", err=True)
@@ -246,8 +275,9 @@ def _command(argv: list[str] | None) -> int:
         return 130
     except typer.TyperException as exc:  # usage errors: unknown option, bad value, missing argument
         ctx = getattr(exc, "ctx", None)
-        hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
-        typer.echo(f"error: {_kept_by_resume(exc, ctx) or exc.format_message().rstrip('.')}{hint}", err=True)
+        hint = f"; see '{ctx.command_path if ctx is not None else _command_path(args)} --help'"
+        said = _kept_by_resume(exc, ctx) or _not_a_number(exc, args) or exc.format_message().rstrip(".")
+        typer.echo(f"error: {said}{hint}", err=True)
         return getattr(exc, "exit_code", 2)
     except OSError as exc:
         fault = disk_fault(exc)

@@ -21,7 +21,9 @@ EXPORT_EPILOG = examples(
 
 def export(
     job_dir: Path = typer.Argument(
-        ..., help="Job directory of a sparse or LoRA run (or its delta.safetensors / adapter directory)."
+        ...,
+        metavar="JOB_DIR",
+        help="Job directory of a sparse or LoRA run (or its delta.safetensors / adapter directory).",
     ),
     merge: bool = typer.Option(False, "--merge", help="Write base + increment as a full Hugging Face model."),
     out: Path | None = typer.Option(

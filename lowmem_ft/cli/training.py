@@ -37,6 +37,7 @@ RUN_EPILOG = examples(
             str,
             typer.Argument(
                 ...,
+                metavar="MODEL",
                 help="Model alias (tiny, llama-2-7b, ...), local Hugging Face directory, or cached hub id.",
             ),
         ),
@@ -44,6 +45,7 @@ RUN_EPILOG = examples(
             Path,
             typer.Argument(
                 ...,
+                metavar="DATA",
                 help="Training data: a .jsonl, .json or .parquet file, a directory of them, or a saved "
                 "dataset (text, prompt-completion, alpaca, chat or sharegpt records; docs/data.md).",
             ),
@@ -118,7 +120,7 @@ RESUME_EPILOG = examples(
 
 
 def resume(
-    job_dir: Path = typer.Argument(..., help="The job directory to continue."),
+    job_dir: Path = typer.Argument(..., metavar="JOB_DIR", help="The job directory to continue."),
     gpu_mem: str | None = option("gpu_mem"),
     cpu_mem: str | None = option("cpu_mem"),
     micro_batch_size: int | None = option("micro_batch_size"),
@@ -163,7 +165,9 @@ PLAN_EPILOG = examples(
         "model": (
             str,
             typer.Argument(
-                ..., help="Model alias, local Hugging Face directory, or cached hub id (no weights needed)."
+                ...,
+                metavar="MODEL",
+                help="Model alias, local Hugging Face directory, or cached hub id (no weights needed).",
             ),
         ),
         **run_config_options(PLAN_OPTIONS[:3]),

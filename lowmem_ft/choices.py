@@ -23,6 +23,14 @@ SCHEDULES = ("cosine", "linear", "constant")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 
+def precision_problem(option: str, value: str) -> str | None:
+    """What is wrong with ``value`` given to ``option`` (--dtype, --save-dtype: `run`, `generate`
+    and `export` take them), or None: the one check, and message, of a precision."""
+    if value == "auto" or value in DTYPE_NAMES:
+        return None
+    return f"{option} must be auto, {', '.join(DTYPE_NAMES[:-1])} or {DTYPE_NAMES[-1]}, got {value!r}"
+
+
 def flag(name: str) -> str:
     """The command-line flag of an option (a RunConfig or method-options field name)."""
     return "--" + name.replace("_", "-")

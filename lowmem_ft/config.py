@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lowmem_ft.choices import DTYPE_NAMES, METHOD_NAMES, OPTIMIZERS, SCHEDULES, flag
+from lowmem_ft.choices import METHOD_NAMES, OPTIMIZERS, SCHEDULES, flag, precision_problem
 from lowmem_ft.devices import compute_dtype, device_problem, resolve_device
 from lowmem_ft.errors import UserError
 from lowmem_ft.registry import METHOD_SPECS, methods_taking, option_fields, options_class
@@ -248,14 +248,9 @@ class RunConfig:
             self.max_steps is None or self.max_steps >= 1,
             f"--max-steps must be at least 1, got {self.max_steps}",
         )
-        need(
-            self.dtype in ("auto", *DTYPE_NAMES),
-            f"--dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}",
-        )
-        need(
-            self.save_dtype in ("auto", *DTYPE_NAMES),
-            f"--save-dtype must be auto, fp32, bf16 or fp16, got {self.save_dtype!r}",
-        )
+        for option, value in (("--dtype", self.dtype), ("--save-dtype", self.save_dtype)):
+            problem = precision_problem(option, value)
+            need(problem is None, problem)
         problem = device_problem(self.device) if device else None
         need(problem is None, problem)
         from lowmem_ft.distributed.ranks import nproc_problem

@@ -64,10 +64,10 @@ _PARTIAL_MARK = ".lowmem-ft-partial"
 
 
 def _check_out(out: Path, save_dtype: str) -> None:
-    from lowmem_ft.precision import DTYPES
+    from lowmem_ft.choices import precision_problem
 
-    if save_dtype != "auto" and save_dtype not in DTYPES:
-        raise UserError(f"--save-dtype must be auto, fp32, bf16 or fp16, got {save_dtype!r}")
+    if (problem := precision_problem("--save-dtype", save_dtype)) is not None:
+        raise UserError(problem)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         what = "is not empty" if out.is_dir() else "is a file"
         raise UserError(f"--out {out} already exists and {what}; choose a new directory or remove it")

@@ -283,6 +283,28 @@ def test_bad_invocations_are_one_clear_line(args, message, tmp_path, capsys, mon
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_precision_is_checked_once_with_one_message_on_every_command(tmp_path, capsys, small_data):
+    """--dtype (run, plan, generate) and --save-dtype (run, export) had three copies of their check."""
+    job = tmp_path / "sift"
+    fast = ["--max-steps", "1", "--batch-size", "2", "--seq-len", "64", "-q"]
+    assert cli(capsys, "run", "tiny", small_data, "--out", job, "--method", "sift", *fast)[0] == 0
+    commands = {
+        "--dtype must be auto, fp32, bf16 or fp16, got 'fp8'": [
+            ["run", "tiny", small_data, "--dtype", "fp8"],
+            ["plan", "tiny", "--dtype", "fp8"],
+            ["generate", "tiny", "--prompt", "hi", "--dtype", "fp8"],
+        ],
+        "--save-dtype must be auto, fp32, bf16 or fp16, got 'fp8'": [
+            ["run", "tiny", small_data, "--save-dtype", "fp8"],
+            ["export", job, "--merge", "--out", tmp_path / "merged", "--save-dtype", "fp8"],
+        ],
+    }
+    for message, each in commands.items():
+        for args in each:
+            code, _, err = cli(capsys, *args)
+            assert code == 2 and err.strip() == f"error: {message}", (args, err)
+
+
 def test_out_directory_that_is_not_empty_is_refused(tmp_path, capsys, small_data):
     out = tmp_path / "job"
     out.mkdir()

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lowmem_ft.choices import precision_problem
 from lowmem_ft.config import SEED_RANGE, seed_in_range
 from lowmem_ft.devices import compute_dtype, device_problem, resolve_device
 from lowmem_ft.errors import UserError
-from lowmem_ft.precision import DTYPES
 
 OnText = Callable[[str], None]  # receives each piece of the reply as it becomes final
 
@@ -71,10 +71,8 @@ class GenerateOptions:
                 f"{' and '.join(sampled)} only {'applies' if one else 'apply'} to sampling; add "
                 f"--temperature T (e.g. 0.7), or leave {'it' if one else 'them'} out for greedy decoding",
             )
-        need(
-            self.dtype in ("auto", *DTYPES),
-            f"--dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}",
-        )
+        problem = precision_problem("--dtype", self.dtype)
+        need(problem is None, problem)
         problem = device_problem(self.device)  # the devices `run --device` takes, checked alike
         need(problem is None, problem)
 

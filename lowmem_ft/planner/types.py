@@ -14,7 +14,7 @@ from lowmem_ft.registry import options_class
 if TYPE_CHECKING:
     from lowmem_ft.methods.options import MethodOptions
 
-DTYPE_NAMES = {2: "bf16", 4: "fp32"}
+WIDTH_NAMES = {2: "bf16", 4: "fp32"}  # a weight's bytes per value, as the plan names its precision
 # CUDA context, cuBLAS(Lt) workspaces, SDPA and bitsandbytes kernels: outside the allocator, seen by
 # NVML; 0.6-1.0 GiB on H100-class cards. Not measured here: `run` measures the real one before step 1.
 CUDA_CONTEXT_BYTES = GiB

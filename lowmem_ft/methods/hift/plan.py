@@ -42,8 +42,8 @@ from lowmem_ft.planner.sharding import (
     unsharded_gradient_bytes,
 )
 from lowmem_ft.planner.types import (
-    DTYPE_NAMES,
     STREAM_BUFFERS,
+    WIDTH_NAMES,
     Component,
     Estimate,
     MethodPlan,
@@ -256,7 +256,7 @@ def estimate_hift(
     )
     host_states = int(HOST_STATE_BYTES[state_policy] * shard(sum(sizes), ranks))  # this rank's shards
     of_rank = f", 1/{ranks} shard" if ranks > 1 else ""
-    weights = [Component(f"weights ({DTYPE_NAMES[w]}, resident)", resident)]
+    weights = [Component(f"weights ({WIDTH_NAMES[w]}, resident)", resident)]
     if ranks > 1:
         weights = [
             Component(f"weights (fp32{of_rank})", 4 * shard(shape.params, ranks)),
@@ -267,7 +267,7 @@ def estimate_hift(
     worst.components = [
         *weights,
         Component(
-            f"weights ({DTYPE_NAMES[w]}, streamed)",
+            f"weights ({WIDTH_NAMES[w]}, streamed)",
             0,
             sum(streamed),
             note=f"{streamed_units} layers in pinned host memory",

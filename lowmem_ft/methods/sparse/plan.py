@@ -25,8 +25,8 @@ from lowmem_ft.planner.fit import (
 )
 from lowmem_ft.planner.shapes import ModelShape
 from lowmem_ft.planner.types import (
-    DTYPE_NAMES,
     STREAM_BUFFERS,
+    WIDTH_NAMES,
     Component,
     Estimate,
     MethodPlan,
@@ -81,7 +81,7 @@ def estimate_sparse(
     parts, _, loss, logits_grad, extra = activation_parts(shape, request, p, micro_batch, checkpointing)
     acts = sift_activation_bytes(shape, request.seq_len, micro_batch, p, checkpointing)
     parts[0] = Component(parts[0].name, acts, note=parts[0].note)
-    base_name = DTYPE_NAMES[w] if base_quant == "none" else base_quant
+    base_name = WIDTH_NAMES[w] if base_quant == "none" else base_quant
     # Streaming (an unquantised base only): the first layers' frozen weights wait in host memory.
     layer_bytes = [w * u.params for u in shape.layer_units]
     streamed = sum(layer_bytes[:streamed_units]) if base_quant == "none" else 0

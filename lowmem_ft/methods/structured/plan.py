@@ -19,7 +19,7 @@ from lowmem_ft.planner.fit import (
     smallest,
 )
 from lowmem_ft.planner.shapes import ModelShape
-from lowmem_ft.planner.types import DTYPE_NAMES, Component, Estimate, MethodPlan, PlanRequest
+from lowmem_ft.planner.types import WIDTH_NAMES, Component, Estimate, MethodPlan, PlanRequest
 from lowmem_ft.selections import Selection, layer_index
 
 
@@ -105,7 +105,7 @@ def estimate_structured(
         # backward; while activations are alive, the logits' gradient (far larger) covers it.
         extra += w * max(adapted, default=0)
     parts[0] = Component(parts[0].name, acts, note=parts[0].note)
-    base_name = DTYPE_NAMES[w] + (f", {base_quant} where adapted" if base_quant != "none" else "")
+    base_name = WIDTH_NAMES[w] + (f", {base_quant} where adapted" if base_quant != "none" else "")
     components = [
         Component(f"base weights ({base_name}, frozen)", base),
         Component(

@@ -396,6 +396,43 @@ def test_state_store_keeps_a_group_in_one_exactly_sized_host_buffer():
     assert len(allocated) == 1  # the group's buffer was reused
 
 
+def test_8_bit_state_and_its_block_scales_wait_in_the_group_s_flat_buffers_and_nothing_else():
+    """keep-8bit: the codes (1 byte a value) and the block scales (4 bytes per 256 values) of a group
+    are laid out in its flat buffers, which are pinned on a GPU; the scales had host tensors of
+    their own, pageable, whose copy to the device held the CPU until the side stream got to it, and
+    the save's copy back (from the device) waited for the step. Nothing else is allocated on the
+    host, a save reuses the buffers, and a load gives the same state as before (the codes' own
+    error only)."""
+    from lowmem_ft.engine import host_memory
+
+    params = [torch.nn.Parameter(torch.randn(300, 7)), torch.nn.Parameter(torch.randn(13))]
+    optimizer = make_optimizer("adamw", params, 1e-3, 0.0)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    exact = [{k: v.clone() for k, v in optimizer.state[p].items()} for p in params]
+    allocated = []
+    store = OptimizerStateStore("keep-8bit", CPU)
+    with host_memory.observe(allocated.append):
+        store.save(0, optimizer, params)
+    blocks = -(-300 * 7 // 256)  # 9 scales per moment of the large tensor; the small one is exact
+    assert sorted((str(b.dtype), b.numel()) for b in allocated) == [
+        ("torch.float32", 2 * blocks + 2 * 13),
+        ("torch.uint8", 2 * 300 * 7),
+    ]
+    flat = store._flat[0][torch.float32].untyped_storage().data_ptr()
+    for key in ("exp_avg", "exp_avg_sq"):
+        stored = store._host[0][0][key]
+        assert stored.quantised and stored.absmax.untyped_storage().data_ptr() == flat, key
+    store.load(0, optimizer, params)
+    for p, before in zip(params, exact, strict=True):
+        for key, value in before.items():
+            assert (optimizer.state[p][key] - value).abs().max() <= 0.02 * value.abs().max(), key
+    with host_memory.observe(allocated.append):
+        store.save(0, optimizer, params)
+    assert len(allocated) == 2  # the group's buffers were reused
+
+
 def test_the_host_copy_of_a_saved_group_is_complete_before_anyone_reads_it():
     """On a GPU, `save` copies a group's state to pinned host memory on a side stream; a checkpoint
     taken right after (`export`, `group_state`) must wait for that copy, or it writes whatever the

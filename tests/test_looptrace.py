@@ -229,9 +229,8 @@ def test_the_plan_holds_for_the_whole_traced_loop_and_wastes_at_most_5_percent(c
         assert stored, "no group state was stored"
         for name, nbytes in stored.items():
             group = int(name.rsplit(" ", 1)[1])
-            # 8-bit: one byte per value in the pinned buffer (the block scales are kept beside it)
-            rate = 2 if policy == "keep-8bit" else HOST_STATE_BYTES[policy]
-            assert nbytes == rate * sizes[group] // ranks, name  # each rank its shard
+            # 8-bit: one byte per value and a 4-byte block scale per 256, all in the pinned buffers
+            assert nbytes == HOST_STATE_BYTES[policy] * sizes[group] // ranks, name  # each rank its shard
 
 
 @pytest.mark.parametrize("host_first", [False, True])

@@ -44,12 +44,25 @@ MIN_QUANTIZED_NUMEL = BLOCKSIZE
 
 @dataclass
 class _Stored:
-    """One state tensor on the host: exact (``data``) or 8-bit (``data`` + bitsandbytes quant state).
-    ``data`` is a view into its group's flat buffer, or a small tensor (a step count) of its own."""
+    """One state tensor on the host: exact (``data``) or 8-bit (``data``: the codes, and ``absmax``:
+    a block's scale per 256 of them). Both are views into the group's flat buffers (the scales into
+    its fp32 one: pinned, so they cross with the group's one copy per dtype, never from pageable
+    memory, which would hold the CPU until the side stream's copies ahead of it were done); a small
+    tensor (a step count) has its own."""
 
     data: torch.Tensor
-    quant_state: object = None
-    dtype: torch.dtype | None = None  # original dtype of a quantised tensor
+    absmax: torch.Tensor | None = None  # 8-bit only
+    signed: bool = False  # 8-bit: bitsandbytes' signed map (a first moment) or unsigned (a second)
+    dtype: torch.dtype | None = None  # 8-bit: the tensor's own dtype
+
+    @property
+    def quantised(self) -> bool:
+        return self.absmax is not None
+
+
+def _blocks(numel: int) -> int:
+    """Block scales of an 8-bit tensor of ``numel`` values."""
+    return -(-numel // BLOCKSIZE)
 
 
 def _in_flat_buffer(value) -> bool:
@@ -101,24 +114,30 @@ class OptimizerStateStore:
         for state, state_views in zip(states, views, strict=True):
             stored.append({})
             for key, value in state.items():
-                view = state_views.get(key)
+                view, absmax_view = state_views.get(key, (None, None))
                 if view is None:  # a scalar or a non-tensor: kept as it is, on the host
                     kept = value.to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
                     stored[-1][key] = _Stored(kept)
                     continue
-                quant_state, payload = None, value
                 if self._quantised(value):
                     # Quantised where the tensor is (on the GPU: 4x less to copy), on the main
                     # stream, so the codes come from the main pool; the copy out is on the side.
-                    payload, quant_state = self._quantise(value)
+                    codes, absmax, signed = self._quantise(value)
+                    copies = [(view, codes), (absmax_view, absmax)]
+                    stored[-1][key] = _Stored(view, absmax_view, signed, value.dtype)
+                else:
+                    copies = [(view, value)]
+                    stored[-1][key] = _Stored(view)
                 if stream is not None:
                     stream.wait_stream(main)  # the step's writes (and the quantisation) come first
                     with torch.cuda.stream(stream):
-                        view.copy_(payload, non_blocking=True)
-                    payload.record_stream(stream)  # lives until the copy has read it
+                        for destination, payload in copies:
+                            destination.copy_(payload, non_blocking=True)
+                    for _, payload in copies:
+                        payload.record_stream(stream)  # lives until the copy has read it
                 else:
-                    view.copy_(payload)
-                stored[-1][key] = _Stored(view, quant_state, value.dtype if quant_state else None)
+                    for destination, payload in copies:
+                        destination.copy_(payload)
         if stream is not None:
             event = torch.cuda.Event()
             event.record(stream)
@@ -126,16 +145,13 @@ class OptimizerStateStore:
         self._host[group] = stored
         optimizer.state.clear()
 
-    def _quantise(self, value: torch.Tensor):
-        bnbf = self._bnbf
+    def _quantise(self, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """``value`` as 8-bit codes and fp32 block scales, where it is, and which map they use."""
         signed = not bool(value.min() >= 0)  # one reduction per tensor and visit
-        codes, quant_state = bnbf.quantize_blockwise(
+        codes, quant_state = self._bnbf.quantize_blockwise(
             value.float(), code=self._code_map(signed, value.device), blocksize=BLOCKSIZE
         )
-        # The block scales wait on the host beside the codes (small: 4 bytes per 256 values), and
-        # the map with them: one host copy of each map, shared by every tensor quantised with it.
-        quant_state.absmax, quant_state.code = _on_host(quant_state.absmax), self._code_map(signed, None)
-        return codes, quant_state
+        return codes, quant_state.absmax, signed
 
     def _code_map(self, signed: bool, device: torch.device | None) -> torch.Tensor:
         """bitsandbytes' dynamic 8-bit map (signed: the first moment; unsigned: the second), made
@@ -147,15 +163,20 @@ class OptimizerStateStore:
             self._code_maps[key] = _on_host(made) if device is None else made.to(device)
         return self._code_maps[key]
 
-    def _host_views(self, group: int, states: list[dict]) -> list[dict[str, torch.Tensor]]:
-        """Views into ``group``'s flat host buffers, one per state tensor: the buffers of its last
-        save when the layout is the same (it always is, after the first), new ones otherwise."""
-        layout: list[tuple[int, str, torch.dtype, torch.Size]] = []
+    def _host_views(self, group: int, states: list[dict]) -> list[dict[str, tuple]]:
+        """Views into ``group``'s flat host buffers, (tensor or codes, block scales or None) per
+        state tensor: the buffers of its last save when the layout is the same (it always is,
+        after the first), new ones otherwise."""
+        layout: list[tuple[int, str, torch.dtype, torch.Size]] = []  # codes before their scales
         for i, state in enumerate(states):
             for key, value in state.items():
-                if _in_flat_buffer(value):
-                    dtype = torch.uint8 if self._quantised(value) else value.dtype
-                    layout.append((i, key, dtype, value.shape))
+                if not _in_flat_buffer(value):
+                    continue
+                if self._quantised(value):
+                    layout.append((i, key, torch.uint8, value.shape))
+                    layout.append((i, key, torch.float32, torch.Size([_blocks(value.numel())])))
+                else:
+                    layout.append((i, key, value.dtype, value.shape))
         sizes: dict[torch.dtype, int] = {}
         for _, _, dtype, shape in layout:
             sizes[dtype] = sizes.get(dtype, 0) + shape.numel()
@@ -164,11 +185,12 @@ class OptimizerStateStore:
             self._release(buffers)
             buffers = {d: host_buffer(n, d, pin=self.on_cuda) for d, n in sizes.items()}
         self._flat[group] = buffers
-        views: list[dict[str, torch.Tensor]] = [{} for _ in states]
+        views: list[dict[str, tuple]] = [{} for _ in states]
         offsets = dict.fromkeys(sizes, 0)
         for i, key, dtype, shape in layout:
             start = offsets[dtype]
-            views[i][key] = buffers[dtype][start : start + shape.numel()].view(shape)
+            view = buffers[dtype][start : start + shape.numel()].view(shape)
+            views[i][key] = (views[i][key][0], view) if key in views[i] else (view, None)
             offsets[dtype] = start + shape.numel()
         return views
 
@@ -194,7 +216,7 @@ class OptimizerStateStore:
             {
                 key: torch.empty(item.data.shape, dtype=item.dtype, device=self.device)
                 for key, item in state.items()
-                if item.quant_state is not None
+                if item.quantised
             }
             for state in self._host[group]
         ]
@@ -219,6 +241,14 @@ class OptimizerStateStore:
         """Per-parameter state from the group's flat device copy: views, or fp32 tensors dequantised
         from the 8-bit codes (the codes' copy is freed once every tensor has been expanded)."""
         offsets = dict.fromkeys(arrived, 0)
+
+        def take(
+            like: torch.Tensor,
+        ) -> torch.Tensor:  # the next slot of ``like``'s dtype, as _host_views laid it
+            dtype, n = like.dtype, like.numel()
+            offsets[dtype] += n
+            return arrived[dtype][offsets[dtype] - n : offsets[dtype]].view(like.shape)
+
         loaded = []
         for state, out in zip(self._host[group], outs, strict=True):
             loaded.append({})
@@ -227,23 +257,21 @@ class OptimizerStateStore:
                     value = item.data
                     loaded[-1][key] = value.clone() if isinstance(value, torch.Tensor) else value
                     continue
-                dtype, n = item.data.dtype, item.data.numel()
-                view = arrived[dtype][offsets[dtype] : offsets[dtype] + n].view(item.data.shape)
-                offsets[dtype] += n
-                if item.quant_state is not None:
-                    view = self._dequantise(view, item.quant_state, out[key])
+                view = take(item.data)
+                if item.quantised:
+                    view = self._dequantise(view, take(item.absmax), item.signed, out[key])
                 loaded[-1][key] = view
         return loaded
 
-    def _dequantise(self, codes: torch.Tensor, qs, out: torch.Tensor) -> torch.Tensor:
-        bnbf = self._bnbf
-        host = qs.absmax, qs.code  # on the device for the expansion only: the host copies stay
-        qs.absmax, qs.code = qs.absmax.to(codes.device), qs.code.to(codes.device)
+    def _dequantise(
+        self, codes: torch.Tensor, absmax: torch.Tensor, signed: bool, out: torch.Tensor
+    ) -> torch.Tensor:
+        """8-bit ``codes`` and their block scales (where the codes are) expanded into ``out``."""
+        code = self._code_map(signed, codes.device)
         if out.is_cuda and out.dtype == torch.float32:  # straight into the main-pool tensor
-            bnbf.dequantize_blockwise(codes, qs, out=out)
+            self._bnbf.dequantize_blockwise(codes, absmax=absmax, code=code, out=out, blocksize=BLOCKSIZE)
         else:
-            out.copy_(bnbf.dequantize_blockwise(codes, qs))
-        qs.absmax, qs.code = host
+            out.copy_(self._bnbf.dequantize_blockwise(codes, absmax=absmax, code=code, blocksize=BLOCKSIZE))
         return out
 
     def load(self, group: int, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
@@ -280,10 +308,10 @@ class OptimizerStateStore:
         self._copied_out(group)
 
         def item(stored: _Stored):
-            if stored.quant_state is None:
+            if not stored.quantised:
                 return stored.data
-            qs = stored.quant_state
-            return {"codes": stored.data, "absmax": qs.absmax, "code": qs.code, "dtype": str(stored.dtype)}
+            code = self._code_map(stored.signed, None)
+            return {"codes": stored.data, "absmax": stored.absmax, "code": code, "dtype": str(stored.dtype)}
 
         return [{key: item(stored) for key, stored in state.items()} for state in self._host.get(group, [])]
 
@@ -291,39 +319,43 @@ class OptimizerStateStore:
         """Store ``group``'s state from ``export`` (a checkpoint being restored)."""
         if self.policy == "drop" or not states:
             return
-        bnbf = self._bnbf
-        # Lay the group out as `save` does: 8-bit codes as uint8, exact tensors in their dtype.
-        plain = [
-            {key: value["codes"] if isinstance(value, dict) else value for key, value in state.items()}
+        # Lay the group out as `save` does: 8-bit codes as uint8 with their scales after them in the
+        # fp32 buffer, exact tensors in their dtype.
+        parts = [
+            {
+                key: [value["codes"], value["absmax"]] if isinstance(value, dict) else [value]
+                for key, value in state.items()
+            }
             for state in states
         ]
         sizes: dict[torch.dtype, int] = {}
-        for state in plain:
-            for value in state.values():
-                if _in_flat_buffer(value):
-                    sizes[value.dtype] = sizes.get(value.dtype, 0) + value.numel()
+        for state in parts:
+            for tensors in state.values():
+                for tensor in filter(_in_flat_buffer, tensors):
+                    sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel()
         self._release(self._flat.get(group, {}))
         self._prefetched.pop(group, None)  # a device copy of the state this replaces
         buffers = self._flat[group] = {d: host_buffer(n, d, pin=self.on_cuda) for d, n in sizes.items()}
         offsets = dict.fromkeys(sizes, 0)
+
+        def place(tensor: torch.Tensor) -> torch.Tensor:  # the next slot of its dtype, filled
+            dtype, n = tensor.dtype, tensor.numel()
+            offsets[dtype] += n
+            return buffers[dtype][offsets[dtype] - n : offsets[dtype]].view(tensor.shape).copy_(tensor)
+
         stored = []
-        for state, flat_state in zip(states, plain, strict=True):
+        for state, state_parts in zip(states, parts, strict=True):
             stored.append({})
             for key, value in state.items():
-                tensor = flat_state[key]
+                tensor = state_parts[key][0]
                 if not _in_flat_buffer(tensor):
                     stored[-1][key] = _Stored(tensor)
-                    continue
-                start, offsets[tensor.dtype] = offsets[tensor.dtype], offsets[tensor.dtype] + tensor.numel()
-                view = buffers[tensor.dtype][start : start + tensor.numel()].view(tensor.shape)
-                view.copy_(tensor)
-                if isinstance(value, dict):  # 8-bit, exactly as it was
-                    qs = bnbf.QuantState(absmax=_on_host(value["absmax"]), code=_on_host(value["code"]),
-                                         blocksize=BLOCKSIZE,
-                                         shape=tensor.shape, dtype=torch.float32)  # fmt: skip
-                    stored[-1][key] = _Stored(view, qs, getattr(torch, value["dtype"].removeprefix("torch.")))
+                elif isinstance(value, dict):  # 8-bit, exactly as it was
+                    signed = bool(value["code"].min() < 0)  # (the unsigned map has no negative code)
+                    dtype = getattr(torch, value["dtype"].removeprefix("torch."))
+                    stored[-1][key] = _Stored(place(tensor), place(value["absmax"]), signed, dtype)
                 else:
-                    stored[-1][key] = _Stored(view)
+                    stored[-1][key] = _Stored(place(tensor))
         self._host[group] = stored
 
     def host_bytes(self) -> int:
@@ -348,9 +380,9 @@ class OptimizerStateStore:
             result.append({})
             for key, item in state.items():
                 value = item.data
-                if item.quant_state is not None:
+                if item.quantised:
                     out = torch.empty(value.shape, dtype=item.dtype)
-                    value = self._dequantise(value, item.quant_state, out)
+                    value = self._dequantise(value, item.absmax, item.signed, out)
                 elif isinstance(value, torch.Tensor):
                     value = value.clone()
                 result[-1][key] = value

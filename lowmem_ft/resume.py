@@ -182,6 +182,7 @@ def _prepare_resume(
     # on a GPU). Only how a step is cut into micro-batches and whether activations are recomputed
     # are planned again.
     planned = record["config"]
+    RunConfig.from_json(planned, job.dir / "job.json")  # (its values' types checked, as the request's)
     kept = {key: planned.get(key) for key in kept_on_resume(requested.method)}
     if "groups" in requested.method_options.names():  # HiFT: units_per_group, kept, says it
         kept["groups"] = None

@@ -263,6 +263,10 @@ def test_bad_data_is_one_line_exit_2_and_no_job_directory(case, tmp_path, capsys
             "--max-steps 'many' is not a whole number; see 'lowmem-ft run",
         ),
         (["run", "tiny", "DATA", "--lr=fast"], "--lr 'fast' is not a number; see 'lowmem-ft run --help'"),
+        (
+            ["run", "tiny", "DATA", "--lr", "1", "--lr", "x"],
+            "--lr 'x' is not a number",
+        ),  # the last one counts
         (["run"], "Missing argument 'MODEL'; see 'lowmem-ft run --help'"),
         (
             ["run", "tiny", "DATA", "--gpu-mem"],

@@ -804,11 +804,12 @@ def test_a_job_record_edited_to_a_wrong_type_is_one_line_naming_the_value(tmp_pa
         ("units_per_group", 1.5, '"units_per_group" is 1.5, where a whole number or null belongs'),
         ("pack", "yes", '"pack" is "yes", where true or false belongs'),
     ]
-    for key, value, message in edits:  # (a traceback in resume before)
-        requested = {**original["requested"], key: value}
-        (job / "job.json").write_text(json.dumps({**original, "status": "failed", "requested": requested}))
-        code, _, err = cli(capsys, "resume", job)
-        assert code == 2 and f"{job / 'job.json'}: {message}" in one_line(err), (key, err)
+    for section in ("requested", "config"):  # (the options asked for; those the run resolved)
+        for key, value, message in edits:  # (a traceback in resume before)
+            edited = {**original[section], key: value}
+            (job / "job.json").write_text(json.dumps({**original, "status": "failed", section: edited}))
+            code, _, err = cli(capsys, "resume", job)
+            assert code == 2 and f"{job / 'job.json'}: {message}" in one_line(err), (section, key, err)
 
 
 # -- 10. exported files do not depend on the process ----------------------------------------------------
@@ -926,6 +927,18 @@ def test_a_disk_that_cannot_hold_a_checkpoint_is_refused_before_step_1(tmp_path,
         ["--method", "full"],
         ["--method", "full", "--optimizer", "sgd"],
         ["--method", "hift", "--units-per-group", "8", "--state-policy", "keep"],  # one group: all have state
+        # three groups of two layers, all visited in the 3 steps; the checkpoint's active group is fp32
+        [
+            "--method",
+            "hift",
+            "--trained-units",
+            "layers",
+            "--units-per-group",
+            "2",
+            "--state-policy",
+            "keep-8bit",
+        ],
+        ["--method", "hift", "--trained-units", "layers", "--units-per-group", "2", "--state-policy", "drop"],
         ["--method", "sift", "--sparsity", "0.05"],
         ["--method", "lora"],
         ["--method", "bitfit"],

@@ -167,11 +167,12 @@ def _not_a_number(exc, args: list[str]) -> str | None:
     said = next((ours for theirs, ours in _NOT_A_NUMBER.items() if message.startswith(theirs)), None)
     if param is None or said is None or not param.opts:
         return None
-    for i, arg in enumerate(args):
+    given = None
+    for i, arg in enumerate(args):  # the last value given counts, as click takes it
         name, equals, value = arg.partition("=")
         if name in param.opts and (equals or i + 1 < len(args)):
-            return f"{param.opts[0]} {(value if equals else args[i + 1])!r} {said}"
-    return None
+            given = value if equals else args[i + 1]
+    return None if given is None else f"{param.opts[0]} {given!r} {said}"
 
 
 def _keep_traceback() -> Path | None:

@@ -25,6 +25,7 @@ active group's gradients alone. The updates are the one-process run's.
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -187,11 +188,21 @@ class HiFT(Method):
         return {"group": f"{self.position}/{len(self.groups)} {self.group_names[self.active]}"}
 
     # -- checkpoints --------------------------------------------------------------------------------
-    def state_bytes_per_trained_value(self) -> float:
-        """Every group's optimizer state, as the state policy keeps it: fp32, 8 bits (one byte per
-        fp32 value and a scale per block of 256), or none but the active group's (left out)."""
-        per_value = super().state_bytes_per_trained_value()
-        return {"keep": per_value, "keep-8bit": per_value / 4 * (1 + 4 / 256), "drop": 0.0}[self.store.policy]
+    def checkpoint_bytes(self, model) -> int:
+        """The weights a checkpoint keeps, every group's optimizer state as the state policy stores it (fp32, 8-bit,
+        or none), and the active group's as its optimizer holds it (fp32), with its fp32 masters
+        when the weights are 16-bit. Counted with the smallest group active: a figure that every
+        checkpoint of the run reaches, whichever group it is taken in."""
+        weights = sum(t.numel() * t.element_size() for t in self.changed_weights(model).values())
+        fp32_state = self.state_bytes_per_trained_value()
+        stored = {"keep": fp32_state, "keep-8bit": fp32_state / 4 * (1 + 4 / 256), "drop": 0.0}[
+            self.store.policy
+        ]
+        sizes = [sum(p.numel() for p in group) for group in self.groups]
+        smallest = min(range(len(sizes)), key=sizes.__getitem__)
+        masters = 4 if any(p.dtype in (torch.bfloat16, torch.float16) for p in self.groups[smallest]) else 0
+        active = sizes[smallest] * (fp32_state - stored + masters)
+        return weights + math.ceil(sum(sizes) * stored + active)
 
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: the order, which group is active, every group's

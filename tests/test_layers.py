@@ -47,3 +47,13 @@ def test_every_module_of_the_package_has_a_layer():
     }
     assert modules - named == set(), "add these modules to a layer in pyproject.toml"
     assert named - modules == set(), "these layers name modules that are gone"
+
+
+def test_no_module_is_over_400_lines():
+    """Issue 16's rule, kept: a module that grows past it is split along what it does."""
+    long = {
+        str(path.relative_to(REPO)): n
+        for path in (REPO / "lowmem_ft").rglob("*.py")
+        if (n := len(path.read_text().splitlines())) > 400
+    }
+    assert long == {}, "split these modules"

@@ -24,14 +24,13 @@ shard (``to_local``), 1/N of the group's state, and gets it back wrapped as the 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._dtensor_spec import TensorMeta
 
 from lowmem_ft.choices import STATE_POLICIES as POLICIES
 from lowmem_ft.engine.host_memory import host_buffer, release
+from lowmem_ft.engine.shards import local_part, shaped_like
 
 # Blockwise 8-bit as bitsandbytes' own 8-bit optimizers do it: blocks of 256 values, and an
 # unsigned code for tensors that are never negative (Adam's second moment). With bitsandbytes'
@@ -44,11 +43,9 @@ MIN_QUANTIZED_NUMEL = BLOCKSIZE
 
 @dataclass
 class _Stored:
-    """One state tensor on the host: exact (``data``) or 8-bit (``data``: the codes, and ``absmax``:
-    a block's scale per 256 of them). Both are views into the group's flat buffers (the scales into
-    its fp32 one: pinned, so they cross with the group's one copy per dtype, never from pageable
-    memory, which would hold the CPU until the side stream's copies ahead of it were done); a small
-    tensor (a step count) has its own."""
+    """One state tensor on the host: exact (``data``) or 8-bit (``data``: codes; ``absmax``: a scale
+    per 256), views into the group's flat buffers (the scales in the fp32 one: pinned, they cross in
+    the group's copy, not from pageable memory); a small tensor (a step count) has its own."""
 
     data: torch.Tensor
     absmax: torch.Tensor | None = None  # 8-bit only
@@ -160,7 +157,10 @@ class OptimizerStateStore:
         key = (signed, device)
         if key not in self._code_maps:
             made = self._bnbf.create_dynamic_map(signed=signed)
-            self._code_maps[key] = _on_host(made) if device is None else made.to(device)
+            # (on the host: in a buffer of the engine's own, which the memory trace counts as host
+            # memory, where a fake CPU tensor's .to("cpu") would stay "device")
+            on_host = lambda: host_buffer(made.numel(), made.dtype, pin=False).copy_(made)  # noqa: E731
+            self._code_maps[key] = on_host() if device is None else made.to(device)
         return self._code_maps[key]
 
     def _host_views(self, group: int, states: list[dict]) -> list[dict[str, tuple]]:
@@ -389,23 +389,6 @@ class OptimizerStateStore:
         return result
 
 
-def local_part(value):
-    """A rank's shard of a sharded (DTensor) state tensor; anything else as it is."""
-    return value.to_local() if isinstance(value, DTensor) else value
-
-
-def shaped_like(param: torch.Tensor, value):
-    """``value`` (a rank's shard of a state tensor of ``param``) as the optimizer holds it: a DTensor
-    sharded as ``param`` is, when ``param`` is one; scalars (step counts) and the rest as they are."""
-    if not isinstance(param, DTensor) or not isinstance(value, torch.Tensor) or value.ndim == 0:
-        return value
-    # Not DTensor.from_local: it would copy a host shard to the mesh's device (every waiting group's
-    # state on the GPU at once, in a checkpoint). A DTensor may wrap a host shard, as FSDP2's own CPU
-    # offload does; DCP reads and writes it where it is.
-    meta = TensorMeta(param.shape, param.stride(), value.dtype)
-    return DTensor(value, replace(param._spec, tensor_meta=meta), requires_grad=False)
-
-
 def _on_device_of(param: torch.Tensor, value):
     """A step count back where the optimizer keeps it: fused AdamW (methods/optimizers.py) holds it
     on the parameter's device and steps only with it there (torch's own load_state_dict moves it so);
@@ -414,10 +397,3 @@ def _on_device_of(param: torch.Tensor, value):
         return value.to(param.device)
     return value
 
-
-def _on_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A host copy of ``tensor`` in a buffer of the engine's own (host_memory: the memory trace
-    counts it as host memory, where a fake CPU tensor's ``.to("cpu")`` would stay "device")."""
-    host = host_buffer(tensor.numel(), tensor.dtype, pin=False).view(tensor.shape)
-    host.copy_(tensor)
-    return host

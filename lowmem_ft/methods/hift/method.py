@@ -33,7 +33,8 @@ from torch.distributed.tensor import DTensor
 
 from lowmem_ft.distributed.sharded import reshard
 from lowmem_ft.engine.master_weights import MasterWeights
-from lowmem_ft.engine.state_store import OptimizerStateStore, local_part, shaped_like
+from lowmem_ft.engine.shards import local_part, shaped_like
+from lowmem_ft.engine.state_store import OptimizerStateStore
 from lowmem_ft.methods.base import Method
 from lowmem_ft.methods.hift.options import HiFTOptions
 from lowmem_ft.methods.hift.plan import hift_groups
@@ -189,10 +190,10 @@ class HiFT(Method):
 
     # -- checkpoints --------------------------------------------------------------------------------
     def checkpoint_bytes(self, model) -> int:
-        """The weights a checkpoint keeps, every group's optimizer state as the state policy stores it (fp32, 8-bit,
-        or none), and the active group's as its optimizer holds it (fp32), with its fp32 masters
-        when the weights are 16-bit. Counted with the smallest group active: a figure that every
-        checkpoint of the run reaches, whichever group it is taken in."""
+        """The weights a checkpoint keeps, every waiting group's optimizer state as the state policy
+        stores it (fp32, 8-bit, or none), and the active group's as its optimizer holds it (fp32),
+        with its fp32 masters when the weights are 16-bit. Counted with the smallest group active:
+        a figure that every checkpoint of the run reaches, whichever group it is taken in."""
         weights = sum(t.numel() * t.element_size() for t in self.changed_weights(model).values())
         fp32_state = self.state_bytes_per_trained_value()
         stored = {"keep": fp32_state, "keep-8bit": fp32_state / 4 * (1 + 4 / 256), "drop": 0.0}[

@@ -220,6 +220,11 @@ def test_hub_id_not_in_cache(tmp_path):
     with pytest.raises(
         UserError, match="no directory org/absent here, and weights for org/absent are not in the local"
     ):
+        resolve_model("org/absent", cache_dir=tmp_path)
+    # planning needs only its config.json, and says so (it advised downloading the weights)
+    with pytest.raises(
+        UserError, match="config.json is not in the local Hugging Face cache; planning needs only"
+    ):
         resolve_model("org/absent", require_weights=False, cache_dir=tmp_path)
 
 

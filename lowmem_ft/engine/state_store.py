@@ -396,4 +396,3 @@ def _on_device_of(param: torch.Tensor, value):
     if isinstance(value, torch.Tensor) and value.ndim == 0 and param.device.type != "cpu":
         return value.to(param.device)
     return value
-

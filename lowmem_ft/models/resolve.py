@@ -80,6 +80,12 @@ def resolve_model(
         snapshot = _find_snapshot(spec, spec, require_weights, allow_download, cache_dir)
         if snapshot is None:  # not cached: without its config.json we cannot even plan
             # (a mistyped relative path, "runs/typo", looks like a hub id: say that it is neither)
+            if not require_weights:  # (planning: its config alone, not gigabytes of weights)
+                raise UserError(
+                    f"no directory {spec} here, and {spec}'s config.json is not in the local Hugging Face "
+                    f"cache; planning needs only that file: hf download {spec} config.json, or pass a "
+                    "local model directory"
+                )
             raise UserError(f"no directory {spec} here, and " + _not_cached_message(spec, None))
         config = _load_config(snapshot, spec, trust_remote_code)
         weights_dir = _weights_dir_or_fail(snapshot, spec, require_weights, hub_id=spec)

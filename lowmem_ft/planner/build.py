@@ -76,4 +76,10 @@ def build_plan(
         **method_options,
     )
     plan = make_plan(shape, request, budget.gpu_bytes, budget.host_bytes, budget.link_bytes_per_s)
+    context = config.get("max_position_embeddings")
+    if isinstance(context, int) and seq_len > context:  # (`run` warns alike, in its header)
+        plan.notes.append(
+            f"--seq-len {seq_len} is longer than {name}'s context ({context} positions, "
+            f"max_position_embeddings): it never saw positions beyond it; --seq-len {context} stays within it"
+        )
     return PlanResult(name, shape, budget, plan)

@@ -121,9 +121,21 @@ def _compare_streaming_with_compute(
     plan.stream_seconds_per_micro_batch, plan.compute_seconds_per_micro_batch = transfer, compute
     if transfer > compute:
         hides = math.ceil(transfer * ASSUMED_FLOPS / flops_per_example)
-        plan.notes.append(
+        said = (
             f"streaming bounds throughput at micro-batch {micro}; {hides} × {request.seq_len} tokens per "
-            "micro-batch would hide it, if their activations fit (a larger --batch-size, or longer sequences)"
+            "micro-batch would hide it"
         )
+        if request.micro_batch_size is not None:
+            said += ", if their activations fit (--micro-batch-size)"
+        elif micro >= request.rank_batch_size:  # the whole batch already: it is what caps the micro-batch
+            said += ", if their activations fit (a larger --batch-size)"
+        else:  # the planner took the largest micro-batch that fits
+            said += ", but no larger micro-batch fits this budget"
+            if getattr(plan.method_options, "state_policy", None) in ("keep", "keep-8bit"):
+                said += (
+                    " (--state-policy drop leaves room: no state of the next group comes in; each visit"
+                    " then starts its state afresh)"
+                )
+        plan.notes.append(said)
     else:
         plan.notes.append("streaming hides behind compute at this micro-batch")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lowmem_ft.planner.plan import ASSUMED_FLOPS, THIN_SPARE_BYTES, Plan
+from lowmem_ft.planner.plan import ASSUMED_FLOPS, Plan
 from lowmem_ft.sizes import format_bytes
 
 
@@ -59,11 +59,8 @@ def render_plan(plan: Plan, model_name: str, budget_line: str) -> str:
         if plan.device == "cuda":
             headroom.insert(0, f"{format_bytes(plan.gpu_budget_bytes - plan.gpu_peak_bytes)} GPU")
         lines.append(f"fits       yes, with {' and '.join(headroom)} to spare")
-        if plan.device == "cuda" and plan.gpu_budget_bytes - plan.gpu_peak_bytes < THIN_SPARE_BYTES:
-            lines.append(
-                f"note       under {format_bytes(THIN_SPARE_BYTES)} to spare on the GPU: a bet on the CUDA "
-                "context and the allocator's fragmentation (run checks the real context before step 1)"
-            )
+        if plan.thin_spare_note:
+            lines.append(f"note       {plan.thin_spare_note}")
     else:
         lines.append(f"fits       NO: {plan.shortfall}")
     return "\n".join(lines)

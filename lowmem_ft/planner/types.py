@@ -153,8 +153,24 @@ class Plan:
     # wait their turn. All of them where loading needs no turns (Fitter.loads_at_once).
     loads_at_once: int = 1
 
+    @property
+    def thin_spare_note(self) -> str | None:
+        """A plan that fits with under THIN_SPARE_BYTES of the GPU to spare is a bet on constants
+        not measured on this GPU; said after the plan, and in its JSON notes."""
+        if (
+            not self.fits
+            or self.device != "cuda"
+            or self.gpu_budget_bytes - self.gpu_peak_bytes >= THIN_SPARE_BYTES
+        ):
+            return None
+        return (
+            f"under {THIN_SPARE_BYTES // 2**20} MiB to spare on the GPU: a bet on the CUDA context and the "
+            "allocator's fragmentation (run checks the real context before step 1)"
+        )
+
     def to_json(self) -> dict:
         data = asdict(self)
+        data["notes"] = self.notes + ([self.thin_spare_note] if self.thin_spare_note else [])
         data["gpu"] = {"budget_bytes": self.gpu_budget_bytes, "peak_bytes": self.gpu_peak_bytes}
         data["host"] = {"budget_bytes": self.host_budget_bytes, "peak_bytes": self.host_peak_bytes}
         for key in ("gpu_budget_bytes", "gpu_peak_bytes", "host_budget_bytes", "host_peak_bytes"):

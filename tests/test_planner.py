@@ -657,45 +657,68 @@ def test_a_plan_with_under_half_a_gib_to_spare_says_it_is_a_bet():
         assert ("a bet on the CUDA context and the allocator's fragmentation" in shown) == said, spare
 
 
+L7, L8 = ["llama-2-7b", "--cpu-mem", "64GiB"], ["llama-3-8b", "--cpu-mem", "64GiB"]
+
+
 @pytest.mark.parametrize(
-    ("args", "advice", "then"),
+    ("args", "advice", "followed"),
     [
-        # HiFT one process streams layers, ranks do not: 12 GiB holds one rank, not two
+        # HiFT: one process streams layers, ranks do not: 12 GiB holds one rank, not two
         (
-            ["llama-2-7b", "--method", "hift", "--gpu-mem", "12GiB", "--cpu-mem", "128GiB", "--nproc", "2"],
-            "one process would fit (--nproc 1: it streams layers from host memory, ranks do not)",
-            ["--nproc", "1"],
+            [*L7, "--method", "hift", "--gpu-mem", "12GiB", "--cpu-mem", "128GiB", "--nproc", "2"],
+            "--nproc 1 would fit (one process may stream layers or keep 8-bit state; ranks do neither)",
+            [*L7, "--method", "hift", "--gpu-mem", "12GiB", "--cpu-mem", "128GiB"],
         ),
         # the embedding and head are the bulk of HiFT's largest groups
         (
-            ["llama-3-8b", "--method", "hift", "--gpu-mem", "12GiB", "--cpu-mem", "64GiB"],
+            [*L8, "--method", "hift", "--gpu-mem", "12GiB"],
             "--trained-units layers would fit (the embedding and head stay as they are)",
-            ["--trained-units", "layers"],
+            [*L8, "--method", "hift", "--gpu-mem", "12GiB", "--trained-units", "layers"],
         ),
         # activations of a long sequence
         (
+            [*L8, "--method", "lora", "--gpu-mem", "12GiB", "--seq-len", "4096"],
+            "--seq-len 2048 would fit",
+            [*L8, "--method", "lora", "--gpu-mem", "12GiB", "--seq-len", "2048"],
+        ),
+        # another method, with the step's options given, and without this method's own
+        (
+            [*L8, "--method", "hift", "--gpu-mem", "12GiB", "--groups", "4"],
+            "--method lora would fit (without --groups)",
+            [*L8, "--method", "lora", "--gpu-mem", "12GiB"],
+        ),
+        (
             [
-                "llama-3-8b",
+                *L7,
                 "--method",
-                "lora",
+                "bitfit",
                 "--gpu-mem",
                 "12GiB",
-                "--cpu-mem",
-                "64GiB",
                 "--seq-len",
                 "4096",
+                "--no-gradient-checkpointing",
             ],
-            "--seq-len 2048 would fit",
-            ["--seq-len", "2048"],
+            "--method sift would fit, leaving --gradient-checkpointing to the planner",
+            [*L7, "--method", "sift", "--gpu-mem", "12GiB", "--seq-len", "4096"],
+        ),
+        # more GPUs, each rank's share of the batch at least the micro-batch given
+        (
+            [*L7, "--method", "full", "--gpu-mem", "24GiB", "--cpu-mem", "256GiB", "--micro-batch-size", "4"],
+            "8 such GPUs would fit (--nproc 8 and --batch-size 32; docs/distributed.md)",
+            [*L7, "--method", "full", "--gpu-mem", "24GiB", "--cpu-mem", "256GiB", "--micro-batch-size", "4"]
+            + ["--nproc", "8", "--batch-size", "32"],
         ),
     ],
 )
-def test_advice_names_what_else_about_the_run_would_fit_on_this_gpu_and_it_does(args, advice, then, capsys):
-    """A new user's tour: these plans were advised 4, 32 or no more GPUs, or nothing, where a change
-    to the run itself fits the GPU they have. The advice is followed here, literally."""
+def test_advice_names_what_else_about_the_run_would_fit_and_it_does(args, advice, followed, capsys):
+    """A new user's tour, and a review: these plans were advised 4, 32 or no more GPUs, or nothing,
+    where a change to the run itself fits the GPU they have; another method's advice dropped the
+    options given (refused or not fitting when followed); more GPUs with a micro-batch given were
+    refused. Each advice is followed here, literally (a repeated option: the last one counts)."""
     code, out, _ = cli(capsys, "plan", *args)
-    assert code == 3 and out.strip().splitlines()[-1].endswith(advice), out
-    assert cli(capsys, "plan", *args, *then)[0] == 0, then  # (a repeated --nproc: the last one counts)
+    assert code == 3 and advice in out.strip().splitlines()[-1], out
+    code, out, err = cli(capsys, "plan", *followed)
+    assert code == 0, (followed, out, err)
 
 
 def test_a_plan_notes_a_seq_len_beyond_the_model_s_context_and_a_thin_spare_in_its_json_too(capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -60,34 +61,62 @@ def shortfall(plan: Plan, request: PlanRequest, replan: Callable[[PlanRequest], 
             )
             break
     gpu_short = plan.device == "cuda" and plan.gpu_peak_bytes > plan.gpu_budget_bytes
-    if not alternatives and gpu_short:
-        alternatives += _same_method_on_this_gpu(request, replan)
     fixed_on_this_gpu = bool(alternatives)  # with the same method: no need for more GPUs
     if not alternatives:
-        for method in _INSTEAD.get(request.method, ()):
-            # its own defaults for its options
-            other = PlanRequest(
-                method, request.seq_len, request.batch_size, request.compute_bytes, ranks=request.ranks
-            )
-            trial = replan(other)
-            if trial.fits:
-                alternatives.append(f"--method {method} would fit")
+        this_gpu = _same_method_on_this_gpu(request, replan) if gpu_short else []
+        fixed_on_this_gpu = bool(this_gpu)
+        shorter = [] if this_gpu or not gpu_short else _shorter_sequences(request, replan)
+        alternatives = this_gpu + shorter + _other_methods(request, replan, [pinned[o] for o in common])
     # With every other choice: how many such GPUs FSDP2 would need
     if not fixed_on_this_gpu and gpu_short and request.method in SHARDED_METHODS:
         alternatives += _enough_gpus(request, replan)
     return message + ("; " + "; ".join(alternatives) if alternatives else "")
 
 
+def _other_methods(
+    request: PlanRequest, replan: Callable[[PlanRequest], Plan], pinned: list[str]
+) -> list[str]:
+    """The methods closest to this one that would fit: with the step's options the user gave
+    (``pinned``, e.g. --micro-batch-size), or else with the planner choosing them; the options of
+    this method they do not take are named, as following the advice means leaving them out."""
+    given = request.options
+    alternatives = []
+    for method in _INSTEAD.get(request.method, ()):
+        other = PlanRequest(
+            method, request.seq_len, request.batch_size, request.compute_bytes, request.micro_batch_size,
+            request.gradient_checkpointing, ranks=request.ranks,
+        )  # fmt: skip
+        if replan(other).fits:
+            freed = ""
+        elif pinned and replan(replace(other, micro_batch_size=None, gradient_checkpointing=None)).fits:
+            freed = f", leaving {' and '.join(pinned)} to the planner"
+        else:
+            continue
+        left_out = [
+            "--" + field.name.replace("_", "-")
+            for field in dataclasses.fields(given)
+            if getattr(given, field.name) != field.default and field.name not in other.options.names()
+        ]
+        without = f" (without {' '.join(left_out)})" if left_out else ""
+        alternatives.append(f"--method {method} would fit{freed}{without}")
+    return alternatives
+
+
 def _same_method_on_this_gpu(request: PlanRequest, replan: Callable[[PlanRequest], Plan]) -> list[str]:
     """Short of GPU memory with the method's own choices: what else about the run would fit on
-    this GPU, the first of: one process where ranks were asked for (one process streams layers,
-    ranks do not), HiFT training the decoder layers only (the embedding and head are its largest
-    groups' bulk), a shorter --seq-len (activations)."""
+    this GPU, the first of: one process where ranks were asked for (a process alone may stream
+    layers and keep HiFT's state in 8 bits, ranks do neither), HiFT training the decoder layers only
+    (the embedding and head are its largest groups' bulk)."""
     if request.ranks > 1 and replan(replace(request, ranks=1)).fits:
-        return ["one process would fit (--nproc 1: it streams layers from host memory, ranks do not)"]
+        return ["--nproc 1 would fit (one process may stream layers or keep 8-bit state; ranks do neither)"]
     trained_units = getattr(request.options, "trained_units", None)
     if trained_units == "all" and replan(request.with_options(trained_units="layers")).fits:
         return ["--trained-units layers would fit (the embedding and head stay as they are)"]
+    return []
+
+
+def _shorter_sequences(request: PlanRequest, replan: Callable[[PlanRequest], Plan]) -> list[str]:
+    """The longest --seq-len, halving down to 128, that would fit (activations shrink with it)."""
     seq_len = request.seq_len // 2
     while seq_len >= 128:
         if replan(replace(request, seq_len=seq_len)).fits:
@@ -103,7 +132,8 @@ def _enough_gpus(request: PlanRequest, replan: Callable[[PlanRequest], Plan]) ->
     for ranks in (2, 4, 8):
         if ranks <= request.ranks:
             continue
-        batch = -(-request.batch_size // ranks) * ranks  # a multiple of the ranks
+        # a multiple of the ranks, and each rank's share at least a micro-batch the user gave
+        batch = max(-(-request.batch_size // ranks), request.micro_batch_size or 1) * ranks
         trial = replan(replace(_without_what_ranks_cannot_do(request), ranks=ranks, batch_size=batch))
         if trial.gpu_peak_bytes <= trial.gpu_budget_bytes:
             resized = f" and --batch-size {batch}" if batch != request.batch_size else ""

@@ -129,6 +129,8 @@ def _compare_streaming_with_compute(
             said += ", if their activations fit (--micro-batch-size)"
         elif micro >= request.rank_batch_size:  # the whole batch already: it is what caps the micro-batch
             said += ", if their activations fit (a larger --batch-size)"
+        elif request.method != "hift":  # it streamed as few layers as will do: more make room
+            said += ", where streaming more layers makes room for it (--micro-batch-size)"
         else:  # the planner took the largest micro-batch that fits
             said += ", but no larger micro-batch fits this budget"
             if getattr(plan.method_options, "state_policy", None) in ("keep", "keep-8bit"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -810,6 +811,22 @@ def test_a_job_record_edited_to_a_wrong_type_is_one_line_naming_the_value(tmp_pa
             (job / "job.json").write_text(json.dumps({**original, "status": "failed", section: edited}))
             code, _, err = cli(capsys, "resume", job)
             assert code == 2 and f"{job / 'job.json'}: {message}" in one_line(err), (section, key, err)
+
+
+def test_kept_data_that_a_file_stands_in_place_of_costs_only_the_kept_data(tmp_path, capsys, data):
+    """A file where the job keeps its tokenised data (JOB/tokenized): resume tokenises again and says
+    why it cannot keep it; it ended in "examples.safetensors.tmp: not a directory" (exit 2)."""
+    job = tmp_path / "job"
+    assert cli(capsys, "run", "tiny", data, "--out", job, *FAST)[0] == 0
+    (job / "job.json").write_text(
+        json.dumps({**json.loads((job / "job.json").read_text()), "status": "failed"})
+    )
+    shutil.rmtree(job / "tokenized")
+    (job / "tokenized").write_text("not the kept data")
+    code, out, err = cli(capsys, "resume", job)
+    assert code == 0, err
+    said = f"could not keep the tokenised data in {job / 'tokenized'}: a file of that name is in the way"
+    assert said in out + err and json.loads((job / "job.json").read_text())["status"] == "done"
 
 
 # -- 10. exported files do not depend on the process ----------------------------------------------------

@@ -15,6 +15,7 @@ middle of writing has no index, or the old one, which the new arrays' sha256 no 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -88,10 +89,13 @@ def write_cache(job_dir: Path, key: dict, tables: dict[str, ExampleTable], summa
         os.replace(tmp, directory / ARRAYS)
         write_json_atomic(directory / INDEX, index)
     except BaseException as exc:  # (a Ctrl-C as well: hundreds of MB are not left in the job)
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (none to remove where the folder is not one)
+            tmp.unlink(missing_ok=True)
         reason = disk_fault(exc) or (exc.strerror if isinstance(exc, OSError) else None)
         if reason is None:
             raise
+        if directory.exists() and not directory.is_dir():
+            reason = "a file of that name is in the way"
         log.info(
             f"data       could not keep the tokenised data in {directory}: {reason}; "
             "resume will tokenise again"

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import replace
 
+from lowmem_ft.choices import flag
 from lowmem_ft.distributed.ranks import SHARDED_METHODS
 from lowmem_ft.planner.types import Plan, PlanRequest
 from lowmem_ft.registry import planned_options
@@ -27,7 +28,8 @@ def shortfall(plan: Plan, request: PlanRequest, replan: Callable[[PlanRequest], 
     for another request)."""
 
     parts = []
-    if plan.device == "cuda" and plan.gpu_peak_bytes > plan.gpu_budget_bytes:
+    gpu_short = plan.device == "cuda" and plan.gpu_peak_bytes > plan.gpu_budget_bytes
+    if gpu_short:
         parts.append(f"needs {format_bytes_up(plan.gpu_peak_bytes - plan.gpu_budget_bytes)} more GPU memory")
     if plan.host_peak_bytes > plan.host_budget_bytes:
         parts.append(f"needs {format_bytes_up(plan.host_peak_bytes - plan.host_budget_bytes)} more host RAM")
@@ -50,7 +52,7 @@ def shortfall(plan: Plan, request: PlanRequest, replan: Callable[[PlanRequest], 
         if option != "state_policy"  # (tried above, policy by policy)
         and getattr(request.options, option, None) is not None
     ]
-    pinned = {option: "--" + option.replace("_", "-") for option in common + own}
+    pinned = {option: flag(option) for option in common + own}
     trials = [[option] for option in pinned] + ([list(pinned)] if len(pinned) > 1 else [])
     for options in trials:
         freed = replace(request, **{o: None for o in options if o in common})
@@ -60,7 +62,6 @@ def shortfall(plan: Plan, request: PlanRequest, replan: Callable[[PlanRequest], 
                 f"leaving {' and '.join(pinned[o] for o in options)} to the planner would fit"
             )
             break
-    gpu_short = plan.device == "cuda" and plan.gpu_peak_bytes > plan.gpu_budget_bytes
     fixed_on_this_gpu = bool(alternatives)  # with the same method: no need for more GPUs
     if not alternatives:
         this_gpu = _same_method_on_this_gpu(request, replan) if gpu_short else []
@@ -93,7 +94,7 @@ def _other_methods(
         else:
             continue
         left_out = [
-            "--" + field.name.replace("_", "-")
+            flag(field.name)
             for field in dataclasses.fields(given)
             if getattr(given, field.name) != field.default and field.name not in other.options.names()
         ]

@@ -722,12 +722,10 @@ def test_advice_names_what_else_about_the_run_would_fit_and_it_does(args, advice
 
 
 def test_a_plan_notes_a_seq_len_beyond_the_model_s_context_and_a_thin_spare_in_its_json_too(capsys):
-    code, out, _ = cli(
-        capsys, "plan", "llama-2-7b", "--method", "lora", "--gpu-mem", "48GiB", "--seq-len", "8192"
-    )
+    code, out, _ = cli(capsys, "plan", *L7, "--method", "lora", "--gpu-mem", "48GiB", "--seq-len", "8192")
     context = "--seq-len 8192 is longer than llama-2-7b's context (4096 positions, max_position_embeddings)"
     assert code == 0 and f"note       {context}" in out, out
-    code, out, _ = cli(capsys, "plan", "llama-2-7b", "--method", "sift", "--gpu-mem", "8GiB", "--json")
+    code, out, _ = cli(capsys, "plan", *L7, "--method", "sift", "--gpu-mem", "8GiB", "--json")
     data = json.loads(out)
     spare = data["gpu"]["budget_bytes"] - data["gpu"]["peak_bytes"]
     thin = [note for note in data["notes"] if note.startswith("under 512 MiB to spare on the GPU: a bet")]

@@ -92,6 +92,8 @@ def parse_size(text: str, flag: str) -> int:
         raise UserError(  # (a budget under a MiB means nothing)
             f"{flag} {text!r} has no unit, so it means {size} bytes; write it like {text.strip()}GiB"
         )
+    if size < 1 << 20:  # "24B", "24KB": a G left out, most likely
+        raise UserError(f"{flag} {text!r} is {size:,} bytes, less than a MiB; write it like 24GiB")
     return size
 
 

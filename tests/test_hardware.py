@@ -44,11 +44,11 @@ H100 = "NVIDIA H100 80GB HBM3"
         ("512MiB", 512 * 1024**2),
         ("512MB", 512 * 10**6),
         ("16M", 16 * 1024**2),
-        ("100KB", 100_000),
-        ("4K", 4096),
-        ("2KiB", 2048),
+        ("100000KB", 10**8),
+        ("4096K", 4 * 1024**2),
+        ("2048KiB", 2 * 1024**2),
         (".5GiB", GiB // 2),
-        ("7B", 7),
+        ("7000000B", 7 * 10**6),
         ("24e9", 24 * 10**9),
         ("2.4E10", 24 * 10**9),
         ("24000000000", 24 * 10**9),
@@ -66,6 +66,8 @@ WRONG_SIZES = {
     "-1GiB": "is negative", "-24": "is negative",
     "1e30": "is over 1 EiB, more than a machine holds",  # accepted, printed as "...TiB" before
     "99999999999999999999GiB": "is over 1 EiB, more than a machine holds", "-0.1B": "is negative",
+    # a budget under a MiB, with a unit (a G left out: "24B" for a 24 GB card) means nothing either
+    "24B": "is 24 bytes, less than a MiB", "24KB": "is 24,000 bytes, less than a MiB",
 }  # fmt: skip
 
 

@@ -65,7 +65,7 @@ _SIZE_RE = re.compile(r"(\d+\.?\d*|\.\d+)(e[+-]?\d{1,2})?\s*([a-z]*)")
 MOST_MEMORY = 1 << 60
 
 
-def parse_size(text: str, flag: str) -> int:
+def parse_size(text: str, flag: str, least: int = 1 << 20) -> int:
     """Parse a memory size from the command line into bytes.
 
     Accepts ``24GiB``, ``24 GiB``, ``1.5TiB``, ``512MiB`` (binary), ``24GB``, ``100KB`` (decimal),
@@ -73,7 +73,8 @@ def parse_size(text: str, flag: str) -> int:
     means KiB, MiB, GiB or TiB: someone who types ``24G`` for a "24 GB" card means the card's
     marketing size, and the memory NVIDIA reports for it is close to 24 GiB, not 24e9 bytes.
 
-    ``flag`` names the option in the error message.
+    ``flag`` names the option in the error message; ``least``: the smallest size that means
+    something (a memory budget under a MiB does not: a unit, or its G, was left out).
     """
     match = _SIZE_RE.fullmatch(text.strip().lower().removeprefix("-"))
     if match is None or match.group(3) not in _UNITS:
@@ -88,11 +89,11 @@ def parse_size(text: str, flag: str) -> int:
         raise UserError(f"{flag} {text!r} is less than a byte; give the memory to plan for, like 24GiB")
     if size > MOST_MEMORY:  # (a typo: 1e30 bytes printed as 909494701772928256.0 TiB)
         raise UserError(f"{flag} {text!r} is over 1 EiB, more than a machine holds; write it like 24GiB")
-    if unit == "" and size < 1 << 20:  # "--gpu-mem 24" is 24 bytes: a unit was left out
-        raise UserError(  # (a budget under a MiB means nothing)
+    if unit == "" and size < least:  # "--gpu-mem 24" is 24 bytes: a unit was left out
+        raise UserError(
             f"{flag} {text!r} has no unit, so it means {size} bytes; write it like {text.strip()}GiB"
         )
-    if size < 1 << 20:  # "24B", "24KB": a G left out, most likely
+    if size < least:  # "24B", "24KB": a G left out, most likely
         raise UserError(f"{flag} {text!r} is {size:,} bytes, less than a MiB; write it like 24GiB")
     return size
 

@@ -314,10 +314,10 @@ class RunConfig:
         is, before any code compares it with a number."""
         method = saved.get("method", "full")
         own = options_class(method) if method in METHOD_NAMES else None
-        types = {**_COMMON_TYPES, **(typing.get_type_hints(own) if own else {})}
-        values = {k: v for k, v in saved.items() if k in types}
+        option_types = {**_COMMON_TYPES, **(typing.get_type_hints(own) if own else {})}
+        values = {k: v for k, v in saved.items() if k in option_types}
         for key, value in values.items():
-            if (expected := _json_type_problem(value, types[key])) is not None:
+            if (expected := _json_type_problem(value, option_types[key])) is not None:
                 raise UserError(
                     f'{where}: "{key}" is {json.dumps(value)}, where {expected} belongs (was it edited?); '
                     "put such a value back, or start a new job with `lowmem-ft run`"

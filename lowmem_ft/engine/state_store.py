@@ -157,10 +157,10 @@ class OptimizerStateStore:
         key = (signed, device)
         if key not in self._code_maps:
             made = self._bnbf.create_dynamic_map(signed=signed)
-            # (on the host: in a buffer of the engine's own, which the memory trace counts as host
-            # memory, where a fake CPU tensor's .to("cpu") would stay "device")
-            on_host = lambda: host_buffer(made.numel(), made.dtype, pin=False).copy_(made)  # noqa: E731
-            self._code_maps[key] = on_host() if device is None else made.to(device)
+            if device is None:  # in a host buffer of the engine's own, which the memory trace counts
+                # as host memory (a fake CPU tensor's .to("cpu") would stay "device")
+                made = host_buffer(made.numel(), made.dtype, pin=False).copy_(made)
+            self._code_maps[key] = made if device is None else made.to(device)
         return self._code_maps[key]
 
     def _host_views(self, group: int, states: list[dict]) -> list[dict[str, tuple]]:
@@ -242,9 +242,7 @@ class OptimizerStateStore:
         from the 8-bit codes (the codes' copy is freed once every tensor has been expanded)."""
         offsets = dict.fromkeys(arrived, 0)
 
-        def take(
-            like: torch.Tensor,
-        ) -> torch.Tensor:  # the next slot of ``like``'s dtype, as _host_views laid it
+        def take(like: torch.Tensor) -> torch.Tensor:  # the next slot of its dtype, as laid out
             dtype, n = like.dtype, like.numel()
             offsets[dtype] += n
             return arrived[dtype][offsets[dtype] - n : offsets[dtype]].view(like.shape)

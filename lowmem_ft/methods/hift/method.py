@@ -40,6 +40,7 @@ from lowmem_ft.methods.hift.options import HiFTOptions
 from lowmem_ft.methods.hift.plan import hift_groups
 from lowmem_ft.methods.optimizers import make_optimizer
 from lowmem_ft.models.units import model_units
+from lowmem_ft.planner.accounting import DEVICE_STATE_BYTES, HOST_STATE_BYTES
 
 
 def visit_order(n_groups: int, order: str, seed: int, cycle: int = 0) -> list[int]:
@@ -144,8 +145,7 @@ class HiFT(Method):
         params = self.groups[group]
         for p in params:
             p.requires_grad_(True)
-        low_precision = any(p.dtype in (torch.bfloat16, torch.float16) for p in params)
-        self.masters = MasterWeights(params, self.generator) if low_precision else None
+        self.masters = MasterWeights(params, self.generator) if _needs_masters(params) else None
         trained = self.masters.masters if self.masters else params
         self._optimizer = make_optimizer(
             self.config.optimizer, trained, self.config.lr, self.config.weight_decay
@@ -196,12 +196,11 @@ class HiFT(Method):
         a figure that every checkpoint of the run reaches, whichever group it is taken in."""
         weights = sum(t.numel() * t.element_size() for t in self.changed_weights(model).values())
         fp32_state = self.state_bytes_per_trained_value()
-        stored = {"keep": fp32_state, "keep-8bit": fp32_state / 4 * (1 + 4 / 256), "drop": 0.0}[
-            self.store.policy
-        ]
+        # (the planner's bytes of each policy are AdamW's, DEVICE_STATE_BYTES in fp32: in proportion)
+        stored = fp32_state * HOST_STATE_BYTES[self.store.policy] / DEVICE_STATE_BYTES
         sizes = [sum(p.numel() for p in group) for group in self.groups]
         smallest = min(range(len(sizes)), key=sizes.__getitem__)
-        masters = 4 if any(p.dtype in (torch.bfloat16, torch.float16) for p in self.groups[smallest]) else 0
+        masters = 4 if _needs_masters(self.groups[smallest]) else 0
         active = sizes[smallest] * (fp32_state - stored + masters)
         return weights + math.ceil(sum(sizes) * stored + active)
 
@@ -322,3 +321,9 @@ class HiFT(Method):
             with torch.no_grad():
                 for m, saved in zip(self.masters.masters, masters, strict=True):
                     m.copy_(saved)
+
+
+def _needs_masters(params: list[torch.nn.Parameter]) -> bool:
+    """16-bit weights train through fp32 masters (engine/master_weights.py): an update smaller than a
+    bf16 step would otherwise be lost."""
+    return any(p.dtype in (torch.bfloat16, torch.float16) for p in params)
